@@ -1,0 +1,48 @@
+"""The ``distree`` command line: thin click adapters over the typed Python API.
+
+Each subcommand lives next to the code it drives (``distree/<part>/commands.py``) and is registered
+below. A :class:`~distree.errors.DistreeError` becomes one ``error: ...`` line and exit status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from distree import __version__
+from distree.errors import DistreeError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DistreeError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="distree")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """distree: compile a classifier into a distributed early-exit pipeline for edge devices.
+
+    \b
+    Typical use:
+      distree compile model.onnx --devices pi4,jetson-orin-nano --data calib.npz -o bundle/
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def main() -> None:
+    cli(prog_name="distree")
+
+
+# --- subcommands (one line each; keep sorted) -------------------------------------------------------

@@ -1,0 +1,37 @@
+"""Measured (or estimated) cost of every block and exit head on every device, with provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distree.serde import JsonRecord
+
+PROVENANCES = ("local", "rpc", "qemu-emulated", "estimate")
+
+
+@dataclass(frozen=True)
+class Measurement(JsonRecord):
+    device: str
+    item: str                       # "block:<index>" or "exit:<exit name>"
+    backend: str                    # "tvm" or "ort"
+    provenance: str                 # "local", "rpc://host:port", "qemu-emulated", "estimate"
+    samples_ms: tuple[float, ...]   # empty for estimates
+    median_ms: float
+    p90_ms: float
+    param_bytes: int
+    activation_bytes: int           # planned activation/workspace bytes (TVM static plan where available)
+
+
+@dataclass(frozen=True)
+class Profile(JsonRecord):
+    model_sha256: str
+    entries: tuple[Measurement, ...]
+    versions: dict[str, str]        # distree, tvm, onnxruntime, ... and content hashes used as cache key
+
+    def get(self, device: str, item: str, backend: str | None = None) -> Measurement:
+        """The entry for (device, item); with no backend given, the faster one."""
+        found = [m for m in self.entries if m.device == device and m.item == item
+                 and (backend is None or m.backend == backend)]
+        if not found:
+            raise KeyError(f"no profile entry for {item} on {device}")
+        return min(found, key=lambda m: m.median_ms)

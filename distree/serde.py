@@ -1,0 +1,152 @@
+"""JSON form of the core values, and atomic file writes.
+
+Every core value is a frozen dataclass that inherits :class:`JsonRecord`; its file carries
+``schema_version`` and ``kind`` so a reader can refuse a file from another version with a clear error.
+Fields may be scalars, tuples, dicts, ``Optional``s and other ``JsonRecord``s (nested freely).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import types
+import typing
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+from distree.errors import DistreeError
+
+SCHEMA_VERSION = 1
+
+T = TypeVar("T", bound="JsonRecord")
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        return value.item()
+    return value
+
+
+def _decode(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any or value is None:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return _decode(non_none[0], value) if len(non_none) == 1 else value
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode(args[0], v) for v in value)
+        return tuple(_decode(a, v) for a, v in zip(args, value))
+    if origin is dict:
+        key_t, val_t = args
+        return {_decode(key_t, k): _decode(val_t, v) for k, v in value.items()}
+    if origin is list:
+        return [_decode(args[0], v) for v in value]
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        known = {f.name for f in dataclasses.fields(tp) if f.init}
+        return tp(**{k: _decode(hints[k], v) for k, v in value.items() if k in known})
+    if tp is int and isinstance(value, str):
+        return int(value)
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+class JsonRecord:
+    """Mixin for frozen dataclasses: ``to_dict``/``from_dict`` and ``save``/``load`` with a schema check."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _encode(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        return _decode(cls, data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        doc = {"schema_version": SCHEMA_VERSION, "kind": type(self).__name__, **self.to_dict()}
+        return write_json_atomic(path, doc)
+
+    @classmethod
+    def load(cls: type[T], path: str | os.PathLike) -> T:
+        doc = read_json(path)
+        kind = doc.pop("kind", None)
+        version = doc.pop("schema_version", None)
+        if kind != cls.__name__:
+            raise DistreeError(f"{path}: is a {kind or 'unknown'} file, expected a {cls.__name__} file")
+        if version != SCHEMA_VERSION:
+            raise DistreeError(
+                f"{path}: schema_version {version} is not supported (this distree reads {SCHEMA_VERSION}); "
+                "re-create the file with this version of distree"
+            )
+        try:
+            return cls.from_dict(doc)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise DistreeError(f"{path}: malformed {cls.__name__} file ({exc}); re-create it") from exc
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a JSON object, turning missing/corrupt files into one-line user errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise DistreeError(f"{p}: no such file")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DistreeError(f"{p}: not valid JSON ({exc}); re-create the file") from exc
+    if not isinstance(doc, dict):
+        raise DistreeError(f"{p}: expected a JSON object at the top level")
+    return doc
+
+
+def write_json_atomic(path: str | os.PathLike, doc: Any) -> Path:
+    """Write JSON through a temp file in the same folder, then rename: never a half-written file."""
+    text = json.dumps(_encode(doc), indent=2, sort_keys=False) + "\n"
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp directory beside ``path``; on success it replaces ``path``, on failure it is removed."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

@@ -1,0 +1,49 @@
+"""The solver's answer: stages, exits with thresholds, and everything it predicts about them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distree.serde import JsonRecord
+
+
+@dataclass(frozen=True)
+class ExitChoice(JsonRecord):
+    name: str                       # graph output name of the head
+    after_block: int
+    threshold: float                # leave iff score >= threshold
+    exit_rate: float                # share of all calibration samples that leave here
+
+
+@dataclass(frozen=True)
+class Stage(JsonRecord):
+    device: str
+    first_block: int                # inclusive
+    last_block: int                 # inclusive
+    exits: tuple[ExitChoice, ...]
+    compute_ms: float               # expected compute on this stage per request (blocks + heads, weighted by reach)
+    transfer_in_ms: float           # expected time to receive its input (weighted by reach)
+    memory_bytes: int
+    reach_rate: float               # share of requests that reach this stage
+
+
+@dataclass(frozen=True)
+class Plan(JsonRecord):
+    model_sha256: str
+    score_kind: str
+    source: str                     # device where requests arrive and answers return
+    stages: tuple[Stage, ...]
+    expected_latency_ms: float
+    worst_case_latency_ms: float    # no exit taken
+    no_exit_latency_ms: float       # best plan without exits, for comparison
+    accuracy: float                 # on the calibration (threshold) split
+    accuracy_lcb: float             # one-sided lower confidence bound at ``confidence``
+    full_model_accuracy: float
+    confidence: float
+    accuracy_drop: float
+    memory_bytes: dict[str, int]
+    breakdown_ms: dict[str, float]  # compute / heads / transfers / return
+    solver: str                     # e.g. "highs"
+    status: str                     # "optimal", or "time-limit" / "feasible" with a gap
+    gap: float
+    wall_s: float

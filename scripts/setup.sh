@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up everything distree needs on a fresh Debian machine with Python 3.11 (run as root; re-runnable).
+#   scripts/setup.sh          runtime + example dependencies
+#   scripts/setup.sh --test   also the test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="train"
+[ "${1:-}" = "--test" ] && extras="test"
+
+apt_pkgs=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross dataset-fashion-mnist qemu-user-static debootstrap)
+missing=()
+for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3.11 -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e ".[${extras}]"
+echo "distree: setup done ($(.venv/bin/distree --version))"

@@ -1,0 +1,3 @@
+from distree.cli import main
+
+main()

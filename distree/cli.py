@@ -46,3 +46,4 @@ def main() -> None:
 
 
 # --- subcommands (one line each; keep sorted) -------------------------------------------------------
+from distree.targets.commands import devices_cmd; cli.add_command(devices_cmd)  # noqa: E402

@@ -26,6 +26,8 @@ class DeviceSpec(JsonRecord):
     runtime_overhead_bytes: int = 64 << 20  # runtime + interpreter resident memory charged to the device
     description: str = ""
     sources: tuple[str, ...] = ()           # where the figures come from
+    tvm_tag: str = ""                       # the TVM target tag this entry derives from, if any
+    notes: tuple[str, ...] = ()             # limits a user must know (e.g. an accelerator out of reach)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,9 @@ class Topology(JsonRecord):
         raise KeyError(name)
 
     def link(self, src: str, dst: str) -> LinkSpec:
-        for ln in self.links:
-            if (ln.src, ln.dst) in ((src, dst), (dst, src)):
-                return ln
+        """The link src->dst; a link given only the other way round is taken as symmetric."""
+        for wanted in ((src, dst), (dst, src)):
+            for ln in self.links:
+                if (ln.src, ln.dst) == wanted:
+                    return ln
         return LinkSpec(src=src, dst=dst, **self.default_link)

@@ -1,0 +1,99 @@
+"""``distree inspect``: print (or write) the chain of blocks a model splits into."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from distree.graph.chain import Chain
+from distree.graph.cuts import build_chain, exit_attachments
+from distree.graph.load import load_model, parse_shape_option
+from distree.graph.segment import coarsen
+from distree.serde import write_json_atomic
+
+
+@click.command("inspect")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Fix the input's symbolic dims, e.g. input=1,3,32,32 (batch defaults to 1).")
+@click.option("--coarsen", "max_blocks", type=int, default=None, metavar="N",
+              help="Merge into at most N blocks, keeping the cuts with the smallest activations.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Also write the chain as JSON to PATH ('-' for stdout, instead of the table).")
+def inspect_cmd(model_path: Path, input_shapes: tuple[str, ...], max_blocks: int | None, json_path: Path | None) -> None:
+    """Show the chain of blocks MODEL.onnx splits into: ops, FLOPs, parameters, and the cut tensors."""
+    _notes_to_stderr()
+    shapes = dict(parse_shape_option(s) for s in input_shapes)
+    model = load_model(model_path, shapes)
+    chain = build_chain(model)
+    if max_blocks is not None:
+        chain = coarsen(chain, max_blocks)
+    exits = exit_attachments(model, chain)
+    doc = {"schema_version": 1, "kind": "Chain", **chain.to_dict(), "exit_attachments": exits}
+    if json_path is not None and str(json_path) == "-":
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if json_path is not None:
+        write_json_atomic(json_path, doc)
+    _print_table(chain, exits, model_path)
+
+
+def _notes_to_stderr() -> None:
+    log = logging.getLogger("distree.graph")
+    if not any(getattr(h, "_distree_notes", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._distree_notes = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def _print_table(chain: Chain, exits: dict[str, int], model_path: Path) -> None:
+    console = Console(width=max(Console().width, 140))
+    shape = "x".join(map(str, chain.input_shape))
+    console.print(
+        f"[bold]{model_path.name}[/]: input {chain.input_name} {shape} {chain.input_dtype}, "
+        f"output {chain.output_name}, {len(chain.blocks)} blocks"
+    )
+    table = Table(show_edge=False, pad_edge=False)
+    for col, justify in [("block", "right"), ("ops", "left"), ("FLOPs", "right"), ("params", "right"),
+                         ("output", "left"), ("shape", "left"), ("bytes", "right"), ("exits", "left")]:
+        table.add_column(col, justify=justify, overflow="fold")
+    by_block: dict[int, list[str]] = {}
+    for name, k in exits.items():
+        by_block.setdefault(k, []).append(name)
+    for b in chain.blocks:
+        table.add_row(
+            str(b.index), _ops_summary(b.ops), _si(b.flops), _bytes(b.param_bytes), b.output,
+            "x".join(map(str, b.output_shape)), _bytes(b.out_bytes), ",".join(by_block.get(b.index, [])),
+        )
+    table.add_section()
+    table.add_row("total", f"{sum(len(b.ops) for b in chain.blocks)} ops", _si(sum(b.flops for b in chain.blocks)),
+                  _bytes(sum(b.param_bytes for b in chain.blocks)), "", "", "", "")
+    console.print(table)
+
+
+def _ops_summary(ops: tuple[str, ...]) -> str:
+    counts = Counter(ops)
+    return " ".join(f"{op}x{n}" if n > 1 else op for op, n in counts.items())
+
+
+def _si(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n}B"

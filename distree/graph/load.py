@@ -1,0 +1,345 @@
+"""Load an ONNX model into the one normal form every later stage works on.
+
+``load_model`` validates the file, fixes the input's symbolic dimensions, and returns a *normalized* copy:
+
+- every node has a unique, order-independent name (unnamed nodes get ``<op>:<first output>``);
+- initializers listed as graph inputs (old exporters) are removed from the inputs: they are weights;
+- nodes are listed in a canonical topological order (Kahn's algorithm, ties broken by node name), so two
+  files that list the same graph in different valid orders load to the same proto and the same hash;
+- all dimensions are fixed (batch defaults to 1: distree serves batch-1 streams) and shapes are inferred;
+  ``Shape`` of a tensor whose shape is static is folded into an initializer, so shape arithmetic never
+  keeps an early activation alive (it would hide cut points and tie segments to earlier tensors).
+
+Shapes are therefore those of the deployment batch. To run segments batched (e.g. for calibration), load
+the model with the batch you want, ``load_model(path, {"input": (256, 1, 28, 28)})``: node and tensor names
+are the same for every batch, so a chain built at batch 1 indexes the batch-256 model's segments too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from distree.errors import DistreeError
+
+log = logging.getLogger("distree.graph")
+
+_MAX_FOLD_ROUNDS = 8
+
+
+def load_model(
+    path: str | os.PathLike, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> onnx.ModelProto:
+    """Read, check and normalize an ONNX classifier (see module doc); DistreeError on any bad input."""
+    p = Path(path)
+    model = _read(p)
+    _check(model, p)
+    model = _single_input_model(model, p)
+    model = _fix_input_dims(model, dict(input_shapes or {}), p)
+    model = normalize(model)
+    return _infer_and_fold(model, p)
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Unique order-independent node names and a canonical topological order (a copy)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _name_nodes(out.graph)
+    ordered = canonical_order(out.graph)
+    nodes = [onnx.NodeProto() for _ in ordered]
+    for dst, src in zip(nodes, ordered):
+        dst.CopyFrom(src)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def model_sha256(model_or_path: onnx.ModelProto | str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, or of a proto's deterministic serialization (what ``Chain`` records)."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        data = model_or_path.SerializeToString(deterministic=True)
+    else:
+        p = Path(model_or_path)
+        if not p.is_file():
+            raise DistreeError(f"{p}: no such file; check the path")
+        data = p.read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- node inputs, including names that control-flow subgraphs read from the outer scope -----------------
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: explicit inputs plus outer-scope names used inside its subgraphs."""
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        for g in _subgraphs(attr):
+            names.extend(n for n in _outer_names(g) if n not in names)
+    return names
+
+
+def _subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if attr.type == onnx.AttributeProto.GRAPH:
+        return [attr.g]
+    if attr.type == onnx.AttributeProto.GRAPHS:
+        return list(attr.graphs)
+    return []
+
+
+def _outer_names(graph: onnx.GraphProto) -> list[str]:
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    used: list[str] = []
+    for node in graph.node:
+        for name in node_inputs(node):
+            if name not in defined and name not in used:
+                used.append(name)
+        defined.update(o for o in node.output if o)
+    used.extend(o.name for o in graph.output if o.name not in defined and o.name not in used)
+    return used
+
+
+def canonical_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Topological order that depends only on the graph, not on how the file lists it (ties: node name)."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    waiting = [0] * len(graph.node)
+    users: dict[int, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        deps = {producer[t] for t in node_inputs(node) if t in producer}
+        waiting[i] = len(deps)
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    ready = [(n.name, i) for i, n in enumerate(graph.node) if waiting[i] == 0]
+    heapq.heapify(ready)
+    order: list[onnx.NodeProto] = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(graph.node[i])
+        for u in users.get(i, ()):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, (graph.node[u].name, u))
+    if len(order) != len(graph.node):
+        raise DistreeError("the graph has a cycle; re-export the model (ONNX graphs must be acyclic)")
+    return order
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for node in graph.node:
+        name = node.name or f"{node.op_type}:{node.output[0] if node.output else ''}"
+        if name in seen:
+            name = f"{name}:{node.output[0] if node.output else len(seen)}"
+        while name in seen:
+            name += "'"
+        seen.add(name)
+        node.name = name
+
+
+# --- reading and validation -----------------------------------------------------------------------------
+
+
+def _read(p: Path) -> onnx.ModelProto:
+    if not p.exists():
+        raise DistreeError(f"{p}: no such file; check the path")
+    if not p.is_file():
+        raise DistreeError(f"{p}: is not a file; pass the path of a .onnx model")
+    data = p.read_bytes()
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError (and sometimes RuntimeWarning-ish errors)
+        raise DistreeError(
+            f"{p}: not an ONNX model or a truncated/corrupt file ({type(exc).__name__}); "
+            "re-export it (e.g. torch.onnx.export) or copy the file again"
+        ) from None
+    if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
+        raise DistreeError(
+            f"{p}: not an ONNX model (no graph found in {len(data)} bytes); pass a .onnx file exported with "
+            "e.g. torch.onnx.export"
+        )
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        try:
+            onnx.load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError) as exc:
+            raise DistreeError(
+                f"{p}: its external weight data cannot be read ({exc}); keep the data files next to the model"
+            ) from None
+    return model
+
+
+def _check(model: onnx.ModelProto, p: Path) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistreeError(
+            f"{p}: fails the ONNX checker ({first}); re-export the model, or repair it so "
+            "`python -c \"import onnx; onnx.checker.check_model('{p.name}')\"` passes"
+        ) from None
+
+
+def _single_input_model(model: onnx.ModelProto, p: Path) -> onnx.ModelProto:
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs) or "none"
+        raise DistreeError(
+            f"{p}: has {len(inputs)} graph inputs ({names}); distree needs exactly one input tensor: re-export "
+            "the model with a single input (fold the others into constants)"
+        )
+    if not inputs[0].type.HasField("tensor_type"):
+        raise DistreeError(f"{p}: input {inputs[0].name} is not a tensor; re-export with a tensor input")
+    if len(model.graph.input) == 1:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    return out
+
+
+def parse_shape_option(text: str) -> tuple[str, tuple[int, ...]]:
+    """``name=1,3,32,32`` -> ("name", (1, 3, 32, 32)); DistreeError on anything else."""
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        shape = ()
+    if not sep or not name.strip() or not shape or any(d <= 0 for d in shape):
+        raise DistreeError(
+            f"--input-shape {text!r}: expected NAME=D1,D2,... with positive integers, e.g. input=1,3,32,32"
+        )
+    return name.strip(), shape
+
+
+def _fix_input_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], p: Path) -> onnx.ModelProto:
+    """Replace the input's symbolic dims; batch (dim 0) defaults to 1, any other unknown dim is an error."""
+    value = model.graph.input[0]
+    unknown = [k for k in shapes if k != value.name]
+    if unknown:
+        raise DistreeError(
+            f"--input-shape names {', '.join(unknown)}, but the model's input is {value.name!r}; "
+            f"use --input-shape {value.name}=..."
+        )
+    dims = value.type.tensor_type.shape.dim
+    if not value.type.tensor_type.HasField("shape"):
+        if value.name not in shapes:
+            raise DistreeError(
+                f"{p}: input {value.name!r} has no shape (rank unknown); give it with --input-shape {value.name}=1,..."
+            )
+        dims = None
+    given = shapes.get(value.name)
+    current = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims or []]
+    if given is not None:
+        if dims is not None and len(given) != len(current):
+            raise DistreeError(
+                f"--input-shape {value.name}: gives rank {len(given)}, but the model's input has rank "
+                f"{len(current)} ({_fmt(current)}); give {len(current)} dimensions"
+            )
+        clash = [i for i, (c, g) in enumerate(zip(current, given)) if c is not None and c != g]
+        if clash:
+            raise DistreeError(
+                f"--input-shape {value.name}: dims {clash} differ from the model's fixed shape {_fmt(current)}; "
+                "only symbolic dims can be set"
+            )
+        final = list(given)
+    else:
+        missing = [i for i, c in enumerate(current) if c is None and i != 0]
+        if missing:
+            raise DistreeError(
+                f"{p}: input {value.name!r} has unknown dims {missing} in shape {_fmt(current)}; fix them with "
+                f"--input-shape {value.name}={','.join(str(c or 1) if i == 0 else str(c or 'D') for i, c in enumerate(current))}"
+            )
+        if current and current[0] is None:
+            log.warning(f"note: batch dimension of input {value.name!r} set to 1 (use --input-shape to change it)")
+        final = [c if c is not None else 1 for c in current]
+    if final == current:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    shape = out.graph.input[0].type.tensor_type.shape
+    del shape.dim[:]
+    for d in final:
+        shape.dim.add().dim_value = d
+    # Symbolic dims on outputs / value_info would contradict the fixed input; inference recomputes them.
+    del out.graph.value_info[:]
+    for o in out.graph.output:
+        if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape"):
+            o.type.tensor_type.ClearField("shape")
+    return out
+
+
+def _fmt(dims: Iterable[int | None]) -> str:
+    return "(" + ",".join("?" if d is None else str(d) for d in dims) + ")"
+
+
+# --- shape inference and folding shape arithmetic -------------------------------------------------------
+
+
+def _infer(model: onnx.ModelProto, p: Path) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except (shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistreeError(
+            f"{p}: ONNX shape inference failed ({first}); check --input-shape, or re-export the model with "
+            "static shapes"
+        ) from None
+
+
+def _infer_and_fold(model: onnx.ModelProto, p: Path) -> onnx.ModelProto:
+    for _ in range(_MAX_FOLD_ROUNDS):
+        model = _infer(model, p)
+        folded = _fold_static_shapes(model)
+        if folded is None:
+            return model
+        model = folded
+    return _infer(model, p)
+
+
+def static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    """The shape if every dim is a known positive int, else None."""
+    tt = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not tt.HasField("shape"):
+        return None
+    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
+    return None if any(d < 0 for d in dims) else dims
+
+
+def _fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Replace ``Shape`` nodes whose input shape is static by initializers; None if there was nothing to fold."""
+    infos = {v.name: v for v in (*model.graph.input, *model.graph.value_info, *model.graph.output)}
+    weights = {t.name for t in model.graph.initializer}
+    foldable: dict[int, np.ndarray] = {}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx") or node.input[0] in weights:
+            continue
+        info = infos.get(node.input[0])
+        shape = static_shape(info) if info is not None else None
+        if shape is None:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", None)
+        foldable[i] = np.array(shape[start:end], dtype=np.int64)
+    if not foldable:
+        return None
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [n for i, n in enumerate(model.graph.node) if i not in foldable]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    for i, value in foldable.items():
+        out.graph.initializer.append(numpy_helper.from_array(value, model.graph.node[i].output[0]))
+    graph_outputs = {o.name for o in out.graph.output}
+    folded_names = {model.graph.node[i].output[0] for i in foldable}
+    vi = [v for v in out.graph.value_info if v.name not in folded_names or v.name in graph_outputs]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(vi)
+    return out

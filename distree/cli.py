@@ -46,4 +46,5 @@ def main() -> None:
 
 
 # --- subcommands (one line each; keep sorted) -------------------------------------------------------
+from distree.graph.commands import inspect_cmd; cli.add_command(inspect_cmd)  # noqa: E402
 from distree.targets.commands import devices_cmd; cli.add_command(devices_cmd)  # noqa: E402

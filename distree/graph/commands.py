@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -45,13 +44,17 @@ def inspect_cmd(model_path: Path, input_shapes: tuple[str, ...], max_blocks: int
     _print_table(chain, exits, model_path)
 
 
+class _NoteHandler(logging.Handler):
+    """Print library notes (e.g. "batch set to 1") on stderr, through click so tests capture them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(record.getMessage(), err=True)
+
+
 def _notes_to_stderr() -> None:
     log = logging.getLogger("distree.graph")
-    if not any(getattr(h, "_distree_notes", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._distree_notes = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
+    if not any(isinstance(h, _NoteHandler) for h in log.handlers):
+        log.addHandler(_NoteHandler())
         log.propagate = False
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from distree.serde import JsonRecord
 
@@ -47,3 +47,9 @@ class Plan(JsonRecord):
     status: str                     # "optimal", or "time-limit" / "feasible" with a gap
     gap: float
     wall_s: float
+    sol_status: str = ""            # the MILP solver's own solution status (PuLP's name)
+    bound_ms: float = 0.0           # proven lower bound on the expected latency of any feasible plan
+    final_rate: float = 0.0         # share of samples answered by the final classifier
+    required_correct: int = 0       # calibration samples the plan had to answer right (the accuracy promise)
+    n_samples: int = 0              # calibration samples behind every rate above
+    model_stats: dict[str, float] = field(default_factory=dict)   # MILP size and solve time

@@ -1,0 +1,95 @@
+"""``distree plan``: choose exits, thresholds and cut points; print and write the Plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from distree.errors import DistreeError
+from distree.exits.types import Calibration
+from distree.graph.chain import Chain
+from distree.profiler.types import Profile
+from distree.serde import write_json_atomic
+from distree.solver.problem import Constraints
+from distree.solver.report import plot_sweep, print_plan, print_sweep, sweep_rows
+from distree.solver.solve import solve, sweep_accuracy_drop
+from distree.targets.spec import Topology
+
+
+def _topology(devices: Optional[str], topology_path: Optional[Path]) -> Topology:
+    from distree.targets import load_topology, topology_for
+    if bool(devices) == bool(topology_path):
+        raise DistreeError("give exactly one of --devices a,b,... or --topology FILE")
+    if topology_path:
+        return load_topology(topology_path)
+    return topology_for([d.strip() for d in devices.split(",") if d.strip()])
+
+
+def _parse_sweep(spec: str) -> list[float]:
+    key, _, values = spec.partition("=")
+    if key.strip() != "accuracy-drop" or not values:
+        raise DistreeError(f"--sweep {spec!r}: expected accuracy-drop=V1,V2,... (e.g. accuracy-drop=0,0.01)")
+    try:
+        return [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise DistreeError(f"--sweep {spec!r}: values must be numbers") from None
+
+
+@click.command("plan")
+@click.option("--chain", "chain_path", required=True, type=click.Path(path_type=Path),
+              help="Chain JSON from `distree inspect --json`.")
+@click.option("--calibration", "calibration_path", required=True, type=click.Path(path_type=Path),
+              help="Calibration JSON from `distree calibrate`.")
+@click.option("--profile", "profile_path", required=True, type=click.Path(path_type=Path),
+              help="Profile JSON from `distree profile` (all devices).")
+@click.option("--devices", default=None, help="Catalog devices in pipeline order, e.g. pi4,jetson-orin-nano.")
+@click.option("--topology", "topology_path", type=click.Path(path_type=Path), default=None,
+              help="Topology file (devices, links, source) instead of --devices.")
+@click.option("--accuracy-drop", type=float, default=0.01, show_default=True,
+              help="Allowed accuracy loss against the full model, on calibration data.")
+@click.option("--confidence", type=float, default=None,
+              help="Promise the accuracy at this one-sided confidence (Clopper-Pearson), e.g. 0.95.")
+@click.option("--deadline-ms", type=float, default=None, help="Latency bound for the path where no exit is taken.")
+@click.option("--min-throughput", type=float, default=None,
+              help="Requests/s the pipeline must sustain (each stage's expected busy time <= 1/rate).")
+@click.option("--free-order", is_flag=True, help="Let the solver choose the order of the devices too.")
+@click.option("--time-limit", type=float, default=60.0, show_default=True, help="Solver time limit (s).")
+@click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True)
+@click.option("--dump-lp", type=click.Path(path_type=Path), default=None, help="Write the MILP (LP format) here.")
+@click.option("--sweep", default=None, metavar="accuracy-drop=V1,V2,...",
+              help="Solve for several accuracy drops; print the latency-accuracy frontier.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="With --sweep: write the frontier as PNG.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Write the Plan JSON (with --sweep: the frontier JSON).")
+def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devices: Optional[str],
+             topology_path: Optional[Path], accuracy_drop: float, confidence: Optional[float],
+             deadline_ms: Optional[float], min_throughput: Optional[float], free_order: bool, time_limit: float,
+             solver: str, dump_lp: Optional[Path], sweep: Optional[str], plot_path: Optional[Path],
+             output: Optional[Path]) -> None:
+    """Choose exits, thresholds and cut points of minimal expected latency (a MILP, proven optimal or
+    reported with its gap)."""
+    chain = Chain.load(chain_path)
+    calibration = Calibration.load(calibration_path)
+    profile = Profile.load(profile_path)
+    topology = _topology(devices, topology_path)
+    constraints = Constraints(accuracy_drop=accuracy_drop, confidence=confidence, deadline_ms=deadline_ms,
+                              min_throughput=min_throughput, free_order=free_order, time_limit_s=time_limit,
+                              solver=solver, dump_lp=str(dump_lp) if dump_lp else None)
+    if plot_path and not sweep:
+        raise DistreeError("--plot needs --sweep accuracy-drop=...")
+    if sweep:
+        points = sweep_accuracy_drop(chain, calibration, profile, topology, constraints, _parse_sweep(sweep))
+        print_sweep(points)
+        if plot_path:
+            plot_sweep(points, plot_path)
+        if output:
+            write_json_atomic(output, {"schema_version": 1, "kind": "Frontier", "points": sweep_rows(points),
+                                       "plans": [pt.plan.to_dict() if pt.plan else None for pt in points]})
+        return
+    plan = solve(chain, calibration, profile, topology, constraints)
+    print_plan(plan)
+    if output:
+        plan.save(output)

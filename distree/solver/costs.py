@@ -1,0 +1,207 @@
+"""The cost model on a :class:`Problem`, and the exact best placement for a fixed exit configuration.
+
+A *configuration* gives every exit a level (0 = off). A *placement* gives every block a device index;
+each used device holds one contiguous range and, unless ``free_order``, devices appear in pipeline order.
+
+Expected latency of a sample = compute of every block it reaches on that block's device + every enabled
+head it reaches + the input transfer from the source + every device change it crosses + returning the
+logits from the device where it leaves to the source. Averaged over samples, block b's compute and the
+transfer into block b are weighted by ``reach[b]``, the share of samples not yet exited before b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from distree.solver.problem import Problem
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Where samples leave under one configuration."""
+
+    exit_rate: np.ndarray     # [E] share of samples leaving at each exit
+    correct: int              # samples answered right
+    reach_block: np.ndarray   # [B] share of samples that reach block b
+    reach_exit: np.ndarray    # [E] share that reach exit j (evaluate its head, if enabled)
+    final_rate: float         # share answered by the final classifier
+
+
+def outcome(p: Problem, levels: np.ndarray) -> Outcome:
+    levels = np.asarray(levels, dtype=int)
+    N, E = p.passed_level.shape
+    passes = (p.passed_level >= levels[None, :]) & (levels[None, :] > 0)
+    any_pass = passes.any(axis=1)
+    first = np.where(any_pass, passes.argmax(axis=1), E)
+    counts = np.bincount(first, minlength=E + 1)
+    correct = int(p.correct_final[~any_pass].sum())
+    if E:
+        rows = np.nonzero(any_pass)[0]
+        correct += int(p.correct_exit[rows, first[rows]].sum())
+    rate = counts[:E] / N
+    return Outcome(exit_rate=rate, correct=correct, reach_block=reach_blocks(p, rate),
+                   reach_exit=1.0 - (np.cumsum(rate) - rate), final_rate=counts[E] / N)
+
+
+def reach_blocks(p: Problem, exit_rate: np.ndarray) -> np.ndarray:
+    left_before = np.zeros(p.n_blocks + 1)
+    np.add.at(left_before, p.exit_after + 1, exit_rate)
+    return 1.0 - np.cumsum(left_before)[: p.n_blocks]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    expected_ms: float
+    worst_ms: float
+    correct: int
+    memory: np.ndarray        # [D] bytes needed (0 for unused devices)
+    busy_ms: np.ndarray       # [D] expected compute per request
+    breakdown: dict           # compute / heads / transfers / return
+    feasible: bool
+    violations: tuple[str, ...]
+
+
+def evaluate(p: Problem, levels: np.ndarray, placement: np.ndarray) -> Evaluation:
+    """Cost and constraint check of one (configuration, placement)."""
+    levels = np.asarray(levels, dtype=int)
+    pl = np.asarray(placement, dtype=int)
+    o = outcome(p, levels)
+    B = p.n_blocks
+    en = levels > 0
+    head_dev = pl[p.exit_after]
+    blocks = p.block_ms[pl, np.arange(B)]
+    heads = p.head_ms[head_dev, np.arange(p.n_exits)] * en
+    cuts = np.empty(B)
+    cuts[0] = p.cut_ms[p.source, pl[0], 0]
+    cuts[1:] = p.cut_ms[pl[:-1], pl[1:], np.arange(1, B)]
+    ret_exit = p.return_ms[head_dev]
+    ret_final = p.return_ms[pl[-1]]
+    breakdown = {
+        "compute": float(blocks @ o.reach_block),
+        "heads": float(heads @ o.reach_exit),
+        "transfers": float(cuts @ o.reach_block),
+        "return": float(ret_exit @ o.exit_rate + ret_final * o.final_rate),
+    }
+    worst = float(blocks.sum() + heads.sum() + cuts.sum() + ret_final)
+    memory = np.zeros(p.n_devices)
+    busy = np.zeros(p.n_devices)
+    for d in range(p.n_devices):
+        on_b = pl == d
+        if not on_b.any():
+            continue
+        on_h = (head_dev == d) & en
+        act = max(p.block_act[d, on_b].max(), p.head_act[d, on_h].max(initial=0.0))
+        memory[d] = p.block_param[d, on_b].sum() + p.head_param[d, on_h].sum() + act
+        busy[d] = blocks[on_b] @ o.reach_block[on_b] + heads[on_h] @ o.reach_exit[on_h]
+    violations = []
+    if o.correct < p.required_correct:
+        violations.append("accuracy")
+    used = np.bincount(pl, minlength=p.n_devices) > 0
+    if np.any(used & (memory > p.capacity_bytes)):
+        violations.append("memory")
+    if p.deadline_ms is not None and worst > p.deadline_ms + 1e-9:
+        violations.append("deadline")
+    if p.busy_cap_ms is not None and np.any(busy > p.busy_cap_ms + 1e-9):
+        violations.append("throughput")
+    if not valid_placement(p, pl):
+        violations.append("placement")
+    return Evaluation(expected_ms=sum(breakdown.values()), worst_ms=worst, correct=o.correct, memory=memory,
+                      busy_ms=busy, breakdown=breakdown, feasible=not violations, violations=tuple(violations))
+
+
+def valid_placement(p: Problem, pl: np.ndarray) -> bool:
+    changes = np.nonzero(np.diff(pl))[0]
+    order = [int(pl[0])] + [int(pl[c + 1]) for c in changes]
+    if len(set(order)) != len(order):
+        return False
+    return p.free_order or order == sorted(order)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Per (device, first block, last block): cost and feasibility of one stage, for one configuration."""
+
+    cost: np.ndarray          # [D, B, B] expected ms of blocks s..e on d (compute + heads + exit returns)
+    worst: np.ndarray         # [D, B, B] ms of blocks s..e on d on the no-exit path
+    ok: np.ndarray            # [D, B, B] memory and throughput fit
+
+
+def segments(p: Problem, levels: np.ndarray, o: Outcome) -> Segments:
+    """Stage costs for every contiguous range on every device (O(D B^2), vectorised)."""
+    D, B = p.n_devices, p.n_blocks
+    en = np.asarray(levels) > 0
+    exp_item = p.block_ms * o.reach_block[None, :]
+    worst_item = p.block_ms.copy()
+    busy_item = exp_item.copy()
+    param_item = p.block_param.copy()
+    act_item = p.block_act.copy()
+    for j in np.nonzero(en)[0]:
+        b = p.exit_after[j]
+        exp_item[:, b] += p.head_ms[:, j] * o.reach_exit[j] + p.return_ms * o.exit_rate[j]
+        busy_item[:, b] += p.head_ms[:, j] * o.reach_exit[j]
+        worst_item[:, b] += p.head_ms[:, j]
+        param_item[:, b] += p.head_param[:, j]
+        act_item[:, b] = np.maximum(act_item[:, b], p.head_act[:, j])
+
+    def range_sums(x: np.ndarray) -> np.ndarray:
+        c = np.concatenate([np.zeros((D, 1)), np.cumsum(x, axis=1)], axis=1)
+        return c[:, None, 1:] - c[:, :-1, None]          # [D, s, e] = sum x[s..e]
+
+    upper = np.triu(np.ones((B, B), dtype=bool))
+    act = np.full((D, B, B), np.inf)
+    for s in range(B):
+        act[:, s, s:] = np.maximum.accumulate(act_item[:, s:], axis=1)
+    mem_ok = range_sums(param_item) + act <= p.capacity_bytes[:, None, None]
+    ok = upper[None] & mem_ok
+    if p.busy_cap_ms is not None:
+        ok &= range_sums(busy_item) <= p.busy_cap_ms + 1e-9
+    return Segments(cost=range_sums(exp_item), worst=range_sums(worst_item), ok=ok)
+
+
+def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
+                   order: tuple[int, ...] | None = None) -> tuple[np.ndarray, float] | None:
+    """Exact cheapest placement of a fixed configuration, ignoring the deadline.
+
+    Dynamic programme over (last block of a stage, device), devices in ``order`` (default: pipeline
+    order). ``deadline_weight`` adds that multiple of the no-exit latency to the objective (a Lagrangian
+    knob the heuristic turns when the deadline is violated). None when no placement fits.
+    """
+    o = outcome(p, levels)
+    seg = segments(p, levels, o)
+    order = tuple(range(p.n_devices)) if order is None else order
+    D, B = p.n_devices, p.n_blocks
+    lam = deadline_weight
+    cost = seg.cost + lam * seg.worst
+    INF = np.inf
+    best = np.full((D, B), INF)              # best[d, e]: blocks 0..e placed, the stage on d ends at e
+    back: dict[tuple[int, int], tuple[int, int]] = {}
+    reach_in = o.reach_block
+    for pos, d in enumerate(order):
+        # entering d at block s: from the source (s = 0) or from an earlier device's stage ending at s-1
+        enter = np.full(B, INF)
+        came = np.full(B, -1)
+        enter[0] = p.cut_ms[p.source, d, 0] * (1 + lam)
+        for prev in order[:pos]:
+            via = best[prev, :-1] + p.cut_ms[prev, d, 1:] * (reach_in[1:] + lam)
+            better = via < enter[1:]
+            enter[1:] = np.where(better, via, enter[1:])
+            came[1:] = np.where(better, prev, came[1:])
+        total = np.where(seg.ok[d], enter[:, None] + cost[d], INF)   # [s, e]
+        s_best = total.argmin(axis=0)
+        best[d] = total[s_best, np.arange(B)]
+        for e in range(B):
+            if best[d, e] < INF:
+                back[(d, e)] = (int(s_best[e]), int(came[s_best[e]]))
+    final = best[:, B - 1] + p.return_ms * (o.final_rate + lam)
+    d = int(np.argmin(final))
+    if not np.isfinite(final[d]):
+        return None
+    pl = np.empty(B, dtype=int)
+    e = B - 1
+    while e >= 0:
+        s, prev = back[(d, e)]
+        pl[s:e + 1] = d
+        e, d = s - 1, prev
+    return pl, float(final.min())

@@ -1,0 +1,336 @@
+"""The MILP: exits, thresholds and placement chosen jointly, solved by HiGHS (highspy) or CBC via PuLP.
+
+Formulation (why it is exact and why it is tighter than a survival/McCormick model):
+
+* ``w[j,l]`` binary: exit j runs at level l (sum_l w <= 1, level 0 = off). Sample class c *passes* exit j
+  iff ``pass[c,j] = sum_{l <= L[c,j]} w[j,l]`` is 1 -- linear because levels are monotone.
+* ``e[c,j]`` in [0,1]: class c leaves at exit j (first-exit form), only for exits c can pass at all:
+  ``e[c,j] <= pass[c,j]``, ``sum_{k<=j} e[c,k] >= pass[c,j]`` (it has left by j once it passes j) and
+  ``sum_k e[c,k] <= 1``. For integer w these force e to the indicator of the first passed enabled exit
+  (the pairwise ``e[c,j] <= 1 - pass[c,k]`` for k<j is implied), so e needs no integrality.
+* Samples with identical (levels passed, correctness) merge into classes with weights; levels that pass
+  the same samples as the next level merge; levels nobody passes (and exits with none left) are dropped
+  -- each leaves the optimum unchanged.
+* Placement as a flow of *reach mass* through (block, device): ``y[b,d]`` = share of samples that run
+  block b on device d (``y[b,d] <= z[b,d]``), ``ry[j,d]`` = share leaving at exit j on device d, and
+  ``f[b,d,d']`` = share crossing the cut after b from d to d'. Conservation
+  ``sum_d' f[b,d,d'] = y[b,d] - sum_{j after b} ry[j,d]`` and ``sum_d f[b,d,d'] = y[b+1,d']`` make
+  reach, transfers and returns exact with no big-M on the expected cost. Heads cost
+  ``hy[j,d] >= reach_on_d(j) - (1 - enabled_j)``.
+* Memory, deadline (no-exit path) and throughput (expected busy time per stage) are linear in z, the
+  head indicators ``hz[j,d] >= enabled_j + z[a_j,d] - 1`` and ``y``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pulp
+
+from distree.solver.problem import Problem
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """The problem after exact reductions: merged levels, dropped exits, sample classes."""
+
+    exits: np.ndarray          # Problem exit index of each kept exit
+    level_map: list            # per kept exit: reduced level k (1-based) -> original level
+    passed: np.ndarray         # [C, E'] reduced passed level per class
+    correct_exit: np.ndarray   # [C, E']
+    correct_final: np.ndarray  # [C]
+    weight: np.ndarray         # [C] samples per class
+
+
+def reduce(p: Problem) -> Reduced:
+    kept_exits, level_maps, cols = [], [], []
+    for j in range(p.n_exits):
+        col = p.passed_level[:, j]
+        kept = [lv for lv in range(1, p.n_levels[j] + 1) if np.any(col == lv)]
+        if not kept:
+            continue
+        kept_exits.append(j)
+        level_maps.append(kept)
+        cols.append(np.searchsorted(np.array(kept), col, side="right"))
+    E = len(kept_exits)
+    passed = np.stack(cols, axis=1) if E else np.zeros((p.n_samples, 0), dtype=int)
+    corr = p.correct_exit[:, kept_exits] & (passed > 0)
+    key = np.concatenate([passed, corr, p.correct_final[:, None]], axis=1).astype(np.int64)
+    uniq, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    return Reduced(exits=np.array(kept_exits, dtype=int), level_map=level_maps, passed=uniq[:, :E],
+                   correct_exit=uniq[:, E:2 * E].astype(bool), correct_final=uniq[:, 2 * E].astype(bool),
+                   weight=counts)
+
+
+@dataclass(frozen=True)
+class MilpResult:
+    levels: np.ndarray | None       # per Problem exit (0 = off)
+    placement: np.ndarray | None
+    objective: float                # the model's objective at the returned solution
+    bound: float                    # proven lower bound
+    status: str                     # "optimal", "time-limit", "infeasible", "no-solution"
+    sol_status: str                 # PuLP's solution status name
+    gap: float
+    wall_s: float
+    n_vars: int
+    n_constraints: int
+    n_classes: int
+
+
+class _WarmHiGHS(pulp.HiGHS):
+    """PuLP's highspy interface plus a (partial) start: PuLP 3.3 passes no warm start to highspy."""
+
+    def __init__(self, start: dict[str, float] | None = None, **kw):
+        super().__init__(**kw)
+        self.start = start or {}
+
+    def callSolver(self, lp):
+        if self.start:
+            by_name = {v.name: v.index for v in lp.variables()}
+            idx = [by_name[n] for n in self.start if n in by_name]
+            val = [self.start[n] for n in self.start if n in by_name]
+            lp.solverModel.setSolution(len(idx), np.array(idx, dtype=np.int32), np.array(val, dtype=float))
+        lp.solverModel.run()
+
+
+class Model:
+    """The PuLP model and the variables needed to read a solution back."""
+
+    def __init__(self, p: Problem, r: Reduced, maximize_correct: bool = False):
+        self.p, self.r = p, r
+        self.maximize_correct = maximize_correct
+        self.lp = pulp.LpProblem("distree_plan", pulp.LpMinimize)
+        self._build()
+
+    def _add(self, constraint, name: str) -> None:
+        self.lp += constraint, name
+
+    def _build(self) -> None:
+        p, r = self.p, self.r
+        B, D = p.n_blocks, p.n_devices
+        E = len(r.exits)
+        after = p.exit_after[r.exits]
+        N = float(r.weight.sum())
+        lin = pulp.lpSum
+        arcs = [(d, e) for d in range(D) for e in range(D) if (d == e or p.free_order or d < e)]
+
+        self.w = {(j, k): pulp.LpVariable(f"w_{j}_{k}", cat="Binary")
+                  for j in range(E) for k in range(1, len(r.level_map[j]) + 1)}
+        en = {j: lin(self.w[j, k] for k in range(1, len(r.level_map[j]) + 1)) for j in range(E)}
+        for j in range(E):
+            self._add(en[j] <= 1, f"one_level_exit{j}")
+        self.z = {(b, d): pulp.LpVariable(f"z_{b}_{d}", cat="Binary") for b in range(B) for d in range(D)}
+        usable = p.capacity_bytes >= 0
+        for b in range(B):
+            self._add(lin(self.z[b, d] for d in range(D)) == 1, f"assign_block{b}")
+            for d in range(D):
+                if not usable[d]:
+                    self.z[b, d].upBound = 0
+
+        # --- which exit each sample class leaves at ---------------------------------------------------
+        e_var = {}
+        rate_terms: dict[int, list] = {j: [] for j in range(E)}
+        acc_terms = []
+        for c in range(len(r.weight)):
+            passable = [j for j in range(E) if r.passed[c, j] > 0]
+            so_far = []
+            for j in passable:
+                v = pulp.LpVariable(f"e_{c}_{j}", lowBound=0, upBound=1)
+                e_var[c, j] = v
+                pass_cj = lin(self.w[j, k] for k in range(1, r.passed[c, j] + 1))
+                so_far.append(v)
+                self._add(v <= pass_cj, f"exit_needs_pass_c{c}_x{j}")
+                self._add(lin(so_far) >= pass_cj, f"exit_first_c{c}_x{j}")
+                rate_terms[j].append((v, r.weight[c] / N))
+                gain = int(r.correct_exit[c, j]) - int(r.correct_final[c])
+                if gain:
+                    acc_terms.append((v, gain * r.weight[c]))
+            if len(passable) > 1:
+                self._add(lin(so_far) <= 1, f"exit_once_c{c}")
+        self.e = e_var
+        rate = {j: pulp.LpVariable(f"rate_{j}", lowBound=0, upBound=1) for j in range(E)}
+        for j in range(E):
+            self._add(rate[j] == pulp.LpAffineExpression(rate_terms[j]), f"exit_rate_x{j}")
+        base_correct = int((r.weight * r.correct_final).sum())
+        self.correct = pulp.LpAffineExpression(acc_terms) + base_correct
+        self._add(self.correct >= p.required_correct, "accuracy")
+
+        # --- reach mass through (block, device) ---------------------------------------------------------
+        y = {(b, d): pulp.LpVariable(f"y_{b}_{d}", lowBound=0, upBound=1) for b in range(B) for d in range(D)}
+        ry = {(j, d): pulp.LpVariable(f"ry_{j}_{d}", lowBound=0, upBound=1) for j in range(E) for d in range(D)}
+        f = {(b, d, e): pulp.LpVariable(f"f_{b}_{d}_{e}", lowBound=0, upBound=1)
+             for b in range(B - 1) for d, e in arcs}
+        self._add(lin(y[0, d] for d in range(D)) == 1, "all_requests_enter")
+        for b in range(B):
+            for d in range(D):
+                self._add(y[b, d] <= self.z[b, d], f"reach_only_where_placed_b{b}_d{d}")
+        exits_after = {b: [j for j in range(E) if after[j] == b] for b in range(B)}
+        for j in range(E):
+            self._add(lin(ry[j, d] for d in range(D)) == rate[j], f"exit_rate_split_x{j}")
+            for d in range(D):
+                self._add(ry[j, d] <= self.z[after[j], d], f"exit_where_placed_x{j}_d{d}")
+        for b in range(B - 1):
+            for d in range(D):
+                self._add(lin(f[b, d, e] for e in range(D) if (b, d, e) in f)
+                          == y[b, d] - lin(ry[j, d] for j in exits_after[b]), f"flow_out_b{b}_d{d}")
+                self._add(lin(f[b, e, d] for e in range(D) if (b, e, d) in f) == y[b + 1, d],
+                          f"flow_in_b{b + 1}_d{d}")
+        # heads: reach of exit j on device d, times "enabled"
+        hy = {(j, d): pulp.LpVariable(f"hy_{j}_{d}", lowBound=0) for j in range(E) for d in range(D)}
+        hz = {(j, d): pulp.LpVariable(f"hz_{j}_{d}", lowBound=0, upBound=1) for j in range(E) for d in range(D)}
+        for j in range(E):
+            earlier_here = [k for k in exits_after[after[j]] if k < j]
+            for d in range(D):
+                reach_jd = y[after[j], d] - lin(ry[k, d] for k in earlier_here)
+                self._add(hy[j, d] >= reach_jd - (1 - en[j]), f"head_reach_x{j}_d{d}")
+                self._add(hz[j, d] >= en[j] + self.z[after[j], d] - 1, f"head_placed_x{j}_d{d}")
+
+        # --- ordering / contiguity of stages --------------------------------------------------------------
+        if not p.free_order:
+            for b in range(B - 1):
+                for d in range(D - 1):
+                    self._add(lin(self.z[b + 1, k] for k in range(d + 1))
+                              <= lin(self.z[b, k] for k in range(d + 1)), f"device_order_b{b}_d{d}")
+        else:
+            for d in range(D):
+                starts = [self.z[0, d]]
+                for b in range(1, B):
+                    s = pulp.LpVariable(f"start_{b}_{d}", lowBound=0, upBound=1)
+                    self._add(s >= self.z[b, d] - self.z[b - 1, d], f"stage_start_b{b}_d{d}")
+                    starts.append(s)
+                self._add(lin(starts) <= 1, f"one_stage_per_device_d{d}")
+
+        # --- objective: expected latency ------------------------------------------------------------------
+        obj = []
+        for d in range(D):
+            obj.append(p.cut_ms[p.source, d, 0] * self.z[0, d])
+            obj.append(p.return_ms[d] * y[B - 1, d])
+            for b in range(B):
+                obj.append(p.block_ms[d, b] * y[b, d])
+            for j in range(E):
+                obj.append(p.head_ms[d, r.exits[j]] * hy[j, d])
+                obj.append(p.return_ms[d] * ry[j, d])
+        for (b, d, e), v in f.items():
+            if d != e:
+                obj.append(p.cut_ms[d, e, b + 1] * v)
+        # (the diagnostic variant asks instead for the most correct answers any plan can give)
+        self.lp += -self.correct if self.maximize_correct else lin(obj)
+
+        # --- memory per device --------------------------------------------------------------------------
+        for d in range(D):
+            act = pulp.LpVariable(f"peak_act_{d}", lowBound=0)
+            for b in range(B):
+                self._add(act >= p.block_act[d, b] * self.z[b, d], f"peak_act_b{b}_d{d}")
+            for j in range(E):
+                self._add(act >= p.head_act[d, r.exits[j]] * hz[j, d], f"peak_act_x{j}_d{d}")
+            params = lin(p.block_param[d, b] * self.z[b, d] for b in range(B)) + lin(
+                p.head_param[d, r.exits[j]] * hz[j, d] for j in range(E))
+            if usable[d]:
+                self._add(params + act <= p.capacity_bytes[d], f"memory_d{d}")
+
+        # --- deadline on the no-exit path -------------------------------------------------------------------
+        if p.deadline_ms is not None:
+            cz = {}
+            for b in range(B - 1):
+                for d, e in arcs:
+                    if d != e:
+                        v = pulp.LpVariable(f"cut_{b}_{d}_{e}", lowBound=0, upBound=1)
+                        self._add(v >= self.z[b, d] + self.z[b + 1, e] - 1, f"cut_used_b{b}_d{d}_e{e}")
+                        cz[b, d, e] = v
+            worst = lin(p.block_ms[d, b] * self.z[b, d] for b in range(B) for d in range(D)) \
+                + lin(p.head_ms[d, r.exits[j]] * hz[j, d] for j in range(E) for d in range(D)) \
+                + lin(p.cut_ms[d, e, b + 1] * v for (b, d, e), v in cz.items()) \
+                + lin(p.cut_ms[p.source, d, 0] * self.z[0, d] + p.return_ms[d] * self.z[B - 1, d]
+                      for d in range(D))
+            self._add(worst <= p.deadline_ms, "deadline")
+
+        # --- throughput: expected busy time per stage -----------------------------------------------------
+        if p.busy_cap_ms is not None:
+            for d in range(D):
+                busy = lin(p.block_ms[d, b] * y[b, d] for b in range(B)) + lin(
+                    p.head_ms[d, r.exits[j]] * hy[j, d] for j in range(E))
+                self._add(busy <= p.busy_cap_ms, f"throughput_d{d}")
+
+    def start_values(self, levels: np.ndarray, placement: np.ndarray) -> dict[str, float]:
+        """Values of the integer variables for a known plan (a warm start)."""
+        start = {}
+        for j, pj in enumerate(self.r.exits):
+            for k, lv in enumerate(self.r.level_map[j], start=1):
+                start[self.w[j, k].name] = float(levels[pj] == lv)
+        for (b, d), v in self.z.items():
+            start[v.name] = float(placement[b] == d)
+        return start
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        p, r = self.p, self.r
+        levels = np.zeros(p.n_exits, dtype=int)
+        for (j, k), v in self.w.items():
+            if (v.varValue or 0) > 0.5:
+                levels[r.exits[j]] = r.level_map[j][k - 1]
+        placement = np.array([max(range(p.n_devices), key=lambda d: self.z[b, d].varValue or 0)
+                              for b in range(p.n_blocks)])
+        return levels, placement
+
+
+def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
+               start: tuple[np.ndarray, np.ndarray] | None = None, dump_lp: str | None = None,
+               msg: bool = False, maximize_correct: bool = False) -> MilpResult:
+    t0 = time.perf_counter()
+    r = reduce(p)
+    model = Model(p, r, maximize_correct=maximize_correct)
+    if dump_lp:
+        model.lp.writeLP(dump_lp)
+    warm = model.start_values(*start) if start is not None else None
+    if solver == "highs":
+        s = _WarmHiGHS(start=warm, msg=msg, timeLimit=time_limit_s, gapRel=1e-6, threads=1)
+    else:
+        if warm:
+            for v in model.lp.variables():
+                if v.name in warm:
+                    v.setInitialValue(warm[v.name])
+        s = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit_s, gapRel=1e-6, warmStart=bool(warm), threads=1)
+    model.lp.solve(s)
+    wall = time.perf_counter() - t0
+    n_vars, n_cons = len(model.lp.variables()), len(model.lp.constraints)
+    sol_status = pulp.LpSolution[model.lp.sol_status] if model.lp.sol_status in pulp.LpSolution else "?"
+    status, bound, gap = _status(model.lp, solver)
+    if status in ("infeasible", "no-solution"):
+        return MilpResult(None, None, float("inf"), bound, status, sol_status, float("inf"), wall,
+                          n_vars, n_cons, len(r.weight))
+    levels, placement = model.read()
+    obj = float(pulp.value(model.lp.objective))
+    return MilpResult(levels, placement, obj, bound, status, sol_status, gap, wall, n_vars, n_cons,
+                      len(r.weight))
+
+
+def _status(lp: pulp.LpProblem, solver: str) -> tuple[str, float, float]:
+    """('optimal' only when proven) + proven lower bound + relative gap, from the solver itself."""
+    if solver == "highs":
+        import highspy
+        h = lp.solverModel
+        ms = h.getModelStatus()
+        info = h.getInfo()
+        S = highspy.HighsModelStatus
+        if ms == S.kInfeasible:
+            return "infeasible", float("inf"), float("inf")
+        has_sol = info.primal_solution_status == 2    # kSolutionStatusFeasible
+        bound = float(info.mip_dual_bound) if np.isfinite(info.mip_dual_bound) else float("-inf")
+        if ms == S.kOptimal and has_sol:
+            return "optimal", bound, float(info.mip_gap)
+        if not has_sol:
+            return "no-solution", bound, float("inf")
+        return ("time-limit" if ms == S.kTimeLimit else f"stopped:{h.modelStatusToString(ms)}",
+                bound, float(info.mip_gap))
+    # CBC via the command line: PuLP reports 'Optimal' only for a proven optimum
+    if lp.status == pulp.LpStatusInfeasible:
+        return "infeasible", float("inf"), float("inf")
+    if lp.sol_status == pulp.LpSolutionOptimal:
+        obj = float(pulp.value(lp.objective))
+        return "optimal", obj, 0.0
+    if lp.sol_status == pulp.LpSolutionIntegerFeasible:
+        return "time-limit", float("-inf"), float("nan")
+    return "no-solution", float("-inf"), float("inf")

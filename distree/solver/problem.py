@@ -1,0 +1,233 @@
+"""The planning problem as plain numbers, built once from chain, calibration, profile and topology.
+
+Everything the solvers (MILP, brute force, heuristics) need is in :class:`Problem`; they never look at
+ONNX, profiles or links again. That keeps the solver core testable on random instances and makes the
+cost model one readable function (:mod:`distree.solver.costs`).
+
+Exits are ordered along the chain (by ``after_block``, then by their calibration column). Threshold
+levels are 1-based: level ``l`` of exit ``j`` is ``thresholds[j][l-1]``, level 0 means "exit off".
+Because the grid is ascending, a sample passes level ``l`` iff ``l <= passed_level[i, j]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from scipy.stats import beta
+
+from distree.errors import DistreeError
+from distree.exits.types import Calibration
+from distree.graph.chain import Chain
+from distree.profiler.types import Profile
+from distree.targets.spec import Topology
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the user asks of a plan (the CLI flags of ``distree plan``)."""
+
+    accuracy_drop: float = 0.01
+    confidence: Optional[float] = None      # one-sided Clopper-Pearson level for the accuracy promise
+    deadline_ms: Optional[float] = None     # bound on the latency of the path where no exit is taken
+    min_throughput: Optional[float] = None  # requests/s; each stage's expected busy time must fit 1/rate
+    free_order: bool = False                # let the solver choose the device order too
+    time_limit_s: float = 60.0
+    solver: str = "highs"                   # "highs" (highspy) or "cbc"
+    dump_lp: Optional[str] = None           # write the MILP in LP format here
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """Numbers only. Shapes: B blocks, D devices (pipeline order), E candidate exits, N samples.
+
+    ``cut_ms[d, e, k]``: moving cut tensor k from device d to e (k=0: the model input, k=b+1: the output
+    of block b). ``return_ms[d]``: returning the logits from d to the source device.
+    ``capacity_bytes[d]``: device memory minus its runtime overhead (negative: device unusable).
+    """
+
+    devices: tuple[str, ...]
+    source: int
+    block_ms: np.ndarray            # [D, B]
+    head_ms: np.ndarray             # [D, E]
+    exit_after: np.ndarray          # [E] block index each exit reads, non-decreasing
+    n_levels: np.ndarray            # [E]
+    cut_ms: np.ndarray              # [D, D, B]
+    return_ms: np.ndarray           # [D]
+    block_param: np.ndarray         # [D, B] bytes
+    block_act: np.ndarray           # [D, B] bytes
+    head_param: np.ndarray          # [D, E]
+    head_act: np.ndarray            # [D, E]
+    capacity_bytes: np.ndarray      # [D]
+    passed_level: np.ndarray        # [N, E] int: highest level sample i passes at exit j (0: none)
+    correct_exit: np.ndarray        # [N, E] bool
+    correct_final: np.ndarray       # [N] bool
+    required_correct: int           # K: the plan must answer at least K samples right
+    deadline_ms: Optional[float] = None
+    busy_cap_ms: Optional[float] = None   # 1000 / min_throughput
+    free_order: bool = False
+
+    @property
+    def n_blocks(self) -> int:
+        return self.block_ms.shape[1]
+
+    @property
+    def n_devices(self) -> int:
+        return self.block_ms.shape[0]
+
+    @property
+    def n_exits(self) -> int:
+        return len(self.exit_after)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.correct_final)
+
+    def replace(self, **changes) -> "Problem":
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        fields.update(changes)
+        return Problem(**fields)
+
+
+def clopper_pearson_lower(correct: int, n: int, confidence: float) -> float:
+    """One-sided lower confidence bound on an accuracy measured as ``correct`` of ``n``."""
+    if correct <= 0:
+        return 0.0
+    return float(beta.ppf(1.0 - confidence, correct, n - correct + 1))
+
+
+def required_correct(n: int, target_accuracy: float, confidence: Optional[float]) -> int:
+    """Smallest correct count K whose accuracy (or its lower bound at ``confidence``) reaches the target.
+
+    Returns n + 1 when even a perfect answer cannot certify the target (the constraint is then infeasible).
+    Precomputing K keeps the accuracy constraint linear.
+    """
+    if confidence is None:
+        return max(0, math.ceil(n * target_accuracy - 1e-9))
+    lo, hi = 0, n + 1
+    while lo < hi:                           # the bound is monotone in the count: bisect
+        mid = (lo + hi) // 2
+        if clopper_pearson_lower(mid, n, confidence) >= target_accuracy - 1e-12:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@dataclass(frozen=True)
+class ProblemIndex:
+    """How the Problem's exits map back to the calibration's exit columns and thresholds."""
+
+    exit_columns: tuple[int, ...]             # Problem exit j is calibration column exit_columns[j]
+    thresholds: tuple[tuple[float, ...], ...]  # per Problem exit, level l -> thresholds[j][l-1]
+    full_accuracy: float
+
+
+def passed_levels(scores: np.ndarray, thresholds: tuple[float, ...]) -> np.ndarray:
+    """Highest 1-based level a score passes on an ascending grid (score >= threshold)."""
+    return np.searchsorted(np.asarray(thresholds, dtype=float), scores, side="right")
+
+
+def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
+                  constraints: Constraints) -> tuple[Problem, ProblemIndex]:
+    """Turn the typed inputs into a :class:`Problem`, failing early with a fix-it message."""
+    _validate(chain, calibration, topology, constraints)
+    names = tuple(d.name for d in topology.devices)
+    B = len(chain.blocks)
+    order = sorted(range(len(calibration.exits)), key=lambda j: (calibration.exits[j].after_block, j))
+    exits = [calibration.exits[j] for j in order]
+
+    def entry(dev: str, item: str):
+        try:
+            return profile.get(dev, item)
+        except KeyError:
+            raise DistreeError(f"the profile has no entry for {item} on {dev}; run `distree profile` for "
+                               f"device {dev} with this model and its exits") from None
+
+    block_ms = np.zeros((len(names), B))
+    block_param = np.zeros((len(names), B))
+    block_act = np.zeros((len(names), B))
+    head_ms = np.zeros((len(names), len(exits)))
+    head_param = np.zeros((len(names), len(exits)))
+    head_act = np.zeros((len(names), len(exits)))
+    for d, dev in enumerate(names):
+        for b, blk in enumerate(chain.blocks):
+            m = entry(dev, f"block:{b}")
+            block_ms[d, b] = m.median_ms
+            block_param[d, b] = m.param_bytes or blk.param_bytes
+            block_act[d, b] = m.activation_bytes or max(blk.workspace_bytes, blk.out_bytes)
+        for j, ex in enumerate(exits):
+            m = entry(dev, f"exit:{ex.name}")
+            head_ms[d, j] = m.median_ms
+            head_param[d, j] = m.param_bytes or ex.param_bytes
+            head_act[d, j] = m.activation_bytes
+
+    cut_bytes = [chain.input_bytes] + [blk.out_bytes for blk in chain.blocks[:-1]]
+    return_bytes = int(chain.blocks[-1].output_shape[-1]) * 4
+    src = names.index(topology.source_device)
+    cut_ms = np.array([[[topology.link(a, b).transfer_ms(n) for n in cut_bytes] for b in names] for a in names])
+    return_ms = np.array([topology.link(a, names[src]).transfer_ms(return_bytes) for a in names])
+    capacity = np.array([d.memory_bytes - d.runtime_overhead_bytes for d in topology.devices], dtype=float)
+
+    scores = np.asarray(calibration.scores, dtype=float)
+    correct = np.asarray(calibration.correct, dtype=bool)
+    passed = np.stack([passed_levels(scores[:, j], calibration.thresholds[j]) for j in order], axis=1) \
+        if exits else np.zeros((len(scores), 0), dtype=int)
+    full_acc = float(correct[:, -1].mean())
+    n = len(scores)
+    problem = Problem(
+        devices=names, source=src, block_ms=block_ms, head_ms=head_ms,
+        exit_after=np.array([ex.after_block for ex in exits], dtype=int),
+        n_levels=np.array([len(calibration.thresholds[j]) for j in order], dtype=int),
+        cut_ms=cut_ms, return_ms=return_ms, block_param=block_param, block_act=block_act,
+        head_param=head_param, head_act=head_act, capacity_bytes=capacity,
+        passed_level=passed.astype(int), correct_exit=correct[:, order] if exits else np.zeros((n, 0), bool),
+        correct_final=correct[:, -1],
+        required_correct=required_correct(n, full_acc - constraints.accuracy_drop, constraints.confidence),
+        deadline_ms=constraints.deadline_ms,
+        busy_cap_ms=None if constraints.min_throughput is None else 1000.0 / constraints.min_throughput,
+        free_order=constraints.free_order,
+    )
+    index = ProblemIndex(exit_columns=tuple(order),
+                         thresholds=tuple(tuple(calibration.thresholds[j]) for j in order),
+                         full_accuracy=full_acc)
+    return problem, index
+
+
+def _validate(chain: Chain, calibration: Calibration, topology: Topology, c: Constraints) -> None:
+    B = len(chain.blocks)
+    if B == 0:
+        raise DistreeError("the chain has no blocks; re-run `distree inspect` on the model")
+    if calibration.model_sha256 and chain.model_sha256 and calibration.model_sha256 != chain.model_sha256:
+        raise DistreeError("the calibration was made for another model (model_sha256 differs); "
+                           "re-run `distree calibrate` for this model")
+    if not topology.devices:
+        raise DistreeError("no devices given; pass --devices or --topology")
+    if topology.source_device not in {d.name for d in topology.devices}:
+        raise DistreeError(f"source device {topology.source_device!r} is not in the topology")
+    if not calibration.scores:
+        raise DistreeError("the calibration has no samples; re-run `distree calibrate` with data")
+    E = len(calibration.exits)
+    if any(len(row) != E for row in calibration.scores) or any(len(row) != E + 1 for row in calibration.correct):
+        raise DistreeError("malformed calibration: scores need one column per exit and correct one more "
+                           "(the final classifier); re-run `distree calibrate`")
+    if len(calibration.thresholds) != E:
+        raise DistreeError("malformed calibration: one threshold grid per exit is needed")
+    for ex, grid in zip(calibration.exits, calibration.thresholds):
+        if not 0 <= ex.after_block < B - 1:
+            raise DistreeError(f"exit {ex.name} is after block {ex.after_block}, but exits must sit after "
+                               f"blocks 0..{B - 2} of this {B}-block chain; re-run `distree calibrate`")
+        if any(b < a for a, b in zip(grid, grid[1:])):
+            raise DistreeError(f"the threshold grid of exit {ex.name} is not ascending; re-run `distree calibrate`")
+    if not 0 <= c.accuracy_drop < 1:
+        raise DistreeError(f"--accuracy-drop {c.accuracy_drop} must be in [0, 1)")
+    if c.confidence is not None and not 0.5 <= c.confidence < 1:
+        raise DistreeError(f"--confidence {c.confidence} must be in [0.5, 1)")
+    if c.deadline_ms is not None and c.deadline_ms <= 0:
+        raise DistreeError("--deadline-ms must be positive")
+    if c.min_throughput is not None and c.min_throughput <= 0:
+        raise DistreeError("--min-throughput must be positive")
+    if c.solver not in ("highs", "cbc"):
+        raise DistreeError(f"--solver {c.solver!r}: choose highs or cbc")

@@ -1,0 +1,195 @@
+"""``solve``: heuristic warm start -> MILP -> Plan; infeasibility explained; accuracy-drop sweeps."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from distree.errors import DistreeError
+from distree.exits.types import Calibration
+from distree.graph.chain import Chain
+from distree.profiler.types import Profile
+from distree.solver.costs import Evaluation, best_placement, evaluate, outcome
+from distree.solver.heuristic import local_search, no_exit_plan
+from distree.solver.milp import MilpResult, solve_milp
+from distree.solver.plan import ExitChoice, Plan, Stage
+from distree.solver.problem import (Constraints, Problem, ProblemIndex, build_problem, clopper_pearson_lower,
+                                    required_correct)
+from distree.targets.spec import Topology
+
+REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
+
+
+def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
+          constraints: Constraints) -> Plan:
+    """The plan of minimal expected latency under ``constraints`` (DistreeError if none exists)."""
+    problem, index = build_problem(chain, calibration, profile, topology, constraints)
+    return solve_problem(problem, index, chain, calibration, constraints)
+
+
+def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
+                  constraints: Constraints) -> Plan:
+    t0 = time.perf_counter()
+    warm = local_search(p)
+    budget = max(1.0, constraints.time_limit_s - (time.perf_counter() - t0))
+    start = (warm.levels, warm.placement) if warm is not None else None
+    result = solve_milp(p, time_limit_s=budget, solver=constraints.solver, start=start,
+                        dump_lp=constraints.dump_lp)
+    if result.status == "infeasible":
+        if warm is not None:
+            raise RuntimeError("MILP reports infeasible but the heuristic found a feasible plan (solver bug)")
+        raise DistreeError(explain_infeasible(p, index, constraints))
+    if result.levels is None and warm is None:
+        raise DistreeError(f"no feasible plan found within --time-limit {constraints.time_limit_s:g} s "
+                           f"(solver status {result.status}); raise --time-limit")
+    levels, placement = (result.levels, result.placement) if result.levels is not None else start
+    ev = evaluate(p, levels, placement)
+    if warm is not None and (not ev.feasible or warm.expected_ms < ev.expected_ms - 1e-9):
+        if result.status == "optimal":
+            raise RuntimeError("proven MILP optimum is worse than a heuristic plan (solver bug)")
+        levels, placement = warm.levels, warm.placement
+        ev = evaluate(p, levels, placement)
+    if not ev.feasible:
+        raise RuntimeError(f"solver returned a plan that violates {ev.violations} (solver bug)")
+    gap = _gap(ev.expected_ms, result.bound) if result.status != "optimal" else max(0.0, result.gap)
+    base = no_exit_plan(p)
+    return make_plan(p, index, chain, calibration, constraints, levels, placement, ev,
+                     no_exit_ms=base.expected_ms if base is not None else float("nan"),
+                     result=result, gap=gap, wall_s=time.perf_counter() - t0)
+
+
+def _gap(objective: float, bound: float) -> float:
+    if not np.isfinite(bound):
+        return float("inf")
+    return max(0.0, (objective - bound) / max(abs(objective), 1e-12))
+
+
+def make_plan(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration, c: Constraints,
+              levels: np.ndarray, placement: np.ndarray, ev: Evaluation, no_exit_ms: float,
+              result: MilpResult, gap: float, wall_s: float) -> Plan:
+    o = outcome(p, levels)
+    B = p.n_blocks
+    stages = []
+    bounds = [0] + [int(i) + 1 for i in np.nonzero(np.diff(placement))[0]] + [B]
+    for first, end in zip(bounds, bounds[1:]):
+        d = int(placement[first])
+        exits = []
+        heads_ms = 0.0
+        for j in range(p.n_exits):
+            if levels[j] > 0 and first <= p.exit_after[j] < end:
+                col = index.exit_columns[j]
+                exits.append(ExitChoice(name=calibration.exits[col].name, after_block=int(p.exit_after[j]),
+                                        threshold=float(index.thresholds[j][levels[j] - 1]),
+                                        exit_rate=float(o.exit_rate[j])))
+                heads_ms += p.head_ms[d, j] * o.reach_exit[j]
+        blocks_ms = float(p.block_ms[d, first:end] @ o.reach_block[first:end])
+        came_from = p.source if first == 0 else int(placement[first - 1])
+        transfer = float(p.cut_ms[came_from, d, first] * o.reach_block[first])
+        stages.append(Stage(device=p.devices[d], first_block=first, last_block=end - 1, exits=tuple(exits),
+                            compute_ms=blocks_ms + heads_ms, transfer_in_ms=transfer,
+                            memory_bytes=int(ev.memory[d]), reach_rate=float(o.reach_block[first])))
+    n = p.n_samples
+    return Plan(
+        model_sha256=chain.model_sha256, score_kind=calibration.score_kind, source=p.devices[p.source],
+        stages=tuple(stages), expected_latency_ms=ev.expected_ms, worst_case_latency_ms=ev.worst_ms,
+        no_exit_latency_ms=no_exit_ms, accuracy=ev.correct / n,
+        accuracy_lcb=clopper_pearson_lower(ev.correct, n, c.confidence or REPORT_CONFIDENCE),
+        full_model_accuracy=index.full_accuracy, confidence=c.confidence or REPORT_CONFIDENCE,
+        accuracy_drop=c.accuracy_drop,
+        memory_bytes={s.device: s.memory_bytes for s in stages},
+        breakdown_ms=dict(ev.breakdown), solver=c.solver, status=result.status, gap=gap, wall_s=wall_s,
+        sol_status=result.sol_status, bound_ms=result.bound, final_rate=float(o.final_rate),
+        required_correct=p.required_correct, n_samples=n,
+        model_stats={"variables": result.n_vars, "constraints": result.n_constraints,
+                     "sample_classes": result.n_classes, "milp_wall_s": round(result.wall_s, 3)},
+    )
+
+
+# --- infeasibility ---------------------------------------------------------------------------------------
+
+def explain_infeasible(p: Problem, index: ProblemIndex, c: Constraints) -> str:
+    """Name the constraint that cannot be met and the nearest setting that would work."""
+    reasons = []
+    off = np.zeros(p.n_exits, dtype=int)
+    bare = p.replace(deadline_ms=None, busy_cap_ms=None)
+    if best_placement(bare, off) is None:
+        extra = _extra_memory_needed(bare, off)
+        reasons.append(f"memory: no placement of the {p.n_blocks} blocks fits the devices' memory; "
+                       f"about {extra / 2 ** 20:.1f} MiB more per device would work (or add a device)")
+        return "infeasible plan: " + "; ".join(reasons)
+    if p.deadline_ms is not None:
+        fastest = _fastest_no_exit_path(bare, off)
+        if fastest > p.deadline_ms:
+            reasons.append(f"deadline: the fastest path with no exit taken needs {fastest:.3f} ms > "
+                           f"--deadline-ms {p.deadline_ms:g}; use --deadline-ms {np.ceil(fastest * 1000) / 1000:g} "
+                           f"or more")
+    if not reasons:
+        best_correct = _max_correct(p, c)
+        n = p.n_samples
+        if best_correct is None:
+            what = ("throughput: no plan keeps every stage under "
+                    f"{p.busy_cap_ms:.3f} ms of expected compute per request; lower --min-throughput "
+                    "or add a device") if p.busy_cap_ms is not None else \
+                "deadline and memory together leave no plan; relax --deadline-ms or add memory"
+            reasons.append(what)
+        else:
+            acc = best_correct / n
+            reach = clopper_pearson_lower(best_correct, n, c.confidence) if c.confidence else acc
+            drop = max(0.0, index.full_accuracy - reach)
+            conf = f" (lower bound {reach:.4f} at --confidence {c.confidence:g})" if c.confidence else ""
+            reasons.append(f"accuracy: the best reachable accuracy is {acc:.4f} ({best_correct}/{n}){conf}, "
+                           f"below full-model accuracy {index.full_accuracy:.4f} - --accuracy-drop "
+                           f"{c.accuracy_drop:g}; the smallest --accuracy-drop that works is "
+                           f"{np.ceil(drop * 1e4) / 1e4:.4f}")
+    return "infeasible plan: " + "; ".join(reasons)
+
+
+def _extra_memory_needed(p: Problem, levels: np.ndarray) -> float:
+    lo, hi = 0.0, float(np.abs(p.block_param).sum() + np.abs(p.block_act).sum() + 1)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if best_placement(p.replace(capacity_bytes=p.capacity_bytes + mid), levels) is None:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _fastest_no_exit_path(p: Problem, levels: np.ndarray) -> float:
+    found = best_placement(p, levels, deadline_weight=1e6)
+    return evaluate(p, levels, found[0]).worst_ms
+
+
+def _max_correct(p: Problem, c: Constraints) -> Optional[int]:
+    """Most correct answers any plan meeting the other constraints gives (a MILP with that objective)."""
+    r = solve_milp(p.replace(required_correct=0), time_limit_s=c.time_limit_s, solver=c.solver,
+                   maximize_correct=True)
+    if r.levels is None:
+        return None
+    return evaluate(p, r.levels, r.placement).correct
+
+
+# --- sweeps ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepPoint:
+    accuracy_drop: float
+    plan: Optional[Plan]
+    error: str = ""
+
+
+def sweep_accuracy_drop(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
+                        constraints: Constraints, drops: list[float]) -> list[SweepPoint]:
+    """The latency-accuracy frontier: one solve per allowed drop (the MILP for each is independent)."""
+    points = []
+    for drop in drops:
+        c = dataclasses.replace(constraints, accuracy_drop=drop, dump_lp=None)
+        try:
+            points.append(SweepPoint(drop, solve(chain, calibration, profile, topology, c)))
+        except DistreeError as exc:
+            points.append(SweepPoint(drop, None, str(exc)))
+    return points

@@ -48,3 +48,4 @@ def main() -> None:
 # --- subcommands (one line each; keep sorted) -------------------------------------------------------
 from distree.graph.commands import inspect_cmd; cli.add_command(inspect_cmd)  # noqa: E402
 from distree.targets.commands import devices_cmd; cli.add_command(devices_cmd)  # noqa: E402
+from distree.solver.commands import plan_cmd; cli.add_command(plan_cmd)  # noqa: E402

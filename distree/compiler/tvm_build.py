@@ -1,0 +1,114 @@
+"""Compile one ONNX segment with TVM for a catalog device: host, aarch64 (cross-linked) or CUDA + aarch64."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import onnx
+
+from distree.compiler.cuda_aot import fatbin_packer, find_nvcc
+from distree.errors import DistreeError
+from distree.targets.spec import DeviceSpec
+
+# target architecture -> (cross compiler, Debian packages that provide it and the target's libc)
+CROSS_COMPILERS = {"aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu libc6-dev-arm64-cross")}
+
+
+@dataclass(frozen=True)
+class TvmBuild:
+    """What a build produced; ``cuda`` says how CUDA kernels ship (None for CPU targets)."""
+
+    path: Path
+    cuda: Optional[str]             # "fatbin sm_87 (nvcc, ahead of time)" or "CUDA source (NVRTC at load)"
+    tuned: bool
+
+
+def target_arch(device: DeviceSpec) -> str:
+    """CPU architecture of the code that runs on the device's CPU (the host for CUDA devices)."""
+    cpu = device.host if device.host else device.target
+    triple = str(cpu.get("mtriple") or platform.machine())
+    return triple.split("-")[0].replace("arm64", "aarch64")
+
+
+def host_arch() -> str:
+    return platform.machine().replace("arm64", "aarch64").replace("AMD64", "x86_64")
+
+
+def host_runnable(device: DeviceSpec) -> bool:
+    """Whether this machine can load and run the device's TVM library in process."""
+    return device.target.get("kind") == "llvm" and target_arch(device) == host_arch()
+
+
+def cross_compiler(device: DeviceSpec) -> Optional[str]:
+    """The C compiler that links the device's library (None: the host's default); checked up front."""
+    arch = target_arch(device)
+    if arch == host_arch():
+        return None
+    if arch not in CROSS_COMPILERS:
+        raise DistreeError(f"device {device.name}: no cross compiler known for {arch}; distree builds for "
+                           f"{', '.join([host_arch(), *CROSS_COMPILERS])}")
+    cc, packages = CROSS_COMPILERS[arch]
+    if shutil.which(cc) is None:
+        raise DistreeError(f"device {device.name} needs the cross compiler {cc}, which is not on PATH; "
+                           f"install the Debian package(s): apt-get install {packages}")
+    return cc
+
+
+def tvm_target(device: DeviceSpec):
+    import tvm
+
+    if device.host:
+        return tvm.target.Target(dict(device.target), host=dict(device.host))
+    return tvm.target.Target(dict(device.target))
+
+
+def import_onnx(model: onnx.ModelProto):
+    """Relax module of a segment with static input shapes (weights bound as constants)."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Renaming name")  # TVM renames tensors with '/' or '.'
+        return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+
+
+def compile_segment(model: onnx.ModelProto, device: DeviceSpec, out_path: Path,
+                    tuning_db: Optional[Path] = None, require_aot_cuda: bool = False) -> TvmBuild:
+    """Build ``model`` for ``device`` into ``out_path`` (.so); apply tuning records from ``tuning_db``."""
+    import tvm
+
+    cc = cross_compiler(device)
+    target = tvm_target(device)
+    mod = import_onnx(model)
+    tuned = False
+    if tuning_db is not None:
+        from distree.compiler.tuning import apply_tuning, has_records
+
+        tuned = has_records(tuning_db, target)
+        if tuned:
+            mod = apply_tuning(mod, target, tuning_db)
+    executable = tvm.compile(mod, target=target)
+    export_kwargs = {"cc": cc} if cc else {}
+    cuda = None
+    if device.target.get("kind") == "cuda":
+        arch = str(device.target.get("arch", ""))
+        nvcc = find_nvcc()
+        if nvcc is None:
+            if require_aot_cuda:
+                raise DistreeError(f"device {device.name}: nvcc not found, so the CUDA kernels cannot be "
+                                   "compiled ahead of time; install the CUDA toolkit or drop --require-aot-cuda")
+            cuda = "CUDA source, compiled at load time by NVRTC on the device (nvcc not found here)"
+        else:
+            converted: list[int] = []
+            export_kwargs["fpack_imports"] = fatbin_packer(arch, nvcc, converted.append)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    executable.export_library(str(out_path), **export_kwargs)
+    if "fpack_imports" in export_kwargs:
+        cuda = (f"fatbin {arch} (nvcc ahead of time; no NVRTC needed on the device)" if sum(converted)
+                else "no CUDA kernels in this segment")
+    return TvmBuild(path=out_path, cuda=cuda, tuned=tuned)

@@ -1,0 +1,108 @@
+"""``distree verify``: a bundle is intact (hashes, versions, file list) and each device's files load.
+
+Libraries built for this machine are loaded and run on zeros next to their ONNX (outputs must agree);
+libraries for another architecture are checked as far as possible here (ELF machine, TVM symbol, CUDA
+kernel format) and reported as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distree.compiler.cuda_aot import cuda_module_formats
+from distree.compiler.elf import elf_machine, symbol_bytes
+from distree.compiler.manifest import MANIFEST, DeviceArtifact, SegmentArtifact, read_manifest, read_thresholds, \
+    sha256_file
+from distree.compiler.tvm_build import host_arch, host_runnable, target_arch
+from distree.errors import DistreeError
+from distree.runtime.backends import ort_runner, tvm_runner
+from distree.serde import JsonRecord
+
+LIBRARY_SYMBOL = "__tvm_ffi__library_bin"
+
+
+@dataclass(frozen=True)
+class FileCheck(JsonRecord):
+    file: str
+    status: str                     # "ran", "checked" (not loadable here) or "skipped"
+    detail: str
+
+
+@dataclass(frozen=True)
+class VerifyReport(JsonRecord):
+    bundle: str
+    made_by: str
+    files: int
+    checks: tuple[FileCheck, ...]
+
+
+def verify_bundle(path: str | Path) -> VerifyReport:
+    """Check everything; the first problem is a DistreeError that names the file."""
+    bundle = Path(path)
+    manifest = read_manifest(bundle)
+    _check_files(bundle, manifest.files)
+    table = read_thresholds(bundle)
+    known = {e.name for e in table.exits}
+    checks: list[FileCheck] = []
+    for stage in manifest.stages:
+        for seg in stage.segments:
+            if seg.exit and seg.exit not in known:
+                raise DistreeError(f"{bundle / 'thresholds.json'}: has no threshold for exit {seg.exit}; "
+                                   "rebuild the bundle")
+            checks.extend(_check_segment(bundle, stage, seg))
+    return VerifyReport(bundle=str(bundle), made_by=f"distree {manifest.distree_version}, TVM "
+                        f"{manifest.tvm_version}, ONNX Runtime {manifest.ort_version}",
+                        files=len(manifest.files), checks=tuple(checks))
+
+
+def _check_files(bundle: Path, files: dict[str, str]) -> None:
+    present = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {MANIFEST}
+    for rel in sorted(set(files) - present):
+        raise DistreeError(f"{bundle / rel}: listed in the manifest but missing; rebuild or re-copy the bundle")
+    for rel in sorted(present - set(files)):
+        raise DistreeError(f"{bundle / rel}: not part of the bundle (not in the manifest); remove it")
+    for rel, digest in sorted(files.items()):
+        if sha256_file(bundle / rel) != digest:
+            raise DistreeError(f"{bundle / rel}: SHA-256 does not match the manifest (modified or corrupted); "
+                               "rebuild or re-copy the bundle")
+
+
+def _check_segment(bundle: Path, stage: DeviceArtifact, seg: SegmentArtifact) -> list[FileCheck]:
+    zeros = np.zeros(seg.input.shape, dtype=seg.input.dtype)
+    reference = ort_runner(bundle / seg.onnx_file)(zeros)
+    _check_shapes(bundle / seg.onnx_file, seg, reference)
+    checks = [FileCheck(seg.onnx_file, "ran", "ONNX Runtime ran it on zeros; output shapes match the manifest")]
+    if seg.tvm_file is None:
+        return checks
+    lib = bundle / seg.tvm_file
+    machine, want = elf_machine(lib), target_arch(stage.spec)
+    if machine != want:
+        raise DistreeError(f"{lib}: is an {machine} library, {stage.name} needs {want}; rebuild the bundle")
+    if host_runnable(stage.spec):
+        outs = tvm_runner(lib)(zeros)
+        for spec, got, ref in zip(seg.outputs, outs, reference):
+            if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-3, atol=1e-4):
+                raise DistreeError(f"{lib}: output {spec.name} differs from its ONNX under ONNX Runtime on zeros "
+                                   f"(max |diff| {np.abs(got - ref).max():.3g}); rebuild the bundle")
+        checks.append(FileCheck(seg.tvm_file, "ran", "TVM ran it on zeros; outputs match ONNX Runtime"))
+        return checks
+    formats = cuda_module_formats(symbol_bytes(lib, LIBRARY_SYMBOL))
+    detail = f"{machine} ELF with a TVM library; cannot be loaded on this {host_arch()} machine"
+    if stage.spec.target.get("kind") == "cuda":
+        shipped = "fatbin" if seg.cuda and seg.cuda.startswith("fatbin") else "cuda"
+        if formats and set(formats) != {shipped}:
+            raise DistreeError(f"{lib}: CUDA kernels are stored as {formats}, the manifest says {seg.cuda}; "
+                               "rebuild the bundle")
+        detail += f"; CUDA kernels: {seg.cuda}"
+    checks.append(FileCheck(seg.tvm_file, "checked", detail + " (run it on the device or under qemu)"))
+    return checks
+
+
+def _check_shapes(path: Path, seg: SegmentArtifact, outs: list[np.ndarray]) -> None:
+    got = [tuple(o.shape) for o in outs]
+    want = [tuple(o.shape) for o in seg.outputs]
+    if got != want:
+        raise DistreeError(f"{path}: outputs have shapes {got}, the manifest says {want}; rebuild the bundle")

@@ -1,0 +1,88 @@
+"""In-process runners for one segment: a TVM library (relax VM) or an ONNX model (ONNX Runtime).
+
+Both take one input array and return the segment's outputs in manifest order, so the executor and the
+compiler's latency measurement treat them alike.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from distree.errors import DistreeError
+
+Runner = Callable[[np.ndarray], list[np.ndarray]]
+
+
+def ort_runner(path: Path | bytes, threads: int = 1) -> Runner:
+    """ONNX Runtime session (graph optimization ALL, its default) with ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        where = "segment model" if isinstance(path, bytes) else str(path)
+        raise DistreeError(f"{where}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]}); "
+                           "rebuild the bundle") from exc
+    input_name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        return session.run(names, {input_name: x})
+
+    return run
+
+
+def set_tvm_threads(threads: int) -> None:
+    """Size TVM's CPU thread pool (the notes: 1 thread is fastest for kernels this small)."""
+    import tvm_ffi
+
+    tvm_ffi.get_global_func("runtime.config_threadpool")(0, threads)
+
+
+def tvm_runner(path: Path) -> Runner:
+    """A relax VM over a TVM library built for this machine's CPU."""
+    import tvm
+    from tvm import relax
+
+    try:
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    except Exception as exc:  # TVM raises its own error types
+        raise DistreeError(f"{path}: TVM cannot load it ({str(exc).splitlines()[0]}); rebuild the bundle") from exc
+    main = vm["main"]
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        out = main(tvm.runtime.tensor(np.ascontiguousarray(x)))
+        items = [out] if hasattr(out, "numpy") else list(out)
+        return [o.numpy() for o in items]
+
+    return run
+
+
+def median_ms(run: Runner, x: np.ndarray, repeat: int = 20, warmup: int = 3,
+              budget_s: float = 5.0) -> float:
+    """Median wall time of ``run(x)`` in ms (stops early after ``budget_s`` for slow untuned code)."""
+    for _ in range(warmup):
+        run(x)
+    samples: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(samples) < repeat and (len(samples) < 3 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        run(x)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(samples))
+
+
+def percentiles_ms(samples: Sequence[float]) -> dict[str, float]:
+    arr = np.asarray(samples, dtype=np.float64)
+    if arr.size == 0:
+        return {"count": 0, "median_ms": 0.0, "p90_ms": 0.0, "mean_ms": 0.0}
+    return {"count": int(arr.size), "median_ms": float(np.median(arr)),
+            "p90_ms": float(np.percentile(arr, 90)), "mean_ms": float(arr.mean())}

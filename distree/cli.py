@@ -49,3 +49,6 @@ def main() -> None:
 from distree.graph.commands import inspect_cmd; cli.add_command(inspect_cmd)  # noqa: E402
 from distree.targets.commands import devices_cmd; cli.add_command(devices_cmd)  # noqa: E402
 from distree.solver.commands import plan_cmd; cli.add_command(plan_cmd)  # noqa: E402
+from distree.compiler.commands import compile_cmd; cli.add_command(compile_cmd)  # noqa: E402
+from distree.compiler.commands import verify_cmd; cli.add_command(verify_cmd)  # noqa: E402
+from distree.runtime.commands import run_cmd; cli.add_command(run_cmd)  # noqa: E402

@@ -1,0 +1,102 @@
+"""``distree compile`` and ``distree verify``: thin adapters over the pipeline and the bundle checker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from distree.errors import DistreeError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, width=max(Console(stderr=True).width, 150))
+
+
+def _parse_rpc(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        dev, sep, addr = v.partition("=")
+        if not sep or ":" not in addr:
+            raise DistreeError(f"--rpc {v!r}: write it as device=host:port, e.g. --rpc pi4=192.168.1.20:9090")
+        out[dev] = addr
+    return out
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for v in values:
+        name, sep, dims = v.partition("=")
+        try:
+            out[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise DistreeError(f"--input-shape {v!r}: write it as name=1,1,28,28")
+    return out
+
+
+@click.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--devices", default="", help="Comma-separated catalog devices in pipeline order, e.g. pi4,jetson-orin-nano.")
+@click.option("--topology", type=click.Path(dir_okay=False), help="Topology file (devices + links) instead of --devices.")
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration .npz (x, y).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--accuracy-drop", default=0.01, show_default=True, type=float, help="Allowed accuracy loss vs the full model.")
+@click.option("--confidence", default=None, type=float, help="Hold the accuracy bound at this one-sided confidence.")
+@click.option("--score", "score_kind", default="max_softmax", show_default=True,
+              type=click.Choice(["max_softmax", "entropy", "stability"]), help="Exit score.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "tvm", "ort"]),
+              help="auto: TVM where it beats ONNX Runtime on this host (proxy), else ONNX Runtime.")
+@click.option("--tune-minutes", default=0.0, show_default=True, type=float, help="MetaSchedule budget (host targets).")
+@click.option("--time-limit", default=60.0, show_default=True, type=float, help="Solver time limit (s).")
+@click.option("--rpc", multiple=True, help="Profile a device over TVM RPC: device=host:port (repeatable).")
+@click.option("--input-shape", multiple=True, help="Fix an input's shape: name=1,1,28,28.")
+@click.option("--threads", default=1, show_default=True, type=int, help="Threads for host measurements.")
+@click.option("--require-aot-cuda", is_flag=True, help="Fail instead of shipping CUDA source when nvcc is missing.")
+@click.option("--cache-dir", default=".distree-cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
+def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, output: str, accuracy_drop: float,
+                confidence: Optional[float], score_kind: str, backend: str, tune_minutes: float, time_limit: float,
+                rpc: tuple[str, ...], input_shape: tuple[str, ...], threads: int, require_aot_cuda: bool,
+                cache_dir: str, as_json: bool) -> None:
+    """Compile MODEL into a bundle: inspect, exits, calibrate, profile, plan, build (each stage cached)."""
+    from distree.compiler.pipeline import CompileOptions, compile_model
+    from distree.compiler.summary import print_summary, summary_dict
+
+    options = CompileOptions(
+        devices=tuple(d.strip() for d in devices.split(",") if d.strip()), topology=Path(topology) if topology else None,
+        accuracy_drop=accuracy_drop, confidence=confidence, score_kind=score_kind, backend=backend,
+        tune_minutes=tune_minutes, time_limit_s=time_limit, rpc=_parse_rpc(rpc), input_shapes=_parse_shapes(input_shape),
+        threads=threads, require_aot_cuda=require_aot_cuda)
+    console = _console()
+    with console.status("compiling ...") as status:
+        def log(msg: str) -> None:
+            status.update(msg)
+            console.log(msg)
+
+        result = compile_model(model, data, output, options, cache_dir=cache_dir, log=log)
+    if as_json:
+        click.echo(json.dumps(summary_dict(result), indent=2))
+    else:
+        print_summary(result, console)
+
+
+@click.command("verify")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_cmd(bundle: str, as_json: bool) -> None:
+    """Check a bundle: file hashes, versions, and that every device's files load (run what runs here)."""
+    from distree.compiler.verify import verify_bundle
+
+    report = verify_bundle(bundle)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    click.echo(f"{bundle}: OK ({report.files} files, made by {report.made_by})")
+    for check in report.checks:
+        click.echo(f"  {check.status:8s} {check.file}: {check.detail}")

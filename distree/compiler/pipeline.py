@@ -1,0 +1,192 @@
+"""``distree compile``: inspect -> exits -> calibrate -> profile -> plan -> build, each stage cached.
+
+Every stage's result is stored under the cache directory, keyed by a hash of its inputs (model bytes,
+data bytes, options and the keys of the stages before it), so a re-run with the same inputs skips
+straight to the first stage whose inputs changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import onnx
+
+from distree.compiler.bundle import build_bundle
+from distree.compiler.manifest import Manifest, read_manifest, sha256_file
+from distree.compiler.tvm_build import cross_compiler
+from distree.errors import DistreeError
+from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, load_dataset, train_exits
+from distree.graph import Chain, build_chain, load_model, model_sha256
+from distree.profiler.types import Profile
+from distree.serde import write_bytes_atomic, write_json_atomic
+from distree.solver import Constraints, Plan, solve
+from distree.targets import load_topology, topology_for
+from distree.targets.spec import Topology
+
+T = TypeVar("T")
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    devices: tuple[str, ...] = ()
+    topology: Optional[Path] = None
+    accuracy_drop: float = 0.01
+    confidence: Optional[float] = None
+    score_kind: str = "max_softmax"
+    backend: str = "auto"
+    tune_minutes: float = 0.0
+    time_limit_s: float = 60.0
+    rpc: dict[str, str] = field(default_factory=dict)      # device -> host:port
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    threads: int = 1
+    seed: int = 0
+    require_aot_cuda: bool = False
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    bundle: Path
+    plan: Plan
+    manifest: Manifest
+    stage_seconds: dict[str, float]
+    cached: tuple[str, ...]         # stages answered from the cache
+    wall_s: float
+
+
+def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | Path, options: CompileOptions,
+                  cache_dir: str | Path = ".distree-cache", log: Log = lambda msg: None) -> CompileResult:
+    """The whole chain from an ONNX classifier and calibration data to a verified-on-write bundle."""
+    started = time.perf_counter()
+    cache = _Cache(Path(cache_dir), log)
+    topology = _topology(options)          # unknown devices fail here, before any work
+    if options.backend != "ort":
+        for dev in topology.devices:
+            cross_compiler(dev)                # so does a missing cross compiler
+    model_path, data_path = Path(model_path), Path(data_path)
+    if not model_path.is_file():
+        raise DistreeError(f"{model_path}: no such file; give the ONNX classifier to compile")
+    model = cache.timed("inspect", lambda: load_model(model_path, options.input_shapes or None))
+    chain = build_chain(model)
+    data = load_dataset(data_path, chain.input_shape)
+    data_key = sha256_file(data_path)
+
+    exits_key = _key("exits", chain.model_sha256, data_key, options.score_kind, options.seed)
+    model, exits = cache.get("exits", exits_key, lambda: _exits(model, chain, data, options),
+                             save=_save_exits, load=_load_exits)
+    chain = build_chain(model) if model_sha256(model) != chain.model_sha256 else chain
+
+    cal_key = _key("calibrate", exits_key, chain.model_sha256)
+    calibration = cache.get("calibrate", cal_key, lambda: calibrate(
+        model, chain, exits, data, score_kind=options.score_kind, seed=options.seed), record=Calibration)
+
+    prof_key = _key("profile", cal_key, topology.to_dict(), options.rpc, options.backend, options.threads)
+    profile = cache.get("profile", prof_key, lambda: _profile(model, chain, exits, topology, options, cache.root),
+                        record=Profile)
+
+    constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
+                              time_limit_s=options.time_limit_s)
+    plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s)
+    plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints), record=Plan)
+
+    bundle = cache.timed("build", lambda: build_bundle(
+        model, chain, plan, topology, calibration, out_dir, backend=options.backend,
+        tune_minutes=options.tune_minutes, tuning_db=cache.root / "tuning", threads=options.threads,
+        require_aot_cuda=options.require_aot_cuda, log=log))
+    return CompileResult(bundle=bundle, plan=plan, manifest=read_manifest(bundle), stage_seconds=cache.seconds,
+                         cached=tuple(cache.hits), wall_s=time.perf_counter() - started)
+
+
+def _topology(options: CompileOptions) -> Topology:
+    if options.topology:
+        return load_topology(options.topology)
+    if not options.devices:
+        raise DistreeError("no devices given; pass --devices pi4,jetson-orin-nano (see `distree devices`) "
+                           "or --topology file.yaml")
+    return topology_for(list(options.devices))
+
+
+def _exits(model: onnx.ModelProto, chain: Chain, data, options: CompileOptions
+           ) -> tuple[onnx.ModelProto, tuple[ExitPoint, ...]]:
+    """Declared exits when the model has them (plus entry heads for ``stability``); else trained ones."""
+    declared = declared_exits(model, chain)
+    if declared and (options.score_kind != "stability" or all(e.entry_output for e in declared)):
+        return model, declared
+    if declared:
+        return train_exits(model, chain, data, seed=options.seed, declared=declared)
+    return train_exits(model, chain, data, seed=options.seed)
+
+
+def _profile(model: onnx.ModelProto, chain: Chain, exits: tuple[ExitPoint, ...], topology: Topology,
+             options: CompileOptions, cache_root: Path) -> Profile:
+    """Measure ``host`` locally, devices with --rpc over RPC, estimate the rest; one Profile for all."""
+    from distree.profiler import profile_model
+
+    backends = {"tvm": ("tvm",), "ort": ("ort",), "auto": ("tvm", "ort")}[options.backend]
+    parts = []
+    for dev in topology.devices:
+        if dev.name in options.rpc:
+            mode, rpc = "rpc", options.rpc[dev.name]
+        else:
+            mode, rpc = ("local" if dev.name == "host" else "estimate"), None
+        parts.append(profile_model(model, chain, exits, dev, mode=mode, rpc=rpc, backends=backends,
+                                   cache_dir=cache_root / "profiles"))
+    return Profile(model_sha256=chain.model_sha256, entries=tuple(m for p in parts for m in p.entries),
+                   versions=dict(parts[0].versions),
+                   settings={d.name: p.settings for d, p in zip(topology.devices, parts)})
+
+
+def _save_exits(folder: Path, value: tuple[onnx.ModelProto, tuple[ExitPoint, ...]]) -> None:
+    model, exits = value
+    write_bytes_atomic(folder / "model.onnx", model.SerializeToString())
+    write_json_atomic(folder / "exits.json", [e.to_dict() for e in exits])
+
+
+def _load_exits(folder: Path) -> tuple[onnx.ModelProto, tuple[ExitPoint, ...]]:
+    exits = tuple(ExitPoint.from_dict(d) for d in json.loads((folder / "exits.json").read_text()))
+    return onnx.load(str(folder / "model.onnx")), exits
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class _Cache:
+    """Stage results on disk, keyed by content; records wall time and hits per stage."""
+
+    def __init__(self, root: Path, log: Log) -> None:
+        self.root, self.log = root, log
+        self.seconds: dict[str, float] = {}
+        self.hits: list[str] = []
+
+    def timed(self, stage: str, compute: Callable[[], T]) -> T:
+        t0 = time.perf_counter()
+        self.log(f"{stage} ...")
+        value = compute()
+        self.seconds[stage] = time.perf_counter() - t0
+        return value
+
+    def get(self, stage: str, key: str, compute: Callable[[], T], record=None,
+            save: Optional[Callable[[Path, T], None]] = None, load: Optional[Callable[[Path], T]] = None) -> T:
+        folder = self.root / stage / key
+        done = folder / "done"
+        t0 = time.perf_counter()
+        if done.is_file():
+            value = record.load(folder / "value.json") if record else load(folder)
+            self.hits.append(stage)
+            self.log(f"{stage}: cached ({folder})")
+        else:
+            self.log(f"{stage} ...")
+            value = compute()
+            if record:
+                value.save(folder / "value.json")
+            else:
+                save(folder, value)
+            write_bytes_atomic(done, b"")
+        self.seconds[stage] = time.perf_counter() - t0
+        return value

@@ -1,0 +1,63 @@
+"""The final summary of ``distree compile``: plan table, predictions, backends and bundle size per device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distree.compiler.manifest import Manifest
+
+
+def device_sizes(bundle: Path, manifest: Manifest) -> dict[str, dict[str, int]]:
+    """Bytes per device folder: everything stored, and what the device actually loads (shipped files)."""
+    out: dict[str, dict[str, int]] = {}
+    for stage in manifest.stages:
+        entry = out.setdefault(stage.name, {"stored_bytes": 0, "shipped_bytes": 0})
+        files = {f for s in stage.segments for f in (s.file, s.onnx_file, s.tvm_file) if f}
+        entry["stored_bytes"] += sum((bundle / f).stat().st_size for f in files)
+        entry["shipped_bytes"] += sum((bundle / s.file).stat().st_size for s in stage.segments)
+    return out
+
+
+def summary_dict(result) -> dict[str, Any]:
+    m: Manifest = result.manifest
+    plan = result.plan
+    return {
+        "bundle": str(result.bundle), "wall_s": result.wall_s, "stage_seconds": result.stage_seconds,
+        "cached_stages": list(result.cached),
+        "expected_latency_ms": plan.expected_latency_ms, "worst_case_latency_ms": plan.worst_case_latency_ms,
+        "no_exit_latency_ms": plan.no_exit_latency_ms, "accuracy": plan.accuracy, "accuracy_lcb": plan.accuracy_lcb,
+        "full_model_accuracy": plan.full_model_accuracy,
+        "stages": [{"device": st.name, "blocks": [st.first_block, st.last_block],
+                    "segments": [{"file": s.file, "backend": s.backend, "ratio": s.ratio, "exit": s.exit,
+                                  "reason": s.backend_reason} for s in st.segments]} for st in m.stages],
+        "sizes": device_sizes(result.bundle, m), "notes": list(m.notes),
+    }
+
+
+def print_summary(result, console) -> None:
+    from rich.table import Table
+
+    m: Manifest = result.manifest
+    plan = result.plan
+    sizes = device_sizes(result.bundle, m)
+    table = Table(title=f"plan ({plan.solver}, {plan.status})")
+    for col in ("stage", "device", "blocks", "exits (threshold, rate)", "reach", "compute ms", "segments: backend "
+                "(TVM/ORT)", "shipped / stored"):
+        table.add_column(col)
+    for i, (st, pst) in enumerate(zip(m.stages, plan.stages)):
+        exits = ", ".join(f"{e.name} ({e.threshold:.3f}, {e.exit_rate:.0%})" for e in pst.exits) or "-"
+        segs = ", ".join(f"{s.backend}" + (f" ({s.ratio:.1f}x)" if s.ratio is not None else "") for s in st.segments)
+        size = sizes[st.name]
+        table.add_row(str(i), st.name, f"{st.first_block}..{st.last_block}", exits, f"{pst.reach_rate:.0%}",
+                      f"{pst.compute_ms:.3f}", segs,
+                      f"{size['shipped_bytes'] / 1024:.0f} / {size['stored_bytes'] / 1024:.0f} KiB")
+    console.print(table)
+    console.print(f"predicted latency: expected {plan.expected_latency_ms:.3f} ms, worst case "
+                  f"{plan.worst_case_latency_ms:.3f} ms (no exits: {plan.no_exit_latency_ms:.3f} ms)")
+    console.print(f"predicted accuracy: {plan.accuracy:.4f} (lower bound {plan.accuracy_lcb:.4f}; full model "
+                  f"{plan.full_model_accuracy:.4f}, allowed drop {plan.accuracy_drop})")
+    for note in m.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    cached = f" (cached: {', '.join(result.cached)})" if result.cached else ""
+    console.print(f"bundle: {result.bundle} in {result.wall_s:.1f} s{cached}")

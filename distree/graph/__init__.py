@@ -3,10 +3,11 @@
 from distree.graph.chain import Block, Chain
 from distree.graph.cuts import ExitHead, build_chain, exit_attachments, exit_heads
 from distree.graph.load import load_model, model_sha256
-from distree.graph.segment import coarsen, extract_segment
+from distree.graph.segment import SegmentExtractor, coarsen, extract_segment
 
 __all__ = [
     "Block",
+    "SegmentExtractor",
     "Chain",
     "ExitHead",
     "build_chain",

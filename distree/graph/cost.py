@@ -15,8 +15,10 @@ FLOP convention (one multiply-add = 2 FLOPs; a rough compute measure for the sol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import prod
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -57,15 +59,15 @@ class TensorInfo:
         return self.numel * _itemsize(self.dtype)
 
 
+@lru_cache(maxsize=None)
 def _itemsize(dtype: str) -> int:
-    import numpy as np
-
     try:
         return np.dtype(dtype).itemsize
     except TypeError:
         return 4
 
 
+@lru_cache(maxsize=None)
 def np_dtype_name(elem_type: int) -> str:
     try:
         return helper.tensor_dtype_to_np_dtype(elem_type).name

@@ -55,7 +55,10 @@ class GraphIndex:
         self.extra_outputs = tuple(o.name for o in graph.output if o.name != self.final_output)
         self.constant = self._constants(weights)
         self.backbone = self._ancestors_of(self.final_output)
-        self.infos: dict[str, TensorInfo] = tensor_infos(model)
+
+    @cached_property
+    def infos(self) -> dict[str, TensorInfo]:
+        return tensor_infos(self.model)
 
     def _constants(self, weights: set[str]) -> set[str]:
         constant = set(weights)

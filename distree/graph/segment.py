@@ -27,37 +27,52 @@ def extract_segment(
     Its only input is ``blocks[first_block].input``; its outputs are ``blocks[last_block].output`` then
     ``extra_outputs`` (exit-head logits, or any tensor computable inside the range), each with its static
     shape. Constant subgraphs and weights are copied in. Chaining the segments of consecutive ranges
-    reproduces the whole model.
+    reproduces the whole model. To cut many segments from one model, use :class:`SegmentExtractor`.
     """
-    n = len(chain.blocks)
-    if not (0 <= first_block <= last_block < n):
-        raise DistreeError(f"block range {first_block}..{last_block} is outside the chain's blocks 0..{n - 1}")
-    index = GraphIndex(model, chain.output_name)
-    seg_input = chain.blocks[first_block].input
-    outputs = list(dict.fromkeys([chain.blocks[last_block].output, *extra_outputs]))
-    allowed = {name for b in chain.blocks[first_block : last_block + 1] for name in b.nodes}
-    needed = _needed_nodes(index, seg_input, outputs, allowed, first_block, last_block)
-    nodes = [n for n in index.nodes if n.name in needed]
-    used = {t for node in nodes for t in index.inputs[node.name]}
-    graph = helper.make_graph(
-        nodes=nodes,
-        name=f"{model.graph.name or 'model'}_blocks_{first_block}_{last_block}",
-        inputs=[_value_info(index, seg_input)],
-        outputs=[_value_info(index, o) for o in outputs],
-        initializer=[t for t in model.graph.initializer if t.name in used],
-        value_info=[
-            v for v in model.graph.value_info if v.name in used and v.name != seg_input and v.name not in outputs
-        ],
-    )
-    segment = helper.make_model(
-        graph,
-        opset_imports=list(model.opset_import),
-        ir_version=model.ir_version,
-        producer_name="distree",
-    )
-    segment.functions.extend(model.functions)
-    onnx.checker.check_model(segment)
-    return segment
+    return SegmentExtractor(model, chain).extract(first_block, last_block, extra_outputs)
+
+
+class SegmentExtractor:
+    """Extracts many segments from one model, indexing the graph once (the model must not change meanwhile)."""
+
+    def __init__(self, model: onnx.ModelProto, chain: Chain) -> None:
+        self.model = model
+        self.chain = chain
+        self.index = GraphIndex(model, chain.output_name)
+        self.value_info = {v.name: v for v in model.graph.value_info}
+        self.initializers = {t.name: t for t in model.graph.initializer}
+
+    def extract(self, first_block: int, last_block: int, extra_outputs: Iterable[str] = ()) -> onnx.ModelProto:
+        """See :func:`extract_segment`."""
+        chain, index, model = self.chain, self.index, self.model
+        n = len(chain.blocks)
+        if not (0 <= first_block <= last_block < n):
+            raise DistreeError(f"block range {first_block}..{last_block} is outside the chain's blocks 0..{n - 1}")
+        seg_input = chain.blocks[first_block].input
+        outputs = list(dict.fromkeys([chain.blocks[last_block].output, *extra_outputs]))
+        allowed = {name for b in chain.blocks[first_block : last_block + 1] for name in b.nodes}
+        needed = _needed_nodes(index, seg_input, outputs, allowed, first_block, last_block)
+        nodes = [node for node in index.nodes if node.name in needed]
+        used = list(dict.fromkeys(t for node in nodes for t in index.inputs[node.name]))
+        graph = helper.make_graph(
+            nodes=nodes,
+            name=f"{model.graph.name or 'model'}_blocks_{first_block}_{last_block}",
+            inputs=[_value_info(index, seg_input)],
+            outputs=[_value_info(index, o) for o in outputs],
+            initializer=[self.initializers[t] for t in used if t in self.initializers],
+            value_info=[
+                self.value_info[t] for t in used if t in self.value_info and t != seg_input and t not in outputs
+            ],
+        )
+        segment = helper.make_model(
+            graph,
+            opset_imports=list(model.opset_import),
+            ir_version=model.ir_version,
+            producer_name="distree",
+        )
+        segment.functions.extend(model.functions)
+        onnx.checker.check_model(segment)
+        return segment
 
 
 def _needed_nodes(

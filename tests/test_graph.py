@@ -261,3 +261,22 @@ def test_coarsen_breaks_ties_towards_balanced_flops():
                   output_name="t8", exit_outputs=(), blocks=blocks)
     assert [b.flops for b in coarsen(chain, 2).blocks] == [400, 400]
     assert [b.flops for b in coarsen(chain, 4).blocks] == [200, 200, 200, 200]
+
+
+def test_shapes_inference_cannot_find_come_from_running_the_model(tmp_path):
+    """A com.microsoft op has no ONNX shape function: its output shape is taken from onnxruntime."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r"),
+             helper.make_node("Gelu", ["a"], ["b"], name="g", domain="com.microsoft"),
+             helper.make_node("Neg", ["b"], ["y"], name="n")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", "K"])])
+    path = tmp_path / "ms.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]), path)
+    model = load_model(path)
+    chain = build_chain(model)
+    assert [(b.output, b.output_shape) for b in chain.blocks] == [("a", (2, 3)), ("b", (2, 3)), ("y", (2, 3))]
+    x = np.random.default_rng(6).standard_normal((2, 3)).astype(np.float32)
+    mid = run(extract_segment(model, chain, 0, 1), {"x": x})[0]
+    assert rel_diff(run(extract_segment(model, chain, 2, 2), {"b": mid})[0], run(model, {"x": x})[0]) <= 1e-6

@@ -42,7 +42,11 @@ class GraphIndex:
         self.nodes: list[onnx.NodeProto] = canonical_order(graph)
         self.by_name = {n.name: n for n in self.nodes}
         if len(self.by_name) != len(self.nodes):
-            raise DistreeError("node names are not unique; load the model with distree.graph.load_model first")
+            dup = next(name for name, count in Counter(n.name for n in self.nodes).items() if count > 1)
+            raise DistreeError(
+                f"node name {dup!r} is used by several nodes; give every node a unique name "
+                "(distree.graph.load_model and distree.graph.load.normalize do)"
+            )
         self.position = {n.name: i for i, n in enumerate(self.nodes)}
         self.inputs = {n.name: node_inputs(n) for n in self.nodes}
         self.producer: dict[str, onnx.NodeProto] = {o: n for n in self.nodes for o in n.output if o}

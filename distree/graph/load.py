@@ -8,7 +8,9 @@
   files that list the same graph in different valid orders load to the same proto and the same hash;
 - all dimensions are fixed (batch defaults to 1: distree serves batch-1 streams) and shapes are inferred;
   ``Shape`` of a tensor whose shape is static is folded into an initializer, so shape arithmetic never
-  keeps an early activation alive (it would hide cut points and tie segments to earlier tensors).
+  keeps an early activation alive (it would hide cut points and tie segments to earlier tensors);
+- tensors whose shapes ONNX inference cannot find (ops from other domains, e.g. ``com.microsoft``) get the
+  shapes onnxruntime produces on a zero input (wrong only for data-dependent shapes, which classifiers lack).
 
 Shapes are therefore those of the deployment batch. To run segments batched (e.g. for calibration), load
 the model with the batch you want, ``load_model(path, {"input": (256, 1, 28, 28)})``: node and tensor names
@@ -45,7 +47,7 @@ def load_model(
     model = _single_input_model(model, p)
     model = _fix_input_dims(model, dict(input_shapes or {}), p)
     model = normalize(model)
-    return _infer_and_fold(model, p)
+    return _fill_shapes_by_running(_infer_and_fold(model, p), p)
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -343,3 +345,44 @@ def _fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     del out.graph.value_info[:]
     out.graph.value_info.extend(vi)
     return out
+
+
+def _fill_shapes_by_running(model: onnx.ModelProto, p: Path) -> onnx.ModelProto:
+    """Record the shape of every tensor inference left open by running the model once on zeros."""
+    import onnxruntime as ort
+
+    known = {
+        v.name for v in (*model.graph.input, *model.graph.value_info, *model.graph.output) if static_shape(v) is not None
+    } | {t.name for t in model.graph.initializer}
+    missing = [o for n in model.graph.node for o in n.output if o and o not in known]
+    if not missing:
+        return model
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in missing if t not in outputs)
+    value = model.graph.input[0]
+    x = np.zeros(static_shape(value), helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        arrays = session.run(missing, {value.name: x})
+    except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise DistreeError(
+            f"{p}: shapes of {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} cannot be inferred and "
+            f"onnxruntime cannot run the model to find them ({first}); re-export the model with static shapes"
+        ) from None
+    found = {name: a for name, a in zip(missing, arrays) if isinstance(a, np.ndarray)}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for o in out.graph.output:
+        if o.name in found:
+            o.CopyFrom(_tensor_info(o.name, found.pop(o.name)))
+    kept = [v for v in out.graph.value_info if v.name not in found]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend([*kept, *(_tensor_info(name, a) for name, a in found.items())])
+    return out
+
+
+def _tensor_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape))

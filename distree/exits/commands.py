@@ -122,8 +122,8 @@ def _print_report(cal: Calibration, reports: tuple[ExitReport, ...], test_final:
     for r in reports:
         test_acc = "" if r.test_accuracy is None else f", test {r.test_accuracy:.4f}"
         table = Table(title=f"{r.name} after block {r.after_block}: accuracy on all samples {r.accuracy:.4f}{test_acc}")
-        cols = ["level", "threshold", "exit rate", "accuracy", f"LCB {confidence:.0%}"]
-        cols += ["test exit rate", "test accuracy"] if r.test_curve else []
+        cols = ["level", "threshold", "exit rate", "acc", f"LCB {confidence:.0%}"]
+        cols += ["test rate", "test acc"] if r.test_curve else []
         for col in cols:
             table.add_column(col, justify="right")
         for i, p in enumerate(r.curve):

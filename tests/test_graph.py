@@ -261,6 +261,21 @@ def test_coarsen_breaks_ties_towards_balanced_flops():
                   output_name="t8", exit_outputs=(), blocks=blocks)
     assert [b.flops for b in coarsen(chain, 2).blocks] == [400, 400]
     assert [b.flops for b in coarsen(chain, 4).blocks] == [200, 200, 200, 200]
+    assert [b.output for b in coarsen(chain, 2, keep=("t1",)).blocks] == ["t1", "t8"]
+    assert [b.flops for b in coarsen(chain, 3, keep=("t1",)).blocks] == [100, 300, 400]
+    with pytest.raises(DistreeError, match="at least 3 blocks"):
+        coarsen(chain, 2, keep=("t1", "t2"))
+    with pytest.raises(DistreeError, match="not a block output"):
+        coarsen(chain, 3, keep=("nope",))
+
+
+def test_final_output_can_be_named(exported):
+    model = load_model(exported["with_exits"])
+    chain = build_chain(model, final_output="exit2")
+    assert chain.output_name == "exit2" and chain.exit_outputs == ("logits", "exit1")
+    assert chain.blocks[-1].output == "exit2"
+    with pytest.raises(DistreeError, match="not a graph output"):
+        build_chain(model, final_output="nope")
 
 
 def test_shapes_inference_cannot_find_come_from_running_the_model(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -135,6 +137,12 @@ def test_bad_input_shape_option(tmp_path, option, fragment):
     assert_one_line_error(invoke(str(path), "--input-shape", option), fragment)
 
 
+def test_unknown_final_output(tmp_path):
+    path = tmp_path / "fixed.onnx"
+    onnx.save(_chain_model(), path)
+    assert_one_line_error(invoke(str(path), "--final-output", "z"), "'z' is not a graph output", "outputs: y")
+
+
 def test_bad_coarsen(tmp_path):
     path = tmp_path / "fixed.onnx"
     onnx.save(_chain_model(), path)
@@ -154,4 +162,8 @@ def test_inspect_prints_table_and_writes_json(tmp_path):
     assert chain.exit_outputs == ("exit1", "exit2")
     stdout_json = invoke(str(path), "--json", "-", "--coarsen", "3")
     assert stdout_json.exit_code == 0
-    assert '"kind": "Chain"' in stdout_json.stdout and '"exit_attachments"' in stdout_json.stdout
+    doc = json.loads(stdout_json.stdout)
+    assert doc["kind"] == "Chain" and len(doc["blocks"]) == 3
+    # coarsening keeps the cuts where the model's exits attach
+    assert doc["exit_attachments"] == {"exit1": 0, "exit2": 1}
+    assert [b["output"] for b in doc["blocks"]][:2] == ["/stage1/stage1.1/Relu_output_0", "/stage2.1/Relu_output_0"]

@@ -12,14 +12,16 @@ class Block(JsonRecord):
     """Nodes between two consecutive cut tensors; ``output`` alone carries all the rest of the network needs."""
 
     index: int
-    nodes: tuple[str, ...]          # ONNX node names, in a valid topological order
+    nodes: tuple[str, ...]          # ONNX node names, in a valid topological order (constant-only nodes,
+                                    # e.g. Identity of a weight, belong to no block: segments copy them)
     ops: tuple[str, ...]            # op types of those nodes (same order)
     input: str                      # cut tensor entering the block (graph input for block 0)
     output: str                     # cut tensor leaving the block (final output for the last block)
     output_shape: tuple[int, ...]
     output_dtype: str               # numpy dtype name, e.g. "float32"
     flops: int                      # 2*MACs for Conv/Gemm/MatMul, elementwise ops counted
-    param_bytes: int                # initializers used only by this block
+    param_bytes: int                # bytes of the weights/constants this block reads (a shared one counts
+                                    # in every block that reads it: each segment holds its own copy)
     out_bytes: int                  # bytes of ``output`` (what crosses the cut)
     workspace_bytes: int            # working-set estimate: peak live activation bytes inside the block
 

@@ -24,16 +24,19 @@ from distree.serde import write_json_atomic
               help="Fix the input's symbolic dims, e.g. input=1,3,32,32 (batch defaults to 1).")
 @click.option("--coarsen", "max_blocks", type=int, default=None, metavar="N",
               help="Merge into at most N blocks, keeping the cuts with the smallest activations.")
+@click.option("--final-output", default=None, metavar="NAME",
+              help="The final classifier's output (default: the first graph output; others are exits).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="Also write the chain as JSON to PATH ('-' for stdout, instead of the table).")
-def inspect_cmd(model_path: Path, input_shapes: tuple[str, ...], max_blocks: int | None, json_path: Path | None) -> None:
+def inspect_cmd(model_path: Path, input_shapes: tuple[str, ...], max_blocks: int | None, final_output: str | None,
+                json_path: Path | None) -> None:
     """Show the chain of blocks MODEL.onnx splits into: ops, FLOPs, parameters, and the cut tensors."""
     _notes_to_stderr()
     shapes = dict(parse_shape_option(s) for s in input_shapes)
     model = load_model(model_path, shapes)
-    chain = build_chain(model)
+    chain = build_chain(model, final_output)
     if max_blocks is not None:
-        chain = coarsen(chain, max_blocks)
+        chain = coarsen(chain, max_blocks, keep=_exit_cuts(chain, exit_attachments(model, chain)))
     exits = exit_attachments(model, chain)
     doc = {"schema_version": 1, "kind": "Chain", **chain.to_dict(), "exit_attachments": exits}
     if json_path is not None and str(json_path) == "-":
@@ -42,6 +45,11 @@ def inspect_cmd(model_path: Path, input_shapes: tuple[str, ...], max_blocks: int
     if json_path is not None:
         write_json_atomic(json_path, doc)
     _print_table(chain, exits, model_path)
+
+
+def _exit_cuts(chain: Chain, attachments: dict[str, int]) -> list[str]:
+    """Cut tensors where the model's exits attach: coarsening keeps them."""
+    return [chain.blocks[k].output for k in attachments.values() if 0 <= k < len(chain.blocks)]
 
 
 class _NoteHandler(logging.Handler):

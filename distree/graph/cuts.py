@@ -56,6 +56,9 @@ class GraphIndex:
             raise DistreeError(f"the model has {len(graph_inputs)} graph inputs; distree needs exactly one")
         self.input_name = graph_inputs[0]
         self.final_output = final_output or graph.output[0].name
+        if not any(o.name == self.final_output for o in graph.output):
+            names = ", ".join(o.name for o in graph.output)
+            raise DistreeError(f"{self.final_output!r} is not a graph output (outputs: {names}); name one of them")
         self.extra_outputs = tuple(o.name for o in graph.output if o.name != self.final_output)
         self.constant = self._constants(weights)
         self.backbone = self._ancestors_of(self.final_output)

@@ -114,37 +114,47 @@ def _value_info(index: GraphIndex, tensor: str) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(tensor, elem, list(info.shape))
 
 
-def coarsen(chain: Chain, max_blocks: int) -> Chain:
+def coarsen(chain: Chain, max_blocks: int, keep: Iterable[str] = ()) -> Chain:
     """Merge adjacent blocks into at most ``max_blocks``, keeping the cuts with the smallest ``out_bytes``.
 
-    Ties between equally cheap cuts are broken towards balanced FLOPs: each kept cut is the one that most
-    lowers the largest merged block's FLOPs. Merged blocks sum FLOPs and parameter bytes (a weight shared by
-    two merged blocks counts twice) and take the largest working set.
+    ``keep`` names cut tensors (block outputs) that must stay cuts, e.g. where exits attach; they use up
+    slots first. Ties between equally cheap cuts are broken towards balanced FLOPs: each kept cut is the one
+    that most lowers the largest merged block's FLOPs. Merged blocks sum FLOPs and parameter bytes (a weight
+    shared by two merged blocks counts twice) and take the largest working set.
     """
     if max_blocks < 1:
         raise DistreeError(f"--coarsen {max_blocks}: give at least 1 block")
     blocks = chain.blocks
+    position = {b.output: b.index for b in blocks[:-1]}
+    keep = list(dict.fromkeys(keep))
+    unknown = [t for t in keep if t not in position and t != chain.output_name]
+    if unknown:
+        raise DistreeError(f"cannot keep {unknown[0]!r} as a cut: it is not a block output of this chain")
+    forced = sorted(position[t] for t in keep if t in position)
+    if len(forced) > max_blocks - 1:
+        raise DistreeError(
+            f"--coarsen {max_blocks}: {len(forced)} cuts must be kept (exits), so at least {len(forced) + 1} "
+            "blocks are needed; raise N"
+        )
     if len(blocks) <= max_blocks:
         return chain
     prefix = [0]
     for b in blocks:
         prefix.append(prefix[-1] + b.flops)
-    kept: list[int] = []  # cut after block i, sorted
+    kept = list(forced)  # cut after block i, sorted
     by_cost: dict[int, list[int]] = {}
     for i in range(len(blocks) - 1):
-        by_cost.setdefault(blocks[i].out_bytes, []).append(i)
-    slots = max_blocks - 1
+        if i not in forced:
+            by_cost.setdefault(blocks[i].out_bytes, []).append(i)
+    slots = max_blocks - 1 - len(forced)
     for cost in sorted(by_cost):
+        if slots == 0:
+            break
         group = by_cost[cost]
-        if len(group) <= slots:
-            chosen = group
-        else:
-            chosen = _balanced_pick(group, slots, kept, prefix)
+        chosen = group if len(group) <= slots else _balanced_pick(group, slots, kept, prefix)
         for c in chosen:
             bisect.insort(kept, c)
         slots -= len(chosen)
-        if slots == 0:
-            break
     return dataclasses.replace(chain, blocks=_merge(blocks, kept))
 
 

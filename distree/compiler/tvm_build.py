@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -68,13 +69,29 @@ def tvm_target(device: DeviceSpec):
 
 
 def import_onnx(model: onnx.ModelProto):
-    """Relax module of a segment with static input shapes (weights bound as constants)."""
+    """Relax module of a segment with static input shapes (weights bound as constants).
+
+    Graph inputs are renamed to C identifiers first: TVM turns them into kernel parameter names, and a
+    cut tensor such as ``/b2/Relu_output_0`` would make the generated CUDA C source fail to compile.
+    """
     from tvm.relax.frontend.onnx import from_onnx
 
+    model = _identifier_inputs(model)
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Renaming name")  # TVM renames tensors with '/' or '.'
         return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+
+
+def _identifier_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    renames = {i.name: f"in{k}_" + re.sub(r"\W", "_", i.name).strip("_") for k, i in enumerate(model.graph.input)}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for value in out.graph.input:
+        value.name = renames[value.name]
+    for node in out.graph.node:
+        node.input[:] = [renames.get(t, t) for t in node.input]
+    return out
 
 
 def compile_segment(model: onnx.ModelProto, device: DeviceSpec, out_path: Path,

@@ -118,12 +118,12 @@ class Model:
         lin = pulp.lpSum
         arcs = [(d, e) for d in range(D) for e in range(D) if (d == e or p.free_order or d < e)]
 
-        self.w = {(j, k): pulp.LpVariable(f"w_{j}_{k}", cat="Binary")
+        self.w = {(j, k): self.lp.add_variable(f"w_{j}_{k}", cat="Binary")
                   for j in range(E) for k in range(1, len(r.level_map[j]) + 1)}
         en = {j: lin(self.w[j, k] for k in range(1, len(r.level_map[j]) + 1)) for j in range(E)}
         for j in range(E):
             self._add(en[j] <= 1, f"one_level_exit{j}")
-        self.z = {(b, d): pulp.LpVariable(f"z_{b}_{d}", cat="Binary") for b in range(B) for d in range(D)}
+        self.z = {(b, d): self.lp.add_variable(f"z_{b}_{d}", cat="Binary") for b in range(B) for d in range(D)}
         usable = p.capacity_bytes >= 0
         for b in range(B):
             self._add(lin(self.z[b, d] for d in range(D)) == 1, f"assign_block{b}")
@@ -139,7 +139,7 @@ class Model:
             passable = [j for j in range(E) if r.passed[c, j] > 0]
             so_far = []
             for j in passable:
-                v = pulp.LpVariable(f"e_{c}_{j}", lowBound=0, upBound=1)
+                v = self.lp.add_variable(f"e_{c}_{j}", lowBound=0, upBound=1)
                 e_var[c, j] = v
                 pass_cj = lin(self.w[j, k] for k in range(1, r.passed[c, j] + 1))
                 so_far.append(v)
@@ -152,7 +152,7 @@ class Model:
             if len(passable) > 1:
                 self._add(lin(so_far) <= 1, f"exit_once_c{c}")
         self.e = e_var
-        rate = {j: pulp.LpVariable(f"rate_{j}", lowBound=0, upBound=1) for j in range(E)}
+        rate = {j: self.lp.add_variable(f"rate_{j}", lowBound=0, upBound=1) for j in range(E)}
         for j in range(E):
             self._add(rate[j] == pulp.LpAffineExpression(rate_terms[j]), f"exit_rate_x{j}")
         base_correct = int((r.weight * r.correct_final).sum())
@@ -160,9 +160,9 @@ class Model:
         self._add(self.correct >= p.required_correct, "accuracy")
 
         # --- reach mass through (block, device) ---------------------------------------------------------
-        y = {(b, d): pulp.LpVariable(f"y_{b}_{d}", lowBound=0, upBound=1) for b in range(B) for d in range(D)}
-        ry = {(j, d): pulp.LpVariable(f"ry_{j}_{d}", lowBound=0, upBound=1) for j in range(E) for d in range(D)}
-        f = {(b, d, e): pulp.LpVariable(f"f_{b}_{d}_{e}", lowBound=0, upBound=1)
+        y = {(b, d): self.lp.add_variable(f"y_{b}_{d}", lowBound=0, upBound=1) for b in range(B) for d in range(D)}
+        ry = {(j, d): self.lp.add_variable(f"ry_{j}_{d}", lowBound=0, upBound=1) for j in range(E) for d in range(D)}
+        f = {(b, d, e): self.lp.add_variable(f"f_{b}_{d}_{e}", lowBound=0, upBound=1)
              for b in range(B - 1) for d, e in arcs}
         self._add(lin(y[0, d] for d in range(D)) == 1, "all_requests_enter")
         for b in range(B):
@@ -180,8 +180,8 @@ class Model:
                 self._add(lin(f[b, e, d] for e in range(D) if (b, e, d) in f) == y[b + 1, d],
                           f"flow_in_b{b + 1}_d{d}")
         # heads: reach of exit j on device d, times "enabled"
-        hy = {(j, d): pulp.LpVariable(f"hy_{j}_{d}", lowBound=0) for j in range(E) for d in range(D)}
-        hz = {(j, d): pulp.LpVariable(f"hz_{j}_{d}", lowBound=0, upBound=1) for j in range(E) for d in range(D)}
+        hy = {(j, d): self.lp.add_variable(f"hy_{j}_{d}", lowBound=0) for j in range(E) for d in range(D)}
+        hz = {(j, d): self.lp.add_variable(f"hz_{j}_{d}", lowBound=0, upBound=1) for j in range(E) for d in range(D)}
         for j in range(E):
             earlier_here = [k for k in exits_after[after[j]] if k < j]
             for d in range(D):
@@ -199,7 +199,7 @@ class Model:
             for d in range(D):
                 starts = [self.z[0, d]]
                 for b in range(1, B):
-                    s = pulp.LpVariable(f"start_{b}_{d}", lowBound=0, upBound=1)
+                    s = self.lp.add_variable(f"start_{b}_{d}", lowBound=0, upBound=1)
                     self._add(s >= self.z[b, d] - self.z[b - 1, d], f"stage_start_b{b}_d{d}")
                     starts.append(s)
                 self._add(lin(starts) <= 1, f"one_stage_per_device_d{d}")
@@ -221,16 +221,19 @@ class Model:
         self.lp += -self.correct if self.maximize_correct else lin(obj)
 
         # --- memory per device --------------------------------------------------------------------------
-        for d in range(D):
-            act = pulp.LpVariable(f"peak_act_{d}", lowBound=0)
+        # rows are in units of the device's capacity: byte counts (1e6..1e9) would wreck the scaling
+        for d in np.nonzero(usable)[0]:
+            unit = max(float(p.capacity_bytes[d]), 1.0)
+            act = self.lp.add_variable(f"peak_act_{d}", lowBound=0)
             for b in range(B):
-                self._add(act >= p.block_act[d, b] * self.z[b, d], f"peak_act_b{b}_d{d}")
+                if p.block_act[d, b] > 0:
+                    self._add(act >= p.block_act[d, b] / unit * self.z[b, d], f"peak_act_b{b}_d{d}")
             for j in range(E):
-                self._add(act >= p.head_act[d, r.exits[j]] * hz[j, d], f"peak_act_x{j}_d{d}")
-            params = lin(p.block_param[d, b] * self.z[b, d] for b in range(B)) + lin(
-                p.head_param[d, r.exits[j]] * hz[j, d] for j in range(E))
-            if usable[d]:
-                self._add(params + act <= p.capacity_bytes[d], f"memory_d{d}")
+                if p.head_act[d, r.exits[j]] > 0:
+                    self._add(act >= p.head_act[d, r.exits[j]] / unit * hz[j, d], f"peak_act_x{j}_d{d}")
+            params = lin(p.block_param[d, b] / unit * self.z[b, d] for b in range(B)) + lin(
+                p.head_param[d, r.exits[j]] / unit * hz[j, d] for j in range(E))
+            self._add(params + act <= 1, f"memory_d{d}")
 
         # --- deadline on the no-exit path -------------------------------------------------------------------
         if p.deadline_ms is not None:
@@ -238,7 +241,7 @@ class Model:
             for b in range(B - 1):
                 for d, e in arcs:
                     if d != e:
-                        v = pulp.LpVariable(f"cut_{b}_{d}_{e}", lowBound=0, upBound=1)
+                        v = self.lp.add_variable(f"cut_{b}_{d}_{e}", lowBound=0, upBound=1)
                         self._add(v >= self.z[b, d] + self.z[b + 1, e] - 1, f"cut_used_b{b}_d{d}_e{e}")
                         cz[b, d, e] = v
             worst = lin(p.block_ms[d, b] * self.z[b, d] for b in range(B) for d in range(D)) \
@@ -295,7 +298,7 @@ def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
         s = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit_s, gapRel=1e-6, warmStart=bool(warm), threads=1)
     model.lp.solve(s)
     wall = time.perf_counter() - t0
-    n_vars, n_cons = len(model.lp.variables()), len(model.lp.constraints)
+    n_vars, n_cons = model.lp.numVariables(), model.lp.numConstraints()
     sol_status = pulp.LpSolution[model.lp.sol_status] if model.lp.sol_status in pulp.LpSolution else "?"
     status, bound, gap = _status(model.lp, solver)
     if status in ("infeasible", "no-solution"):

@@ -26,7 +26,7 @@ class Case:
 
 def synthetic_case(n_blocks: int, n_exits: int, n_levels: int, n_devices: int, n_samples: int,
                    seed: int = 0, memory_slack: float = 2.0, exit_every: bool = False,
-                   num_classes: int = 10) -> Case:
+                   num_classes: int = 10, device_names: tuple[str, ...] | None = None) -> Case:
     """A random but realistic instance. ``memory_slack`` < ~1 makes memory bind on small devices."""
     rng = np.random.default_rng(seed)
     sha = f"synthetic-{seed}"
@@ -65,7 +65,7 @@ def synthetic_case(n_blocks: int, n_exits: int, n_levels: int, n_devices: int, n
     speed = np.sort(rng.uniform(2.0, 40.0, n_devices))             # GFLOP/s, slow first
     total_params = params.sum()
     devices = tuple(DeviceSpec(
-        name=f"dev{d}", target={"kind": "llvm"}, host=None,
+        name=device_names[d] if device_names else f"dev{d}", target={"kind": "llvm"}, host=None,
         memory_bytes=int(64 * 2 ** 20 + total_params * memory_slack * rng.uniform(0.3, 1.0)),
         cores=4, peak_gflops=float(speed[d]), mem_gbps=10.0) for d in range(n_devices))
     entries = []

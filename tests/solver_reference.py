@@ -1,0 +1,87 @@
+"""An independent evaluator of a Plan, straight from calibration data, profile, chain and topology.
+
+Shares no code with distree.solver: it replays every calibration sample through the plan's stages, one
+block and one head at a time, the way the runtime would, and checks every constraint from scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distree.exits.types import Calibration
+from distree.graph.chain import Chain
+from distree.profiler.types import Profile
+from distree.solver.plan import Plan
+from distree.targets.spec import Topology
+
+
+@dataclass
+class Replay:
+    expected_ms: float
+    worst_ms: float
+    accuracy: float
+    correct: int
+    exit_rates: dict[str, float]
+    memory: dict[str, int]
+    busy_ms: dict[str, float]
+    contiguous_ordered: bool
+
+
+def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: Topology) -> Replay:
+    column = {ex.name: k for k, ex in enumerate(cal.exits)}
+    source = topo.source_device
+    classes_bytes = chain.blocks[-1].output_shape[-1] * 4
+    n = len(cal.scores)
+    total = 0.0
+    correct = 0
+    rates = {e.name: 0 for s in plan.stages for e in s.exits}
+    busy = {s.device: 0.0 for s in plan.stages}
+    for i in range(n):
+        t = 0.0
+        here = source
+        answer = None
+        for stage in plan.stages:
+            t += topo.link(here, stage.device).transfer_ms(
+                chain.input_bytes if stage.first_block == 0 else chain.blocks[stage.first_block - 1].out_bytes)
+            here = stage.device
+            for b in range(stage.first_block, stage.last_block + 1):
+                ms = profile.get(here, f"block:{b}").median_ms
+                t += ms
+                busy[here] += ms / n
+                here_exits = sorted((e for e in stage.exits if e.after_block == b), key=lambda e: column[e.name])
+                for e in here_exits:
+                    head = profile.get(here, f"exit:{e.name}").median_ms
+                    t += head
+                    busy[here] += head / n
+                    if cal.scores[i][column[e.name]] >= e.threshold:
+                        answer = cal.correct[i][column[e.name]]
+                        rates[e.name] += 1
+                        break
+                if answer is not None:
+                    break
+            if answer is not None:
+                break
+        if answer is None:
+            answer = cal.correct[i][-1]
+        t += topo.link(here, source).transfer_ms(classes_bytes)
+        total += t
+        correct += bool(answer)
+    worst = 0.0
+    here = source
+    memory = {}
+    for stage in plan.stages:
+        worst += topo.link(here, stage.device).transfer_ms(
+            chain.input_bytes if stage.first_block == 0 else chain.blocks[stage.first_block - 1].out_bytes)
+        here = stage.device
+        items = [profile.get(here, f"block:{b}") for b in range(stage.first_block, stage.last_block + 1)]
+        items += [profile.get(here, f"exit:{e.name}") for e in stage.exits]
+        worst += sum(m.median_ms for m in items)
+        memory[here] = sum(m.param_bytes for m in items) + max(m.activation_bytes for m in items)
+    worst += topo.link(here, source).transfer_ms(classes_bytes)
+    blocks = [b for s in plan.stages for b in range(s.first_block, s.last_block + 1)]
+    devices = [s.device for s in plan.stages]
+    order = [d.name for d in topo.devices]
+    ordered = blocks == list(range(len(chain.blocks))) and len(set(devices)) == len(devices)
+    return Replay(expected_ms=total / n, worst_ms=worst, accuracy=correct / n, correct=correct,
+                  exit_rates={k: v / n for k, v in rates.items()}, memory=memory, busy_ms=busy,
+                  contiguous_ordered=ordered and devices == sorted(devices, key=order.index))

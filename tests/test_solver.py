@@ -1,0 +1,206 @@
+"""Solver: the MILP equals brute force on random instances; plans re-checked by an independent replay."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from distree.cli import cli
+from distree.errors import DistreeError
+from distree.solver import Constraints, Plan, brute_force, build_problem, solve
+from distree.solver.costs import evaluate
+from distree.solver.milp import solve_milp
+from distree.solver.problem import clopper_pearson_lower, required_correct
+from distree.solver.synthetic import synthetic_case
+from solver_reference import replay
+
+
+def _random_instance(seed: int):
+    rng = np.random.default_rng(seed)
+    case = synthetic_case(n_blocks=int(rng.integers(2, 13)), n_exits=int(rng.integers(1, 6)),
+                          n_levels=int(rng.integers(1, 5)), n_devices=int(rng.integers(1, 4)),
+                          n_samples=int(rng.integers(30, 120)), seed=seed,
+                          memory_slack=float(rng.uniform(0.9, 3.0)))
+    kind = rng.random()
+    c = Constraints(accuracy_drop=float(rng.choice([0.0, 0.01, 0.03, 0.08])),
+                    confidence=0.9 if rng.random() < 0.15 else None,
+                    free_order=bool(rng.random() < 0.25), time_limit_s=60)
+    problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+    if kind < 0.2:      # a deadline between the fastest no-exit path and a bit more
+        fastest = min(evaluate(problem, np.zeros(problem.n_exits, int), np.full(problem.n_blocks, d)).worst_ms
+                      for d in range(problem.n_devices))
+        c = dataclasses.replace(c, deadline_ms=float(fastest * rng.uniform(0.7, 1.2)))
+    elif kind < 0.35:   # a throughput near what a single device gives
+        busiest = problem.block_ms.sum(axis=1).min()
+        c = dataclasses.replace(c, min_throughput=float(1000.0 / (busiest * rng.uniform(0.4, 1.1))))
+    return case, c
+
+
+def _check_plan(plan: Plan, case, c: Constraints) -> None:
+    """Every constraint, re-derived from the raw calibration data, profile and topology."""
+    r = replay(plan, case.chain, case.calibration, case.profile, case.topology)
+    assert r.expected_ms == pytest.approx(plan.expected_latency_ms, rel=1e-9, abs=1e-9)
+    assert r.worst_ms == pytest.approx(plan.worst_case_latency_ms, rel=1e-9, abs=1e-9)
+    assert r.correct == round(plan.accuracy * len(case.calibration.scores))
+    for stage in plan.stages:
+        for e in stage.exits:
+            assert r.exit_rates[e.name] == pytest.approx(e.exit_rate)
+    n = len(case.calibration.scores)
+    full = sum(row[-1] for row in case.calibration.correct) / n
+    promised = clopper_pearson_lower(r.correct, n, c.confidence) if c.confidence else r.accuracy
+    assert promised >= full - c.accuracy_drop - 1e-12
+    for dev, need in r.memory.items():
+        spec = case.topology.device(dev)
+        assert need + spec.runtime_overhead_bytes <= spec.memory_bytes
+        assert plan.memory_bytes[dev] == need
+    if c.deadline_ms is not None:
+        assert r.worst_ms <= c.deadline_ms + 1e-9
+    if c.min_throughput is not None:
+        assert max(r.busy_ms.values()) <= 1000.0 / c.min_throughput + 1e-9
+    if c.free_order:
+        assert len({s.device for s in plan.stages}) == len(plan.stages)
+    else:
+        assert r.contiguous_ordered
+
+
+@pytest.mark.slow
+def test_random_instances_match_brute_force_and_replay():
+    """Hundreds of small instances: MILP optimum == exhaustive optimum, and each plan passes the replay."""
+    stats = {"feasible": 0, "infeasible": 0, "memory_binds": 0, "exits_used": 0, "multi_stage": 0}
+    for seed in range(240):
+        case, c = _random_instance(seed)
+        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        ref = brute_force(problem)
+        try:
+            plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
+        except DistreeError as exc:
+            assert not np.isfinite(ref.expected_ms), f"seed {seed}: solver says infeasible: {exc}"
+            assert str(exc).startswith("infeasible plan: ")
+            stats["infeasible"] += 1
+            continue
+        assert np.isfinite(ref.expected_ms), f"seed {seed}: brute force finds no plan"
+        assert plan.status == "optimal"
+        assert plan.expected_latency_ms == pytest.approx(ref.expected_ms, rel=1e-7, abs=1e-9), f"seed {seed}"
+        _check_plan(plan, case, c)
+        stats["feasible"] += 1
+        stats["exits_used"] += any(s.exits for s in plan.stages)
+        stats["multi_stage"] += len(plan.stages) > 1
+        roomy = brute_force(problem.replace(capacity_bytes=problem.capacity_bytes + 1e12))
+        stats["memory_binds"] += roomy.expected_ms < ref.expected_ms - 1e-9
+    # the generator must exercise what it claims to: memory binding, exits, pipelines, infeasibility
+    assert stats["feasible"] >= 150 and stats["infeasible"] >= 5, stats
+    assert stats["memory_binds"] >= 15 and stats["exits_used"] >= 60 and stats["multi_stage"] >= 30, stats
+
+
+def test_cbc_agrees_with_highs():
+    for seed in (3, 7, 11, 19):
+        case, c = _random_instance(seed)
+        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        a = solve_milp(problem, solver="highs")
+        b = solve_milp(problem, solver="cbc")
+        assert a.status == b.status
+        if a.status == "optimal":
+            assert a.objective == pytest.approx(b.objective, rel=1e-6)
+
+
+def test_time_limited_solve_is_not_called_optimal():
+    case = synthetic_case(40, 12, 6, 3, 1500, seed=5)
+    plan = solve(case.chain, case.calibration, case.profile, case.topology,
+                 Constraints(accuracy_drop=0.02, time_limit_s=2))
+    if plan.status == "optimal":
+        assert plan.gap <= 1e-6 and plan.bound_ms >= plan.expected_latency_ms * (1 - 1e-6)
+    else:
+        assert plan.status == "time-limit" and plan.gap > 0
+        assert plan.bound_ms <= plan.expected_latency_ms
+    _check_plan(plan, case, Constraints(accuracy_drop=0.02))
+
+
+def test_required_correct_with_confidence():
+    assert required_correct(1000, 0.9, None) == 900
+    k = required_correct(1000, 0.9, 0.95)
+    assert clopper_pearson_lower(k, 1000, 0.95) >= 0.9 > clopper_pearson_lower(k - 1, 1000, 0.95)
+    assert k > 900
+    assert required_correct(10, 0.99, 0.95) == 11          # cannot be certified with 10 samples
+
+
+def test_infeasible_accuracy_names_the_smallest_drop():
+    case = synthetic_case(8, 3, 3, 2, 300, seed=0)
+    c = Constraints(accuracy_drop=0.0, confidence=0.95)
+    with pytest.raises(DistreeError, match="accuracy") as err:
+        solve(case.chain, case.calibration, case.profile, case.topology, c)
+    drop = float(re.search(r"smallest --accuracy-drop that works is ([0-9.]+)", str(err.value)).group(1))
+    plan = solve(case.chain, case.calibration, case.profile, case.topology, dataclasses.replace(c, accuracy_drop=drop))
+    _check_plan(plan, case, dataclasses.replace(c, accuracy_drop=drop))
+    with pytest.raises(DistreeError, match="accuracy"):
+        solve(case.chain, case.calibration, case.profile, case.topology,
+              dataclasses.replace(c, accuracy_drop=max(0.0, drop - 0.002)))
+
+
+def test_infeasible_memory_and_deadline_are_explained():
+    case = synthetic_case(6, 2, 2, 2, 100, seed=4, memory_slack=0.05)
+    small = dataclasses.replace(case.topology, devices=tuple(
+        dataclasses.replace(d, memory_bytes=d.runtime_overhead_bytes + 1000) for d in case.topology.devices))
+    with pytest.raises(DistreeError, match=r"memory: .* MiB more per device"):
+        solve(case.chain, case.calibration, case.profile, small, Constraints())
+    roomy = synthetic_case(6, 2, 2, 2, 100, seed=4)
+    with pytest.raises(DistreeError, match="deadline") as err:
+        solve(roomy.chain, roomy.calibration, roomy.profile, roomy.topology, Constraints(deadline_ms=0.01))
+    needed = float(re.search(r"use --deadline-ms ([0-9.]+)", str(err.value)).group(1))
+    c = Constraints(deadline_ms=needed)
+    _check_plan(solve(roomy.chain, roomy.calibration, roomy.profile, roomy.topology, c), roomy, c)
+
+
+def test_missing_profile_entry_is_a_user_error():
+    case = synthetic_case(4, 1, 2, 1, 20, seed=1)
+    partial = dataclasses.replace(case.profile, entries=case.profile.entries[1:])
+    with pytest.raises(DistreeError, match="no entry for block:0 on dev0.*distree profile"):
+        solve(case.chain, case.calibration, partial, case.topology, Constraints())
+
+
+def _write_inputs(tmp_path, case):
+    case.chain.save(tmp_path / "chain.json")
+    case.calibration.save(tmp_path / "calibration.json")
+    case.profile.save(tmp_path / "profile.json")
+    keys = ("name", "target", "memory_bytes", "cores", "peak_gflops", "mem_gbps", "runtime_overhead_bytes")
+    topo = {"devices": [{k: v for k, v in d.to_dict().items() if k in keys} for d in case.topology.devices],
+            "links": [ln.to_dict() for ln in case.topology.links]}
+    (tmp_path / "topo.json").write_text(json.dumps(topo))
+    return ["--chain", str(tmp_path / "chain.json"), "--calibration", str(tmp_path / "calibration.json"),
+            "--profile", str(tmp_path / "profile.json"), "--topology", str(tmp_path / "topo.json")]
+
+
+def test_cli_plan_writes_plan_lp_and_table(tmp_path):
+    case = synthetic_case(10, 4, 3, 3, 400, seed=8)
+    args = _write_inputs(tmp_path, case)
+    res = CliRunner().invoke(cli, ["plan", *args, "--accuracy-drop", "0.02", "--dump-lp", str(tmp_path / "m.lp"),
+                                   "-o", str(tmp_path / "plan.json")])
+    assert res.exit_code == 0, res.output
+    assert "expected latency" in res.output and "status optimal" in res.output
+    plan = Plan.load(tmp_path / "plan.json")
+    _check_plan(plan, case, Constraints(accuracy_drop=0.02))
+    lp = (tmp_path / "m.lp").read_text()
+    for name in ("accuracy:", "memory_d0:", "assign_block0:", "all_requests_enter:", r"exit_first_c\d+_x\d+:"):
+        assert re.search(name, lp), name
+    assert plan.no_exit_latency_ms >= plan.expected_latency_ms
+
+
+def test_cli_sweep_frontier_and_errors(tmp_path):
+    case = synthetic_case(8, 3, 3, 2, 300, seed=9)
+    args = _write_inputs(tmp_path, case)
+    res = CliRunner().invoke(cli, ["plan", *args, "--sweep", "accuracy-drop=0,0.01,0.05",
+                                   "--plot", str(tmp_path / "f.png"), "-o", str(tmp_path / "f.json")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    points = json.loads((tmp_path / "f.json").read_text())["points"]
+    lat = [p["expected_latency_ms"] for p in points]
+    assert lat == sorted(lat, reverse=True)          # a larger allowed drop never costs latency
+    bad = CliRunner().invoke(cli, ["plan", *args, "--confidence", "0.95", "--accuracy-drop", "0"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: infeasible plan: accuracy")
+    assert "Traceback" not in bad.output
+    bad = CliRunner().invoke(cli, ["plan", *args, "--sweep", "depth=1"])
+    assert bad.exit_code == 2 and "accuracy-drop=V1" in bad.output

@@ -230,20 +230,21 @@ def _fix_input_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], 
             f"--input-shape names {', '.join(unknown)}, but the model's input is {value.name!r}; "
             f"use --input-shape {value.name}=..."
         )
-    dims = value.type.tensor_type.shape.dim
-    if not value.type.tensor_type.HasField("shape"):
-        if value.name not in shapes:
-            raise DistreeError(
-                f"{p}: input {value.name!r} has no shape (rank unknown); give it with --input-shape {value.name}=1,..."
-            )
-        dims = None
     given = shapes.get(value.name)
-    current = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims or []]
+    if value.type.tensor_type.HasField("shape"):
+        current = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                   for d in value.type.tensor_type.shape.dim]
+    elif given is not None:
+        current = [None] * len(given)
+    else:
+        raise DistreeError(
+            f"{p}: input {value.name!r} has no shape (rank unknown); give it with --input-shape {value.name}=1,..."
+        )
     if given is not None:
-        if dims is not None and len(given) != len(current):
+        if len(given) != len(current):
             raise DistreeError(
                 f"--input-shape {value.name}: gives rank {len(given)}, but the model's input has rank "
-                f"{len(current)} ({_fmt(current)}); give {len(current)} dimensions"
+                f"{len(current)} {_fmt(current)}; give {len(current)} dimensions"
             )
         clash = [i for i, (c, g) in enumerate(zip(current, given)) if c is not None and c != g]
         if clash:

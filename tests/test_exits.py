@@ -134,15 +134,27 @@ def test_heads_train_attach_and_leave_the_final_output_unchanged(trained):
 
 
 def test_head_logits_equal_pooled_linear_features(trained):
-    """The attached Gemm really is pool -> linear on the cut tensor (standardisation folded in)."""
+    """Attached heads compute what their docstring says: (grid pool -> 1x1 conv ->) linear on the cut."""
     _, chain, data, exits_model, exits = trained
-    e = exits[2]
-    cut = chain.blocks[e.after_block].output
-    got = _run(exits_model, data.x[:16], [cut, e.name])
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in exits_model.graph.initializer}
-    w, b = weights[f"distree_head_{e.name}_weight"], weights[f"distree_head_{e.name}_bias"]
-    pooled = got[cut].mean(axis=(2, 3))
-    np.testing.assert_allclose(pooled @ w.T + b, got[e.name], rtol=1e-4, atol=1e-4)
+    kinds = set()
+    for e in exits:
+        cut = chain.blocks[e.after_block].output
+        got = _run(exits_model, data.x[:16], [cut, e.name])
+        v = got[cut]
+        base = f"distree_head_{e.name}"
+        if v.ndim == 4 and min(v.shape[2:]) >= 8:      # wide map: 4x4 grid, 1x1 conv to <= 16 channels
+            kh, kw = v.shape[2] // 4, v.shape[3] // 4
+            cells = v[:, :, :4 * kh, :4 * kw].reshape(len(v), v.shape[1], 4, kh, 4, kw).mean(axis=(3, 5))
+            reduce = weights[base + "_reduce_weight"][:, :, 0, 0]
+            assert reduce.shape == (min(v.shape[1], 16), v.shape[1])
+            cells = np.einsum("dc,ncij->ndij", reduce, cells) + weights[base + "_reduce_bias"][None, :, None, None]
+            features, kinds = cells.reshape(len(v), -1), kinds | {"conv"}
+        else:
+            features, kinds = v.reshape(len(v), v.shape[1], -1).mean(axis=2), kinds | {"linear"}
+        expected = features @ weights[base + "_weight"].T + weights[base + "_bias"]
+        np.testing.assert_allclose(expected, got[e.name], rtol=1e-4, atol=1e-4)
+    assert kinds == {"conv", "linear"}
 
 
 def test_trained_model_round_trips_through_a_file(trained, tmp_path):

@@ -12,7 +12,7 @@ from distree.errors import DistreeError
 from distree.exits.calibrate import DEFAULT_CONFIDENCE, DEFAULT_LEVELS, calibrate, run_exits
 from distree.exits.data import load_dataset
 from distree.exits.declared import declared_exits
-from distree.exits.heads import num_classes, train_exits
+from distree.exits.heads import HEAD_KINDS, num_classes, train_exits
 from distree.exits.report import ExitReport, exit_reports, plot_curves
 from distree.exits.types import SCORE_KINDS, Calibration
 from distree.graph import build_chain, load_model
@@ -43,10 +43,12 @@ def _blocks(text: str | None) -> list[int] | None:
               help="Extra graph outputs that are exits (default: outputs whose name starts with 'exit').")
 @click.option("--fit-fraction", default=0.5, show_default=True, help="Share of --data the heads are fit on.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fit/threshold split.")
+@click.option("--head", type=click.Choice(HEAD_KINDS), default="auto", show_default=True,
+              help="linear: global pool + linear; conv: 4x4 pool + 1x1 conv + linear; auto: conv on maps >= 8x8.")
 @click.option("-o", "--output", required=True, type=_MODEL, help="Write the multi-exit model here.")
 def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outputs: str | None,
-              fit_fraction: float, seed: int, output: Path) -> None:
-    """Find MODEL's exits or train pooled-linear exit heads on its frozen features, and attach them.
+              fit_fraction: float, seed: int, head: str, output: Path) -> None:
+    """Find MODEL's exits or train light exit heads on its frozen features, and attach them.
 
     Each exit also gets an entry head on its block's input, which the `stability` score compares with.
     """
@@ -57,7 +59,7 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
     at = _blocks(at_text)
     declared = declared_exits(model, chain, names) if names is not None or at is None else ()
     exits_model, exits = train_exits(model, chain, data, at=at, seed=seed, fit_fraction=fit_fraction,
-                                     declared=declared)
+                                     declared=declared, head=head)
     write_bytes_atomic(output, exits_model.SerializeToString())
     table = Table(title=f"{len(exits)} exit(s) -> {output}")
     for col in ("exit", "after block", "source", "head MFLOPs", "entry head", "fit acc"):

@@ -1,9 +1,11 @@
 """Train light exit heads on the frozen backbone and attach them to the ONNX graph.
 
 A head is global average pooling + a linear layer (multinomial logistic regression with L2), fit with
-scipy's L-BFGS on features that onnxruntime extracts from the fit split. Features are standardised for
-the fit and the standardisation is folded into the Gemm weights, so the attached head is just
-``GlobalAveragePool -> Flatten -> Gemm``. Heads only add nodes: every original tensor, and so the final
+scipy's L-BFGS on features that onnxruntime extracts from the fit split; on wide maps (at least 8 x 8) it
+is average pooling to a 4 x 4 grid + a 1x1 conv to at most 16 channels (the cells' principal axes) + a
+linear layer, so an early exit still sees where things are. Features are standardised for the fit and the
+standardisation is folded into the Gemm weights, so the attached head is just
+``GlobalAveragePool -> Flatten -> Gemm`` (or ``AveragePool -> Conv 1x1 -> Flatten -> Gemm``). Heads only add nodes: every original tensor, and so the final
 output, is computed exactly as before.
 """
 
@@ -24,41 +26,86 @@ from distree.errors import DistreeError
 from distree.exits.data import Dataset, check_dataset, check_fit_classes, split_fit_threshold
 from distree.exits.progress import progress_bar
 from distree.exits.runner import make_runner, tensor_elem_types, tensor_shapes
-from distree.exits.scores import softmax
 from distree.exits.types import ExitPoint
 from distree.graph.chain import Chain
 
 NODE_PREFIX = "distree_head_"       # every node / initializer distree adds starts with this
 METADATA_KEY = "distree.exits"      # model metadata: JSON list of the ExitPoints attached
-L2 = 1e-3                           # ridge strength on standardised features (per sample, mean CE)
+HEAD_KINDS = ("auto", "linear", "conv")
+GRID = 4                            # conv heads pool wide maps to a GRID x GRID grid ...
+REDUCED_CHANNELS = 16               # ... and reduce them to at most this many channels with a 1x1 conv
+WIDE = 8                            # maps at least WIDE x WIDE are wide: ``auto`` gives them conv heads
+L2_PATH = (1e-1, 1e-2, 1e-3, 1e-4)  # ridge strengths tried on standardised features (mean CE + l2/2 |W|^2)
+HOLDOUT_EVERY = 5                   # every 5th fit sample picks the strength
 MAX_ITER = 500
 
 
 @dataclass(frozen=True)
+class Pooling:
+    """How a head reduces its input before the linear layer.
+
+    ``grid == 0``: global average pool (or nothing for an (N, C) input). ``grid == g``: average pool with
+    a (H // g, W // g) window and stride to a g x g grid, then a 1x1 conv to ``reduced`` channels; for
+    wide maps, where a global mean would throw away where things are.
+    """
+
+    shape: tuple[int, ...]      # (C, H, W) or (C,)
+    grid: int = 0
+    reduced: int = 0
+
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.shape[1] // self.grid, self.shape[2] // self.grid
+
+    def apply(self, v: np.ndarray) -> np.ndarray:
+        """(N, C) global means, (N, C, g, g) grid means, or ``v`` itself for (N, C); float64."""
+        if len(self.shape) == 1:
+            return v.astype(np.float64)
+        if not self.grid:
+            return v.reshape(v.shape[0], v.shape[1], -1).mean(axis=2, dtype=np.float64)
+        (kh, kw), g = self.window, self.grid
+        cells = v[:, :, :g * kh, :g * kw].reshape(v.shape[0], v.shape[1], g, kh, g, kw)
+        return cells.mean(axis=(3, 5), dtype=np.float64)
+
+
+def choose_pooling(shape: tuple[int, ...], head: str) -> Pooling:
+    """``linear``: global pool; ``conv``: grid pool + 1x1 conv; ``auto``: conv for wide maps only."""
+    if head not in HEAD_KINDS:
+        raise DistreeError(f"--head {head!r}: use one of {', '.join(HEAD_KINDS)}")
+    wide = len(shape) == 3 and min(shape[1:]) >= WIDE
+    if head == "conv" and len(shape) == 3 and min(shape[1:]) >= GRID or head == "auto" and wide:
+        return Pooling(shape, GRID, min(shape[0], REDUCED_CHANNELS))
+    return Pooling(shape)
+
+
+@dataclass(frozen=True)
 class LinearHead:
-    """logits = pool(tensor) @ weight.T + bias, with the standardisation already folded in."""
+    """logits = linear(reduce(pool(tensor))), with the standardisation folded into ``weight``/``bias``."""
 
     output: str
     tensor: str
-    weight: np.ndarray      # (K, C) float32
-    bias: np.ndarray        # (K,) float32
-    pooled: bool            # True: (N, C, H, W) input, global average pooled first
+    pooling: Pooling
+    weight: np.ndarray                  # (K, F) float32
+    bias: np.ndarray                    # (K,) float32
     fit_accuracy: float
-    spatial: int            # H*W of the input (1 when not pooled), for flops
+    reduce_weight: np.ndarray | None = None     # (C', C) 1x1 conv of grid heads (PCA of the pooled cells)
+    reduce_bias: np.ndarray | None = None       # (C',)
 
     @property
     def flops(self) -> int:
-        k, c = self.weight.shape
-        return c * self.spatial + 2 * c * k
+        k, f = self.weight.shape
+        shape, pool = self.pooling.shape, int(np.prod(self.pooling.shape))
+        conv = 0 if self.reduce_weight is None else 2 * self.reduce_weight.size * self.pooling.grid ** 2
+        return (pool if len(shape) == 3 else 0) + conv + 2 * f * k
 
     @property
     def param_bytes(self) -> int:
-        return 4 * (self.weight.size + self.bias.size)
+        extra = 0 if self.reduce_weight is None else self.reduce_weight.size + self.reduce_bias.size
+        return 4 * (self.weight.size + self.bias.size + extra)
 
     @property
     def node_names(self) -> tuple[str, ...]:
-        base = NODE_PREFIX + self.output
-        return (base + "_gap", base + "_flatten", base + "_gemm") if self.pooled else (base + "_gemm",)
+        return tuple(n.name for n in _head_nodes(self)[0])
 
 
 def num_classes(model: onnx.ModelProto, chain: Chain) -> int:
@@ -82,14 +129,11 @@ def candidate_blocks(model: onnx.ModelProto, chain: Chain) -> tuple[int, ...]:
     return tuple(b.index for b in chain.blocks[:-1] if head_supported(model, b.output))
 
 
-def _pooled_features(model: onnx.ModelProto, data: Dataset, tensors: Sequence[str],
+def _pooled_features(model: onnx.ModelProto, data: Dataset, pooling: dict[str, Pooling],
                      input_name: str) -> dict[str, np.ndarray]:
-    """(N, C) float64 features per tensor: spatial mean for 4-D tensors, the tensor itself for 2-D ones."""
-    def pool(v: np.ndarray) -> np.ndarray:
-        return v.reshape(v.shape[0], v.shape[1], -1).mean(axis=2, dtype=np.float64)
-
-    feats = {t: pool(data.x) for t in tensors if t == input_name}
-    inner = [t for t in tensors if t != input_name]
+    """Pooled float64 features of every tensor in ``pooling``, from one batched pass over ``data``."""
+    feats = {t: p.apply(data.x) for t, p in pooling.items() if t == input_name}
+    inner = [t for t in pooling if t != input_name]
     if not inner:
         return feats
     runner = make_runner(model, inner, data.x[:2])
@@ -97,7 +141,7 @@ def _pooled_features(model: onnx.ModelProto, data: Dataset, tensors: Sequence[st
 
     def consume(_start: int, out: dict[str, np.ndarray]) -> None:
         for t in inner:
-            chunks[t].append(pool(out[t]))
+            chunks[t].append(pooling[t].apply(out[t]))
 
     with progress_bar(f"extracting features at {len(inner)} cut(s), batch {runner.batch_size}",
                       len(data)) as advance:
@@ -106,38 +150,62 @@ def _pooled_features(model: onnx.ModelProto, data: Dataset, tensors: Sequence[st
     return feats
 
 
-def fit_linear_head(features: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Multinomial logistic regression with L2; returns (weight (K, C), bias (K,), fit accuracy).
+def channel_reduction(cells: np.ndarray, reduced: int) -> tuple[np.ndarray, np.ndarray]:
+    """1x1 conv (weight (C', C), bias (C',)) projecting grid cells (N, C, g, g) on their top principal axes."""
+    vectors = cells.transpose(0, 2, 3, 1).reshape(-1, cells.shape[1])
+    mean = vectors.mean(axis=0)
+    _, eigvec = np.linalg.eigh(np.atleast_2d(np.cov(vectors - mean, rowvar=False)))
+    weight = eigvec[:, ::-1][:, :reduced].T              # largest variance first
+    return weight, -weight @ mean
 
-    Convex, started at zero: deterministic without a seed. Weights are returned in the units of the raw
-    (unstandardised) features.
+
+def _fit_softmax_regression(z: np.ndarray, labels: np.ndarray, k: int, l2: float, start: np.ndarray) -> np.ndarray:
+    """Minimise mean cross-entropy + l2/2 |W|^2 (bias free) from ``start``; theta = [W (C*K), b (K)]."""
+    n, c = z.shape
+    onehot = np.eye(k)[labels]
+
+    def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w = theta[: c * k].reshape(c, k)
+        logits = z @ w + theta[c * k:]
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        d = (np.exp(logp) - onehot) / n
+        loss = -(onehot * logp).sum() / n + 0.5 * l2 * (w * w).sum()
+        return loss, np.concatenate([(z.T @ d + l2 * w).ravel(), d.sum(axis=0)])
+
+    # One BLAS thread: these fits are tiny, and OpenBLAS threads on a busy 2-core machine cost ~6x.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return minimize(loss_grad, start, jac=True, method="L-BFGS-B", options={"maxiter": MAX_ITER}).x
+
+
+def _accuracy(z: np.ndarray, labels: np.ndarray, theta: np.ndarray, k: int) -> float:
+    c = z.shape[1]
+    return float(((z @ theta[: c * k].reshape(c, k) + theta[c * k:]).argmax(axis=1) == labels).mean())
+
+
+def fit_linear_head(features: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Multinomial logistic regression; returns (weight (K, C), bias (K,), held-out accuracy).
+
+    The L2 strength is picked from ``L2_PATH`` (strongest first, warm-started) by accuracy on every
+    fifth sample, then the head is refit on all of them. Convex and started at zero, so deterministic
+    without a seed. Weights are returned in the units of the raw (unstandardised) features.
     """
     n, c = features.shape
     mu = features.mean(axis=0)
     sd = features.std(axis=0)
     sd = np.where(sd < 1e-8, 1.0, sd)
     z = (features - mu) / sd
-    onehot = np.eye(k)[labels]
-
-    def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w = theta[: c * k].reshape(c, k)
-        b = theta[c * k:]
-        logits = z @ w + b
-        logits -= logits.max(axis=1, keepdims=True)
-        logsum = np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        logp = logits - logsum
-        loss = -(onehot * logp).sum() / n + 0.5 * L2 * (w * w).sum()
-        d = (np.exp(logp) - onehot) / n
-        grad_w = z.T @ d + L2 * w
-        return loss, np.concatenate([grad_w.ravel(), d.sum(axis=0)])
-
-    # One BLAS thread: these fits are tiny, and OpenBLAS threads on a busy 2-core machine cost ~6x.
-    with threadpool_limits(limits=1, user_api="blas"):
-        res = minimize(loss_grad, np.zeros(c * k + k), jac=True, method="L-BFGS-B",
-                       options={"maxiter": MAX_ITER})
-    w = res.x[: c * k].reshape(c, k)
-    b = res.x[c * k:]
-    accuracy = float((softmax(z @ w + b).argmax(axis=1) == labels).mean())
+    held = np.arange(n) % HOLDOUT_EVERY == 0
+    theta = np.zeros(c * k + k)
+    best = (-1.0, L2_PATH[0], theta)
+    for l2 in L2_PATH:
+        theta = _fit_softmax_regression(z[~held], labels[~held], k, l2, theta)
+        accuracy = _accuracy(z[held], labels[held], theta, k)
+        if accuracy > best[0]:
+            best = (accuracy, l2, theta)
+    accuracy, l2, theta = best
+    theta = _fit_softmax_regression(z, labels, k, l2, theta)
+    w, b = theta[: c * k].reshape(c, k), theta[c * k:]
     weight = (w / sd[:, None]).T                    # (K, C) in raw feature units
     bias = b - (mu / sd) @ w
     return weight.astype(np.float32), bias.astype(np.float32), accuracy
@@ -145,15 +213,27 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, k: int) -> tuple[n
 
 def _head_nodes(head: LinearHead) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     base = NODE_PREFIX + head.output
-    w_name, b_name = base + "_weight", base + "_bias"
-    inits = [numpy_helper.from_array(head.weight, w_name), numpy_helper.from_array(head.bias, b_name)]
-    gemm_in = head.tensor
+    inits = [numpy_helper.from_array(head.weight, base + "_weight"), numpy_helper.from_array(head.bias, base + "_bias")]
     nodes = []
-    if head.pooled:
-        nodes += [helper.make_node("GlobalAveragePool", [head.tensor], [base + "_pooled"], name=base + "_gap"),
-                  helper.make_node("Flatten", [base + "_pooled"], [base + "_flat"], name=base + "_flatten", axis=1)]
-        gemm_in = base + "_flat"
-    nodes.append(helper.make_node("Gemm", [gemm_in, w_name, b_name], [head.output], name=base + "_gemm",
+    x = head.tensor
+    if head.pooling.grid:
+        kernel = list(head.pooling.window)
+        nodes.append(helper.make_node("AveragePool", [x], [base + "_pooled"], name=base + "_pool",
+                                      kernel_shape=kernel, strides=kernel))
+        c_out, c_in = head.reduce_weight.shape
+        inits += [numpy_helper.from_array(head.reduce_weight.reshape(c_out, c_in, 1, 1).astype(np.float32),
+                                          base + "_reduce_weight"),
+                  numpy_helper.from_array(head.reduce_bias.astype(np.float32), base + "_reduce_bias")]
+        nodes.append(helper.make_node("Conv", [base + "_pooled", base + "_reduce_weight", base + "_reduce_bias"],
+                                      [base + "_reduced"], name=base + "_reduce", kernel_shape=[1, 1]))
+        x = base + "_reduced"
+    elif len(head.pooling.shape) == 3:
+        nodes.append(helper.make_node("GlobalAveragePool", [x], [base + "_pooled"], name=base + "_gap"))
+        x = base + "_pooled"
+    if len(head.pooling.shape) == 3:
+        nodes.append(helper.make_node("Flatten", [x], [base + "_flat"], name=base + "_flatten", axis=1))
+        x = base + "_flat"
+    nodes.append(helper.make_node("Gemm", [x, base + "_weight", base + "_bias"], [head.output], name=base + "_gemm",
                                   transB=1))
     return nodes, inits
 
@@ -202,30 +282,38 @@ def exit_metadata(model: onnx.ModelProto) -> tuple[ExitPoint, ...] | None:
     return None
 
 
-def fit_heads(model: onnx.ModelProto, chain: Chain, data: Dataset, wanted: dict[str, str]) -> dict[str, LinearHead]:
+def fit_heads(model: onnx.ModelProto, chain: Chain, data: Dataset, wanted: dict[str, str],
+              head: str = "auto") -> dict[str, LinearHead]:
     """Fit one head per tensor in ``wanted`` (tensor -> output name) on ``data`` (the fit split)."""
     k = num_classes(model, chain)
     check_fit_classes(data.y, k)
     shapes = tensor_shapes(model)
-    feats = _pooled_features(model, data, list(wanted), chain.input_name)
+    pooling = {t: choose_pooling(tuple(shapes[t][1:]), head) for t in wanted}
+    feats = _pooled_features(model, data, pooling, chain.input_name)
     heads = {}
-    with progress_bar(f"fitting {len(wanted)} linear head(s)", len(wanted)) as advance:
+    with progress_bar(f"fitting {len(wanted)} head(s)", len(wanted)) as advance:
         for tensor, output in wanted.items():
-            weight, bias, acc = fit_linear_head(feats[tensor], data.y, k)
-            shape = shapes[tensor]
-            spatial = int(np.prod(shape[2:])) if len(shape) == 4 else 1
-            heads[tensor] = LinearHead(output, tensor, weight, bias, len(shape) == 4, acc, spatial)
+            pool, f = pooling[tensor], feats.pop(tensor)
+            reduce_w = reduce_b = None
+            if pool.grid:
+                reduce_w, reduce_b = channel_reduction(f, pool.reduced)
+                f = np.einsum("dc,ncij->ndij", reduce_w, f) + reduce_b[None, :, None, None]
+                reduce_w, reduce_b = reduce_w.astype(np.float32), reduce_b.astype(np.float32)
+            weight, bias, acc = fit_linear_head(f.reshape(len(f), -1), data.y, k)
+            heads[tensor] = LinearHead(output, tensor, pool, weight, bias, acc, reduce_w, reduce_b)
             advance(1)
     return heads
 
 
 def train_exits(model: onnx.ModelProto, chain: Chain, data: Dataset, at: Sequence[int] | None = None,
                 seed: int = 0, fit_fraction: float = 0.5,
-                declared: Sequence[ExitPoint] = ()) -> tuple[onnx.ModelProto, tuple[ExitPoint, ...]]:
+                declared: Sequence[ExitPoint] = (), head: str = "auto"
+                ) -> tuple[onnx.ModelProto, tuple[ExitPoint, ...]]:
     """Attach trained exits after blocks ``at`` (default: every candidate) plus an entry head per exit.
 
     With ``declared`` exits (already in the model) and ``at`` None, only the entry heads that the
-    stability score needs are trained. Heads are fit on the fit split of ``data`` (see
+    stability score needs are trained. ``head`` picks the head shape (:func:`choose_pooling`). Heads are
+    fit on the fit split of ``data`` (see
     :func:`~distree.exits.data.split_fit_threshold`); the rest is left for thresholds.
     """
     check_dataset(data, "calibration data", chain.input_shape, num_classes(model, chain))
@@ -237,7 +325,7 @@ def train_exits(model: onnx.ModelProto, chain: Chain, data: Dataset, at: Sequenc
     for b, tensor in sorted(entry_tensor.items()):
         if head_supported(model, tensor):
             wanted.setdefault(tensor, f"entry_b{b}")
-    heads = fit_heads(model, chain, data.subset(fit_idx), wanted)
+    heads = fit_heads(model, chain, data.subset(fit_idx), wanted, head)
 
     def entry_fields(after_block: int) -> dict:
         head = heads.get(entry_tensor[after_block])

@@ -30,7 +30,7 @@ class ExitPoint(JsonRecord):
     entry_nodes: tuple[str, ...] = ()       # nodes computing ``entry_output`` that ``head_nodes`` lacks
     entry_flops: int = 0                    # extra cost of the stability score at runtime
     entry_param_bytes: int = 0
-    fit_accuracy: float | None = None       # accuracy on the fit split (trained heads only)
+    fit_accuracy: float | None = None       # trained heads: accuracy on the fifth of the fit split held out
 
 
 @dataclass(frozen=True)

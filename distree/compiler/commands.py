@@ -14,7 +14,7 @@ from distree.errors import DistreeError
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True, width=max(Console(stderr=True).width, 150))
+    return Console(stderr=True, log_path=False, width=max(Console(stderr=True).width, 150))
 
 
 def _parse_rpc(values: tuple[str, ...]) -> dict[str, str]:

@@ -57,6 +57,7 @@ class CompileResult:
     stage_seconds: dict[str, float]
     cached: tuple[str, ...]         # stages answered from the cache
     wall_s: float
+    devices: tuple[str, ...] = ()   # every device offered to the solver, in pipeline order
 
 
 def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | Path, options: CompileOptions,
@@ -86,7 +87,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
         model, chain, exits, data, score_kind=options.score_kind, seed=options.seed), record=Calibration)
 
     prof_key = _key("profile", cal_key, topology.to_dict(), options.rpc, options.backend, options.threads)
-    profile = cache.get("profile", prof_key, lambda: _profile(model, chain, exits, topology, options, cache.root),
+    profile = cache.get("profile", prof_key, lambda: _profile(model, chain, exits, topology, options, cache.root, log),
                         record=Profile)
 
     constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
@@ -99,7 +100,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
         tune_minutes=options.tune_minutes, tuning_db=cache.root / "tuning", threads=options.threads,
         require_aot_cuda=options.require_aot_cuda, log=log))
     return CompileResult(bundle=bundle, plan=plan, manifest=read_manifest(bundle), stage_seconds=cache.seconds,
-                         cached=tuple(cache.hits), wall_s=time.perf_counter() - started)
+                         cached=tuple(cache.hits), wall_s=time.perf_counter() - started,
+                         devices=tuple(d.name for d in topology.devices))
 
 
 def _topology(options: CompileOptions) -> Topology:
@@ -123,22 +125,24 @@ def _exits(model: onnx.ModelProto, chain: Chain, data, options: CompileOptions
 
 
 def _profile(model: onnx.ModelProto, chain: Chain, exits: tuple[ExitPoint, ...], topology: Topology,
-             options: CompileOptions, cache_root: Path) -> Profile:
+             options: CompileOptions, cache_root: Path, log: Log) -> Profile:
     """Measure ``host`` locally, devices with --rpc over RPC, estimate the rest; one Profile for all."""
-    from distree.profiler import profile_model
+    from distree.profiler import merge_profiles, profile_model
 
-    backends = {"tvm": ("tvm",), "ort": ("ort",), "auto": ("tvm", "ort")}[options.backend]
     parts = []
     for dev in topology.devices:
         if dev.name in options.rpc:
-            mode, rpc = "rpc", options.rpc[dev.name]
+            mode, rpc, backends = "rpc", options.rpc[dev.name], ("tvm",)
         else:
             mode, rpc = ("local" if dev.name == "host" else "estimate"), None
+            backends = {"tvm": ("tvm",), "ort": ("ort",), "auto": ("tvm", "ort")}[options.backend]
+
+        def progress(done: int, total: int, item: str, name: str = dev.name, how: str = mode) -> None:
+            log(f"profile {name} ({how}): {done}/{total} {item}")
+
         parts.append(profile_model(model, chain, exits, dev, mode=mode, rpc=rpc, backends=backends,
-                                   cache_dir=cache_root / "profiles"))
-    return Profile(model_sha256=chain.model_sha256, entries=tuple(m for p in parts for m in p.entries),
-                   versions=dict(parts[0].versions),
-                   settings={d.name: p.settings for d, p in zip(topology.devices, parts)})
+                                   cache_dir=cache_root, progress=progress))
+    return merge_profiles(parts)
 
 
 def _save_exits(folder: Path, value: tuple[onnx.ModelProto, tuple[ExitPoint, ...]]) -> None:

@@ -32,6 +32,7 @@ def summary_dict(result) -> dict[str, Any]:
                     "segments": [{"file": s.file, "backend": s.backend, "ratio": s.ratio, "exit": s.exit,
                                   "reason": s.backend_reason} for s in st.segments]} for st in m.stages],
         "sizes": device_sizes(result.bundle, m), "notes": list(m.notes),
+        "unused_devices": [d for d in result.devices if d not in {st.name for st in m.stages}],
     }
 
 
@@ -57,6 +58,9 @@ def print_summary(result, console) -> None:
                   f"{plan.worst_case_latency_ms:.3f} ms (no exits: {plan.no_exit_latency_ms:.3f} ms)")
     console.print(f"predicted accuracy: {plan.accuracy:.4f} (lower bound {plan.accuracy_lcb:.4f}; full model "
                   f"{plan.full_model_accuracy:.4f}, allowed drop {plan.accuracy_drop})")
+    unused = [d for d in result.devices if d not in {st.name for st in m.stages}]
+    if unused:
+        console.print(f"devices without a stage (the plan found them not worth using): {', '.join(unused)}")
     for note in m.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     cached = f" (cached: {', '.join(result.cached)})" if result.cached else ""

@@ -1,0 +1,55 @@
+"""`distree compile` end to end on a tiny multi-exit CNN: every real stage (graph, exits, calibration,
+profiler, HiGHS solver, TVM/ORT build), its cache, then `distree verify` and `distree run` on the bundle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import compiler_fixtures as cf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distree", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_compile_verify_run(tmp_path):
+    tiny = cf.tiny_model(tmp_path)
+    np.savez(tmp_path / "calib.npz", x=tiny.data.x, y=tiny.data.y)
+    test = cf.dataset(40, seed=11)
+    np.savez(tmp_path / "test.npz", x=test.x, y=test.y)
+    args = ["compile", str(tiny.path), "--devices", "host,pi4", "--data", str(tmp_path / "calib.npz"),
+            "-o", str(tmp_path / "bundle"), "--cache-dir", str(tmp_path / "cache"), "--accuracy-drop", "0.05",
+            "--json"]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout[first.stdout.index("{"):])
+    assert summary["cached_stages"] == []
+    assert summary["accuracy"] >= summary["full_model_accuracy"] - 0.05 - 1e-9
+    for stage in summary["stages"]:
+        for seg in stage["segments"]:
+            assert seg["backend"] in ("tvm", "ort") and seg["reason"]
+            assert seg["ratio"] > 0
+    assert set(summary["sizes"]) == {s["device"] for s in summary["stages"]}
+
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    cached = json.loads(again.stdout[again.stdout.index("{"):])["cached_stages"]
+    assert cached == ["exits", "calibrate", "profile", "plan"]
+
+    verify = _cli("verify", str(tmp_path / "bundle"))
+    assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr
+    run = _cli("run", str(tmp_path / "bundle"), "--input", str(tmp_path / "test.npz"), "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["samples"] == 40 and len(report["exits"]) == 40
+    assert report["accuracy"] == pytest.approx(float((np.asarray(report["predictions"]) == test.y).mean()))

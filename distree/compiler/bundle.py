@@ -135,8 +135,9 @@ def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev:
                   "for it, and ONNX Runtime would run on the device's CPU)")
         chosen = "tvm"
     else:
+        # the proxy gets the artifact's tuning state: host records must not make untuned device code look fast
         proxy = root / so_rel if host_runnable(dev) else compile_segment(
-            seg, host, proxy_dir / f"{dev.name}_{spec.stem}.so", tuning_db).path
+            seg, host, proxy_dir / f"{dev.name}_{spec.stem}.so", tuning_db if build.tuned else None).path
         tvm_ms = median_ms(tvm_runner(proxy), probe)
         ratio = tvm_ms / ort_ms
         chosen, reason = _choose(backend, ratio)

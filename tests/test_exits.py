@@ -352,6 +352,11 @@ def test_cli_exits_then_calibrate_report_and_plot(files, tmp_path):
                                  "-o", str(out_model)])
     assert result.exit_code == 0, result.output
     assert "exit_b1" in result.output and "exit_b3" in result.output and out_model.is_file()
+    # heads go on the model as written, so it keeps the original's dynamic batch
+    session = ort.InferenceSession(str(out_model), providers=["CPUExecutionProvider"])
+    x = np.load(files["calib"])["x"][:8]
+    logits, exit_b1 = session.run(["logits", "exit_b1"], {"input": x})
+    assert logits.shape == (8, 10) and exit_b1.shape == (8, 10)
     cal_path, plot = tmp_path / "cal.json", tmp_path / "curves.png"
     result = runner.invoke(cli, ["calibrate", str(out_model), "--data", str(files["calib"]), "--score", "stability",
                                  "--report", "--test", str(files["test"]), "--plot", str(plot), "--levels", "4",

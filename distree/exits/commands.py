@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import onnx
 from rich.console import Console
 from rich.table import Table
 
@@ -59,7 +60,7 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
     at = _blocks(at_text)
     declared = declared_exits(model, chain, names) if names is not None or at is None else ()
     exits_model, exits = train_exits(model, chain, data, at=at, seed=seed, fit_fraction=fit_fraction,
-                                     declared=declared, head=head)
+                                     declared=declared, head=head, attach_to=onnx.load(model_path))
     write_bytes_atomic(output, exits_model.SerializeToString())
     table = Table(title=f"{len(exits)} exit(s) -> {output}")
     for col in ("exit", "after block", "source", "head MFLOPs", "entry head", "fit acc"):

@@ -245,7 +245,11 @@ def attach_heads(model: onnx.ModelProto, heads: Sequence[LinearHead], exits: Seq
     taken = ({n.name for n in g.node} | {o for n in g.node for o in n.output} | {i.name for i in g.initializer}
              | {i.name for i in g.input} | {o.name for o in g.output})
     batch_dim = g.input[0].type.tensor_type.shape.dim[0]
+    known = taken - {n.name for n in g.node}
     for head in heads:
+        if head.tensor not in known:
+            raise DistreeError(f"tensor {head.tensor!r} that a head reads is not in the model to attach to; "
+                               "attach to the model the heads were trained on")
         nodes, inits = _head_nodes(head)
         new_names = {n.name for n in nodes} | {o for n in nodes for o in n.output} | {i.name for i in inits}
         clash = sorted(new_names & taken)
@@ -307,13 +311,15 @@ def fit_heads(model: onnx.ModelProto, chain: Chain, data: Dataset, wanted: dict[
 
 def train_exits(model: onnx.ModelProto, chain: Chain, data: Dataset, at: Sequence[int] | None = None,
                 seed: int = 0, fit_fraction: float = 0.5,
-                declared: Sequence[ExitPoint] = (), head: str = "auto"
-                ) -> tuple[onnx.ModelProto, tuple[ExitPoint, ...]]:
+                declared: Sequence[ExitPoint] = (), head: str = "auto",
+                attach_to: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, tuple[ExitPoint, ...]]:
     """Attach trained exits after blocks ``at`` (default: every candidate) plus an entry head per exit.
 
     With ``declared`` exits (already in the model) and ``at`` None, only the entry heads that the
     stability score needs are trained. ``head`` picks the head shape (:func:`choose_pooling`). Heads are
-    fit on the fit split of ``data`` (see
+    attached to ``attach_to`` when given (the same model as read from its file, before ``load_model``
+    fixed its batch size: the written model then runs at any batch, like the original), else to ``model``.
+    Heads are fit on the fit split of ``data`` (see
     :func:`~distree.exits.data.split_fit_threshold`); the rest is left for thresholds.
     """
     check_dataset(data, "calibration data", chain.input_shape, num_classes(model, chain))
@@ -342,7 +348,7 @@ def train_exits(model: onnx.ModelProto, chain: Chain, data: Dataset, at: Sequenc
                for b in blocks]
     kept = [ExitPoint(**{**_fields(e), **entry_fields(e.after_block)}) for e in declared]
     exits = tuple(sorted([*kept, *trained], key=lambda e: (e.after_block, e.name)))
-    return attach_heads(model, list(heads.values()), exits), exits
+    return attach_heads(model if attach_to is None else attach_to, list(heads.values()), exits), exits
 
 
 def _fields(e: ExitPoint) -> dict:

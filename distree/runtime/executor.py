@@ -94,8 +94,7 @@ def run_bundle(path: str | Path, data: Dataset, threads: int = 1, limit: Optiona
     substitutions: list[str] = []
     stages = [[_load_segment(bundle, st, seg, threads, substitutions) for seg in st.segments]
               for st in manifest.stages]
-    transfer_after = _transfer_after(manifest)
-    remaining_after = _remaining_ms(stages, transfer_after)
+    remaining_after = _remaining_ms(stages, _transfer_in(manifest))
     predictions, exits, stage_times = [], [], [[] for _ in stages]
     deadline_exits = 0
     e2e: list[float] = []
@@ -152,9 +151,10 @@ def _check_data(manifest: Manifest, data: Dataset) -> None:
                            f"expects {want} {manifest.input.dtype}; give data the model was built for")
 
 
-def _transfer_after(manifest: Manifest) -> list[float]:
-    """Plan transfer time into each stage (the deadline override's estimate of the network)."""
-    return [stage.transfer_in_ms for stage in manifest.plan.stages]
+def _transfer_in(manifest: Manifest) -> list[float]:
+    """Transfer time into each stage when it is reached (the plan stores it weighted by the reach rate)."""
+    return [stage.transfer_in_ms / stage.reach_rate if stage.reach_rate > 0 else 0.0
+            for stage in manifest.plan.stages]
 
 
 def _remaining_ms(stages: list[list[_Loaded]], transfer_in: list[float]) -> list[list[float]]:

@@ -202,6 +202,14 @@ def test_calibration_matches_independent_onnxruntime_evaluation(trained, score_k
         assert list(grid) == sorted(set(grid)) and 1 <= len(grid) <= 6
 
 
+def test_calibrating_the_fit_data_with_another_split_is_refused(trained):
+    _, _, data, exits_model, exits = trained
+    with pytest.raises(DistreeError, match="--seed 0 --fit-fraction 0.5; calibrate with the same"):
+        calibrate(exits_model, build_chain(exits_model), exits, data, seed=1)
+    other = Dataset(x=data.x[::-1].copy(), y=data.y[::-1].copy())    # other data: any split is fine
+    assert calibrate(exits_model, build_chain(exits_model), exits, other, seed=1).split_sizes["threshold"] > 0
+
+
 def test_calibration_json_round_trip(trained, tmp_path):
     _, _, data, exits_model, exits = trained
     cal = calibrate(exits_model, build_chain(exits_model), exits, data, "entropy")

@@ -17,7 +17,7 @@ from scipy.stats import beta
 
 from distree.errors import DistreeError
 from distree.exits.data import Dataset, check_dataset, split_fit_threshold
-from distree.exits.heads import num_classes
+from distree.exits.heads import data_digest, fit_split_metadata, num_classes
 from distree.exits.progress import progress_bar
 from distree.exits.runner import make_runner
 from distree.exits.scores import check_score_kind, exit_scores, predictions
@@ -50,8 +50,13 @@ def run_exits(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint], 
     entry = [e.entry_output for e in exits if score_kind == "stability"]
     runner = make_runner(model, [chain.output_name, *(e.name for e in exits), *entry], data.x[:2])
     logits: dict[str, list[np.ndarray]] = {name: [] for name in runner.outputs}
+
+    def keep(_start: int, out: dict[str, np.ndarray]) -> None:
+        for name, value in out.items():
+            logits[name].append(value)
+
     with progress_bar(f"running {len(exits)} exit(s) + final, batch {runner.batch_size}", len(data)) as advance:
-        runner.over(data.x, lambda _s, out: [logits[k].append(v) for k, v in out.items()], advance)
+        runner.over(data.x, keep, advance)
     full = {k: np.concatenate(v) for k, v in logits.items()}
     scores = np.stack([exit_scores(full[e.name], score_kind,
                                    full[e.entry_output] if score_kind == "stability" else None)
@@ -75,8 +80,18 @@ def threshold_grid(scores: np.ndarray, levels: int = DEFAULT_LEVELS) -> tuple[fl
 def calibrate(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint], data: Dataset,
               score_kind: str = "max_softmax", seed: int = 0, fit_fraction: float = 0.5,
               levels: int = DEFAULT_LEVELS, test_size: int = 0) -> Calibration:
-    """Calibration on the threshold split of ``data`` (the split :func:`train_exits` did not fit on)."""
+    """Calibration on the threshold split of ``data`` (the split :func:`train_exits` did not fit on).
+
+    ``seed`` and ``fit_fraction`` must be those the heads were trained with; ``test_size`` is only recorded
+    (the test set never enters a calibration).
+    """
     check_score_kind(score_kind)
+    used = fit_split_metadata(model)
+    if used is not None and used.data_sha256 == data_digest(data) and (used.seed, used.fit_fraction) != (
+            seed, fit_fraction):
+        raise DistreeError(f"the heads were fit on this data with --seed {used.seed} --fit-fraction "
+                           f"{used.fit_fraction}; calibrate with the same values, or thresholds would be "
+                           "estimated on samples the heads were fit on")
     fit_idx, threshold_idx = split_fit_threshold(data, fit_fraction, seed)
     b = run_exits(model, chain, exits, data.subset(threshold_idx), score_kind)
     grid = tuple(threshold_grid(b.scores[:, j], levels) for j in range(len(exits)))

@@ -13,7 +13,7 @@ from distree.errors import DistreeError
 from distree.exits.calibrate import DEFAULT_CONFIDENCE, DEFAULT_LEVELS, calibrate, run_exits
 from distree.exits.data import load_dataset
 from distree.exits.declared import declared_exits
-from distree.exits.heads import HEAD_KINDS, num_classes, train_exits
+from distree.exits.heads import HEAD_KINDS, fit_split_metadata, num_classes, train_exits
 from distree.exits.report import ExitReport, exit_reports, plot_curves
 from distree.exits.types import SCORE_KINDS, Calibration
 from distree.graph import build_chain, load_model
@@ -78,8 +78,9 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
 @click.option("--exit-outputs", "exit_outputs", default=None, metavar="A,B,...",
               help="Exits to calibrate (default: those `distree exits` recorded, else outputs named exit*).")
 @click.option("--levels", default=DEFAULT_LEVELS, show_default=True, help="Threshold levels per exit.")
-@click.option("--fit-fraction", default=0.5, show_default=True, help="As given to `distree exits`.")
-@click.option("--seed", default=0, show_default=True, help="As given to `distree exits`.")
+@click.option("--fit-fraction", type=float, default=None,
+              help="As given to `distree exits` (default: what it recorded in the model, else 0.5).")
+@click.option("--seed", type=int, default=None, help="As given to `distree exits` (default: as recorded, else 0).")
 @click.option("--report", is_flag=True, help="Print per-exit accuracy and exit-rate curves.")
 @click.option("--test", "test_path", type=_MODEL, default=None, help="Test .npz, used only in the report / plot.")
 @click.option("--confidence", default=DEFAULT_CONFIDENCE, show_default=True, help="Of the accuracy lower bounds.")
@@ -87,7 +88,7 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
               help="Draw the curves to this PNG.")
 @click.option("-o", "--output", type=_MODEL, default=None, help="Write the Calibration JSON here.")
 def calibrate_cmd(model_path: Path, data_path: Path, score_kind: str, exit_outputs: str | None, levels: int,
-                  fit_fraction: float, seed: int, report: bool, test_path: Path | None, confidence: float,
+                  fit_fraction: float | None, seed: int | None, report: bool, test_path: Path | None, confidence: float,
                   plot_path: Path | None, output: Path | None) -> None:
     """Measure every exit of MODEL on the threshold split of --data: scores, correctness, threshold grid."""
     if output is None and not report and plot_path is None:
@@ -101,6 +102,9 @@ def calibrate_cmd(model_path: Path, data_path: Path, score_kind: str, exit_outpu
     if not exits:
         raise DistreeError(f"{model_path} has no exits; attach some with `distree exits {model_path} --data "
                            f"{data_path} -o model_exits.onnx` and calibrate that model")
+    recorded = fit_split_metadata(model)
+    seed = seed if seed is not None else recorded.seed if recorded else 0
+    fit_fraction = fit_fraction if fit_fraction is not None else recorded.fit_fraction if recorded else 0.5
     cal = calibrate(model, chain, exits, data, score_kind, seed=seed, fit_fraction=fit_fraction, levels=levels,
                     test_size=len(test) if test is not None else 0)
     if output is not None:

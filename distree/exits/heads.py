@@ -12,6 +12,8 @@ output, is computed exactly as before.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,6 +33,7 @@ from distree.graph.chain import Chain
 
 NODE_PREFIX = "distree_head_"       # every node / initializer distree adds starts with this
 METADATA_KEY = "distree.exits"      # model metadata: JSON list of the ExitPoints attached
+SPLIT_METADATA_KEY = "distree.exits.fit_split"   # model metadata: the FitSplit the heads were fit on
 HEAD_KINDS = ("auto", "linear", "conv")
 GRID = 4                            # conv heads pool wide maps to a GRID x GRID grid ...
 REDUCED_CHANNELS = 16               # ... and reduce them to at most this many channels with a 1x1 conv
@@ -267,23 +270,54 @@ def attach_heads(model: onnx.ModelProto, heads: Sequence[LinearHead], exits: Seq
     return m
 
 
+def _set_metadata(model: onnx.ModelProto, key: str, value: object) -> None:
+    for i, prop in reversed(list(enumerate(model.metadata_props))):
+        if prop.key == key:
+            del model.metadata_props[i]
+    model.metadata_props.add(key=key, value=json.dumps(value))
+
+
+def _metadata(model: onnx.ModelProto, key: str) -> object | None:
+    for prop in model.metadata_props:
+        if prop.key == key:
+            try:
+                return json.loads(prop.value)
+            except ValueError as exc:
+                raise DistreeError(f"model metadata {key!r} is corrupt ({exc}); "
+                                   "re-run `distree exits` on the original model") from exc
+    return None
+
+
 def set_exit_metadata(model: onnx.ModelProto, exits: Sequence[ExitPoint]) -> None:
     """Record ``exits`` in the model's metadata so a later ``declared_exits`` recovers them exactly."""
-    for i, prop in reversed(list(enumerate(model.metadata_props))):
-        if prop.key == METADATA_KEY:
-            del model.metadata_props[i]
-    model.metadata_props.add(key=METADATA_KEY, value=json.dumps([e.to_dict() for e in exits]))
+    _set_metadata(model, METADATA_KEY, [e.to_dict() for e in exits])
 
 
 def exit_metadata(model: onnx.ModelProto) -> tuple[ExitPoint, ...] | None:
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            try:
-                return tuple(ExitPoint.from_dict(d) for d in json.loads(prop.value))
-            except (ValueError, TypeError, KeyError) as exc:
-                raise DistreeError(f"model metadata {METADATA_KEY!r} is corrupt ({exc}); "
-                                   "re-run `distree exits` on the original model") from exc
-    return None
+    doc = _metadata(model, METADATA_KEY)
+    try:
+        return None if doc is None else tuple(ExitPoint.from_dict(d) for d in doc)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DistreeError(f"model metadata {METADATA_KEY!r} is corrupt ({exc}); "
+                           "re-run `distree exits` on the original model") from exc
+
+
+@dataclass(frozen=True)
+class FitSplit:
+    """Which samples the heads were fit on: the seeded split of the data with this digest."""
+
+    seed: int
+    fit_fraction: float
+    data_sha256: str
+
+
+def data_digest(data: Dataset) -> str:
+    return hashlib.sha256(np.ascontiguousarray(data.x).tobytes() + np.ascontiguousarray(data.y).tobytes()).hexdigest()
+
+
+def fit_split_metadata(model: onnx.ModelProto) -> FitSplit | None:
+    doc = _metadata(model, SPLIT_METADATA_KEY)
+    return None if doc is None else FitSplit(int(doc["seed"]), float(doc["fit_fraction"]), str(doc["data_sha256"]))
 
 
 def fit_heads(model: onnx.ModelProto, chain: Chain, data: Dataset, wanted: dict[str, str],
@@ -348,7 +382,9 @@ def train_exits(model: onnx.ModelProto, chain: Chain, data: Dataset, at: Sequenc
                for b in blocks]
     kept = [ExitPoint(**{**_fields(e), **entry_fields(e.after_block)}) for e in declared]
     exits = tuple(sorted([*kept, *trained], key=lambda e: (e.after_block, e.name)))
-    return attach_heads(model if attach_to is None else attach_to, list(heads.values()), exits), exits
+    attached = attach_heads(model if attach_to is None else attach_to, list(heads.values()), exits)
+    _set_metadata(attached, SPLIT_METADATA_KEY, dataclasses.asdict(FitSplit(seed, fit_fraction, data_digest(data))))
+    return attached, exits
 
 
 def _fields(e: ExitPoint) -> dict:

@@ -69,25 +69,27 @@ def _notes_to_stderr() -> None:
 def _print_table(chain: Chain, exits: dict[str, int], model_path: Path) -> None:
     console = Console(width=max(Console().width, 140))
     shape = "x".join(map(str, chain.input_shape))
+    attached = ", ".join(f"{name} after block {k}" for name, k in exits.items())
     console.print(
         f"[bold]{model_path.name}[/]: input {chain.input_name} {shape} {chain.input_dtype}, "
-        f"output {chain.output_name}, {len(chain.blocks)} blocks"
+        f"output {chain.output_name}, {len(chain.blocks)} blocks" + (f"; exits: {attached}" if exits else "")
     )
+    columns = [("block", "right"), ("ops", "left"), ("FLOPs", "right"), ("params", "right"),
+               ("output", "left"), ("shape", "left"), ("bytes", "right")] + ([("exits", "left")] if exits else [])
     table = Table(show_edge=False, pad_edge=False)
-    for col, justify in [("block", "right"), ("ops", "left"), ("FLOPs", "right"), ("params", "right"),
-                         ("output", "left"), ("shape", "left"), ("bytes", "right"), ("exits", "left")]:
+    for col, justify in columns:
         table.add_column(col, justify=justify, overflow="fold")
     by_block: dict[int, list[str]] = {}
     for name, k in exits.items():
         by_block.setdefault(k, []).append(name)
     for b in chain.blocks:
-        table.add_row(
-            str(b.index), _ops_summary(b.ops), _si(b.flops), _bytes(b.param_bytes), b.output,
-            "x".join(map(str, b.output_shape)), _bytes(b.out_bytes), ",".join(by_block.get(b.index, [])),
-        )
+        row = [str(b.index), _ops_summary(b.ops), _si(b.flops), _bytes(b.param_bytes), b.output,
+               "x".join(map(str, b.output_shape)), _bytes(b.out_bytes)]
+        table.add_row(*row, *([",".join(by_block.get(b.index, []))] if exits else []))
     table.add_section()
-    table.add_row("total", f"{sum(len(b.ops) for b in chain.blocks)} ops", _si(sum(b.flops for b in chain.blocks)),
-                  _bytes(sum(b.param_bytes for b in chain.blocks)), "", "", "", "")
+    total = ["total", f"{sum(len(b.ops) for b in chain.blocks)} ops", _si(sum(b.flops for b in chain.blocks)),
+             _bytes(sum(b.param_bytes for b in chain.blocks))]
+    table.add_row(*total, *[""] * (len(columns) - len(total)))
     console.print(table)
 
 

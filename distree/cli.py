@@ -54,3 +54,4 @@ from distree.compiler.commands import verify_cmd; cli.add_command(verify_cmd)  #
 from distree.runtime.commands import run_cmd; cli.add_command(run_cmd)  # noqa: E402
 from distree.exits.commands import exits_cmd; cli.add_command(exits_cmd)  # noqa: E402
 from distree.exits.commands import calibrate_cmd; cli.add_command(calibrate_cmd)  # noqa: E402
+from distree.profiler.commands import profile_cmd; cli.add_command(profile_cmd)  # noqa: E402

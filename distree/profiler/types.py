@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from distree.serde import JsonRecord
 
@@ -20,6 +21,15 @@ class Measurement(JsonRecord):
     p90_ms: float
     param_bytes: int
     activation_bytes: int           # planned activation/workspace bytes (TVM static plan where available)
+    memory_source: str = ""         # "tvm-static-plan" or "graph-workspace-estimate (<why>)"
+    threads: int = 1                # threads the backend ran with
+    flops: int = 0                  # of the item, from the graph
+    note: str = ""                  # e.g. "emulated: not a Pi timing"
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the item needs resident on its device: weights + planned activations."""
+        return self.param_bytes + self.activation_bytes
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,11 @@ class Profile(JsonRecord):
     model_sha256: str
     entries: tuple[Measurement, ...]
     versions: dict[str, str]        # distree, tvm, onnxruntime, ... and content hashes used as cache key
+    settings: dict[str, Any] = field(default_factory=dict)   # mode, timing settings, threads, cache key
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(m.device for m in self.entries))
 
     def get(self, device: str, item: str, backend: str | None = None) -> Measurement:
         """The entry for (device, item); with no backend given, the faster one."""

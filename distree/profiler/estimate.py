@@ -1,0 +1,115 @@
+"""Latency estimates from FLOPs, bytes and a device's figures, calibrated against this machine.
+
+    latency_ms = max(flops / (peak * eff_compute), bytes / (bandwidth * eff_memory)) + ops * op_ms
+
+``peak`` is the device's peak FP32 GFLOP/s per core times the threads used (capped at its cores; the
+whole GPU for CUDA devices); ``bytes`` = parameter bytes + input and output bytes. ``eff_compute``,
+``eff_memory`` and ``op_ms`` are fitted by least squares on log latency against measurements on the
+calibration machine (one set per backend), stored in ``estimate_calibration.json`` with the command that
+produced them. On another device the efficiencies carry over and ``op_ms`` scales with its per-core
+throughput (CPU) or is a CUDA kernel launch (GPU). These are estimates: every one says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from distree.errors import DistreeError
+from distree.profiler.units import Unit
+from distree.serde import JsonRecord
+from distree.targets.spec import DeviceSpec
+
+CALIBRATION_FILE = Path(__file__).with_name("estimate_calibration.json")
+CUDA_LAUNCH_MS = 0.01  # per kernel launch on a Jetson-class GPU (order of 5-10 us, NVIDIA CUDA best practices)
+
+
+@dataclass(frozen=True)
+class EstimateCoefficients(JsonRecord):
+    backend: str
+    eff_compute: float          # achieved / peak FLOP rate
+    eff_memory: float           # achieved / nominal memory bandwidth
+    op_ms: float                # per-ONNX-op overhead on the calibration machine
+    per_core_gflops: float      # the calibration machine's per-core peak (scales op_ms to other CPUs)
+    median_rel_error: float     # on the calibration rows
+    max_rel_error: float
+    rows: int
+
+
+@dataclass(frozen=True)
+class EstimateCalibration(JsonRecord):
+    machine: str                # the device it was fitted on, e.g. "host: znver3, 2 cores @ 2250 MHz"
+    command: str                # how to reproduce it
+    threads: int
+    coefficients: tuple[EstimateCoefficients, ...]
+
+    def for_backend(self, backend: str) -> EstimateCoefficients:
+        for c in self.coefficients:
+            if c.backend == backend:
+                return c
+        raise DistreeError(f"no estimate calibration for backend {backend!r} in {CALIBRATION_FILE.name}; re-run "
+                           f"{self.command}")
+
+
+def load_calibration(path: Path = CALIBRATION_FILE) -> EstimateCalibration:
+    if not Path(path).is_file():
+        raise DistreeError(f"{path}: no estimate calibration; create it with "
+                           "python benchmarks/profile_fidelity.py --calibrate")
+    doc = json.loads(Path(path).read_text())
+    return EstimateCalibration.from_dict(doc)
+
+
+def effective_peak_gflops(device: DeviceSpec, threads: int) -> float:
+    if device.target.get("kind") == "cuda":
+        return device.peak_gflops
+    return device.peak_gflops / device.cores * min(threads, device.cores)
+
+
+def unit_bytes(unit: Unit) -> int:
+    return unit.param_bytes + unit.io_bytes
+
+
+def op_overhead_ms(coef: EstimateCoefficients, device: DeviceSpec) -> float:
+    if device.target.get("kind") == "cuda":
+        return CUDA_LAUNCH_MS
+    return coef.op_ms * coef.per_core_gflops / (device.peak_gflops / device.cores)
+
+
+def estimate_ms(flops: float, nbytes: float, ops: int, device: DeviceSpec, coef: EstimateCoefficients,
+                threads: int) -> float:
+    compute = flops / (effective_peak_gflops(device, threads) * 1e9 * coef.eff_compute)
+    memory = nbytes / (device.mem_gbps * 1e9 * coef.eff_memory)
+    return max(compute, memory) * 1e3 + ops * op_overhead_ms(coef, device)
+
+
+def fit_coefficients(backend: str, rows: Sequence[tuple[float, float, int, float]], device: DeviceSpec,
+                     threads: int) -> EstimateCoefficients:
+    """Least squares on log latency over rows (flops, bytes, ops, measured_ms) measured on ``device``."""
+    from scipy.optimize import least_squares
+
+    if len(rows) < 3:
+        raise DistreeError(f"fitting the estimate needs at least 3 measured items, got {len(rows)}")
+    data = np.asarray(rows, dtype=np.float64)
+    per_core = device.peak_gflops / device.cores
+
+    def coef(p: np.ndarray) -> EstimateCoefficients:
+        return EstimateCoefficients(backend, float(math.exp(p[0])), float(math.exp(p[1])), float(math.exp(p[2])),
+                                    per_core, 0.0, 0.0, len(rows))
+
+    def predict(p: np.ndarray) -> np.ndarray:
+        c = coef(p)
+        return np.array([estimate_ms(f, b, int(o), device, c, threads) for f, b, o, _ in data])
+
+    # efficiencies in (0, 1]: a fit that wants more than the datasheet says the term does not matter
+    bounds = (np.log([1e-4, 1e-4, 1e-6]), np.log([1.0, 1.0, 10.0]))
+    start = np.log([0.1, 0.1, 0.005])
+    fit = least_squares(lambda p: np.log(predict(p)) - np.log(data[:, 3]), start, bounds=bounds, method="trf")
+    rel = np.abs(predict(fit.x) - data[:, 3]) / data[:, 3]
+    best = coef(fit.x)
+    return EstimateCoefficients(backend, best.eff_compute, best.eff_memory, best.op_ms, per_core,
+                                float(np.median(rel)), float(np.max(rel)), len(rows))

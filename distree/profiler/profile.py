@@ -1,0 +1,232 @@
+"""``profile_model``: the cost of every block and exit head on one device, measured or estimated.
+
+Modes (each Measurement's provenance says which):
+- ``local``: compile each item for this machine and time it with TVM and ONNX Runtime;
+- ``rpc``: cross-compile for the device, upload to its TVM RPC server (``host:port``) and time it there;
+- ``qemu``: the same against an aarch64 RPC server emulated here under qemu-user (proves aarch64
+  artifacts run; the timings are of the emulator, not of a Pi, and say so);
+- ``estimate``: from FLOPs and bytes and the device's figures (see :mod:`distree.profiler.estimate`).
+
+Profiles are cached under ``<cache>/profiles/`` by a key over the model, chain, exits, device, mode, settings
+and tool versions; ``force=True`` measures again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import onnx
+
+from distree import __version__
+from distree.errors import DistreeError
+from distree.exits.types import ExitPoint
+from distree.graph import Chain, model_sha256
+from distree.profiler import estimate as est
+from distree.profiler import tvm_backend
+from distree.profiler.ort_backend import time_ort
+from distree.profiler.timing import TimingSettings, summarize
+from distree.profiler.types import Measurement, Profile
+from distree.profiler.units import Unit, profile_units
+from distree.targets.catalog import host_device
+from distree.targets.spec import DeviceSpec
+
+MODES = ("local", "rpc", "qemu", "estimate")
+QEMU_NOTE = "emulated under qemu-user on an x86 machine: proves the aarch64 artifact runs; NOT a device timing"
+Progress = Callable[[int, int, str], None]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DISTREE_CACHE") or ".distree-cache")
+
+
+def default_backends(mode: str) -> tuple[str, ...]:
+    """ONNX Runtime is timed only here; over RPC only TVM artifacts can run on the device."""
+    return ("tvm",) if mode in ("rpc", "qemu") else ("tvm", "ort")
+
+
+def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint], device: DeviceSpec,
+                  mode: str = "local", rpc: Optional[str] = None, backends: Optional[Sequence[str]] = None,
+                  cache_dir: Optional[Path] = None, force: bool = False, timing: Optional[TimingSettings] = None,
+                  items: Optional[Sequence[str]] = None, progress: Optional[Progress] = None,
+                  aarch64_root: Optional[Path] = None) -> Profile:
+    """Profile every block and exit head (or only ``items``, e.g. ``("block:0", "exit:exit_1")``)."""
+    backends = tuple(backends) if backends else default_backends(mode)
+    timing = timing or TimingSettings()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    _check_request(device, mode, rpc, backends)
+    units = profile_units(model, chain, exits, items)
+    key, versions = _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units)
+    cached = cache_dir / "profiles" / f"{key}.json"
+    if cached.is_file() and not force:
+        return Profile.load(cached)
+    with _measurer(device, mode, rpc, timing, cache_dir, aarch64_root) as (measure, provenance, note):
+        entries: list[Measurement] = []
+        for done, unit in enumerate(units):
+            if progress:
+                progress(done, len(units), unit.item)
+            entries.extend(measure(unit, backends, provenance, note))
+        if progress:
+            progress(len(units), len(units), "done")
+    settings = {device.name: {"mode": mode, "provenance": provenance, "backends": list(backends),
+                              "timing": timing.to_dict(), "items": [u.item for u in units],
+                              "tvm_build": "tvm.compile, default pipeline, untuned", "cache_key": key,
+                              **({"estimate_calibration": _calibration_summary()} if mode == "estimate" else {})}}
+    profile = Profile(model_sha256=versions["model_sha256"], entries=tuple(entries), versions=versions,
+                      settings=settings)
+    profile.save(cached)
+    return profile
+
+
+def merge_profiles(profiles: Sequence[Profile]) -> Profile:
+    """One profile over several devices (same model); a later profile's entry replaces an earlier one's."""
+    if not profiles:
+        raise DistreeError("nothing to merge: give at least one profile")
+    shas = {p.model_sha256 for p in profiles}
+    if len(shas) > 1:
+        raise DistreeError(f"profiles are of different models ({', '.join(sorted(s[:12] for s in shas))}); "
+                           "profile the same model for every device")
+    entries: dict[tuple[str, str, str], Measurement] = {}
+    settings: dict = {}
+    versions: dict[str, str] = {}
+    for p in profiles:
+        entries.update({(m.device, m.item, m.backend): m for m in p.entries})
+        settings.update(p.settings)
+        versions.update({k: v for k, v in p.versions.items() if k != "cache_key"})
+    return Profile(model_sha256=profiles[0].model_sha256, entries=tuple(entries.values()), versions=versions,
+                   settings=settings)
+
+
+def _check_request(device: DeviceSpec, mode: str, rpc: Optional[str], backends: tuple[str, ...]) -> None:
+    if mode not in MODES:
+        raise DistreeError(f"unknown profiling mode {mode!r}; use one of {', '.join(MODES)}")
+    bad = [b for b in backends if b not in ("tvm", "ort")]
+    if bad:
+        raise DistreeError(f"unknown backend {bad[0]!r}; use tvm and/or ort")
+    if mode == "rpc" and not rpc:
+        raise DistreeError("rpc profiling needs the device's TVM RPC server: --rpc HOST:PORT")
+    if mode in ("rpc", "qemu") and "ort" in backends:
+        raise DistreeError(f"{mode} profiling times TVM artifacts on the device; ONNX Runtime is timed only "
+                           "locally: drop the ort backend")
+    if mode == "local" and device.target != host_device().target:
+        raise DistreeError(f"local profiling measures this machine (device 'host'), not {device.name!r}; "
+                           f"for {device.name} use --rpc HOST:PORT (its TVM RPC server), --qemu (aarch64 CPUs, "
+                           "emulated) or --estimate")
+    if mode == "qemu":
+        cpu = device.target
+        if cpu.get("kind") != "llvm" or not str(cpu.get("mtriple", "")).startswith("aarch64"):
+            raise DistreeError(f"--qemu emulates aarch64 CPUs; {device.name} targets {cpu.get('kind')} "
+                               f"{cpu.get('mtriple') or cpu.get('arch', '')}: use --rpc or --estimate")
+
+
+def _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units) -> tuple[str, dict[str, str]]:
+    import numpy
+    import onnxruntime
+    import tvm
+
+    versions = {"distree": __version__, "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
+                "onnx": onnx.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
+                "model_sha256": model_sha256(model),
+                "device_sha256": _sha(device.to_dict())}
+    if mode == "estimate":
+        versions["estimate_calibration_sha256"] = _sha(json.loads(est.CALIBRATION_FILE.read_text())
+                                                       if est.CALIBRATION_FILE.is_file() else None)
+    doc = {"versions": versions, "chain": chain.to_dict(), "exits": [e.to_dict() for e in exits], "mode": mode,
+           "rpc": rpc or "", "backends": list(backends), "timing": timing.to_dict(),
+           "units": [u.sha256 for u in units]}
+    key = _sha(doc)
+    return key, {**versions, "cache_key": key}
+
+
+def _sha(doc) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _calibration_summary() -> dict:
+    cal = est.load_calibration()
+    return {"machine": cal.machine, "command": cal.command,
+            **{c.backend: {"eff_compute": c.eff_compute, "eff_memory": c.eff_memory, "op_ms": c.op_ms,
+                           "median_rel_error_on_calibration": c.median_rel_error} for c in cal.coefficients}}
+
+
+Measure = Callable[[Unit, tuple[str, ...], str, str], list[Measurement]]
+
+
+@contextlib.contextmanager
+def _measurer(device: DeviceSpec, mode: str, rpc: Optional[str], timing: TimingSettings, cache_dir: Path,
+              aarch64_root: Optional[Path]) -> Iterator[tuple[Measure, str, str]]:
+    """(measure function, provenance, note) for the mode; remote sessions and servers live inside."""
+    if mode == "estimate":
+        cal = est.load_calibration()
+        yield (lambda unit, backends, prov, note: _estimate(unit, backends, device, cal, timing, prov, note)), \
+            "estimate", f"estimated from {device.name}'s catalog figures, calibrated on {cal.machine}"
+        return
+    if mode == "local":
+        yield (lambda unit, backends, prov, note: measure_unit(unit, backends, device, timing, cache_dir, None,
+                                                           prov, note)), "local", ""
+        return
+    from distree.profiler.rpc import connect
+
+    if mode == "rpc":
+        session = connect(rpc)
+        yield (lambda unit, backends, prov, note: measure_unit(unit, backends, device, timing, cache_dir, session,
+                                                           prov, note)), f"rpc://{rpc}", ""
+        del session
+        gc.collect()
+        return
+    from distree.targets.emulation import aarch64_rpc_server, ensure_aarch64_root
+
+    root = ensure_aarch64_root(aarch64_root, log=lambda msg: print(msg, file=sys.stderr))
+    with aarch64_rpc_server(root) as address:
+        session = connect(address)
+        yield (lambda unit, backends, prov, note: measure_unit(unit, backends, device, timing, cache_dir, session,
+                                                           prov, note)), "qemu-emulated", QEMU_NOTE
+        del session
+        gc.collect()
+
+
+def _entry(device: DeviceSpec, unit: Unit, backend: str, provenance: str, samples: tuple[float, ...],
+           median: float, p90: float, activation_bytes: int, memory_source: str, threads: int,
+           note: str) -> Measurement:
+    return Measurement(device=device.name, item=unit.item, backend=backend, provenance=provenance,
+                       samples_ms=samples, median_ms=median, p90_ms=p90, param_bytes=unit.param_bytes,
+                       activation_bytes=activation_bytes, memory_source=memory_source, threads=threads,
+                       flops=unit.flops, note=note)
+
+
+def measure_unit(unit: Unit, backends: tuple[str, ...], device: DeviceSpec, timing: TimingSettings,
+                 cache_dir: Path, session=None, provenance: str = "local", note: str = "") -> list[Measurement]:
+    """Compile (cached) and time one unit with each backend, here or over an RPC session."""
+    compiled = tvm_backend.compile_unit(unit, device, cache_dir)
+    out = []
+    for backend in backends:
+        if backend == "tvm":
+            samples = (tvm_backend.time_tvm_remote(session, compiled, unit, device, timing) if session is not None
+                       else tvm_backend.time_tvm_local(compiled, unit, timing))
+        else:
+            samples = time_ort(unit, timing)
+        out.append(_entry(device, unit, backend, provenance, samples, *summarize(samples), compiled.activation_bytes,
+                          compiled.memory_source, timing.threads, note))
+    return out
+
+
+def _estimate(unit: Unit, backends: tuple[str, ...], device: DeviceSpec, cal: est.EstimateCalibration,
+              timing: TimingSettings, provenance: str, note: str) -> list[Measurement]:
+    import tvm  # noqa: F401 - planning needs TVM, compiling does not happen
+
+    mod = tvm_backend.import_unit(unit)
+    activation_bytes, memory_source = tvm_backend.planned_memory(mod, tvm_backend.tvm_target(device), unit)
+    out = []
+    for backend in backends:
+        ms = est.estimate_ms(unit.flops, est.unit_bytes(unit), unit.num_ops, device, cal.for_backend(backend),
+                             timing.threads)
+        out.append(_entry(device, unit, backend, provenance, (), ms, ms, activation_bytes, memory_source,
+                          timing.threads, note))
+    return out

@@ -1,0 +1,166 @@
+"""TVM: compile a unit for a device (cached by content hash), plan its memory, time it here or over RPC."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from distree.errors import DistreeError
+from distree.profiler.timing import TimingSettings
+from distree.profiler.units import Unit
+from distree.serde import write_bytes_atomic, write_json_atomic
+from distree.targets.spec import DeviceSpec
+
+STATIC_PLAN = "tvm-static-plan + io tensors"
+
+# The passes of TVM 0.27's default CPU build pipeline (relax/pipeline.py) up to the static memory plan.
+_PLAN_PASSES = ("LegalizeOps", "RewriteDataflowReshape", "ToNonDataflow", "RemovePurityChecking",
+                "CallTIRRewrite", "StaticPlanBlockMemory")
+
+
+@dataclass(frozen=True)
+class CompiledUnit:
+    path: Path                      # exported library (.so)
+    activation_bytes: int           # planned activation bytes, or the graph's estimate (see memory_source)
+    memory_source: str
+
+
+def tvm_target(device: DeviceSpec):
+    import tvm
+
+    spec: dict[str, Any] = dict(device.target)
+    if device.host:
+        spec["host"] = dict(device.host)
+    return tvm.target.Target(spec)
+
+
+def _cpu_triple(device: DeviceSpec) -> str:
+    cpu = device.host or device.target
+    return str(cpu.get("mtriple", ""))
+
+
+def cross_compiler(device: DeviceSpec) -> Optional[str]:
+    """The C compiler that links the device's library: None for this machine's own architecture."""
+    triple = _cpu_triple(device)
+    arch = triple.split("-")[0] if triple else platform.machine()
+    if arch == platform.machine():
+        return None
+    if arch == "aarch64":
+        if shutil.which("aarch64-linux-gnu-gcc") is None:
+            raise DistreeError(f"cross-compiling for {device.name} needs aarch64-linux-gnu-gcc: install the Debian "
+                               "packages gcc-aarch64-linux-gnu libc6-dev-arm64-cross")
+        return "aarch64-linux-gnu-gcc"
+    raise DistreeError(f"no cross compiler known for {device.name} ({triple}); distree cross-compiles for aarch64")
+
+
+def compile_key(unit: Unit, device: DeviceSpec) -> str:
+    import tvm
+
+    doc = {"unit": unit.sha256, "target": device.target, "host": device.host, "tvm": tvm.__version__,
+           "cc": cross_compiler(device)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def compile_unit(unit: Unit, device: DeviceSpec, cache_dir: Path) -> CompiledUnit:
+    """The unit compiled by ``tvm.compile`` for ``device``; reused when the same key was built before."""
+    key = compile_key(unit, device)
+    so = Path(cache_dir) / "tvm" / f"{key}.so"
+    meta = so.with_suffix(".json")
+    if so.is_file() and meta.is_file():
+        doc = json.loads(meta.read_text())
+        return CompiledUnit(so, int(doc["activation_bytes"]), doc["memory_source"])
+    import tvm
+
+    mod = import_unit(unit)
+    target = tvm_target(device)
+    activation_bytes, memory_source = planned_memory(mod, target, unit)
+    ex = tvm.compile(mod, target=target)
+    so.parent.mkdir(parents=True, exist_ok=True)
+    tmp = so.with_name(f".{so.name}.tmp.so")
+    cc = cross_compiler(device)
+    ex.export_library(str(tmp), **({"cc": cc} if cc else {}))
+    write_bytes_atomic(so, tmp.read_bytes())
+    tmp.unlink()
+    write_json_atomic(meta, {"activation_bytes": activation_bytes, "memory_source": memory_source,
+                             "unit": unit.item, "device": device.name})
+    return CompiledUnit(so, activation_bytes, memory_source)
+
+
+def import_unit(unit: Unit):
+    from tvm.relax.frontend.onnx import from_onnx
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the frontend warns when it renames inputs that contain "/" or "."
+        return from_onnx(unit.model, shape_dict={unit.input_name: list(unit.input_shape)},
+                         keep_params_in_input=False)
+
+
+def planned_memory(mod, target, unit: Unit) -> tuple[int, str]:
+    """Activation bytes: the unit's input and output tensors (the plan leaves them out: they cross the
+    function boundary) plus the sum of ``alloc_storage`` sizes after StaticPlanBlockMemory; the graph's
+    working-set estimate if planning fails."""
+    import tvm
+    from tvm import relax
+
+    try:
+        seq = tvm.transform.Sequential([getattr(relax.transform, name)() for name in _PLAN_PASSES])
+        with target:
+            planned = seq(mod)
+        total = 0
+
+        def visit(expr) -> None:
+            nonlocal total
+            if (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)
+                    and expr.op.name == "relax.memory.alloc_storage"):
+                total += int(expr.args[0].values[0])
+
+        relax.analysis.post_order_visit(planned["main"].body, visit)
+        return total + unit.io_bytes, STATIC_PLAN
+    except Exception as exc:  # noqa: BLE001 - any failure here is recorded in the provenance, not hidden
+        return unit.workspace_bytes, f"graph-workspace-estimate (TVM plan failed: {type(exc).__name__})"
+
+
+def set_threads(config_threadpool, threads: int) -> None:
+    """``runtime.config_threadpool(mode=kBig, nthreads)``, here or on a remote."""
+    config_threadpool(1, threads)
+
+
+def time_vm(vm, dev, x, settings: TimingSettings) -> tuple[float, ...]:
+    """Samples in ms of the VM's ``main`` on ``x`` (already on ``dev``), TVM's own evaluator."""
+    vm.set_input("main", x)
+    if settings.warmup:
+        vm.time_evaluator("invoke_stateful", dev, number=1, repeat=settings.warmup)("main")
+    res = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=settings.repeats,
+                            min_repeat_ms=int(settings.min_repeat_ms))("main")
+    return tuple(float(r) * 1e3 for r in res.results)
+
+
+def time_tvm_local(compiled: CompiledUnit, unit: Unit, settings: TimingSettings) -> tuple[float, ...]:
+    import tvm
+    from tvm import relax
+
+    set_threads(tvm.get_global_func("runtime.config_threadpool"), settings.threads)
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled.path)), dev)
+    return time_vm(vm, dev, tvm.runtime.tensor(unit.sample_input(), device=dev), settings)
+
+
+def time_tvm_remote(session, compiled: CompiledUnit, unit: Unit, device: DeviceSpec,
+                    settings: TimingSettings) -> tuple[float, ...]:
+    """Upload the library to an RPC session, load it there and time it on the remote CPU (or GPU)."""
+    import tvm
+    from tvm import relax
+
+    name = compiled.path.name
+    session.upload(str(compiled.path), target=name)
+    rmod = session.load_module(name)
+    set_threads(session.get_function("runtime.config_threadpool"), settings.threads)
+    dev = session.cuda() if device.target["kind"] == "cuda" else session.cpu()
+    vm = relax.VirtualMachine(rmod, dev)
+    return time_vm(vm, dev, tvm.runtime.tensor(unit.sample_input(), device=dev), settings)

@@ -1,0 +1,105 @@
+"""What gets profiled: every block of the chain and every exit head, each as a standalone ONNX model."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx.utils
+
+from distree.errors import DistreeError
+from distree.exits.types import ExitPoint
+from distree.graph import Chain, extract_segment
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One profiled item: a block (``block:<i>``) or an exit head (``exit:<name>``)."""
+
+    item: str
+    model: onnx.ModelProto
+    input_name: str
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    flops: int
+    param_bytes: int        # bytes of the unit model's initializers (what its artifact carries)
+    io_bytes: int           # input + output bytes
+    workspace_bytes: int    # the graph's working-set estimate (fallback when TVM cannot plan memory)
+    num_ops: int
+    sha256: str             # of the serialized unit model
+
+    def sample_input(self, seed: int = 0) -> np.ndarray:
+        return np.random.default_rng(seed).standard_normal(self.input_shape).astype(self.input_dtype)
+
+
+def block_item(index: int) -> str:
+    return f"block:{index}"
+
+
+def exit_item(name: str) -> str:
+    return f"exit:{name}"
+
+
+def profile_units(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint] = (),
+                  items: Sequence[str] | None = None) -> tuple[Unit, ...]:
+    """Blocks in chain order, then exit heads by depth; ``items`` keeps only those named."""
+    wanted = None if items is None else set(items)
+    known = [block_item(b.index) for b in chain.blocks] + [exit_item(e.name) for e in exits]
+    if wanted is not None and wanted - set(known):
+        bad = sorted(wanted - set(known))[0]
+        raise DistreeError(f"no item {bad!r} to profile; items are {', '.join(known)}")
+    units = []
+    for b in chain.blocks:
+        if wanted is None or block_item(b.index) in wanted:
+            seg = extract_segment(model, chain, b.index, b.index)
+            units.append(unit_from_model(block_item(b.index), seg, b.flops, b.workspace_bytes))
+    for e in sorted(exits, key=lambda e: (e.after_block, e.name)):
+        if wanted is None or exit_item(e.name) in wanted:
+            head = _head_model(model, chain, e)
+            units.append(unit_from_model(exit_item(e.name), head, e.flops, 0))
+    return tuple(units)
+
+
+def _head_model(model: onnx.ModelProto, chain: Chain, exit: ExitPoint) -> onnx.ModelProto:
+    """The exit head alone: from the cut tensor after ``exit.after_block`` to the exit's logits."""
+    if not 0 <= exit.after_block < len(chain.blocks):
+        raise DistreeError(f"exit {exit.name!r} attaches after block {exit.after_block}, outside the chain")
+    cut = chain.blocks[exit.after_block].output
+    try:
+        head = onnx.utils.Extractor(model).extract_model([cut], [exit.name])
+    except Exception as exc:  # onnx raises bare errors for tensors that are not in the graph
+        raise DistreeError(f"cannot cut exit head {exit.name!r} at {cut!r}: {exc}; is it an output of the "
+                           "model?") from exc
+    onnx.checker.check_model(head)
+    return head
+
+
+def unit_from_model(item: str, m: onnx.ModelProto, flops: int, workspace_bytes: int = 0) -> Unit:
+    """Any single-input ONNX model with static shapes as a profiling unit (e.g. a whole segment)."""
+    shapes = _static_shapes(m)
+    (inp,) = [i for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
+    in_shape, in_dtype = shapes[inp.name]
+    io = _nbytes(in_shape, in_dtype) + sum(_nbytes(*shapes[o.name]) for o in m.graph.output)
+    params = sum(onnx.numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
+    data = m.SerializeToString(deterministic=True)
+    return Unit(item=item, model=m, input_name=inp.name, input_shape=in_shape, input_dtype=in_dtype, flops=flops,
+                param_bytes=params, io_bytes=io, workspace_bytes=workspace_bytes, num_ops=len(m.graph.node),
+                sha256=hashlib.sha256(data).hexdigest())
+
+
+def _static_shapes(m: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], str]]:
+    out = {}
+    for v in [*m.graph.input, *m.graph.output]:
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value for d in t.shape.dim)
+        if any(d <= 0 for d in dims):
+            raise DistreeError(f"tensor {v.name!r} has no static shape; load the model with fixed input shapes")
+        out[v.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name)
+    return out
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize

@@ -1,0 +1,197 @@
+"""Profiler: local TVM + ORT measurements, memory, estimates, cache, merge, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from distree.cli import cli
+from distree.errors import DistreeError
+from distree.exits import declared_exits
+from distree.graph import build_chain, load_model
+from distree.profiler import Profile, TimingSettings, merge_profiles, profile_model, profile_units
+from distree.profiler import estimate as est
+from distree.targets import get_device
+
+FAST = TimingSettings(warmup=1, repeats=3, min_repeat_ms=1.0)
+
+
+def tiny_exit_model(path: Path) -> Path:
+    """conv -> relu -> conv(stride 2) -> relu -> [exit head] -> flatten -> linear; outputs logits, exit_1."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b0 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+            self.b1 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+            self.fc = nn.Sequential(nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
+            self.exit = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+        def forward(self, x):
+            h = self.b1(self.b0(x))
+            return self.fc(h), self.exit(h)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 1, 14, 14),), str(path), dynamo=False, input_names=["input"],
+                          output_names=["logits", "exit_1"], opset_version=17)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tiny_exit_model(tmp_path_factory.mktemp("model") / "tiny.onnx")
+    model = load_model(path)
+    chain = build_chain(model)
+    return path, model, chain, declared_exits(model, chain)
+
+
+@pytest.fixture(scope="module")
+def local_profile(tiny, tmp_path_factory):
+    _, model, chain, exits = tiny
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST)
+
+
+def test_units_are_blocks_then_exit_heads_and_run_like_the_model(tiny):
+    import onnxruntime as ort
+
+    _, model, chain, exits = tiny
+    units = profile_units(model, chain, exits)
+    assert [u.item for u in units] == [f"block:{b.index}" for b in chain.blocks] + ["exit:exit_1"]
+    x = np.random.default_rng(0).standard_normal((1, 1, 14, 14)).astype(np.float32)
+    full = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want_logits, want_exit = full.run(["logits", "exit_1"], {"input": x})
+    h = x
+    for u in units[:-1]:
+        h = ort.InferenceSession(u.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {u.input_name: h})[0]
+    np.testing.assert_allclose(h, want_logits, rtol=1e-5, atol=1e-5)
+    head = units[-1]
+    cut = chain.blocks[exits[0].after_block].output
+    assert head.input_name == cut and head.flops == exits[0].flops
+    assert head.param_bytes == sum(onnx.numpy_helper.to_array(t).nbytes for t in head.model.graph.initializer) > 0
+    assert want_exit.shape == (1, 10)
+
+
+def test_local_profile_measures_every_item_with_both_backends(tiny, local_profile):
+    _, model, chain, exits = tiny
+    _, profile = local_profile
+    items = [f"block:{b.index}" for b in chain.blocks] + ["exit:exit_1"]
+    assert {(m.item, m.backend) for m in profile.entries} == {(i, b) for i in items for b in ("tvm", "ort")}
+    for m in profile.entries:
+        assert m.device == "host" and m.provenance == "local" and m.threads == 1
+        assert len(m.samples_ms) == FAST.repeats and 0 < m.median_ms <= m.p90_ms
+        assert m.memory_source.startswith("tvm-static-plan")
+    conv = next(b for b in chain.blocks if "Conv" in b.ops)
+    m = profile.get("host", f"block:{conv.index}", "tvm")
+    assert m.param_bytes > 0 and m.flops == conv.flops
+    # activations include at least the block's input and output tensors
+    assert m.activation_bytes >= 4 * (int(np.prod(conv.output_shape)))
+    assert profile.versions["tvm"] and profile.versions["onnxruntime"] and profile.versions["model_sha256"]
+    fastest = profile.get("host", "exit:exit_1")
+    assert fastest.median_ms == min(profile.get("host", "exit:exit_1", b).median_ms for b in ("tvm", "ort"))
+
+
+def test_profile_json_round_trip(local_profile, tmp_path):
+    _, profile = local_profile
+    profile.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == profile
+
+
+def test_cache_reuses_profile_and_compiled_units_force_remeasures(tiny, local_profile):
+    _, model, chain, exits = tiny
+    cache, first = local_profile
+    libs = sorted((cache / "tvm").glob("*.so"))
+    stamps = [p.stat().st_mtime_ns for p in libs]
+    again = profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST)
+    assert again == first
+    forced = profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST, force=True)
+    assert [m.samples_ms for m in forced.entries] != [m.samples_ms for m in first.entries]
+    assert sorted((cache / "tvm").glob("*.so")) == libs  # same content hashes: nothing recompiled
+    assert [p.stat().st_mtime_ns for p in libs] == stamps
+
+
+def test_estimate_mode_scales_by_device_figures(tiny, tmp_path):
+    _, model, chain, exits = tiny
+    prof = {d: profile_model(model, chain, exits, get_device(d), mode="estimate", cache_dir=tmp_path)
+            for d in ("host", "pi4", "jetson-orin-nano")}
+    conv = next(b for b in chain.blocks if "Conv" in b.ops)
+    item = f"block:{conv.index}"
+    for d, p in prof.items():
+        for m in p.entries:
+            assert m.provenance == "estimate" and m.samples_ms == () and m.median_ms > 0
+            assert m.memory_source.startswith("tvm-static-plan")
+        assert "calibrated on" in p.get(d, item).note
+    assert prof["pi4"].get("pi4", item, "ort").median_ms > prof["host"].get("host", item, "ort").median_ms
+    merged = merge_profiles(list(prof.values()))
+    assert set(merged.devices) == {"host", "pi4", "jetson-orin-nano"} and set(merged.settings) == set(prof)
+
+
+def test_fit_recovers_known_coefficients():
+    host = get_device("host")
+    truth = est.EstimateCoefficients("ort", 0.3, 0.05, 0.01, host.peak_gflops / host.cores, 0, 0, 0)
+    rng = np.random.default_rng(1)
+    rows = [(f, b, o, est.estimate_ms(f, b, o, host, truth, 1))
+            for f, b, o in zip(10 ** rng.uniform(4, 9, 40), 10 ** rng.uniform(3, 7, 40), rng.integers(1, 20, 40))]
+    fit = est.fit_coefficients("ort", rows, host, 1)
+    assert fit.median_rel_error < 0.02
+    assert abs(fit.eff_compute - 0.3) / 0.3 < 0.1 and abs(fit.op_ms - 0.01) / 0.01 < 0.1
+
+
+def test_calibration_file_is_present_with_its_command():
+    cal = est.load_calibration()
+    assert "profile_fidelity.py --calibrate" in cal.command
+    assert {c.backend for c in cal.coefficients} == {"tvm", "ort"}
+    for c in cal.coefficients:
+        assert 0 < c.eff_compute <= 1.5 and c.op_ms > 0 and c.rows >= 10
+
+
+def test_merge_refuses_profiles_of_different_models(local_profile):
+    _, p = local_profile
+    other = Profile(model_sha256="0" * 64, entries=(), versions={})
+    with pytest.raises(DistreeError, match="different models"):
+        merge_profiles([p, other])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(device="pi4", mode="local"), "local profiling measures this machine.*--rpc.*--estimate"),
+    (dict(device="host", mode="rpc"), "--rpc HOST:PORT"),
+    (dict(device="host", mode="rpc", rpc="127.0.0.1:1", backends=("ort",)), "drop the ort backend"),
+    (dict(device="jetson-orin-nano", mode="qemu"), "--qemu emulates aarch64 CPUs"),
+    (dict(device="host", mode="fast"), "unknown profiling mode"),
+    (dict(device="host", items=("block:99",)), "no item 'block:99'"),
+])
+def test_bad_requests_fail_before_work(tiny, tmp_path, kwargs, message):
+    _, model, chain, exits = tiny
+    device = get_device(kwargs.pop("device"))
+    with pytest.raises(DistreeError, match=message):
+        profile_model(model, chain, exits, device, cache_dir=tmp_path, **kwargs)
+
+
+def test_profile_command_writes_profile_and_reports_bad_input(tiny, tmp_path):
+    path = tiny[0]
+    runner = CliRunner()
+    out = tmp_path / "profile.json"
+    res = runner.invoke(cli, ["profile", str(path), "--device", "host", "--device", "pi4", "--estimate",
+                              "--cache-dir", str(tmp_path / "c"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "Profile" and {e["device"] for e in doc["entries"]} == {"host", "pi4"}
+    assert all(e["provenance"] == "estimate" for e in doc["entries"])
+    res = runner.invoke(cli, ["profile", str(path), "--device", "pi9", "--estimate", "-o", str(out)])
+    assert res.exit_code == 2 and "unknown device 'pi9'" in res.output and "pi4" in res.output
+    res = runner.invoke(cli, ["profile", str(path), "--device", "pi4", "-o", str(out)])
+    assert res.exit_code == 2 and "--estimate" in res.output
+    res = runner.invoke(cli, ["profile", str(path), "--device", "pi4", "--estimate", "--qemu", "-o", str(out)])
+    assert res.exit_code == 2 and "choose one of" in res.output

@@ -88,12 +88,13 @@ def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, ou
 
 @click.command("verify")
 @click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--emulate", is_flag=True, help="Also run aarch64 CPU libraries under qemu-user (slow: minutes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(bundle: str, as_json: bool) -> None:
+def verify_cmd(bundle: str, emulate: bool, as_json: bool) -> None:
     """Check a bundle: file hashes, versions, and that every device's files load (run what runs here)."""
     from distree.compiler.verify import verify_bundle
 
-    report = verify_bundle(bundle)
+    report = verify_bundle(bundle, emulate=emulate)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

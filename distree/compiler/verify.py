@@ -39,8 +39,11 @@ class VerifyReport(JsonRecord):
     checks: tuple[FileCheck, ...]
 
 
-def verify_bundle(path: str | Path) -> VerifyReport:
-    """Check everything; the first problem is a DistreeError that names the file."""
+def verify_bundle(path: str | Path, emulate: bool = False) -> VerifyReport:
+    """Check everything; the first problem is a DistreeError that names the file.
+
+    ``emulate``: also run aarch64 CPU libraries under qemu-user and compare them with their ONNX.
+    """
     bundle = Path(path)
     manifest = read_manifest(bundle)
     _check_files(bundle, manifest.files)
@@ -53,6 +56,8 @@ def verify_bundle(path: str | Path) -> VerifyReport:
                 raise DistreeError(f"{bundle / 'thresholds.json'}: has no threshold for exit {seg.exit}; "
                                    "rebuild the bundle")
             checks.extend(_check_segment(bundle, stage, seg))
+    if emulate:
+        checks = _emulate(bundle, manifest, checks)
     return VerifyReport(bundle=str(bundle), made_by=f"distree {manifest.distree_version}, TVM "
                         f"{manifest.tvm_version}, ONNX Runtime {manifest.ort_version}",
                         files=len(manifest.files), checks=tuple(checks))
@@ -99,6 +104,28 @@ def _check_segment(bundle: Path, stage: DeviceArtifact, seg: SegmentArtifact) ->
         detail += f"; CUDA kernels: {seg.cuda}"
     checks.append(FileCheck(seg.tvm_file, "checked", detail + " (run it on the device or under qemu)"))
     return checks
+
+
+def _emulate(bundle: Path, manifest, checks: list[FileCheck]) -> list[FileCheck]:
+    """Run every aarch64 CPU library under qemu on zeros; its outputs must match ONNX Runtime's."""
+    from distree.compiler.emulated import run_on_aarch64
+
+    segs = [s for st in manifest.stages for s in st.segments
+            if s.tvm_file and st.spec.target.get("kind") == "llvm" and target_arch(st.spec) == "aarch64"
+            and not host_runnable(st.spec)]
+    if not segs:
+        return checks
+    zeros = [np.zeros(s.input.shape, dtype=s.input.dtype) for s in segs]
+    results = run_on_aarch64([bundle / s.tvm_file for s in segs], zeros)
+    ran = set()
+    for seg, x, outs in zip(segs, zeros, results):
+        for spec, got, ref in zip(seg.outputs, outs, ort_runner(bundle / seg.onnx_file)(x)):
+            if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-3, atol=1e-4):
+                raise DistreeError(f"{bundle / seg.tvm_file}: output {spec.name} under qemu differs from its ONNX "
+                                   f"(max |diff| {np.abs(got - ref).max():.3g}); rebuild the bundle")
+        ran.add(seg.tvm_file)
+    return [FileCheck(c.file, "ran", "aarch64 TVM runtime under qemu-user ran it on zeros; outputs match "
+                      "ONNX Runtime") if c.file in ran else c for c in checks]
 
 
 def _check_shapes(path: Path, seg: SegmentArtifact, outs: list[np.ndarray]) -> None:

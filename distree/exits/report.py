@@ -51,14 +51,15 @@ def plot_curves(calibration: Calibration, reports: tuple[ExitReport, ...], path:
     for r, color in zip(reports, plt.cm.viridis(np.linspace(0, 0.9, max(len(reports), 1)))):
         label = f"{r.name} (after block {r.after_block})"
         ax_acc.plot([p.exit_rate for p in r.curve], [p.accuracy for p in r.curve], "o-", color=color, label=label)
-        ax_rate.plot([p.level for p in r.curve], [p.exit_rate for p in r.curve], "o-", color=color, label=label)
+        ax_rate.plot([p.threshold for p in r.curve], [p.exit_rate for p in r.curve], "o-", color=color, label=label)
         if r.test_curve is not None:
             ax_acc.plot([p.exit_rate for p in r.test_curve], [p.accuracy for p in r.test_curve], "x--",
                         color=color, alpha=0.6)
     ax_acc.axhline(calibration.final_accuracy(), color="k", ls=":", label="final classifier (all samples)")
     ax_acc.set(xlabel="exit rate (share of samples with score >= threshold)", ylabel="accuracy of those samples",
                title=f"exit accuracy vs exit rate ({calibration.score_kind}; x--: test)")
-    ax_rate.set(xlabel="threshold level (ascending)", ylabel="exit rate", title="exit rate per threshold level")
+    ax_rate.set(xlabel=f"threshold ({calibration.score_kind} score)", ylabel="exit rate",
+                title="exit rate vs threshold (calibration grid)")
     ax_acc.legend(fontsize=7)
     ax_acc.grid(alpha=0.3)
     ax_rate.grid(alpha=0.3)

@@ -368,27 +368,23 @@ def train_exits(model: onnx.ModelProto, chain: Chain, data: Dataset, at: Sequenc
     heads = fit_heads(model, chain, data.subset(fit_idx), wanted, head)
 
     def entry_fields(after_block: int) -> dict:
-        head = heads.get(entry_tensor[after_block])
-        if head is None:
+        entry = heads.get(entry_tensor[after_block])
+        if entry is None:
             return {}
-        return {"entry_output": head.output, "entry_nodes": head.node_names, "entry_flops": head.flops,
-                "entry_param_bytes": head.param_bytes}
+        return {"entry_output": entry.output, "entry_nodes": entry.node_names, "entry_flops": entry.flops,
+                "entry_param_bytes": entry.param_bytes}
 
-    trained = [ExitPoint(name=heads[chain.blocks[b].output].output, after_block=b, source="trained",
-                         head_nodes=heads[chain.blocks[b].output].node_names,
-                         flops=heads[chain.blocks[b].output].flops,
-                         param_bytes=heads[chain.blocks[b].output].param_bytes,
-                         fit_accuracy=heads[chain.blocks[b].output].fit_accuracy, **entry_fields(b))
-               for b in blocks]
-    kept = [ExitPoint(**{**_fields(e), **entry_fields(e.after_block)}) for e in declared]
+    def trained_exit(b: int) -> ExitPoint:
+        h = heads[chain.blocks[b].output]
+        return ExitPoint(name=h.output, after_block=b, source="trained", head_nodes=h.node_names, flops=h.flops,
+                         param_bytes=h.param_bytes, fit_accuracy=h.fit_accuracy, **entry_fields(b))
+
+    trained = [trained_exit(b) for b in blocks]
+    kept = [dataclasses.replace(e, **entry_fields(e.after_block)) for e in declared]
     exits = tuple(sorted([*kept, *trained], key=lambda e: (e.after_block, e.name)))
     attached = attach_heads(model if attach_to is None else attach_to, list(heads.values()), exits)
     _set_metadata(attached, SPLIT_METADATA_KEY, dataclasses.asdict(FitSplit(seed, fit_fraction, data_digest(data))))
     return attached, exits
-
-
-def _fields(e: ExitPoint) -> dict:
-    return {f: getattr(e, f) for f in e.__dataclass_fields__}
 
 
 def _check_blocks(model: onnx.ModelProto, chain: Chain, at: Sequence[int] | None,

@@ -140,13 +140,14 @@ def test_estimate_mode_scales_by_device_figures(tiny, tmp_path):
 
 def test_fit_recovers_known_coefficients():
     host = get_device("host")
-    truth = est.EstimateCoefficients("ort", 0.3, 0.05, 0.01, host.peak_gflops / host.cores, 0, 0, 0)
+    truth = est.EstimateCoefficients("ort", 0.3, 0.05, 0.01, host.peak_gflops / host.cores, 0, 0, 0, call_ms=0.04)
     rng = np.random.default_rng(1)
     rows = [(f, b, o, est.estimate_ms(f, b, o, host, truth, 1))
             for f, b, o in zip(10 ** rng.uniform(4, 9, 40), 10 ** rng.uniform(3, 7, 40), rng.integers(1, 20, 40))]
     fit = est.fit_coefficients("ort", rows, host, 1)
     assert fit.median_rel_error < 0.02
     assert abs(fit.eff_compute - 0.3) / 0.3 < 0.1 and abs(fit.op_ms - 0.01) / 0.01 < 0.1
+    assert abs(fit.call_ms - 0.04) / 0.04 < 0.1
 
 
 def test_calibration_file_is_present_with_its_command():

@@ -1,19 +1,19 @@
 """Latency estimates from FLOPs, bytes and a device's figures, calibrated against this machine.
 
-    latency_ms = max(flops / (peak * eff_compute), bytes / (bandwidth * eff_memory)) + ops * op_ms
+    latency_ms = max(flops / (peak * eff_compute), bytes / (bandwidth * eff_memory)) + ops * op_ms + call_ms
 
 ``peak`` is the device's peak FP32 GFLOP/s per core times the threads used (capped at its cores; the
 whole GPU for CUDA devices); ``bytes`` = parameter bytes + input and output bytes. ``eff_compute``,
-``eff_memory`` and ``op_ms`` are fitted by least squares on log latency against measurements on the
+``eff_memory``, ``op_ms`` and ``call_ms`` (the fixed cost of one invocation) are fitted by least squares on log latency against measurements on the
 calibration machine (one set per backend), stored in ``estimate_calibration.json`` with the command that
-produced them. On another device the efficiencies carry over and ``op_ms`` scales with its per-core
-throughput (CPU) or is a CUDA kernel launch (GPU). These are estimates: every one says so.
+produced them. On another device the efficiencies carry over and ``op_ms`` and ``call_ms`` scale with its
+per-core throughput (CPU; on a GPU each op is a CUDA kernel launch and the call stays on the host CPU). These are estimates: every one says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +27,8 @@ from distree.targets.spec import DeviceSpec
 
 CALIBRATION_FILE = Path(__file__).with_name("estimate_calibration.json")
 CUDA_LAUNCH_MS = 0.01  # per kernel launch on a Jetson-class GPU (order of 5-10 us, NVIDIA CUDA best practices)
+# A GPU device's host CPU per-core peak when the spec does not give it: Cortex-A78AE @ 1.5 GHz x 16 FLOP/cycle.
+HOST_CORE_GFLOPS_FALLBACK = 24.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class EstimateCoefficients(JsonRecord):
     median_rel_error: float     # on the calibration rows
     max_rel_error: float
     rows: int
+    call_ms: float = 0.0            # fixed cost per invocation (session.run / VM call) on the calibration machine
 
 
 @dataclass(frozen=True)
@@ -74,17 +77,20 @@ def unit_bytes(unit: Unit) -> int:
     return unit.param_bytes + unit.io_bytes
 
 
-def op_overhead_ms(coef: EstimateCoefficients, device: DeviceSpec) -> float:
+def _cpu_slowdown(coef: EstimateCoefficients, device: DeviceSpec) -> float:
+    """How much slower one core of ``device`` (its host CPU for a GPU) is than the calibration machine's."""
     if device.target.get("kind") == "cuda":
-        return CUDA_LAUNCH_MS
-    return coef.op_ms * coef.per_core_gflops / (device.peak_gflops / device.cores)
+        return coef.per_core_gflops / HOST_CORE_GFLOPS_FALLBACK
+    return coef.per_core_gflops / (device.peak_gflops / device.cores)
 
 
 def estimate_ms(flops: float, nbytes: float, ops: int, device: DeviceSpec, coef: EstimateCoefficients,
                 threads: int) -> float:
     compute = flops / (effective_peak_gflops(device, threads) * 1e9 * coef.eff_compute)
     memory = nbytes / (device.mem_gbps * 1e9 * coef.eff_memory)
-    return max(compute, memory) * 1e3 + ops * op_overhead_ms(coef, device)
+    slow = _cpu_slowdown(coef, device)
+    op_ms = CUDA_LAUNCH_MS if device.target.get("kind") == "cuda" else coef.op_ms * slow
+    return max(compute, memory) * 1e3 + ops * op_ms + coef.call_ms * slow
 
 
 def fit_coefficients(backend: str, rows: Sequence[tuple[float, float, int, float]], device: DeviceSpec,
@@ -98,18 +104,18 @@ def fit_coefficients(backend: str, rows: Sequence[tuple[float, float, int, float
     per_core = device.peak_gflops / device.cores
 
     def coef(p: np.ndarray) -> EstimateCoefficients:
-        return EstimateCoefficients(backend, float(math.exp(p[0])), float(math.exp(p[1])), float(math.exp(p[2])),
-                                    per_core, 0.0, 0.0, len(rows))
+        e = np.exp(p)
+        return EstimateCoefficients(backend, float(e[0]), float(e[1]), float(e[2]), per_core, 0.0, 0.0, len(rows),
+                                    call_ms=float(e[3]))
 
     def predict(p: np.ndarray) -> np.ndarray:
         c = coef(p)
         return np.array([estimate_ms(f, b, int(o), device, c, threads) for f, b, o, _ in data])
 
     # efficiencies in (0, 1]: a fit that wants more than the datasheet says the term does not matter
-    bounds = (np.log([1e-4, 1e-4, 1e-6]), np.log([1.0, 1.0, 10.0]))
-    start = np.log([0.1, 0.1, 0.005])
+    bounds = (np.log([1e-4, 1e-4, 1e-6, 1e-6]), np.log([1.0, 1.0, 10.0, 10.0]))
+    start = np.log([0.1, 0.1, 0.005, 0.005])
     fit = least_squares(lambda p: np.log(predict(p)) - np.log(data[:, 3]), start, bounds=bounds, method="trf")
     rel = np.abs(predict(fit.x) - data[:, 3]) / data[:, 3]
     best = coef(fit.x)
-    return EstimateCoefficients(backend, best.eff_compute, best.eff_memory, best.op_ms, per_core,
-                                float(np.median(rel)), float(np.max(rel)), len(rows))
+    return dataclasses.replace(best, median_rel_error=float(np.median(rel)), max_rel_error=float(np.max(rel)))

@@ -1,6 +1,6 @@
 """Exit quality on the Fashion-MNIST examples: per-exit test accuracy, and what each score kind buys.
 
-    .venv/bin/python benchmarks/exit_scores.py [--models plain,exits] [--at 2,5,8]
+    .venv/bin/python benchmarks/exit_scores.py [--models plain,exits] [--at 2,5,8] [--head auto|linear|conv]
 
 For each example model: exits are found (``resnet_exits.onnx`` declares them) or trained after every
 candidate block (``resnet_plain.onnx``; ``--at`` restricts them), each with its entry head. For each score
@@ -36,7 +36,7 @@ from distree.exits import (  # noqa: E402
     run_exits,
     train_exits,
 )
-from distree.exits.heads import num_classes  # noqa: E402
+from distree.exits.heads import HEAD_KINDS, num_classes  # noqa: E402
 from distree.graph import build_chain, load_model  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
@@ -55,7 +55,7 @@ def thresholds_matching_final(cal: Calibration) -> dict[str, float | None]:
     return chosen
 
 
-def measure(path: Path, calib_path: Path, test_path: Path, at: list[int] | None) -> dict:
+def measure(path: Path, calib_path: Path, test_path: Path, at: list[int] | None, head: str = "auto") -> dict:
     model = load_model(path)
     chain = build_chain(model)
     k = num_classes(model, chain)
@@ -63,10 +63,11 @@ def measure(path: Path, calib_path: Path, test_path: Path, at: list[int] | None)
     test = load_dataset(test_path, chain.input_shape, k)
     declared = declared_exits(model, chain) if at is None else ()
     started = time.perf_counter()
-    exits_model, exits = train_exits(model, chain, calib, at=at, declared=declared)
+    exits_model, exits = train_exits(model, chain, calib, at=at, declared=declared, head=head)
     train_s = time.perf_counter() - started
     exits_chain = build_chain(exits_model)
-    result = {"model": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "blocks": len(chain.blocks), "heads_train_s": round(train_s, 2),
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    result = {"head": head, "model": str(shown), "blocks": len(chain.blocks), "heads_train_s": round(train_s, 2),
               "exits": [{"name": e.name, "after_block": e.after_block, "source": e.source, "flops": e.flops,
                          "entry_flops": e.entry_flops, "fit_accuracy": e.fit_accuracy} for e in exits],
               "scores": {}}
@@ -94,8 +95,8 @@ def measure(path: Path, calib_path: Path, test_path: Path, at: list[int] | None)
 
 
 def print_result(name: str, r: dict) -> None:
-    print(f"\n== {name}: {r['model']} ({r['blocks']} blocks, {len(r['exits'])} exits, heads trained in "
-          f"{r['heads_train_s']} s; split {r['split_sizes']}) ==")
+    print(f"\n== {name}: {r['model']}, {r['head']} heads ({r['blocks']} blocks, {len(r['exits'])} exits, heads "
+          f"trained in {r['heads_train_s']} s; split {r['split_sizes']}) ==")
     print(f"final classifier: test {r['final_test_accuracy']:.4f}, calibration {r['final_calibration_accuracy']:.4f}")
     print(f"{'exit':<10}{'block':>6}{'src':>9}{'test acc':>10}" + "".join(f"{k[:11]:>12}" for k in SCORE_KINDS)
           + "   <- test share leaving (threshold off: -)")
@@ -120,22 +121,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="plain,exits")
     parser.add_argument("--at", default=None, help="blocks for trained exits (default: all candidates / declared)")
+    parser.add_argument("--head", default="auto", choices=HEAD_KINDS, help="shape of trained heads")
+    parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--calib", type=Path, default=EXAMPLE / "calib.npz")
     parser.add_argument("--test", type=Path, default=EXAMPLE / "test.npz")
     args = parser.parse_args()
     at = [int(b) for b in args.at.split(",")] if args.at else None
     results = {}
     for name in args.models.split(","):
-        results[name] = measure(MODELS[name], args.calib, args.test, at)
+        results[name] = measure(MODELS[name], args.calib, args.test, at, args.head)
         print_result(name, results[name])
     doc = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
            "command": "python benchmarks/exit_scores.py " + " ".join(sys.argv[1:]),
            "threshold_rule": "per exit: lowest grid level whose calibration accuracy among leaving samples >= "
                              "final calibration accuracy; exits with no such level are off",
            "results": results}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\nwrote {OUT.relative_to(ROOT)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

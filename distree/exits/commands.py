@@ -32,7 +32,8 @@ def _blocks(text: str | None) -> list[int] | None:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise DistreeError(f"--at {text!r}: expected block indices like 2,5,8 (see `distree inspect`) or 'all'") from None
+        raise DistreeError(f"--at {text!r}: expected block indices like 2,5,8 (see `distree inspect`) "
+                           "or 'all'") from None
 
 
 @click.command("exits")

@@ -5,8 +5,8 @@ scipy's L-BFGS on features that onnxruntime extracts from the fit split; on wide
 is average pooling to a 4 x 4 grid + a 1x1 conv to at most 16 channels (the cells' principal axes) + a
 linear layer, so an early exit still sees where things are. Features are standardised for the fit and the
 standardisation is folded into the Gemm weights, so the attached head is just
-``GlobalAveragePool -> Flatten -> Gemm`` (or ``AveragePool -> Conv 1x1 -> Flatten -> Gemm``). Heads only add nodes: every original tensor, and so the final
-output, is computed exactly as before.
+``GlobalAveragePool -> Flatten -> Gemm`` (or ``AveragePool -> Conv 1x1 -> Flatten -> Gemm``). Heads only
+add nodes: every original tensor, and so the final output, is computed exactly as before.
 """
 
 from __future__ import annotations

@@ -205,3 +205,32 @@ def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
         pl[s:e + 1] = d
         e, d = s - 1, prev
     return pl, float(final.min())
+
+
+def relaxed_lower_bound(p: Problem) -> float:
+    """A valid lower bound on the expected latency of ANY feasible plan, in O(N E + B D^2).
+
+    Relaxation: each sample may leave at any exit it passes at some level (or at the end) independently
+    of the others (paying only the head it leaves at), memory is free, and its path over the devices is the cheapest one for that
+    prefix. Only the accuracy count is kept; that relaxed problem is solved exactly: every sample takes its
+    cheapest option, then the cheapest upgrades to a correct option until K are right.
+    """
+    B, D, E = p.n_blocks, p.n_devices, p.n_exits
+    path = p.cut_ms[p.source, :, 0] + p.block_ms[:, 0]          # cheapest way to have run block 0 on d
+    upto = [path]
+    for b in range(1, B):
+        path = (path[:, None] + p.cut_ms[:, :, b]).min(axis=0) + p.block_ms[:, b]
+        upto.append(path)
+    leave = np.array([(upto[a] + p.head_ms[:, j] + p.return_ms).min() for j, a in enumerate(p.exit_after)]
+                     + [(upto[-1] + p.return_ms).min()])
+    option_ok = np.concatenate([p.passed_level > 0, np.ones((p.n_samples, 1), dtype=bool)], axis=1)
+    correct = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1)
+    cost = np.where(option_ok, leave[None, :], np.inf)
+    cheapest = cost.min(axis=1)
+    free_right = (np.where(correct, cost, np.inf).min(axis=1) <= cheapest)
+    upgrade = np.where(correct, cost, np.inf).min(axis=1) - cheapest
+    need = p.required_correct - int(free_right.sum())
+    extra = np.sort(upgrade[~free_right])[:max(0, need)]
+    if need > 0 and (len(extra) < need or not np.all(np.isfinite(extra))):
+        return np.inf                      # even the relaxation cannot reach the accuracy: infeasible
+    return float((cheapest.sum() + extra.sum()) / p.n_samples)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.costs import best_placement, evaluate
+from distree.solver.costs import best_placement, evaluate, reach_blocks
 from distree.solver.problem import Problem
 
 DEADLINE_WEIGHTS = (0.0, 0.01, 0.1, 1.0, 10.0, 1000.0)
@@ -59,6 +59,79 @@ def _key(c: Candidate) -> tuple[bool, float]:
     return (not c.feasible, c.expected_ms)
 
 
+class _MoveScorer:
+    """Scores every single-exit level change for a FIXED placement in O(N) each.
+
+    Sample i currently leaves at ``first[i]`` (E = final) and would leave at ``second[i]`` if that exit
+    no longer took it. Changing exit j moves a sample only to j, to ``second``, or not at all.
+    """
+
+    def __init__(self, p: Problem, levels: np.ndarray, placement: np.ndarray):
+        self.p, self.levels, self.pl = p, levels, placement
+        B, E = p.n_blocks, p.n_exits
+        blocks = p.block_ms[placement, np.arange(B)]
+        cuts = np.empty(B)
+        cuts[0] = p.cut_ms[p.source, placement[0], 0]
+        cuts[1:] = p.cut_ms[placement[:-1], placement[1:], np.arange(1, B)]
+        self.blocks = blocks
+        prefix = np.cumsum(blocks + cuts)
+        self.head_dev = placement[p.exit_after]
+        self.hm = p.head_ms[self.head_dev, np.arange(E)]
+        self.base = np.append(prefix[p.exit_after] + p.return_ms[self.head_dev],
+                              prefix[-1] + p.return_ms[placement[-1]])
+        self.fixed_worst = blocks.sum() + cuts.sum() + p.return_ms[placement[-1]]
+        en = levels > 0
+        passes = (p.passed_level >= levels[None, :]) & en[None, :]
+        N = p.n_samples
+        self.first = np.where(passes.any(1), passes.argmax(1), E)
+        after_first = passes & (np.arange(E)[None, :] > self.first[:, None])
+        self.second = np.where(after_first.any(1), after_first.argmax(1), E)
+        self.corr = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1).astype(int)
+        self.rows = np.arange(N)
+        self.on_device = [placement == d for d in range(p.n_devices)]
+        self.used = np.array([m.any() for m in self.on_device])
+        self.block_of = np.append(p.exit_after, B - 1)
+
+    def scores(self, j: int) -> np.ndarray:
+        """Penalised expected latency of exit j at every level 0..n (inf where a constraint breaks)."""
+        p, E = self.p, self.p.n_exits
+        levels = np.arange(p.n_levels[j] + 1)
+        pass_new = (p.passed_level[None, :, j] >= levels[:, None]) & (levels[:, None] > 0)     # [V, N]
+        kept = np.where(self.first == j, self.second, self.first)[None, :]
+        new = np.where(self.first[None, :] < j, self.first[None, :], np.where(pass_new, j, kept))
+        en = np.repeat((self.levels > 0)[None, :], len(levels), axis=0)
+        en[:, j] = levels > 0
+        head_w = self.hm[None, :] * en
+        heads_cum = np.concatenate([np.cumsum(head_w, axis=1), head_w.sum(1, keepdims=True)], axis=1)
+        rows = np.arange(len(levels))[:, None]
+        cost = (self.base[new] + heads_cum[rows, new]).mean(axis=1)
+        correct = self.corr[self.rows[None, :], new].sum(axis=1)
+        counts = np.bincount((new + rows * (E + 1)).ravel(), minlength=len(levels) * (E + 1))
+        rates = counts.reshape(len(levels), E + 1) / p.n_samples
+        out = cost + 1e6 * np.maximum(0, p.required_correct - correct) / p.n_samples
+        for v in range(len(levels)):
+            if not self._fits(en[v], rates[v]):
+                out[v] = np.inf
+        return out
+
+    def _fits(self, en: np.ndarray, rate: np.ndarray) -> bool:
+        p = self.p
+        if p.deadline_ms is not None and self.fixed_worst + (self.hm * en).sum() > p.deadline_ms + 1e-9:
+            return False
+        reach_b = reach_blocks(p, rate[:-1])
+        reach_x = 1.0 - (np.cumsum(rate[:-1]) - rate[:-1])
+        for d in np.nonzero(self.used)[0]:
+            on_h = (self.head_dev == d) & en
+            on_b = self.on_device[d]
+            act = max(p.block_act[d, on_b].max(), p.head_act[d, on_h].max(initial=0.0))
+            if p.block_param[d, on_b].sum() + p.head_param[d, on_h].sum() + act > p.capacity_bytes[d]:
+                return False
+            if p.busy_cap_ms is not None and (self.blocks[on_b] @ reach_b[on_b]
+                                              + self.hm[on_h] @ reach_x[on_h]) > p.busy_cap_ms + 1e-9:
+                return False
+        return True
+
+
 def _penalised(p: Problem, levels: np.ndarray, placement: np.ndarray) -> float:
     ev = evaluate(p, levels, placement)
     if set(ev.violations) - {"accuracy"}:
@@ -66,30 +139,38 @@ def _penalised(p: Problem, levels: np.ndarray, placement: np.ndarray) -> float:
     return ev.expected_ms + 1e6 * max(0, p.required_correct - ev.correct) / p.n_samples
 
 
-def local_search(p: Problem, max_rounds: int = 50) -> Candidate | None:
-    levels = np.zeros(p.n_exits, dtype=int)
-    cur = place(p, levels)
+def _starts(p: Problem) -> list[np.ndarray]:
+    """All exits off, and every exit at one common level (a cheap spread of starting points)."""
+    top = int(p.n_levels.max()) if p.n_exits else 0
+    return [np.minimum(g, p.n_levels) for g in range(top + 1)]
+
+
+def local_search(p: Problem, max_rounds: int = 200) -> Candidate | None:
+    """Best single-exit level change under the current placement, then re-place exactly; repeat."""
+    cur, cur_score = None, np.inf
+    for levels in _starts(p):
+        c = place(p, levels)
+        if c is not None and _penalised(p, c.levels, c.placement) < cur_score:
+            cur, cur_score = c, _penalised(p, c.levels, c.placement)
     if cur is None:
         return None
-    cur_score = _penalised(p, cur.levels, cur.placement)
     for _ in range(max_rounds):
+        scorer = _MoveScorer(p, cur.levels, cur.placement)
         best_move, best_score = None, cur_score
         for j in range(p.n_exits):
-            for lv in range(p.n_levels[j] + 1):
-                if lv == cur.levels[j]:
-                    continue
-                trial = cur.levels.copy()
-                trial[j] = lv
-                s = _penalised(p, trial, cur.placement)
-                if s < best_score - 1e-12:
-                    best_move, best_score = trial, s
+            scores = scorer.scores(j)
+            scores[cur.levels[j]] = np.inf
+            lv = int(np.argmin(scores))
+            if scores[lv] < best_score - 1e-12:
+                best_move, best_score = (j, lv), scores[lv]
         if best_move is None:
             break
-        moved = place(p, best_move)
+        trial = cur.levels.copy()
+        trial[best_move[0]] = best_move[1]
+        moved = place(p, trial)
         if moved is None:
             break
-        cur = moved
-        cur_score = _penalised(p, cur.levels, cur.placement)
+        cur, cur_score = moved, _penalised(p, moved.levels, moved.placement)
     return cur if cur.feasible else None
 
 

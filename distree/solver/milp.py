@@ -24,6 +24,7 @@ Formulation (why it is exact and why it is tighter than a survival/McCormick mod
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ import pulp
 
 from distree.solver.problem import Problem
 
-EPS = 1e-9
+LE, GE, EQ = pulp.LpConstraintLE, pulp.LpConstraintGE, pulp.LpConstraintEQ
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,13 @@ def reduce(p: Problem) -> Reduced:
                    weight=counts)
 
 
+def estimated_rows(p: Problem) -> int:
+    """Constraint rows of the MILP (before building it): three per (sample class, passable exit) + placement."""
+    r = reduce(p)
+    arcs = p.n_devices * p.n_devices
+    return int(3 * (r.passed > 0).sum() + p.n_blocks * (3 * p.n_devices + arcs) + 4 * len(r.exits) * p.n_devices)
+
+
 @dataclass(frozen=True)
 class MilpResult:
     levels: np.ndarray | None       # per Problem exit (0 = off)
@@ -88,6 +96,37 @@ class _WarmHiGHS(pulp.HiGHS):
         super().__init__(**kw)
         self.start = start or {}
 
+    def buildSolverModel(self, lp):
+        """PuLP's loader adds one column and one row per Python call; pass them in bulk instead."""
+        import highspy
+        h = lp.solverModel
+        inf = highspy.kHighsInf
+        variables = lp.variables()
+        for i, var in enumerate(variables):
+            var.index = i
+        n = len(variables)
+        lower = np.array([-inf if v.lowBound is None else v.lowBound for v in variables], dtype=float)
+        upper = np.array([inf if v.upBound is None else v.upBound for v in variables], dtype=float)
+        cost = np.array([lp.objective.get(v, 0.0) for v in variables], dtype=float)
+        h.addVars(n, lower, upper)
+        h.changeColsCost(n, np.arange(n, dtype=np.int32), cost)
+        ints = np.array([v.index for v in variables if v.cat == pulp.LpInteger], dtype=np.int32)
+        if len(ints):
+            h.changeColsIntegrality(len(ints), ints, np.full(len(ints), highspy.HighsVarType.kInteger))
+        starts, index, value, row_lo, row_hi = [], [], [], [], []
+        for i, con in enumerate(lp._constraints.values()):
+            con.index = i
+            starts.append(len(index))
+            for var, coef in con.items():
+                if coef:
+                    index.append(var.index)
+                    value.append(coef)
+            lb, ub = con.getLb(), con.getUb()
+            row_lo.append(-inf if lb is None else lb)
+            row_hi.append(inf if ub is None else ub)
+        h.addRows(len(starts), np.array(row_lo, dtype=float), np.array(row_hi, dtype=float), len(index),
+                  np.array(starts, dtype=np.int32), np.array(index, dtype=np.int32), np.array(value, dtype=float))
+
     def callSolver(self, lp):
         if self.start:
             by_name = {v.name: v.index for v in lp.variables()}
@@ -107,7 +146,11 @@ class Model:
         self._build()
 
     def _add(self, constraint, name: str) -> None:
-        self.lp += constraint, name
+        self.lp.addConstraint(constraint, name)
+
+    def _row(self, terms: list, sense: int, rhs: float, name: str) -> None:
+        """A constraint from (variable, coefficient) pairs: far faster than PuLP operator arithmetic."""
+        self.lp.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression(terms), sense, rhs=rhs), name)
 
     def _build(self) -> None:
         p, r = self.p, self.r
@@ -118,11 +161,14 @@ class Model:
         lin = pulp.lpSum
         arcs = [(d, e) for d in range(D) for e in range(D) if (d == e or p.free_order or d < e)]
 
-        self.w = {(j, k): self.lp.add_variable(f"w_{j}_{k}", cat="Binary")
+        # v[j,l] = 1 iff exit j is on with level <= l: a class with passed level L passes iff v[j,L] = 1,
+        # one variable instead of a sum over levels (the monotone structure of thresholds)
+        self.v = {(j, k): self.lp.add_variable(f"v_{j}_{k}", cat="Binary")
                   for j in range(E) for k in range(1, len(r.level_map[j]) + 1)}
-        en = {j: lin(self.w[j, k] for k in range(1, len(r.level_map[j]) + 1)) for j in range(E)}
+        en = {j: self.v[j, len(r.level_map[j])] for j in range(E)}
         for j in range(E):
-            self._add(en[j] <= 1, f"one_level_exit{j}")
+            for k in range(1, len(r.level_map[j])):
+                self._row([(self.v[j, k], 1), (self.v[j, k + 1], -1)], LE, 0, f"levels_nested_x{j}_l{k}")
         self.z = {(b, d): self.lp.add_variable(f"z_{b}_{d}", cat="Binary") for b in range(B) for d in range(D)}
         usable = p.capacity_bytes >= 0
         for b in range(B):
@@ -132,31 +178,31 @@ class Model:
                     self.z[b, d].upBound = 0
 
         # --- which exit each sample class leaves at ---------------------------------------------------
-        e_var = {}
+        # u[c,j] = share of class c gone by exit j (cumulative first-exit indicator); leaving at j is
+        # u[c,j] - u[c,prev]. u >= pass: gone once it passes; u - u_prev <= pass: leaves only where it passes.
         rate_terms: dict[int, list] = {j: [] for j in range(E)}
-        acc_terms = []
+        acc_terms: dict = defaultdict(float)     # a u appears twice (as u and as the next one's prev)
         for c in range(len(r.weight)):
-            passable = [j for j in range(E) if r.passed[c, j] > 0]
-            so_far = []
-            for j in passable:
-                v = self.lp.add_variable(f"e_{c}_{j}", lowBound=0, upBound=1)
-                e_var[c, j] = v
-                pass_cj = lin(self.w[j, k] for k in range(1, r.passed[c, j] + 1))
-                so_far.append(v)
-                self._add(v <= pass_cj, f"exit_needs_pass_c{c}_x{j}")
-                self._add(lin(so_far) >= pass_cj, f"exit_first_c{c}_x{j}")
-                rate_terms[j].append((v, r.weight[c] / N))
+            prev = None
+            share = r.weight[c] / N
+            for j in np.nonzero(r.passed[c] > 0)[0]:
+                u = self.lp.add_variable(f"u_{c}_{j}", lowBound=0, upBound=1)
+                pass_cj = self.v[j, int(r.passed[c, j])]
+                step = [(u, 1)] + ([(prev, -1)] if prev is not None else [])
+                self._row(step + [(pass_cj, -1)], LE, 0, f"exit_needs_pass_c{c}_x{j}")
+                self._row([(u, 1), (pass_cj, -1)], GE, 0, f"exit_first_c{c}_x{j}")
+                if prev is not None:
+                    self._row(step, GE, 0, f"exit_once_c{c}_x{j}")
+                rate_terms[j] += [(var, sign * share) for var, sign in step]
                 gain = int(r.correct_exit[c, j]) - int(r.correct_final[c])
-                if gain:
-                    acc_terms.append((v, gain * r.weight[c]))
-            if len(passable) > 1:
-                self._add(lin(so_far) <= 1, f"exit_once_c{c}")
-        self.e = e_var
+                for var, sign in step if gain else ():
+                    acc_terms[var] += sign * gain * r.weight[c]
+                prev = u
         rate = {j: self.lp.add_variable(f"rate_{j}", lowBound=0, upBound=1) for j in range(E)}
         for j in range(E):
-            self._add(rate[j] == pulp.LpAffineExpression(rate_terms[j]), f"exit_rate_x{j}")
+            self._row([(rate[j], -1)] + rate_terms[j], EQ, 0, f"exit_rate_x{j}")
         base_correct = int((r.weight * r.correct_final).sum())
-        self.correct = pulp.LpAffineExpression(acc_terms) + base_correct
+        self.correct = pulp.LpAffineExpression(list(acc_terms.items())) + base_correct
         self._add(self.correct >= p.required_correct, "accuracy")
 
         # --- reach mass through (block, device) ---------------------------------------------------------
@@ -262,8 +308,10 @@ class Model:
         """Values of the integer variables for a known plan (a warm start)."""
         start = {}
         for j, pj in enumerate(self.r.exits):
-            for k, lv in enumerate(self.r.level_map[j], start=1):
-                start[self.w[j, k].name] = float(levels[pj] == lv)
+            # the level the plan uses, in reduced numbering (a level between kept ones acts like the next)
+            chosen = np.searchsorted(self.r.level_map[j], levels[pj]) + 1 if levels[pj] > 0 else np.inf
+            for k in range(1, len(self.r.level_map[j]) + 1):
+                start[self.v[j, k].name] = float(k >= chosen)
         for (b, d), v in self.z.items():
             start[v.name] = float(placement[b] == d)
         return start
@@ -271,9 +319,10 @@ class Model:
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         p, r = self.p, self.r
         levels = np.zeros(p.n_exits, dtype=int)
-        for (j, k), v in self.w.items():
-            if (v.varValue or 0) > 0.5:
-                levels[r.exits[j]] = r.level_map[j][k - 1]
+        for j in range(len(r.exits)):
+            on = [k for k in range(1, len(r.level_map[j]) + 1) if (self.v[j, k].varValue or 0) > 0.5]
+            if on:
+                levels[r.exits[j]] = r.level_map[j][min(on) - 1]
         placement = np.array([max(range(p.n_devices), key=lambda d: self.z[b, d].varValue or 0)
                               for b in range(p.n_blocks)])
         return levels, placement

@@ -13,14 +13,16 @@ from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.types import Profile
-from distree.solver.costs import Evaluation, best_placement, evaluate, outcome
+from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
 from distree.solver.heuristic import local_search, no_exit_plan
-from distree.solver.milp import MilpResult, solve_milp
+from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.plan import ExitChoice, Plan, Stage
 from distree.solver.problem import (Constraints, Problem, ProblemIndex, build_problem, clopper_pearson_lower,
                                     required_correct)
 from distree.targets.spec import Topology
 
+# measured: PuLP builds and loads ~20k constraint rows per second here (2-core x86, loaded)
+BUILD_S_PER_ROW = 6e-5
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 
@@ -37,8 +39,18 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     warm = local_search(p)
     budget = max(1.0, constraints.time_limit_s - (time.perf_counter() - t0))
     start = (warm.levels, warm.placement) if warm is not None else None
-    result = solve_milp(p, time_limit_s=budget, solver=constraints.solver, start=start,
-                        dump_lp=constraints.dump_lp)
+    rows = estimated_rows(p)
+    if rows * BUILD_S_PER_ROW > 0.5 * budget and not constraints.dump_lp:
+        if warm is None:
+            raise DistreeError(f"the MILP (~{rows} rows) cannot be built within --time-limit "
+                               f"{constraints.time_limit_s:g} s and the heuristic found no feasible plan; "
+                               f"raise --time-limit (about {rows * BUILD_S_PER_ROW * 4:.0f} s)")
+        result = MilpResult(warm.levels, warm.placement, warm.expected_ms, float("-inf"), "feasible",
+                            f"MILP not run: ~{rows} rows need ~{rows * BUILD_S_PER_ROW:.0f} s to build, over "
+                            f"half of the time limit; plan from the heuristic", float("inf"), 0.0, 0, rows, 0)
+    else:
+        result = solve_milp(p, time_limit_s=budget, solver=constraints.solver, start=start,
+                            dump_lp=constraints.dump_lp)
     if result.status == "infeasible":
         if warm is not None:
             raise RuntimeError("MILP reports infeasible but the heuristic found a feasible plan (solver bug)")
@@ -55,11 +67,12 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         ev = evaluate(p, levels, placement)
     if not ev.feasible:
         raise RuntimeError(f"solver returned a plan that violates {ev.violations} (solver bug)")
-    gap = _gap(ev.expected_ms, result.bound) if result.status != "optimal" else max(0.0, result.gap)
+    bound = max(result.bound, relaxed_lower_bound(p))
+    gap = _gap(ev.expected_ms, bound) if result.status != "optimal" else max(0.0, result.gap)
     base = no_exit_plan(p)
     return make_plan(p, index, chain, calibration, constraints, levels, placement, ev,
                      no_exit_ms=base.expected_ms if base is not None else float("nan"),
-                     result=result, gap=gap, wall_s=time.perf_counter() - t0)
+                     result=dataclasses.replace(result, bound=bound), gap=gap, wall_s=time.perf_counter() - t0)
 
 
 def _gap(objective: float, bound: float) -> float:

@@ -171,9 +171,11 @@ def _notes(stages: tuple[DeviceArtifact, ...], backend: str) -> tuple[str, ...]:
     ort = [s for _, s in segs if s.backend == "ort"]
     if backend == "auto" and ort:
         worst = ", ".join(f"{s.ratio:.1f}x" for s in ort if s.ratio is not None)
+        advice = ("their TVM builds used tuning records; more --tune-minutes may close the gap"
+                  if all(s.tuned for s in ort) else
+                  "untuned TVM CPU code is typically 40-100x slower: tune with --tune-minutes to close the gap")
         notes.append(f"{len(ort)} of {len(segs)} segment(s) ship as ONNX Runtime because TVM was slower on the "
-                     f"host proxy (TVM/ORT {worst}); untuned TVM CPU code is typically 40-100x slower: "
-                     "tune with --tune-minutes to close the gap")
+                     f"host proxy (TVM/ORT {worst}); {advice}")
     untuned = sorted({name for name, s in segs if s.backend == "tvm" and not s.tuned})
     if untuned:
         notes.append(f"TVM segments on {', '.join(untuned)} are untuned (no MetaSchedule records for their target)")

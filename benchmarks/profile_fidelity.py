@@ -9,7 +9,7 @@ not depend on the values), measured on this machine with TVM (untuned) and ONNX 
 ``--calibrate`` also refits the estimate on every measured row and writes
 distree/profiler/estimate_calibration.json (the constants ``distree profile --estimate`` uses).
 
-    .venv/bin/python benchmarks/profile_fidelity.py [--calibrate] [--repeats 15]
+    .venv/bin/python benchmarks/profile_fidelity.py [--calibrate] [--rounds 5 --per-round 3]
 
 Writes benchmarks/results/profile_fidelity.json and prints tables.
 """
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from distree.exits import declared_exits  # noqa: E402
 from distree.graph import build_chain, extract_segment, load_model  # noqa: E402
-from distree.profiler import TimingSettings, profile_model  # noqa: E402
+from distree.profiler import TimingSettings  # noqa: E402
 from distree.profiler import estimate as est  # noqa: E402
 from distree.profiler.profile import measure_unit  # noqa: E402
 from distree.profiler.units import profile_units, unit_from_model  # noqa: E402
@@ -97,64 +97,92 @@ def build_models(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def measure_model(name: str, path: Path, timing: TimingSettings, cache: Path) -> dict:
+def measure_model(name: str, path: Path, rounds: int, per_round: int, cache: Path) -> dict:
+    """Blocks, exit heads and the whole backbone, timed in interleaved rounds.
+
+    The machine is shared: load drifts over minutes. Each round times every unit (and the whole backbone)
+    a few times, so drift hits blocks and the whole model alike; medians are over all rounds.
+    """
     host = host_device()
     model = load_model(path)
     chain = build_chain(model)
     exits = declared_exits(model, chain)
-    t0 = time.perf_counter()
-    profile = profile_model(model, chain, exits, host, mode="local", timing=timing, cache_dir=cache, force=True)
-    profile_s = time.perf_counter() - t0
+    units = list(profile_units(model, chain, exits))
     whole = unit_from_model("whole", extract_segment(model, chain, 0, len(chain.blocks) - 1),
                             sum(b.flops for b in chain.blocks))
-    whole_m = {m.backend: m.median_ms for m in measure_unit(whole, ("tvm", "ort"), host, timing, cache)}
-    units = {u.item: u for u in profile_units(model, chain, exits)}
-    rows = []
-    for item, unit in units.items():
-        tvm_m, ort_m = (profile.get(host.name, item, b) for b in ("tvm", "ort"))
-        rows.append({"item": item, "ops": unit.num_ops, "flops": unit.flops, "bytes": est.unit_bytes(unit),
-                     "tvm_ms": tvm_m.median_ms, "ort_ms": ort_m.median_ms, "tvm_p90_ms": tvm_m.p90_ms,
-                     "ort_p90_ms": ort_m.p90_ms, "memory_bytes": tvm_m.memory_bytes})
+    timing = TimingSettings(warmup=1, repeats=per_round)
+    samples: dict[tuple[str, str], list[float]] = {}
+    memory: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        for unit in [*units, whole]:
+            for m in measure_unit(unit, ("tvm", "ort"), host, timing, cache):
+                samples.setdefault((unit.item, m.backend), []).extend(m.samples_ms)
+                memory[unit.item] = m.memory_bytes
+    wall_s = time.perf_counter() - t0
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    p90 = {k: float(np.percentile(v, 90)) for k, v in samples.items()}
+    rows = [{"item": u.item, "ops": u.num_ops, "flops": u.flops, "dense_flops": u.dense_flops,
+             "bytes": est.unit_bytes(u),
+             "tvm_ms": med[(u.item, "tvm")], "ort_ms": med[(u.item, "ort")], "tvm_p90_ms": p90[(u.item, "tvm")],
+             "ort_p90_ms": p90[(u.item, "ort")], "memory_bytes": memory[u.item]} for u in units]
     blocks = [r for r in rows if r["item"].startswith("block:")]
+    whole_m = {b: med[("whole", b)] for b in ("tvm", "ort")}
     sums = {b: sum(r[f"{b}_ms"] for r in blocks) for b in ("tvm", "ort")}
     ratios = np.array([r["tvm_ms"] / r["ort_ms"] for r in blocks])
-    return {"model": name, "blocks": len(chain.blocks), "exits": len(exits), "profile_wall_s": round(profile_s, 1),
-            "whole_ms": whole_m, "sum_of_blocks_ms": sums,
+    heavy = np.array([r["tvm_ms"] / r["ort_ms"] for r in blocks if r["flops"] > 1e6])
+    return {"model": name, "blocks": len(chain.blocks), "exits": len(exits), "wall_s": round(wall_s, 1),
+            "samples_per_item": rounds * per_round, "whole_ms": whole_m, "sum_of_blocks_ms": sums,
             "sum_over_whole": {b: sums[b] / whole_m[b] for b in sums},
             "tvm_over_ort_per_block": {"median": float(np.median(ratios)), "min": float(ratios.min()),
-                                       "max": float(ratios.max())},
+                                       "max": float(ratios.max()),
+                                       "median_blocks_over_1_mflop": float(np.median(heavy))},
             "rows": rows}
 
 
-def fit_rows(results: list[dict], backend: str) -> list[tuple[float, float, int, float]]:
-    return [(r["flops"], r["bytes"], r["ops"], r[f"{backend}_ms"]) for res in results for r in res["rows"]]
+def fit_rows(results: list[dict], backend: str) -> list[est.Row]:
+    return [(r["dense_flops"], r["flops"] - r["dense_flops"], r["bytes"], r["ops"], r[f"{backend}_ms"])
+            for res in results for r in res["rows"]]
+
+
+def _estimates(res: dict, dev, coef: est.EstimateCoefficients, threads: int):
+    """(item, estimated ms) for the model's blocks on ``dev``."""
+    for r in res["rows"]:
+        if r["item"].startswith("block:"):
+            yield r["item"], est.estimate_ms(r["dense_flops"], r["flops"] - r["dense_flops"], r["bytes"], r["ops"],
+                                             dev, coef, threads)
 
 
 def errors(coef: est.EstimateCoefficients, rows, threads: int) -> dict:
     host = host_device()
-    rel = np.array([abs(est.estimate_ms(f, b, o, host, coef, threads) - ms) / ms for f, b, o, ms in rows])
+    rel = np.array([abs(est.estimate_ms(d, o, b, n, host, coef, threads) - ms) / ms for d, o, b, n, ms in rows])
     return {"median_rel_error": float(np.median(rel)), "max_rel_error": float(rel.max()), "rows": len(rows)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibrate", action="store_true", help="refit and write estimate_calibration.json")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all units")
+    parser.add_argument("--per-round", type=int, default=3, help="samples per unit and backend in each round")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/profile_fidelity.json")
     args = parser.parse_args()
-    timing = TimingSettings(repeats=args.repeats)
+    timing = TimingSettings()  # threads = 1, as the profiler's default
     host = host_device()
     with tempfile.TemporaryDirectory(prefix="distree-fidelity-") as tmp:
         paths = build_models(Path(tmp))
-        results = [measure_model(name, path, timing, Path(tmp) / "cache") for name, path in paths.items()]
+        results = [measure_model(name, path, args.rounds, args.per_round, Path(tmp) / "cache")
+                   for name, path in paths.items()]
 
     estimate_report = {}
     for backend in ("ort", "tvm"):
         train, test = fit_rows(results[:1], backend), fit_rows(results[1:], backend)
         coef = est.fit_coefficients(backend, train, host, timing.threads)
+        backbone = {res["model"]: sum(ms for _, ms in _estimates(res, host, coef, timing.threads))
+                    / res["sum_of_blocks_ms"][backend] - 1 for res in results}
         estimate_report[backend] = {"fit_on": results[0]["model"], "coefficients": coef.to_dict(),
                                     "in_sample": errors(coef, train, timing.threads),
-                                    "held_out": {"model": results[1]["model"], **errors(coef, test, timing.threads)}}
+                                    "held_out": {"model": results[1]["model"], **errors(coef, test, timing.threads)},
+                                    "backbone_sum_rel_error": backbone}
     command = "python benchmarks/profile_fidelity.py --calibrate"
     if args.calibrate:
         coefs = tuple(est.fit_coefficients(b, fit_rows(results, b), host, timing.threads) for b in ("tvm", "ort"))
@@ -171,14 +199,14 @@ def main() -> None:
             device_estimates[res["model"]] = {}
             for name in ("host", "pi4", "pi5", "jetson-orin-nano"):
                 dev = get_device(name)
-                total = {b: sum(est.estimate_ms(r["flops"], r["bytes"], r["ops"], dev, cal.for_backend(b),
-                                                timing.threads) for r in res["rows"] if r["item"].startswith("block:"))
+                total = {b: sum(ms for *_, ms in _estimates(res, dev, cal.for_backend(b), timing.threads))
                          for b in ("tvm", "ort")}
                 device_estimates[res["model"]][name] = total
 
     doc = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
            "machine": f"{platform.machine()} {host.description}, shared and loaded (2 cores, several users)",
-           "timing": timing.to_dict(), "models": results, "estimate": estimate_report,
+           "timing": {"rounds": args.rounds, "per_round": args.per_round, "threads": timing.threads,
+                      "min_repeat_ms": timing.min_repeat_ms}, "models": results, "estimate": estimate_report,
            "estimated_backbone_ms_by_device": device_estimates}
     write_json_atomic(args.out, doc)
     _print(doc)
@@ -194,13 +222,15 @@ def _print(doc: dict) -> None:
     print("\nTVM (untuned) / ORT per block:")
     for res in doc["models"]:
         r = res["tvm_over_ort_per_block"]
-        print(f"  {res['model']:<15} median {r['median']:.2f}x  min {r['min']:.2f}x  max {r['max']:.2f}x")
+        print(f"  {res['model']:<15} median {r['median']:.2f}x (blocks > 1 MFLOP: "
+              f"{r['median_blocks_over_1_mflop']:.2f}x)  min {r['min']:.2f}x  max {r['max']:.2f}x")
     print("\nestimate error on this machine (relative, per item):")
     for backend in ("ort", "tvm"):
         e = doc["estimate"][backend]
         print(f"  {backend}: fit on {e['fit_on']}: in-sample median {e['in_sample']['median_rel_error']:.0%} "
               f"max {e['in_sample']['max_rel_error']:.0%}; held-out {e['held_out']['model']}: median "
-              f"{e['held_out']['median_rel_error']:.0%} max {e['held_out']['max_rel_error']:.0%}")
+              f"{e['held_out']['median_rel_error']:.0%} max {e['held_out']['max_rel_error']:.0%}; sum over blocks: "
+              + ", ".join(f"{m} {v:+.0%}" for m, v in e["backbone_sum_rel_error"].items()))
     if doc["estimated_backbone_ms_by_device"]:
         print("\nestimated backbone latency (sum of blocks, ms, 1 thread) by device:")
         for model, by_dev in doc["estimated_backbone_ms_by_device"].items():

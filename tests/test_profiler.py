@@ -77,6 +77,8 @@ def test_units_are_blocks_then_exit_heads_and_run_like_the_model(tiny):
         h = ort.InferenceSession(u.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
             None, {u.input_name: h})[0]
     np.testing.assert_allclose(h, want_logits, rtol=1e-5, atol=1e-5)
+    for u, b in zip(units, chain.blocks):
+        assert u.flops == b.flops and u.dense_flops == (b.flops if {"Conv", "Gemm"} & set(b.ops) else 0)
     head = units[-1]
     cut = chain.blocks[exits[0].after_block].output
     assert head.input_name == cut and head.flops == exits[0].flops
@@ -140,14 +142,17 @@ def test_estimate_mode_scales_by_device_figures(tiny, tmp_path):
 
 def test_fit_recovers_known_coefficients():
     host = get_device("host")
-    truth = est.EstimateCoefficients("ort", 0.3, 0.05, 0.01, host.peak_gflops / host.cores, 0, 0, 0, call_ms=0.04)
+    truth = est.EstimateCoefficients("ort", 0.3, 0.05, 0.01, host.peak_gflops / host.cores, 0, 0, 0, call_ms=0.04,
+                                     eff_other=0.02)
     rng = np.random.default_rng(1)
-    rows = [(f, b, o, est.estimate_ms(f, b, o, host, truth, 1))
-            for f, b, o in zip(10 ** rng.uniform(4, 9, 40), 10 ** rng.uniform(3, 7, 40), rng.integers(1, 20, 40))]
+    n = 60
+    rows = [(d, o, b, k, est.estimate_ms(d, o, b, k, host, truth, 1))
+            for d, o, b, k in zip(10 ** rng.uniform(4, 9, n), 10 ** rng.uniform(3, 7, n), 10 ** rng.uniform(3, 7, n),
+                                  rng.integers(1, 20, n))]
     fit = est.fit_coefficients("ort", rows, host, 1)
     assert fit.median_rel_error < 0.02
     assert abs(fit.eff_compute - 0.3) / 0.3 < 0.1 and abs(fit.op_ms - 0.01) / 0.01 < 0.1
-    assert abs(fit.call_ms - 0.04) / 0.04 < 0.1
+    assert abs(fit.call_ms - 0.04) / 0.04 < 0.1 and abs(fit.eff_other - 0.02) / 0.02 < 0.1
 
 
 def test_calibration_file_is_present_with_its_command():

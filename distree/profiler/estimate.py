@@ -1,10 +1,12 @@
 """Latency estimates from FLOPs, bytes and a device's figures, calibrated against this machine.
 
-    latency_ms = max(flops / (peak * eff_compute), bytes / (bandwidth * eff_memory)) + ops * op_ms + call_ms
+    compute_ms = dense_flops / (peak * eff_compute) + other_flops / (peak * eff_other)
+    latency_ms = max(compute_ms, bytes / (bandwidth * eff_memory)) + ops * op_ms + call_ms
 
-``peak`` is the device's peak FP32 GFLOP/s per core times the threads used (capped at its cores; the
+Dense FLOPs are those of Conv / Gemm / MatMul; the rest (elementwise, pooling, normalization) runs at a
+different efficiency, above all in untuned TVM. ``peak`` is the device's peak FP32 GFLOP/s per core times the threads used (capped at its cores; the
 whole GPU for CUDA devices); ``bytes`` = parameter bytes + input and output bytes. ``eff_compute``,
-``eff_memory``, ``op_ms`` and ``call_ms`` (the fixed cost of one invocation) are fitted by least squares on log latency against measurements on the
+``eff_other``, ``eff_memory``, ``op_ms`` and ``call_ms`` (the fixed cost of one invocation) are fitted by least squares on log latency against measurements on the
 calibration machine (one set per backend), stored in ``estimate_calibration.json`` with the command that
 produced them. On another device the efficiencies carry over and ``op_ms`` and ``call_ms`` scale with its
 per-core throughput (CPU; on a GPU each op is a CUDA kernel launch and the call stays on the host CPU). These are estimates: every one says so.
@@ -34,7 +36,7 @@ HOST_CORE_GFLOPS_FALLBACK = 24.0
 @dataclass(frozen=True)
 class EstimateCoefficients(JsonRecord):
     backend: str
-    eff_compute: float          # achieved / peak FLOP rate
+    eff_compute: float          # achieved / peak FLOP rate of dense ops (Conv, Gemm, MatMul)
     eff_memory: float           # achieved / nominal memory bandwidth
     op_ms: float                # per-ONNX-op overhead on the calibration machine
     per_core_gflops: float      # the calibration machine's per-core peak (scales op_ms to other CPUs)
@@ -42,6 +44,7 @@ class EstimateCoefficients(JsonRecord):
     max_rel_error: float
     rows: int
     call_ms: float = 0.0            # fixed cost per invocation (session.run / VM call) on the calibration machine
+    eff_other: float = 0.0          # achieved / peak FLOP rate of the other ops; 0: as eff_compute (older files)
 
 
 @dataclass(frozen=True)
@@ -84,38 +87,46 @@ def _cpu_slowdown(coef: EstimateCoefficients, device: DeviceSpec) -> float:
     return coef.per_core_gflops / (device.peak_gflops / device.cores)
 
 
-def estimate_ms(flops: float, nbytes: float, ops: int, device: DeviceSpec, coef: EstimateCoefficients,
-                threads: int) -> float:
-    compute = flops / (effective_peak_gflops(device, threads) * 1e9 * coef.eff_compute)
+def estimate_ms(dense_flops: float, other_flops: float, nbytes: float, ops: int, device: DeviceSpec,
+                coef: EstimateCoefficients, threads: int) -> float:
+    peak = effective_peak_gflops(device, threads) * 1e9
+    compute = dense_flops / (peak * coef.eff_compute) + other_flops / (peak * (coef.eff_other or coef.eff_compute))
     memory = nbytes / (device.mem_gbps * 1e9 * coef.eff_memory)
     slow = _cpu_slowdown(coef, device)
     op_ms = CUDA_LAUNCH_MS if device.target.get("kind") == "cuda" else coef.op_ms * slow
     return max(compute, memory) * 1e3 + ops * op_ms + coef.call_ms * slow
 
 
-def fit_coefficients(backend: str, rows: Sequence[tuple[float, float, int, float]], device: DeviceSpec,
-                     threads: int) -> EstimateCoefficients:
-    """Least squares on log latency over rows (flops, bytes, ops, measured_ms) measured on ``device``."""
+def unit_estimate_ms(unit: Unit, device: DeviceSpec, coef: EstimateCoefficients, threads: int) -> float:
+    return estimate_ms(unit.dense_flops, unit.flops - unit.dense_flops, unit_bytes(unit), unit.num_ops, device, coef,
+                       threads)
+
+
+Row = tuple[float, float, float, int, float]  # dense FLOPs, other FLOPs, bytes, ops, measured ms
+
+
+def fit_coefficients(backend: str, rows: Sequence[Row], device: DeviceSpec, threads: int) -> EstimateCoefficients:
+    """Least squares on log latency over rows measured on ``device``."""
     from scipy.optimize import least_squares
 
-    if len(rows) < 3:
-        raise DistreeError(f"fitting the estimate needs at least 3 measured items, got {len(rows)}")
+    if len(rows) < 6:
+        raise DistreeError(f"fitting the estimate needs at least 6 measured items, got {len(rows)}")
     data = np.asarray(rows, dtype=np.float64)
     per_core = device.peak_gflops / device.cores
 
     def coef(p: np.ndarray) -> EstimateCoefficients:
         e = np.exp(p)
         return EstimateCoefficients(backend, float(e[0]), float(e[1]), float(e[2]), per_core, 0.0, 0.0, len(rows),
-                                    call_ms=float(e[3]))
+                                    call_ms=float(e[3]), eff_other=float(e[4]))
 
     def predict(p: np.ndarray) -> np.ndarray:
         c = coef(p)
-        return np.array([estimate_ms(f, b, int(o), device, c, threads) for f, b, o, _ in data])
+        return np.array([estimate_ms(d, o, b, int(n), device, c, threads) for d, o, b, n, _ in data])
 
     # efficiencies in (0, 1]: a fit that wants more than the datasheet says the term does not matter
-    bounds = (np.log([1e-4, 1e-4, 1e-6, 1e-6]), np.log([1.0, 1.0, 10.0, 10.0]))
-    start = np.log([0.1, 0.1, 0.005, 0.005])
-    fit = least_squares(lambda p: np.log(predict(p)) - np.log(data[:, 3]), start, bounds=bounds, method="trf")
-    rel = np.abs(predict(fit.x) - data[:, 3]) / data[:, 3]
+    bounds = (np.log([1e-4, 1e-4, 1e-6, 1e-6, 1e-4]), np.log([1.0, 1.0, 10.0, 10.0, 1.0]))
+    start = np.log([0.1, 0.1, 0.005, 0.005, 0.1])
+    fit = least_squares(lambda p: np.log(predict(p)) - np.log(data[:, 4]), start, bounds=bounds, method="trf")
+    rel = np.abs(predict(fit.x) - data[:, 4]) / data[:, 4]
     best = coef(fit.x)
     return dataclasses.replace(best, median_rel_error=float(np.median(rel)), max_rel_error=float(np.max(rel)))

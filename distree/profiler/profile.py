@@ -225,8 +225,7 @@ def _estimate(unit: Unit, backends: tuple[str, ...], device: DeviceSpec, cal: es
     activation_bytes, memory_source = tvm_backend.planned_memory(mod, tvm_backend.tvm_target(device), unit)
     out = []
     for backend in backends:
-        ms = est.estimate_ms(unit.flops, est.unit_bytes(unit), unit.num_ops, device, cal.for_backend(backend),
-                             timing.threads)
+        ms = est.unit_estimate_ms(unit, device, cal.for_backend(backend), timing.threads)
         out.append(_entry(device, unit, backend, provenance, (), ms, ms, activation_bytes, memory_source,
                           timing.threads, note))
     return out

@@ -8,11 +8,13 @@ from typing import Sequence
 
 import numpy as np
 import onnx
+import onnx.shape_inference
 import onnx.utils
 
 from distree.errors import DistreeError
 from distree.exits.types import ExitPoint
 from distree.graph import Chain, extract_segment
+from distree.graph.cost import node_flops, tensor_infos
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Unit:
     input_shape: tuple[int, ...]
     input_dtype: str
     flops: int
+    dense_flops: int        # of Conv / Gemm / MatMul nodes (the rest is elementwise, pooling, normalization)
     param_bytes: int        # bytes of the unit model's initializers (what its artifact carries)
     io_bytes: int           # input + output bytes
     workspace_bytes: int    # the graph's working-set estimate (fallback when TVM cannot plan memory)
@@ -86,8 +89,18 @@ def unit_from_model(item: str, m: onnx.ModelProto, flops: int, workspace_bytes: 
     params = sum(onnx.numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
     data = m.SerializeToString(deterministic=True)
     return Unit(item=item, model=m, input_name=inp.name, input_shape=in_shape, input_dtype=in_dtype, flops=flops,
-                param_bytes=params, io_bytes=io, workspace_bytes=workspace_bytes, num_ops=len(m.graph.node),
+                dense_flops=min(flops, _dense_flops(m)), param_bytes=params, io_bytes=io, workspace_bytes=workspace_bytes, num_ops=len(m.graph.node),
                 sha256=hashlib.sha256(data).hexdigest())
+
+
+_DENSE_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger",
+                        "QLinearMatMul"})
+
+
+def _dense_flops(m: onnx.ModelProto) -> int:
+    inferred = onnx.shape_inference.infer_shapes(m)
+    infos = tensor_infos(inferred)
+    return sum(node_flops(n, infos) for n in inferred.graph.node if n.op_type in _DENSE_OPS)
 
 
 def _static_shapes(m: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], str]]:

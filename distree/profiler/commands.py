@@ -82,8 +82,9 @@ def profile_cmd(model_path: Path, devices: tuple[str, ...], topology_path: Optio
                                           progress=progress))
     profile = merge_profiles(profiles)
     profile.save(output)
-    _print(profile, console)
-    console.print(f"wrote {output}")
+    out = Console(width=max(Console().width, 110))
+    _print(profile, out)
+    out.print(f"wrote {output}")
 
 
 def _mode(rpc: Optional[str], estimate: bool, qemu: bool) -> str:
@@ -108,7 +109,7 @@ def _print(profile, console) -> None:
 
     table = Table(title=f"profile of model {profile.model_sha256[:12]}")
     for col in ("device", "item", "backend", "median ms", "p90 ms", "memory KiB", "provenance"):
-        table.add_column(col, justify="right" if "ms" in col or "KiB" in col else "left")
+        table.add_column(col, justify="right" if "ms" in col or "KiB" in col else "left", no_wrap=True)
     for m in profile.entries:
         table.add_row(m.device, m.item, m.backend, f"{m.median_ms:.4f}", f"{m.p90_ms:.4f}",
                       f"{m.memory_bytes / 1024:.1f}", m.provenance)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from distree.profiler.timing import TimingSettings, time_callable
 from distree.profiler.units import Unit
 
@@ -23,7 +21,3 @@ def time_ort(unit: Unit, settings: TimingSettings) -> tuple[float, ...]:
     sess = ort_session(unit, settings.threads)
     feed = {unit.input_name: unit.sample_input()}
     return time_callable(lambda: sess.run(None, feed), settings)
-
-
-def run_ort(unit: Unit, x: np.ndarray, threads: int = 1) -> list[np.ndarray]:
-    return ort_session(unit, threads).run(None, {unit.input_name: x})

@@ -17,7 +17,6 @@ import contextlib
 import gc
 import hashlib
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -36,15 +35,12 @@ from distree.profiler.timing import TimingSettings, summarize
 from distree.profiler.types import Measurement, Profile
 from distree.profiler.units import Unit, profile_units
 from distree.targets.catalog import host_device
+from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
 
 MODES = ("local", "rpc", "qemu", "estimate")
 QEMU_NOTE = "emulated under qemu-user on an x86 machine: proves the aarch64 artifact runs; NOT a device timing"
 Progress = Callable[[int, int, str], None]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DISTREE_CACHE") or ".distree-cache")
 
 
 def default_backends(mode: str) -> tuple[str, ...]:
@@ -176,20 +172,24 @@ def _measurer(device: DeviceSpec, mode: str, rpc: Optional[str], timing: TimingS
 
     if mode == "rpc":
         session = connect(rpc)
-        yield (lambda unit, backends, prov, note: measure_unit(unit, backends, device, timing, cache_dir, session,
-                                                           prov, note)), f"rpc://{rpc}", ""
-        del session
-        gc.collect()
+        try:
+            yield (lambda unit, backends, prov, note: measure_unit(unit, backends, device, timing, cache_dir,
+                                                               session, prov, note)), f"rpc://{rpc}", ""
+        finally:
+            del session
+            gc.collect()  # closes the socket: the device's server is free for the next session
         return
     from distree.targets.emulation import aarch64_rpc_server, ensure_aarch64_root
 
     root = ensure_aarch64_root(aarch64_root, log=lambda msg: print(msg, file=sys.stderr))
     with aarch64_rpc_server(root) as address:
         session = connect(address)
-        yield (lambda unit, backends, prov, note: measure_unit(unit, backends, device, timing, cache_dir, session,
-                                                           prov, note)), "qemu-emulated", QEMU_NOTE
-        del session
-        gc.collect()
+        try:
+            yield (lambda unit, backends, prov, note: measure_unit(unit, backends, device, timing, cache_dir,
+                                                               session, prov, note)), "qemu-emulated", QEMU_NOTE
+        finally:
+            del session
+            gc.collect()
 
 
 def _entry(device: DeviceSpec, unit: Unit, backend: str, provenance: str, samples: tuple[float, ...],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any, Optional
 from distree.errors import DistreeError
 from distree.profiler.timing import TimingSettings
 from distree.profiler.units import Unit
-from distree.serde import write_bytes_atomic, write_json_atomic
+from distree.serde import write_json_atomic
 from distree.targets.spec import DeviceSpec
 
 STATIC_PLAN = "tvm-static-plan + io tensors"
@@ -81,11 +82,10 @@ def compile_unit(unit: Unit, device: DeviceSpec, cache_dir: Path) -> CompiledUni
     activation_bytes, memory_source = planned_memory(mod, target, unit)
     ex = tvm.compile(mod, target=target)
     so.parent.mkdir(parents=True, exist_ok=True)
-    tmp = so.with_name(f".{so.name}.tmp.so")
+    tmp = so.with_name(f".{so.name}.{os.getpid()}.tmp.so")
     cc = cross_compiler(device)
     ex.export_library(str(tmp), **({"cc": cc} if cc else {}))
-    write_bytes_atomic(so, tmp.read_bytes())
-    tmp.unlink()
+    os.replace(tmp, so)
     write_json_atomic(meta, {"activation_bytes": activation_bytes, "memory_source": memory_source,
                              "unit": unit.item, "device": device.name})
     return CompiledUnit(so, activation_bytes, memory_source)

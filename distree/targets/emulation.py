@@ -41,6 +41,7 @@ _MARKER = ".distree-aarch64-root.json"
 
 
 def default_cache_dir() -> Path:
+    """Where distree caches builds and profiles: ``$DISTREE_CACHE`` or ``.distree-cache`` in the CWD."""
     return Path(os.environ.get("DISTREE_CACHE") or ".distree-cache")
 
 
@@ -92,11 +93,6 @@ def ensure_aarch64_root(root: Optional[Path] = None, log=print) -> Path:
                                                "build_s": round(build_s, 1), "check": check.stdout.strip()}))
         log(f"aarch64 root: ready in {build_s:.0f} s ({check.stdout.strip()})")
     return root
-
-
-def root_build_seconds(root: Path) -> float:
-    """How long building ``root`` took (recorded in its marker)."""
-    return float(json.loads((Path(root) / _MARKER).read_text())["build_s"])
 
 
 def run_aarch64(argv: Sequence[str], root: Path, *, timeout: float = 900, env: Optional[dict] = None,

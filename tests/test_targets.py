@@ -148,6 +148,8 @@ def test_devices_command_table_and_json(tmp_path):
     res = runner.invoke(cli, ["devices"])
     assert res.exit_code == 0, res.output
     assert "jetson-orin-nano" in res.output and "cortex-a78ae" in res.output and "sm_53" in res.output
+    res = runner.invoke(cli, ["devices", "--sources"])
+    assert res.exit_code == 0 and "TVM tag raspberry-pi/4b-aarch64" in res.output
     res = runner.invoke(cli, ["devices", "--json"])
     doc = json.loads(res.output)
     assert {d["name"] for d in doc["devices"]} >= {"pi4", "host", "x86-server"}

@@ -57,7 +57,7 @@ _STATIC: tuple[DeviceSpec, ...] = (
          description="Raspberry Pi 4 Model B 4 GB, Cortex-A72 x4 @ 1.5 GHz, 64-bit OS",
          sources=("TVM tag raspberry-pi/4b-aarch64 (target)",
                   "Raspberry Pi 4 product brief: BCM2711 Cortex-A72 x4 @ 1.5 GHz, LPDDR4-3200",
-                  "Arm Cortex-A72 TRM: 2x 64-bit FP pipes -> 8 FP32 FLOP/cycle with NEON FMA (assumed)",
+                  "8 FP32 FLOP/cycle/core assumed: one 128-bit NEON FMA per cycle (Cortex-A72)",
                   "LPDDR4-3200 x 32-bit bus = 12.8 GB/s")),
     _cpu("pi5", mtriple="aarch64-linux-gnu", mcpu="cortex-a76", mattr=("+neon",), cores=4, memory_gb=8,
          ghz=2.4, flop_per_cycle=16, mem_gbps=17.1,
@@ -70,7 +70,7 @@ _STATIC: tuple[DeviceSpec, ...] = (
          description="NVIDIA Jetson Nano 4 GB, CPU only: Cortex-A57 x4 @ 1.43 GHz",
          sources=("TVM tag nvidia/jetson-nano (GPU sm_53; the tag has no host, CPU target written by hand)",
                   "Jetson Nano data sheet: Cortex-A57 x4 @ 1.43 GHz, 4 GB LPDDR4 64-bit 25.6 GB/s",
-                  "Arm Cortex-A57: 8 FP32 FLOP/cycle with NEON FMA (assumed)"),
+                  "8 FP32 FLOP/cycle/core assumed: one 128-bit NEON FMA per cycle (Cortex-A57)"),
          notes=("GPU not used: its Maxwell GPU is sm_53 and CUDA 13 cannot compile sm_53 ahead of time, "
                 "so distree targets the Cortex-A57 CPU only",)),
     _jetson("jetson-orin-nano", arch="sm_87", host_mcpu="cortex-a78ae", host_cores=6, memory_gb=8,

@@ -30,7 +30,8 @@ def _row(dev: DeviceSpec) -> dict[str, str]:
 @click.option("--topology", "topology_path", type=click.Path(dir_okay=False),
               help="Show the devices and links of this topology file instead of the catalog.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full specs as JSON.")
-def devices_cmd(topology_path: Optional[str], as_json: bool) -> None:
+@click.option("--sources", is_flag=True, help="Also list where each device's figures come from.")
+def devices_cmd(topology_path: Optional[str], as_json: bool, sources: bool) -> None:
     """List the known devices: TVM target, host, memory, cores, estimate figures and notes.
 
     \b
@@ -56,6 +57,11 @@ def devices_cmd(topology_path: Optional[str], as_json: bool) -> None:
         table.add_row(*row.values())
     console = Console(width=max(Console().width, 160))
     console.print(table)
+    if sources:
+        for dev in devices:
+            console.print(f"[bold]{dev.name}[/bold]: " + "; ".join(dev.sources or ("(none given)",)), highlight=False)
+    else:
+        console.print("estimate figures are datasheet peaks; `distree devices --sources` says where each comes from")
     if topology:
         links = Table(title=f"links (source: {topology.source_device}; pairs not listed: {topology.default_link})")
         for col in ("src", "dst", "Mbit/s", "latency ms", "jitter ms"):

@@ -3,7 +3,6 @@ carries its CUDA kernels as an nvcc-built sm_87 fatbin (no NVRTC needed at load)
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

@@ -33,6 +33,9 @@ import pulp
 from distree.solver.problem import Problem
 
 LE, GE, EQ = pulp.LpConstraintLE, pulp.LpConstraintGE, pulp.LpConstraintEQ
+# A small cut pool: HiGHS otherwise spends most of the time in root separation on these models
+# (measured: 12-block, 6-exit, 8-level, 2,500-sample case on 3 devices, 26 s -> 10-12 s to optimality).
+HIGHS_OPTIONS = {"mip_pool_soft_limit": 100, "mip_lp_age_limit": 5}
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ class _WarmHiGHS(pulp.HiGHS):
         h.addVars(n, lower, upper)
         h.changeColsCost(n, np.arange(n, dtype=np.int32), cost)
         ints = np.array([v.index for v in variables if v.cat == pulp.LpInteger], dtype=np.int32)
-        if len(ints):
+        if len(ints) and self.mip:
             h.changeColsIntegrality(len(ints), ints, np.full(len(ints), highspy.HighsVarType.kInteger))
         starts, index, value, row_lo, row_hi = [], [], [], [], []
         for i, con in enumerate(lp._constraints.values()):
@@ -338,7 +341,7 @@ def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
         model.lp.writeLP(dump_lp)
     warm = model.start_values(*start) if start is not None else None
     if solver == "highs":
-        s = _WarmHiGHS(start=warm, msg=msg, timeLimit=time_limit_s, gapRel=1e-6, threads=1)
+        s = _WarmHiGHS(start=warm, msg=msg, timeLimit=time_limit_s, gapRel=1e-6, threads=1, **HIGHS_OPTIONS)
     else:
         if warm:
             for v in model.lp.variables():

@@ -1,0 +1,125 @@
+"""Solver scale benchmark: solve time, status and proven gap, and the latency gain from early exits.
+
+    .venv/bin/python benchmarks/solver_scale.py [--example DIR] [--only NAME ...]
+
+Cases (issue 6): the example model on 2 and 3 devices (from DIR/chain.json, calibration.json and
+profile.json if given, else a synthetic stand-in of the same shape, labelled as such); a ResNet-110-scale
+chain (55 blocks, 54 candidate exits, 8 threshold levels, 5,000 calibration samples, 3 devices); 200
+blocks on 8 devices; and a few mid-size cases that map where the MILP still proves optimality.
+
+For each: wall time, solver status ("optimal" only when proven), proven gap (against the better of the
+MILP's bound and the relaxed bound), expected latency, the best plan without exits, their ratio, and
+(<= 3 devices) PORTEND's search space (one global threshold level, exits only at stage ends) solved by
+enumeration. Prints a table and writes benchmarks/results/solver_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from distree.exits.types import Calibration
+from distree.graph.chain import Chain
+from distree.profiler.types import Profile
+from distree.serde import write_json_atomic
+from distree.solver.brute import all_placements
+from distree.solver.heuristic import local_search, portend_plan
+from distree.solver.problem import Constraints, build_problem
+from distree.solver.solve import solve
+from distree.solver.synthetic import synthetic_case
+from distree.targets.spec import Topology
+
+RESULTS = Path(__file__).parent / "results" / "solver_scale.json"
+
+# name, (blocks, exits, levels, devices, samples), time limit (s), target
+SYNTHETIC = [
+    ("resnet110-3dev", (55, 54, 8, 3, 5000), 10, "proven optimal within 10 s"),
+    ("resnet110-3dev-60s", (55, 54, 8, 3, 5000), 60, "(same, 60 s)"),
+    ("chain200-8dev", (200, 40, 4, 8, 2000), 60, "proven gap <= 1% within 60 s"),
+    ("mid-55b-10x-4l-1000s", (55, 10, 4, 3, 1000), 60, "exactness map"),
+    ("mid-30b-8x-4l-500s", (30, 8, 4, 3, 500), 60, "exactness map"),
+    ("mid-55b-54x-8l-300s", (55, 54, 8, 3, 300), 60, "exactness map"),
+]
+
+
+def _example_cases(example: Path | None):
+    if example is not None:
+        chain = Chain.load(example / "chain.json")
+        cal = Calibration.load(example / "calibration.json")
+        profile = Profile.load(example / "profile.json")
+        devices = sorted({m.device for m in profile.entries})
+        from distree.targets import topology_for
+        for k in (2, 3):
+            if len(devices) >= k:
+                yield f"example-{k}dev", "real files", chain, cal, profile, topology_for(devices[:k]), 60
+        return
+    for k in (2, 3):
+        case = synthetic_case(12, 6, 8, k, 2500, seed=11)
+        yield (f"example-{k}dev", "synthetic stand-in (12 blocks, 6 exits, 8 levels, 2500 samples)",
+               case.chain, case.calibration, case.profile, case.topology, 60)
+
+
+def _synthetic_cases():
+    for name, size, limit, target in SYNTHETIC:
+        case = synthetic_case(*size, seed=1, exit_every=(size[1] >= size[0] - 1))
+        yield (name, f"synthetic {size[0]} blocks, {size[1]} exits, {size[2]} levels, {size[3]} devices, "
+               f"{size[4]} samples; target: {target}", case.chain, case.calibration, case.profile, case.topology,
+               limit)
+
+
+def run_case(name: str, what: str, chain: Chain, cal: Calibration, profile: Profile, topo: Topology,
+             limit: float, drop: float) -> dict:
+    c = Constraints(accuracy_drop=drop, time_limit_s=limit)
+    t0 = time.perf_counter()
+    plan = solve(chain, cal, profile, topo, c)
+    wall = time.perf_counter() - t0
+    row = {"case": name, "what": what, "time_limit_s": limit, "wall_s": round(wall, 2), "status": plan.status,
+           "sol_status": plan.sol_status, "gap": plan.gap, "expected_ms": plan.expected_latency_ms,
+           "bound_ms": plan.bound_ms, "no_exit_ms": plan.no_exit_latency_ms,
+           "ratio_vs_no_exit": plan.expected_latency_ms / plan.no_exit_latency_ms,
+           "accuracy": plan.accuracy, "full_accuracy": plan.full_model_accuracy,
+           "exits_enabled": sum(len(s.exits) for s in plan.stages), "stages": len(plan.stages),
+           "milp": plan.model_stats}
+    problem, _ = build_problem(chain, cal, profile, topo, c)
+    t0 = time.perf_counter()
+    heur = local_search(problem)
+    row["heuristic_ms"] = heur.expected_ms if heur else None
+    row["heuristic_s"] = round(time.perf_counter() - t0, 2)
+    if problem.n_devices <= 3 and problem.n_blocks <= 60:
+        t0 = time.perf_counter()
+        pt = portend_plan(problem, all_placements(problem.n_blocks, problem.n_devices, False))
+        row["portend_ms"] = pt.expected_ms if pt else None
+        row["portend_s"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--example", type=Path, default=None, help="folder with chain/calibration/profile JSON")
+    ap.add_argument("--only", nargs="*", default=None, help="case names to run")
+    ap.add_argument("--accuracy-drop", type=float, default=0.01)
+    args = ap.parse_args()
+    rows = []
+    for case in [*_example_cases(args.example), *_synthetic_cases()]:
+        if args.only and case[0] not in args.only:
+            continue
+        row = run_case(*case, drop=args.accuracy_drop)
+        rows.append(row)
+        print(f"{row['case']:<22} {row['status']:<10} gap {row['gap']:8.2%}  wall {row['wall_s']:7.2f} s  "
+              f"E[lat] {row['expected_ms']:8.3f} ms  bound {row['bound_ms']:8.3f}  no-exit {row['no_exit_ms']:8.3f}"
+              f"  ratio {row['ratio_vs_no_exit']:.3f}  portend {row.get('portend_ms') or float('nan'):8.3f}"
+              f"  exits {row['exits_enabled']:3d}  stages {row['stages']}", flush=True)
+    doc = {"machine": f"{platform.machine()} {platform.processor() or ''} (2 cores, shared, loaded)".strip(),
+           "python": platform.python_version(), "accuracy_drop": args.accuracy_drop, "rows": rows}
+    previous = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() and args.only else []
+    keep = [r for r in previous if r["case"] not in {x["case"] for x in rows}]
+    doc["rows"] = keep + rows
+    write_json_atomic(RESULTS, doc)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -210,12 +210,13 @@ def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
 def relaxed_lower_bound(p: Problem) -> float:
     """A valid lower bound on the expected latency of ANY feasible plan, in O(N E + B D^2).
 
-    Relaxation: each sample may leave at any exit it passes at some level (or at the end) independently
-    of the others (paying only the head it leaves at), memory is free, and its path over the devices is the cheapest one for that
-    prefix. Only the accuracy count is kept; that relaxed problem is solved exactly: every sample takes its
-    cheapest option, then the cheapest upgrades to a correct option until K are right.
+    Relaxation: each sample may leave at any exit it passes at some level (or at the end), independently
+    of the others, paying only the head it leaves at; memory is free; its path over the devices is the
+    cheapest one for that prefix. Only the accuracy count is kept, and that relaxed problem is solved
+    exactly: every sample takes its cheapest option, then the cheapest upgrades to a correct option until
+    K are right. Used for the proven gap when the MILP is stopped early or too large to build.
     """
-    B, D, E = p.n_blocks, p.n_devices, p.n_exits
+    B = p.n_blocks
     path = p.cut_ms[p.source, :, 0] + p.block_ms[:, 0]          # cheapest way to have run block 0 on d
     upto = [path]
     for b in range(1, B):

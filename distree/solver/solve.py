@@ -17,8 +17,7 @@ from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, 
 from distree.solver.heuristic import local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.plan import ExitChoice, Plan, Stage
-from distree.solver.problem import (Constraints, Problem, ProblemIndex, build_problem, clopper_pearson_lower,
-                                    required_correct)
+from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, clopper_pearson_lower
 from distree.targets.spec import Topology
 
 # measured: PuLP builds and loads ~20k constraint rows per second here (2-core x86, loaded)
@@ -42,6 +41,9 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     rows = estimated_rows(p)
     if rows * BUILD_S_PER_ROW > 0.5 * budget and not constraints.dump_lp:
         if warm is None:
+            cheap = _placement_reasons(p)
+            if cheap:
+                raise DistreeError("infeasible plan: " + "; ".join(cheap))
             raise DistreeError(f"the MILP (~{rows} rows) cannot be built within --time-limit "
                                f"{constraints.time_limit_s:g} s and the heuristic found no feasible plan; "
                                f"raise --time-limit (about {rows * BUILD_S_PER_ROW * 4:.0f} s)")
@@ -126,39 +128,39 @@ def make_plan(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibr
 
 def explain_infeasible(p: Problem, index: ProblemIndex, c: Constraints) -> str:
     """Name the constraint that cannot be met and the nearest setting that would work."""
-    reasons = []
+    reasons = _placement_reasons(p)
+    if reasons:
+        return "infeasible plan: " + "; ".join(reasons)
+    best_correct = _max_correct(p, c)
+    n = p.n_samples
+    if best_correct is None:
+        if p.busy_cap_ms is not None:
+            return (f"infeasible plan: throughput: no plan keeps every stage under {p.busy_cap_ms:.3f} ms of "
+                    f"expected compute per request; lower --min-throughput or add a device")
+        return "infeasible plan: deadline and memory together leave no plan; relax --deadline-ms or add memory"
+    acc = best_correct / n
+    reach = clopper_pearson_lower(best_correct, n, c.confidence) if c.confidence else acc
+    drop = max(0.0, index.full_accuracy - reach)
+    conf = f" (lower bound {reach:.4f} at --confidence {c.confidence:g})" if c.confidence else ""
+    return (f"infeasible plan: accuracy: the best reachable accuracy is {acc:.4f} ({best_correct}/{n}){conf}, "
+            f"below full-model accuracy {index.full_accuracy:.4f} - --accuracy-drop {c.accuracy_drop:g}; "
+            f"the smallest --accuracy-drop that works is {np.ceil(drop * 1e4) / 1e4:.4f}")
+
+
+def _placement_reasons(p: Problem) -> list[str]:
+    """Memory and deadline checks that need no MILP: exits off is the lightest and fastest no-exit path."""
     off = np.zeros(p.n_exits, dtype=int)
     bare = p.replace(deadline_ms=None, busy_cap_ms=None)
     if best_placement(bare, off) is None:
         extra = _extra_memory_needed(bare, off)
-        reasons.append(f"memory: no placement of the {p.n_blocks} blocks fits the devices' memory; "
-                       f"about {extra / 2 ** 20:.1f} MiB more per device would work (or add a device)")
-        return "infeasible plan: " + "; ".join(reasons)
+        return [f"memory: no placement of the {p.n_blocks} blocks fits the devices' memory; "
+                f"about {extra / 2 ** 20:.1f} MiB more per device would work (or add a device)"]
     if p.deadline_ms is not None:
         fastest = _fastest_no_exit_path(bare, off)
         if fastest > p.deadline_ms:
-            reasons.append(f"deadline: the fastest path with no exit taken needs {fastest:.3f} ms > "
-                           f"--deadline-ms {p.deadline_ms:g}; use --deadline-ms {np.ceil(fastest * 1000) / 1000:g} "
-                           f"or more")
-    if not reasons:
-        best_correct = _max_correct(p, c)
-        n = p.n_samples
-        if best_correct is None:
-            what = ("throughput: no plan keeps every stage under "
-                    f"{p.busy_cap_ms:.3f} ms of expected compute per request; lower --min-throughput "
-                    "or add a device") if p.busy_cap_ms is not None else \
-                "deadline and memory together leave no plan; relax --deadline-ms or add memory"
-            reasons.append(what)
-        else:
-            acc = best_correct / n
-            reach = clopper_pearson_lower(best_correct, n, c.confidence) if c.confidence else acc
-            drop = max(0.0, index.full_accuracy - reach)
-            conf = f" (lower bound {reach:.4f} at --confidence {c.confidence:g})" if c.confidence else ""
-            reasons.append(f"accuracy: the best reachable accuracy is {acc:.4f} ({best_correct}/{n}){conf}, "
-                           f"below full-model accuracy {index.full_accuracy:.4f} - --accuracy-drop "
-                           f"{c.accuracy_drop:g}; the smallest --accuracy-drop that works is "
-                           f"{np.ceil(drop * 1e4) / 1e4:.4f}")
-    return "infeasible plan: " + "; ".join(reasons)
+            return [f"deadline: the fastest path with no exit taken needs {fastest:.3f} ms > --deadline-ms "
+                    f"{p.deadline_ms:g}; use --deadline-ms {np.ceil(fastest * 1000) / 1000:g} or more"]
+    return []
 
 
 def _extra_memory_needed(p: Problem, levels: np.ndarray) -> float:

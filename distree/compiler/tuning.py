@@ -1,0 +1,443 @@
+"""MetaSchedule tuning under a wall-clock budget, with a reusable record cache (issue 7).
+
+Why a scheduler of our own: TVM's ``tune_relax`` has no time limit and its gradient scheduler starves
+small tasks; untuned TVM CPU code is 40-100x slower than ONNX Runtime. :func:`tune` therefore drives
+MetaSchedule's ``tune_tasks`` with :class:`_BudgetScheduler`, which
+
+* stops at the deadline (it predicts whether one more round still fits),
+* gives every task a first round (most expensive first), then shares trials in proportion to each
+  task's measured share of the model's latency (weight x best time so far), and
+* joins every measurement before the next build, so timings are not taken while the builder runs.
+
+Records live in a MetaSchedule JSON database under ``db_dir/<target key>/``. Workloads are keyed by
+the structure of the fused TIR functions, so a second run extends the same records and a database tuned
+on a whole model applies to every segment cut from it (its fused functions are the same).
+The database files are replaced atomically at the end of a run; a killed run leaves the old ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import onnx
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.relax import pipeline as relax_pipeline
+from tvm.s_tir import meta_schedule as ms
+
+from distree.errors import DistreeError
+
+_log = logging.getLogger(__name__)
+
+_DB_FILES = ("database_workload.json", "database_tuning_record.json")
+_MODULE_EQUALITY = "structural"
+
+# Search settings that work on a small shared CPU (see notes/tvm-0.27.md): a smaller population and
+# one genetic iteration keep each round's search to seconds instead of minutes.
+_POPULATION = 128
+_GENETIC_ITERS = 1
+_TRIALS_PER_ROUND = 32
+_BUILD_TIMEOUT_S = 120.0
+_RUN_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """One tuning task (a fused TIR function) after a run."""
+
+    name: str
+    weight: int                    # how many times the model calls it
+    flops: float                   # per call
+    trials: int                    # measured in this run
+    best_us: float | None          # best time per call in the database after the run (None: no record)
+
+
+@dataclass(frozen=True)
+class TuningResult:
+    """What :func:`tune` did: where the records are, how many trials it measured and how long it took."""
+
+    db_dir: Path
+    trials: int
+    wall_s: float
+    stopped: str                   # "deadline", "max_trials" or "exhausted" (no task has candidates left)
+    tasks: tuple[TaskReport, ...] = field(default=())
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets and the pipeline shared by tuning and applying
+
+
+def as_target(target: tvm.target.Target | Mapping[str, Any]) -> tvm.target.Target:
+    """A TVM target from a Target or a dict (TVM 0.27 takes dicts only)."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, Mapping):
+        return tvm.target.Target(dict(target))
+    raise DistreeError(f"target must be a TVM Target or a dict like {{'kind': 'llvm'}}, got {type(target).__name__}")
+
+
+def target_key(target: tvm.target.Target | Mapping[str, Any]) -> str:
+    """Folder name for a target's records: readable prefix plus a hash of the full target."""
+    t = as_target(target)
+    text = str(t)
+    attrs = json.loads(text) if text.startswith("{") else {}
+    cpu = attrs.get("mcpu") or attrs.get("arch") or "generic"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{t.kind.name}-{cpu}-{digest}"
+
+
+def records_dir(db_dir: str | os.PathLike, target: tvm.target.Target | Mapping[str, Any]) -> Path:
+    return Path(db_dir) / target_key(target)
+
+
+def onnx_to_relax(model: onnx.ModelProto) -> tvm.IRModule:
+    """Import an ONNX model with its static input shapes; weights become constants."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    initializers = {t.name for t in model.graph.initializer}
+    shapes: dict[str, list[int]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if not all(d.HasField("dim_value") for d in dims):
+            raise DistreeError(
+                f"input {value.name!r} has a dynamic shape; fix the shapes first (distree.graph.load_model)"
+            )
+        shapes[value.name] = [d.dim_value for d in dims]
+    return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+
+
+def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse: the form whose fused TIR functions are the tuning tasks.
+
+    Tuning and applying both start here, so the database keys (structural hashes) match.
+    """
+    with target:
+        return tvm.transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                *relax_pipeline.library_dispatch_passes(target),
+                *relax_pipeline.legalize_passes(target),
+            ]
+        )(mod)
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying records
+
+
+def has_records(db_dir: str | os.PathLike, target: tvm.target.Target | Mapping[str, Any]) -> bool:
+    """Whether ``db_dir`` holds at least one tuning record for ``target``."""
+    path = records_dir(db_dir, target) / _DB_FILES[1]
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _open_database(folder: Path) -> ms.database.JSONDatabase:
+    return ms.database.JSONDatabase(
+        path_workload=str(folder / _DB_FILES[0]),
+        path_tuning_record=str(folder / _DB_FILES[1]),
+        allow_missing=True,
+        module_equality=_MODULE_EQUALITY,
+    )
+
+
+def apply_tuning(
+    mod: tvm.IRModule, target: tvm.target.Target | Mapping[str, Any], db_dir: str | os.PathLike | None
+) -> tvm.IRModule:
+    """``mod`` legalized and fused, with every fused function found in the records replaced by its
+    tuned schedule; compile the result with ``tvm.compile(result, target=target)``.
+
+    Functions without a record keep TVM's default (untuned) code. Without records for ``target``
+    (see :func:`has_records`) ``mod`` is returned unchanged.
+    """
+    t = as_target(target)
+    if db_dir is None or not has_records(db_dir, t):
+        return mod
+    database = _open_database(records_dir(db_dir, t))
+    prepared = prepare(mod, t)
+    with t, database, tvm.transform.PassContext(opt_level=3):
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+
+
+def build_tvm(
+    model: onnx.ModelProto | tvm.IRModule,
+    target: tvm.target.Target | Mapping[str, Any],
+    db_dir: str | os.PathLike | None = None,
+) -> tvm.runtime.Executable:
+    """Compile an ONNX model (or a Relax module) for ``target``, with tuned schedules when ``db_dir``
+    holds records for it."""
+    t = as_target(target)
+    mod = onnx_to_relax(model) if isinstance(model, onnx.ModelProto) else model
+    return tvm.compile(apply_tuning(mod, t, db_dir), target=t)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tuning
+
+
+def extract_tasks(models: Iterable[tvm.IRModule], target: tvm.target.Target) -> list[ms.ExtractedTask]:
+    """The tuning tasks of all ``models``; a function that occurs in several models is one task whose
+    weight is its total number of calls."""
+    merged: list[ms.ExtractedTask] = []
+    for mod in models:
+        for task in ms.relax_integration.extract_tasks(prepare(mod, target), target,
+                                                       module_equality=_MODULE_EQUALITY):
+            same = next((m for m in merged if tvm_ffi.structural_equal(m.dispatched[0], task.dispatched[0])), None)
+            if same is None:
+                merged.append(task)
+            else:
+                merged[merged.index(same)] = ms.ExtractedTask(
+                    task_name=same.task_name, mod=same.mod, target=same.target,
+                    dispatched=same.dispatched, weight=int(same.weight) + int(task.weight),
+                )
+    return merged
+
+
+@dataclass
+class _TaskStats:
+    """What the scheduler knows about one task during a run."""
+
+    weight: int
+    flops: float
+    trials: int = 0
+    best_s: float = math.inf       # best measured time per call (this run or earlier records)
+
+    def cost_s(self) -> float:
+        """Estimated share of the model's latency: calls x best time (a FLOP guess before any record)."""
+        per_call = self.best_s if math.isfinite(self.best_s) else self.flops / 50e9 + 2e-6
+        return self.weight * per_call
+
+
+@derived_object
+class _StatsCallback(ms.measure_callback.PyMeasureCallback):
+    """Counts trials and tracks the best time of each task as results arrive."""
+
+    def __init__(self, stats: list[_TaskStats]) -> None:
+        self.stats = stats
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        s = self.stats[task_id]
+        for result in runner_results:
+            s.trials += 1
+            if result.error_msg is None and result.run_secs:
+                secs = sorted(float(x) for x in result.run_secs)
+                s.best_s = min(s.best_s, secs[len(secs) // 2])
+
+
+@derived_object
+class _BudgetScheduler(ms.task_scheduler.PyTaskScheduler):
+    """Round-robin first round (largest estimated cost first), then trials in proportion to each task's
+    share of latency; stops when the next round would not finish before the deadline."""
+
+    def __init__(self, stats: list[_TaskStats], names: list[str], deadline: float, max_trials: int | None) -> None:
+        super().__init__()
+        self.stats = stats
+        self.names = names
+        self.deadline = deadline
+        self.max_trials = max_trials
+        self.round_s = 0.0            # running estimate of one round's duration (the first always runs)
+        self.last_pick: float | None = None
+        self.rounds = 0
+        self.stopped = "exhausted"
+
+    def next_task_id(self) -> int:
+        outer = self._outer()
+        for task_id, record in enumerate(outer.tasks_):
+            if not record.is_terminated and record.runner_futures is not None:
+                outer.join_running_task(task_id)
+        now = time.monotonic()
+        if self.last_pick is not None:
+            last = now - self.last_pick
+            self.round_s = last if self.rounds == 1 else 0.5 * (self.round_s + last)
+        live = [i for i, record in enumerate(outer.tasks_) if not record.is_terminated]
+        if not live:
+            return -1
+        if now + self.round_s > self.deadline:
+            self.stopped = "deadline"
+            return -1
+        if self.max_trials is not None and sum(s.trials for s in self.stats) >= self.max_trials:
+            self.stopped = "max_trials"
+            return -1
+        untried = [i for i in live if self.stats[i].trials == 0]
+        if untried:
+            pick = max(untried, key=lambda i: self.stats[i].cost_s())
+        else:
+            total = sum(self.stats[i].cost_s() for i in live)
+            pick = min(live, key=lambda i: self.stats[i].trials / (self.stats[i].cost_s() / total))
+        self.last_pick = now
+        self.rounds += 1
+        s = self.stats[pick]
+        _log.info("round %d: %s (%d trials, best %s), %.0f s left", self.rounds, self.names[pick], s.trials,
+                  f"{s.best_s * 1e6:.1f} us" if math.isfinite(s.best_s) else "none", self.deadline - now)
+        return pick
+
+
+def _lean_build_function():
+    """MetaSchedule's default build minus ``import tvm.s_tir.tensor_intrin`` (CPU schedules here use no
+    tensor intrinsics, and that import takes minutes on a loaded 2-core machine, so builds timed out).
+
+    Returned as a closure so that cloudpickle ships it by value: build workers then need only ``tvm``,
+    not this package.
+    """
+
+    def build(mod, target, _params):
+        from tvm.driver import build as tvm_build
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+    return build
+
+
+def _import_tensor_intrin_quickly() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (TuneContext needs it) with a shallow ``inspect.stack``.
+
+    Each of its ~500 ``@T.prim_func`` calls ``inspect.stack()``, whose frame lookup scans every loaded
+    module per frame: measured 400 s here under load. The parser reads only the nearest frames' source
+    lines and the frames themselves further out, so frames beyond the third are given without source.
+    """
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+
+    def shallow_stack(context: int = 1) -> list[inspect.FrameInfo]:
+        infos = []
+        frame = sys._getframe(1)
+        while frame is not None:
+            if len(infos) < 3:
+                info = inspect.getframeinfo(frame, context)
+                infos.append(inspect.FrameInfo(frame, *info, positions=info.positions))
+            else:
+                infos.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno,
+                                               frame.f_code.co_name, None, None, positions=None))
+            frame = frame.f_back
+        return infos
+
+    full_stack = inspect.stack
+    inspect.stack = shallow_stack
+    try:
+        importlib.import_module("tvm.s_tir.tensor_intrin")
+    finally:
+        inspect.stack = full_stack
+
+
+def _single_thread_runtime() -> None:
+    """Runner workers measure with one TVM thread, as the deployed small model runs."""
+    os.environ["TVM_NUM_THREADS"] = "1"
+
+
+def _best_time_s(database: ms.database.Database, task: ms.ExtractedTask) -> float:
+    mod = task.dispatched[0]
+    if not database.has_workload(mod):
+        return math.inf
+    records = database.get_top_k(database.commit_workload(mod), 1)
+    if not records or not records[0].run_secs:
+        return math.inf
+    secs = sorted(float(x) for x in records[0].run_secs)
+    return secs[len(secs) // 2]
+
+
+def _flops(task: ms.ExtractedTask) -> float:
+    return float(tvm.s_tir.analysis.estimate_tir_flops(task.dispatched[0]))
+
+
+def tune(
+    onnx_segments: onnx.ModelProto | list[onnx.ModelProto],
+    target: tvm.target.Target | Mapping[str, Any],
+    minutes: float,
+    db_dir: str | os.PathLike,
+    seed: int = 0,
+    trials_per_round: int = _TRIALS_PER_ROUND,
+    max_trials: int | None = None,
+) -> TuningResult:
+    """Tune the fused functions of ``onnx_segments`` for ``target`` on this machine for at most
+    ``minutes`` of wall-clock time, adding the records to ``db_dir`` (existing records are reused).
+
+    A round measures ``trials_per_round`` candidates of one task; the first round always runs, later
+    ones only if they are predicted to end before the deadline, and none once ``max_trials`` (if
+    given) have been measured. Host targets only: the candidates are built and timed here.
+    """
+    started = time.monotonic()
+    if not minutes > 0:
+        raise DistreeError(f"tuning needs a positive number of minutes, got {minutes}")
+    models = [onnx_segments] if isinstance(onnx_segments, onnx.ModelProto) else list(onnx_segments)
+    if not models:
+        raise DistreeError("nothing to tune: give at least one ONNX model")
+    t = as_target(target)
+    if t.kind.name != "llvm":
+        raise DistreeError(f"tuning runs on this machine and supports llvm (CPU) targets only, not {t.kind.name}")
+    deadline = started + minutes * 60.0
+    final_dir = records_dir(db_dir, t)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    tasks = extract_tasks((onnx_to_relax(m) for m in models), t)
+    if not tasks:
+        raise DistreeError("the model has no TVM functions to tune")
+
+    scratch = Path(tempfile.mkdtemp(prefix=".tuning.", dir=final_dir.parent))
+    try:
+        for name in _DB_FILES:
+            if (final_dir / name).is_file():
+                shutil.copy2(final_dir / name, scratch / name)
+        database = _open_database(scratch)
+        stats = [_TaskStats(weight=int(x.weight), flops=_flops(x), best_s=_best_time_s(database, x)) for x in tasks]
+        _import_tensor_intrin_quickly()
+        scheduler = _BudgetScheduler(stats, [x.task_name for x in tasks], deadline, max_trials)
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # its console log is per trial
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks,
+            work_dir=str(scratch / "logs"),
+            strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=_POPULATION, genetic_num_iters=_GENETIC_ITERS
+            ),
+            seed=seed,
+        )
+        ms.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(scratch / "logs"),
+            max_trials_global=1 << 30,
+            num_trials_per_iter=trials_per_round,
+            builder=ms.builder.LocalBuilder(f_build=_lean_build_function(), timeout_sec=_BUILD_TIMEOUT_S),
+            runner=ms.runner.LocalRunner(
+                timeout_sec=_RUN_TIMEOUT_S,
+                evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20),
+                initializer=_single_thread_runtime,
+            ),
+            database=database,
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _StatsCallback(stats)],
+            task_scheduler=scheduler,
+            module_equality=_MODULE_EQUALITY,
+        )
+        reports = tuple(
+            TaskReport(name=x.task_name, weight=s.weight, flops=s.flops, trials=s.trials,
+                       best_us=None if not math.isfinite(b := _best_time_s(database, x)) else b * 1e6)
+            for x, s in zip(tasks, stats)
+        )
+        for name in _DB_FILES:
+            if (scratch / name).is_file():
+                os.replace(scratch / name, final_dir / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return TuningResult(
+        db_dir=Path(db_dir),
+        trials=sum(s.trials for s in stats),
+        wall_s=time.monotonic() - started,
+        stopped=scheduler.stopped,
+        tasks=reports,
+    )

@@ -1,11 +1,12 @@
 """Train the Fashion-MNIST example models and export them to ONNX.
 
-Model ``plain``: a CIFAR-style ResNet (stem conv, 3 stages x 3 basic residual blocks, global average
-pool + linear) exported as ``resnet_plain.onnx`` with one output ``logits``.
+Model ``plain``: a CIFAR-style ResNet (stem conv, 3 stages x 3 basic residual blocks of widths 8/16/32,
+global average pool + linear) exported as ``resnet_plain.onnx`` with one output ``logits``.
 Model ``exits``: the same backbone with DistrEE-style exit heads, trained jointly (cross-entropy on every
 exit and the final classifier, plus knowledge distillation from the final classifier to each exit),
 exported as ``resnet_exits.onnx`` with outputs ``logits, exit_1, exit_2, ...`` (extra graph outputs named
-``exit_*`` are exits, ordered by depth). Its backbone starts from model ``plain``'s trained weights.
+``exit_*`` are exits, ordered by depth). The shipped model is trained from scratch, jointly; ``--init``
+can start it from a checkpoint of model ``plain`` instead (``train.py`` writes ``<model>.pt`` beside it).
 
 Results (ONNX Runtime accuracy on the full test set, wall time, command, machine) go to ``models.json``.
 """
@@ -81,7 +82,9 @@ class ExitHead(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem conv, 3 stages x 3 BasicBlocks (stride 2 at the start of stages 2 and 3), GAP + linear.
+    """Stem conv at 28x28, 3 stages x 3 BasicBlocks, each stage starting with stride 2 (14x14, 7x7,
+    4x4 maps: a quarter of the compute of a 28x28 first stage, which the shared 2-core training machine
+    needs), global average pool + linear.
     ``forward`` returns (logits, exit_1, exit_2, ...), the exits in depth order."""
 
     def __init__(self, widths: tuple[int, int, int], exit_after: tuple[int, ...] = (), num_classes: int = 10):
@@ -90,7 +93,7 @@ class ResNet(nn.Module):
         blocks, in_ch = [], widths[0]
         for stage, width in enumerate(widths):
             for i in range(BLOCKS_PER_STAGE):
-                blocks.append(BasicBlock(in_ch, width, 2 if stage > 0 and i == 0 else 1))
+                blocks.append(BasicBlock(in_ch, width, 2 if i == 0 else 1))
                 in_ch = width
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(in_ch, num_classes)
@@ -158,6 +161,9 @@ def train(model: ResNet, x: torch.Tensor, y: torch.Tensor, args: argparse.Namesp
             schedule.step()
             total_loss += loss.item() * len(batch)
             correct += int((outputs[0].argmax(1) == yb).sum())
+            if (first // args.batch_size + 1) % 100 == 0:
+                print(f"  epoch {epoch} batch {first // args.batch_size + 1}/{steps_per_epoch} "
+                      f"{time.time() - start:.0f}s", flush=True)
         record = {"epoch": epoch, "loss": round(total_loss / len(x), 4), "train_acc": round(correct / len(x), 4),
                   "seconds": round(time.time() - start, 1)}
         history.append(record)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -46,7 +47,8 @@ def test_example_heads_attach_keep_final_output_and_calibrate_like_onnxruntime(f
     at = TRAIN_AT[file]
     at = None if at is None else [b for b in at if b < len(chain.blocks) - 1]
     declared = declared_exits(model, chain) if at is None else ()
-    exits_model, exits = train_exits(model, chain, calib, at=at, declared=declared)
+    exits_model, exits = train_exits(model, chain, calib, at=at, declared=declared,
+                                     attach_to=onnx.load(EXAMPLE / file))   # keeps the file's dynamic batch
     assert len(exits) >= 3 and all(e.entry_output for e in exits)
     if at is not None:
         assert all(e.fit_accuracy > 0.5 for e in exits)   # frozen ResNet features: far above chance (0.1)

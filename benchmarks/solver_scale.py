@@ -50,7 +50,7 @@ def _example_cases(example: Path | None):
         chain = Chain.load(example / "chain.json")
         cal = Calibration.load(example / "calibration.json")
         profile = Profile.load(example / "profile.json")
-        devices = sorted({m.device for m in profile.entries})
+        devices = list(dict.fromkeys(m.device for m in profile.entries))     # profiled order
         from distree.targets import topology_for
         for k in (2, 3):
             if len(devices) >= k:

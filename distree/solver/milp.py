@@ -340,14 +340,15 @@ def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
     if dump_lp:
         model.lp.writeLP(dump_lp)
     warm = model.start_values(*start) if start is not None else None
+    left = max(1.0, time_limit_s - (time.perf_counter() - t0))      # building counts against the limit
     if solver == "highs":
-        s = _WarmHiGHS(start=warm, msg=msg, timeLimit=time_limit_s, gapRel=1e-6, threads=1, **HIGHS_OPTIONS)
+        s = _WarmHiGHS(start=warm, msg=msg, timeLimit=left, gapRel=1e-6, threads=1, **HIGHS_OPTIONS)
     else:
         if warm:
             for v in model.lp.variables():
                 if v.name in warm:
                     v.setInitialValue(warm[v.name])
-        s = pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit_s, gapRel=1e-6, warmStart=bool(warm), threads=1)
+        s = pulp.PULP_CBC_CMD(msg=msg, timeLimit=left, gapRel=1e-6, warmStart=bool(warm), threads=1)
     model.lp.solve(s)
     wall = time.perf_counter() - t0
     n_vars, n_cons = model.lp.numVariables(), model.lp.numConstraints()

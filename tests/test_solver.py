@@ -26,6 +26,9 @@ def _random_instance(seed: int):
                           n_levels=int(rng.integers(1, 5)), n_devices=int(rng.integers(1, 4)),
                           n_samples=int(rng.integers(30, 120)), seed=seed,
                           memory_slack=float(rng.uniform(0.9, 3.0)))
+    if rng.random() < 0.3:      # requests arriving at another device than the first
+        src = case.topology.devices[int(rng.integers(len(case.topology.devices)))].name
+        case = dataclasses.replace(case, topology=dataclasses.replace(case.topology, source=src))
     kind = rng.random()
     c = Constraints(accuracy_drop=float(rng.choice([0.0, 0.01, 0.03, 0.08])),
                     confidence=0.9 if rng.random() < 0.15 else None,
@@ -95,6 +98,21 @@ def test_random_instances_match_brute_force_and_replay():
     # the generator must exercise what it claims to: memory binding, exits, pipelines, infeasibility
     assert stats["feasible"] >= 150 and stats["infeasible"] >= 5, stats
     assert stats["memory_binds"] >= 15 and stats["exits_used"] >= 60 and stats["multi_stage"] >= 30, stats
+
+
+def test_shared_exit_positions_and_no_exits():
+    """Two heads on the same cut tensor (evaluated in calibration order), and a model with no exits."""
+    case = synthetic_case(6, 3, 3, 2, 120, seed=21)
+    exits = list(case.calibration.exits)
+    exits[1] = dataclasses.replace(exits[1], after_block=exits[0].after_block)
+    shared = dataclasses.replace(case, calibration=dataclasses.replace(case.calibration, exits=tuple(exits)))
+    bare = synthetic_case(5, 0, 3, 2, 60, seed=22)
+    for cs in (shared, bare):
+        c = Constraints(accuracy_drop=0.05)
+        problem, _ = build_problem(cs.chain, cs.calibration, cs.profile, cs.topology, c)
+        plan = solve(cs.chain, cs.calibration, cs.profile, cs.topology, c)
+        assert plan.expected_latency_ms == pytest.approx(brute_force(problem).expected_ms, rel=1e-7)
+        _check_plan(plan, cs, c)
 
 
 def test_cbc_agrees_with_highs():

@@ -41,8 +41,8 @@ def all_placements(n_blocks: int, n_devices: int, free_order: bool) -> np.ndarra
 
 
 def all_configurations(n_levels: np.ndarray) -> np.ndarray:
-    return np.array(list(itertools.product(*[range(n + 1) for n in n_levels])), dtype=int).reshape(
-        -1, len(n_levels))
+    rows = list(itertools.product(*[range(n + 1) for n in n_levels]))
+    return np.array(rows, dtype=int).reshape(len(rows), len(n_levels))
 
 
 def brute_force(p: Problem) -> BruteResult:
@@ -65,7 +65,7 @@ def brute_force(p: Problem) -> BruteResult:
     en = C > 0                                                          # [C, E]
     passes = (p.passed_level[None] >= C[:, None, :]) & en[:, None, :]    # [C, N, E]
     any_pass = passes.any(axis=2)
-    first = np.where(any_pass, passes.argmax(axis=2), E)                # [C, N]
+    first = np.where(any_pass, passes.argmax(axis=2), E) if E else np.zeros(any_pass.shape, int)   # [C, N]
     N = p.n_samples
     rate = np.stack([(first == j).mean(axis=1) for j in range(E)], axis=1) if E else np.zeros((len(C), 0))
     final_rate = (first == E).mean(axis=1)

@@ -50,7 +50,9 @@ def _parse_sweep(spec: str) -> list[float]:
 @click.option("--accuracy-drop", type=float, default=0.01, show_default=True,
               help="Allowed accuracy loss against the full model, on calibration data.")
 @click.option("--confidence", type=float, default=None,
-              help="Promise the accuracy at this one-sided confidence (Clopper-Pearson), e.g. 0.95.")
+              help="Promise the accuracy at this one-sided confidence (Clopper-Pearson), e.g. 0.95. Even "
+                   "the no-exit plan may then miss a very small --accuracy-drop; the error names the smallest "
+                   "drop that works.")
 @click.option("--deadline-ms", type=float, default=None, help="Latency bound for the path where no exit is taken.")
 @click.option("--min-throughput", type=float, default=None,
               help="Requests/s the pipeline must sustain (each stage's expected busy time <= 1/rate).")

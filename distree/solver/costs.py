@@ -34,7 +34,7 @@ def outcome(p: Problem, levels: np.ndarray) -> Outcome:
     N, E = p.passed_level.shape
     passes = (p.passed_level >= levels[None, :]) & (levels[None, :] > 0)
     any_pass = passes.any(axis=1)
-    first = np.where(any_pass, passes.argmax(axis=1), E)
+    first = first_true(passes)
     counts = np.bincount(first, minlength=E + 1)
     correct = int(p.correct_final[~any_pass].sum())
     if E:
@@ -43,6 +43,13 @@ def outcome(p: Problem, levels: np.ndarray) -> Outcome:
     rate = counts[:E] / N
     return Outcome(exit_rate=rate, correct=correct, reach_block=reach_blocks(p, rate),
                    reach_exit=1.0 - (np.cumsum(rate) - rate), final_rate=counts[E] / N)
+
+
+def first_true(mask: np.ndarray) -> np.ndarray:
+    """Column of the first True in each row; the column count where a row has none."""
+    if mask.shape[1] == 0:
+        return np.zeros(mask.shape[0], dtype=int)
+    return np.where(mask.any(axis=1), mask.argmax(axis=1), mask.shape[1])
 
 
 def reach_blocks(p: Problem, exit_rate: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.costs import best_placement, evaluate, reach_blocks
+from distree.solver.costs import best_placement, evaluate, first_true, reach_blocks
 from distree.solver.problem import Problem
 
 DEADLINE_WEIGHTS = (0.0, 0.01, 0.1, 1.0, 10.0, 1000.0)
@@ -83,9 +83,8 @@ class _MoveScorer:
         en = levels > 0
         passes = (p.passed_level >= levels[None, :]) & en[None, :]
         N = p.n_samples
-        self.first = np.where(passes.any(1), passes.argmax(1), E)
-        after_first = passes & (np.arange(E)[None, :] > self.first[:, None])
-        self.second = np.where(after_first.any(1), after_first.argmax(1), E)
+        self.first = first_true(passes)
+        self.second = first_true(passes & (np.arange(E)[None, :] > self.first[:, None]))
         self.corr = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1).astype(int)
         self.rows = np.arange(N)
         self.on_device = [placement == d for d in range(p.n_devices)]

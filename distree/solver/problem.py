@@ -30,9 +30,11 @@ class Constraints:
     """What the user asks of a plan (the CLI flags of ``distree plan``)."""
 
     accuracy_drop: float = 0.01
-    confidence: Optional[float] = None      # one-sided Clopper-Pearson level for the accuracy promise
+    confidence: Optional[float] = None      # one-sided Clopper-Pearson level for the accuracy promise; the
+    #                                         no-exit plan itself may then miss a tiny drop (its bound < its accuracy)
     deadline_ms: Optional[float] = None     # bound on the latency of the path where no exit is taken
-    min_throughput: Optional[float] = None  # requests/s; each stage's expected busy time must fit 1/rate
+    min_throughput: Optional[float] = None  # requests/s; each stage's expected compute (blocks + heads,
+    #                                         weighted by reach) must fit 1/rate; transfers overlap compute
     free_order: bool = False                # let the solver choose the device order too
     time_limit_s: float = 60.0
     solver: str = "highs"                   # "highs" (highspy) or "cbc"

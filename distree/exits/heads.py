@@ -48,8 +48,9 @@ class Pooling:
     """How a head reduces its input before the linear layer.
 
     ``grid == 0``: global average pool (or nothing for an (N, C) input). ``grid == g``: average pool with
-    a (H // g, W // g) window and stride to a g x g grid, then a 1x1 conv to ``reduced`` channels; for
-    wide maps, where a global mean would throw away where things are.
+    a (H // g, W // g) window (at least 1) and the same stride, which gives about a g x g grid of cells
+    (the last rows/columns that do not fill a window are dropped), then a 1x1 conv to ``reduced``
+    channels; for wide maps, where a global mean would throw away where things are.
     """
 
     shape: tuple[int, ...]      # (C, H, W) or (C,)
@@ -58,7 +59,12 @@ class Pooling:
 
     @property
     def window(self) -> tuple[int, int]:
-        return self.shape[1] // self.grid, self.shape[2] // self.grid
+        return max(1, self.shape[1] // self.grid), max(1, self.shape[2] // self.grid)
+
+    @property
+    def cells(self) -> tuple[int, int]:
+        (kh, kw) = self.window
+        return self.shape[1] // kh, self.shape[2] // kw
 
     def apply(self, v: np.ndarray) -> np.ndarray:
         """(N, C) global means, (N, C, g, g) grid means, or ``v`` itself for (N, C); float64."""
@@ -66,8 +72,8 @@ class Pooling:
             return v.astype(np.float64)
         if not self.grid:
             return v.reshape(v.shape[0], v.shape[1], -1).mean(axis=2, dtype=np.float64)
-        (kh, kw), g = self.window, self.grid
-        cells = v[:, :, :g * kh, :g * kw].reshape(v.shape[0], v.shape[1], g, kh, g, kw)
+        (kh, kw), (gh, gw) = self.window, self.cells
+        cells = v[:, :, :gh * kh, :gw * kw].reshape(v.shape[0], v.shape[1], gh, kh, gw, kw)
         return cells.mean(axis=(3, 5), dtype=np.float64)
 
 
@@ -98,7 +104,7 @@ class LinearHead:
     def flops(self) -> int:
         k, f = self.weight.shape
         shape, pool = self.pooling.shape, int(np.prod(self.pooling.shape))
-        conv = 0 if self.reduce_weight is None else 2 * self.reduce_weight.size * self.pooling.grid ** 2
+        conv = 0 if self.reduce_weight is None else 2 * self.reduce_weight.size * int(np.prod(self.pooling.cells))
         return (pool if len(shape) == 3 else 0) + conv + 2 * f * k
 
     @property

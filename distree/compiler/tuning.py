@@ -10,8 +10,9 @@ MetaSchedule's ``tune_tasks`` with :class:`_BudgetScheduler`, which
 * joins every measurement before the next build, so timings are not taken while the builder runs.
 
 Records live in a MetaSchedule JSON database under ``db_dir/<target key>/``. Workloads are keyed by
-the structure of the fused TIR functions, so a second run extends the same records and a database tuned
-on a whole model applies to every segment cut from it (its fused functions are the same).
+the structure of each fused TIR function's anchor block (MetaSchedule's "anchor-block" equality: the conv
+of conv+add+relu and of conv+add+add+relu is one task, its schedule applied to both), so a second run
+extends the same records and a database tuned on a whole model applies to every segment cut from it.
 The database files are replaced atomically at the end of a run; a killed run leaves the old ones.
 """
 
@@ -45,15 +46,16 @@ from distree.errors import DistreeError
 _log = logging.getLogger(__name__)
 
 _DB_FILES = ("database_workload.json", "database_tuning_record.json")
-_MODULE_EQUALITY = "structural"
+_MODULE_EQUALITY = "anchor-block"
 
 # Search settings that work on a small shared CPU (see notes/tvm-0.27.md): a smaller population and
 # one genetic iteration keep each round's search to seconds instead of minutes.
 _POPULATION = 128
 _GENETIC_ITERS = 1
-_TRIALS_PER_ROUND = 32
+_TRIALS_PER_ROUND = 16
 _BUILD_TIMEOUT_S = 120.0
 _RUN_TIMEOUT_S = 60.0
+_BUILDS_PER_WORKER = 64
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,42 @@ def _lean_build_function():
     return build
 
 
+@derived_object
+class _PooledBuilder(ms.builder.PyBuilder):
+    """MetaSchedule's LocalBuilder with one worker pool for the whole run.
+
+    LocalBuilder starts a fresh pool every round (against a slow leak), i.e. new interpreters that import
+    tvm: 5-18 s per round on the loaded 2-core machine. Here each worker is recycled after
+    ``_BUILDS_PER_WORKER`` builds instead.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        from tvm.support.popen_pool import PopenPoolExecutor
+
+        self.timeout_s = timeout_s
+        self.f_build = _lean_build_function()
+        self.pool = PopenPoolExecutor(max_workers=os.cpu_count() or 1, timeout=timeout_s,
+                                      maximum_process_uses=_BUILDS_PER_WORKER)
+
+    def build(self, build_inputs):
+        from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func
+        from tvm.support.popen_pool import StatusKind
+
+        jobs = [(self.f_build, None, x.mod, x.target, None) for x in build_inputs]
+        results = []
+        for done in self.pool.map_with_error_catching(lambda job: _worker_func(*job), jobs):
+            if done.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(done.value, None))
+            elif done.status == StatusKind.TIMEOUT:
+                results.append(ms.builder.BuilderResult(None, f"build timed out after {self.timeout_s} s"))
+            else:
+                results.append(ms.builder.BuilderResult(None, f"build failed: {done.value}"))
+        return results
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+
+
 def _import_tensor_intrin_quickly() -> None:
     """Import ``tvm.s_tir.tensor_intrin`` (TuneContext needs it) with a shallow ``inspect.stack``.
 
@@ -385,11 +423,13 @@ def tune(
     deadline = started + minutes * 60.0
     final_dir = records_dir(db_dir, t)
     final_dir.mkdir(parents=True, exist_ok=True)
-    tasks = extract_tasks((onnx_to_relax(m) for m in models), t)
+    # Layout-only functions (reshape, no arithmetic) have nothing to gain and would each cost a round.
+    tasks = [x for x in extract_tasks((onnx_to_relax(m) for m in models), t) if _flops(x) > 0]
     if not tasks:
-        raise DistreeError("the model has no TVM functions to tune")
+        raise DistreeError("the model has no TVM functions with arithmetic to tune")
 
     scratch = Path(tempfile.mkdtemp(prefix=".tuning.", dir=final_dir.parent))
+    builder = None
     try:
         for name in _DB_FILES:
             if (final_dir / name).is_file():
@@ -397,6 +437,7 @@ def tune(
         database = _open_database(scratch)
         stats = [_TaskStats(weight=int(x.weight), flops=_flops(x), best_s=_best_time_s(database, x)) for x in tasks]
         _import_tensor_intrin_quickly()
+        builder = _PooledBuilder(_BUILD_TIMEOUT_S)
         scheduler = _BudgetScheduler(stats, [x.task_name for x in tasks], deadline, max_trials)
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # its console log is per trial
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -413,7 +454,7 @@ def tune(
             work_dir=str(scratch / "logs"),
             max_trials_global=1 << 30,
             num_trials_per_iter=trials_per_round,
-            builder=ms.builder.LocalBuilder(f_build=_lean_build_function(), timeout_sec=_BUILD_TIMEOUT_S),
+            builder=builder,
             runner=ms.runner.LocalRunner(
                 timeout_sec=_RUN_TIMEOUT_S,
                 evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20),
@@ -433,6 +474,8 @@ def tune(
             if (scratch / name).is_file():
                 os.replace(scratch / name, final_dir / name)
     finally:
+        if builder is not None:
+            builder.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
     return TuningResult(
         db_dir=Path(db_dir),

@@ -4,11 +4,14 @@
 
 For each example model: exits are found (``resnet_exits.onnx`` declares them) or trained after every
 candidate block (``resnet_plain.onnx``; ``--at`` restricts them), each with its entry head. For each score
-kind (max_softmax, entropy, stability) thresholds are chosen on the calibration split only: each exit's
-threshold is the smallest grid level at which the calibration samples leaving there are at least as
-accurate as the final classifier on the calibration split (no such level: the exit is off). With all those
-exits enabled (first passing exit answers), the test set gives the share of images leaving at each exit and
-the accuracy drop against the final classifier. Prints tables; writes benchmarks/results/exit_scores.json.
+kind (max_softmax, entropy, stability) thresholds are chosen on the calibration split only, by two simple
+rules (``RULES``; the solver does this properly): ``no_loss`` walks the exits in depth order and takes the
+lowest grid level at which the samples still in that would leave are answered at least as well by the
+exit as by the final classifier; ``per_exit`` looks at each exit alone and takes the lowest level whose
+leaving samples are at least as accurate as the final classifier overall (it ignores that later exits
+see only the harder samples). No such level: the exit is off. With those exits enabled (first passing
+exit answers), the test set gives the share of images leaving at each exit and the accuracy drop
+against the final classifier. Prints tables; writes benchmarks/results/exit_scores.json.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ MODELS = {"plain": EXAMPLE / "resnet_plain.onnx", "exits": EXAMPLE / "resnet_exi
 OUT = ROOT / "benchmarks" / "results" / "exit_scores.json"
 
 
-def thresholds_matching_final(cal: Calibration) -> dict[str, float | None]:
-    """Per exit, the lowest grid level whose leaving samples are >= the final classifier's accuracy."""
+def thresholds_per_exit(cal: Calibration) -> dict[str, float | None]:
+    """Per exit alone: the lowest grid level whose leaving samples are >= the final's overall accuracy."""
     scores, correct = cal.scores_array(), cal.correct_array()
     target = cal.final_accuracy()
     chosen: dict[str, float | None] = {}
@@ -53,6 +56,26 @@ def thresholds_matching_final(cal: Calibration) -> dict[str, float | None]:
         chosen[name] = next((t for t in cal.thresholds[j]
                              if (scores[:, j] >= t).any() and correct[scores[:, j] >= t, j].mean() >= target), None)
     return chosen
+
+
+def thresholds_no_loss(cal: Calibration) -> dict[str, float | None]:
+    """In depth order, on the samples still in: the lowest level at which the samples leaving at this exit
+    are answered at least as well by the exit as by the final classifier (cascade-aware, greedy)."""
+    scores, correct = cal.scores_array(), cal.correct_array()
+    still_in = np.ones(cal.num_samples, dtype=bool)
+    chosen: dict[str, float | None] = {}
+    for j, name in enumerate(cal.exit_names):
+        chosen[name] = None
+        for t in cal.thresholds[j]:
+            leave = still_in & (scores[:, j] >= t)
+            if leave.any() and correct[leave, j].mean() >= correct[leave, -1].mean():
+                chosen[name] = t
+                still_in &= ~leave
+                break
+    return chosen
+
+
+RULES = {"no_loss": thresholds_no_loss, "per_exit": thresholds_per_exit}
 
 
 def measure(path: Path, calib_path: Path, test_path: Path, at: list[int] | None, head: str = "auto") -> dict:
@@ -75,18 +98,20 @@ def measure(path: Path, calib_path: Path, test_path: Path, at: list[int] | None,
         started = time.perf_counter()
         cal = calibrate(exits_model, exits_chain, exits, calib, score_kind, test_size=len(test))
         on_test = run_exits(exits_model, exits_chain, exits, test, score_kind)
-        thresholds = thresholds_matching_final(cal)
-        on_cal = evaluate(cal, thresholds)
-        ev = evaluate_arrays(on_test.scores, on_test.correct, [thresholds[n] for n in cal.exit_names],
-                             cal.exit_names)
         final_test = float(on_test.correct[:, -1].mean())
-        result["scores"][score_kind] = {
-            "thresholds": thresholds,
-            "calibration": {"exit_rates": on_cal.exit_rates, "accuracy": on_cal.accuracy, "lcb95": on_cal.lcb},
-            "test": {"exit_rates": ev.exit_rates, "accuracy": ev.accuracy, "accuracy_drop": final_test - ev.accuracy,
-                     "lcb95": ev.lcb},
-            "seconds": round(time.perf_counter() - started, 2),
-        }
+        result["scores"][score_kind] = {}
+        for rule, choose in RULES.items():
+            thresholds = choose(cal)
+            on_cal = evaluate(cal, thresholds)
+            ev = evaluate_arrays(on_test.scores, on_test.correct, [thresholds[n] for n in cal.exit_names],
+                                 cal.exit_names)
+            result["scores"][score_kind][rule] = {
+                "thresholds": thresholds,
+                "calibration": {"exit_rates": on_cal.exit_rates, "accuracy": on_cal.accuracy, "lcb95": on_cal.lcb},
+                "test": {"exit_rates": ev.exit_rates, "accuracy": ev.accuracy,
+                         "accuracy_drop": final_test - ev.accuracy, "lcb95": ev.lcb},
+            }
+        result["scores"][score_kind]["seconds"] = round(time.perf_counter() - started, 2)
     result["final_test_accuracy"] = final_test
     result["final_calibration_accuracy"] = cal.final_accuracy()
     result["split_sizes"] = cal.split_sizes
@@ -98,23 +123,26 @@ def print_result(name: str, r: dict) -> None:
     print(f"\n== {name}: {r['model']}, {r['head']} heads ({r['blocks']} blocks, {len(r['exits'])} exits, heads "
           f"trained in {r['heads_train_s']} s; split {r['split_sizes']}) ==")
     print(f"final classifier: test {r['final_test_accuracy']:.4f}, calibration {r['final_calibration_accuracy']:.4f}")
-    print(f"{'exit':<10}{'block':>6}{'src':>9}{'test acc':>10}" + "".join(f"{k[:11]:>12}" for k in SCORE_KINDS)
-          + "   <- test share leaving (threshold off: -)")
-    for e in r["exits"]:
-        shares = []
+    for rule in RULES:
+        print(f"-- thresholds: {rule} --")
+        print(f"{'exit':<10}{'block':>6}{'src':>9}{'test acc':>10}" + "".join(f"{k[:11]:>12}" for k in SCORE_KINDS)
+              + "   <- test share leaving (exit off: -)")
+        for e in r["exits"]:
+            shares = []
+            for kind in SCORE_KINDS:
+                s = r["scores"][kind][rule]
+                off = s["thresholds"][e["name"]] is None
+                shares.append("-" if off else f"{s['test']['exit_rates'][e['name']]:.3f}")
+            print(f"{e['name']:<10}{e['after_block']:>6}{e['source']:>9}{r['exit_test_accuracy'][e['name']]:>10.4f}"
+                  + "".join(f"{x:>12}" for x in shares))
+        print(f"{'final':<10}{'':>6}{'':>9}{r['final_test_accuracy']:>10.4f}"
+              + "".join(f"{r['scores'][k][rule]['test']['exit_rates']['final']:>12.3f}" for k in SCORE_KINDS))
         for kind in SCORE_KINDS:
-            s = r["scores"][kind]
-            shares.append("-" if s["thresholds"][e["name"]] is None else f"{s['test']['exit_rates'][e['name']]:.3f}")
-        print(f"{e['name']:<10}{e['after_block']:>6}{e['source']:>9}{r['exit_test_accuracy'][e['name']]:>10.4f}"
-              + "".join(f"{x:>12}" for x in shares))
-    print(f"{'final':<10}{'':>6}{'':>9}{r['final_test_accuracy']:>10.4f}"
-          + "".join(f"{r['scores'][k]['test']['exit_rates']['final']:>12.3f}" for k in SCORE_KINDS))
-    for kind in SCORE_KINDS:
-        s = r["scores"][kind]
-        early = 1.0 - s["test"]["exit_rates"]["final"]
-        print(f"  {kind:<12} test: {early:.3f} leave early, accuracy {s['test']['accuracy']:.4f} "
-              f"(drop {s['test']['accuracy_drop'] * 100:+.2f} pts vs final); calibration: accuracy "
-              f"{s['calibration']['accuracy']:.4f}, LCB95 {s['calibration']['lcb95']:.4f}")
+            s = r["scores"][kind][rule]
+            early = 1.0 - s["test"]["exit_rates"]["final"]
+            print(f"  {kind:<12} test: {early:.3f} leave early, accuracy {s['test']['accuracy']:.4f} "
+                  f"(drop {s['test']['accuracy_drop'] * 100:+.2f} pts vs final); calibration: accuracy "
+                  f"{s['calibration']['accuracy']:.4f}, LCB95 {s['calibration']['lcb95']:.4f}")
 
 
 def main() -> None:
@@ -133,8 +161,7 @@ def main() -> None:
         print_result(name, results[name])
     doc = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
            "command": "python benchmarks/exit_scores.py " + " ".join(sys.argv[1:]),
-           "threshold_rule": "per exit: lowest grid level whose calibration accuracy among leaving samples >= "
-                             "final calibration accuracy; exits with no such level are off",
+           "threshold_rules": {name: " ".join(rule.__doc__.split()) for name, rule in RULES.items()},
            "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -32,7 +32,7 @@ def test_compile_verify_run(tmp_path):
             "--json"]
     first = _cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
-    summary = json.loads(first.stdout[first.stdout.index("{"):])
+    summary = json.loads(first.stdout)          # stdout holds only the JSON summary
     assert summary["cached_stages"] == []
     assert summary["accuracy"] >= summary["full_model_accuracy"] - 0.05 - 1e-9
     for stage in summary["stages"]:
@@ -43,7 +43,7 @@ def test_compile_verify_run(tmp_path):
 
     again = _cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    cached = json.loads(again.stdout[again.stdout.index("{"):])["cached_stages"]
+    cached = json.loads(again.stdout)["cached_stages"]
     assert cached == ["exits", "calibrate", "profile", "plan"]
 
     verify = _cli("verify", str(tmp_path / "bundle"))

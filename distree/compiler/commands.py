@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +18,20 @@ def _console():
     from rich.console import Console
 
     return Console(stderr=True, log_path=False, width=max(Console(stderr=True).width, 150))
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Keep stdout for the result: libraries (HiGHS, MetaSchedule) print banners and tables on fd 1."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _parse_rpc(values: tuple[str, ...]) -> dict[str, str]:
@@ -74,7 +91,7 @@ def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, ou
         tune_minutes=tune_minutes, time_limit_s=time_limit, rpc=_parse_rpc(rpc), input_shapes=_parse_shapes(input_shape),
         threads=threads, require_aot_cuda=require_aot_cuda)
     console = _console()
-    with console.status("compiling ...") as status:
+    with console.status("compiling ...") as status, _stdout_to_stderr():
         def log(msg: str) -> None:
             status.update(msg)
             console.log(msg)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from distree.cli import cli
 from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
-from distree.solver.costs import evaluate
+from distree.solver.costs import evaluate, relaxed_lower_bound
 from distree.solver.milp import solve_milp
 from distree.solver.problem import clopper_pearson_lower, required_correct
 from distree.solver.synthetic import synthetic_case
@@ -87,6 +87,7 @@ def test_random_instances_match_brute_force_and_replay():
             stats["infeasible"] += 1
             continue
         assert np.isfinite(ref.expected_ms), f"seed {seed}: brute force finds no plan"
+        assert relaxed_lower_bound(problem) <= ref.expected_ms + 1e-9      # the bound behind reported gaps
         assert plan.status == "optimal"
         assert plan.expected_latency_ms == pytest.approx(ref.expected_ms, rel=1e-7, abs=1e-9), f"seed {seed}"
         _check_plan(plan, case, c)

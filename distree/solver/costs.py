@@ -215,30 +215,51 @@ def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
 
 
 def relaxed_lower_bound(p: Problem) -> float:
-    """A valid lower bound on the expected latency of ANY feasible plan, in O(N E + B D^2).
+    """A valid lower bound on the expected latency of ANY feasible plan, in O(N E L + B D^2).
 
-    Relaxation: each sample may leave at any exit it passes at some level (or at the end), independently
-    of the others, paying only the head it leaves at; memory is free; its path over the devices is the
-    cheapest one for that prefix. Only the accuracy count is kept, and that relaxed problem is solved
+    Every plan either enables no exit or has a first enabled exit j1 at some level l1; we enumerate those.
+    With (j1, l1) fixed, the samples passing it leave there exactly (nothing earlier is on). The others are
+    relaxed: each may leave at any later exit it passes at some level (or at the end), independently of
+    the others, paying head j1 and the head it leaves at; memory is free; every path over the devices is
+    the cheapest one for its prefix. Only the accuracy count is kept, and that relaxed problem is solved
     exactly: every sample takes its cheapest option, then the cheapest upgrades to a correct option until
     K are right. Used for the proven gap when the MILP is stopped early or too large to build.
     """
-    B = p.n_blocks
+    B, E, N = p.n_blocks, p.n_exits, p.n_samples
     path = p.cut_ms[p.source, :, 0] + p.block_ms[:, 0]          # cheapest way to have run block 0 on d
     upto = [path]
     for b in range(1, B):
         path = (path[:, None] + p.cut_ms[:, :, b]).min(axis=0) + p.block_ms[:, b]
         upto.append(path)
+    head_min = p.head_ms.min(axis=0) if E else np.zeros(0)
     leave = np.array([(upto[a] + p.head_ms[:, j] + p.return_ms).min() for j, a in enumerate(p.exit_after)]
                      + [(upto[-1] + p.return_ms).min()])
-    option_ok = np.concatenate([p.passed_level > 0, np.ones((p.n_samples, 1), dtype=bool)], axis=1)
+    option_ok = np.concatenate([p.passed_level > 0, np.ones((N, 1), dtype=bool)], axis=1)
     correct = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1)
     cost = np.where(option_ok, leave[None, :], np.inf)
-    cheapest = cost.min(axis=1)
-    free_right = (np.where(correct, cost, np.inf).min(axis=1) <= cheapest)
-    upgrade = np.where(correct, cost, np.inf).min(axis=1) - cheapest
-    need = p.required_correct - int(free_right.sum())
-    extra = np.sort(upgrade[~free_right])[:max(0, need)]
-    if need > 0 and (len(extra) < need or not np.all(np.isfinite(extra))):
-        return np.inf                      # even the relaxation cannot reach the accuracy: infeasible
-    return float((cheapest.sum() + extra.sum()) / p.n_samples)
+    right = np.where(correct, cost, np.inf)
+    # cheapest option (and cheapest correct option) among exits >= j, for every j: reverse running minima
+    after = np.minimum.accumulate(cost[:, ::-1], axis=1)[:, ::-1]
+    after_right = np.minimum.accumulate(right[:, ::-1], axis=1)[:, ::-1]
+
+    def relaxed(fixed_cost: float, fixed_right: int, free: np.ndarray, free_cost: np.ndarray,
+                free_right_cost: np.ndarray) -> float:
+        base = free_cost[free]
+        up = free_right_cost[free] - base
+        already = int((up <= 0).sum())
+        need = p.required_correct - fixed_right - already
+        extra = np.sort(up[up > 0])[:max(0, need)]
+        if need > 0 and (len(extra) < need or not np.all(np.isfinite(extra))):
+            return np.inf
+        return (fixed_cost + base.sum() + extra.sum()) / N
+
+    everyone = np.ones(N, dtype=bool)
+    best = relaxed(0.0, 0, everyone, cost[:, E], right[:, E])          # no exit enabled
+    for j in range(E):
+        rest_cost = after[:, j + 1] + head_min[j]
+        rest_right = after_right[:, j + 1] + head_min[j]
+        for level in range(1, p.n_levels[j] + 1):
+            leaves = p.passed_level[:, j] >= level
+            best = min(best, relaxed(leave[j] * leaves.sum(), int(p.correct_exit[leaves, j].sum()), ~leaves,
+                                     rest_cost, rest_right))
+    return float(best)

@@ -5,8 +5,8 @@ global average pool + linear) exported as ``resnet_plain.onnx`` with one output 
 Model ``exits``: the same backbone with DistrEE-style exit heads, trained jointly (cross-entropy on every
 exit and the final classifier, plus knowledge distillation from the final classifier to each exit),
 exported as ``resnet_exits.onnx`` with outputs ``logits, exit_1, exit_2, ...`` (extra graph outputs named
-``exit_*`` are exits, ordered by depth). The shipped model is trained from scratch, jointly; ``--init``
-can start it from a checkpoint of model ``plain`` instead (``train.py`` writes ``<model>.pt`` beside it).
+``exit_*`` are exits, ordered by depth). The shipped model is trained from scratch; ``--init`` can start
+it from model ``plain``'s checkpoint instead (``train.py`` writes ``<model>.pt`` beside the ONNX).
 
 Results (ONNX Runtime accuracy on the full test set, wall time, command, machine) go to ``models.json``.
 """

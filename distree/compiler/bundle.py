@@ -51,7 +51,13 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
             cross_compiler(dev)                 # fail before any work when a cross compiler is missing
     host = get_device("host")
     if tune_minutes > 0:
-        tuning_db = _tune(model, chain, specs, host, tune_minutes, tuning_db, log)
+        local = [s for s in specs if host_runnable(devices[s.device])]
+        remote = sorted({s.device for s in specs} - {s.device for s in local})
+        if remote:
+            log(f"not tuning {', '.join(remote)}: tuning runs on this machine only (MetaSchedule over RPC is not "
+                "supported yet); their TVM code stays untuned")
+        if local:
+            tuning_db = _tune(model, chain, local, host, tune_minutes, tuning_db, log)
     set_tvm_threads(threads)
     out = Path(out_dir)
     with atomic_directory(out) as tmp, tempfile.TemporaryDirectory(prefix="distree-proxy-") as proxy_dir:
@@ -103,7 +109,7 @@ def _device(topology: Topology, name: str) -> DeviceSpec:
 
 def _tune(model: onnx.ModelProto, chain: Chain, specs: tuple[SegmentSpec, ...], host: DeviceSpec,
           minutes: float, tuning_db: Optional[Path], log: Log) -> Path:
-    """MetaSchedule on this machine for the host target (remote devices need RPC tuning: not done here)."""
+    """MetaSchedule on this machine for the host target, over the segments that run here."""
     from distree.compiler.tuning import tune
 
     db = Path(tuning_db or Path(".distree-cache") / "tuning")

@@ -40,7 +40,7 @@ from distree.exits import (  # noqa: E402
     train_exits,
 )
 from distree.exits.heads import HEAD_KINDS, num_classes  # noqa: E402
-from distree.graph import build_chain, load_model  # noqa: E402
+from distree.graph import build_chain, load_model, model_sha256  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 MODELS = {"plain": EXAMPLE / "resnet_plain.onnx", "exits": EXAMPLE / "resnet_exits.onnx"}
@@ -90,7 +90,8 @@ def measure(path: Path, calib_path: Path, test_path: Path, at: list[int] | None,
     train_s = time.perf_counter() - started
     exits_chain = build_chain(exits_model)
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    result = {"head": head, "model": str(shown), "blocks": len(chain.blocks), "heads_train_s": round(train_s, 2),
+    result = {"head": head, "model": str(shown), "model_file_sha256": model_sha256(path), "blocks": len(chain.blocks),
+              "heads_train_s": round(train_s, 2),
               "exits": [{"name": e.name, "after_block": e.after_block, "source": e.source, "flops": e.flops,
                          "entry_flops": e.entry_flops, "fit_accuracy": e.fit_accuracy} for e in exits],
               "scores": {}}

@@ -9,6 +9,7 @@ level, exits only at stage ends) solved by enumeration.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,8 +145,9 @@ def _starts(p: Problem) -> list[np.ndarray]:
     return [np.minimum(g, p.n_levels) for g in range(top + 1)]
 
 
-def local_search(p: Problem, max_rounds: int = 200) -> Candidate | None:
+def local_search(p: Problem, max_rounds: int = 200, time_limit_s: float = np.inf) -> Candidate | None:
     """Best single-exit level change under the current placement, then re-place exactly; repeat."""
+    stop_at = time.perf_counter() + time_limit_s
     cur, cur_score = None, np.inf
     for levels in _starts(p):
         c = place(p, levels)
@@ -154,6 +156,8 @@ def local_search(p: Problem, max_rounds: int = 200) -> Candidate | None:
     if cur is None:
         return None
     for _ in range(max_rounds):
+        if time.perf_counter() > stop_at:
+            break
         scorer = _MoveScorer(p, cur.levels, cur.placement)
         best_move, best_score = None, cur_score
         for j in range(p.n_exits):

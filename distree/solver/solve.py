@@ -22,6 +22,7 @@ from distree.targets.spec import Topology
 
 # measured: PuLP builds and loads ~20k constraint rows per second here (2-core x86, loaded)
 BUILD_S_PER_ROW = 6e-5
+HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start local search
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 
@@ -35,7 +36,7 @@ def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: To
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
                   constraints: Constraints) -> Plan:
     t0 = time.perf_counter()
-    warm = local_search(p)
+    warm = local_search(p, time_limit_s=HEURISTIC_SHARE * constraints.time_limit_s)
     budget = max(1.0, constraints.time_limit_s - (time.perf_counter() - t0))
     start = (warm.levels, warm.placement) if warm is not None else None
     rows = estimated_rows(p)

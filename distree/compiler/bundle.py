@@ -4,7 +4,6 @@ threshold table and a manifest that hashes every file. Written atomically: a fai
 from __future__ import annotations
 
 import datetime as dt
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -85,18 +84,9 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
             source=plan.source, input=TensorSpec(chain.input_name, tuple(chain.input_shape), chain.input_dtype),
             plan=plan, stages=stages, files=files, notes=_notes(stages, backend))
         manifest.save(tmp / MANIFEST)
-        _readable(tmp)
     log(f"bundle written: {out}")
     return out
 
-
-def _readable(root: Path) -> None:
-    """Usual permissions (temp files and dirs are created 0600/0700) so the bundle can be copied and shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in (root, *root.rglob("*")):
-        mode = 0o777 if path.is_dir() or path.suffix == ".so" else 0o666
-        path.chmod(mode & ~umask)
 
 
 def _device(topology: Topology, name: str) -> DeviceSpec:

@@ -7,8 +7,9 @@ profile.json if given, else a synthetic stand-in of the same shape, labelled as 
 chain (55 blocks, 54 candidate exits, 8 threshold levels, 5,000 calibration samples, 3 devices); 200
 blocks on 8 devices; and a few mid-size cases that map where the MILP still proves optimality.
 
-For each: wall time, solver status ("optimal" only when proven), proven gap (against the better of the
-MILP's bound and the relaxed bound), expected latency, the best plan without exits, their ratio, and
+For each: wall time, solver status ("optimal" only when proven: by the branch and bound finishing, by
+HiGHS, or by a bound meeting the plan within 1e-9), proven gap (against the best of the branch-and-bound,
+MILP and relaxed bounds), expected latency, the best plan without exits, their ratio, and
 (<= 3 devices) PORTEND's search space (one global threshold level, exits only at stage ends) solved by
 enumeration. Prints a table and writes benchmarks/results/solver_scale.json.
 """

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from distree.cli import cli
 from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
+from distree.solver.bnb import branch_and_bound
 from distree.solver.costs import evaluate, relaxed_lower_bound
 from distree.solver.milp import solve_milp
 from distree.solver.problem import clopper_pearson_lower, required_correct
@@ -74,7 +75,7 @@ def _check_plan(plan: Plan, case, c: Constraints) -> None:
 @pytest.mark.slow
 def test_random_instances_match_brute_force_and_replay():
     """Hundreds of small instances: MILP optimum == exhaustive optimum, and each plan passes the replay."""
-    stats = {"feasible": 0, "infeasible": 0, "memory_binds": 0, "exits_used": 0, "multi_stage": 0}
+    stats = {"feasible": 0, "infeasible": 0, "memory_binds": 0, "exits_used": 0, "multi_stage": 0, "bnb_exact": 0}
     for seed in range(240):
         case, c = _random_instance(seed)
         problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
@@ -87,7 +88,12 @@ def test_random_instances_match_brute_force_and_replay():
             stats["infeasible"] += 1
             continue
         assert np.isfinite(ref.expected_ms), f"seed {seed}: brute force finds no plan"
-        assert relaxed_lower_bound(problem) <= ref.expected_ms + 1e-9      # the bound behind reported gaps
+        assert relaxed_lower_bound(problem) <= ref.expected_ms + 1e-9      # the bounds behind reported gaps
+        tree = branch_and_bound(problem, None, time_limit_s=0.05 if seed % 2 else 20.0)    # stopped or finished
+        assert tree.bound <= ref.expected_ms * (1 + 1e-9) + 1e-12, f"seed {seed}"
+        if tree.complete:
+            stats["bnb_exact"] += 1
+            assert tree.best.expected_ms == pytest.approx(ref.expected_ms, rel=1e-7, abs=1e-9), f"seed {seed}"
         assert plan.status == "optimal"
         assert plan.expected_latency_ms == pytest.approx(ref.expected_ms, rel=1e-7, abs=1e-9), f"seed {seed}"
         _check_plan(plan, case, c)
@@ -99,6 +105,7 @@ def test_random_instances_match_brute_force_and_replay():
     # the generator must exercise what it claims to: memory binding, exits, pipelines, infeasibility
     assert stats["feasible"] >= 150 and stats["infeasible"] >= 5, stats
     assert stats["memory_binds"] >= 15 and stats["exits_used"] >= 60 and stats["multi_stage"] >= 30, stats
+    assert stats["bnb_exact"] >= 50, stats
 
 
 def test_shared_exit_positions_and_no_exits():
@@ -134,6 +141,7 @@ def test_time_limited_solve_is_not_called_optimal(size, limit):
     c = Constraints(accuracy_drop=0.02, time_limit_s=limit)
     plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
     assert plan.bound_ms <= plan.expected_latency_ms + 1e-9
+    assert plan.wall_s <= 2 * limit + 2          # the limit covers search, MILP build and load (loose: shared CI)
     if plan.status == "optimal":
         assert plan.gap <= 1e-6 and plan.bound_ms >= plan.expected_latency_ms * (1 - 1e-6)
     else:

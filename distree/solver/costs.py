@@ -214,6 +214,70 @@ def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
     return pl, float(final.min())
 
 
+def cheapest_leave_ms(p: Problem) -> np.ndarray:
+    """[E + 1] a lower bound on the latency of a sample leaving at exit j (last: the final classifier).
+
+    The blocks up to the exit on the cheapest staged path to it: each stage a contiguous range whose
+    blocks fit its device's memory (heads ignored), devices in pipeline order (any order with
+    ``free_order``, revisits allowed), plus head j and returning the answer. Every feasible placement runs
+    a sample along such a path, so bounds built on these costs are valid for all of them.
+    """
+    D, B = p.n_devices, p.n_blocks
+    c = np.concatenate([np.zeros((D, 1)), np.cumsum(p.block_ms, axis=1)], axis=1)
+    ms = c[:, None, 1:] - c[:, :-1, None]                                   # [D, s, e] blocks s..e on d
+    cp = np.concatenate([np.zeros((D, 1)), np.cumsum(p.block_param, axis=1)], axis=1)
+    act = np.full((D, B, B), np.inf)
+    for s in range(B):
+        act[:, s, s:] = np.maximum.accumulate(p.block_act[:, s:], axis=1)
+    fits = (cp[:, None, 1:] - cp[:, :-1, None]) + act <= p.capacity_bytes[:, None, None]
+    ms = np.where(fits & np.triu(np.ones((B, B), dtype=bool))[None], ms, np.inf)
+    allowed = ~np.eye(D, dtype=bool) if p.free_order else np.triu(np.ones((D, D), dtype=bool), k=1)  # [prev, d]
+    enter = np.full((D, B), np.inf)           # enter[d, s]: cheapest arrival on d to run block s
+    enter[:, 0] = p.cut_ms[p.source, :, 0]
+    done = np.full((D, B), np.inf)            # done[d, e]: blocks 0..e run, the last stage on d ends at e
+    for e in range(B):
+        done[:, e] = (enter[:, :e + 1] + ms[:, :e + 1, e]).min(axis=1)
+        if e + 1 < B:
+            via = done[:, e][:, None] + p.cut_ms[:, :, e + 1]
+            enter[:, e + 1] = np.where(allowed, via, np.inf).min(axis=0)
+    return np.array([(done[:, a] + p.head_ms[:, j] + p.return_ms).min() for j, a in enumerate(p.exit_after)]
+                    + [(done[:, -1] + p.return_ms).min()])
+
+
+def free_choice_ms(need_right: int, base: np.ndarray, right: np.ndarray) -> float:
+    """Total latency when every sample picks its own option freely and at least ``need_right`` are right.
+
+    ``base[i]``: sample i's cheapest option, ``right[i]``: its cheapest correct one (inf: none). Solved
+    exactly: everyone takes the cheapest option, then the cheapest upgrades to a correct one. inf when
+    too few samples can be right.
+    """
+    up = right - base
+    already = int((up <= 0).sum())
+    need = need_right - already
+    if need <= 0:
+        return float(base.sum())
+    extra = up[up > 0]
+    if len(extra) < need:
+        return np.inf
+    extra = np.partition(extra, need - 1)[:need]
+    if not np.all(np.isfinite(extra)):
+        return np.inf
+    return float(base.sum() + extra.sum())
+
+
+def option_tables(p: Problem, leave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, E + 2] cheapest (and cheapest correct) option among exits >= j, for each j (last column: none)."""
+    N, E = p.n_samples, p.n_exits
+    option_ok = np.concatenate([p.passed_level > 0, np.ones((N, 1), dtype=bool)], axis=1)
+    correct = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1)
+    cost = np.where(option_ok, leave[None, :], np.inf)
+    right = np.where(correct, cost, np.inf)
+    after = np.minimum.accumulate(cost[:, ::-1], axis=1)[:, ::-1]
+    after_right = np.minimum.accumulate(right[:, ::-1], axis=1)[:, ::-1]
+    pad = np.full((N, 1), np.inf)
+    return np.concatenate([after, pad], axis=1), np.concatenate([after_right, pad], axis=1)
+
+
 def relaxed_lower_bound(p: Problem) -> float:
     """A valid lower bound on the expected latency of ANY feasible plan, in O(N E L + B D^2).
 
@@ -221,45 +285,21 @@ def relaxed_lower_bound(p: Problem) -> float:
     With (j1, l1) fixed, the samples passing it leave there exactly (nothing earlier is on). The others are
     relaxed: each may leave at any later exit it passes at some level (or at the end), independently of
     the others, paying head j1 and the head it leaves at; memory is free; every path over the devices is
-    the cheapest one for its prefix. Only the accuracy count is kept, and that relaxed problem is solved
-    exactly: every sample takes its cheapest option, then the cheapest upgrades to a correct option until
-    K are right. Used for the proven gap when the MILP is stopped early or too large to build.
+    the cheapest one for its prefix (:func:`cheapest_leave_ms`). Only the accuracy count is kept, and that
+    relaxed problem is solved exactly (:func:`free_choice_ms`). The branch and bound
+    (:mod:`distree.solver.bnb`) extends this to any decided prefix of exits.
     """
-    B, E, N = p.n_blocks, p.n_exits, p.n_samples
-    path = p.cut_ms[p.source, :, 0] + p.block_ms[:, 0]          # cheapest way to have run block 0 on d
-    upto = [path]
-    for b in range(1, B):
-        path = (path[:, None] + p.cut_ms[:, :, b]).min(axis=0) + p.block_ms[:, b]
-        upto.append(path)
+    E, N = p.n_exits, p.n_samples
+    leave = cheapest_leave_ms(p)
+    after, after_right = option_tables(p, leave)
     head_min = p.head_ms.min(axis=0) if E else np.zeros(0)
-    leave = np.array([(upto[a] + p.head_ms[:, j] + p.return_ms).min() for j, a in enumerate(p.exit_after)]
-                     + [(upto[-1] + p.return_ms).min()])
-    option_ok = np.concatenate([p.passed_level > 0, np.ones((N, 1), dtype=bool)], axis=1)
-    correct = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1)
-    cost = np.where(option_ok, leave[None, :], np.inf)
-    right = np.where(correct, cost, np.inf)
-    # cheapest option (and cheapest correct option) among exits >= j, for every j: reverse running minima
-    after = np.minimum.accumulate(cost[:, ::-1], axis=1)[:, ::-1]
-    after_right = np.minimum.accumulate(right[:, ::-1], axis=1)[:, ::-1]
-
-    def relaxed(fixed_cost: float, fixed_right: int, free: np.ndarray, free_cost: np.ndarray,
-                free_right_cost: np.ndarray) -> float:
-        base = free_cost[free]
-        up = free_right_cost[free] - base
-        already = int((up <= 0).sum())
-        need = p.required_correct - fixed_right - already
-        extra = np.sort(up[up > 0])[:max(0, need)]
-        if need > 0 and (len(extra) < need or not np.all(np.isfinite(extra))):
-            return np.inf
-        return (fixed_cost + base.sum() + extra.sum()) / N
-
-    everyone = np.ones(N, dtype=bool)
-    best = relaxed(0.0, 0, everyone, cost[:, E], right[:, E])          # no exit enabled
+    best = free_choice_ms(p.required_correct, after[:, E], after_right[:, E]) / N      # no exit enabled
     for j in range(E):
-        rest_cost = after[:, j + 1] + head_min[j]
-        rest_right = after_right[:, j + 1] + head_min[j]
         for level in range(1, p.n_levels[j] + 1):
             leaves = p.passed_level[:, j] >= level
-            best = min(best, relaxed(leave[j] * leaves.sum(), int(p.correct_exit[leaves, j].sum()), ~leaves,
-                                     rest_cost, rest_right))
+            rest = ~leaves
+            fixed = leave[j] * leaves.sum() + head_min[j] * rest.sum()
+            free = free_choice_ms(p.required_correct - int(p.correct_exit[leaves, j].sum()),
+                                  after[rest, j + 1], after_right[rest, j + 1])
+            best = min(best, (fixed + free) / N)
     return float(best)

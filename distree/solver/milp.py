@@ -95,9 +95,10 @@ class MilpResult:
 class _WarmHiGHS(pulp.HiGHS):
     """PuLP's highspy interface plus a (partial) start: PuLP 3.3 passes no warm start to highspy."""
 
-    def __init__(self, start: dict[str, float] | None = None, **kw):
+    def __init__(self, start: dict[str, float] | None = None, deadline: float | None = None, **kw):
         super().__init__(**kw)
         self.start = start or {}
+        self.deadline = deadline      # time.perf_counter() value: loading the model counts against the limit
 
     def buildSolverModel(self, lp):
         """PuLP's loader adds one column and one row per Python call; pass them in bulk instead."""
@@ -136,6 +137,8 @@ class _WarmHiGHS(pulp.HiGHS):
             idx = [by_name[n] for n in self.start if n in by_name]
             val = [self.start[n] for n in self.start if n in by_name]
             lp.solverModel.setSolution(len(idx), np.array(idx, dtype=np.int32), np.array(val, dtype=float))
+        if self.deadline is not None:
+            lp.solverModel.setOptionValue("time_limit", max(0.5, self.deadline - time.perf_counter()))
         lp.solverModel.run()
 
 
@@ -342,7 +345,8 @@ def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
     warm = model.start_values(*start) if start is not None else None
     left = max(1.0, time_limit_s - (time.perf_counter() - t0))      # building counts against the limit
     if solver == "highs":
-        s = _WarmHiGHS(start=warm, msg=msg, timeLimit=left, gapRel=1e-6, threads=1, **HIGHS_OPTIONS)
+        s = _WarmHiGHS(start=warm, deadline=t0 + time_limit_s, msg=msg, timeLimit=left, gapRel=1e-6, threads=1,
+                       **HIGHS_OPTIONS)
     else:
         if warm:
             for v in model.lp.variables():

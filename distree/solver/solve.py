@@ -1,4 +1,4 @@
-"""``solve``: heuristic warm start -> MILP -> Plan; infeasibility explained; accuracy-drop sweeps."""
+"""``solve``: heuristic warm start -> branch and bound -> MILP -> Plan; infeasibility explained; accuracy-drop sweeps."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.types import Profile
+from distree.solver.bnb import OPTIMALITY_TOLERANCE, branch_and_bound
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
 from distree.solver.heuristic import local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
@@ -23,6 +24,7 @@ from distree.targets.spec import Topology
 # measured: PuLP builds and loads ~20k constraint rows per second here (2-core x86, loaded)
 BUILD_S_PER_ROW = 6e-5
 HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start local search
+BNB_SHARE = 0.5                # of the time then left, at most, for the branch and bound (the MILP gets the rest)
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 
@@ -35,47 +37,69 @@ def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: To
 
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
                   constraints: Constraints) -> Plan:
+    """Local search (warm start) -> branch and bound (exact when it finishes) -> MILP with what time is left.
+
+    Every stage runs against one deadline, t0 + time_limit_s; building and loading the MILP count too.
+    """
     t0 = time.perf_counter()
+    deadline = t0 + constraints.time_limit_s
     warm = local_search(p, time_limit_s=HEURISTIC_SHARE * constraints.time_limit_s)
-    budget = max(1.0, constraints.time_limit_s - (time.perf_counter() - t0))
-    start = (warm.levels, warm.placement) if warm is not None else None
+    tree = branch_and_bound(p, warm, BNB_SHARE * max(0.0, deadline - time.perf_counter()))
+    best = tree.best
+    start = (best.levels, best.placement) if best is not None else None
+    budget = deadline - time.perf_counter()
     rows = estimated_rows(p)
-    if rows * BUILD_S_PER_ROW > 0.5 * budget and not constraints.dump_lp:
-        if warm is None:
+    if tree.complete and not constraints.dump_lp:
+        if best is None:
+            raise DistreeError(explain_infeasible(p, index, constraints))
+        result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound, "optimal",
+                            f"proven by branch and bound ({tree.nodes} nodes, {tree.wall_s:.2f} s)", 0.0, 0.0,
+                            0, 0, 0)
+    elif rows * BUILD_S_PER_ROW > 0.5 * budget and not constraints.dump_lp:
+        if best is None:
             cheap = _placement_reasons(p)
             if cheap:
                 raise DistreeError("infeasible plan: " + "; ".join(cheap))
             raise DistreeError(f"the MILP (~{rows} rows) cannot be built within --time-limit "
                                f"{constraints.time_limit_s:g} s and the heuristic found no feasible plan; "
                                f"raise --time-limit (about {rows * BUILD_S_PER_ROW * 4:.0f} s)")
-        result = MilpResult(warm.levels, warm.placement, warm.expected_ms, float("-inf"), "feasible",
+        result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound, "feasible",
                             f"MILP not run: ~{rows} rows need ~{rows * BUILD_S_PER_ROW:.0f} s to build, over "
-                            f"half of the time limit; plan from the heuristic", float("inf"), 0.0, 0, rows, 0)
+                            f"half of the time left; branch and bound stopped after {tree.nodes} nodes",
+                            float("inf"), 0.0, 0, rows, 0)
     else:
-        result = solve_milp(p, time_limit_s=budget, solver=constraints.solver, start=start,
+        result = solve_milp(p, time_limit_s=max(1.0, budget), solver=constraints.solver, start=start,
                             dump_lp=constraints.dump_lp)
     if result.status == "infeasible":
-        if warm is not None:
+        if best is not None:
             raise RuntimeError("MILP reports infeasible but the heuristic found a feasible plan (solver bug)")
         raise DistreeError(explain_infeasible(p, index, constraints))
-    if result.levels is None and warm is None:
+    if result.levels is None and best is None:
         raise DistreeError(f"no feasible plan found within --time-limit {constraints.time_limit_s:g} s "
                            f"(solver status {result.status}); raise --time-limit")
     levels, placement = (result.levels, result.placement) if result.levels is not None else start
     ev = evaluate(p, levels, placement)
-    if warm is not None and (not ev.feasible or warm.expected_ms < ev.expected_ms - 1e-9):
+    if best is not None and (not ev.feasible or best.expected_ms < ev.expected_ms - 1e-9):
         if result.status == "optimal":
-            raise RuntimeError("proven MILP optimum is worse than a heuristic plan (solver bug)")
-        levels, placement = warm.levels, warm.placement
+            raise RuntimeError("proven optimum is worse than a heuristic plan (solver bug)")
+        levels, placement = best.levels, best.placement
         ev = evaluate(p, levels, placement)
     if not ev.feasible:
         raise RuntimeError(f"solver returned a plan that violates {ev.violations} (solver bug)")
-    bound = max(result.bound, relaxed_lower_bound(p))
-    gap = _gap(ev.expected_ms, bound) if result.status != "optimal" else max(0.0, result.gap)
+    bound = max(result.bound, tree.bound, relaxed_lower_bound(p))
+    if result.status == "optimal":
+        if bound > ev.expected_ms * (1 + 1e-6) + 1e-12:
+            raise RuntimeError(f"lower bound {bound} exceeds the proven optimum {ev.expected_ms} (solver bug)")
+        bound = min(bound, ev.expected_ms)
+        gap = max(0.0, result.gap)
+    else:
+        gap = _gap(ev.expected_ms, bound)
+    status = "optimal" if result.status == "optimal" or gap <= OPTIMALITY_TOLERANCE else result.status
     base = no_exit_plan(p)
     return make_plan(p, index, chain, calibration, constraints, levels, placement, ev,
                      no_exit_ms=base.expected_ms if base is not None else float("nan"),
-                     result=dataclasses.replace(result, bound=bound), gap=gap, wall_s=time.perf_counter() - t0)
+                     result=dataclasses.replace(result, bound=bound, status=status), gap=gap,
+                     wall_s=time.perf_counter() - t0)
 
 
 def _gap(objective: float, bound: float) -> float:

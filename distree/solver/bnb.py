@@ -1,0 +1,142 @@
+"""Exact branch and bound over exit levels in chain order, with a proven bound when stopped early.
+
+A node fixes the levels of exits 0..j-1. Its survivors (samples no enabled prefix exit takes) and every
+decided sample's exit and correctness are then exact. Its bound: decided samples pay the cheapest-path
+cost of their exit (:func:`~distree.solver.costs.cheapest_leave_ms`) plus every enabled head before it;
+survivors pay the enabled prefix heads plus the best *free* choice among later exits they can pass at
+some level (or the end), with the accuracy count kept (:func:`~distree.solver.costs.free_choice_ms`).
+Memory and the shared placement are relaxed, so the bound is valid for every completion. A node is cut
+when it cannot reach the required correct count, or when the cheapest no-exit path plus its enabled heads
+already misses the deadline. Children of a node are exit j at level 0 and
+at each level whose set of leaving survivors differs (levels leaving the same survivors give the same
+outcome). A leaf is a full configuration: its exact best placement (dynamic programme) prices it.
+
+Search is depth first, children cheapest bound first, so good plans come early; when the time runs out,
+the proven bound is the smallest bound of any node or leaf still open.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from distree.solver.costs import best_placement, cheapest_leave_ms, free_choice_ms, option_tables
+from distree.solver.heuristic import Candidate, place
+from distree.solver.problem import Problem
+
+OPTIMALITY_TOLERANCE = 1e-9     # relative: bound and incumbent this close -> proven optimal
+
+
+@dataclass(frozen=True)
+class BnbResult:
+    best: Candidate | None      # the best feasible plan known (the incumbent passed in, or better)
+    bound: float                # proven lower bound on the optimum (inf: no feasible plan exists)
+    complete: bool              # every node was decided: best is optimal (or none exists)
+    nodes: int
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class _Node:
+    bound: float                # total latency (sum over samples, not yet divided by N)
+    depth: int                  # exits 0..depth-1 decided
+    levels: tuple[int, ...]
+    survivors: np.ndarray       # [N] bool
+    fixed_ms: float             # decided samples' latency
+    fixed_right: int            # decided samples answered right
+    heads_ms: float             # enabled prefix heads, paid by every survivor
+
+
+class _Search:
+    def __init__(self, p: Problem, incumbent: Candidate | None):
+        self.p = p
+        self.leave = cheapest_leave_ms(p)
+        self.after, self.after_right = option_tables(p, self.leave)
+        self.head_min = p.head_ms.min(axis=0) if p.n_exits else np.zeros(0)
+        self.best = incumbent
+        self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
+        self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)
+
+    def incumbent_total(self) -> float:
+        return np.inf if self.best is None else self.best.expected_ms * self.p.n_samples
+
+    def root(self) -> _Node:
+        N = self.p.n_samples
+        return self._make(0, (), np.ones(N, dtype=bool), 0.0, 0, 0.0)
+
+    def _make(self, depth, levels, survivors, fixed_ms, fixed_right, heads_ms) -> _Node:
+        free = free_choice_ms(self.p.required_correct - fixed_right, self.after[survivors, depth],
+                              self.after_right[survivors, depth])
+        bound = fixed_ms + heads_ms * survivors.sum() + free
+        if self.p.deadline_ms is not None and self.leave[-1] + heads_ms > self.p.deadline_ms + 1e-9:
+            bound = np.inf                 # the no-exit path already misses the deadline with these heads
+        return _Node(bound, depth, levels, survivors, fixed_ms, fixed_right, heads_ms)
+
+    def children(self, node: _Node) -> list[_Node]:
+        p, j = self.p, node.depth
+        kids = [self._make(j + 1, node.levels + (0,), node.survivors, node.fixed_ms, node.fixed_right,
+                           node.heads_ms)]
+        passed = p.passed_level[:, j]
+        seen = set()
+        for level in range(1, p.n_levels[j] + 1):
+            leaving = node.survivors & (passed >= level)
+            count = int(leaving.sum())
+            if count == 0:
+                break                      # higher levels leave no one either: enabling only adds a head
+            if count in seen:
+                continue                   # same survivors leave as at the previous level (sets are nested)
+            seen.add(count)
+            heads = node.heads_ms + self.head_min[j]
+            cost = count * (self.leave[j] + node.heads_ms)
+            kids.append(self._make(j + 1, node.levels + (level,), node.survivors & ~leaving,
+                                   node.fixed_ms + cost, node.fixed_right + int(p.correct_exit[leaving, j].sum()),
+                                   heads))
+        return kids
+
+    def settle_leaf(self, node: _Node) -> None:
+        """Price a full configuration exactly (or by a bound, where the placement DP is not exact)."""
+        p = self.p
+        levels = np.array(node.levels, dtype=int)
+        found = place(p, levels)
+        if found is not None and found.feasible and found.expected_ms * p.n_samples < self.incumbent_total():
+            self.best = found
+        if self.exact_leaves:
+            return
+        floor = node.bound / p.n_samples
+        if not p.free_order or p.n_devices <= 4:
+            orders = list(itertools.permutations(range(p.n_devices))) if p.free_order else [None]
+            relaxed = p.replace(deadline_ms=None)
+            costs = [r[1] for r in (best_placement(relaxed, levels, order=o) for o in orders) if r is not None]
+            floor = max(floor, min(costs, default=np.inf))
+        if floor * p.n_samples < self.incumbent_total() * (1 - OPTIMALITY_TOLERANCE):
+            self.open_leaf_bound = min(self.open_leaf_bound, floor * p.n_samples)
+
+
+def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float) -> BnbResult:
+    """Search until proven or ``time_limit_s``; the bound is valid either way."""
+    t0 = time.perf_counter()
+    stop_at = t0 + time_limit_s
+    s = _Search(p, incumbent)
+    root = s.root()
+    stack = [root] if np.isfinite(root.bound) else []
+    nodes = 0
+    while stack:
+        if nodes % 64 == 0 and time.perf_counter() > stop_at:
+            break
+        node = stack.pop()
+        nodes += 1
+        if node.bound >= s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE):
+            continue
+        if node.depth == p.n_exits:
+            s.settle_leaf(node)
+            continue
+        kids = [k for k in s.children(node) if np.isfinite(k.bound)]
+        stack.extend(sorted(kids, key=lambda k: -k.bound))      # cheapest bound popped first
+    N = p.n_samples
+    live = [n.bound for n in stack if n.bound < s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]
+    bound_total = min([s.incumbent_total(), s.open_leaf_bound, *live])
+    return BnbResult(best=s.best, bound=bound_total / N, complete=not live and not np.isfinite(s.open_leaf_bound),
+                     nodes=nodes, wall_s=time.perf_counter() - t0)

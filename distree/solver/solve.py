@@ -21,8 +21,9 @@ from distree.solver.plan import ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, clopper_pearson_lower
 from distree.targets.spec import Topology
 
-# measured: PuLP builds and loads ~20k constraint rows per second here (2-core x86, loaded)
-BUILD_S_PER_ROW = 6e-5
+# measured on the loaded 2-core x86 VM: the example's MILP (~144k rows) took 51.8 s to build, load and reach
+# HiGHS's first incumbent; 6e-5 s/row (an idle-machine figure) let solves overrun --time-limit by 40%
+BUILD_S_PER_ROW = 2e-4
 HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start local search
 BNB_SHARE = 0.5                # of the time then left, at most, for the branch and bound (the MILP gets the rest)
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says

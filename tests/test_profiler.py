@@ -86,6 +86,35 @@ def test_units_are_blocks_then_exit_heads_and_run_like_the_model(tiny):
     assert want_exit.shape == (1, 10)
 
 
+def test_stability_entry_heads_are_profiled_as_their_own_units(tiny, tmp_path):
+    """The stability score also runs an entry head on the exit block's input: it must have a cost too."""
+    import onnxruntime as ort
+
+    from distree.exits import load_dataset, train_exits
+
+    _, model, chain, declared = tiny
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 1, 14, 14)).astype(np.float32)
+    y = np.arange(200) % 10
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=x, y=y)
+    exits_model, exits = train_exits(model, chain, load_dataset(npz), declared=declared)
+    (e,) = exits
+    units = {u.item: u for u in profile_units(exits_model, chain, exits)}
+    entry = units[f"entry:{e.name}"]
+    assert entry.input_name == chain.blocks[e.after_block].input and entry.flops == e.entry_flops > 0
+    sample = x[:1]
+    want = ort.InferenceSession(exits_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [e.entry_output], {"input": sample})[0]
+    h = sample
+    for b in range(e.after_block):
+        h = ort.InferenceSession(units[f"block:{b}"].model.SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, {units[f"block:{b}"].input_name: h})[0]
+    got = ort.InferenceSession(entry.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {entry.input_name: h})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_local_profile_measures_every_item_with_both_backends(tiny, local_profile):
     _, model, chain, exits = tiny
     _, profile = local_profile

@@ -19,7 +19,8 @@ from distree.graph.cost import node_flops, tensor_infos
 
 @dataclass(frozen=True)
 class Unit:
-    """One profiled item: a block (``block:<i>``) or an exit head (``exit:<name>``)."""
+    """One profiled item: a block (``block:<i>``), an exit head (``exit:<name>``) or the entry head that the
+    ``stability`` score of an exit also needs (``entry:<name>``)."""
 
     item: str
     model: onnx.ModelProto
@@ -46,11 +47,17 @@ def exit_item(name: str) -> str:
     return f"exit:{name}"
 
 
+def entry_item(name: str) -> str:
+    return f"entry:{name}"
+
+
 def profile_units(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint] = (),
                   items: Sequence[str] | None = None) -> tuple[Unit, ...]:
     """Blocks in chain order, then exit heads by depth; ``items`` keeps only those named."""
     wanted = None if items is None else set(items)
-    known = [block_item(b.index) for b in chain.blocks] + [exit_item(e.name) for e in exits]
+    with_entry = [e for e in exits if e.entry_output]
+    known = ([block_item(b.index) for b in chain.blocks] + [exit_item(e.name) for e in exits]
+             + [entry_item(e.name) for e in with_entry])
     if wanted is not None and wanted - set(known):
         bad = sorted(wanted - set(known))[0]
         raise DistreeError(f"no item {bad!r} to profile; items are {', '.join(known)}")
@@ -61,20 +68,23 @@ def profile_units(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
             units.append(unit_from_model(block_item(b.index), seg, b.flops, b.workspace_bytes))
     for e in sorted(exits, key=lambda e: (e.after_block, e.name)):
         if wanted is None or exit_item(e.name) in wanted:
-            head = _head_model(model, chain, e)
+            head = _head_model(model, chain, e, chain.blocks[e.after_block].output, e.name)
             units.append(unit_from_model(exit_item(e.name), head, e.flops, 0))
+    for e in sorted(with_entry, key=lambda e: (e.after_block, e.name)):
+        if wanted is None or entry_item(e.name) in wanted:
+            head = _head_model(model, chain, e, chain.blocks[e.after_block].input, e.entry_output)
+            units.append(unit_from_model(entry_item(e.name), head, e.entry_flops, 0))
     return tuple(units)
 
 
-def _head_model(model: onnx.ModelProto, chain: Chain, exit: ExitPoint) -> onnx.ModelProto:
-    """The exit head alone: from the cut tensor after ``exit.after_block`` to the exit's logits."""
+def _head_model(model: onnx.ModelProto, chain: Chain, exit: ExitPoint, cut: str, output: str) -> onnx.ModelProto:
+    """A head alone: from ``cut`` (the exit's cut tensor, or its block's input for the entry head) to ``output``."""
     if not 0 <= exit.after_block < len(chain.blocks):
         raise DistreeError(f"exit {exit.name!r} attaches after block {exit.after_block}, outside the chain")
-    cut = chain.blocks[exit.after_block].output
     try:
-        head = onnx.utils.Extractor(model).extract_model([cut], [exit.name])
+        head = onnx.utils.Extractor(model).extract_model([cut], [output])
     except Exception as exc:  # onnx raises bare errors for tensors that are not in the graph
-        raise DistreeError(f"cannot cut exit head {exit.name!r} at {cut!r}: {exc}; is it an output of the "
+        raise DistreeError(f"cannot cut head {output!r} of exit {exit.name!r} at {cut!r}: {exc}; is it an output of the "
                            "model?") from exc
     onnx.checker.check_model(head)
     return head

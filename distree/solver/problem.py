@@ -165,6 +165,11 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
             head_ms[d, j] = m.median_ms
             head_param[d, j] = m.param_bytes or ex.param_bytes
             head_act[d, j] = m.activation_bytes
+            if calibration.score_kind == "stability" and ex.entry_output:  # its score also needs the entry head
+                e = entry(dev, f"entry:{ex.name}")
+                head_ms[d, j] += e.median_ms
+                head_param[d, j] += e.param_bytes or ex.entry_param_bytes
+                head_act[d, j] = max(head_act[d, j], e.activation_bytes)
 
     cut_bytes = [chain.input_bytes] + [blk.out_bytes for blk in chain.blocks[:-1]]
     return_bytes = int(chain.blocks[-1].output_shape[-1]) * 4

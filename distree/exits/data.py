@@ -33,8 +33,11 @@ class Dataset:
 
 
 def load_dataset(path: str | Path, input_shape: tuple[int, ...] | None = None,
-                 num_classes: int | None = None) -> Dataset:
-    """Read and validate ``path``; with ``input_shape`` / ``num_classes`` also check it fits the model."""
+                 num_classes: int | None = None, require_labels: bool = True) -> Dataset:
+    """Read and validate ``path``; with ``input_shape`` / ``num_classes`` also check it fits the model.
+
+    With ``require_labels=False`` (inputs to run, not to calibrate) ``y`` may be absent: ``Dataset.y`` is None.
+    """
     p = Path(path)
     if not p.is_file():
         raise DistreeError(f"{p}: no such file; write an .npz with x (N,C,H,W float32) and y (N,) int64 labels")
@@ -43,13 +46,14 @@ def load_dataset(path: str | Path, input_shape: tuple[int, ...] | None = None,
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DistreeError(f"{p}: not a readable .npz ({exc}); save it with numpy.savez(path, x=x, y=y)") from exc
-    missing = [k for k in ("x", "y") if k not in arrays]
+    missing = [k for k in ("x", "y") if k not in arrays and (k == "x" or require_labels)]
     if missing:
         raise DistreeError(f"{p}: missing array(s) {', '.join(missing)} (has {sorted(arrays)}); "
                            "save it with numpy.savez(path, x=images, y=labels)")
-    data = Dataset(x=arrays["x"], y=arrays["y"])
-    check_dataset(data, str(p), input_shape, num_classes)
-    return data
+    x, y = arrays["x"], arrays.get("y")
+    check_dataset(Dataset(x=x, y=y if y is not None else np.zeros(len(x), dtype=np.int64)), str(p),
+                  input_shape, num_classes)
+    return Dataset(x=x, y=y)
 
 
 def check_dataset(data: Dataset, where: str, input_shape: tuple[int, ...] | None = None,

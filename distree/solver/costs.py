@@ -251,7 +251,8 @@ def free_choice_ms(need_right: int, base: np.ndarray, right: np.ndarray) -> floa
     exactly: everyone takes the cheapest option, then the cheapest upgrades to a correct one. inf when
     too few samples can be right.
     """
-    up = right - base
+    with np.errstate(invalid="ignore"):  # inf - inf: a sample with no way out; it counts as neither below
+        up = right - base
     already = int((up <= 0).sum())
     need = need_right - already
     if need <= 0:

@@ -126,6 +126,17 @@ def test_whole_model_records_apply_to_a_segment(tuned):
     np.testing.assert_allclose(_tvm(tuning.build_tvm(segment, HOST, db_dir), x), _ort(segment, x), atol=1e-4, rtol=1e-4)
 
 
+def test_tasks_shared_by_segments_are_merged():
+    model = _two_conv_model()
+    target = tuning.as_target(HOST)
+    whole = tuning.extract_tasks([tuning.onnx_to_relax(model)], target)
+    both = tuning.extract_tasks([tuning.onnx_to_relax(model), tuning.onnx_to_relax(_second_conv_segment(model))],
+                                target)
+    assert len(whole) == 2
+    assert len(both) == len(whole)
+    assert sorted(int(t.weight) for t in both) == [1, 2]
+
+
 def test_without_records_apply_returns_the_module_unchanged(tmp_path):
     mod = tuning.onnx_to_relax(_two_conv_model())
     assert not tuning.has_records(tmp_path, HOST)

@@ -5,8 +5,9 @@ small tasks; untuned TVM CPU code is 40-100x slower than ONNX Runtime. :func:`tu
 MetaSchedule's ``tune_tasks`` with :class:`_BudgetScheduler`, which
 
 * stops at the deadline (it predicts whether one more round still fits),
-* gives every task a first round (most expensive first), then shares trials in proportion to each
-  task's measured share of the model's latency (weight x best time so far), and
+* gives every task without records a first round (most expensive first), then shares trials so that
+  each task's trials (earlier runs included) follow its share of the model's latency (calls x best
+  time so far): small tasks get their round, the expensive convolutions get the rest, and
 * joins every measurement before the next build, so timings are not taken while the builder runs.
 
 Records live in a MetaSchedule JSON database under ``db_dir/<target key>/``. Workloads are keyed by
@@ -35,7 +36,6 @@ from typing import Any, Iterable, Mapping
 
 import onnx
 import tvm
-import tvm_ffi
 from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.relax import pipeline as relax_pipeline
@@ -195,20 +195,23 @@ def build_tvm(
 
 
 def extract_tasks(models: Iterable[tvm.IRModule], target: tvm.target.Target) -> list[ms.ExtractedTask]:
-    """The tuning tasks of all ``models``; a function that occurs in several models is one task whose
-    weight is its total number of calls."""
+    """The tuning tasks of all ``models``; functions that are one workload for the database (same anchor
+    block) are one task whose weight is their total number of calls."""
+    workloads = ms.database.MemoryDatabase(module_equality=_MODULE_EQUALITY)
+    keys: list[Any] = []
     merged: list[ms.ExtractedTask] = []
     for mod in models:
         for task in ms.relax_integration.extract_tasks(prepare(mod, target), target,
                                                        module_equality=_MODULE_EQUALITY):
-            same = next((m for m in merged if tvm_ffi.structural_equal(m.dispatched[0], task.dispatched[0])), None)
-            if same is None:
+            key = workloads.commit_workload(task.dispatched[0])
+            pos = next((i for i, k in enumerate(keys) if k.same_as(key)), None)
+            if pos is None:
+                keys.append(key)
                 merged.append(task)
             else:
-                merged[merged.index(same)] = ms.ExtractedTask(
-                    task_name=same.task_name, mod=same.mod, target=same.target,
-                    dispatched=same.dispatched, weight=int(same.weight) + int(task.weight),
-                )
+                same = merged[pos]
+                merged[pos] = ms.ExtractedTask(task_name=same.task_name, mod=same.mod, target=same.target,
+                                               dispatched=same.dispatched, weight=int(same.weight) + int(task.weight))
     return merged
 
 
@@ -218,8 +221,12 @@ class _TaskStats:
 
     weight: int
     flops: float
-    trials: int = 0
+    earlier: int = 0               # records from earlier runs
+    trials: int = 0                # trials in this run
     best_s: float = math.inf       # best measured time per call (this run or earlier records)
+
+    def measured(self) -> int:
+        return self.earlier + self.trials
 
     def cost_s(self) -> float:
         """Estimated share of the model's latency: calls x best time (a FLOP guess before any record)."""
@@ -277,16 +284,16 @@ class _BudgetScheduler(ms.task_scheduler.PyTaskScheduler):
         if self.max_trials is not None and sum(s.trials for s in self.stats) >= self.max_trials:
             self.stopped = "max_trials"
             return -1
-        untried = [i for i in live if self.stats[i].trials == 0]
+        untried = [i for i in live if self.stats[i].measured() == 0]
         if untried:
             pick = max(untried, key=lambda i: self.stats[i].cost_s())
         else:
             total = sum(self.stats[i].cost_s() for i in live)
-            pick = min(live, key=lambda i: self.stats[i].trials / (self.stats[i].cost_s() / total))
+            pick = min(live, key=lambda i: self.stats[i].measured() / (self.stats[i].cost_s() / total))
         self.last_pick = now
         self.rounds += 1
         s = self.stats[pick]
-        _log.info("round %d: %s (%d trials, best %s), %.0f s left", self.rounds, self.names[pick], s.trials,
+        _log.info("round %d: %s (%d trials, best %s), %.0f s left", self.rounds, self.names[pick], s.measured(),
                   f"{s.best_s * 1e6:.1f} us" if math.isfinite(s.best_s) else "none", self.deadline - now)
         return pick
 
@@ -380,15 +387,16 @@ def _single_thread_runtime() -> None:
     os.environ["TVM_NUM_THREADS"] = "1"
 
 
-def _best_time_s(database: ms.database.Database, task: ms.ExtractedTask) -> float:
+def _earlier_records(database: ms.database.Database, task: ms.ExtractedTask) -> tuple[int, float]:
+    """(number of records, best time per call in s) the database already holds for ``task``."""
     mod = task.dispatched[0]
     if not database.has_workload(mod):
-        return math.inf
-    records = database.get_top_k(database.commit_workload(mod), 1)
+        return 0, math.inf
+    records = database.get_top_k(database.commit_workload(mod), 1 << 20)
     if not records or not records[0].run_secs:
-        return math.inf
+        return len(records), math.inf
     secs = sorted(float(x) for x in records[0].run_secs)
-    return secs[len(secs) // 2]
+    return len(records), secs[len(secs) // 2]
 
 
 def _flops(task: ms.ExtractedTask) -> float:
@@ -435,7 +443,10 @@ def tune(
             if (final_dir / name).is_file():
                 shutil.copy2(final_dir / name, scratch / name)
         database = _open_database(scratch)
-        stats = [_TaskStats(weight=int(x.weight), flops=_flops(x), best_s=_best_time_s(database, x)) for x in tasks]
+        stats = []
+        for x in tasks:
+            earlier, best_s = _earlier_records(database, x)
+            stats.append(_TaskStats(weight=int(x.weight), flops=_flops(x), earlier=earlier, best_s=best_s))
         _import_tensor_intrin_quickly()
         builder = _PooledBuilder(_BUILD_TIMEOUT_S)
         scheduler = _BudgetScheduler(stats, [x.task_name for x in tasks], deadline, max_trials)
@@ -467,7 +478,7 @@ def tune(
         )
         reports = tuple(
             TaskReport(name=x.task_name, weight=s.weight, flops=s.flops, trials=s.trials,
-                       best_us=None if not math.isfinite(b := _best_time_s(database, x)) else b * 1e6)
+                       best_us=None if not math.isfinite(b := _earlier_records(database, x)[1]) else b * 1e6)
             for x, s in zip(tasks, stats)
         )
         for name in _DB_FILES:

@@ -157,7 +157,8 @@ def test_records_are_kept_per_target(tmp_path):
 
 @pytest.mark.parametrize(
     ("target", "minutes", "message"),
-    [(HOST, 0, "positive number of minutes"), ({"kind": "cuda", "arch": "sm_87"}, 1, "llvm")],
+    [(HOST, 0, "positive number of minutes"), ({"kind": "cuda", "arch": "sm_87"}, 1, "llvm"),
+     ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}, 1, "RPC")],
 )
 def test_tune_rejects_bad_requests(tmp_path, target, minutes, message):
     with pytest.raises(DistreeError, match=message):

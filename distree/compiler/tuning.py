@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -428,6 +429,10 @@ def tune(
     t = as_target(target)
     if t.kind.name != "llvm":
         raise DistreeError(f"tuning runs on this machine and supports llvm (CPU) targets only, not {t.kind.name}")
+    triple = str(t.attrs.get("mtriple", "") or "")
+    if triple and triple.split("-")[0] != platform.machine():
+        raise DistreeError(f"tuning measures on this {platform.machine()} machine; target {triple} needs tuning "
+                           "over RPC on the device, which distree does not do yet: leave --tune-minutes at 0")
     deadline = started + minutes * 60.0
     final_dir = records_dir(db_dir, t)
     final_dir.mkdir(parents=True, exist_ok=True)

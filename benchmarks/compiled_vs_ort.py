@@ -106,7 +106,7 @@ def _cases(model: onnx.ModelProto, x: np.ndarray, target, db_dir: Path, tuned: b
         feed = _ort_runner(seg, feed)()
     for case in cases:
         case.run["ort"] = _ort_runner(case.model, case.feed)
-        mod = tuning.onnx_to_relax(case.model)
+        mod = tuning.import_onnx(case.model)
         case.run["tvm_untuned"] = _tvm_runner(tvm.compile(mod, target=target), case.feed)
         if tuned:
             case.run["tvm_tuned"] = _tvm_runner(tvm.compile(tuning.apply_tuning(mod, target, db_dir), target=target),

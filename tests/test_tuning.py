@@ -111,7 +111,7 @@ def test_second_run_extends_the_same_workloads(tuned):
 def test_tuned_model_matches_onnxruntime(tuned):
     model, db_dir, *_ = tuned
     x = np.random.default_rng(1).standard_normal((1, 1, 12, 12)).astype(np.float32)
-    applied = tuning.apply_tuning(tuning.onnx_to_relax(model), HOST, db_dir)
+    applied = tuning.apply_tuning(tuning.import_onnx(model), HOST, db_dir)
     assert _scheduled_functions(applied) >= 2
     np.testing.assert_allclose(_tvm(tuning.build_tvm(model, HOST, db_dir), x), _ort(model, x), atol=1e-4, rtol=1e-4)
 
@@ -120,7 +120,7 @@ def test_tuned_model_matches_onnxruntime(tuned):
 def test_whole_model_records_apply_to_a_segment(tuned):
     model, db_dir, *_ = tuned
     segment = _second_conv_segment(model)
-    applied = tuning.apply_tuning(tuning.onnx_to_relax(segment), HOST, db_dir)
+    applied = tuning.apply_tuning(tuning.import_onnx(segment), HOST, db_dir)
     assert _scheduled_functions(applied) >= 1
     x = np.random.default_rng(2).random((1, 8, 12, 12)).astype(np.float32)
     np.testing.assert_allclose(_tvm(tuning.build_tvm(segment, HOST, db_dir), x), _ort(segment, x), atol=1e-4, rtol=1e-4)
@@ -129,8 +129,8 @@ def test_whole_model_records_apply_to_a_segment(tuned):
 def test_tasks_shared_by_segments_are_merged():
     model = _two_conv_model()
     target = tuning.as_target(HOST)
-    whole = tuning.extract_tasks([tuning.onnx_to_relax(model)], target)
-    both = tuning.extract_tasks([tuning.onnx_to_relax(model), tuning.onnx_to_relax(_second_conv_segment(model))],
+    whole = tuning.extract_tasks([tuning.import_onnx(model)], target)
+    both = tuning.extract_tasks([tuning.import_onnx(model), tuning.import_onnx(_second_conv_segment(model))],
                                 target)
     assert len(whole) == 2
     assert len(both) == len(whole)
@@ -138,7 +138,7 @@ def test_tasks_shared_by_segments_are_merged():
 
 
 def test_without_records_apply_returns_the_module_unchanged(tmp_path):
-    mod = tuning.onnx_to_relax(_two_conv_model())
+    mod = tuning.import_onnx(_two_conv_model())
     assert not tuning.has_records(tmp_path, HOST)
     assert tuning.apply_tuning(mod, HOST, tmp_path) is mod
     assert tuning.apply_tuning(mod, HOST, None) is mod

@@ -42,6 +42,7 @@ from tvm.ir.utils import derived_object
 from tvm.relax import pipeline as relax_pipeline
 from tvm.s_tir import meta_schedule as ms
 
+from distree.compiler.tvm_build import import_onnx
 from distree.errors import DistreeError
 
 _log = logging.getLogger(__name__)
@@ -108,23 +109,6 @@ def records_dir(db_dir: str | os.PathLike, target: tvm.target.Target | Mapping[s
     return Path(db_dir) / target_key(target)
 
 
-def onnx_to_relax(model: onnx.ModelProto) -> tvm.IRModule:
-    """Import an ONNX model with its static input shapes; weights become constants."""
-    from tvm.relax.frontend.onnx import from_onnx
-
-    initializers = {t.name for t in model.graph.initializer}
-    shapes: dict[str, list[int]] = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if not all(d.HasField("dim_value") for d in dims):
-            raise DistreeError(
-                f"input {value.name!r} has a dynamic shape; fix the shapes first (distree.graph.load_model)"
-            )
-        shapes[value.name] = [d.dim_value for d in dims]
-    return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
-
 
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalize and fuse: the form whose fused TIR functions are the tuning tasks.
@@ -187,7 +171,7 @@ def build_tvm(
     """Compile an ONNX model (or a Relax module) for ``target``, with tuned schedules when ``db_dir``
     holds records for it."""
     t = as_target(target)
-    mod = onnx_to_relax(model) if isinstance(model, onnx.ModelProto) else model
+    mod = import_onnx(model) if isinstance(model, onnx.ModelProto) else model
     return tvm.compile(apply_tuning(mod, t, db_dir), target=t)
 
 
@@ -437,7 +421,7 @@ def tune(
     final_dir = records_dir(db_dir, t)
     final_dir.mkdir(parents=True, exist_ok=True)
     # Layout-only functions (reshape, no arithmetic) have nothing to gain and would each cost a round.
-    tasks = [x for x in extract_tasks((onnx_to_relax(m) for m in models), t) if _flops(x) > 0]
+    tasks = [x for x in extract_tasks((import_onnx(m) for m in models), t) if _flops(x) > 0]
     if not tasks:
         raise DistreeError("the model has no TVM functions with arithmetic to tune")
 

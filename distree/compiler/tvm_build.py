@@ -76,8 +76,14 @@ def import_onnx(model: onnx.ModelProto):
     """
     from tvm.relax.frontend.onnx import from_onnx
 
+    weights = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name not in weights and not all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim):
+            raise DistreeError(f"input {value.name!r} has a dynamic shape; fix the shapes first "
+                               "(distree.graph.load_model)")
     model = _identifier_inputs(model)
-    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+              if i.name not in weights}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Renaming name")  # TVM renames tensors with '/' or '.'
         return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)

@@ -43,7 +43,7 @@ from tvm import relax  # noqa: E402
 from distree.compiler import tuning  # noqa: E402
 from distree.graph import build_chain, extract_segment, load_model, model_sha256  # noqa: E402
 from distree.profiler.timing import TimingSettings, time_callable  # noqa: E402
-from distree.profiler.tvm_backend import tvm_target  # noqa: E402
+from distree.targets.toolchain import tvm_target  # noqa: E402
 from distree.serde import write_json_atomic  # noqa: E402
 from distree.targets import host_device  # noqa: E402
 

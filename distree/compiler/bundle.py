@@ -17,7 +17,8 @@ from distree.compiler.manifest import (
     ThresholdEntry, ThresholdTable, sha256_file, versions,
 )
 from distree.compiler.segments import SegmentSpec, plan_segments, segment_model
-from distree.compiler.tvm_build import compile_segment, cross_compiler, host_runnable
+from distree.compiler.tvm_build import compile_segment
+from distree.targets.toolchain import cross_compiler, host_runnable
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph import Chain

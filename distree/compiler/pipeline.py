@@ -18,7 +18,7 @@ import onnx
 
 from distree.compiler.bundle import build_bundle
 from distree.compiler.manifest import Manifest, read_manifest, sha256_file
-from distree.compiler.tvm_build import cross_compiler
+from distree.targets.toolchain import cross_compiler
 from distree.errors import DistreeError
 from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, load_dataset, train_exits
 from distree.graph import Chain, build_chain, load_model, model_sha256

@@ -42,7 +42,7 @@ from tvm.ir.utils import derived_object
 from tvm.relax import pipeline as relax_pipeline
 from tvm.s_tir import meta_schedule as ms
 
-from distree.compiler.tvm_build import import_onnx
+from distree.targets.toolchain import import_onnx
 from distree.errors import DistreeError
 
 _log = logging.getLogger(__name__)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-import re
-import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,9 +11,7 @@ import onnx
 from distree.compiler.cuda_aot import fatbin_packer, find_nvcc
 from distree.errors import DistreeError
 from distree.targets.spec import DeviceSpec
-
-# target architecture -> (cross compiler, Debian packages that provide it and the target's libc)
-CROSS_COMPILERS = {"aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu libc6-dev-arm64-cross")}
+from distree.targets.toolchain import cross_compiler, import_onnx, tvm_target
 
 
 @dataclass(frozen=True)
@@ -27,77 +21,6 @@ class TvmBuild:
     path: Path
     cuda: Optional[str]             # "fatbin sm_87 (nvcc, ahead of time)" or "CUDA source (NVRTC at load)"
     tuned: bool
-
-
-def target_arch(device: DeviceSpec) -> str:
-    """CPU architecture of the code that runs on the device's CPU (the host for CUDA devices)."""
-    cpu = device.host if device.host else device.target
-    triple = str(cpu.get("mtriple") or platform.machine())
-    return triple.split("-")[0].replace("arm64", "aarch64")
-
-
-def host_arch() -> str:
-    return platform.machine().replace("arm64", "aarch64").replace("AMD64", "x86_64")
-
-
-def host_runnable(device: DeviceSpec) -> bool:
-    """Whether this machine can load and run the device's TVM library in process."""
-    return device.target.get("kind") == "llvm" and target_arch(device) == host_arch()
-
-
-def cross_compiler(device: DeviceSpec) -> Optional[str]:
-    """The C compiler that links the device's library (None: the host's default); checked up front."""
-    arch = target_arch(device)
-    if arch == host_arch():
-        return None
-    if arch not in CROSS_COMPILERS:
-        raise DistreeError(f"device {device.name}: no cross compiler known for {arch}; distree builds for "
-                           f"{', '.join([host_arch(), *CROSS_COMPILERS])}")
-    cc, packages = CROSS_COMPILERS[arch]
-    if shutil.which(cc) is None:
-        raise DistreeError(f"device {device.name} needs the cross compiler {cc}, which is not on PATH; "
-                           f"install the Debian package(s): apt-get install {packages}")
-    return cc
-
-
-def tvm_target(device: DeviceSpec):
-    import tvm
-
-    if device.host:
-        return tvm.target.Target(dict(device.target), host=dict(device.host))
-    return tvm.target.Target(dict(device.target))
-
-
-def import_onnx(model: onnx.ModelProto):
-    """Relax module of a segment with static input shapes (weights bound as constants).
-
-    Graph inputs are renamed to C identifiers first: TVM turns them into kernel parameter names, and a
-    cut tensor such as ``/b2/Relu_output_0`` would make the generated CUDA C source fail to compile.
-    """
-    from tvm.relax.frontend.onnx import from_onnx
-
-    weights = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name not in weights and not all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim):
-            raise DistreeError(f"input {value.name!r} has a dynamic shape; fix the shapes first "
-                               "(distree.graph.load_model)")
-    model = _identifier_inputs(model)
-    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
-              if i.name not in weights}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Renaming name")  # TVM renames tensors with '/' or '.'
-        return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
-
-
-def _identifier_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    renames = {i.name: f"in{k}_" + re.sub(r"\W", "_", i.name).strip("_") for k, i in enumerate(model.graph.input)}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for value in out.graph.input:
-        value.name = renames[value.name]
-    for node in out.graph.node:
-        node.input[:] = [renames.get(t, t) for t in node.input]
-    return out
 
 
 def compile_segment(model: onnx.ModelProto, device: DeviceSpec, out_path: Path,

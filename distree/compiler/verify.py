@@ -16,7 +16,7 @@ from distree.compiler.cuda_aot import cuda_module_formats
 from distree.compiler.elf import elf_machine, symbol_bytes
 from distree.compiler.manifest import MANIFEST, DeviceArtifact, SegmentArtifact, read_manifest, read_thresholds, \
     sha256_file
-from distree.compiler.tvm_build import host_arch, host_runnable, target_arch
+from distree.targets.toolchain import host_arch, host_runnable, target_arch
 from distree.errors import DistreeError
 from distree.runtime.backends import ort_runner, tvm_runner
 from distree.serde import JsonRecord

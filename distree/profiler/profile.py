@@ -37,6 +37,7 @@ from distree.profiler.units import Unit, profile_units
 from distree.targets.catalog import host_device
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
+from distree.targets.toolchain import import_onnx, tvm_target
 
 MODES = ("local", "rpc", "qemu", "estimate")
 QEMU_NOTE = "emulated under qemu-user on an x86 machine: proves the aarch64 artifact runs; NOT a device timing"
@@ -221,8 +222,8 @@ def _estimate(unit: Unit, backends: tuple[str, ...], device: DeviceSpec, cal: es
               timing: TimingSettings, provenance: str, note: str) -> list[Measurement]:
     import tvm  # noqa: F401 - planning needs TVM, compiling does not happen
 
-    mod = tvm_backend.import_unit(unit)
-    activation_bytes, memory_source = tvm_backend.planned_memory(mod, tvm_backend.tvm_target(device), unit)
+    mod = import_onnx(unit.model)
+    activation_bytes, memory_source = tvm_backend.planned_memory(mod, tvm_target(device), unit)
     out = []
     for backend in backends:
         ms = est.unit_estimate_ms(unit, device, cal.for_backend(backend), timing.threads)

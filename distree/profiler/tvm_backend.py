@@ -5,17 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
 
-from distree.errors import DistreeError
 from distree.profiler.timing import TimingSettings
 from distree.profiler.units import Unit
 from distree.serde import write_json_atomic
 from distree.targets.spec import DeviceSpec
+from distree.targets.toolchain import cross_compiler, import_onnx, tvm_target
 
 STATIC_PLAN = "tvm-static-plan + io tensors"
 
@@ -31,32 +28,7 @@ class CompiledUnit:
     memory_source: str
 
 
-def tvm_target(device: DeviceSpec):
-    import tvm
 
-    spec: dict[str, Any] = dict(device.target)
-    if device.host:
-        spec["host"] = dict(device.host)
-    return tvm.target.Target(spec)
-
-
-def _cpu_triple(device: DeviceSpec) -> str:
-    cpu = device.host or device.target
-    return str(cpu.get("mtriple", ""))
-
-
-def cross_compiler(device: DeviceSpec) -> Optional[str]:
-    """The C compiler that links the device's library: None for this machine's own architecture."""
-    triple = _cpu_triple(device)
-    arch = triple.split("-")[0] if triple else platform.machine()
-    if arch == platform.machine():
-        return None
-    if arch == "aarch64":
-        if shutil.which("aarch64-linux-gnu-gcc") is None:
-            raise DistreeError(f"cross-compiling for {device.name} needs aarch64-linux-gnu-gcc: install the Debian "
-                               "packages gcc-aarch64-linux-gnu libc6-dev-arm64-cross")
-        return "aarch64-linux-gnu-gcc"
-    raise DistreeError(f"no cross compiler known for {device.name} ({triple}); distree cross-compiles for aarch64")
 
 
 def compile_key(unit: Unit, device: DeviceSpec) -> str:
@@ -77,7 +49,7 @@ def compile_unit(unit: Unit, device: DeviceSpec, cache_dir: Path) -> CompiledUni
         return CompiledUnit(so, int(doc["activation_bytes"]), doc["memory_source"])
     import tvm
 
-    mod = import_unit(unit)
+    mod = import_onnx(unit.model)
     target = tvm_target(device)
     activation_bytes, memory_source = planned_memory(mod, target, unit)
     ex = tvm.compile(mod, target=target)
@@ -90,15 +62,6 @@ def compile_unit(unit: Unit, device: DeviceSpec, cache_dir: Path) -> CompiledUni
                              "unit": unit.item, "device": device.name})
     return CompiledUnit(so, activation_bytes, memory_source)
 
-
-def import_unit(unit: Unit):
-    from tvm.relax.frontend.onnx import from_onnx
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the frontend warns when it renames inputs that contain "/" or "."
-        return from_onnx(unit.model, shape_dict={unit.input_name: list(unit.input_shape)},
-                         keep_params_in_input=False)
 
 
 def planned_memory(mod, target, unit: Unit) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from distree.compiler.manifest import DeviceArtifact, Manifest, SegmentArtifact, read_manifest, read_thresholds
-from distree.compiler.tvm_build import host_arch, host_runnable, target_arch
+from distree.targets.toolchain import host_arch, host_runnable, target_arch
 from distree.errors import DistreeError
 from distree.exits import Dataset
 from distree.runtime.backends import Runner, ort_runner, percentiles_ms, set_tvm_threads, tvm_runner

@@ -180,11 +180,17 @@ def _check(model: onnx.ModelProto, p: Path) -> None:
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         raise DistreeError(
             f"{p}: fails the ONNX checker ({first}); re-export the model, or repair it so "
             "`python -c \"import onnx; onnx.checker.check_model('{p.name}')\"` passes"
         ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an ONNX error (they run to many lines), or its type when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _single_input_model(model: onnx.ModelProto, p: Path) -> onnx.ModelProto:
@@ -290,7 +296,7 @@ def _infer(model: onnx.ModelProto, p: Path) -> onnx.ModelProto:
     try:
         return shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         raise DistreeError(
             f"{p}: ONNX shape inference failed ({first}); check --input-shape, or re-export the model with "
             "static shapes"

@@ -79,20 +79,29 @@ class GraphIndex:
 
     def _ancestors_of(self, tensor: str) -> set[str]:
         """Names of the non-constant nodes that ``tensor`` depends on (its producer included)."""
-        seen: set[str] = set()
-        stack = [tensor]
-        visited: set[str] = set()
+        return self.walk_back(tensor)[0]
+
+    def walk_back(self, tensor: str, stop: frozenset[str] | set[str] = frozenset()) -> tuple[set[str], set[str]]:
+        """Non-constant nodes ``tensor`` depends on, not walking past nodes named in ``stop``.
+
+        Returns (nodes walked through, ``stop`` nodes reached)."""
+        walked: set[str] = set()
+        reached: set[str] = set()
+        stack, seen = [tensor], set()
         while stack:
             t = stack.pop()
-            if t in visited or t in self.constant:
+            if t in seen or t in self.constant:
                 continue
-            visited.add(t)
+            seen.add(t)
             node = self.producer.get(t)
-            if node is None or node.name in seen:
+            if node is None:
                 continue
-            seen.add(node.name)
-            stack.extend(self.inputs[node.name])
-        return seen
+            if node.name in stop:
+                reached.add(node.name)
+            elif node.name not in walked:
+                walked.add(node.name)
+                stack.extend(self.inputs[node.name])
+        return walked, reached
 
     @cached_property
     def backbone_order(self) -> list[onnx.NodeProto]:
@@ -266,20 +275,5 @@ def exit_attachments(model: onnx.ModelProto, chain: Chain) -> dict[str, int]:
 
 def _head_nodes(index: GraphIndex, output: str) -> tuple[tuple[str, ...], set[str]]:
     """Non-backbone, non-constant nodes computing ``output``, and the backbone nodes they read from."""
-    head: set[str] = set()
-    reads: set[str] = set()
-    stack, seen = [output], set()
-    while stack:
-        t = stack.pop()
-        if t in seen or t in index.constant:
-            continue
-        seen.add(t)
-        node = index.producer.get(t)
-        if node is None:
-            continue
-        if node.name in index.backbone:
-            reads.add(node.name)
-            continue
-        head.add(node.name)
-        stack.extend(index.inputs[node.name])
+    head, reads = index.walk_back(output, stop=index.backbone)
     return tuple(n.name for n in index.nodes if n.name in head), reads

@@ -8,8 +8,6 @@ example's own ``evaluate.onnx_accuracies``).
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +32,8 @@ def _evaluate_module():
 
 
 @pytest.fixture(scope="module")
-def calib():
-    if not (EXAMPLE / "calib.npz").is_file():
-        subprocess.run([sys.executable, str(EXAMPLE / "make_data.py")], check=True)
-    return load_dataset(EXAMPLE / "calib.npz")
+def calib(example_data):
+    return load_dataset(example_data[0])
 
 
 @pytest.mark.parametrize("file", sorted(TRAIN_AT))

@@ -3,8 +3,6 @@ test set; predictions and exits equal ONNX Runtime running the multi-exit model 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +17,7 @@ from distree.runtime.executor import FINAL, run_bundle
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion_mnist"
 MODEL = EXAMPLE / "resnet_exits.onnx"
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not MODEL.is_file(), reason="example model not trained yet (examples/fashion_mnist/train.py)")]
-
-
-@pytest.fixture(scope="module")
-def example_data() -> tuple[Path, Path]:
-    if not (EXAMPLE / "test.npz").is_file() or not (EXAMPLE / "calib.npz").is_file():
-        subprocess.run([sys.executable, str(EXAMPLE / "make_data.py")], check=True, timeout=600)
-    return EXAMPLE / "calib.npz", EXAMPLE / "test.npz"
+pytestmark = pytest.mark.slow
 
 
 def reference(model: Path, x: np.ndarray, table) -> tuple[np.ndarray, np.ndarray]:

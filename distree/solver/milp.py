@@ -23,6 +23,9 @@ Formulation (why it is exact and why it is tighter than a survival/McCormick mod
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -100,6 +103,11 @@ class _WarmHiGHS(pulp.HiGHS):
         self.start = start or {}
         self.deadline = deadline      # time.perf_counter() value: loading the model counts against the limit
 
+    def createAndConfigureSolver(self, lp):
+        """highspy prints its banner from C++ when the solver object is made, before any option applies."""
+        with contextlib.nullcontext() if self.msg else _stdout_to_devnull():
+            super().createAndConfigureSolver(lp)
+
     def buildSolverModel(self, lp):
         """PuLP's loader adds one column and one row per Python call; pass them in bulk instead."""
         import highspy
@@ -140,6 +148,20 @@ class _WarmHiGHS(pulp.HiGHS):
         if self.deadline is not None:
             lp.solverModel.setOptionValue("time_limit", max(0.5, self.deadline - time.perf_counter()))
         lp.solverModel.run()
+
+
+@contextlib.contextmanager
+def _stdout_to_devnull():
+    """Silence file descriptor 1 (C-level prints, which Python's sys.stdout redirection misses)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class Model:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pulp
+from pulp.apis.coin_api import pulp_cbc_path
 
 from distree.solver.problem import Problem
 
@@ -374,7 +375,9 @@ def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
             for v in model.lp.variables():
                 if v.name in warm:
                     v.setInitialValue(warm[v.name])
-        s = pulp.PULP_CBC_CMD(msg=msg, timeLimit=left, gapRel=1e-6, warmStart=bool(warm), threads=1)
+        # the CBC binary bundled with PuLP, through COIN_CMD (PULP_CBC_CMD is deprecated in PuLP 3.3)
+        s = pulp.COIN_CMD(path=pulp_cbc_path, msg=msg, timeLimit=left, gapRel=1e-6, warmStart=bool(warm),
+                          threads=1)
     model.lp.solve(s)
     wall = time.perf_counter() - t0
     n_vars, n_cons = model.lp.numVariables(), model.lp.numConstraints()

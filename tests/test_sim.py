@@ -1,0 +1,190 @@
+"""The simulator agrees with the solver's cost model when alone, queues under load, and saturates where the
+busiest resource says; `distree simulate` handles what-ifs and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from distree.cli import cli
+from distree.sim.engine import Load, build_routes, run, summarize
+from distree.sim.inputs import Configuration, Inputs, problem_for
+from distree.sim.simulate import simulate
+from distree.solver import Constraints, solve
+from distree.solver.costs import evaluate, outcome
+from distree.solver.synthetic import synthetic_case
+
+DEVICES = ("pi4", "jetson-orin-nano", "host")
+
+
+@pytest.fixture(scope="module")
+def case():
+    return synthetic_case(n_blocks=8, n_exits=3, n_levels=4, n_devices=3, n_samples=400, seed=1,
+                          device_names=DEVICES)
+
+
+@pytest.fixture(scope="module")
+def inputs(case) -> Inputs:
+    return Inputs(case.chain, case.calibration, case.profile, case.topology, case.calibration)
+
+
+@pytest.fixture(scope="module")
+def plan(case):
+    return solve(case.chain, case.calibration, case.profile, case.topology,
+                 Constraints(accuracy_drop=0.02, time_limit_s=20))
+
+
+def three_stage(case) -> Configuration:
+    """Every device used, every exit on at a middle threshold: transfers, heads and returns on all paths."""
+    cal = case.calibration
+    return Configuration("three stages", placement=("pi4",) * 2 + ("jetson-orin-nano",) * 3 + ("host",) * 3,
+                         thresholds={e.name: grid[len(grid) // 2] for e, grid in zip(cal.exits, cal.thresholds)})
+
+
+def test_alone_in_the_system_the_simulator_is_the_cost_model(case, inputs, plan):
+    inst = problem_for(inputs, three_stage(case))
+    ev = evaluate(inst.problem, inst.levels, inst.placement)
+    routes = build_routes(inst.problem, case.topology, inst.levels, inst.placement)
+    assert len(set(inst.placement.tolist())) == 3 and inst.levels.all()
+    trace = run(routes, Load(rate=1e-6), n_requests=inst.problem.n_samples, jitter=False)
+    assert trace.wait_ms.max() == 0.0
+    assert trace.latency_ms.mean() == pytest.approx(ev.expected_ms, rel=1e-9)
+    assert routes.mean_service_ms[:3] == pytest.approx(ev.busy_ms, rel=1e-9)
+    o = outcome(inst.problem, inst.levels)
+    assert np.bincount(routes.leave, minlength=4) / len(routes.leave) == pytest.approx([*o.exit_rate, o.final_rate])
+    assert routes.correct.sum() == ev.correct
+
+    report = simulate(plan, inputs, loads=[Load(rate=1e-6)], jitter=False)
+    for c in report.configurations:          # the plan and every baseline
+        assert c.points[0].mean_ms == pytest.approx(c.predicted_ms, rel=1e-9), c.name
+    assert report.configurations[0].predicted_ms == pytest.approx(plan.expected_latency_ms, rel=1e-9)
+    assert report.configurations[0].accuracy == pytest.approx(plan.accuracy)
+
+
+def test_queueing_grows_with_the_rate(case, inputs):
+    inst = problem_for(inputs, three_stage(case))
+    routes = build_routes(inst.problem, case.topology, inst.levels, inst.placement)
+    capacity = 1000.0 / routes.mean_service_ms.max()
+    runs = [summarize(routes, run(routes, Load(rate=f * capacity), 2000, seed=3, jitter=False))
+            for f in (0.2, 0.5, 0.8)]
+    means = [s.mean_ms for s in runs]
+    waits = [s.mean_wait_ms for s in runs]
+    assert means[0] < means[1] < means[2] and waits[0] < waits[1] < waits[2]
+    assert waits[0] > 0
+
+
+def test_throughput_saturates_at_the_busiest_resource(case, inputs):
+    inst = problem_for(inputs, three_stage(case))
+    routes = build_routes(inst.problem, case.topology, inst.levels, inst.placement)
+    service = routes.mean_service_ms
+    capacity = 1000.0 / service.max()
+    bottleneck = routes.resource_names[int(service.argmax())]
+    n = 4 * inst.problem.n_samples          # whole passes: the mean service is exact
+    for load in (Load(rate=3 * capacity), Load(clients=16)):
+        s = summarize(routes, run(routes, load, n, seed=5, jitter=True))
+        assert s.throughput_rps == pytest.approx(capacity, rel=0.03), load
+        assert s.utilisation[bottleneck] == pytest.approx(1.0, abs=0.03)
+    light = summarize(routes, run(routes, Load(rate=0.3 * capacity), n, seed=5))
+    assert light.throughput_rps == pytest.approx(0.3 * capacity, rel=0.1)
+
+
+def test_jitter_is_seeded_and_mean_preserving(case, inputs):
+    links = tuple(dataclasses.replace(ln, jitter_ms=0.5 * ln.latency_ms) for ln in case.topology.links)
+    topology = dataclasses.replace(case.topology, links=links)
+    inst = problem_for(dataclasses.replace(inputs, topology=topology), three_stage(case))
+    routes = build_routes(inst.problem, topology, inst.levels, inst.placement)
+    assert all(s.jitter_ms > 0 for steps in routes.steps for s in steps if s.resource >= 3)
+    a = run(routes, Load(rate=1e-6), 4000, seed=7)
+    b = run(routes, Load(rate=1e-6), 4000, seed=7)
+    assert np.array_equal(a.latency_ms, b.latency_ms)
+    assert not np.array_equal(a.latency_ms, routes.base_ms[a.samples])
+    assert a.latency_ms.mean() == pytest.approx(routes.base_ms.mean(), rel=0.01)
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+def _files(case, tmp: Path, plan) -> dict[str, Path]:
+    paths = {k: tmp / f"{k}.json" for k in ("chain", "calibration", "profile", "plan")}
+    case.chain.save(paths["chain"])
+    case.calibration.save(paths["calibration"])
+    case.profile.save(paths["profile"])
+    plan.save(paths["plan"])
+    links = [{"src": ln.src, "dst": ln.dst, "bandwidth_mbps": ln.bandwidth_mbps, "latency_ms": ln.latency_ms}
+             for ln in case.topology.links]
+    paths["topology"] = tmp / "topology.yaml"
+    paths["topology"].write_text(yaml.safe_dump({"devices": list(DEVICES), "links": links}))
+    return paths
+
+
+def _simulate(paths: dict[str, Path], *extra: str, topology: Path | None = None):
+    args = ["simulate", str(paths["plan"]), "--chain", str(paths["chain"]), "--calibration",
+            str(paths["calibration"]), "--profile", str(paths["profile"]),
+            "--topology", str(topology or paths["topology"]), *extra]
+    return CliRunner().invoke(cli, args)
+
+
+def test_cli_json_plot_and_what_ifs(case, plan, tmp_path):
+    paths = _files(case, tmp_path, plan)
+    out, png = tmp_path / "sim.json", tmp_path / "sim.png"
+    r = _simulate(paths, "--rate", "5,50", "--no-jitter", "-o", str(out), "--plot", str(png), "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["mode"] == "same plan"
+    names = [c["name"] for c in doc["configurations"]]
+    assert names[0] == "plan" and any("PORTEND" in n for n in names) and any("source only" in n for n in names)
+    assert [p["rate_rps"] for p in doc["configurations"][0]["points"]] == [5.0, 50.0]
+    assert json.loads(out.read_text())["kind"] == "SimReport"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    # what-if: every link 10x slower -> the same plan, costing more
+    slow = yaml.safe_load(paths["topology"].read_text())
+    for ln in slow["links"]:
+        ln["bandwidth_mbps"] /= 10
+        ln["latency_ms"] *= 10
+    slow_path = tmp_path / "slow.yaml"
+    slow_path.write_text(yaml.safe_dump(slow))
+    r = _simulate(paths, "--rate", "5", "--no-baselines", "--json", topology=slow_path)
+    assert r.exit_code == 0, r.output
+    slow_doc = json.loads(r.output)
+    assert slow_doc["mode"] == "same plan"
+    used = {s.device for s in plan.stages}
+    if used != {case.topology.source_device}:
+        assert slow_doc["configurations"][0]["predicted_ms"] > doc["configurations"][0]["predicted_ms"]
+
+    # what-if: a plan device removed -> re-planned on what is left, and the report says so
+    gone = next(iter(used))
+    rest = [d for d in DEVICES if d != gone]
+    small = {"devices": rest, "links": [ln for ln in slow["links"] if gone not in (ln["src"], ln["dst"])]}
+    small_path = tmp_path / "small.yaml"
+    small_path.write_text(yaml.safe_dump(small))
+    r = _simulate(paths, "--rate", "5", "--no-baselines", "--json", topology=small_path)
+    assert r.exit_code == 0, r.output
+    re_doc = json.loads(r.output)
+    assert re_doc["mode"].startswith("re-planned") and gone in re_doc["mode"]
+    assert gone not in re_doc["configurations"][0]["description"]
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("other-model", "plan is for model"),
+    ("missing-file", "no such file"),
+    ("bad-rate", "--rate"),
+])
+def test_cli_bad_input_is_one_line_exit_2(case, plan, tmp_path, breakage, message):
+    paths = _files(case, tmp_path, plan)
+    extra = ["--rate", "-3"] if breakage == "bad-rate" else []
+    if breakage == "other-model":
+        doc = json.loads(paths["plan"].read_text())
+        doc["model_sha256"] = "0" * 64
+        paths["plan"].write_text(json.dumps(doc))
+    if breakage == "missing-file":
+        paths["profile"] = tmp_path / "nope.json"
+    r = _simulate(paths, *extra)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output

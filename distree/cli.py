@@ -52,6 +52,9 @@ from distree.solver.commands import plan_cmd; cli.add_command(plan_cmd)  # noqa:
 from distree.compiler.commands import compile_cmd; cli.add_command(compile_cmd)  # noqa: E402
 from distree.compiler.commands import verify_cmd; cli.add_command(verify_cmd)  # noqa: E402
 from distree.runtime.commands import run_cmd; cli.add_command(run_cmd)  # noqa: E402
+from distree.runtime.commands import serve_cmd; cli.add_command(serve_cmd)  # noqa: E402
+from distree.runtime.commands import infer_cmd; cli.add_command(infer_cmd)  # noqa: E402
 from distree.exits.commands import exits_cmd; cli.add_command(exits_cmd)  # noqa: E402
 from distree.exits.commands import calibrate_cmd; cli.add_command(calibrate_cmd)  # noqa: E402
 from distree.profiler.commands import profile_cmd; cli.add_command(profile_cmd)  # noqa: E402
+from distree.sim.commands import simulate_cmd; cli.add_command(simulate_cmd)  # noqa: E402

@@ -58,3 +58,4 @@ from distree.exits.commands import exits_cmd; cli.add_command(exits_cmd)  # noqa
 from distree.exits.commands import calibrate_cmd; cli.add_command(calibrate_cmd)  # noqa: E402
 from distree.profiler.commands import profile_cmd; cli.add_command(profile_cmd)  # noqa: E402
 from distree.sim.commands import simulate_cmd; cli.add_command(simulate_cmd)  # noqa: E402
+from distree.bench.commands import bench_cmd; cli.add_command(bench_cmd)  # noqa: E402

@@ -188,3 +188,40 @@ def test_cli_bad_input_is_one_line_exit_2(case, plan, tmp_path, breakage, messag
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+
+
+def test_cli_reads_the_plan_from_a_bundle_and_replays_held_out_samples(tmp_path):
+    import compiler_fixtures as cf
+    from distree.compiler.bundle import build_bundle
+    from distree.profiler import merge_profiles, profile_model
+
+    tiny = cf.tiny_model(tmp_path)
+    plan, topology = cf.two_stage_plan(tiny)
+    bundle = build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, tmp_path / "bundle",
+                          backend="ort")
+    profile = merge_profiles([profile_model(tiny.model, tiny.chain, tiny.calibration.exits, d, mode="estimate")
+                              for d in topology.devices])
+    files = {"chain": tiny.chain, "calibration": tiny.calibration, "profile": profile, "plan": plan}
+    for name, value in files.items():
+        value.save(tmp_path / f"{name}.json")
+    held_out = cf.dataset(60, seed=9)
+    np.savez(tmp_path / "held_out.npz", x=held_out.x, y=held_out.y)
+
+    def run_json(plan_arg: Path, *extra: str) -> dict:
+        r = CliRunner().invoke(cli, ["simulate", str(plan_arg), "--chain", str(tmp_path / "chain.json"),
+                                     "--calibration", str(tmp_path / "calibration.json"), "--profile",
+                                     str(tmp_path / "profile.json"), "--devices", "host,pi4", "--rate", "20",
+                                     "--no-jitter", "--no-baselines", "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output[r.output.index("{"):])
+
+    from_file, from_bundle = run_json(tmp_path / "plan.json"), run_json(bundle)
+    assert from_bundle["configurations"][0]["description"] == from_file["configurations"][0]["description"]
+    assert from_bundle["configurations"][0]["predicted_ms"] == from_file["configurations"][0]["predicted_ms"]
+    assert from_file["n_samples"] == tiny.calibration.num_samples
+
+    replay = run_json(bundle, "--samples", str(tmp_path / "held_out.npz"), "--model", str(tiny.path))
+    config = replay["configurations"][0]
+    assert replay["n_samples"] == 60 and "held out" in replay["samples"]
+    assert sum(config["exit_rates"].values()) == pytest.approx(1.0)
+    assert config["points"][0]["requests"] == 60

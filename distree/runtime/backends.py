@@ -83,6 +83,6 @@ def median_ms(run: Runner, x: np.ndarray, repeat: int = 20, warmup: int = 3,
 def percentiles_ms(samples: Sequence[float]) -> dict[str, float]:
     arr = np.asarray(samples, dtype=np.float64)
     if arr.size == 0:
-        return {"count": 0, "median_ms": 0.0, "p90_ms": 0.0, "mean_ms": 0.0}
-    return {"count": int(arr.size), "median_ms": float(np.median(arr)),
-            "p90_ms": float(np.percentile(arr, 90)), "mean_ms": float(arr.mean())}
+        return {"count": 0, "median_ms": 0.0, "p90_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0}
+    return {"count": int(arr.size), "median_ms": float(np.median(arr)), "p90_ms": float(np.percentile(arr, 90)),
+            "p99_ms": float(np.percentile(arr, 99)), "mean_ms": float(arr.mean())}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Optional
 
 import click
@@ -45,3 +46,68 @@ def run_cmd(bundle: str, input_path: str, limit: Optional[int], threads: int, de
         click.echo(f"note: {note}")
     if not output:
         click.echo("predictions and per-sample exits: add --json or -o report.json")
+
+
+@click.command("serve")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--device", required=True, help="The device this server runs (a stage of the bundle, or its source).")
+@click.option("--listen", required=True, help="HOST:PORT to serve on (port 0: any free port, printed on start).")
+@click.option("--next", "next_address", default=None, help="HOST:PORT of the next stage's server.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Threads per segment runtime.")
+@click.option("--forward-timeout-s", type=float, default=10.0, show_default=True,
+              help="Longest wait for the next stage's answer.")
+def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str], threads: int,
+              forward_timeout_s: float) -> None:
+    """Serve DEVICE's stage of BUNDLE over gRPC until interrupted (Ctrl-C or SIGTERM)."""
+    import signal
+
+    from distree.runtime.server import serve_stage
+
+    server = serve_stage(bundle, device, listen, next_address, threads=threads,
+                         forward_timeout_s=forward_timeout_s)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(1.0))
+    for note in server.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"serving {server.description} on {server.address}"
+               + (f", next stage at {next_address}" if next_address else ""), nl=True)
+    sys.stdout.flush()
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop(1.0)
+
+
+@click.command("infer")
+@click.argument("address")
+@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help=".npz with x (N,C,H,W float32) and optionally y (labels) for accuracy.")
+@click.option("--limit", type=int, default=None, help="Only the first N samples.")
+@click.option("--deadline-ms", type=float, default=None,
+              help="Per-request deadline: stages answer from an exit when the rest would miss it.")
+@click.option("--timeout-s", type=float, default=10.0, show_default=True, help="Longest wait for one answer.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the full report (per-sample answers, exits, reasons, timings) here.")
+def infer_cmd(address: str, input_path: str, limit: Optional[int], deadline_ms: Optional[float], timeout_s: float,
+              json_path: Optional[str]) -> None:
+    """Send every sample of --input to the pipeline served at ADDRESS (its source device), one at a time."""
+    from distree.runtime.client import InferenceClient, infer_dataset
+    from distree.runtime.data import load_inputs
+    from distree.serde import write_json_atomic
+
+    with InferenceClient(address, timeout_s=timeout_s) as client:
+        report = infer_dataset(client, load_inputs(input_path), deadline_ms=deadline_ms, limit=limit)
+    if json_path:
+        write_json_atomic(json_path, report.to_dict())
+    acc = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
+    e2e = report.end_to_end
+    click.echo(f"{report.samples} samples via {' -> '.join(h.device for h in report.hops)}{acc}; end-to-end median "
+               f"{e2e['median_ms']:.3f} ms, p90 {e2e['p90_ms']:.3f} ms, p99 {e2e['p99_ms']:.3f} ms")
+    click.echo("exits: " + ", ".join(f"{k} {v:.1%}" for k, v in report.exit_rates.items()))
+    if deadline_ms is not None:
+        click.echo(f"deadline {deadline_ms:g} ms: {report.deadline_exits} answered early from an exit, "
+                   f"{report.deadline_missed} missed it")
+    click.echo(f"  client <-> {address}: median {report.client_link['median_ms']:.3f} ms (network + framing)")
+    for hop in report.hops:
+        link = f", link to next median {hop.link['median_ms']:.3f} ms" if hop.link["count"] else ""
+        click.echo(f"  {hop.device}: reached by {hop.reached}, compute median {hop.compute['median_ms']:.3f} ms, "
+                   f"total median {hop.total['median_ms']:.3f} ms{link}")

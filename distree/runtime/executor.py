@@ -1,4 +1,5 @@
-"""Run a whole bundle in this process: every stage in order, the exit policy between sub-segments.
+"""Run a bundle's stages: :class:`StageExecutor` runs one device's sub-segments with the exit policy between
+them (what ``distree serve`` hosts on each device), and :func:`run_bundle` chains every stage in this process.
 
 Artifacts this machine cannot execute (an aarch64 TVM library on x86) run from the segment's ``.onnx``
 under ONNX Runtime instead; the report lists every such substitution, so no result hides where it ran.
@@ -13,7 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from distree.compiler.manifest import DeviceArtifact, Manifest, SegmentArtifact, read_manifest, read_thresholds
+from distree.compiler.manifest import DeviceArtifact, Manifest, SegmentArtifact, TensorSpec, read_manifest, \
+    read_thresholds
 from distree.targets.toolchain import host_arch, host_runnable, target_arch
 from distree.errors import DistreeError
 from distree.exits import Dataset
@@ -58,114 +60,211 @@ class RunReport(JsonRecord):
     threads: int
 
 
+@dataclass(frozen=True)
+class Answer:
+    logits: np.ndarray              # (1, K) of the classifier that answered
+    exit: str                       # exit name, or ``final``
+    reason: str                     # "threshold", "deadline" or "final"
+
+    @property
+    def prediction(self) -> int:
+        return int(np.argmax(self.logits.reshape(-1)))
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What one stage did with one request: an answer, or the cut tensor to hand to the next stage."""
+
+    answer: Optional[Answer]
+    forward: Optional[np.ndarray]
+    late: bool                      # the deadline looked lost on entry and this stage had no exit head to use
+    segment_ms: tuple[float, ...]   # each sub-segment that ran
+
+
 @dataclass
 class _Loaded:
     segment: SegmentArtifact
     run: Runner
     ran_file: str
     ran_backend: str
-    expected_ms: float              # for the deadline override
     times: list
 
 
 def _load_segment(bundle: Path, stage: DeviceArtifact, seg: SegmentArtifact, threads: int,
                   substitutions: list[str]) -> _Loaded:
-    expected = (seg.tvm_ms if seg.backend == "tvm" else seg.ort_ms) or 0.0
     if seg.backend == "ort":
-        return _Loaded(seg, ort_runner(bundle / seg.file, threads), seg.file, "ort", expected, [])
+        return _Loaded(seg, ort_runner(bundle / seg.file, threads), seg.file, "ort", [])
     if host_runnable(stage.spec):
-        return _Loaded(seg, tvm_runner(bundle / seg.file), seg.file, "tvm", expected, [])
+        return _Loaded(seg, tvm_runner(bundle / seg.file), seg.file, "tvm", [])
     substitutions.append(
         f"{seg.file}: {stage.spec.name} TVM library ({target_arch(stage.spec)}, "
         f"{stage.spec.target.get('kind')}) cannot run on this {host_arch()} machine; ran {seg.onnx_file} "
         "under ONNX Runtime instead")
-    return _Loaded(seg, ort_runner(bundle / seg.onnx_file, threads), seg.onnx_file, "ort", expected, [])
+    return _Loaded(seg, ort_runner(bundle / seg.onnx_file, threads), seg.onnx_file, "ort", [])
+
+
+class StageExecutor:
+    """One device's stage: its sub-segments in order, the exit policy after each one that ends at an exit.
+
+    Not thread-safe (TVM's VM is not): a caller serving concurrent requests runs one at a time.
+    """
+
+    def __init__(self, bundle: str | Path, manifest: Manifest, index: int, policy: ExitPolicy, threads: int = 1):
+        self.bundle = Path(bundle)
+        self.index = index
+        self.stage = manifest.stages[index]
+        self.policy = policy
+        self.substitutions: list[str] = []
+        self._segments = [_load_segment(self.bundle, self.stage, seg, threads, self.substitutions)
+                          for seg in self.stage.segments]
+        remaining = remaining_ms(manifest)
+        self._remaining_after = remaining.after_segment[index]
+        self._remaining_on_entry = remaining.on_entry[index]
+        self._has_exit = any(seg.exit for seg in self.stage.segments)
+
+    @property
+    def input(self) -> TensorSpec:
+        return self.stage.segments[0].input
+
+    @property
+    def output(self) -> TensorSpec:
+        """The tensor handed to the next stage (the final logits on the last stage)."""
+        return self.stage.segments[-1].outputs[0]
+
+    def run(self, x: np.ndarray, elapsed_ms: float = 0.0, deadline_ms: Optional[float] = None) -> StageOutcome:
+        """Run ``x`` (batch 1) through the stage; ``elapsed_ms``: time the request has spent before it."""
+        started = time.perf_counter()
+        late = (deadline_ms is not None and not self._has_exit
+                and elapsed_ms + self._remaining_on_entry > deadline_ms)
+        act, ran = x, []
+        for k, loaded in enumerate(self._segments):
+            t0 = time.perf_counter()
+            outs = loaded.run(act)
+            ran.append((time.perf_counter() - t0) * 1e3)
+            loaded.times.append(ran[-1])
+            act = outs[0]
+            seg = loaded.segment
+            if seg.is_final:
+                return StageOutcome(Answer(outs[0], FINAL, "final"), None, late, tuple(ran))
+            if seg.exit is not None:
+                decision = self.policy.decide(
+                    seg.exit, outs[1], outs[2] if seg.entry_output else None,
+                    elapsed_ms=elapsed_ms + (time.perf_counter() - started) * 1e3,
+                    remaining_ms=self._remaining_after[k], deadline_ms=deadline_ms)
+                if decision.leave:
+                    return StageOutcome(Answer(outs[1], seg.exit, decision.reason), None, late, tuple(ran))
+        return StageOutcome(None, act, late, tuple(ran))
+
+    def segment_timings(self) -> tuple[SegmentTiming, ...]:
+        return tuple(_segment_timing(self.stage.name, loaded) for loaded in self._segments)
+
+
+@dataclass(frozen=True)
+class RemainingMs:
+    """Predicted worst-case time left (no exit taken): after each sub-segment, and on entering each stage."""
+
+    after_segment: tuple[tuple[float, ...], ...]
+    on_entry: tuple[float, ...]
+
+
+def transfer_in_ms(manifest: Manifest) -> tuple[float, ...]:
+    """Transfer time into each stage when it is reached (the plan stores it weighted by the reach rate)."""
+    return tuple(stage.transfer_in_ms / stage.reach_rate if stage.reach_rate > 0 else 0.0
+                 for stage in manifest.plan.stages)
+
+
+def expected_segment_ms(manifest: Manifest) -> tuple[tuple[float, ...], ...]:
+    """Expected compute of each sub-segment: the compiler's figure for the backend it ships with, else the
+    plan's compute for the stage (per request that reaches it) shared out by block count."""
+    out = []
+    for artifact, planned in zip(manifest.stages, manifest.plan.stages):
+        per_reach = planned.compute_ms / planned.reach_rate if planned.reach_rate > 0 else 0.0
+        blocks = artifact.last_block - artifact.first_block + 1
+        out.append(tuple(
+            (seg.tvm_ms if seg.backend == "tvm" else seg.ort_ms)
+            or per_reach * (seg.last_block - seg.first_block + 1) / blocks
+            for seg in artifact.segments))
+    return tuple(out)
+
+
+def remaining_ms(manifest: Manifest) -> RemainingMs:
+    """What the deadline override compares against: every later sub-segment and every later transfer."""
+    seg_ms, transfer = expected_segment_ms(manifest), transfer_in_ms(manifest)
+    stage_total = [sum(ms) for ms in seg_ms]
+    after_stage = [sum(stage_total[t] + transfer[t] for t in range(s + 1, len(seg_ms))) for s in range(len(seg_ms))]
+    after_segment = tuple(tuple(sum(ms[k + 1:]) + after_stage[s] for k in range(len(ms)))
+                          for s, ms in enumerate(seg_ms))
+    on_entry = tuple(stage_total[s] + after_stage[s] for s in range(len(seg_ms)))
+    return RemainingMs(after_segment, on_entry)
 
 
 def run_bundle(path: str | Path, data: Dataset, threads: int = 1, limit: Optional[int] = None,
                deadline_ms: Optional[float] = None) -> RunReport:
-    """Predict every sample of ``data`` through the bundle, one request at a time (batch 1)."""
+    """Predict every sample of ``data`` through the bundle, one request at a time (batch 1).
+
+    With a deadline, each stage counts the plan's transfer time into it as elapsed (one process, no real
+    network), exactly as a served stage does on receipt.
+    """
     bundle = Path(path)
     manifest = read_manifest(bundle)
     policy = ExitPolicy(read_thresholds(bundle))
     _check_data(manifest, data)
     x = data.x if limit is None else data.x[:limit]
     set_tvm_threads(threads)
-    substitutions: list[str] = []
-    stages = [[_load_segment(bundle, st, seg, threads, substitutions) for seg in st.segments]
-              for st in manifest.stages]
-    remaining_after = _remaining_ms(stages, _transfer_in(manifest))
+    stages = [StageExecutor(bundle, manifest, i, policy, threads) for i in range(len(manifest.stages))]
+    transfer = transfer_in_ms(manifest)
     predictions, exits, stage_times = [], [], [[] for _ in stages]
     deadline_exits = 0
     e2e: list[float] = []
     for i in range(len(x)):
         act = x[i:i + 1]
         started = time.perf_counter()
-        answer: Optional[tuple[int, str]] = None
-        for s_idx, segments in enumerate(stages):
+        modeled_transfer = 0.0
+        answer: Optional[Answer] = None
+        for stage, times in zip(stages, stage_times):
+            modeled_transfer += transfer[stage.index]
             stage_start = time.perf_counter()
-            for k, loaded in enumerate(segments):
-                t0 = time.perf_counter()
-                outs = loaded.run(act)
-                loaded.times.append((time.perf_counter() - t0) * 1e3)
-                act = outs[0]
-                seg = loaded.segment
-                if seg.is_final:
-                    answer = (int(np.argmax(outs[0].reshape(-1))), FINAL)
-                elif seg.exit is not None:
-                    entry = outs[2] if seg.entry_output else None
-                    decision = policy.decide(
-                        seg.exit, outs[1], entry, elapsed_ms=(time.perf_counter() - started) * 1e3,
-                        remaining_ms=remaining_after[s_idx][k], deadline_ms=deadline_ms)
-                    if decision.leave:
-                        deadline_exits += decision.reason == "deadline"
-                        answer = (int(np.argmax(outs[1].reshape(-1))), seg.exit)
-                if answer:
-                    break
-            stage_times[s_idx].append((time.perf_counter() - stage_start) * 1e3)
+            outcome = stage.run(act, elapsed_ms=(stage_start - started) * 1e3 + modeled_transfer,
+                                deadline_ms=deadline_ms)
+            times.append((time.perf_counter() - stage_start) * 1e3)
+            answer, act = outcome.answer, outcome.forward
             if answer:
                 break
         if answer is None:
             raise DistreeError(f"{bundle}: no segment produced the final output; rebuild the bundle")
         e2e.append((time.perf_counter() - started) * 1e3)
-        predictions.append(answer[0])
-        exits.append(answer[1])
+        deadline_exits += answer.reason == "deadline"
+        predictions.append(answer.prediction)
+        exits.append(answer.exit)
     n = len(predictions)
-    names = [e.name for e in policy.table.exits] + [FINAL]
     accuracy = None
     if data.y is not None and n:
         accuracy = float((np.asarray(predictions) == data.y[:n]).mean())
     return RunReport(
         bundle=str(bundle), samples=n, predictions=tuple(predictions), exits=tuple(exits),
-        exit_rates={name: exits.count(name) / max(n, 1) for name in names}, accuracy=accuracy,
-        segments=tuple(_segment_timing(st.name, l) for st, segs in zip(manifest.stages, stages) for l in segs),
+        exit_rates=exit_rates(policy, exits), accuracy=accuracy,
+        segments=tuple(t for stage in stages for t in stage.segment_timings()),
         stages=tuple(_stage_timing(st.name, t) for st, t in zip(manifest.stages, stage_times)),
-        end_to_end=percentiles_ms(e2e), deadline_exits=deadline_exits, substitutions=tuple(substitutions),
-        threads=threads)
+        end_to_end=percentiles_ms(e2e), deadline_exits=deadline_exits,
+        substitutions=tuple(s for stage in stages for s in stage.substitutions), threads=threads)
 
 
-def _check_data(manifest: Manifest, data: Dataset) -> None:
+def exit_rates(policy: ExitPolicy, exits: list[str]) -> dict[str, float]:
+    """Share of answers per exit, in pipeline order, ``final`` last."""
+    names = [e.name for e in policy.table.exits] + [FINAL]
+    return {name: exits.count(name) / max(len(exits), 1) for name in names}
+
+
+def check_input(manifest: Manifest, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Samples (without the batch axis) must match the bundle's input."""
     want = tuple(manifest.input.shape[1:])
-    if tuple(data.x.shape[1:]) != want or data.x.dtype != np.dtype(manifest.input.dtype):
-        raise DistreeError(f"input has samples of shape {tuple(data.x.shape[1:])} {data.x.dtype}, the bundle "
+    if tuple(shape) != want or np.dtype(dtype) != np.dtype(manifest.input.dtype):
+        raise DistreeError(f"input has samples of shape {tuple(shape)} {np.dtype(dtype)}, the bundle "
                            f"expects {want} {manifest.input.dtype}; give data the model was built for")
 
 
-def _transfer_in(manifest: Manifest) -> list[float]:
-    """Transfer time into each stage when it is reached (the plan stores it weighted by the reach rate)."""
-    return [stage.transfer_in_ms / stage.reach_rate if stage.reach_rate > 0 else 0.0
-            for stage in manifest.plan.stages]
-
-
-def _remaining_ms(stages: list[list[_Loaded]], transfer_in: list[float]) -> list[list[float]]:
-    """Worst-case time left after segment (s, k): every later segment and transfer (no exit taken)."""
-    flat = [(s, k, l.expected_ms) for s, segs in enumerate(stages) for k, l in enumerate(segs)]
-    out = [[0.0] * len(segs) for segs in stages]
-    for pos, (s, k, _) in enumerate(flat):
-        later = sum(ms for _, _, ms in flat[pos + 1:])
-        later += sum(transfer_in[t] for t in range(s + 1, len(stages)) if t < len(transfer_in))
-        out[s][k] = later
-    return out
+def _check_data(manifest: Manifest, data: Dataset) -> None:
+    check_input(manifest, data.x.shape[1:], data.x.dtype)
 
 
 def _segment_timing(device: str, loaded: _Loaded) -> SegmentTiming:

@@ -1,0 +1,176 @@
+"""``distree infer``: send samples to a served pipeline (its source device) and report what came back."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import grpc
+import numpy as np
+
+from distree.errors import DistreeError
+from distree.exits import Dataset
+from distree.runtime.backends import percentiles_ms
+from distree.runtime.executor import FINAL
+from distree.runtime.server import CHANNEL_OPTIONS, INFER, INFO, ORIGIN_KEY, parse_address
+from distree.runtime.wire import Reply, Request, WireError, decode_reply, encode_request
+from distree.serde import JsonRecord
+
+
+class ServeError(DistreeError):
+    """The served pipeline did not answer: the message names the stage and address that failed."""
+
+
+class InferenceClient:
+    """One channel to the source device's server; ``infer`` sends one sample (batch 1) and waits for its answer.
+
+    Every call has a timeout (``timeout_s``), so a dead or stuck pipeline is an error, never a hang.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 10.0) -> None:
+        self.address = parse_address(address, "address")
+        if timeout_s <= 0:
+            raise DistreeError("--timeout-s must be > 0")
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._infer = self._channel.unary_unary(INFER)
+        self._info = self._channel.unary_unary(INFO)
+
+    def __enter__(self) -> "InferenceClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def info(self) -> dict[str, Any]:
+        """What the server runs: its device, stage, the pipeline's stages and the tensor it accepts."""
+        return json.loads(self._call(self._info, b"").decode())
+
+    def infer(self, x: np.ndarray, deadline_ms: Optional[float] = None, request_id: Optional[str] = None) -> Reply:
+        """The pipeline's answer for one sample ``x`` (with or without its batch axis of 1)."""
+        if deadline_ms is not None and deadline_ms < 0:
+            raise DistreeError("--deadline-ms must be >= 0")
+        rid = request_id or uuid.uuid4().hex
+        accepts = self._accepts()
+        x = np.asarray(x)
+        if x.ndim == len(accepts["shape"]) - 1:
+            x = x[None]
+        frame = encode_request(Request(id=rid, tensor=accepts["name"], deadline_ms=deadline_ms, elapsed_ms=0.0, x=x))
+        try:
+            reply = decode_reply(self._call(self._infer, frame))
+        except WireError as exc:
+            raise ServeError(f"{self.address} sent a bad reply: {exc}") from None
+        if reply.id != rid:
+            raise ServeError(f"{self.address} answered request {reply.id}, not {rid}")
+        return reply
+
+    def _accepts(self) -> dict[str, Any]:
+        if not hasattr(self, "_info_doc"):
+            self._info_doc = self.info()
+            doc = self._info_doc
+            if doc["accepts"]["name"] != doc["input"]["name"]:
+                raise ServeError(f"{self.address} serves {doc['device']} (stage {doc['stage'] + 1} of "
+                                 f"{len(doc['stages'])}), which takes {doc['accepts']['name']} from the stage before; "
+                                 f"send requests to the server of the source device {doc['source']}")
+        return self._info_doc["accepts"]
+
+    def _call(self, method, frame: bytes) -> bytes:
+        try:
+            return method(frame, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise ServeError(_client_error(self.address, exc, self.timeout_s)) from None
+
+
+def _client_error(address: str, exc: grpc.RpcError, timeout_s: float) -> str:
+    """A stage's own error (it names the stage and the address that failed) or a transport error."""
+    code, details = exc.code(), exc.details()
+    if any(key == ORIGIN_KEY for key, _ in (exc.trailing_metadata() or ())):
+        return f"{address}: {code.name}: {details}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{address} did not answer within {timeout_s:g} s (--timeout-s)"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return (f"cannot reach {address} ({details}); start the source device's server there: "
+                f"distree serve BUNDLE --device SOURCE --listen {address}")
+    return f"{address}: {code.name}: {details}"
+
+
+@dataclass(frozen=True)
+class HopStats(JsonRecord):
+    """One device's share of the requests that reached it (ms percentiles on that device's clock)."""
+
+    device: str
+    reached: int
+    compute: dict[str, float]
+    total: dict[str, float]         # receipt to reply, everything downstream included
+    link: dict[str, float]          # to the next stage and back, minus that stage's own time (network + framing)
+
+
+@dataclass(frozen=True)
+class InferReport(JsonRecord):
+    address: str
+    stages: tuple[str, ...]         # the served pipeline, in order
+    samples: int
+    predictions: tuple[int, ...]
+    exits: tuple[str, ...]
+    reasons: tuple[str, ...]        # "threshold", "deadline" or "final" per sample
+    latency_ms: tuple[float, ...]   # end to end, measured by this client
+    exit_rates: dict[str, float]
+    accuracy: Optional[float]
+    deadline_ms: Optional[float]
+    deadline_exits: int             # answered early from an exit to keep the deadline
+    deadline_missed: int            # answered after the deadline (or found lost with no exit at hand)
+    end_to_end: dict[str, float]
+    client_link: dict[str, float]   # this client to the source server and back, minus the server's time
+    hops: tuple[HopStats, ...]
+
+
+def infer_dataset(client: InferenceClient, data: Dataset, deadline_ms: Optional[float] = None,
+                  limit: Optional[int] = None) -> InferReport:
+    """Send every sample of ``data`` (one at a time) and collect answers, exits and timings."""
+    info = client.info()
+    want = tuple(info["input"]["shape"][1:])
+    if tuple(data.x.shape[1:]) != want or data.x.dtype.name != info["input"]["dtype"]:
+        raise DistreeError(f"input has samples of shape {tuple(data.x.shape[1:])} {data.x.dtype}, the served "
+                           f"bundle expects {want} {info['input']['dtype']}; give data the model was built for")
+    x = data.x if limit is None else data.x[:limit]
+    replies, latency = [], []
+    for i in range(len(x)):
+        t0 = time.perf_counter()
+        replies.append(client.infer(x[i:i + 1], deadline_ms=deadline_ms, request_id=f"{i}"))
+        latency.append((time.perf_counter() - t0) * 1e3)
+    n = len(replies)
+    predictions = [r.prediction for r in replies]
+    exits = [r.exit for r in replies]
+    accuracy = float((np.asarray(predictions) == data.y[:n]).mean()) if data.y is not None and n else None
+    return InferReport(
+        address=client.address, stages=tuple(info["stages"]), samples=n, predictions=tuple(predictions),
+        exits=tuple(exits), reasons=tuple(r.reason for r in replies), latency_ms=tuple(latency),
+        exit_rates={name: exits.count(name) / max(n, 1) for name in [*info["exits"], FINAL]}, accuracy=accuracy,
+        deadline_ms=deadline_ms, deadline_exits=sum(r.reason == "deadline" for r in replies),
+        deadline_missed=sum(r.deadline_missed for r in replies), end_to_end=percentiles_ms(latency),
+        client_link=percentiles_ms([ms - r.hops[0].total_ms for ms, r in zip(latency, replies)]),
+        hops=_hop_stats(replies))
+
+
+def _hop_stats(replies: list[Reply]) -> tuple[HopStats, ...]:
+    order: list[str] = []
+    compute: dict[str, list[float]] = {}
+    total: dict[str, list[float]] = {}
+    link: dict[str, list[float]] = {}
+    for reply in replies:
+        for k, hop in enumerate(reply.hops):
+            if hop.device not in compute:
+                order.append(hop.device)
+                compute[hop.device], total[hop.device], link[hop.device] = [], [], []
+            compute[hop.device].append(hop.compute_ms)
+            total[hop.device].append(hop.total_ms)
+            if k + 1 < len(reply.hops):
+                link[hop.device].append(hop.forward_ms - reply.hops[k + 1].total_ms)
+    return tuple(HopStats(device=d, reached=len(compute[d]), compute=percentiles_ms(compute[d]),
+                          total=percentiles_ms(total[d]), link=percentiles_ms(link[d])) for d in order)

@@ -1,0 +1,275 @@
+"""``distree serve``: one device's stage as a gRPC server.
+
+Each request runs the stage's sub-segments with the exit policy (:class:`StageExecutor`, the same code as
+``run_bundle``). A request answered at an exit is replied to at once; otherwise the cut tensor goes to the
+next stage over a persistent channel and its answer is relayed back, so every answer returns along the
+chain to the device where the request arrived (the source). The source device may hold no stage of its
+own (the plan found it not worth using): it then serves as a relay that accepts requests and forwards them
+to the first stage.
+
+gRPC without generated code: generic method handlers over bytes, framed by :mod:`distree.runtime.wire`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NoReturn, Optional
+
+import grpc
+
+from distree.compiler.manifest import Manifest, TensorSpec, read_manifest, read_thresholds
+from distree.compiler.verify import verify_bundle
+from distree.errors import DistreeError
+from distree.runtime.backends import set_tvm_threads
+from distree.runtime.executor import StageExecutor, StageOutcome, transfer_in_ms
+from distree.runtime.policy import ExitPolicy
+from distree.runtime.wire import Hop, Reply, Request, WireError, decode_reply, decode_request, encode_reply, \
+    encode_request
+
+SERVICE = "distree.Stage"
+INFER = f"/{SERVICE}/Infer"
+INFO = f"/{SERVICE}/Info"
+ORIGIN_KEY = "distree-origin"       # trailing metadata on errors a stage raised itself (vs transport errors)
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.initial_reconnect_backoff_ms", 200),     # a restarted next stage is found again within seconds
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+Log = Callable[[str], None]
+
+
+def parse_address(text: str, option: str) -> str:
+    """``HOST:PORT`` (``[v6]:PORT`` too), checked; a DistreeError that names the option otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise DistreeError(f"{option} {text!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
+    return text
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a device does in the pipeline: run stage ``index``, or (index None) relay for the source."""
+
+    device: str
+    index: Optional[int]
+    accepts: TensorSpec             # the tensor it takes
+    next_device: Optional[str]      # who gets what it forwards
+
+    def describe(self, manifest: Manifest) -> str:
+        if self.index is None:
+            return f"{self.device} (source, no stage of its own: relays requests to {self.next_device})"
+        stage = manifest.stages[self.index]
+        exits = [s.exit for s in stage.segments if s.exit]
+        return (f"{self.device} (stage {self.index + 1} of {len(manifest.stages)}: blocks {stage.first_block}.."
+                f"{stage.last_block}" + (f", exits {', '.join(exits)}" if exits else "") + ")")
+
+
+def stage_role(manifest: Manifest, device: str, bundle: Path) -> Role:
+    names = [st.name for st in manifest.stages]
+    if device in names:
+        index = names.index(device)
+        if device == manifest.source and index != 0:
+            raise DistreeError(f"{device} is the source and runs stage {index + 1}, not the first: serving such a "
+                               "plan is not supported; re-plan so the source runs the first stage or none")
+        return Role(device, index, manifest.stages[index].segments[0].input,
+                    names[index + 1] if index + 1 < len(names) else None)
+    if device == manifest.source:
+        return Role(device, None, manifest.input, names[0])
+    raise DistreeError(f"device {device!r} is not in the bundle {bundle} (stages: {', '.join(names)}; source: "
+                       f"{manifest.source}); pass one of those to --device")
+
+
+class _StageService:
+    """The request handler: run the stage, answer or forward, relay the answer back."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, role: Role, next_address: Optional[str],
+                 threads: int, forward_timeout_s: float) -> None:
+        self.role, self.manifest = role, manifest
+        policy = ExitPolicy(read_thresholds(bundle))
+        self.exit_names = tuple(e.name for e in policy.table.exits)
+        self.executor: Optional[StageExecutor] = None
+        if role.index is not None:
+            set_tvm_threads(threads)
+            self.executor = StageExecutor(bundle, manifest, role.index, policy, threads)
+        self.transfer_in_ms = 0.0 if role.index is None else transfer_in_ms(manifest)[role.index]
+        self.forwards = role.accepts if self.executor is None else self.executor.output
+        self.next_address = next_address
+        self.forward_timeout_s = forward_timeout_s
+        self._channel = grpc.insecure_channel(next_address, options=CHANNEL_OPTIONS) if next_address else None
+        self._call = self._channel.unary_unary(INFER) if self._channel else None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+    def info(self, _request: bytes, _context: grpc.ServicerContext) -> bytes:
+        m = self.manifest
+        return json.dumps({
+            "device": self.role.device, "stage": self.role.index, "stages": [st.name for st in m.stages],
+            "source": m.source, "accepts": self.role.accepts.to_dict(), "input": m.input.to_dict(),
+            "exits": list(self.exit_names), "next": self.next_address,
+            "model_sha256": m.model_sha256,
+        }).encode()
+
+    def infer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        received = time.perf_counter()
+        try:
+            req = decode_request(data)
+        except WireError as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {exc}")
+        self._check_tensor(req, context)
+        elapsed_in = req.elapsed_ms + self.transfer_in_ms
+        queued, outcome, failure = self._run(req, elapsed_in)
+        if failure:
+            self._abort(context, grpc.StatusCode.INTERNAL, failure)
+        compute_ms = sum(outcome.segment_ms)
+        if outcome.answer is not None:
+            answer = outcome.answer
+            name = self._answer_tensor(answer.exit)
+            down = Reply(id=req.id, prediction=answer.prediction, exit=answer.exit, reason=answer.reason,
+                         deadline_missed=False, late_at=None, hops=(), tensor=name, logits=answer.logits)
+            forward_ms = 0.0
+        else:
+            sent = time.perf_counter()
+            down = self._forward(req, outcome, elapsed_in + (sent - received) * 1e3, context)
+            forward_ms = (time.perf_counter() - sent) * 1e3
+        total_ms = (time.perf_counter() - received) * 1e3
+        hop = Hop(self.role.device, queued, compute_ms, forward_ms, total_ms)
+        over = req.deadline_ms is not None and elapsed_in + total_ms > req.deadline_ms
+        late_at = self.role.device if outcome.late else down.late_at
+        return encode_reply(Reply(
+            id=req.id, prediction=down.prediction, exit=down.exit, reason=down.reason,
+            deadline_missed=down.deadline_missed or outcome.late or over, late_at=late_at,
+            hops=(hop, *down.hops), tensor=down.tensor, logits=down.logits))
+
+    def _run(self, req: Request, elapsed_in: float) -> tuple[float, StageOutcome, Optional[str]]:
+        """(queue ms, outcome, failure message); one request at a time on the executor."""
+        if self.executor is None:
+            return 0.0, StageOutcome(None, req.x, False, ()), None
+        waited = time.perf_counter()
+        with self._lock:
+            queued = (time.perf_counter() - waited) * 1e3
+            try:
+                return queued, self.executor.run(req.x, elapsed_in, req.deadline_ms), None
+            except Exception as exc:  # a backend failure: report it to the caller, keep serving
+                return queued, StageOutcome(None, None, False, ()), f"stage failed: {type(exc).__name__}: {exc}"
+
+    def _answer_tensor(self, exit_name: str) -> str:
+        if self.executor is None or exit_name != "final":
+            return exit_name
+        return self.executor.output.name
+
+    def _check_tensor(self, req: Request, context: grpc.ServicerContext) -> None:
+        want = self.role.accepts
+        if req.tensor != want.name:
+            hint = (f"send requests to the source device ({self.manifest.source})"
+                    if want.name != self.manifest.input.name else "send the model input")
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"got tensor {req.tensor!r}, this stage takes {want.name!r}; {hint}")
+        if tuple(req.x.shape) != tuple(want.shape) or req.x.dtype.name != want.dtype:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"tensor {req.tensor} is {req.x.dtype.name} {list(req.x.shape)}, this stage takes "
+                        f"{want.dtype} {list(want.shape)}")
+
+    def _forward(self, req: Request, outcome: StageOutcome, elapsed_ms: float,
+                 context: grpc.ServicerContext) -> Reply:
+        """Hand the cut tensor on and return the next stage's answer; any failure aborts with a status
+        that names the next stage's address, within the caller's own deadline."""
+        timeout = self.forward_timeout_s
+        left = context.time_remaining()
+        if left is not None:        # leave the caller time to receive our error before its own deadline
+            timeout = max(min(timeout, left - min(0.5, 0.2 * left)), 0.01)
+        frame = encode_request(Request(id=req.id, tensor=self.forwards.name, deadline_ms=req.deadline_ms,
+                                       elapsed_ms=elapsed_ms, x=outcome.forward))
+        try:
+            data = self._call(frame, timeout=timeout)
+        except grpc.RpcError as exc:
+            self._abort(context, exc.code(), self._downstream_error(exc, timeout))
+        try:
+            return decode_reply(data)
+        except WireError as exc:
+            self._abort(context, grpc.StatusCode.INTERNAL, f"{self._next} sent a bad reply: {exc}")
+
+    @property
+    def _next(self) -> str:
+        return f"next stage {self.role.next_device} at {self.next_address}"
+
+    def _downstream_error(self, exc: grpc.RpcError, timeout: float) -> str:
+        if any(key == ORIGIN_KEY for key, _ in (exc.trailing_metadata() or ())):
+            return f"via {self._next}: {exc.details()}"     # a later stage's own error, relayed as it is
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"{self._next} did not answer within {timeout:.2f} s"
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return (f"{self._next} is unreachable ({exc.details()}); start `distree serve BUNDLE --device "
+                    f"{self.role.next_device} --listen {self.next_address}` there")
+        return f"{self._next} failed: {exc.code().name}: {exc.details()}"
+
+    def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+        context.set_trailing_metadata(((ORIGIN_KEY, self.role.device),))
+        context.abort(code, f"{self.role.device}: {message}")
+
+
+@dataclass
+class StageServer:
+    """A running stage; ``address`` is the one actually bound (``--listen HOST:0`` picks a free port)."""
+
+    role: Role
+    address: str
+    description: str
+    notes: tuple[str, ...]
+    _server: grpc.Server
+    _service: _StageService
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def stop(self, grace_s: Optional[float] = None) -> None:
+        self._server.stop(grace_s).wait()
+        self._service.close()
+
+
+def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Optional[str] = None, *,
+                threads: int = 1, forward_timeout_s: float = 10.0, workers: int = 8) -> StageServer:
+    """Verify the bundle, load ``device``'s stage and start serving it on ``listen`` (returns at once)."""
+    bundle = Path(bundle)
+    parse_address(listen, "--listen")
+    if next_address is not None:
+        parse_address(next_address, "--next")
+    manifest = read_manifest(bundle)
+    role = stage_role(manifest, device, bundle)
+    if role.next_device and next_address is None:
+        raise DistreeError(f"{role.device} hands requests on to {role.next_device}: start `distree serve {bundle} "
+                           f"--device {role.next_device} --listen HOST:PORT` there and pass --next HOST:PORT")
+    if role.next_device is None and next_address is not None:
+        raise DistreeError(f"{device} runs the last stage and answers every request itself; drop --next")
+    if forward_timeout_s <= 0:
+        raise DistreeError("--forward-timeout-s must be > 0")
+    verify_bundle(bundle)
+    service = _StageService(bundle, manifest, role, next_address, threads, forward_timeout_s)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=[*CHANNEL_OPTIONS[:2], ("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Infer": grpc.unary_unary_rpc_method_handler(service.infer),
+        "Info": grpc.unary_unary_rpc_method_handler(service.info),
+    }),))
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        service.close()
+        raise DistreeError(f"cannot listen on {listen}: the port is in use or the host is not an address of "
+                           "this machine; pick another --listen")
+    server.start()
+    address = f"{listen.rpartition(':')[0]}:{port}"
+    notes = tuple(service.executor.substitutions) if service.executor else ()
+    return StageServer(role, address, role.describe(manifest), notes, server, service)

@@ -1,0 +1,245 @@
+"""`distree serve` / `distree infer`: the tiny multi-exit CNN's bundle served as one process per device on
+loopback (host stage = TVM, pi4 stage = its ONNX under ONNX Runtime), against `run_bundle` in process."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import compiler_fixtures as cf
+from distree.cli import cli
+from distree.compiler.bundle import build_bundle
+from distree.compiler.manifest import read_manifest, read_thresholds
+from distree.runtime.client import InferenceClient, ServeError, infer_dataset
+from distree.runtime.executor import FINAL, StageExecutor, run_bundle
+from distree.runtime.policy import ExitPolicy
+from distree.runtime.wire import Hop, Reply, Request, WireError, decode_reply, decode_request, encode_reply, \
+    encode_request
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return cf.tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny, tmp_path_factory) -> Path:
+    plan, topology = cf.two_stage_plan(tiny)
+    out = tmp_path_factory.mktemp("serve") / "bundle"
+    return build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, out, backend="tvm")
+
+
+class Served:
+    """`python -m distree serve` in its own process; ``address`` is what it printed it bound."""
+
+    def __init__(self, bundle: Path, device: str, next_address: str | None = None) -> None:
+        args = [sys.executable, "-u", "-m", "distree", "serve", str(bundle), "--device", device,
+                "--listen", "127.0.0.1:0", "--forward-timeout-s", "5"]
+        self.proc = subprocess.Popen(args + (["--next", next_address] if next_address else []), cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.address = self._wait_for_address()
+
+    def _wait_for_address(self) -> str:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if line.startswith("serving "):
+                return line.split(" on ")[1].split(",")[0].strip()
+        self.stop()
+        raise AssertionError(f"server did not start: {self.proc.stderr.read()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+def _pipeline(bundle: Path) -> tuple[Served, Served]:
+    pi4 = Served(bundle, "pi4")
+    return Served(bundle, "host", pi4.address), pi4
+
+
+@pytest.fixture(scope="module")
+def served(bundle):
+    host, pi4 = _pipeline(bundle)
+    yield host
+    host.stop()
+    pi4.stop()
+
+
+def test_served_pipeline_answers_like_run_bundle(served, bundle):
+    data = cf.dataset(200, seed=5)
+    want = run_bundle(bundle, data)
+    with InferenceClient(served.address) as client:
+        got = infer_dataset(client, data)
+    assert got.predictions == want.predictions
+    assert got.exits == want.exits
+    assert set(got.exits) == {"exit_1", "exit_2", FINAL}      # answers at both exits and at the end
+    assert got.reasons == tuple("final" if e == FINAL else "threshold" for e in got.exits)
+    assert got.accuracy == pytest.approx(want.accuracy)
+    assert got.exit_rates == pytest.approx(want.exit_rates)
+    assert got.deadline_exits == got.deadline_missed == 0
+    by_device = {h.device: h for h in got.hops}
+    assert by_device["host"].reached == 200 and by_device["pi4"].reached == got.exits.count(FINAL)
+    assert by_device["host"].link["count"] == got.exits.count(FINAL)   # only those went on to pi4
+    assert got.stages == ("host", "pi4") and got.end_to_end["count"] == 200
+
+
+def test_reply_carries_the_answering_logits_and_hops(served, bundle):
+    data = cf.dataset(20, seed=5)
+    want = run_bundle(bundle, data)
+    index = want.exits.index(FINAL)
+    with InferenceClient(served.address) as client:
+        reply = client.infer(data.x[index], request_id="r-1")
+    assert reply.id == "r-1" and reply.exit == FINAL and reply.reason == "final"
+    assert [h.device for h in reply.hops] == ["host", "pi4"]
+    assert reply.hops[0].forward_ms >= reply.hops[1].total_ms > 0
+    assert reply.logits.shape == (1, 10) and reply.prediction == int(reply.logits.argmax())
+
+
+def test_tight_deadline_answers_from_the_source_exit(served, bundle):
+    data = cf.dataset(40, seed=6)
+    free = run_bundle(bundle, data)
+    with InferenceClient(served.address) as client:
+        rushed = infer_dataset(client, data, deadline_ms=0.001)     # nothing can finish in time
+        roomy = infer_dataset(client, data, deadline_ms=60_000.0)
+    assert set(rushed.exits) == {"exit_1"}
+    assert rushed.reasons == tuple("threshold" if e == "exit_1" else "deadline" for e in free.exits)
+    assert rushed.deadline_exits == sum(e != "exit_1" for e in free.exits) > 0
+    assert rushed.deadline_missed == 40            # early answers still arrive after 1 microsecond
+    assert [h.device for h in rushed.hops] == ["host"]
+    assert roomy.exits == free.exits and roomy.deadline_exits == roomy.deadline_missed == 0
+
+
+def test_stage_without_an_exit_head_continues_and_flags_the_miss(bundle):
+    """pi4's stage has no exit: a lost deadline cannot be saved there, so it runs on and says so."""
+    manifest = read_manifest(bundle)
+    pi4 = StageExecutor(bundle, manifest, 1, ExitPolicy(read_thresholds(bundle)))
+    x = np.zeros(pi4.input.shape, dtype=pi4.input.dtype)
+    late = pi4.run(x, elapsed_ms=5.0, deadline_ms=1.0)
+    assert late.late and late.answer.reason == "final"
+    assert not pi4.run(x, elapsed_ms=0.0, deadline_ms=60_000.0).late
+
+
+def test_requests_to_a_later_stage_are_refused(served, bundle):
+    with InferenceClient(served.address) as source:
+        pi4 = source.info()["next"]
+    with InferenceClient(pi4) as client, pytest.raises(ServeError, match="source device host"):
+        client.infer(cf.dataset(1, seed=0).x[0])
+
+
+@pytest.mark.slow
+def test_dead_or_stuck_next_stage_is_a_clear_error_not_a_hang(bundle):
+    data = cf.dataset(20, seed=5)
+    index = run_bundle(bundle, data).exits.index(FINAL)     # a sample that needs pi4
+    host, pi4 = _pipeline(bundle)
+    try:
+        with InferenceClient(host.address, timeout_s=3.0) as client:
+            assert client.infer(data.x[index]).exit == FINAL
+            pi4.proc.send_signal(signal.SIGSTOP)            # alive but not answering
+            t0 = time.monotonic()
+            with pytest.raises(ServeError, match=f"next stage pi4 at {pi4.address} did not answer within"):
+                client.infer(data.x[index])
+            assert time.monotonic() - t0 < 3.0
+            pi4.stop()                                      # gone
+            t0 = time.monotonic()
+            with pytest.raises(ServeError, match=f"next stage pi4 at {pi4.address} is unreachable"):
+                client.infer(data.x[index])
+            assert time.monotonic() - t0 < 3.0
+            early = run_bundle(bundle, data).exits.index("exit_1")
+            assert client.infer(data.x[early]).exit == "exit_1"     # the source still answers what it can
+    finally:
+        host.stop()
+        pi4.stop()
+
+
+def test_tampered_bundle_refuses_to_start_naming_the_file(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    victim = copy / "pi4" / "s1_seg0_b6-10.onnx"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "distree", "serve", str(copy), "--device", "host",
+                           "--listen", "127.0.0.1:0", "--next", "127.0.0.1:1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=START_TIMEOUT_S)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "s1_seg0_b6-10.onnx: SHA-256 does not match" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "pi9"], "device 'pi9' is not in the bundle"),
+    (["--device", "host"], "host hands requests on to pi4"),
+    (["--device", "pi4", "--next", "127.0.0.1:1"], "runs the last stage"),
+    (["--device", "pi4", "--listen", "nowhere"], "--listen 'nowhere' is not HOST:PORT"),
+])
+def test_bad_serve_arguments_are_one_line_errors(bundle, args, message):
+    argv = ["serve", str(bundle), *args]
+    if "--listen" not in args:
+        argv += ["--listen", "127.0.0.1:0"]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_source_is_a_clear_error():
+    with InferenceClient("127.0.0.1:1", timeout_s=2.0) as client, \
+            pytest.raises(ServeError, match="cannot reach 127.0.0.1:1"):
+        client.info()
+
+
+def test_frames_round_trip_and_bad_fields_are_named():
+    x = np.arange(12, dtype=np.float32).reshape(1, 3, 2, 2)
+    req = decode_request(encode_request(Request("a", "input", 5.0, 1.5, x)))
+    assert (req.id, req.tensor, req.deadline_ms, req.elapsed_ms) == ("a", "input", 5.0, 1.5)
+    assert np.array_equal(req.x, x) and req.x.dtype == np.float32
+    hop = Hop("host", 0.0, 1.0, 0.0, 1.5)
+    reply = Reply("a", 2, "exit_1", "deadline", True, None, (hop,), "exit_1", np.eye(1, 4, 2, dtype=np.float32))
+    assert decode_reply(encode_reply(reply)).hops == (hop,)
+    frame = encode_request(Request("a", "input", None, 0.0, x))
+    with pytest.raises(WireError, match="bad magic"):
+        decode_request(b"XXXX" + frame[4:])
+    with pytest.raises(WireError, match="tensor has 44 bytes"):
+        decode_request(frame[:-4])
+    with pytest.raises(WireError, match="expected a reply header"):
+        decode_reply(frame)
+    for field, value, message in [("elapsed_ms", -1.0, "elapsed_ms is -1.0"), ("id", "", "field id"),
+                                  ("deadline_ms", "soon", "deadline_ms is 'soon'")]:
+        with pytest.raises(WireError, match=message):
+            decode_request(_with(frame, field, value))
+    with pytest.raises(WireError, match="dtype is 'object'"):
+        decode_request(_with(frame, "dtype", "object"))
+
+
+def _with(frame: bytes, field: str, value) -> bytes:
+    """The frame with one header field replaced (tensor bytes kept)."""
+    import json
+    import struct
+
+    (size,) = struct.unpack("<I", frame[4:8])
+    head = json.loads(frame[8:8 + size])
+    head[field] = value
+    raw = json.dumps(head).encode()
+    return frame[:4] + struct.pack("<I", len(raw)) + raw + frame[8 + size:]

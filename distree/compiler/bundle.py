@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import onnx
@@ -18,7 +18,7 @@ from distree.compiler.manifest import (
 )
 from distree.compiler.segments import SegmentSpec, plan_segments, segment_model
 from distree.compiler.tvm_build import compile_segment
-from distree.targets.toolchain import cross_compiler, host_runnable
+from distree.targets.toolchain import cross_compiler, host_runnable, tvm_target
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph import Chain
@@ -35,12 +35,14 @@ Log = Callable[[str], None]
 def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Topology, calibration: Calibration,
                  out_dir: str | Path, backend: str = "auto", tune_minutes: float = 0, *,
                  tuning_db: Optional[Path] = None, threads: int = 1, require_aot_cuda: bool = False,
-                 log: Log = lambda msg: None) -> Path:
+                 rpc: Optional[Mapping[str, str]] = None, log: Log = lambda msg: None) -> Path:
     """Compile every stage of ``plan`` into ``out_dir`` (replaced atomically) and return it.
 
     ``backend``: ``tvm`` ships TVM everywhere, ``ort`` ONNX Runtime everywhere, ``auto`` TVM where its
     latency on this host (the proxy for the target) is at most ONNX Runtime's. ``tune_minutes`` > 0 tunes
-    the host-target segments with MetaSchedule first (records in ``tuning_db``, reused across runs).
+    each device's segments with MetaSchedule first, for up to that many minutes per device (records in
+    ``tuning_db``, reused across runs): see :func:`tuning_sites` for where each device is measured
+    (``rpc``: device name -> ``host:port`` of its TVM RPC server).
     """
     if backend not in BACKENDS:
         raise DistreeError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -50,14 +52,16 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
         for dev in devices.values():
             cross_compiler(dev)                 # fail before any work when a cross compiler is missing
     host = get_device("host")
-    if tune_minutes > 0:
-        local = [s for s in specs if host_runnable(devices[s.device])]
-        remote = sorted({s.device for s in specs} - {s.device for s in local})
-        if remote:
-            log(f"not tuning {', '.join(remote)}: tuning runs on this machine only (MetaSchedule over RPC is not "
-                "supported yet); their TVM code stays untuned")
-        if local:
-            tuning_db = _tune(model, chain, local, host, tune_minutes, tuning_db, log)
+    tuning_notes: tuple[str, ...] = ()
+    if tune_minutes > 0 and backend == "ort":
+        log("not tuning: --backend ort ships no TVM code")
+    elif tune_minutes > 0:
+        sites, tuning_notes = tuning_sites(list(devices.values()), rpc or {})
+        for note in tuning_notes:
+            log(f"not tuning {note}")
+        for dev, address in sites:
+            tuning_db = _tune(model, chain, [s for s in specs if s.device == dev.name], dev, address, tune_minutes,
+                              tuning_db, log)
     set_tvm_threads(threads)
     out = Path(out_dir)
     with atomic_directory(out) as tmp, tempfile.TemporaryDirectory(prefix="distree-proxy-") as proxy_dir:
@@ -83,7 +87,7 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
             score_kind=plan.score_kind, backend_mode=backend,
             ratio_measured_on=f"host proxy: {host.description}, {threads} thread(s)",
             source=plan.source, input=TensorSpec(chain.input_name, tuple(chain.input_shape), chain.input_dtype),
-            plan=plan, stages=stages, files=files, notes=_notes(stages, backend))
+            plan=plan, stages=stages, files=files, notes=tuning_notes + _notes(stages, backend))
         manifest.save(tmp / MANIFEST)
     log(f"bundle written: {out}")
     return out
@@ -98,16 +102,44 @@ def _device(topology: Topology, name: str) -> DeviceSpec:
                            f"({', '.join(d.name for d in topology.devices)}); re-plan for this topology") from None
 
 
-def _tune(model: onnx.ModelProto, chain: Chain, specs: tuple[SegmentSpec, ...], host: DeviceSpec,
+def tuning_sites(devices: list[DeviceSpec], rpc: Mapping[str, str]
+                 ) -> tuple[list[tuple[DeviceSpec, Optional[str]]], tuple[str, ...]]:
+    """Where each device's candidates are timed: ``(device, None)`` here, ``(device, "host:port")`` on
+    its TVM RPC server; and one note per device that is not tuned (CUDA: distree does not tune GPUs).
+
+    A CPU device of another architecture without an RPC address is a user error, raised before any work:
+    tuning it here would time the wrong CPU, and shipping it untuned while tuning was asked is easy to
+    miss. Devices named in ``rpc`` are tuned there even when this machine could run their code.
+    """
+    sites, notes = [], []
+    for dev in devices:
+        if dev.target.get("kind") != "llvm":
+            notes.append(f"{dev.name}: its {dev.target.get('kind')} kernels ship untuned (TVM's default GPU "
+                         "schedules): tuning them means MetaSchedule timing candidates on the GPU, which distree "
+                         "does not do")
+        elif dev.name in rpc:
+            sites.append((dev, rpc[dev.name]))
+        elif host_runnable(dev):
+            sites.append((dev, None))
+        else:
+            raise DistreeError(f"--tune-minutes: {dev.name} is tuned on the device over TVM RPC; start its server "
+                               "there (python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090) and pass "
+                               f"--rpc {dev.name}=HOST:9090, or leave --tune-minutes at 0")
+    return sites, tuple(notes)
+
+
+def _tune(model: onnx.ModelProto, chain: Chain, specs: list[SegmentSpec], dev: DeviceSpec, rpc: Optional[str],
           minutes: float, tuning_db: Optional[Path], log: Log) -> Path:
-    """MetaSchedule on this machine for the host target, over the segments that run here."""
+    """MetaSchedule for one device over its segments: timed here (``rpc`` None) or on its RPC server."""
     from distree.compiler.tuning import tune
 
     db = Path(tuning_db or Path(".distree-cache") / "tuning")
     models = [segment_model(model, chain, s) for s in specs]
-    log(f"tuning {len(models)} segment(s) for {host.name} for {minutes:g} min (records: {db})")
-    result = tune(models, host.target, minutes, db)
-    log(f"tuning: {result.trials} trials in {result.wall_s:.0f} s ({result.stopped})")
+    where = "on this machine" if rpc is None else f"on rpc://{rpc}"
+    log(f"tuning {len(models)} segment(s) of {dev.name} {where} for {minutes:g} min (records: {db})")
+    result = tune(models, tvm_target(dev), minutes, db, rpc=rpc, cc=cross_compiler(dev))
+    log(f"tuning {dev.name}: {result.trials} trials in {result.wall_s:.0f} s ({result.stopped}; "
+        f"{sum(t.earlier for t in result.tasks)} earlier records reused)")
     return db
 
 
@@ -144,11 +176,14 @@ def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev:
         chosen = "tvm"
     else:
         # the proxy gets the artifact's tuning state: host records must not make untuned device code look fast
-        proxy = root / so_rel if host_runnable(dev) else compile_segment(
-            seg, host, proxy_dir / f"{dev.name}_{spec.stem}.so", tuning_db if build.tuned else None).path
-        tvm_ms = median_ms(tvm_runner(proxy), probe)
+        proxy = build if host_runnable(dev) else compile_segment(
+            seg, host, proxy_dir / f"{dev.name}_{spec.stem}.so", tuning_db if build.tuned else None)
+        tvm_ms = median_ms(tvm_runner(proxy.path), probe)
         ratio = tvm_ms / ort_ms
         chosen, reason = _choose(backend, ratio)
+        if build.tuned and not proxy.tuned:
+            reason += (f" (the proxy is untuned: the records of {dev.name} are for its CPU, and this host has "
+                       "none; tune host too for a like-for-like ratio)")
     return SegmentArtifact(file=str(so_rel if chosen == "tvm" else onnx_rel), backend=chosen,
                            backend_reason=reason, tvm_ms=tvm_ms, ort_ms=ort_ms, ratio=ratio,
                            tvm_file=str(so_rel), tuned=build.tuned, cuda=build.cuda, **common)

@@ -69,9 +69,11 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
               type=click.Choice(["max_softmax", "entropy", "stability"]), help="Exit score.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "tvm", "ort"]),
               help="auto: TVM where it beats ONNX Runtime on this host (proxy), else ONNX Runtime.")
-@click.option("--tune-minutes", default=0.0, show_default=True, type=float, help="MetaSchedule budget (host targets).")
+@click.option("--tune-minutes", default=0.0, show_default=True, type=float,
+              help="MetaSchedule budget per device: host here, other CPUs on the device (needs --rpc); CUDA is not tuned.")
 @click.option("--time-limit", default=60.0, show_default=True, type=float, help="Solver time limit (s).")
-@click.option("--rpc", multiple=True, help="Profile a device over TVM RPC: device=host:port (repeatable).")
+@click.option("--rpc", multiple=True,
+              help="A device's TVM RPC server, device=host:port (repeatable): profiled there, and tuned there with --tune-minutes.")
 @click.option("--input-shape", multiple=True, help="Fix an input's shape: name=1,1,28,28.")
 @click.option("--threads", default=1, show_default=True, type=int, help="Threads for host measurements.")
 @click.option("--require-aot-cuda", is_flag=True, help="Fail instead of shipping CUDA source when nvcc is missing.")

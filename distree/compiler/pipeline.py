@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import onnx
 
-from distree.compiler.bundle import build_bundle
+from distree.compiler.bundle import build_bundle, tuning_sites
 from distree.compiler.manifest import Manifest, read_manifest, sha256_file
 from distree.targets.toolchain import cross_compiler
 from distree.errors import DistreeError
@@ -69,6 +69,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     if options.backend != "ort":
         for dev in topology.devices:
             cross_compiler(dev)                # so does a missing cross compiler
+        if options.tune_minutes > 0:
+            tuning_sites(list(topology.devices), options.rpc)   # and a remote CPU to tune without --rpc
     model_path, data_path = Path(model_path), Path(data_path)
     if not model_path.is_file():
         raise DistreeError(f"{model_path}: no such file; give the ONNX classifier to compile")
@@ -98,7 +100,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     bundle = cache.timed("build", lambda: build_bundle(
         model, chain, plan, topology, calibration, out_dir, backend=options.backend,
         tune_minutes=options.tune_minutes, tuning_db=cache.root / "tuning", threads=options.threads,
-        require_aot_cuda=options.require_aot_cuda, log=log))
+        require_aot_cuda=options.require_aot_cuda, rpc=options.rpc, log=log))
     return CompileResult(bundle=bundle, plan=plan, manifest=read_manifest(bundle), stage_seconds=cache.seconds,
                          cached=tuple(cache.hits), wall_s=time.perf_counter() - started,
                          devices=tuple(d.name for d in topology.devices))

@@ -15,6 +15,13 @@ the structure of each fused TIR function's anchor block (MetaSchedule's "anchor-
 of conv+add+relu and of conv+add+add+relu is one task, its schedule applied to both), so a second run
 extends the same records and a database tuned on a whole model applies to every segment cut from it.
 The database files are replaced atomically at the end of a run; a killed run leaves the old ones.
+
+Where candidates run: on this machine for targets of its architecture; for a remote CPU (a Raspberry Pi)
+they are built here, linked with the target's cross compiler, and timed on the device's TVM RPC server
+(:class:`_RpcRunner`: one direct ``host:port`` session, the same connection ``distree profile --rpc``
+uses; MetaSchedule's stock RPCRunner needs a tracker that the device's server would have to register
+with, and starts a session per candidate in worker processes). CUDA targets are not tuned: that needs
+MetaSchedule measuring on the GPU, which distree has no path (and no GPU here) for.
 """
 
 from __future__ import annotations
@@ -26,15 +33,16 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import onnx
 import tvm
 from tvm import relax
@@ -42,7 +50,7 @@ from tvm.ir.utils import derived_object
 from tvm.relax import pipeline as relax_pipeline
 from tvm.s_tir import meta_schedule as ms
 
-from distree.targets.toolchain import import_onnx
+from distree.targets.toolchain import host_arch, import_onnx
 from distree.errors import DistreeError
 
 _log = logging.getLogger(__name__)
@@ -68,6 +76,7 @@ class TaskReport:
     weight: int                    # how many times the model calls it
     flops: float                   # per call
     trials: int                    # measured in this run
+    earlier: int                   # records the database held before this run (reused, not re-measured)
     best_us: float | None          # best time per call in the database after the run (None: no record)
 
 
@@ -79,6 +88,7 @@ class TuningResult:
     trials: int
     wall_s: float
     stopped: str                   # "deadline", "max_trials" or "exhausted" (no task has candidates left)
+    measured_on: str = "local"     # "local" (this machine) or "rpc://host:port"
     tasks: tuple[TaskReport, ...] = field(default=())
 
 
@@ -240,8 +250,10 @@ class _BudgetScheduler(ms.task_scheduler.PyTaskScheduler):
     """Round-robin first round (largest estimated cost first), then trials in proportion to each task's
     share of latency; stops when the next round would not finish before the deadline."""
 
-    def __init__(self, stats: list[_TaskStats], names: list[str], deadline: float, max_trials: int | None) -> None:
+    def __init__(self, stats: list[_TaskStats], names: list[str], deadline: float, max_trials: int | None,
+                 halted: Callable[[], str | None] = lambda: None) -> None:
         super().__init__()
+        self.halted = halted          # a reason to stop now (the device stopped answering), else None
         self.stats = stats
         self.names = names
         self.deadline = deadline
@@ -263,7 +275,10 @@ class _BudgetScheduler(ms.task_scheduler.PyTaskScheduler):
         live = [i for i, record in enumerate(outer.tasks_) if not record.is_terminated]
         if not live:
             return -1
-        if now + self.round_s > self.deadline:
+        if (reason := self.halted()) is not None:
+            self.stopped = reason
+            return -1
+        if self.rounds and now + self.round_s > self.deadline:      # the first round always runs
             self.stopped = "deadline"
             return -1
         if self.max_trials is not None and sum(s.trials for s in self.stats) >= self.max_trials:
@@ -300,6 +315,21 @@ def _lean_build_function():
     return build
 
 
+def _cross_export_function(cc: str):
+    """Export a built candidate as a shared library linked by ``cc`` (the device loads it as is; the
+    default export is a .tar that the machine running it must link). A closure, shipped by value."""
+
+    def export(rt_mod) -> str:
+        import os
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(prefix="distree-candidate-"), "candidate.so")
+        rt_mod.export_library(path, cc=cc)
+        return path
+
+    return export
+
+
 @derived_object
 class _PooledBuilder(ms.builder.PyBuilder):
     """MetaSchedule's LocalBuilder with one worker pool for the whole run.
@@ -309,11 +339,12 @@ class _PooledBuilder(ms.builder.PyBuilder):
     ``_BUILDS_PER_WORKER`` builds instead.
     """
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, f_export: Callable[[Any], str] | None = None) -> None:
         from tvm.support.popen_pool import PopenPoolExecutor
 
         self.timeout_s = timeout_s
         self.f_build = _lean_build_function()
+        self.f_export = f_export      # None: MetaSchedule's default (a .tar that this machine links)
         self.pool = PopenPoolExecutor(max_workers=os.cpu_count() or 1, timeout=timeout_s,
                                       maximum_process_uses=_BUILDS_PER_WORKER)
 
@@ -321,7 +352,7 @@ class _PooledBuilder(ms.builder.PyBuilder):
         from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func
         from tvm.support.popen_pool import StatusKind
 
-        jobs = [(self.f_build, None, x.mod, x.target, None) for x in build_inputs]
+        jobs = [(self.f_build, self.f_export, x.mod, x.target, None) for x in build_inputs]
         results = []
         for done in self.pool.map_with_error_catching(lambda job: _worker_func(*job), jobs):
             if done.status == StatusKind.COMPLETE:
@@ -334,6 +365,107 @@ class _PooledBuilder(ms.builder.PyBuilder):
 
     def shutdown(self) -> None:
         self.pool.shutdown()
+
+
+@derived_object
+class _DoneFuture(ms.runner.PyRunnerFuture):
+    """A measurement that already finished (the RPC runner measures synchronously)."""
+
+    def __init__(self, run_secs: list[float] | None, error: str | None) -> None:
+        super().__init__()
+        self.run_secs, self.error = run_secs, error
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> ms.runner.RunnerResult:
+        return ms.runner.RunnerResult(self.run_secs, self.error)
+
+
+@derived_object
+class _RpcRunner(ms.runner.PyRunner):
+    """Times candidates on a device's TVM RPC server at ``host:port``, one candidate after another.
+
+    One session serves the whole run (servers serve one session at a time; a new one per candidate
+    costs a handshake each). The device runs one TVM thread, as the local runner does. A candidate that
+    fails is an error result for it alone; when the session breaks, one reconnect is tried (a forking
+    ``tvm.exec.rpc_server`` survives a crashing candidate), and if that fails, or a measurement outlasts
+    ``timeout_s``, the device is marked lost: the rest get errors and the scheduler stops (:meth:`lost`).
+    """
+
+    def __init__(self, address: str, evaluator: ms.runner.EvaluatorConfig, timeout_s: float) -> None:
+        super().__init__()
+        self.address, self.evaluator, self.timeout_s = address, evaluator, timeout_s
+        self.session = None
+        self.lost_reason: str | None = None
+        self.rng = np.random.default_rng(0)
+
+    def lost(self) -> str | None:
+        return self.lost_reason
+
+    def run(self, runner_inputs) -> list:
+        return [_DoneFuture(*self._measure_with_timeout(x)) for x in runner_inputs]
+
+    def _measure_with_timeout(self, runner_input) -> tuple[list[float] | None, str | None]:
+        if self.lost_reason is not None:
+            return None, self.lost_reason
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["secs"] = self._measure(runner_input)
+            except Exception as exc:  # noqa: BLE001 - TVM raises TVMError/RuntimeError from the remote
+                outcome["error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"
+
+        worker = threading.Thread(target=work, daemon=True, name=f"tuning-rpc-{self.address}")
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            self.lost_reason = f"device lost: rpc://{self.address} did not finish a measurement in {self.timeout_s:g} s"
+            return None, self.lost_reason
+        if "secs" in outcome:
+            return outcome["secs"], None
+        self.close()
+        try:
+            self.connect()
+        except DistreeError as exc:
+            self.lost_reason = f"device lost: {exc}"
+        return None, outcome["error"]
+
+    def connect(self):
+        """The session, opened if needed (a DistreeError naming the address when the device is unreachable)."""
+        if self.session is None:
+            from distree.profiler.rpc import connect
+
+            session = connect(self.address)
+            session.get_function("runtime.config_threadpool")(1, 1)
+            self.session = session
+        return self.session
+
+    def close(self) -> None:
+        """Let the session go: the server then takes the next client (a profiler, a run)."""
+        self.session = None
+        import gc
+
+        gc.collect()  # closes the socket, so the server takes the next session
+
+    def _measure(self, runner_input) -> list[float]:
+        from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+
+        session = self.connect()
+        name = f"candidate_{self.rng.integers(1 << 62):x}.so"
+        session.upload(runner_input.artifact_path, name)
+        module = session.load_module(name)
+        device = session.device(runner_input.device_type, 0)
+        args = []
+        for info in runner_input.args_info:
+            kind, dtype, shape = info.as_json()
+            if kind != "TENSOR":
+                raise DistreeError(f"cannot make an argument of kind {kind} for a remote measurement")
+            args.append(tvm.runtime.tensor(self.rng.standard_normal(shape).astype(dtype), device=device))
+        secs = run_evaluator_common(module, device, self.evaluator, [args])
+        session.remove(name)  # after a failure the session is replaced, and the server drops its files
+        return secs
 
 
 def _import_tensor_intrin_quickly() -> None:
@@ -372,6 +504,16 @@ def _single_thread_runtime() -> None:
     os.environ["TVM_NUM_THREADS"] = "1"
 
 
+def _quiet_meta_schedule_logger() -> None:
+    """Warnings only (its console log is per trial), and no unnamed handlers: MetaSchedule's logging setup
+    lists its logger's handlers by name and fails on one without (pytest's capture handlers land there
+    after a first run in the same process)."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    logger.setLevel(logging.WARNING)
+    for handler in [h for h in logger.handlers if h.get_name() is None]:
+        logger.removeHandler(handler)
+
+
 def _earlier_records(database: ms.database.Database, task: ms.ExtractedTask) -> tuple[int, float]:
     """(number of records, best time per call in s) the database already holds for ``task``."""
     mod = task.dispatched[0]
@@ -396,13 +538,19 @@ def tune(
     seed: int = 0,
     trials_per_round: int = _TRIALS_PER_ROUND,
     max_trials: int | None = None,
+    rpc: str | None = None,
+    cc: str | None = None,
 ) -> TuningResult:
-    """Tune the fused functions of ``onnx_segments`` for ``target`` on this machine for at most
-    ``minutes`` of wall-clock time, adding the records to ``db_dir`` (existing records are reused).
+    """Tune the fused functions of ``onnx_segments`` for ``target`` for at most ``minutes`` of wall-clock
+    time, adding the records to ``db_dir`` (existing records are reused).
 
+    Candidates are built here. Without ``rpc`` they are timed here (targets of this machine's
+    architecture only); with ``rpc`` (``host:port`` of the device's TVM RPC server) they are linked by
+    ``cc`` (the target's cross compiler; None for this architecture) and timed on the device.
     A round measures ``trials_per_round`` candidates of one task; the first round always runs, later
     ones only if they are predicted to end before the deadline, and none once ``max_trials`` (if
-    given) have been measured. Host targets only: the candidates are built and timed here.
+    given) have been measured. A device that stops answering ends the run: the records measured so far
+    are kept and a DistreeError says so.
     """
     started = time.monotonic()
     if not minutes > 0:
@@ -411,20 +559,18 @@ def tune(
     if not models:
         raise DistreeError("nothing to tune: give at least one ONNX model")
     t = as_target(target)
-    if t.kind.name != "llvm":
-        raise DistreeError(f"tuning runs on this machine and supports llvm (CPU) targets only, not {t.kind.name}")
-    triple = str(t.attrs.get("mtriple", "") or "")
-    if triple and triple.split("-")[0] != platform.machine():
-        raise DistreeError(f"tuning measures on this {platform.machine()} machine; target {triple} needs tuning "
-                           "over RPC on the device, which distree does not do yet: leave --tune-minutes at 0")
+    _check_where_measured(t, rpc, cc)
     deadline = started + minutes * 60.0
+    evaluator = ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20)
+    remote = _RpcRunner(rpc, evaluator, _RUN_TIMEOUT_S) if rpc is not None else None
+    if remote is not None:
+        remote.connect()                       # an unreachable device fails here, before any work
     final_dir = records_dir(db_dir, t)
-    final_dir.mkdir(parents=True, exist_ok=True)
     # Layout-only functions (reshape, no arithmetic) have nothing to gain and would each cost a round.
     tasks = [x for x in extract_tasks((import_onnx(m) for m in models), t) if _flops(x) > 0]
     if not tasks:
         raise DistreeError("the model has no TVM functions with arithmetic to tune")
-
+    final_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".tuning.", dir=final_dir.parent))
     builder = None
     try:
@@ -437,9 +583,10 @@ def tune(
             earlier, best_s = _earlier_records(database, x)
             stats.append(_TaskStats(weight=int(x.weight), flops=_flops(x), earlier=earlier, best_s=best_s))
         _import_tensor_intrin_quickly()
-        builder = _PooledBuilder(_BUILD_TIMEOUT_S)
-        scheduler = _BudgetScheduler(stats, [x.task_name for x in tasks], deadline, max_trials)
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # its console log is per trial
+        builder = _PooledBuilder(_BUILD_TIMEOUT_S, _cross_export_function(cc) if cc else None)
+        scheduler = _BudgetScheduler(stats, [x.task_name for x in tasks], deadline, max_trials,
+                                     remote.lost if remote is not None else lambda: None)
+        _quiet_meta_schedule_logger()
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks,
             work_dir=str(scratch / "logs"),
@@ -455,18 +602,15 @@ def tune(
             max_trials_global=1 << 30,
             num_trials_per_iter=trials_per_round,
             builder=builder,
-            runner=ms.runner.LocalRunner(
-                timeout_sec=_RUN_TIMEOUT_S,
-                evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20),
-                initializer=_single_thread_runtime,
-            ),
+            runner=remote or ms.runner.LocalRunner(timeout_sec=_RUN_TIMEOUT_S, evaluator_config=evaluator,
+                                                   initializer=_single_thread_runtime),
             database=database,
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _StatsCallback(stats)],
             task_scheduler=scheduler,
             module_equality=_MODULE_EQUALITY,
         )
         reports = tuple(
-            TaskReport(name=x.task_name, weight=s.weight, flops=s.flops, trials=s.trials,
+            TaskReport(name=x.task_name, weight=s.weight, flops=s.flops, trials=s.trials, earlier=s.earlier,
                        best_us=None if not math.isfinite(b := _earlier_records(database, x)[1]) else b * 1e6)
             for x, s in zip(tasks, stats)
         )
@@ -476,11 +620,32 @@ def tune(
     finally:
         if builder is not None:
             builder.shutdown()
+        if remote is not None:
+            remote.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    return TuningResult(
+    result = TuningResult(
         db_dir=Path(db_dir),
         trials=sum(s.trials for s in stats),
         wall_s=time.monotonic() - started,
         stopped=scheduler.stopped,
+        measured_on="local" if rpc is None else f"rpc://{rpc}",
         tasks=reports,
     )
+    if result.stopped.startswith("device lost"):
+        raise DistreeError(f"tuning for {target_key(t)} stopped: {result.stopped}; the {result.trials} trials "
+                           f"measured before were kept in {final_dir}; restart the device's RPC server and rerun")
+    return result
+
+
+def _check_where_measured(target: tvm.target.Target, rpc: str | None, cc: str | None) -> None:
+    """Refuse what cannot be measured: CUDA, or another architecture without its RPC server."""
+    if target.kind.name != "llvm":
+        raise DistreeError(f"tuning supports llvm (CPU) targets only, not {target.kind.name}: tuning CUDA "
+                           "means measuring candidates on the GPU, which distree does not do")
+    here = host_arch()
+    arch = str(target.attrs.get("mtriple", "") or here).split("-")[0].replace("arm64", "aarch64")
+    if rpc is None and arch != here:
+        raise DistreeError(f"target {arch} is not this {here} machine: its candidates must be timed on the device "
+                           "over TVM RPC; pass the address of its RPC server (distree compile --rpc DEVICE=HOST:PORT)")
+    if rpc is not None and arch != here and cc is None:
+        raise DistreeError(f"tuning for {arch} over RPC needs its cross compiler (cc) to link the candidates")

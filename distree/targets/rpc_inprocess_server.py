@@ -53,7 +53,7 @@ def serve(host: str, port: int, key: str = "") -> None:
             if accepted:
                 work = utils.tempdir()
                 server._server_env("", work)
-                _ffi_api.ServerLoop(conn.fileno())
+                _ffi_api.ServerLoop(conn.detach())  # the loop closes the socket when the session ends
                 work.remove()
         finally:
             conn.close()

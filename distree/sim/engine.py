@@ -154,22 +154,12 @@ def run(routes: Routes, load: Load, n_requests: int, seed: int = 0, jitter: bool
     shift = [0.0] * n_requests
     arrive = [0.0] * n_requests
     done = [0.0] * n_requests
-    heap: list[tuple[float, int, int, int]] = []
-    seq = 0
-    if load.rate is not None:
-        gaps = rng.exponential(1000.0 / load.rate, n_requests)
-        arrive = np.cumsum(gaps).tolist()
-        for r in range(n_requests):
-            heap.append((arrive[r], r, r, 0))
-        seq = n_requests
-        heapq.heapify(heap)
-        issued = n_requests
-    else:
-        issued = min(load.clients, n_requests)
-        for r in range(issued):
-            heap.append((0.0, r, r, 0))
-        seq = issued
-        heapq.heapify(heap)
+    if load.rate is not None:       # the same seed scales the same draws: runs at two rates are comparable
+        arrive = np.cumsum(rng.exponential(1000.0 / load.rate, n_requests)).tolist()
+    first = n_requests if load.rate is not None else min(load.clients, n_requests)
+    heap = [(arrive[r], r, r, 0) for r in range(first)]     # (time, tie-break, request, step)
+    heapq.heapify(heap)
+    seq = issued = first
     while heap:
         t, _, r, k = heapq.heappop(heap)
         steps = routes.steps[samples[r]]

@@ -35,7 +35,7 @@ def print_report(report: SimReport, console: Console | None = None) -> None:
     for c in report.configurations:
         for pt in c.points:
             dev = max(report.devices, key=lambda d: pt.utilisation.get(d, 0.0))
-            rho = "" if pt.rate_rps is None else f"{pt.utilisation_of_bottleneck:.2f}"
+            rho = "" if pt.offered_load is None else f"{pt.offered_load:.2f}"
             load.add_row(c.name, pt.label, rho, f"{pt.mean_ms:.3f}", f"{pt.p50_ms:.3f}", f"{pt.p90_ms:.3f}",
                          f"{pt.p99_ms:.3f}", f"{pt.mean_wait_ms:.3f}", f"{pt.throughput_rps:.1f}",
                          f"{dev} {pt.utilisation.get(dev, 0.0):.0%}")

@@ -26,7 +26,7 @@ class LoadPoint(JsonRecord):
     rate_rps: Optional[float]       # Poisson arrival rate (None: closed loop)
     clients: Optional[int]          # closed-loop requesters (None: open loop)
     requests: int
-    utilisation_of_bottleneck: float    # offered load / capacity (open loop); >= 1: the queue grows without bound
+    offered_load: Optional[float]   # rate / capacity (open loop only); >= 1: the queue grows without bound
     mean_ms: float
     p50_ms: float
     p90_ms: float
@@ -134,9 +134,9 @@ def _simulate_one(config: Configuration, prep: _Prepared, loads: Sequence[Load],
     points = []
     for load in loads:
         s = summarize(routes, run(routes, load, n, seed=seed, jitter=jitter))
-        offered = load.rate / prep.saturation_rps if load.rate is not None else float("nan")
+        offered = load.rate / prep.saturation_rps if load.rate is not None else None
         points.append(LoadPoint(label=load.label, rate_rps=load.rate, clients=load.clients, requests=n,
-                                utilisation_of_bottleneck=offered, mean_ms=s.mean_ms, p50_ms=s.p50_ms,
+                                offered_load=offered, mean_ms=s.mean_ms, p50_ms=s.p50_ms,
                                 p90_ms=s.p90_ms, p99_ms=s.p99_ms, mean_wait_ms=s.mean_wait_ms,
                                 throughput_rps=s.throughput_rps, utilisation=s.utilisation))
     names = [*prep.instance.exit_names, FINAL]

@@ -95,6 +95,9 @@ def simulate(plan: Plan, inputs: Inputs, loads: Optional[Sequence[Load]] = None,
         problem, index = selection_problem(inputs, plan, free_order=not in_pipeline_order(plan, inputs.topology))
         extra, notes = baseline_configurations(problem, index, inputs.calibration)
         configs += extra
+    if plan.source and plan.source != inputs.topology.source_device:
+        notes = [*notes, f"the plan was solved with requests arriving at {plan.source}; here they arrive at "
+                         f"{inputs.topology.source_device} (the topology's source)"]
     prepared = [_prepare(c, inputs) for c in configs]
     if loads is None:
         capacity = prepared[0].saturation_rps

@@ -15,6 +15,7 @@ from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
 from distree.solver.bnb import branch_and_bound
 from distree.solver.costs import evaluate, relaxed_lower_bound
+from distree.solver.heuristic import iterated_local_search, local_search
 from distree.solver.milp import solve_milp
 from distree.solver.problem import clopper_pearson_lower, required_correct
 from distree.solver.synthetic import synthetic_case
@@ -106,6 +107,26 @@ def test_random_instances_match_brute_force_and_replay():
     assert stats["feasible"] >= 150 and stats["infeasible"] >= 5, stats
     assert stats["memory_binds"] >= 15 and stats["exits_used"] >= 60 and stats["multi_stage"] >= 30, stats
     assert stats["bnb_exact"] >= 50, stats
+
+
+@pytest.mark.slow
+def test_kicks_escape_where_single_exit_moves_get_stuck():
+    """Where plain local search stops above the brute-force optimum, the iterated local search reaches it."""
+    stuck = reached = 0
+    for seed in range(150):
+        case, c = _random_instance(seed)
+        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        descent = local_search(problem) if problem.n_exits >= 3 else None
+        ref = brute_force(problem) if descent is not None else None
+        if ref is None or descent.expected_ms <= ref.expected_ms * (1 + 1e-9):
+            continue
+        stuck += 1
+        kicked = iterated_local_search(problem, descent, time_limit_s=10)
+        assert kicked.feasible and kicked.expected_ms <= descent.expected_ms
+        assert evaluate(problem, kicked.levels, kicked.placement).expected_ms == pytest.approx(kicked.expected_ms)
+        reached += kicked.expected_ms <= ref.expected_ms * (1 + 1e-9)
+    assert stuck >= 5, "the generator no longer produces instances where single moves get stuck"
+    assert reached == stuck, (reached, stuck)
 
 
 def test_shared_exit_positions_and_no_exits():

@@ -15,7 +15,7 @@ from distree.graph.chain import Chain
 from distree.profiler.types import Profile
 from distree.solver.bnb import OPTIMALITY_TOLERANCE, branch_and_bound
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
-from distree.solver.heuristic import local_search, no_exit_plan
+from distree.solver.heuristic import iterated_local_search, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.plan import ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, clopper_pearson_lower
@@ -25,6 +25,8 @@ from distree.targets.spec import Topology
 # HiGHS's first incumbent; 6e-5 s/row (an idle-machine figure) let solves overrun --time-limit by 40%
 BUILD_S_PER_ROW = 2e-4
 HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start local search
+PROBE_SHARE = 0.1              # of the time then left: a first branch and bound that proves small problems
+KICKS_UNTIL = 0.3              # share of the time limit by which the iterated local search stops kicking
 BNB_SHARE = 0.5                # of the time then left, at most, for the branch and bound (the MILP gets the rest)
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
@@ -38,18 +40,27 @@ def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: To
 
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
                   constraints: Constraints) -> Plan:
-    """Local search (warm start) -> branch and bound (exact when it finishes) -> MILP with what time is left.
+    """Local search -> short branch and bound -> kicks -> branch and bound -> MILP with the time left.
 
     Every stage runs against one deadline, t0 + time_limit_s; building and loading the MILP count too.
+    When the MILP is too big to build in time, the branch and bound gets all the time left.
     """
     t0 = time.perf_counter()
     deadline = t0 + constraints.time_limit_s
     warm = local_search(p, time_limit_s=HEURISTIC_SHARE * constraints.time_limit_s)
-    tree = branch_and_bound(p, warm, BNB_SHARE * max(0.0, deadline - time.perf_counter()))
+    rows = estimated_rows(p)
+    tree = branch_and_bound(p, warm, PROBE_SHARE * max(0.0, deadline - time.perf_counter()))
+    if not tree.complete:                                 # small problems are proven by the probe
+        kicked = tree.best if tree.best is None else iterated_local_search(
+            p, tree.best, time_limit_s=t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter())
+        milp_fits = rows * BUILD_S_PER_ROW <= 0.5 * (1 - BNB_SHARE) * (deadline - time.perf_counter())
+        share = BNB_SHARE if milp_fits or constraints.dump_lp else 1.0
+        probe_bound = tree.bound                          # valid whatever incumbent the probe had
+        tree = branch_and_bound(p, kicked, share * max(0.0, deadline - time.perf_counter()))
+        tree = dataclasses.replace(tree, bound=max(tree.bound, probe_bound))
     best = tree.best
     start = (best.levels, best.placement) if best is not None else None
     budget = deadline - time.perf_counter()
-    rows = estimated_rows(p)
     if tree.complete and not constraints.dump_lp:
         if best is None:
             raise DistreeError(explain_infeasible(p, index, constraints))

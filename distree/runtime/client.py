@@ -38,6 +38,7 @@ class InferenceClient:
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._infer = self._channel.unary_unary(INFER)
         self._info = self._channel.unary_unary(INFO)
+        self._server_info: Optional[dict[str, Any]] = None
 
     def __enter__(self) -> "InferenceClient":
         return self
@@ -71,14 +72,15 @@ class InferenceClient:
         return reply
 
     def _accepts(self) -> dict[str, Any]:
-        if not hasattr(self, "_info_doc"):
-            self._info_doc = self.info()
-            doc = self._info_doc
+        """The tensor the server takes, asked once; a server of a later stage is refused."""
+        if self._server_info is None:
+            doc = self.info()
             if doc["accepts"]["name"] != doc["input"]["name"]:
                 raise ServeError(f"{self.address} serves {doc['device']} (stage {doc['stage'] + 1} of "
                                  f"{len(doc['stages'])}), which takes {doc['accepts']['name']} from the stage before; "
                                  f"send requests to the server of the source device {doc['source']}")
-        return self._info_doc["accepts"]
+            self._server_info = doc
+        return self._server_info["accepts"]
 
     def _call(self, method, frame: bytes) -> bytes:
         try:

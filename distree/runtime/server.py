@@ -13,7 +13,6 @@ gRPC without generated code: generic method handlers over bytes, framed by :mod:
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -99,15 +98,19 @@ class _StageService:
         if role.index is not None:
             set_tvm_threads(threads)
             self.executor = StageExecutor(bundle, manifest, role.index, policy, threads)
+        # one compute thread runs every request in turn: the executor is not thread-safe, and TVM's thread
+        # pool size is per calling thread, so it is set once there
+        self._compute = futures.ThreadPoolExecutor(1, thread_name_prefix="stage", initializer=set_tvm_threads,
+                                                   initargs=(threads,))
         self.transfer_in_ms = 0.0 if role.index is None else transfer_in_ms(manifest)[role.index]
         self.forwards = role.accepts if self.executor is None else self.executor.output
         self.next_address = next_address
         self.forward_timeout_s = forward_timeout_s
         self._channel = grpc.insecure_channel(next_address, options=CHANNEL_OPTIONS) if next_address else None
         self._call = self._channel.unary_unary(INFER) if self._channel else None
-        self._lock = threading.Lock()
 
     def close(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
         if self._channel is not None:
             self._channel.close()
 
@@ -152,16 +155,19 @@ class _StageService:
             hops=(hop, *down.hops), tensor=down.tensor, logits=down.logits))
 
     def _run(self, req: Request, elapsed_in: float) -> tuple[float, StageOutcome, Optional[str]]:
-        """(queue ms, outcome, failure message); one request at a time on the executor."""
+        """(queue ms, outcome, failure message), on the compute thread."""
         if self.executor is None:
             return 0.0, StageOutcome(None, req.x, False, ()), None
-        waited = time.perf_counter()
-        with self._lock:
-            queued = (time.perf_counter() - waited) * 1e3
+        submitted = time.perf_counter()
+
+        def run() -> tuple[float, StageOutcome, Optional[str]]:
+            queued = (time.perf_counter() - submitted) * 1e3
             try:
                 return queued, self.executor.run(req.x, elapsed_in, req.deadline_ms), None
             except Exception as exc:  # a backend failure: report it to the caller, keep serving
                 return queued, StageOutcome(None, None, False, ()), f"stage failed: {type(exc).__name__}: {exc}"
+
+        return self._compute.submit(run).result()
 
     def _answer_tensor(self, exit_name: str) -> str:
         if self.executor is None or exit_name != "final":

@@ -51,6 +51,10 @@ def check_compatible(now: BenchResult, baseline: BenchResult) -> list[str]:
         raise DistreeError("no segment of the baseline matches this bundle (another plan: other devices or cut "
                            "points); measure this bundle without --baseline to start one")
     warnings = []
+    if baseline.manifest_sha256 != now.manifest_sha256:
+        warnings.append(f"the baseline measured another build of this model's bundle (manifest "
+                        f"{baseline.manifest_sha256[:12]}, now {now.manifest_sha256[:12]}): segments compared by "
+                        "device and block range")
     if baseline.host != now.host:
         warnings.append(f"the baseline was measured on {baseline.host}, this is {now.host}: timings compare poorly")
     for what, a, b in (("distree", baseline.distree_version, now.distree_version),

@@ -182,7 +182,7 @@ def local_search(p: Problem, max_rounds: int = 200, time_limit_s: float = np.inf
     return cur if cur.feasible else None
 
 
-def iterated_local_search(p: Problem, start: Candidate, time_limit_s: float, stall_rounds: int = 40,
+def iterated_local_search(p: Problem, start: Candidate, time_limit_s: float, stall_rounds: int = 100,
                           seed: int = 0) -> Candidate:
     """Kick the best plan (re-draw the levels of 2-5 random exits), descend again, keep it if better.
 

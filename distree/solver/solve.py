@@ -25,8 +25,8 @@ from distree.targets.spec import Topology
 # HiGHS's first incumbent; 6e-5 s/row (an idle-machine figure) let solves overrun --time-limit by 40%
 BUILD_S_PER_ROW = 2e-4
 HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start local search
-PROBE_SHARE = 0.1              # of the time then left: a first branch and bound that proves small problems
-KICKS_UNTIL = 0.3              # share of the time limit by which the iterated local search stops kicking
+PROBE_SHARE = 0.2              # of the time then left: a first branch and bound that proves small problems
+KICKS_UNTIL = 0.5              # share of the time limit by which the iterated local search stops kicking
 BNB_SHARE = 0.5                # of the time then left, at most, for the branch and bound (the MILP gets the rest)
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 

@@ -56,13 +56,20 @@ IN_FLIGHT = 4                       # concurrent requests for the pipelined thro
 
 
 def build_bundles(work: Path) -> dict[str, Path]:
+    """Both bundles, built in a child process so that the measuring process carries no compile-time state
+    (calibration sessions and arrays measurably slowed the served runs measured from the same process)."""
+    subprocess.run([sys.executable, __file__, "--build-only", "--work", str(work)], check=True, cwd=REPO)
+    return {"compiled": work / "compiled", "split": work / "split"}
+
+
+def _build(work: Path) -> None:
     compiled = compile_model(EXAMPLE / "resnet_exits.onnx", EXAMPLE / "calib.npz", work / "compiled",
                              CompileOptions(topology=TOPOLOGY, backend="ort"), cache_dir=work / "cache")
     model = load_model(EXAMPLE / "resnet_exits.onnx")
     chain = build_chain(model)
     calibration = calibrate(model, chain, declared_exits(model, chain),
                             load_dataset(EXAMPLE / "calib.npz", chain.input_shape), score_kind=compiled.plan.score_kind)
-    return {"compiled": compiled.bundle, "split": _split_bundle(compiled.plan, model, chain, calibration, work)}
+    _split_bundle(compiled.plan, model, chain, calibration, work)
 
 
 def _split_bundle(plan, model, chain, calibration, work: Path) -> Path:
@@ -253,9 +260,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/distree-serve-loopback"))
     parser.add_argument("--netem", action="store_true", help="also run the split bundle over a netem-shaped link")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
         return echo_server()
+    if args.build_only:
+        return _build(args.work)
     load_start = os.getloadavg()
     test_path = EXAMPLE / "test.npz"
     if not test_path.is_file():

@@ -23,6 +23,8 @@ from distree.compiler.manifest import read_manifest, read_thresholds
 from distree.runtime.client import InferenceClient, ServeError, infer_dataset
 from distree.runtime.executor import FINAL, StageExecutor, run_bundle
 from distree.runtime.policy import ExitPolicy
+from distree.runtime.server import serve_stage
+from distree.solver.plan import Stage
 from distree.runtime.wire import Hop, Reply, Request, WireError, decode_reply, decode_request, encode_reply, \
     encode_request
 
@@ -171,6 +173,29 @@ def test_dead_or_stuck_next_stage_is_a_clear_error_not_a_hang(bundle):
     finally:
         host.stop()
         pi4.stop()
+
+
+def test_source_without_a_stage_relays_to_the_first_stage(tiny, tmp_path):
+    """The solver may leave the source idle (the example's plan does): it still takes requests and answers."""
+    plan, topology = cf.two_stage_plan(tiny)
+    (first, second) = plan.stages
+    whole = Stage(device="pi4", first_block=0, last_block=second.last_block, exits=first.exits, compute_ms=0.0,
+                  transfer_in_ms=1.0, memory_bytes=0, reach_rate=1.0)
+    plan = type(plan).from_dict({**plan.to_dict(), "stages": [whole.to_dict()]})
+    bundle = build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, tmp_path / "b", backend="ort")
+    data = cf.dataset(30, seed=8)
+    pi4 = serve_stage(bundle, "pi4", "127.0.0.1:0")
+    host = serve_stage(bundle, "host", "127.0.0.1:0", pi4.address)
+    try:
+        with InferenceClient(host.address) as client:
+            got = infer_dataset(client, data)
+    finally:
+        host.stop(0)
+        pi4.stop(0)
+    want = run_bundle(bundle, data)
+    assert host.description.startswith("host (source, no stage of its own")
+    assert got.predictions == want.predictions and got.exits == want.exits
+    assert [h.device for h in got.hops] == ["host", "pi4"] and got.hops[0].compute["median_ms"] == 0.0
 
 
 def test_tampered_bundle_refuses_to_start_naming_the_file(bundle, tmp_path):

@@ -96,7 +96,6 @@ class _StageService:
         self.exit_names = tuple(e.name for e in policy.table.exits)
         self.executor: Optional[StageExecutor] = None
         if role.index is not None:
-            set_tvm_threads(threads)
             self.executor = StageExecutor(bundle, manifest, role.index, policy, threads)
         # one compute thread runs every request in turn: the executor is not thread-safe, and TVM's thread
         # pool size is per calling thread, so it is set once there
@@ -201,9 +200,12 @@ class _StageService:
         except grpc.RpcError as exc:
             self._abort(context, exc.code(), self._downstream_error(exc, timeout))
         try:
-            return decode_reply(data)
+            reply = decode_reply(data)
         except WireError as exc:
             self._abort(context, grpc.StatusCode.INTERNAL, f"{self._next} sent a bad reply: {exc}")
+        if reply.id != req.id:
+            self._abort(context, grpc.StatusCode.INTERNAL, f"{self._next} answered request {reply.id}, not {req.id}")
+        return reply
 
     @property
     def _next(self) -> str:

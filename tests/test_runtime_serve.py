@@ -20,6 +20,7 @@ import compiler_fixtures as cf
 from distree.cli import cli
 from distree.compiler.bundle import build_bundle
 from distree.compiler.manifest import read_manifest, read_thresholds
+from distree.errors import DistreeError
 from distree.runtime.client import InferenceClient, ServeError, infer_dataset
 from distree.runtime.executor import FINAL, StageExecutor, run_bundle
 from distree.runtime.policy import ExitPolicy
@@ -201,7 +202,7 @@ def test_source_without_a_stage_relays_to_the_first_stage(tiny, tmp_path):
 def test_tampered_bundle_refuses_to_start_naming_the_file(bundle, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
-    victim = copy / "pi4" / "s1_seg0_b6-10.onnx"
+    victim = copy / "host" / "s0_seg1_b4-5.onnx"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -209,8 +210,22 @@ def test_tampered_bundle_refuses_to_start_naming_the_file(bundle, tmp_path):
                            "--listen", "127.0.0.1:0", "--next", "127.0.0.1:1"], cwd=REPO, capture_output=True,
                           text=True, timeout=START_TIMEOUT_S)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and "s1_seg0_b6-10.onnx: SHA-256 does not match" in proc.stderr
+    assert proc.stderr.startswith("error: ") and "s0_seg1_b4-5.onnx: SHA-256 does not match" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_device_needs_only_its_own_folder(bundle, tmp_path):
+    """As deployed (`scp -r bundle/pi4 ...`): pi4's folder and the shared files; host's folder is absent."""
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    shutil.rmtree(copy / "host")
+    server = serve_stage(copy, "pi4", "127.0.0.1:0")
+    server.stop(0)
+    (copy / "thresholds.json").write_text((copy / "thresholds.json").read_text().replace("0.", "0.0", 1))
+    with pytest.raises(DistreeError, match="thresholds.json: SHA-256 does not match"):
+        serve_stage(copy, "pi4", "127.0.0.1:0")
+    with pytest.raises(DistreeError, match=r"host/s0_seg0_b0-3.onnx: listed in the manifest but missing"):
+        serve_stage(copy, "host", "127.0.0.1:0", "127.0.0.1:1")
 
 
 @pytest.mark.parametrize("args, message", [

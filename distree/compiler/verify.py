@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -39,18 +40,22 @@ class VerifyReport(JsonRecord):
     checks: tuple[FileCheck, ...]
 
 
-def verify_bundle(path: str | Path, emulate: bool = False) -> VerifyReport:
+def verify_bundle(path: str | Path, emulate: bool = False, devices: Optional[Sequence[str]] = None) -> VerifyReport:
     """Check everything; the first problem is a DistreeError that names the file.
 
     ``emulate``: also run aarch64 CPU libraries under qemu-user and compare them with their ONNX.
+    ``devices``: only these devices' folders and the shared top-level files (what a device copied to serve
+    its stage needs; other devices' folders may be absent).
     """
     bundle = Path(path)
     manifest = read_manifest(bundle)
-    _check_files(bundle, manifest.files)
+    _check_files(bundle, manifest.files, None if devices is None else set(devices))
     table = read_thresholds(bundle)
     known = {e.name for e in table.exits}
     checks: list[FileCheck] = []
     for stage in manifest.stages:
+        if devices is not None and stage.name not in devices:
+            continue
         for seg in stage.segments:
             if seg.exit and seg.exit not in known:
                 raise DistreeError(f"{bundle / 'thresholds.json'}: has no threshold for exit {seg.exit}; "
@@ -63,8 +68,13 @@ def verify_bundle(path: str | Path, emulate: bool = False) -> VerifyReport:
                         files=len(manifest.files), checks=tuple(checks))
 
 
-def _check_files(bundle: Path, files: dict[str, str]) -> None:
+def _check_files(bundle: Path, files: dict[str, str], devices: Optional[set[str]] = None) -> None:
     present = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {MANIFEST}
+    if devices is not None:
+        def wanted(rel: str) -> bool:
+            return Path(rel).parent == Path(".") or Path(rel).parts[0] in devices
+        present = {rel for rel in present if wanted(rel)}
+        files = {rel: digest for rel, digest in files.items() if wanted(rel)}
     for rel in sorted(set(files) - present):
         raise DistreeError(f"{bundle / rel}: listed in the manifest but missing; rebuild or re-copy the bundle")
     for rel in sorted(present - set(files)):

@@ -247,7 +247,8 @@ class StageServer:
 
 def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Optional[str] = None, *,
                 threads: int = 1, forward_timeout_s: float = 10.0, workers: int = 8) -> StageServer:
-    """Verify the bundle, load ``device``'s stage and start serving it on ``listen`` (returns at once)."""
+    """Verify ``device``'s files of the bundle (other devices' folders need not be there), load its stage
+    and start serving it on ``listen`` (returns at once)."""
     bundle = Path(bundle)
     parse_address(listen, "--listen")
     if next_address is not None:
@@ -261,7 +262,7 @@ def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Opti
         raise DistreeError(f"{device} runs the last stage and answers every request itself; drop --next")
     if forward_timeout_s <= 0:
         raise DistreeError("--forward-timeout-s must be > 0")
-    verify_bundle(bundle)
+    verify_bundle(bundle, devices=(device,))
     service = _StageService(bundle, manifest, role, next_address, threads, forward_timeout_s)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                          options=[*CHANNEL_OPTIONS[:2], ("grpc.so_reuseport", 0)])

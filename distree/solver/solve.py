@@ -25,9 +25,8 @@ from distree.targets.spec import Topology
 # HiGHS's first incumbent; 6e-5 s/row (an idle-machine figure) let solves overrun --time-limit by 40%
 BUILD_S_PER_ROW = 2e-4
 HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start local search
-PROBE_SHARE = 0.2              # of the time then left: a first branch and bound that proves small problems
+PROBE_SHARE = 0.2              # of the time then left: a first branch and bound (proves small problems)
 KICKS_UNTIL = 0.5              # share of the time limit by which the iterated local search stops kicking
-BNB_SHARE = 0.5                # of the time then left, at most, for the branch and bound (the MILP gets the rest)
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 
@@ -40,23 +39,22 @@ def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: To
 
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
                   constraints: Constraints) -> Plan:
-    """Local search -> short branch and bound -> kicks -> branch and bound -> MILP with the time left.
+    """Local search -> a probing branch and bound -> the MILP with the time left, when it can be built in time;
+    else kicks (iterated local search) -> branch and bound with the time left.
 
     Every stage runs against one deadline, t0 + time_limit_s; building and loading the MILP count too.
-    When the MILP is too big to build in time, the branch and bound gets all the time left.
     """
     t0 = time.perf_counter()
     deadline = t0 + constraints.time_limit_s
     warm = local_search(p, time_limit_s=HEURISTIC_SHARE * constraints.time_limit_s)
     rows = estimated_rows(p)
     tree = branch_and_bound(p, warm, PROBE_SHARE * max(0.0, deadline - time.perf_counter()))
-    if not tree.complete:                                 # small problems are proven by the probe
+    milp_fits = rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
+    if not tree.complete and not milp_fits and not constraints.dump_lp:
         kicked = tree.best if tree.best is None else iterated_local_search(
             p, tree.best, time_limit_s=t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter())
-        milp_fits = rows * BUILD_S_PER_ROW <= 0.5 * (1 - BNB_SHARE) * (deadline - time.perf_counter())
-        share = BNB_SHARE if milp_fits or constraints.dump_lp else 1.0
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
-        tree = branch_and_bound(p, kicked, share * max(0.0, deadline - time.perf_counter()))
+        tree = branch_and_bound(p, kicked, max(0.0, deadline - time.perf_counter()))
         tree = dataclasses.replace(tree, bound=max(tree.bound, probe_bound))
     best = tree.best
     start = (best.levels, best.placement) if best is not None else None
@@ -67,7 +65,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound, "optimal",
                             f"proven by branch and bound ({tree.nodes} nodes, {tree.wall_s:.2f} s)", 0.0, 0.0,
                             0, 0, 0)
-    elif rows * BUILD_S_PER_ROW > 0.5 * budget and not constraints.dump_lp:
+    elif not milp_fits and not constraints.dump_lp:
         if best is None:
             cheap = _placement_reasons(p)
             if cheap:

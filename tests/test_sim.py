@@ -197,10 +197,10 @@ def test_cli_reads_the_plan_from_a_bundle_and_replays_held_out_samples(tmp_path)
 
     tiny = cf.tiny_model(tmp_path)
     plan, topology = cf.two_stage_plan(tiny)
-    bundle = build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, tmp_path / "bundle",
-                          backend="ort")
     profile = merge_profiles([profile_model(tiny.model, tiny.chain, tiny.calibration.exits, d, mode="estimate")
                               for d in topology.devices])
+    bundle = build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, tmp_path / "bundle",
+                          backend="ort", profile=profile)
     files = {"chain": tiny.chain, "calibration": tiny.calibration, "profile": profile, "plan": plan}
     for name, value in files.items():
         value.save(tmp_path / f"{name}.json")
@@ -218,6 +218,16 @@ def test_cli_reads_the_plan_from_a_bundle_and_replays_held_out_samples(tmp_path)
     from_file, from_bundle = run_json(tmp_path / "plan.json"), run_json(bundle)
     assert from_bundle["configurations"][0]["description"] == from_file["configurations"][0]["description"]
     assert from_bundle["configurations"][0]["predicted_ms"] == from_file["configurations"][0]["predicted_ms"]
+    # the bundle alone: its planning/ copies of chain, calibration, profile and topology
+    alone = CliRunner().invoke(cli, ["simulate", str(bundle), "--rate", "20", "--no-jitter", "--no-baselines",
+                                     "--json"])
+    assert alone.exit_code == 0, alone.output
+    assert json.loads(alone.output[alone.output.index("{"):])["configurations"][0]["predicted_ms"] == \
+        from_file["configurations"][0]["predicted_ms"]
+    (bundle / "planning" / "profile.json").unlink()
+    missing = CliRunner().invoke(cli, ["simulate", str(bundle), "--rate", "20"])
+    assert missing.exit_code == 2 and "--profile is needed" in missing.output and "planning/profile.json" in \
+        missing.output, missing.output
     assert from_file["n_samples"] == tiny.calibration.num_samples
 
     replay = run_json(bundle, "--samples", str(tmp_path / "held_out.npz"), "--model", str(tiny.path))

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from distree.compiler.manifest import (
-    MANIFEST, SCORE_DEFINITIONS, THRESHOLDS, DeviceArtifact, Manifest, SegmentArtifact, TensorSpec,
+    MANIFEST, PLANNING, SCORE_DEFINITIONS, THRESHOLDS, DeviceArtifact, Manifest, SegmentArtifact, TensorSpec,
     ThresholdEntry, ThresholdTable, sha256_file, versions,
 )
 from distree.compiler.segments import SegmentSpec, plan_segments, segment_model
@@ -22,6 +22,7 @@ from distree.targets.toolchain import cross_compiler, host_runnable, tvm_target
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph import Chain
+from distree.profiler.types import Profile
 from distree.runtime.backends import median_ms, ort_runner, set_tvm_threads, tvm_runner
 from distree.serde import atomic_directory, write_bytes_atomic
 from distree.solver.plan import Plan
@@ -35,14 +36,16 @@ Log = Callable[[str], None]
 def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Topology, calibration: Calibration,
                  out_dir: str | Path, backend: str = "auto", tune_minutes: float = 0, *,
                  tuning_db: Optional[Path] = None, threads: int = 1, require_aot_cuda: bool = False,
-                 rpc: Optional[Mapping[str, str]] = None, log: Log = lambda msg: None) -> Path:
+                 rpc: Optional[Mapping[str, str]] = None, profile: Optional[Profile] = None,
+                 log: Log = lambda msg: None) -> Path:
     """Compile every stage of ``plan`` into ``out_dir`` (replaced atomically) and return it.
 
     ``backend``: ``tvm`` ships TVM everywhere, ``ort`` ONNX Runtime everywhere, ``auto`` TVM where its
     latency on this host (the proxy for the target) is at most ONNX Runtime's. ``tune_minutes`` > 0 tunes
     each device's segments with MetaSchedule first, for up to that many minutes per device (records in
     ``tuning_db``, reused across runs): see :func:`tuning_sites` for where each device is measured
-    (``rpc``: device name -> ``host:port`` of its TVM RPC server).
+    (``rpc``: device name -> ``host:port`` of its TVM RPC server). The plan's inputs (chain, calibration,
+    topology, and ``profile`` when given) go to ``planning/``, so the bundle alone can be simulated or re-planned.
     """
     if backend not in BACKENDS:
         raise DistreeError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -75,6 +78,11 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
                 require_aot_cuda))
         table = _threshold_table(plan, calibration)
         table.save(tmp / THRESHOLDS)
+        (tmp / PLANNING).mkdir()
+        for name, record in (("chain", chain), ("calibration", calibration), ("topology", topology),
+                             ("profile", profile)):
+            if record is not None:
+                record.save(tmp / PLANNING / f"{name}.json")
         stages = tuple(
             DeviceArtifact(name=stage.device, spec=devices[stage.device], stage_index=i,
                            first_block=stage.first_block, last_block=stage.last_block,

@@ -15,6 +15,7 @@ from distree.targets.spec import DeviceSpec
 
 MANIFEST = "manifest.json"
 THRESHOLDS = "thresholds.json"
+PLANNING = "planning"          # the chain, calibration, profile and topology the plan was made from
 SCORE_DEFINITIONS = {
     "max_softmax": "p = softmax(exit logits); score = max_k p[k]; leave iff score >= threshold",
     "entropy": "p = softmax(exit logits); score = sum_k p[k] log p[k] (negative entropy, nats); "

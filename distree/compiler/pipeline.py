@@ -100,7 +100,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     bundle = cache.timed("build", lambda: build_bundle(
         model, chain, plan, topology, calibration, out_dir, backend=options.backend,
         tune_minutes=options.tune_minutes, tuning_db=cache.root / "tuning", threads=options.threads,
-        require_aot_cuda=options.require_aot_cuda, rpc=options.rpc, log=log))
+        require_aot_cuda=options.require_aot_cuda, rpc=options.rpc, profile=profile, log=log))
     return CompileResult(bundle=bundle, plan=plan, manifest=read_manifest(bundle), stage_seconds=cache.seconds,
                          cached=tuple(cache.hits), wall_s=time.perf_counter() - started,
                          devices=tuple(d.name for d in topology.devices))

@@ -14,12 +14,24 @@ from distree.errors import DistreeError
 def _topology(devices: Optional[str], topology_path: Optional[Path]):
     from distree.targets import load_topology, topology_for
 
-    if bool(devices) == bool(topology_path):
-        raise DistreeError("give exactly one of --devices a,b,... or --topology FILE (the one `distree plan` used, "
-                           "or a what-if variant of it)")
+    if devices and topology_path:
+        raise DistreeError("give --devices a,b,... or --topology FILE, not both")
     if topology_path:
         return load_topology(topology_path)
     return topology_for([d.strip() for d in devices.split(",") if d.strip()])
+
+
+def _planning_file(given: Optional[Path], plan_path: Path, name: str, flag: str) -> Path:
+    """An explicit file, else the one a bundle keeps in planning/ (what `distree compile` planned with)."""
+    if given is not None:
+        return given
+    from distree.compiler.manifest import PLANNING
+
+    kept = plan_path / PLANNING / f"{name}.json"
+    if plan_path.is_dir() and kept.is_file():
+        return kept
+    where = f"{plan_path} has no {PLANNING}/{name}.json" if plan_path.is_dir() else f"{plan_path} is a plan file"
+    raise DistreeError(f"{flag} is needed: {where}; pass the {name} file `distree plan` used")
 
 
 def _rates(text: str) -> list[float]:
@@ -34,15 +46,16 @@ def _rates(text: str) -> list[float]:
 
 @click.command("simulate")
 @click.argument("plan_path", metavar="PLAN", type=click.Path(path_type=Path))
-@click.option("--chain", "chain_path", required=True, type=click.Path(path_type=Path),
-              help="Chain JSON `distree plan` used (`distree inspect --json`).")
-@click.option("--calibration", "calibration_path", required=True, type=click.Path(path_type=Path),
-              help="Calibration JSON `distree plan` used.")
-@click.option("--profile", "profile_path", required=True, type=click.Path(path_type=Path),
-              help="Profile JSON covering every device of the topology.")
+@click.option("--chain", "chain_path", default=None, type=click.Path(path_type=Path),
+              help="Chain JSON `distree plan` used (`distree inspect --json`) Default for a bundle: its planning/ copy.")
+@click.option("--calibration", "calibration_path", default=None, type=click.Path(path_type=Path),
+              help="Calibration JSON `distree plan` used Default for a bundle: its planning/ copy.")
+@click.option("--profile", "profile_path", default=None, type=click.Path(path_type=Path),
+              help="Profile JSON covering every device of the topology Default for a bundle: its planning/ copy.")
 @click.option("--devices", default=None, help="Catalog devices in pipeline order (what-if: other devices).")
 @click.option("--topology", "topology_path", type=click.Path(path_type=Path), default=None,
-              help="Topology file (what-if: other links, a device removed) instead of --devices.")
+              help="Topology file (what-if: other links, a device removed) instead of --devices. Default for a "
+                   "bundle: the topology it was planned for.")
 @click.option("--rate", "rate_text", default=None, metavar="R1,R2,...",
               help="Poisson arrival rates (req/s) to sweep. Default: 5/50/80/95% of the plan's capacity.")
 @click.option("--clients", type=int, default=None, help="Closed loop instead: this many back-to-back requesters.")
@@ -64,7 +77,8 @@ def _rates(text: str) -> list[float]:
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the report JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON instead of tables.")
-def simulate_cmd(plan_path: Path, chain_path: Path, calibration_path: Path, profile_path: Path,
+def simulate_cmd(plan_path: Path, chain_path: Optional[Path], calibration_path: Optional[Path],
+                 profile_path: Optional[Path],
                  devices: Optional[str], topology_path: Optional[Path], rate_text: Optional[str],
                  clients: Optional[int], requests: Optional[int], seed: int, no_jitter: bool, replan: bool,
                  time_limit: float, model_path: Optional[Path], samples_path: Optional[Path], no_baselines: bool,
@@ -75,6 +89,7 @@ def simulate_cmd(plan_path: Path, chain_path: Path, calibration_path: Path, prof
     from distree.graph.chain import Chain
     from distree.profiler.types import Profile
     from distree.sim.engine import Load
+    from distree.targets.spec import Topology
     from distree.sim.inputs import Inputs, held_out_samples, load_plan
     from distree.sim.report import plot_report, print_report
     from distree.sim.simulate import simulate
@@ -86,10 +101,12 @@ def simulate_cmd(plan_path: Path, chain_path: Path, calibration_path: Path, prof
     if bool(model_path) != bool(samples_path):
         raise DistreeError("--samples and --model go together: the samples are scored by the model's exits")
     plan = load_plan(plan_path)
-    chain = Chain.load(chain_path)
-    calibration = Calibration.load(calibration_path)
-    inputs = Inputs(chain=chain, calibration=calibration, profile=Profile.load(profile_path),
-                    topology=_topology(devices, topology_path), samples=calibration)
+    chain = Chain.load(_planning_file(chain_path, plan_path, "chain", "--chain"))
+    calibration = Calibration.load(_planning_file(calibration_path, plan_path, "calibration", "--calibration"))
+    profile = Profile.load(_planning_file(profile_path, plan_path, "profile", "--profile"))
+    topology = (_topology(devices, topology_path) if devices or topology_path else
+                Topology.load(_planning_file(None, plan_path, "topology", "--devices or --topology")))
+    inputs = Inputs(chain=chain, calibration=calibration, profile=profile, topology=topology, samples=calibration)
     if samples_path:
         inputs = Inputs(chain, calibration, inputs.profile, inputs.topology,
                         held_out_samples(calibration, chain, model_path, samples_path), f"{samples_path} (held out)")

@@ -26,11 +26,9 @@ import dataclasses
 import json
 import os
 import platform
-import queue
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +43,7 @@ from distree.graph import build_chain, load_model
 from distree.runtime.backends import percentiles_ms
 from distree.runtime.client import InferenceClient
 from distree.runtime.executor import run_bundle
+from distree.runtime.local import StageProcess
 from distree.serde import write_json_atomic
 from distree.targets import load_topology
 
@@ -86,53 +85,20 @@ def _split_bundle(plan, model, chain, calibration, work: Path) -> Path:
     return build_bundle(model, chain, split, topology, calibration, work / "split", backend="ort")
 
 
-class Server:
-    """`distree serve` in its own process (optionally under a command prefix such as `ip netns exec`)."""
-
-    def __init__(self, bundle: Path, device: str, listen: str, next_address: Optional[str] = None,
-                 prefix: tuple[str, ...] = ()) -> None:
-        cmd = [*prefix, sys.executable, "-u", "-m", "distree", "serve", str(bundle), "--device", device,
-               "--listen", listen] + (["--next", next_address] if next_address else [])
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if line.startswith("serving "):
-                self.address = line.split(" on ")[1].split(",")[0].strip()
-                return
-        self.stop()
-        raise RuntimeError(f"{device} server did not start: {self.proc.stderr.read()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def start_pipeline(bundle: Path, host: str = "127.0.0.1", prefixes: Optional[dict[str, tuple[str, ...]]] = None,
-                   hosts: Optional[dict[str, str]] = None) -> list[Server]:
+                   hosts: Optional[dict[str, str]] = None) -> list[StageProcess]:
     """One server per device, last first (each needs its successor's address); the source's is first."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     devices = [st["name"] for st in manifest["stages"]]
     if manifest["source"] not in devices:
         devices.insert(0, manifest["source"])         # the source relays to the first stage
-    servers: list[Server] = []
+    servers: list[StageProcess] = []
     next_address = None
     try:
         for device in reversed(devices):
             listen = f"{(hosts or {}).get(device, host)}:0"
-            servers.insert(0, Server(bundle, device, listen, next_address, (prefixes or {}).get(device, ())))
+            servers.insert(0, StageProcess(bundle, device, listen, next_address,
+                                           prefix=(prefixes or {}).get(device, ()), cwd=REPO))
             next_address = servers[0].address
     except Exception:
         for s in servers:

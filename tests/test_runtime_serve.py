@@ -3,12 +3,10 @@ loopback (host stage = TVM, pi4 stage = its ONNX under ONNX Runtime), against `r
 
 from __future__ import annotations
 
-import queue
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from distree.compiler.manifest import read_manifest, read_thresholds
 from distree.errors import DistreeError
 from distree.runtime.client import InferenceClient, ServeError, infer_dataset
 from distree.runtime.executor import FINAL, StageExecutor, run_bundle
+from distree.runtime.local import StageProcess
 from distree.runtime.policy import ExitPolicy
 from distree.runtime.server import serve_stage
 from distree.solver.plan import Stage
@@ -45,41 +44,15 @@ def bundle(tiny, tmp_path_factory) -> Path:
     return build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, out, backend="tvm")
 
 
-class Served:
-    """`python -m distree serve` in its own process; ``address`` is what it printed it bound."""
-
-    def __init__(self, bundle: Path, device: str, next_address: str | None = None) -> None:
-        args = [sys.executable, "-u", "-m", "distree", "serve", str(bundle), "--device", device,
-                "--listen", "127.0.0.1:0", "--forward-timeout-s", "5"]
-        self.proc = subprocess.Popen(args + (["--next", next_address] if next_address else []), cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.address = self._wait_for_address()
-
-    def _wait_for_address(self) -> str:
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if line.startswith("serving "):
-                return line.split(" on ")[1].split(",")[0].strip()
-        self.stop()
-        raise AssertionError(f"server did not start: {self.proc.stderr.read()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
+def _served(bundle: Path, device: str, next_address: str | None = None) -> StageProcess:
+    """`python -m distree serve` in its own process, with a short forward timeout for the failure tests."""
+    return StageProcess(bundle, device, next_address=next_address, extra_args=("--forward-timeout-s", "5"),
+                        start_timeout_s=START_TIMEOUT_S, cwd=REPO)
 
 
-def _pipeline(bundle: Path) -> tuple[Served, Served]:
-    pi4 = Served(bundle, "pi4")
-    return Served(bundle, "host", pi4.address), pi4
+def _pipeline(bundle: Path) -> tuple[StageProcess, StageProcess]:
+    pi4 = _served(bundle, "pi4")
+    return _served(bundle, "host", pi4.address), pi4
 
 
 @pytest.fixture(scope="module")

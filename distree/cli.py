@@ -7,8 +7,6 @@ below. A :class:`~distree.errors.DistreeError` becomes one ``error: ...`` line a
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from distree import __version__

@@ -10,19 +10,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import compiler_fixtures as cf
 from distree.bench.compare import compare
 from distree.bench.measure import END_TO_END, BenchResult
 from distree.cli import cli
-from distree.compiler.bundle import build_bundle
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    tiny = cf.tiny_model(tmp_path_factory.mktemp("tiny"))
-    plan, topology = cf.two_stage_plan(tiny)
-    out = tmp_path_factory.mktemp("b") / "bundle"
-    return build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, out, backend="tvm")
+def bundle(tiny_bundle) -> Path:
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

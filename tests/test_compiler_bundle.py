@@ -25,16 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return cf.tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny, tmp_path_factory) -> Path:
-    """Host stage ships TVM (so TVM code runs in these tests); the pi4 stage is an aarch64 library."""
-    plan, topology = cf.two_stage_plan(tiny)
-    out = tmp_path_factory.mktemp("b") / "bundle"
-    return build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, out, backend="tvm")
+def bundle(tiny_bundle) -> Path:
+    return tiny_bundle
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

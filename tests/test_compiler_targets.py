@@ -19,11 +19,6 @@ from distree.runtime.backends import ort_runner, tvm_runner
 from distree.runtime.executor import run_bundle
 from distree.targets import get_device
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return cf.tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.mark.slow
 def test_pi4_library_runs_under_qemu_and_matches_host_build(tiny, tmp_path):
     plan, _ = cf.two_stage_plan(tiny)

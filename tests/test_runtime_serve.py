@@ -33,15 +33,8 @@ START_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return cf.tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny, tmp_path_factory) -> Path:
-    plan, topology = cf.two_stage_plan(tiny)
-    out = tmp_path_factory.mktemp("serve") / "bundle"
-    return build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, out, backend="tvm")
+def bundle(tiny_bundle) -> Path:
+    return tiny_bundle
 
 
 def _served(bundle: Path, device: str, next_address: str | None = None) -> StageProcess:

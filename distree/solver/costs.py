@@ -268,7 +268,7 @@ def free_choice_ms(need_right: int, base: np.ndarray, right: np.ndarray) -> floa
 
 def option_tables(p: Problem, leave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[N, E + 2] cheapest (and cheapest correct) option among exits >= j, for each j (last column: none)."""
-    N, E = p.n_samples, p.n_exits
+    N = p.n_samples
     option_ok = np.concatenate([p.passed_level > 0, np.ones((N, 1), dtype=bool)], axis=1)
     correct = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1)
     cost = np.where(option_ok, leave[None, :], np.inf)

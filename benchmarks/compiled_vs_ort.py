@@ -8,11 +8,17 @@ one thread for both (TVM_NUM_THREADS=1; ORT graph optimization ALL, intra-op thr
 Targets (issue 7): tuned whole model within 1.25x of ORT after <= 15 min of tuning; auto never slower than ORT.
 
     .venv/bin/python benchmarks/compiled_vs_ort.py [--model examples/fashion_mnist/resnet_plain.onnx]
-        [--minutes 12] [--db-dir .distree-cache/tuning] [--rounds 5]
+        [--minutes 15] [--db-dir .distree-cache/tuning] [--rounds 21] [--records-note "..."]
 
-``--minutes 0`` measures with the records already in ``--db-dir``. Timings interleave the backends round by
-round, so load from other processes hits all of them alike; the load average is recorded.
-Writes benchmarks/results/compiled_vs_ort.json and prints a table.
+``--minutes 0`` measures with the records already in ``--db-dir`` (say where they came from with
+``--records-note``; the JSON also counts them).
+
+Why interleaved: on the shared machine the load changes within seconds, and a ratio of two times taken at
+different moments measured the load (1.12x at load ~2, 1.79x at load 5-6 for the same kind of records).
+So each case is timed in short rounds; in a round every backend is timed back to back (the order rotates
+from round to round) and the round's TVM/ORT ratio is taken. Reported: the median of the per-round ratios
+and their spread (quartiles, min, max), the median times, and the 1-minute load average at the start, when
+timing starts and at the end. Writes benchmarks/results/compiled_vs_ort.json and prints a table.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import logging  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -121,15 +126,27 @@ def _op_summary(ops: tuple[str, ...]) -> str:
     return " ".join(f"{op}x{n}" if n > 1 else op for op, n in counts.items())
 
 
-def _time_cases(cases: list[Case], rounds: int) -> dict[str, dict[str, float]]:
-    """Median ms per case and backend, backends interleaved round by round."""
-    settings = TimingSettings(warmup=2, repeats=3, min_repeat_ms=20.0, threads=1)
+ROUND = TimingSettings(warmup=1, repeats=3, min_repeat_ms=5.0, threads=1)
+
+
+def _time_cases(cases: list[Case], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per case and backend, one time (ms, median of a short burst) per round; within a round the backends
+    of a case run back to back, starting with a different backend each round."""
     samples: dict[str, dict[str, list[float]]] = {c.name: {b: [] for b in c.run} for c in cases}
-    for _ in range(rounds):
+    for r in range(rounds):
         for case in cases:
-            for backend, run in case.run.items():
-                samples[case.name][backend].extend(time_callable(run, settings))
-    return {name: {b: float(np.median(v)) for b, v in per.items()} for name, per in samples.items()}
+            order = list(case.run)
+            for backend in order[r % len(order):] + order[: r % len(order)]:
+                samples[case.name][backend].append(float(np.median(time_callable(case.run[backend], ROUND))))
+    return samples
+
+
+def _ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
+    """Median and spread of the per-round ratios num/den (rounds paired)."""
+    ratios = np.asarray(num) / np.asarray(den)
+    q = np.percentile(ratios, [0, 25, 50, 75, 100])
+    return {"median": round(float(q[2]), 3), "q25": round(float(q[1]), 3), "q75": round(float(q[3]), 3),
+            "min": round(float(q[0]), 3), "max": round(float(q[4]), 3), "rounds": int(ratios.size)}
 
 
 def _max_error(case: Case) -> float | None:
@@ -141,9 +158,10 @@ def _max_error(case: Case) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=ROOT / "examples/fashion_mnist/resnet_plain.onnx")
-    ap.add_argument("--minutes", type=float, default=12.0, help="tuning budget; 0 = use the records in --db-dir")
+    ap.add_argument("--minutes", type=float, default=15.0, help="tuning budget; 0 = use the records in --db-dir")
     ap.add_argument("--db-dir", type=Path, default=ROOT / ".distree-cache/tuning")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--rounds", type=int, default=21, help="interleaved timing rounds")
+    ap.add_argument("--records-note", default="", help="where the records in --db-dir came from (kept in the JSON)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/compiled_vs_ort.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -151,7 +169,7 @@ def main() -> None:
     model = _single_output(load_model(args.model, {}))
     x = _sample_input(model)
     target = tvm_target(host_device())
-    load_before = os.getloadavg()
+    load_start = os.getloadavg()
     tuning_doc = None
     if args.minutes > 0:
         result = tuning.tune(model, target, args.minutes, args.db_dir)
@@ -163,31 +181,56 @@ def main() -> None:
         }
     tuned = tuning.has_records(args.db_dir, target)
     cases = _cases(model, x, target, args.db_dir, tuned)
+    load_timing = os.getloadavg()
     times = _time_cases(cases, args.rounds)
-    rows = []
-    for case in cases:
-        t = times[case.name]
-        row = {"name": case.name, "ops": case.ops, **{f"{b}_ms": round(t[b], 4) for b in t},
-               "untuned_over_ort": round(t["tvm_untuned"] / t["ort"], 3)}
-        if tuned:
-            row["tuned_over_ort"] = round(t["tvm_tuned"] / t["ort"], 3)
-            row["tuned_max_abs_error"] = _max_error(case)
-            row["auto_backend"] = "tvm" if t["tvm_tuned"] < t["ort"] else "ort"
-        rows.append(row)
+    load_end = os.getloadavg()
+    rows = [_row(case, times[case.name], tuned) for case in cases]
     doc = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "machine": {"platform": platform.platform(), "cpu": host_device().description, "cores": os.cpu_count(),
-                    "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-                    "note": "shared 2-core machine, loaded by other work: trust ratios more than absolute times"},
+                    "load_avg_1min": {"start": round(load_start[0], 2), "timing_start": round(load_timing[0], 2),
+                                      "end": round(load_end[0], 2)},
+                    "load_avg_1_5_15min": {"start": load_start, "timing_start": load_timing, "end": load_end},
+                    "note": "shared 2-core machine, loaded by other work: trust the per-round ratios, not "
+                            "absolute times"},
         "versions": {"tvm": tvm.__version__, "onnxruntime": __import__("onnxruntime").__version__},
         "model": str(args.model), "model_sha256": model_sha256(model), "target": str(target),
         "threads": {"TVM_NUM_THREADS": os.environ["TVM_NUM_THREADS"], "ort_intra_op": 1},
+        "timing": {"rounds": args.rounds, "per_round": ROUND.to_dict(),
+                   "scheme": "per case and round: every backend back to back (rotating order), one median "
+                             "of a short burst each; ratios are per round, then summarized"},
         "tuning": tuning_doc, "db_dir": str(args.db_dir), "tuned_records": tuned,
-        "rows": rows, "summary": _summary(rows, tuned),
+        "records": _records_doc(args.db_dir, target, args.records_note, tuning_doc) if tuned else None,
+        "rows": rows, "summary": _summary(rows, times, tuned),
     }
     write_json_atomic(args.out, doc)
-    _print(rows, doc["summary"], tuning_doc)
+    _print(rows, doc["summary"], doc)
     print(f"wrote {args.out}")
+
+
+def _row(case: Case, t: dict[str, list[float]], tuned: bool) -> dict:
+    row = {"name": case.name, "ops": case.ops, **{f"{b}_ms": round(float(np.median(v)), 4) for b, v in t.items()},
+           "untuned_over_ort": _ratio_stats(t["tvm_untuned"], t["ort"])}
+    if tuned:
+        row["tuned_over_ort"] = _ratio_stats(t["tvm_tuned"], t["ort"])
+        row["tuned_max_abs_error"] = _max_error(case)
+        row["auto_backend"] = "tvm" if row["tuned_over_ort"]["median"] <= 1.0 else "ort"   # as the bundle decides
+    return row
+
+
+def _records_doc(db_dir: Path, target, note: str, tuning_doc: dict | None) -> dict:
+    """What the timed records are: how many, and where they came from (this run's tuning or earlier runs)."""
+    folder = tuning.records_dir(db_dir, target)
+    count = sum(1 for line in (folder / "database_tuning_record.json").read_text().splitlines() if line.strip())
+    source = (f"this run tuned {tuning_doc['minutes_budget']} min on top of the records already there"
+              if tuning_doc else "cached records from earlier runs (no tuning in this run)")
+    return {"folder": str(folder), "records": count, "source": source, "note": note}
+
+
+def _summed(times: dict[str, dict[str, list[float]]], pick: dict[str, str]) -> list[float]:
+    """Per round, the sum over blocks of the backend picked for each block."""
+    return [float(sum(times[name][backend][r] for name, backend in pick.items()))
+            for r in range(len(next(iter(times.values()))["ort"]))]
 
 
 def _sample_input(model: onnx.ModelProto) -> np.ndarray:
@@ -199,38 +242,53 @@ def _sample_input(model: onnx.ModelProto) -> np.ndarray:
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
 
-def _summary(rows: list[dict], tuned: bool) -> dict:
+def _summary(rows: list[dict], times: dict[str, dict[str, list[float]]], tuned: bool) -> dict:
     whole, blocks = rows[0], rows[1:]
     out = {"whole_untuned_over_ort": whole["untuned_over_ort"]}
     if tuned:
-        auto_ms = sum(min(r["tvm_tuned_ms"], r["ort_ms"]) for r in blocks)
-        ort_blocks_ms = sum(r["ort_ms"] for r in blocks)
+        ort = _summed(times, {r["name"]: "ort" for r in blocks})
         out.update({
             "whole_tuned_over_ort": whole["tuned_over_ort"],
-            "target_tuned_within_1.25x": whole["tuned_over_ort"] <= 1.25,
+            "target_tuned_within_1.25x": whole["tuned_over_ort"]["median"] <= 1.25,
             "whole_auto_backend": whole["auto_backend"],
-            "whole_auto_over_ort": round(min(whole["tvm_tuned_ms"], whole["ort_ms"]) / whole["ort_ms"], 3),
+            "whole_auto_over_ort": (_ratio_stats(times[whole["name"]]["tvm_tuned"], times[whole["name"]]["ort"])
+                                    if whole["auto_backend"] == "tvm" else "1 (ORT ships)"),
             "blocks_tvm_wins": [r["name"] for r in blocks if r["auto_backend"] == "tvm"],
-            "blocks_auto_sum_ms": round(auto_ms, 4),
-            "blocks_ort_sum_ms": round(ort_blocks_ms, 4),
-            "blocks_auto_over_ort": round(auto_ms / ort_blocks_ms, 3),
+            "blocks_tuned_sum_over_ort": _ratio_stats(_summed(times, {r["name"]: "tvm_tuned" for r in blocks}), ort),
+            "blocks_auto_sum_over_ort": _ratio_stats(
+                _summed(times, {r["name"]: "tvm_tuned" if r["auto_backend"] == "tvm" else "ort" for r in blocks}), ort),
+            "blocks_ort_sum_ms": round(float(np.median(ort)), 4),
         })
     return out
 
 
-def _print(rows: list[dict], summary: dict, tuning_doc: dict | None) -> None:
+def _print(rows: list[dict], summary: dict, doc: dict) -> None:
+    tuning_doc, load = doc["tuning"], doc["machine"]["load_avg_1min"]
     if tuning_doc:
         print(f"tuning: {tuning_doc['trials']} trials in {tuning_doc['wall_s']:.0f} s "
               f"(budget {tuning_doc['minutes_budget']} min, stopped: {tuning_doc['stopped']})")
-    head = f"{'':12} {'ops':34} {'ORT ms':>8} {'untuned':>9} {'tuned':>8} {'untuned/ORT':>12} {'tuned/ORT':>10} {'auto':>5}"
+    if doc["records"]:
+        print(f"records: {doc['records']['records']} in {doc['records']['folder']} ({doc['records']['source']})")
+    print(f"load average (1 min): start {load['start']}, timing start {load['timing_start']}, end {load['end']}; "
+          f"{doc['timing']['rounds']} interleaved rounds; ratios: median of per-round ratios [q25-q75]")
+
+    head = (f"{'':12} {'ops':30} {'ORT ms':>8} {'untuned':>9} {'tuned':>8} {'untuned/ORT':>19} "
+            f"{'tuned/ORT':>17} {'auto':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['name']:12} {r['ops'][:34]:34} {r['ort_ms']:8.4f} {r['tvm_untuned_ms']:9.4f} "
-              f"{r.get('tvm_tuned_ms', float('nan')):8.4f} {r['untuned_over_ort']:12.2f} "
-              f"{r.get('tuned_over_ort', float('nan')):10.2f} {r.get('auto_backend', '-'):>5}")
+        print(f"{r['name']:12} {r['ops'][:30]:30} {r['ort_ms']:8.4f} {r['tvm_untuned_ms']:9.4f} "
+              f"{r.get('tvm_tuned_ms', float('nan')):8.4f} {_ratio_text(r['untuned_over_ort']):>19} "
+              f"{_ratio_text(r.get('tuned_over_ort')):>17} {r.get('auto_backend', '-'):>5}")
     for key, value in summary.items():
-        print(f"{key}: {value}")
+        print(f"{key}: {_ratio_text(value, spread=True) if isinstance(value, dict) else value}")
+
+
+def _ratio_text(r: dict | None, spread: bool = False) -> str:
+    if r is None:
+        return "-"
+    text = f"{r['median']:.2f} [{r['q25']:.2f}-{r['q75']:.2f}]"
+    return text + (f" (min {r['min']:.2f}, max {r['max']:.2f}, {r['rounds']} rounds)" if spread else "")
 
 
 if __name__ == "__main__":

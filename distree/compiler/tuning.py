@@ -218,6 +218,7 @@ class _TaskStats:
     flops: float
     earlier: int = 0               # records from earlier runs
     trials: int = 0                # trials in this run
+    failed: int = 0                # of which no time came back (build/run error, or the device was lost)
     best_s: float = math.inf       # best measured time per call (this run or earlier records)
 
     def measured(self) -> int:
@@ -240,6 +241,7 @@ class _StatsCallback(ms.measure_callback.PyMeasureCallback):
         s = self.stats[task_id]
         for result in runner_results:
             s.trials += 1
+            s.failed += result.error_msg is not None or not result.run_secs
             if result.error_msg is None and result.run_secs:
                 secs = sorted(float(x) for x in result.run_secs)
                 s.best_s = min(s.best_s, secs[len(secs) // 2])
@@ -315,16 +317,17 @@ def _lean_build_function():
     return build
 
 
-def _cross_export_function(cc: str):
-    """Export a built candidate as a shared library linked by ``cc`` (the device loads it as is; the
-    default export is a .tar that the machine running it must link). A closure, shipped by value."""
+def _shared_library_export(cc: str | None):
+    """Export a built candidate as a shared library linked here by ``cc`` (None: this machine's default),
+    which the device loads as is; MetaSchedule's default export is a .tar that the device would have to
+    link itself. A closure, so that cloudpickle ships it by value."""
 
     def export(rt_mod) -> str:
         import os
         import tempfile
 
         path = os.path.join(tempfile.mkdtemp(prefix="distree-candidate-"), "candidate.so")
-        rt_mod.export_library(path, cc=cc)
+        rt_mod.export_library(path, **({"cc": cc} if cc else {}))
         return path
 
     return export
@@ -583,7 +586,7 @@ def tune(
             earlier, best_s = _earlier_records(database, x)
             stats.append(_TaskStats(weight=int(x.weight), flops=_flops(x), earlier=earlier, best_s=best_s))
         _import_tensor_intrin_quickly()
-        builder = _PooledBuilder(_BUILD_TIMEOUT_S, _cross_export_function(cc) if cc else None)
+        builder = _PooledBuilder(_BUILD_TIMEOUT_S, _shared_library_export(cc) if remote is not None else None)
         scheduler = _BudgetScheduler(stats, [x.task_name for x in tasks], deadline, max_trials,
                                      remote.lost if remote is not None else lambda: None)
         _quiet_meta_schedule_logger()
@@ -632,8 +635,9 @@ def tune(
         tasks=reports,
     )
     if result.stopped.startswith("device lost"):
-        raise DistreeError(f"tuning for {target_key(t)} stopped: {result.stopped}; the {result.trials} trials "
-                           f"measured before were kept in {final_dir}; restart the device's RPC server and rerun")
+        timed = sum(x.trials - x.failed for x in stats)
+        raise DistreeError(f"tuning for {target_key(t)} stopped: {result.stopped}; the {timed} candidates timed "
+                           f"before were kept in {final_dir}; restart the device's RPC server and rerun")
     return result
 
 

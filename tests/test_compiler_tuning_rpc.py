@@ -18,7 +18,6 @@ import tvm
 from click.testing import CliRunner
 from tvm import relax
 
-import compiler_fixtures as cf
 from distree.cli import cli
 from distree.compiler import tuning
 from distree.compiler.bundle import tuning_sites
@@ -105,8 +104,7 @@ def test_tuned_pi4_library_matches_onnxruntime_on_the_device(tuned_pi4, pi4_serv
     np.testing.assert_allclose(_run_over_rpc(pi4_server, build.path, x), want, rtol=1e-4, atol=1e-4)
 
 
-def test_compile_with_tuning_and_no_rpc_for_pi4_is_a_one_line_error(tmp_path):
-    tiny = cf.tiny_model(tmp_path)
+def test_compile_with_tuning_and_no_rpc_for_pi4_is_a_one_line_error(tiny, tmp_path):
     np.savez(tmp_path / "calib.npz", x=tiny.data.x, y=tiny.data.y)
     out = tmp_path / "bundle"
     started = time.monotonic()

@@ -13,9 +13,8 @@ Targets (issue 7): tuned whole model within 1.25x of ORT after <= 15 min of tuni
 ``--minutes 0`` measures with the records already in ``--db-dir`` (say where they came from with
 ``--records-note``; the JSON also counts them).
 
-Why interleaved: on the shared machine the load changes within seconds, and a ratio of two times taken at
-different moments measured the load (1.12x at load ~2, 1.79x at load 5-6 for the same kind of records).
-So each case is timed in short rounds; in a round every backend is timed back to back (the order rotates
+Why interleaved: on the shared machine the load changes within seconds, so a ratio of two times taken at
+different moments also measures the change in load between them. So each case is timed in short rounds; in a round every backend is timed back to back (the order rotates
 from round to round) and the round's TVM/ORT ratio is taken. Reported: the median of the per-round ratios
 and their spread (quartiles, min, max), the median times, and the 1-minute load average at the start, when
 timing starts and at the end. Writes benchmarks/results/compiled_vs_ort.json and prints a table.

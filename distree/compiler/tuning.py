@@ -1,7 +1,7 @@
 """MetaSchedule tuning under a wall-clock budget, with a reusable record cache (issue 7).
 
 Why a scheduler of our own: TVM's ``tune_relax`` has no time limit and its gradient scheduler starves
-small tasks; untuned TVM CPU code is 40-100x slower than ONNX Runtime. :func:`tune` therefore drives
+small tasks; untuned TVM CPU code is 6-60x slower than ONNX Runtime (per block, measured here). :func:`tune` therefore drives
 MetaSchedule's ``tune_tasks`` with :class:`_BudgetScheduler`, which
 
 * stops at the deadline (it predicts whether one more round still fits),

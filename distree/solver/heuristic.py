@@ -92,6 +92,14 @@ class _MoveScorer:
         self.on_device = [placement == d for d in range(p.n_devices)]
         self.used = np.array([m.any() for m in self.on_device])
         self.block_of = np.append(p.exit_after, B - 1)
+        # memory of a candidate = the blocks' (fixed) + the enabled heads' on each device: precomputed parts
+        used = np.nonzero(self.used)[0]
+        self.used_idx = used
+        self.block_param = np.array([p.block_param[d, self.on_device[d]].sum() for d in used])
+        self.block_act = np.array([p.block_act[d, self.on_device[d]].max() for d in used])
+        self.head_on = self.head_dev[None, :] == used[:, None]                          # [U, E]
+        self.head_param = p.head_param[self.head_dev, np.arange(E)]
+        self.head_act = p.head_act[self.head_dev, np.arange(E)]
 
     def scores(self, j: int) -> np.ndarray:
         """Penalised expected latency of exit j at every level 0..n (inf where a constraint breaks)."""
@@ -110,27 +118,28 @@ class _MoveScorer:
         counts = np.bincount((new + rows * (E + 1)).ravel(), minlength=len(levels) * (E + 1))
         rates = counts.reshape(len(levels), E + 1) / p.n_samples
         out = cost + 1e6 * np.maximum(0, p.required_correct - correct) / p.n_samples
-        for v in range(len(levels)):
-            if not self._fits(en[v], rates[v]):
-                out[v] = np.inf
+        out[~self._fits(en, rates)] = np.inf
         return out
 
-    def _fits(self, en: np.ndarray, rate: np.ndarray) -> bool:
+    def _fits(self, en: np.ndarray, rates: np.ndarray) -> np.ndarray:
+        """[V] which candidates (enabled exits ``en`` [V, E], exit rates [V, E + 1]) meet the deadline,
+        memory and throughput."""
         p = self.p
-        if p.deadline_ms is not None and self.fixed_worst + (self.hm * en).sum() > p.deadline_ms + 1e-9:
-            return False
-        reach_b = reach_blocks(p, rate[:-1])
-        reach_x = 1.0 - (np.cumsum(rate[:-1]) - rate[:-1])
-        for d in np.nonzero(self.used)[0]:
-            on_h = (self.head_dev == d) & en
-            on_b = self.on_device[d]
-            act = max(p.block_act[d, on_b].max(), p.head_act[d, on_h].max(initial=0.0))
-            if p.block_param[d, on_b].sum() + p.head_param[d, on_h].sum() + act > p.capacity_bytes[d]:
-                return False
-            if p.busy_cap_ms is not None and (self.blocks[on_b] @ reach_b[on_b]
-                                              + self.hm[on_h] @ reach_x[on_h]) > p.busy_cap_ms + 1e-9:
-                return False
-        return True
+        on = en[:, None, :] & self.head_on[None]                                        # [V, U, E]
+        act = np.maximum(self.block_act[None], np.where(on, self.head_act, 0.0).max(axis=2))
+        memory = self.block_param[None] + (on * self.head_param).sum(axis=2) + act
+        ok = np.all(memory <= p.capacity_bytes[self.used_idx][None], axis=1)
+        if p.deadline_ms is not None:
+            ok &= self.fixed_worst + (self.hm * en).sum(axis=1) <= p.deadline_ms + 1e-9
+        if p.busy_cap_ms is not None:
+            for v in np.nonzero(ok)[0]:
+                reach_b = reach_blocks(p, rates[v, :-1])
+                reach_x = 1.0 - (np.cumsum(rates[v, :-1]) - rates[v, :-1])
+                for u, d in enumerate(self.used_idx):
+                    on_b = self.on_device[d]
+                    busy = self.blocks[on_b] @ reach_b[on_b] + self.hm[on[v, u]] @ reach_x[on[v, u]]
+                    ok[v] &= busy <= p.busy_cap_ms + 1e-9
+        return ok
 
 
 def _penalised(p: Problem, levels: np.ndarray, placement: np.ndarray) -> float:

@@ -90,7 +90,8 @@ def test_random_instances_match_brute_force_and_replay():
             continue
         assert np.isfinite(ref.expected_ms), f"seed {seed}: brute force finds no plan"
         assert relaxed_lower_bound(problem) <= ref.expected_ms + 1e-9      # the bounds behind reported gaps
-        tree = branch_and_bound(problem, None, time_limit_s=0.05 if seed % 2 else 20.0)    # stopped or finished
+        tree = branch_and_bound(problem, None, time_limit_s=0.05 if seed % 2 else 20.0,    # stopped or finished,
+                                best_first=seed % 4 >= 2)                                # depth or best first
         assert tree.bound <= ref.expected_ms * (1 + 1e-9) + 1e-12, f"seed {seed}"
         if tree.complete:
             stats["bnb_exact"] += 1

@@ -11,12 +11,16 @@ already misses the deadline. Children of a node are exit j at level 0 and
 at each level whose set of leaving survivors differs (levels leaving the same survivors give the same
 outcome). A leaf is a full configuration: its exact best placement (dynamic programme) prices it.
 
-Search is depth first, children cheapest bound first, so good plans come early; when the time runs out,
-the proven bound is the smallest bound of any node or leaf still open.
+Search is depth first, children cheapest bound first, so good plans come early; or best first (always the
+open node of smallest bound), which raises the proven bound fastest once a good plan is known (measured on
+the ResNet-110-scale case: 9.24 -> 9.58 ms in 20 s, where depth first reaches 9.29 in 60 s). When the time
+runs out, the proven bound is the smallest bound of any node or leaf still open. Survivor sets are stored as
+packed bits (best first keeps many nodes open).
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from distree.solver.heuristic import Candidate, place
 from distree.solver.problem import Problem
 
 OPTIMALITY_TOLERANCE = 1e-9     # relative: bound and incumbent this close -> proven optimal
+MAX_OPEN_NODES = 200_000        # best first stops here (each open node: ~N/8 bytes of survivors + its levels)
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class _Node:
     bound: float                # total latency (sum over samples, not yet divided by N)
     depth: int                  # exits 0..depth-1 decided
     levels: tuple[int, ...]
-    survivors: np.ndarray       # [N] bool
+    packed: np.ndarray          # survivors [N] bool, as np.packbits
     fixed_ms: float             # decided samples' latency
     fixed_right: int            # decided samples answered right
     heads_ms: float             # enabled prefix heads, paid by every survivor
@@ -73,16 +78,20 @@ class _Search:
         bound = fixed_ms + heads_ms * survivors.sum() + free
         if self.p.deadline_ms is not None and self.leave[-1] + heads_ms > self.p.deadline_ms + 1e-9:
             bound = np.inf                 # the no-exit path already misses the deadline with these heads
-        return _Node(bound, depth, levels, survivors, fixed_ms, fixed_right, heads_ms)
+        return _Node(bound, depth, levels, np.packbits(survivors), fixed_ms, fixed_right, heads_ms)
+
+    def survivors(self, node: _Node) -> np.ndarray:
+        return np.unpackbits(node.packed, count=self.p.n_samples).astype(bool)
 
     def children(self, node: _Node) -> list[_Node]:
         p, j = self.p, node.depth
-        kids = [self._make(j + 1, node.levels + (0,), node.survivors, node.fixed_ms, node.fixed_right,
+        survivors = self.survivors(node)
+        kids = [self._make(j + 1, node.levels + (0,), survivors, node.fixed_ms, node.fixed_right,
                            node.heads_ms)]
         passed = p.passed_level[:, j]
         seen = set()
         for level in range(1, p.n_levels[j] + 1):
-            leaving = node.survivors & (passed >= level)
+            leaving = survivors & (passed >= level)
             count = int(leaving.sum())
             if count == 0:
                 break                      # higher levels leave no one either: enabling only adds a head
@@ -91,7 +100,7 @@ class _Search:
             seen.add(count)
             heads = node.heads_ms + self.head_min[j]
             cost = count * (self.leave[j] + node.heads_ms)
-            kids.append(self._make(j + 1, node.levels + (level,), node.survivors & ~leaving,
+            kids.append(self._make(j + 1, node.levels + (level,), survivors & ~leaving,
                                    node.fixed_ms + cost, node.fixed_right + int(p.correct_exit[leaving, j].sum()),
                                    heads))
         return kids
@@ -115,18 +124,20 @@ class _Search:
             self.open_leaf_bound = min(self.open_leaf_bound, floor * p.n_samples)
 
 
-def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float) -> BnbResult:
-    """Search until proven or ``time_limit_s``; the bound is valid either way."""
+def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,
+                     best_first: bool = False) -> BnbResult:
+    """Search until proven or ``time_limit_s`` (or, best first, MAX_OPEN_NODES open); the bound is valid
+    either way."""
     t0 = time.perf_counter()
     stop_at = t0 + time_limit_s
     s = _Search(p, incumbent)
     root = s.root()
-    stack = [root] if np.isfinite(root.bound) else []
-    nodes = 0
-    while stack:
-        if nodes % 64 == 0 and time.perf_counter() > stop_at:
+    open_nodes = [(root.bound, 0, root)] if np.isfinite(root.bound) else []   # (bound, tie-break, node)
+    pushed = nodes = 0
+    while open_nodes:
+        if nodes % 64 == 0 and (time.perf_counter() > stop_at or len(open_nodes) > MAX_OPEN_NODES):
             break
-        node = stack.pop()
+        node = (heapq.heappop(open_nodes) if best_first else open_nodes.pop())[2]
         nodes += 1
         if node.bound >= s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE):
             continue
@@ -134,9 +145,12 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
             s.settle_leaf(node)
             continue
         kids = [k for k in s.children(node) if np.isfinite(k.bound)]
-        stack.extend(sorted(kids, key=lambda k: -k.bound))      # cheapest bound popped first
+        for kid in sorted(kids, key=lambda k: -k.bound):      # depth first pops the cheapest bound first
+            pushed += 1
+            item = (kid.bound, pushed, kid)
+            heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
     N = p.n_samples
-    live = [n.bound for n in stack if n.bound < s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]
+    live = [b for b, _, _ in open_nodes if b < s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]
     bound_total = min([s.incumbent_total(), s.open_leaf_bound, *live])
     return BnbResult(best=s.best, bound=bound_total / N, complete=not live and not np.isfinite(s.open_leaf_bound),
                      nodes=nodes, wall_s=time.perf_counter() - t0)

@@ -39,8 +39,8 @@ def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: To
 
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
                   constraints: Constraints) -> Plan:
-    """Local search -> a probing branch and bound -> the MILP with the time left, when it can be built in time;
-    else kicks (iterated local search) -> branch and bound with the time left.
+    """Local search -> a probing branch and bound (depth first) -> the MILP with the time left, when it can be
+    built in time; else kicks (iterated local search) -> best-first branch and bound with the time left.
 
     Every stage runs against one deadline, t0 + time_limit_s; building and loading the MILP count too.
     """
@@ -54,7 +54,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         kicked = tree.best if tree.best is None else iterated_local_search(
             p, tree.best, time_limit_s=t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter())
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
-        tree = branch_and_bound(p, kicked, max(0.0, deadline - time.perf_counter()))
+        tree = branch_and_bound(p, kicked, max(0.0, deadline - time.perf_counter()), best_first=True)
         tree = dataclasses.replace(tree, bound=max(tree.bound, probe_bound))
     best = tree.best
     start = (best.levels, best.placement) if best is not None else None

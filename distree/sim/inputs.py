@@ -61,6 +61,9 @@ def load_plan(path: str | Path) -> Plan:
     if p.is_dir():
         from distree.compiler.manifest import read_manifest
         return read_manifest(p).plan
+    if not p.exists():
+        raise DistreeError(f"{p}: no such plan file or bundle; pass a plan JSON (`distree plan -o`) or a bundle "
+                           "directory (`distree compile -o`)")
     return Plan.load(p)
 
 

@@ -6,21 +6,14 @@ import socket
 import threading
 
 from distree.errors import DistreeError
+from distree.targets.topology import parse_host_port
 
 CONNECT_TIMEOUT_S = 10.0
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port), as a user error when malformed."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DistreeError(f"--rpc {address!r}: give HOST:PORT of a TVM RPC server, e.g. 192.168.1.20:9090")
-    return host.strip("[]"), int(port)
-
-
 def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S):
     """A TVM RPC session; fails within ``timeout_s`` with a DistreeError that names the address."""
-    host, port = parse_address(address)
+    host, port = parse_host_port(address, "--rpc", "192.168.1.20:9090 (a TVM RPC server)")
     hint = (f"start one on the device with: python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}, "
             "and check the address and firewall")
     try:

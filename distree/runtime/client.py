@@ -15,7 +15,8 @@ from distree.errors import DistreeError
 from distree.exits import Dataset
 from distree.runtime.backends import percentiles_ms
 from distree.runtime.executor import FINAL
-from distree.runtime.server import CHANNEL_OPTIONS, INFER, INFO, ORIGIN_KEY, parse_address
+from distree.runtime.server import CHANNEL_OPTIONS, INFER, INFO, ORIGIN_KEY
+from distree.targets.topology import parse_host_port
 from distree.runtime.wire import Reply, Request, WireError, decode_reply, encode_request
 from distree.serde import JsonRecord
 
@@ -31,7 +32,8 @@ class InferenceClient:
     """
 
     def __init__(self, address: str, timeout_s: float = 10.0) -> None:
-        self.address = parse_address(address, "address")
+        parse_host_port(address, "address")
+        self.address = address
         if timeout_s <= 0:
             raise DistreeError("--timeout-s must be > 0")
         self.timeout_s = timeout_s

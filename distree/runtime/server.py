@@ -29,6 +29,7 @@ from distree.runtime.executor import StageExecutor, StageOutcome, transfer_in_ms
 from distree.runtime.policy import ExitPolicy
 from distree.runtime.wire import Hop, Reply, Request, WireError, decode_reply, decode_request, encode_reply, \
     encode_request
+from distree.targets.topology import parse_host_port
 
 SERVICE = "distree.Stage"
 INFER = f"/{SERVICE}/Infer"
@@ -43,14 +44,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 Log = Callable[[str], None]
-
-
-def parse_address(text: str, option: str) -> str:
-    """``HOST:PORT`` (``[v6]:PORT`` too), checked; a DistreeError that names the option otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise DistreeError(f"{option} {text!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
-    return text
 
 
 @dataclass(frozen=True)
@@ -250,9 +243,9 @@ def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Opti
     """Verify ``device``'s files of the bundle (other devices' folders need not be there), load its stage
     and start serving it on ``listen`` (returns at once)."""
     bundle = Path(bundle)
-    parse_address(listen, "--listen")
+    parse_host_port(listen, "--listen")
     if next_address is not None:
-        parse_address(next_address, "--next")
+        parse_host_port(next_address, "--next")
     manifest = read_manifest(bundle)
     role = stage_role(manifest, device, bundle)
     if role.next_device and next_address is None:

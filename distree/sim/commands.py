@@ -9,16 +9,7 @@ from typing import Optional
 import click
 
 from distree.errors import DistreeError
-
-
-def _topology(devices: Optional[str], topology_path: Optional[Path]):
-    from distree.targets import load_topology, topology_for
-
-    if devices and topology_path:
-        raise DistreeError("give --devices a,b,... or --topology FILE, not both")
-    if topology_path:
-        return load_topology(topology_path)
-    return topology_for([d.strip() for d in devices.split(",") if d.strip()])
+from distree.targets.topology import topology_from_flags
 
 
 def _planning_file(given: Optional[Path], plan_path: Path, name: str, flag: str) -> Path:
@@ -104,7 +95,7 @@ def simulate_cmd(plan_path: Path, chain_path: Optional[Path], calibration_path: 
     chain = Chain.load(_planning_file(chain_path, plan_path, "chain", "--chain"))
     calibration = Calibration.load(_planning_file(calibration_path, plan_path, "calibration", "--calibration"))
     profile = Profile.load(_planning_file(profile_path, plan_path, "profile", "--profile"))
-    topology = (_topology(devices, topology_path) if devices or topology_path else
+    topology = (topology_from_flags(devices, topology_path) if devices or topology_path else
                 Topology.load(_planning_file(None, plan_path, "topology", "--devices or --topology")))
     inputs = Inputs(chain=chain, calibration=calibration, profile=profile, topology=topology, samples=calibration)
     if samples_path:

@@ -15,16 +15,7 @@ from distree.serde import write_json_atomic
 from distree.solver.problem import Constraints
 from distree.solver.report import plot_sweep, print_plan, print_sweep, sweep_rows
 from distree.solver.solve import solve, sweep_accuracy_drop
-from distree.targets.spec import Topology
-
-
-def _topology(devices: Optional[str], topology_path: Optional[Path]) -> Topology:
-    from distree.targets import load_topology, topology_for
-    if bool(devices) == bool(topology_path):
-        raise DistreeError("give exactly one of --devices a,b,... or --topology FILE")
-    if topology_path:
-        return load_topology(topology_path)
-    return topology_for([d.strip() for d in devices.split(",") if d.strip()])
+from distree.targets.topology import topology_from_flags
 
 
 def _parse_sweep(spec: str) -> list[float]:
@@ -76,7 +67,7 @@ def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devic
     chain = Chain.load(chain_path)
     calibration = Calibration.load(calibration_path)
     profile = Profile.load(profile_path)
-    topology = _topology(devices, topology_path)
+    topology = topology_from_flags(devices, topology_path)
     constraints = Constraints(accuracy_drop=accuracy_drop, confidence=confidence, deadline_ms=deadline_ms,
                               min_throughput=min_throughput, free_order=free_order, time_limit_s=time_limit,
                               solver=solver, dump_lp=str(dump_lp) if dump_lp else None)

@@ -248,3 +248,20 @@ def _as_list(where: str, path: str, value: Any) -> list:
     if not isinstance(value, list):
         raise _Bad(where, path, "must be a string or a list of strings")
     return value
+
+
+def topology_from_flags(devices: Optional[str], topology_path: Optional[str | Path]) -> Topology:
+    """The ``--devices a,b,...`` / ``--topology FILE`` pair that several commands take: exactly one of them."""
+    if bool(devices) == bool(topology_path):
+        raise DistreeError("give exactly one of --devices a,b,... or --topology FILE")
+    if topology_path:
+        return load_topology(topology_path)
+    return topology_for([d.strip() for d in devices.split(",") if d.strip()])
+
+
+def parse_host_port(text: str, option: str, example: str = "127.0.0.1:50051") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); a user error naming ``option`` when malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise DistreeError(f"{option} {text!r} is not HOST:PORT (e.g. {example})")
+    return host.strip("[]"), int(port)

@@ -15,7 +15,7 @@ from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
 from distree.solver.bnb import branch_and_bound
 from distree.solver.costs import evaluate, relaxed_lower_bound
-from distree.solver.heuristic import iterated_local_search, local_search
+from distree.solver.heuristic import _MoveScorer, _penalised, iterated_local_search, local_search, place
 from distree.solver.milp import solve_milp
 from distree.solver.problem import clopper_pearson_lower, required_correct
 from distree.solver.synthetic import synthetic_case
@@ -128,6 +128,32 @@ def test_kicks_escape_where_single_exit_moves_get_stuck():
         reached += kicked.expected_ms <= ref.expected_ms * (1 + 1e-9)
     assert stuck >= 5, "the generator no longer produces instances where single moves get stuck"
     assert reached == stuck, (reached, stuck)
+
+
+def test_window_moves_are_scored_exactly():
+    """Every level combination of a window of exits scores what a full re-evaluation gives (memory, deadline,
+    throughput and accuracy included), so pair moves never mislead the descent."""
+    checked = 0
+    for seed in range(40):
+        case, c = _random_instance(seed)
+        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        if problem.n_exits < 2:
+            continue
+        rng = np.random.default_rng(seed)
+        levels = rng.integers(0, problem.n_levels + 1)
+        start = place(problem, levels)
+        if start is None:
+            continue
+        scorer = _MoveScorer(problem, start.levels, start.placement)
+        for a in range(problem.n_exits):
+            combos, scores = scorer.window(a, 2)
+            for combo, score in zip(combos, scores):
+                trial = start.levels.copy()
+                trial[a:a + len(combo)] = combo
+                want = _penalised(problem, trial, start.placement)
+                assert score == pytest.approx(want, rel=1e-9, abs=1e-9) or (np.isinf(score) and np.isinf(want))
+                checked += 1
+    assert checked >= 500, checked
 
 
 def test_shared_exit_positions_and_no_exits():

@@ -1,7 +1,8 @@
 """Good feasible plans fast: a warm start and an upper bound for the MILP, and baselines to report.
 
 ``local_search`` alternates (a) the exact best placement of the current exit configuration (dynamic
-programme) with (b) the best single change of one exit's level under that placement;
+programme) with (b) the best change of the levels of one exit, or of two neighbouring exits when no single
+change helps, under that placement (scored exactly for all combinations at once);
 ``iterated_local_search`` kicks the result out of its local optimum and descends again. ``no_exit_plan``
 is the best plan with every exit off. ``portend_plan`` is PORTEND's search space (one global threshold
 level, exits only at stage ends) solved by enumeration.
@@ -19,6 +20,7 @@ from distree.solver.costs import best_placement, evaluate, first_true, reach_blo
 from distree.solver.problem import Problem
 
 DEADLINE_WEIGHTS = (0.0, 0.01, 0.1, 1.0, 10.0, 1000.0)
+WIDTHS = (1, 2)     # exits changed together by one local-search move: singles first, pairs when stuck
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,11 @@ def _key(c: Candidate) -> tuple[bool, float]:
 
 
 class _MoveScorer:
-    """Scores every single-exit level change for a FIXED placement in O(N) each.
+    """Scores every level combination of a window of consecutive exits for a FIXED placement.
 
-    Sample i currently leaves at ``first[i]`` (E = final) and would leave at ``second[i]`` if that exit
-    no longer took it. Changing exit j moves a sample only to j, to ``second``, or not at all.
+    Sample i currently leaves at ``first[i]`` (E = final). Changing the levels of exits a..a+w-1 moves only
+    samples that reach a: to the first window exit they pass, else to the first enabled exit after the
+    window they pass (or the end), which the window does not change. One pass scores all combinations.
     """
 
     def __init__(self, p: Problem, levels: np.ndarray, placement: np.ndarray):
@@ -82,16 +85,11 @@ class _MoveScorer:
         self.base = np.append(prefix[p.exit_after] + p.return_ms[self.head_dev],
                               prefix[-1] + p.return_ms[placement[-1]])
         self.fixed_worst = blocks.sum() + cuts.sum() + p.return_ms[placement[-1]]
-        en = levels > 0
-        passes = (p.passed_level >= levels[None, :]) & en[None, :]
-        N = p.n_samples
-        self.first = first_true(passes)
-        self.second = first_true(passes & (np.arange(E)[None, :] > self.first[:, None]))
+        self.passes = (p.passed_level >= levels[None, :]) & (levels[None, :] > 0)
+        self.first = first_true(self.passes)
         self.corr = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1).astype(int)
-        self.rows = np.arange(N)
         self.on_device = [placement == d for d in range(p.n_devices)]
         self.used = np.array([m.any() for m in self.on_device])
-        self.block_of = np.append(p.exit_after, B - 1)
         # memory of a candidate = the blocks' (fixed) + the enabled heads' on each device: precomputed parts
         used = np.nonzero(self.used)[0]
         self.used_idx = used
@@ -101,25 +99,35 @@ class _MoveScorer:
         self.head_param = p.head_param[self.head_dev, np.arange(E)]
         self.head_act = p.head_act[self.head_dev, np.arange(E)]
 
-    def scores(self, j: int) -> np.ndarray:
-        """Penalised expected latency of exit j at every level 0..n (inf where a constraint breaks)."""
-        p, E = self.p, self.p.n_exits
-        levels = np.arange(p.n_levels[j] + 1)
-        pass_new = (p.passed_level[None, :, j] >= levels[:, None]) & (levels[:, None] > 0)     # [V, N]
-        kept = np.where(self.first == j, self.second, self.first)[None, :]
-        new = np.where(self.first[None, :] < j, self.first[None, :], np.where(pass_new, j, kept))
-        en = np.repeat((self.levels > 0)[None, :], len(levels), axis=0)
-        en[:, j] = levels > 0
+    def window(self, a: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every level combination of exits a..a+width-1, the others as they are.
+
+        Returns the combinations [V, w] and their penalised expected latency [V] (inf where a constraint
+        other than accuracy breaks; a missing correct answer costs 1e6 ms / N).
+        """
+        p, E, N = self.p, self.p.n_exits, self.p.n_samples
+        w = min(width, E - a)
+        combos = np.array(list(itertools.product(*(range(p.n_levels[a + t] + 1) for t in range(w)))), dtype=int)
+        V = len(combos)
+        en = np.repeat((self.levels > 0)[None, :], V, axis=0)
+        en[:, a:a + w] = combos > 0
+        reach = np.nonzero(self.first >= a)[0]
+        after = a + w + first_true(self.passes[reach, a + w:])                       # [R] exit past the window
+        in_window = p.passed_level[reach, a:a + w]
+        passes = (in_window[None] >= combos[:, None, :]) & (combos[:, None, :] > 0)     # [V, R, w]
+        new = np.where(passes.any(axis=2), a + passes.argmax(axis=2), after[None, :])   # [V, R]
         head_w = self.hm[None, :] * en
         heads_cum = np.concatenate([np.cumsum(head_w, axis=1), head_w.sum(1, keepdims=True)], axis=1)
-        rows = np.arange(len(levels))[:, None]
-        cost = (self.base[new] + heads_cum[rows, new]).mean(axis=1)
-        correct = self.corr[self.rows[None, :], new].sum(axis=1)
-        counts = np.bincount((new + rows * (E + 1)).ravel(), minlength=len(levels) * (E + 1))
-        rates = counts.reshape(len(levels), E + 1) / p.n_samples
-        out = cost + 1e6 * np.maximum(0, p.required_correct - correct) / p.n_samples
+        rows = np.arange(V)[:, None]
+        gone = self.first[self.first < a]                  # samples leaving before the window: unchanged
+        cost = ((self.base[gone] + heads_cum[0, gone]).sum()
+                + (self.base[new] + heads_cum[rows, new]).sum(axis=1)) / N
+        correct = self.corr[self.first < a, gone].sum() + self.corr[reach[None, :], new].sum(axis=1)
+        counts = np.bincount((new + rows * (E + 1)).ravel(), minlength=V * (E + 1)).reshape(V, E + 1)
+        rates = (counts + np.bincount(gone, minlength=E + 1)[None, :]) / N
+        out = cost + 1e6 * np.maximum(0, p.required_correct - correct) / N
         out[~self._fits(en, rates)] = np.inf
-        return out
+        return combos, out
 
     def _fits(self, en: np.ndarray, rates: np.ndarray) -> np.ndarray:
         """[V] which candidates (enabled exits ``en`` [V, E], exit rates [V, E + 1]) meet the deadline,
@@ -155,9 +163,23 @@ def _starts(p: Problem) -> list[np.ndarray]:
     return [np.minimum(g, p.n_levels) for g in range(top + 1)]
 
 
+def _best_window_move(p: Problem, scorer: _MoveScorer, levels: np.ndarray, width: int,
+                      to_beat: float) -> tuple[tuple[int, np.ndarray] | None, float]:
+    """The best level change of ``width`` consecutive exits scoring below ``to_beat`` (None: there is none)."""
+    best, best_score = None, to_beat
+    for a in range(p.n_exits - width + 1):
+        combos, scores = scorer.window(a, width)
+        scores[(combos == levels[a:a + width]).all(axis=1)] = np.inf
+        v = int(np.argmin(scores))
+        if scores[v] < best_score - 1e-12:
+            best, best_score = (a, combos[v]), scores[v]
+    return best, best_score
+
+
 def local_search(p: Problem, max_rounds: int = 200, time_limit_s: float = np.inf,
-                 starts: list[np.ndarray] | None = None) -> Candidate | None:
-    """Best single-exit level change under the current placement, then re-place exactly; repeat.
+                 starts: list[np.ndarray] | None = None, widths: tuple[int, ...] = WIDTHS) -> Candidate | None:
+    """Best level change of a window of consecutive exits under the current placement, then re-place
+    exactly; repeat. Windows of ``widths[0]`` exits first, wider ones only when no narrower move helps.
 
     Starts from the best of ``starts`` (default: all exits off, and every exit at one common level).
     """
@@ -173,17 +195,14 @@ def local_search(p: Problem, max_rounds: int = 200, time_limit_s: float = np.inf
         if time.perf_counter() > stop_at:
             break
         scorer = _MoveScorer(p, cur.levels, cur.placement)
-        best_move, best_score = None, cur_score
-        for j in range(p.n_exits):
-            scores = scorer.scores(j)
-            scores[cur.levels[j]] = np.inf
-            lv = int(np.argmin(scores))
-            if scores[lv] < best_score - 1e-12:
-                best_move, best_score = (j, lv), scores[lv]
-        if best_move is None:
+        for width in widths:
+            move, _ = _best_window_move(p, scorer, cur.levels, width, cur_score)
+            if move is not None:
+                break
+        if move is None:
             break
         trial = cur.levels.copy()
-        trial[best_move[0]] = best_move[1]
+        trial[move[0]:move[0] + len(move[1])] = move[1]
         moved = place(p, trial)
         if moved is None:
             break

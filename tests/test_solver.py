@@ -14,7 +14,9 @@ from distree.cli import cli
 from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
 from distree.solver.bnb import branch_and_bound
-from distree.solver.costs import evaluate, relaxed_lower_bound
+from distree.solver.bounds import bound_tables, window_bound
+from distree.solver.brute import all_configurations
+from distree.solver.costs import evaluate, first_true, relaxed_lower_bound
 from distree.solver.heuristic import _MoveScorer, _penalised, iterated_local_search, local_search, place
 from distree.solver.milp import solve_milp
 from distree.solver.problem import clopper_pearson_lower, required_correct
@@ -282,3 +284,49 @@ def test_cli_sweep_frontier_and_errors(tmp_path):
     assert "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, ["plan", *args, "--sweep", "depth=1"])
     assert bad.exit_code == 2 and "accuracy-drop=V1" in bad.output
+
+
+def test_window_bound_never_exceeds_any_completion():
+    """The window bound (shared thresholds, heads on the way) at any multiplier, any width and any decided
+    prefix is at most the cost of every feasible completion, checked by enumerating all of them."""
+    checked = 0
+    for seed in range(60):
+        case, c = _random_instance(seed)
+        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        if problem.n_exits == 0:
+            continue
+        tables = bound_tables(problem)
+        configs = all_configurations(problem.n_levels)
+        best = {}
+        for levels in configs:
+            found = place(problem, levels)
+            if found is not None and found.feasible:
+                ev = evaluate(problem, levels, found.placement)
+                key = tuple(levels)
+                best[key] = ev.expected_ms
+        if not best:
+            continue
+        rng = np.random.default_rng(seed)
+        N, K = problem.n_samples, problem.required_correct
+        for _ in range(4):
+            depth = int(rng.integers(0, problem.n_exits + 1))
+            prefix = tuple(int(x) for x in configs[rng.integers(len(configs))][:depth])
+            completions = [v for k, v in best.items() if k[:depth] == prefix]
+            if not completions:
+                continue
+            lv = np.array(prefix, dtype=int)
+            passes = (problem.passed_level[:, :depth] >= lv[None]) & (lv[None] > 0)
+            first = first_true(passes)
+            survivors = first == depth
+            gone = np.nonzero(~survivors)[0]
+            heads = np.cumsum(tables.head[:depth] * (lv > 0))
+            fixed = (tables.leave[first[gone]] + np.where(first[gone] > 0, heads[first[gone] - 1], 0.0)).sum()
+            fixed_right = int(problem.correct_exit[gone, first[gone]].sum())
+            paid = (heads[-1] if depth else 0.0) * survivors.sum()
+            for lam in (0.0, 0.5, 3.0, 20.0):
+                for width in (1, 2, 3):
+                    value = window_bound(problem, tables, lam, survivors, depth, width)
+                    total = (fixed + paid - lam * fixed_right + value + lam * K) / N
+                    assert total <= min(completions) + 1e-9, (seed, depth, lam, width)
+                    checked += 1
+    assert checked >= 500, checked

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.costs import best_placement, cheapest_leave_ms, free_choice_ms, option_tables
+from distree.solver.bounds import best_multiplier, bound_tables, window_bound
+from distree.solver.costs import best_placement, free_choice_ms
 from distree.solver.heuristic import Candidate, place
 from distree.solver.problem import Problem
 
@@ -58,9 +59,10 @@ class _Node:
 class _Search:
     def __init__(self, p: Problem, incumbent: Candidate | None):
         self.p = p
-        self.leave = cheapest_leave_ms(p)
-        self.after, self.after_right = option_tables(p, self.leave)
-        self.head_min = p.head_ms.min(axis=0) if p.n_exits else np.zeros(0)
+        self.tables = bound_tables(p)
+        self.leave, self.after, self.after_right = self.tables.leave, self.tables.after, self.tables.after_right
+        self.head_min = self.tables.head
+        self.lam = best_multiplier(p, self.tables)[1] if p.n_exits else 0.0
         self.best = incumbent
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
         self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)
@@ -75,7 +77,10 @@ class _Search:
     def _make(self, depth, levels, survivors, fixed_ms, fixed_right, heads_ms) -> _Node:
         free = free_choice_ms(self.p.required_correct - fixed_right, self.after[survivors, depth],
                               self.after_right[survivors, depth])
-        bound = fixed_ms + heads_ms * survivors.sum() + free
+        paid = fixed_ms + heads_ms * survivors.sum()
+        shared = (paid - self.lam * (fixed_right - self.p.required_correct)
+                  + window_bound(self.p, self.tables, self.lam, survivors, depth))
+        bound = max(paid + free, shared)
         if self.p.deadline_ms is not None and self.leave[-1] + heads_ms > self.p.deadline_ms + 1e-9:
             bound = np.inf                 # the no-exit path already misses the deadline with these heads
         return _Node(bound, depth, levels, np.packbits(survivors), fixed_ms, fixed_right, heads_ms)

@@ -91,7 +91,7 @@ def _single_exit_windows(p, t, lam, rows, chance, free, sure_heads, depth) -> fl
     off = np.bincount(chance - depth, weights=free, minlength=shape[0])
     # level l: samples with passed >= l leave, the others skip
     leave_at = np.cumsum(by_leave[:, ::-1], axis=1)[:, ::-1]              # sum over passed >= l
-    skip_at = np.cumsum(by_skip, axis=1) - by_skip                        # sum over passed < l
+    skip_at = np.concatenate([np.zeros((shape[0], 1)), np.cumsum(by_skip, axis=1)[:, :-1]], axis=1)  # passed < l
     cost = np.concatenate([off[:, None], (leave_at + skip_at)[:, 1:] + sure_heads[:, None]], axis=1)
     cost[np.arange(Lmax + 1)[None, :] > p.n_levels[depth:, None]] = np.inf
     return float(cost.min(axis=1).sum())
@@ -145,7 +145,10 @@ def best_multiplier(p: Problem, t: BoundTables, width: int = 1, iterations: int 
     def value(lam: float) -> float:
         return (window_bound(p, t, lam, width=width) + lam * K) / N
 
-    lo, hi = 0.0, 4.0 * float(t.leave[-1]) + 1.0
+    finite = t.leave[np.isfinite(t.leave)]
+    if not len(finite):
+        return np.inf, 0.0                            # no exit and no end can be reached within memory
+    lo, hi = 0.0, 4.0 * float(finite.max()) + 1.0
     g = (5 ** 0.5 - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     fa, fb = value(a), value(b)

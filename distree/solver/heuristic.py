@@ -113,9 +113,10 @@ class _MoveScorer:
         en[:, a:a + w] = combos > 0
         reach = np.nonzero(self.first >= a)[0]
         after = a + w + first_true(self.passes[reach, a + w:])                       # [R] exit past the window
-        in_window = p.passed_level[reach, a:a + w]
-        passes = (in_window[None] >= combos[:, None, :]) & (combos[:, None, :] > 0)     # [V, R, w]
-        new = np.where(passes.any(axis=2), a + passes.argmax(axis=2), after[None, :])   # [V, R]
+        new = np.repeat(after[None, :], V, axis=0)                                    # [V, R] exit taken
+        for t in range(w - 1, -1, -1):                  # the first window exit passed wins: fill back to front
+            level = combos[:, t][:, None]
+            new[(p.passed_level[reach, a + t][None, :] >= level) & (level > 0)] = a + t
         head_w = self.hm[None, :] * en
         heads_cum = np.concatenate([np.cumsum(head_w, axis=1), head_w.sum(1, keepdims=True)], axis=1)
         rows = np.arange(V)[:, None]

@@ -26,7 +26,8 @@ from distree.targets.spec import Topology
 BUILD_S_PER_ROW = 2e-4
 HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start local search
 PROBE_SHARE = 0.2              # of the time then left: a first branch and bound (proves small problems)
-KICKS_UNTIL = 0.5              # share of the time limit by which the iterated local search stops kicking
+KICKS_UNTIL = 0.8              # share of the time limit by which the iterated local search stops kicking
+KICKS_BEFORE_MILP = 0.2        # share of the time left that kicks get before a MILP that is not yet proven
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 
@@ -39,8 +40,8 @@ def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: To
 
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
                   constraints: Constraints) -> Plan:
-    """Local search -> a probing branch and bound (depth first) -> the MILP with the time left, when it can be
-    built in time; else kicks (iterated local search) -> best-first branch and bound with the time left.
+    """Local search -> a probing branch and bound (depth first) -> kicks (iterated local search) -> the MILP
+    with the time left, when it can be built in time; else a best-first branch and bound with the time left.
 
     Every stage runs against one deadline, t0 + time_limit_s; building and loading the MILP count too.
     """
@@ -50,11 +51,15 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     rows = estimated_rows(p)
     tree = branch_and_bound(p, warm, PROBE_SHARE * max(0.0, deadline - time.perf_counter()))
     milp_fits = rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
+    if not tree.complete and tree.best is not None and not constraints.dump_lp:
+        # kicks: until KICKS_UNTIL of the limit when the best-first tree follows (its bound settles within
+        # seconds), or for KICKS_BEFORE_MILP of the time left, so that HiGHS starts from a better plan
+        kicks_s = (t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter() if not milp_fits
+                   else KICKS_BEFORE_MILP * (deadline - time.perf_counter()))
+        tree = dataclasses.replace(tree, best=iterated_local_search(p, tree.best, time_limit_s=kicks_s))
     if not tree.complete and not milp_fits and not constraints.dump_lp:
-        kicked = tree.best if tree.best is None else iterated_local_search(
-            p, tree.best, time_limit_s=t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter())
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
-        tree = branch_and_bound(p, kicked, max(0.0, deadline - time.perf_counter()), best_first=True)
+        tree = branch_and_bound(p, tree.best, max(0.0, deadline - time.perf_counter()), best_first=True)
         tree = dataclasses.replace(tree, bound=max(tree.bound, probe_bound))
     best = tree.best
     start = (best.levels, best.placement) if best is not None else None

@@ -14,7 +14,7 @@ from distree.cli import cli
 from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
 from distree.solver.bnb import branch_and_bound
-from distree.solver.bounds import bound_tables, window_bound
+from distree.solver.bounds import WindowTerms, bound_tables, window_bound
 from distree.solver.brute import all_configurations
 from distree.solver.costs import evaluate, first_true, relaxed_lower_bound
 from distree.solver.heuristic import _MoveScorer, _penalised, iterated_local_search, local_search, place
@@ -324,6 +324,8 @@ def test_window_bound_never_exceeds_any_completion():
             fixed_right = int(problem.correct_exit[gone, first[gone]].sum())
             paid = (heads[-1] if depth else 0.0) * survivors.sum()
             for lam in (0.0, 0.5, 3.0, 20.0):
+                fast = window_bound(problem, tables, lam, survivors, depth, 1)        # the per-exit shortcut
+                assert fast == pytest.approx(WindowTerms(problem, tables, 1, survivors, depth).value(lam))
                 for width in (1, 2, 3):
                     value = window_bound(problem, tables, lam, survivors, depth, width)
                     total = (fixed + paid - lam * fixed_right + value + lam * K) / N

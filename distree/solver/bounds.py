@@ -60,27 +60,35 @@ def window_bound(p: Problem, t: BoundTables, lam: float, survivors: np.ndarray |
     """min over the levels of exits depth.. of sum over ``survivors`` of (latency - lam * correct), relaxed as
     the module says; survivors have not left before exit ``depth`` (the heads they evaluated before are not in
     it). Add lam * K and the decided samples' (latency - lam * correct) for a bound on the whole plan."""
-    rows = np.arange(p.n_samples) if survivors is None else np.nonzero(survivors)[0]
-    E = p.n_exits
-    chance = t.first_chance[rows, depth]
-    done = chance == E
-    total = float((t.leave[E] - lam * p.correct_final[rows[done]]).sum())
-    if depth == E:
-        return total
-    rows, chance = rows[~done], chance[~done]
-    # heads surely evaluated: exit k (depth <= k < E) is reached by every survivor whose first chance is later
-    later = len(rows) + int(done.sum()) - np.cumsum(np.bincount(chance - depth, minlength=E - depth))
-    sure_heads = t.head[depth:] * later                                                 # [E - depth]
-    free = np.minimum(t.after[rows, chance + width], t.after_right[rows, chance + width] - lam) \
-        if width == 1 else None
     if width == 1:
-        return total + _single_exit_windows(p, t, lam, rows, chance, free, sure_heads, depth)
-    return total + _window_dp(p, t, lam, rows, chance, sure_heads, depth, width)
+        split = _Split(p, t, survivors, depth)
+        if depth == p.n_exits:
+            return split.final_ms - lam * split.final_right
+        return split.final_ms - lam * split.final_right + _single_exit_windows(p, t, lam, split, depth)
+    return WindowTerms(p, t, width, survivors, depth).value(lam)
 
 
-def _single_exit_windows(p, t, lam, rows, chance, free, sure_heads, depth) -> float:
+class _Split:
+    """Survivors by first chance; those with none go to the end; heads surely evaluated per exit."""
+
+    def __init__(self, p: Problem, t: BoundTables, survivors: np.ndarray | None, depth: int):
+        rows = np.arange(p.n_samples) if survivors is None else np.nonzero(survivors)[0]
+        E = p.n_exits
+        chance = t.first_chance[rows, depth]
+        done = chance == E
+        self.final_ms = float(t.leave[E] * done.sum())
+        self.final_right = int(p.correct_final[rows[done]].sum())
+        self.rows, self.chance = rows[~done], chance[~done]
+        # exit k (depth <= k < E) is reached by every survivor whose first chance is later
+        later = len(rows) - np.cumsum(np.bincount(self.chance - depth, minlength=E - depth))
+        self.sure_heads = t.head[depth:] * later                                        # [E - depth]
+
+
+def _single_exit_windows(p: Problem, t: BoundTables, lam: float, split: _Split, depth: int) -> float:
     """Width 1: each exit's level only affects the samples whose first chance it is; a sum of minima."""
     E, Lmax = p.n_exits, int(p.n_levels.max())
+    rows, chance = split.rows, split.chance
+    free = np.minimum(t.after[rows, chance + 1], t.after_right[rows, chance + 1] - lam)
     passed = p.passed_level[rows, chance]
     leave_now = t.leave[chance] - lam * p.correct_exit[rows, chance]
     skip = t.head[chance] + free                     # level on but not passed: evaluate the head, go on
@@ -92,49 +100,73 @@ def _single_exit_windows(p, t, lam, rows, chance, free, sure_heads, depth) -> fl
     # level l: samples with passed >= l leave, the others skip
     leave_at = np.cumsum(by_leave[:, ::-1], axis=1)[:, ::-1]              # sum over passed >= l
     skip_at = np.concatenate([np.zeros((shape[0], 1)), np.cumsum(by_skip, axis=1)[:, :-1]], axis=1)  # passed < l
-    cost = np.concatenate([off[:, None], (leave_at + skip_at)[:, 1:] + sure_heads[:, None]], axis=1)
+    cost = np.concatenate([off[:, None], (leave_at + skip_at)[:, 1:] + split.sure_heads[:, None]], axis=1)
     cost[np.arange(Lmax + 1)[None, :] > p.n_levels[depth:, None]] = np.inf
     return float(cost.min(axis=1).sum())
 
 
-def _window_dp(p, t, lam, rows, chance, sure_heads, depth, width) -> float:
-    """Width >= 2: dynamic programme over exits; the state is the levels of the previous width - 1 exits."""
-    E, Lv = p.n_exits, int(p.n_levels.max()) + 1
-    n_ex = E - depth
-    pad = width - 1                                   # dummy exits past the end: always off
-    passed = np.concatenate([p.passed_level[rows, depth:], np.zeros((len(rows), pad), int)], axis=1)
-    correct = np.concatenate([p.correct_exit[rows, depth:], np.zeros((len(rows), pad), bool)], axis=1)
-    leave = np.concatenate([t.leave[depth:E], np.full(pad, np.inf)])
-    head = np.concatenate([t.head[depth:], np.zeros(pad)])
-    n_levels = np.concatenate([p.n_levels[depth:], np.zeros(pad, int)])
-    combos = np.array(list(itertools.product(range(Lv), repeat=width)), dtype=int)     # [V, width]
-    on = combos > 0
-    local = chance - depth
-    tables = np.zeros((n_ex, len(combos)))
-    for k in np.unique(local):
-        members = np.nonzero(local == k)[0]
-        r = rows[members]
-        passes = (passed[members, k:k + width][None] >= combos[:, None, :]) & on[:, None, :]   # [V, n, w]
-        first = passes.argmax(axis=2)
-        heads_before = np.concatenate([np.zeros((len(combos), 1)), np.cumsum(on * head[k:k + width], axis=1)],
-                                      axis=1)                                                 # [V, w + 1]
-        leaving = (leave[k + first] - lam * correct[members[None, :], k + first]
-                   + np.take_along_axis(heads_before, first, axis=1))
-        beyond = min(depth + k + width, E)           # the final classifier stays an option
-        free = np.minimum(t.after[r, beyond], t.after_right[r, beyond] - lam)
-        tables[k] = np.where(passes.any(axis=2), leaving, heads_before[:, width:] + free[None, :]).sum(axis=1)
-    unary = np.zeros((n_ex + pad, Lv))
-    unary[:n_ex, 1:] = sure_heads[:, None]
-    unary[np.arange(Lv)[None, :] > n_levels[:, None]] = np.inf
-    states = Lv ** (width - 1)
-    cost = np.full(states, np.inf)
-    cost[0] = 0.0                                     # the exits before depth count as off here
-    for step in range(n_ex + pad):
-        full = cost[:, None] + unary[step][None, :]   # index (previous width - 1 levels, this level)
-        if step - pad >= 0:
-            full = full + tables[step - pad].reshape(states, Lv)
-        cost = full.reshape(Lv, states).min(axis=0)   # forget the oldest level
-    return float(cost.min())
+class WindowTerms:
+    """Width >= 2, built once for a set of survivors: every level combination of each window, split into
+    the parts that do not depend on lam (latency, correct answers of those who leave inside the window) and
+    the samples who pass no window exit (they take their free choice, which does; one matrix product per lam).
+    :meth:`value` is then a dynamic programme over exits whose state is the previous width - 1 levels."""
+
+    def __init__(self, p: Problem, t: BoundTables, width: int, survivors: np.ndarray | None = None,
+                 depth: int = 0):
+        split = _Split(p, t, survivors, depth)
+        E, Lv = p.n_exits, int(p.n_levels.max()) + 1
+        self.width, self.levels_count, self.split = width, Lv, split
+        n_ex, pad = E - depth, width - 1             # dummy exits past the end: always off
+        passed = np.concatenate([p.passed_level[split.rows, depth:], np.zeros((len(split.rows), pad), int)], 1)
+        correct = np.concatenate([p.correct_exit[split.rows, depth:], np.zeros((len(split.rows), pad), bool)], 1)
+        leave = np.concatenate([t.leave[depth:E], np.full(pad, np.inf)])
+        head = np.concatenate([t.head[depth:], np.zeros(pad)])
+        n_levels = np.concatenate([p.n_levels[depth:], np.zeros(pad, int)])
+        combos = np.array(list(itertools.product(range(Lv), repeat=width)), dtype=int)   # [V, width]
+        on = combos > 0
+        local = split.chance - depth
+        self.fixed_ms = np.zeros((n_ex, len(combos)))        # latency of the window part, lam-free
+        self.right = np.zeros((n_ex, len(combos)))           # correct answers given inside the window
+        self.free_parts = []                                 # (k, [V, n] 1 where no window exit is passed, a, b)
+        for k in np.unique(local):
+            members = np.nonzero(local == k)[0]
+            heads_before = np.concatenate([np.zeros((len(combos), 1)), np.cumsum(on * head[k:k + width], axis=1)],
+                                          axis=1)                                             # [V, w + 1]
+            taken = np.full((len(combos), len(members)), width)                              # window slot taken
+            for slot in range(width - 1, -1, -1):
+                level = combos[:, slot][:, None]
+                taken[(passed[members, k + slot][None, :] >= level) & (level > 0)] = slot
+            inside = taken < width
+            slot = np.minimum(taken, width - 1)
+            self.fixed_ms[k] = np.where(inside, leave[k + slot], 0.0).sum(axis=1) + \
+                np.take_along_axis(heads_before, taken, axis=1).sum(axis=1)
+            self.right[k] = (inside & correct[members[None, :], k + slot]).sum(axis=1)
+            beyond = min(depth + k + width, E)       # the final classifier stays an option
+            r = split.rows[members]
+            self.free_parts.append((k, (~inside).astype(np.float32), t.after[r, beyond], t.after_right[r, beyond]))
+        self.unary = np.zeros((n_ex + pad, Lv))
+        self.unary[:n_ex, 1:] = split.sure_heads[:, None]
+        self.unary[np.arange(Lv)[None, :] > n_levels[:, None]] = np.inf
+
+    def value(self, lam: float) -> float:
+        """The window bound at multiplier ``lam`` (sum over the survivors, as :func:`window_bound`)."""
+        tables = self.fixed_ms - lam * self.right
+        for k, none_passed, after, after_right in self.free_parts:
+            free = np.minimum(after, after_right - lam)
+            finite = np.isfinite(free)
+            tables[k] += none_passed @ np.where(finite, free, 0.0)
+            if not finite.all():                      # a sample with no way out: that combination is impossible
+                tables[k][none_passed[:, ~finite].any(axis=1)] = np.inf
+        Lv, w = self.levels_count, self.width
+        states = Lv ** (w - 1)
+        cost = np.full(states, np.inf)
+        cost[0] = 0.0                                 # the exits before depth count as off here
+        for step in range(len(self.unary)):
+            full = cost[:, None] + self.unary[step][None, :]   # index (previous w - 1 levels, this level)
+            if step - (w - 1) >= 0:
+                full = full + tables[step - (w - 1)].reshape(states, Lv)
+            cost = full.reshape(Lv, states).min(axis=0)         # forget the oldest level
+        return self.split.final_ms - lam * self.split.final_right + float(cost.min())
 
 
 def best_multiplier(p: Problem, t: BoundTables, width: int = 1, iterations: int = 30) -> tuple[float, float]:
@@ -142,8 +174,11 @@ def best_multiplier(p: Problem, t: BoundTables, width: int = 1, iterations: int 
     Lagrangian is concave in lam)."""
     N, K = p.n_samples, p.required_correct
 
+    terms = WindowTerms(p, t, width) if width > 1 else None
+
     def value(lam: float) -> float:
-        return (window_bound(p, t, lam, width=width) + lam * K) / N
+        inner = terms.value(lam) if terms is not None else window_bound(p, t, lam)
+        return (inner + lam * K) / N
 
     finite = t.leave[np.isfinite(t.leave)]
     if not len(finite):
@@ -162,3 +197,18 @@ def best_multiplier(p: Problem, t: BoundTables, width: int = 1, iterations: int 
             b = lo + g * (hi - lo)
             fb = value(b)
     return (fa, a) if fa >= fb else (fb, b)
+
+
+SECONDS_PER_CELL = 1e-7   # measured: width 4 on the ResNet-110-scale case, 33M (combination, sample) cells, 3.3 s
+MAX_CELLS = 6e7           # float32 masks: ~240 MB at this size
+
+
+def widest_window_bound(p: Problem, t: BoundTables, seconds: float) -> tuple[float, int]:
+    """(bound in ms, width) at the widest window whose (level combination, sample) cells fit ``seconds`` and
+    MAX_CELLS; a wider window keeps more of each sample's path exact, so it is never weaker."""
+    combos_per_slot = int(p.n_levels.max()) + 1 if p.n_exits else 1
+    width = 1
+    while (width < p.n_exits
+           and combos_per_slot ** (width + 1) * p.n_samples <= min(MAX_CELLS, seconds / SECONDS_PER_CELL)):
+        width += 1
+    return best_multiplier(p, t, width, iterations=20 if width > 1 else 30)[0], width

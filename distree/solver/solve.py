@@ -14,6 +14,7 @@ from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.types import Profile
 from distree.solver.bnb import OPTIMALITY_TOLERANCE, branch_and_bound
+from distree.solver.bounds import bound_tables, widest_window_bound
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
 from distree.solver.heuristic import iterated_local_search, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
@@ -28,6 +29,7 @@ HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start 
 PROBE_SHARE = 0.2              # of the time then left: a first branch and bound (proves small problems)
 KICKS_UNTIL = 0.8              # share of the time limit by which the iterated local search stops kicking
 KICKS_BEFORE_MILP = 0.2        # share of the time left that kicks get before a MILP that is not yet proven
+WIDE_BOUND_SHARE = 0.1         # of the time limit, for the widest window bound that fits (bounds.py)
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 
@@ -51,6 +53,9 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     rows = estimated_rows(p)
     tree = branch_and_bound(p, warm, PROBE_SHARE * max(0.0, deadline - time.perf_counter()))
     milp_fits = rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
+    wide_bound = 0.0
+    if not tree.complete:
+        wide_bound, _ = widest_window_bound(p, bound_tables(p), WIDE_BOUND_SHARE * constraints.time_limit_s)
     if not tree.complete and tree.best is not None and not constraints.dump_lp:
         # kicks: until KICKS_UNTIL of the limit when the best-first tree follows (its bound settles within
         # seconds), or for KICKS_BEFORE_MILP of the time left, so that HiGHS starts from a better plan
@@ -101,7 +106,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         ev = evaluate(p, levels, placement)
     if not ev.feasible:
         raise RuntimeError(f"solver returned a plan that violates {ev.violations} (solver bug)")
-    bound = max(result.bound, tree.bound, relaxed_lower_bound(p))
+    bound = max(result.bound, tree.bound, relaxed_lower_bound(p), wide_bound)
     if result.status == "optimal":
         if bound > ev.expected_ms * (1 + 1e-6) + 1e-12:
             raise RuntimeError(f"lower bound {bound} exceeds the proven optimum {ev.expected_ms} (solver bug)")

@@ -132,15 +132,20 @@ class WindowTerms:
             members = np.nonzero(local == k)[0]
             heads_before = np.concatenate([np.zeros((len(combos), 1)), np.cumsum(on * head[k:k + width], axis=1)],
                                           axis=1)                                             # [V, w + 1]
-            taken = np.full((len(combos), len(members)), width)                              # window slot taken
+            taken = np.full((len(combos), len(members)), width, dtype=np.int8)              # window slot taken
             for slot in range(width - 1, -1, -1):
                 level = combos[:, slot][:, None]
                 taken[(passed[members, k + slot][None, :] >= level) & (level > 0)] = slot
+            for slot in range(width + 1):            # per slot, so no [V, n] index arrays are built
+                here = taken == slot
+                count = here.sum(axis=1)
+                self.fixed_ms[k] += count * heads_before[:, slot]
+                if slot < width and np.isfinite(leave[k + slot]):
+                    self.fixed_ms[k] += count * leave[k + slot]
+                    self.right[k] += (here & correct[members, k + slot][None, :]).sum(axis=1)
+                elif slot < width:
+                    self.fixed_ms[k][count > 0] = np.inf  # that exit cannot be reached within memory
             inside = taken < width
-            slot = np.minimum(taken, width - 1)
-            self.fixed_ms[k] = np.where(inside, leave[k + slot], 0.0).sum(axis=1) + \
-                np.take_along_axis(heads_before, taken, axis=1).sum(axis=1)
-            self.right[k] = (inside & correct[members[None, :], k + slot]).sum(axis=1)
             beyond = min(depth + k + width, E)       # the final classifier stays an option
             r = split.rows[members]
             self.free_parts.append((k, (~inside).astype(np.float32), t.after[r, beyond], t.after_right[r, beyond]))
@@ -154,7 +159,9 @@ class WindowTerms:
         for k, none_passed, after, after_right in self.free_parts:
             free = np.minimum(after, after_right - lam)
             finite = np.isfinite(free)
-            tables[k] += none_passed @ np.where(finite, free, 0.0)
+            free32 = np.where(finite, free, 0.0).astype(np.float32)   # single precision keeps the masks small;
+            rounding = (len(free) + 2) * 2.0 ** -24 * float(np.abs(free32).sum())   # its worst error, taken off
+            tables[k] += (none_passed @ free32).astype(float) - rounding
             if not finite.all():                      # a sample with no way out: that combination is impossible
                 tables[k][none_passed[:, ~finite].any(axis=1)] = np.inf
         Lv, w = self.levels_count, self.width
@@ -200,7 +207,7 @@ def best_multiplier(p: Problem, t: BoundTables, width: int = 1, iterations: int 
 
 
 SECONDS_PER_CELL = 1e-7   # measured: width 4 on the ResNet-110-scale case, 33M (combination, sample) cells, 3.3 s
-MAX_CELLS = 6e7           # float32 masks: ~240 MB at this size
+MAX_CELLS = 6e7           # single-precision masks: ~240 MB at this size, plus ~120 MB while building
 
 
 def widest_window_bound(p: Problem, t: BoundTables, seconds: float) -> tuple[float, int]:

@@ -325,7 +325,8 @@ def test_window_bound_never_exceeds_any_completion():
             paid = (heads[-1] if depth else 0.0) * survivors.sum()
             for lam in (0.0, 0.5, 3.0, 20.0):
                 fast = window_bound(problem, tables, lam, survivors, depth, 1)        # the per-exit shortcut
-                assert fast == pytest.approx(WindowTerms(problem, tables, 1, survivors, depth).value(lam))
+                general = WindowTerms(problem, tables, 1, survivors, depth).value(lam)   # minus its rounding margin
+                assert general <= fast + 1e-9 and general == pytest.approx(fast, rel=1e-5)
                 for width in (1, 2, 3):
                     value = window_bound(problem, tables, lam, survivors, depth, width)
                     total = (fixed + paid - lam * fixed_right + value + lam * K) / N

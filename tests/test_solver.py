@@ -14,7 +14,7 @@ from distree.cli import cli
 from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
 from distree.solver.bnb import branch_and_bound
-from distree.solver.bounds import WindowTerms, bound_tables, window_bound
+from distree.solver.bounds import WindowTerms, best_multiplier, bound_tables, window_bound
 from distree.solver.brute import all_configurations
 from distree.solver.costs import evaluate, first_true, relaxed_lower_bound
 from distree.solver.heuristic import _MoveScorer, _penalised, iterated_local_search, local_search, place
@@ -197,6 +197,9 @@ def test_time_limited_solve_is_not_called_optimal(size, limit):
     else:
         assert plan.status in ("time-limit", "feasible") and plan.gap > 0
         assert plan.gap == pytest.approx((plan.expected_latency_ms - plan.bound_ms) / plan.expected_latency_ms)
+        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        shared, _ = best_multiplier(problem, bound_tables(problem))      # the reported bound uses it, or better
+        assert plan.bound_ms >= shared - 1e-9 and plan.bound_ms >= relaxed_lower_bound(problem) - 1e-9
     _check_plan(plan, case, c)
 
 

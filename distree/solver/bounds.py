@@ -18,8 +18,9 @@ this way the exits interact only within a window, so the best levels are a dynam
 state is the levels of the previous ``width - 1`` exits; width 1 is a sum of independent per-exit minima.
 
 Measured at the root (``benchmarks/solver_scale.py`` cases): ResNet-110 scale 9.24 (free choice) -> 10.19
-(width 1) -> 10.37 (width 3) ms, against a best plan of 11.27; 200 blocks on 8 devices 30.58 -> 31.49 -> 31.86
-against 32.96.
+(width 1) -> 10.28 (2) -> 10.37 (3) -> 10.43 (4) ms, against a best plan of 11.26; 200 blocks on 8 devices 30.58
+-> 31.49 (1) -> 32.10 (6) against 32.96. The branch and bound uses width 1 at every node
+(:func:`window_bound`); a solve adds the widest window that fits its time once (:func:`widest_window_bound`).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _single_exit_windows(p: Problem, t: BoundTables, lam: float, split: _Split, 
 
 
 class WindowTerms:
-    """Width >= 2, built once for a set of survivors: every level combination of each window, split into
+    """Any width (used for >= 2), built once for a set of survivors: every level combination of each window, split into
     the parts that do not depend on lam (latency, correct answers of those who leave inside the window) and
     the samples who pass no window exit (they take their free choice, which does; one matrix product per lam).
     :meth:`value` is then a dynamic programme over exits whose state is the previous width - 1 levels."""

@@ -107,10 +107,11 @@ def _single_exit_windows(p: Problem, t: BoundTables, lam: float, split: _Split, 
 
 
 class WindowTerms:
-    """Any width (used for >= 2), built once for a set of survivors: every level combination of each window, split into
-    the parts that do not depend on lam (latency, correct answers of those who leave inside the window) and
-    the samples who pass no window exit (they take their free choice, which does; one matrix product per lam).
-    :meth:`value` is then a dynamic programme over exits whose state is the previous width - 1 levels."""
+    """Any width (used for >= 2), built once for a set of survivors: every level combination of each window,
+    split into the parts that do not depend on lam (latency, correct answers of those who leave inside the
+    window) and the samples who pass no window exit (they take their free choice, which does: one matrix product
+    per lam). :meth:`value` is then a dynamic programme over exits whose state is the previous width - 1 levels.
+    """
 
     def __init__(self, p: Problem, t: BoundTables, width: int, survivors: np.ndarray | None = None,
                  depth: int = 0):

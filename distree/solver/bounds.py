@@ -45,15 +45,25 @@ class BoundTables:
     first_chance: np.ndarray  # [N, E + 1] first exit >= j the sample passes at some level (E: none)
 
 
-def bound_tables(p: Problem) -> BoundTables:
-    leave = cheapest_leave_ms(p)
-    after, after_right = option_tables(p, leave)
+def bound_tables(p: Problem, head_price: np.ndarray | None = None) -> BoundTables:
+    """The tables with heads charged ``head_price``, or else under the best prices tried: each head at its
+    cheapest device, or every head at one device's cost (paths elsewhere credited,
+    :func:`~distree.solver.costs.cheapest_leave_ms`). Measured: ResNet-110 scale width-1 root bound 10.19 ->
+    10.27 ms, 200 blocks 31.49 -> 31.71, 22 trained exits (branch and bound, 20 s) 0.74 -> 0.86."""
     N, E = p.passed_level.shape
     chance = np.full((N, E + 1), E)
     for j in range(E - 1, -1, -1):
         chance[:, j] = np.where(p.passed_level[:, j] > 0, j, chance[:, j + 1])
-    head = p.head_ms.min(axis=0) if E else np.zeros(0)
-    return BoundTables(leave, after, after_right, head, chance)
+    candidates = [head_price] if head_price is not None else \
+        [p.head_ms.min(axis=0), *(row for row in p.head_ms if np.all(np.isfinite(row)))] if E else [np.zeros(0)]
+    best, best_value = None, -np.inf
+    for price in candidates:
+        leave = cheapest_leave_ms(p, head_price=price)
+        tables = BoundTables(leave, *option_tables(p, leave), price, chance)
+        value = best_multiplier(p, tables)[0] if len(candidates) > 1 else 0.0
+        if best is None or value > best_value:
+            best, best_value = tables, value
+    return best
 
 
 def window_bound(p: Problem, t: BoundTables, lam: float, survivors: np.ndarray | None = None, depth: int = 0,

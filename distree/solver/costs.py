@@ -214,16 +214,25 @@ def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
     return pl, float(final.min())
 
 
-def cheapest_leave_ms(p: Problem) -> np.ndarray:
+def cheapest_leave_ms(p: Problem, head_price: np.ndarray | None = None) -> np.ndarray:
     """[E + 1] a lower bound on the latency of a sample leaving at exit j (last: the final classifier).
 
     The blocks up to the exit on the cheapest staged path to it: each stage a contiguous range whose
     blocks fit its device's memory (heads ignored), devices in pipeline order (any order with
     ``free_order``, revisits allowed), plus head j and returning the answer. Every feasible placement runs
     a sample along such a path, so bounds built on these costs are valid for all of them.
+
+    With ``head_price`` [E] (what a bound will charge for each head evaluated before the exit), the path is
+    also credited min(0, cost of head k on its device - price k) for every exit k before j: a bound charging
+    leave[j] + the prices of the heads a sample evaluates then stays below its true latency on every path
+    (the credit is at most the head's true cost minus its price, and never positive for a head skipped).
+    Pricing heads at the source device's cost, not the cheapest device's, is what that buys.
     """
-    D, B = p.n_devices, p.n_blocks
-    c = np.concatenate([np.zeros((D, 1)), np.cumsum(p.block_ms, axis=1)], axis=1)
+    D, B, E = p.n_devices, p.n_blocks, p.n_exits
+    credit = np.zeros((D, E)) if head_price is None else np.minimum(0.0, p.head_ms - head_price[None, :])
+    block = p.block_ms.copy()
+    np.add.at(block, (slice(None), p.exit_after), credit)          # heads after block a are passed on a's device
+    c = np.concatenate([np.zeros((D, 1)), np.cumsum(block, axis=1)], axis=1)
     ms = c[:, None, 1:] - c[:, :-1, None]                                   # [D, s, e] blocks s..e on d
     cp = np.concatenate([np.zeros((D, 1)), np.cumsum(p.block_param, axis=1)], axis=1)
     act = np.full((D, B, B), np.inf)
@@ -240,8 +249,11 @@ def cheapest_leave_ms(p: Problem) -> np.ndarray:
         if e + 1 < B:
             via = done[:, e][:, None] + p.cut_ms[:, :, e + 1]
             enter[:, e + 1] = np.where(allowed, via, np.inf).min(axis=0)
-    return np.array([(done[:, a] + p.head_ms[:, j] + p.return_ms).min() for j, a in enumerate(p.exit_after)]
-                    + [(done[:, -1] + p.return_ms).min()])
+    leave = []
+    for j, a in enumerate(p.exit_after):
+        not_before = (p.exit_after == a) & (np.arange(E) >= j)   # heads on block a from j on: not passed yet
+        leave.append((done[:, a] - credit[:, not_before].sum(axis=1) + p.head_ms[:, j] + p.return_ms).min())
+    return np.array(leave + [(done[:, -1] + p.return_ms).min()])
 
 
 def free_choice_ms(need_right: int, base: np.ndarray, right: np.ndarray) -> float:

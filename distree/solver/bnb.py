@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.bounds import best_multiplier, bound_tables, window_bound
+from distree.solver.bounds import BoundTables, best_multiplier, bound_tables, window_bound
 from distree.solver.costs import best_placement, free_choice_ms
 from distree.solver.heuristic import Candidate, place
 from distree.solver.problem import Problem
@@ -59,11 +59,11 @@ class _Node:
 
 
 class _Search:
-    def __init__(self, p: Problem, incumbent: Candidate | None):
+    def __init__(self, p: Problem, incumbent: Candidate | None, tables: BoundTables | None):
         self.p = p
-        self.tables = bound_tables(p)
+        self.tables = bound_tables(p) if tables is None else tables
         self.leave, self.after, self.after_right = self.tables.leave, self.tables.after, self.tables.after_right
-        self.head_min = self.tables.head
+        self.head_price = self.tables.head
         self.lam = best_multiplier(p, self.tables)[1] if p.n_exits else 0.0
         self.best = incumbent
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
@@ -105,7 +105,7 @@ class _Search:
             if count in seen:
                 continue                   # same survivors leave as at the previous level (sets are nested)
             seen.add(count)
-            heads = node.heads_ms + self.head_min[j]
+            heads = node.heads_ms + self.head_price[j]
             cost = count * (self.leave[j] + node.heads_ms)
             kids.append(self._make(j + 1, node.levels + (level,), survivors & ~leaving,
                                    node.fixed_ms + cost, node.fixed_right + int(p.correct_exit[leaving, j].sum()),
@@ -132,12 +132,12 @@ class _Search:
 
 
 def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,
-                     best_first: bool = False) -> BnbResult:
+                     best_first: bool = False, tables: BoundTables | None = None) -> BnbResult:
     """Search until proven or ``time_limit_s`` (or, best first, MAX_OPEN_NODES open); the bound is valid
     either way."""
     t0 = time.perf_counter()
     stop_at = t0 + time_limit_s
-    s = _Search(p, incumbent)
+    s = _Search(p, incumbent, tables)
     root = s.root()
     open_nodes = [(root.bound, 0, root)] if np.isfinite(root.bound) else []   # (bound, tie-break, node)
     pushed = nodes = 0

@@ -51,11 +51,12 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     deadline = t0 + constraints.time_limit_s
     warm = local_search(p, time_limit_s=HEURISTIC_SHARE * constraints.time_limit_s)
     rows = estimated_rows(p)
-    tree = branch_and_bound(p, warm, PROBE_SHARE * max(0.0, deadline - time.perf_counter()))
+    tables = bound_tables(p)
+    tree = branch_and_bound(p, warm, PROBE_SHARE * max(0.0, deadline - time.perf_counter()), tables=tables)
     milp_fits = rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
     wide_bound = 0.0
     if not tree.complete:
-        wide_bound, _ = widest_window_bound(p, bound_tables(p), WIDE_BOUND_SHARE * constraints.time_limit_s)
+        wide_bound, _ = widest_window_bound(p, tables, WIDE_BOUND_SHARE * constraints.time_limit_s)
     if not tree.complete and tree.best is not None and not constraints.dump_lp:
         # kicks: until KICKS_UNTIL of the limit when the best-first tree follows (its bound settles within
         # seconds), or for KICKS_BEFORE_MILP of the time left, so that HiGHS starts from a better plan
@@ -64,7 +65,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         tree = dataclasses.replace(tree, best=iterated_local_search(p, tree.best, time_limit_s=kicks_s))
     if not tree.complete and not milp_fits and not constraints.dump_lp:
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
-        tree = branch_and_bound(p, tree.best, max(0.0, deadline - time.perf_counter()), best_first=True)
+        tree = branch_and_bound(p, tree.best, max(0.0, deadline - time.perf_counter()), best_first=True,
+                                tables=tables)
         tree = dataclasses.replace(tree, bound=max(tree.bound, probe_bound))
     best = tree.best
     start = (best.levels, best.placement) if best is not None else None

@@ -38,7 +38,8 @@ def _rates(text: str) -> list[float]:
 @click.command("simulate")
 @click.argument("plan_path", metavar="PLAN", type=click.Path(path_type=Path))
 @click.option("--chain", "chain_path", default=None, type=click.Path(path_type=Path),
-              help="Chain JSON `distree plan` used (`distree inspect --json`). Default for a bundle: its planning/ copy.")
+              help="Chain JSON `distree plan` used (`distree inspect --json`). Default for a bundle: its "
+                   "planning/ copy.")
 @click.option("--calibration", "calibration_path", default=None, type=click.Path(path_type=Path),
               help="Calibration JSON `distree plan` used. Default for a bundle: its planning/ copy.")
 @click.option("--profile", "profile_path", default=None, type=click.Path(path_type=Path),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.bounds import BoundTables, best_multiplier, bound_tables, window_bound
+from distree.solver.bounds import BoundTables, bound_tables, window_bound
 from distree.solver.costs import best_placement, free_choice_ms
 from distree.solver.heuristic import Candidate, place
 from distree.solver.problem import Problem
@@ -64,7 +64,7 @@ class _Search:
         self.tables = bound_tables(p) if tables is None else tables
         self.leave, self.after, self.after_right = self.tables.leave, self.tables.after, self.tables.after_right
         self.head_price = self.tables.head
-        self.lam = best_multiplier(p, self.tables)[1] if p.n_exits else 0.0
+        self.lam = self.tables.lam
         self.best = incumbent
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
         self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)

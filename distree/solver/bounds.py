@@ -25,6 +25,7 @@ Measured at the root (``benchmarks/solver_scale.py`` cases): ResNet-110 scale 9.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class BoundTables:
     after_right: np.ndarray   # [N, E + 2] cheapest correct option among exits >= j
     head: np.ndarray          # [E] each head at its cheapest device
     first_chance: np.ndarray  # [N, E + 1] first exit >= j the sample passes at some level (E: none)
+    lam: float = 0.0          # the best width-1 multiplier under these prices (the tree uses it at every node)
 
 
 def bound_tables(p: Problem, head_price: np.ndarray | None = None) -> BoundTables:
@@ -60,9 +62,9 @@ def bound_tables(p: Problem, head_price: np.ndarray | None = None) -> BoundTable
     for price in candidates:
         leave = cheapest_leave_ms(p, head_price=price)
         tables = BoundTables(leave, *option_tables(p, leave), price, chance)
-        value = best_multiplier(p, tables)[0] if len(candidates) > 1 else 0.0
+        value, lam = best_multiplier(p, tables) if E else (0.0, 0.0)
         if best is None or value > best_value:
-            best, best_value = tables, value
+            best, best_value = dataclasses.replace(tables, lam=lam), value
     return best
 
 

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/solver_scale.py [--example DIR] [--only NAME ...]
 
 Cases (issue 6): the example model on 2 and 3 devices (from DIR/chain.json, calibration.json and
-profile.json if given, else a synthetic stand-in of the same shape, labelled as such); a ResNet-110-scale
+profile.json, written by ``benchmarks/solver_example.sh DIR``; without --example a synthetic stand-in of the
+same shape, labelled as such); a ResNet-110-scale
 chain (55 blocks, 54 candidate exits, 8 threshold levels, 5,000 calibration samples, 3 devices); 200
 blocks on 8 devices; and a few mid-size cases that map where the MILP still proves optimality.
 

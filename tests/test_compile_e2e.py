@@ -53,3 +53,19 @@ def test_compile_verify_run(tmp_path):
     report = json.loads(run.stdout)
     assert report["samples"] == 40 and len(report["exits"]) == 40
     assert report["accuracy"] == pytest.approx(float((np.asarray(report["predictions"]) == test.y).mean()))
+
+
+def test_cache_keys_follow_distree_source(tmp_path):
+    """A stage cached by one version of distree is not served to another: the keys include its source."""
+    from distree.compiler.pipeline import _code_fingerprint, source_fingerprint
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    before = source_fingerprint(tmp_path / "pkg")
+    assert source_fingerprint(tmp_path / "pkg") == before                       # stable
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
+    edited = source_fingerprint(tmp_path / "pkg")
+    assert edited != before
+    (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "b.py")    # same bytes, another module
+    assert source_fingerprint(tmp_path / "pkg") not in (before, edited)
+    assert _code_fingerprint() == source_fingerprint(REPO / "distree")

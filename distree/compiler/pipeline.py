@@ -1,12 +1,13 @@
 """``distree compile``: inspect -> exits -> calibrate -> profile -> plan -> build, each stage cached.
 
 Every stage's result is stored under the cache directory, keyed by a hash of its inputs (model bytes,
-data bytes, options and the keys of the stages before it), so a re-run with the same inputs skips
-straight to the first stage whose inputs changed.
+data bytes, options, distree's own source and the keys of the stages before it), so a re-run with the same
+inputs skips straight to the first stage whose inputs changed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -79,7 +80,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     data = load_dataset(data_path, chain.input_shape)
     data_key = sha256_file(data_path)
 
-    exits_key = _key("exits", chain.model_sha256, data_key, options.score_kind, options.seed)
+    exits_key = _key("exits", _code_fingerprint(), chain.model_sha256, data_key, options.score_kind, options.seed)
     model, exits = cache.get("exits", exits_key, lambda: _exits(model, chain, data, options),
                              save=_save_exits, load=_load_exits)
     chain = build_chain(model) if model_sha256(model) != chain.model_sha256 else chain
@@ -156,6 +157,21 @@ def _save_exits(folder: Path, value: tuple[onnx.ModelProto, tuple[ExitPoint, ...
 def _load_exits(folder: Path) -> tuple[onnx.ModelProto, tuple[ExitPoint, ...]]:
     exits = tuple(ExitPoint.from_dict(d) for d in json.loads((folder / "exits.json").read_text()))
     return onnx.load(str(folder / "model.onnx")), exits
+
+
+@functools.lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    """distree's own source: after an upgrade (or a local edit) every stage is recomputed, never served stale
+    (e.g. a plan from an older solver). The profiler's measurement cache has its own tool-version keys."""
+    return source_fingerprint(Path(__file__).resolve().parents[1])
+
+
+def source_fingerprint(root: Path) -> str:
+    """Hash of every .py file under ``root`` (relative path and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
 
 
 def _key(*parts: Any) -> str:

@@ -43,7 +43,7 @@ class Plan(JsonRecord):
     accuracy_drop: float
     memory_bytes: dict[str, int]
     breakdown_ms: dict[str, float]  # compute / heads / transfers / return
-    solver: str                     # e.g. "highs"
+    solver: str                     # what produced it: "highs" / "cbc" (the MILP ran) or "branch-and-bound"
     status: str                     # "optimal", or "time-limit" / "feasible" with a gap
     gap: float
     wall_s: float

@@ -39,10 +39,13 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         f"accuracy {plan.accuracy:.4f} (lower bound {plan.accuracy_lcb:.4f} at {plan.confidence:g}), full model "
         f"{plan.full_model_accuracy:.4f}, allowed drop {plan.accuracy_drop:g} "
         f"(>= {plan.required_correct}/{plan.n_samples} right)")
-    proof = "proven optimal" if plan.status == "optimal" else f"NOT proven optimal, gap <= {plan.gap:.2%}"
-    console.print(f"solver {plan.solver}: status {plan.status} ({proof}), sol_status {plan.sol_status}, "
-                  f"bound {plan.bound_ms:.3f} ms, gap {plan.gap:.2e}, wall {plan.wall_s:.2f} s, "
-                  f"MILP {plan.model_stats}")
+    proof = ("(proven)" if plan.status == "optimal" else
+             f"- NOT proven optimal: no plan is faster than {plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%})")
+    console.print(f"solver {plan.solver}: status {plan.status} {proof}; {plan.wall_s:.2f} s")
+    stats = plan.model_stats
+    milp = (f"; MILP {stats['variables']:.0f} variables, {stats['constraints']:.0f} rows, "
+            f"{stats['sample_classes']:.0f} sample classes" if stats.get("variables") else "")
+    console.print(f"  ({plan.sol_status}{milp})", style="dim")
 
 
 def sweep_rows(points) -> list[dict]:

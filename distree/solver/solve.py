@@ -71,6 +71,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     best = tree.best
     start = (best.levels, best.placement) if best is not None else None
     budget = deadline - time.perf_counter()
+    engine = "branch-and-bound"                  # what produced the answer, for the plan's `solver` field
     if tree.complete and not constraints.dump_lp:
         if best is None:
             raise DistreeError(explain_infeasible(p, index, constraints))
@@ -90,6 +91,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
                             f"half of the time left; branch and bound stopped after {tree.nodes} nodes",
                             float("inf"), 0.0, 0, rows, 0)
     else:
+        engine = constraints.solver
         result = solve_milp(p, time_limit_s=max(1.0, budget), solver=constraints.solver, start=start,
                             dump_lp=constraints.dump_lp)
     if result.status == "infeasible":
@@ -118,7 +120,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         gap = _gap(ev.expected_ms, bound)
     status = "optimal" if result.status == "optimal" or gap <= OPTIMALITY_TOLERANCE else result.status
     base = no_exit_plan(p)
-    return make_plan(p, index, chain, calibration, constraints, levels, placement, ev,
+    return make_plan(p, index, chain, calibration, constraints, engine, levels, placement, ev,
                      no_exit_ms=base.expected_ms if base is not None else float("nan"),
                      result=dataclasses.replace(result, bound=bound, status=status), gap=gap,
                      wall_s=time.perf_counter() - t0)
@@ -130,7 +132,7 @@ def _gap(objective: float, bound: float) -> float:
     return max(0.0, (objective - bound) / max(abs(objective), 1e-12))
 
 
-def make_plan(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration, c: Constraints,
+def make_plan(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration, c: Constraints, engine: str,
               levels: np.ndarray, placement: np.ndarray, ev: Evaluation, no_exit_ms: float,
               result: MilpResult, gap: float, wall_s: float) -> Plan:
     o = outcome(p, levels)
@@ -163,7 +165,7 @@ def make_plan(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibr
         full_model_accuracy=index.full_accuracy, confidence=c.confidence or REPORT_CONFIDENCE,
         accuracy_drop=c.accuracy_drop,
         memory_bytes={s.device: s.memory_bytes for s in stages},
-        breakdown_ms=dict(ev.breakdown), solver=c.solver, status=result.status, gap=gap, wall_s=wall_s,
+        breakdown_ms=dict(ev.breakdown), solver=engine, status=result.status, gap=gap, wall_s=wall_s,
         sol_status=result.sol_status, bound_ms=result.bound, final_rate=float(o.final_rate),
         required_correct=p.required_correct, n_samples=n,
         model_stats={"variables": result.n_vars, "constraints": result.n_constraints,

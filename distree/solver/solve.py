@@ -28,7 +28,9 @@ BUILD_S_PER_ROW = 2e-4
 HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start local search
 PROBE_SHARE = 0.2              # of the time then left: a first branch and bound (proves small problems)
 KICKS_UNTIL = 0.8              # share of the time limit by which the iterated local search stops kicking
-KICKS_BEFORE_MILP = 0.2        # share of the time left that kicks get before a MILP that is not yet proven
+KICKS_BEFORE_MILP = 0.5        # share of the time left that kicks get, at most, before a MILP not yet proven;
+#                                measured (60 s): 55 blocks / 54 exits / 300 samples 12.855 -> 12.818 ms, while the
+#                                cases HiGHS proves stay proven (kicks stop after 100 without a gain)
 WIDE_BOUND_SHARE = 0.1         # of the time limit, for the widest window bound that fits (bounds.py)
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import json
 import re
@@ -201,6 +202,18 @@ def test_time_limited_solve_is_not_called_optimal(size, limit):
         problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
         shared, _ = best_multiplier(problem, bound_tables(problem))      # the reported bound uses it, or better
         assert plan.bound_ms >= shared - 1e-9 and plan.bound_ms >= relaxed_lower_bound(problem) - 1e-9
+    _check_plan(plan, case, c)
+
+
+def test_milp_above_its_row_cap_is_not_run_once_a_plan_is_known(monkeypatch):
+    """Past MILP_MAX_ROWS the best-first tree gets the time (a longer --time-limit must not give a worse bound)."""
+    solve_module = importlib.import_module("distree.solver.solve")
+    monkeypatch.setattr(solve_module, "MILP_MAX_ROWS", 10)
+    case = synthetic_case(30, 8, 4, 3, 500, seed=1)     # ~7k rows: HiGHS would run (and prove it, in ~18 s)
+    c = Constraints(accuracy_drop=0.01, time_limit_s=6)
+    plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
+    assert plan.solver == "branch-and-bound"
+    assert "over 10, where HiGHS bounds less than the tree" in plan.sol_status
     _check_plan(plan, case, c)
 
 

@@ -25,6 +25,12 @@ from distree.targets.spec import Topology
 # measured on the loaded 2-core x86 VM: the example's MILP (~144k rows) took 51.8 s to build, load and reach
 # HiGHS's first incumbent; 6e-5 s/row (an idle-machine figure) let solves overrun --time-limit by 40%
 BUILD_S_PER_ROW = 2e-4
+# above this many rows HiGHS is not run once a feasible plan is known: its LP is then slower than the tree's bounds.
+# Measured: 22 trained exits (146k rows), HiGHS for 900 s: no better plan, bound 0.631 ms; the best-first tree:
+# 0.946 in 37 s (so --time-limit 120, which let the MILP in, gave a 52% gap where 60 s gave 29%). 55 blocks /
+# 54 exits / 600 samples (61k rows), 120 s: the same plan and bound either way; 300 samples (31k rows): HiGHS
+# proves 0.76% in 600 s where the tree settles near 10%; 30 blocks / 8 exits (7k rows): HiGHS proves it in 18 s.
+MILP_MAX_ROWS = 100_000
 HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start local search
 PROBE_SHARE = 0.2              # of the time then left: a first branch and bound (proves small problems)
 KICKS_UNTIL = 0.8              # share of the time limit by which the iterated local search stops kicking
@@ -55,7 +61,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     rows = estimated_rows(p)
     tables = bound_tables(p)
     tree = branch_and_bound(p, warm, PROBE_SHARE * max(0.0, deadline - time.perf_counter()), tables=tables)
-    milp_fits = rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
+    too_big = rows > MILP_MAX_ROWS and tree.best is not None    # with no plan yet, the MILP may still find one
+    milp_fits = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
     wide_bound = 0.0
     if not tree.complete:
         wide_bound, _ = widest_window_bound(p, tables, WIDE_BOUND_SHARE * constraints.time_limit_s)
@@ -88,9 +95,10 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
             raise DistreeError(f"the MILP (~{rows} rows) cannot be built within --time-limit "
                                f"{constraints.time_limit_s:g} s and the heuristic found no feasible plan; "
                                f"raise --time-limit (about {rows * BUILD_S_PER_ROW * 4:.0f} s)")
+        why = (f"over {MILP_MAX_ROWS}, where HiGHS bounds less than the tree" if too_big else
+               f"need ~{rows * BUILD_S_PER_ROW:.0f} s to build, over half of the time left")
         result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound, "feasible",
-                            f"MILP not run: ~{rows} rows need ~{rows * BUILD_S_PER_ROW:.0f} s to build, over "
-                            f"half of the time left; branch and bound stopped after {tree.nodes} nodes",
+                            f"MILP not run: ~{rows} rows {why}; branch and bound stopped after {tree.nodes} nodes",
                             float("inf"), 0.0, 0, rows, 0)
     else:
         engine = constraints.solver

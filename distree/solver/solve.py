@@ -51,7 +51,8 @@ def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: To
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
                   constraints: Constraints) -> Plan:
     """Local search -> a probing branch and bound (depth first) -> kicks (iterated local search) -> the MILP
-    with the time left, when it can be built in time; else a best-first branch and bound with the time left.
+    with the time left, when it can be built in time and is small enough to help (MILP_MAX_ROWS); else a
+    best-first branch and bound with the time left.
 
     Every stage runs against one deadline, t0 + time_limit_s; building and loading the MILP count too.
     """

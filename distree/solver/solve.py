@@ -63,17 +63,17 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     tables = bound_tables(p)
     tree = branch_and_bound(p, warm, PROBE_SHARE * max(0.0, deadline - time.perf_counter()), tables=tables)
     too_big = rows > MILP_MAX_ROWS and tree.best is not None    # with no plan yet, the MILP may still find one
-    milp_fits = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
+    run_milp = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
     wide_bound = 0.0
     if not tree.complete:
         wide_bound, _ = widest_window_bound(p, tables, WIDE_BOUND_SHARE * constraints.time_limit_s)
     if not tree.complete and tree.best is not None and not constraints.dump_lp:
         # kicks: until KICKS_UNTIL of the limit when the best-first tree follows (its bound settles within
         # seconds), or for KICKS_BEFORE_MILP of the time left, so that HiGHS starts from a better plan
-        kicks_s = (t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter() if not milp_fits
+        kicks_s = (t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter() if not run_milp
                    else KICKS_BEFORE_MILP * (deadline - time.perf_counter()))
         tree = dataclasses.replace(tree, best=iterated_local_search(p, tree.best, time_limit_s=kicks_s))
-    if not tree.complete and not milp_fits and not constraints.dump_lp:
+    if not tree.complete and not run_milp and not constraints.dump_lp:
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
         tree = branch_and_bound(p, tree.best, max(0.0, deadline - time.perf_counter()), best_first=True,
                                 tables=tables)
@@ -88,7 +88,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound, "optimal",
                             f"proven by branch and bound ({tree.nodes} nodes, {tree.wall_s:.2f} s)", 0.0, 0.0,
                             0, 0, 0)
-    elif not milp_fits and not constraints.dump_lp:
+    elif not run_milp and not constraints.dump_lp:
         if best is None:
             cheap = _placement_reasons(p)
             if cheap:

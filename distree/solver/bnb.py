@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.bounds import BoundTables, bound_tables, window_bound
-from distree.solver.costs import best_placement, free_choice_ms
+from distree.solver.bounds import BoundTables, bound_tables, nested_window_bounds
+from distree.solver.costs import best_placement, nested_free_choice_ms
 from distree.solver.heuristic import Candidate, place
 from distree.solver.problem import Problem
 
@@ -72,45 +72,58 @@ class _Search:
     def incumbent_total(self) -> float:
         return np.inf if self.best is None else self.best.expected_ms * self.p.n_samples
 
-    def root(self) -> _Node:
+    def root(self) -> list[_Node]:
+        """The root, or nothing when its bound already meets the incumbent (or is infinite)."""
         N = self.p.n_samples
-        return self._make(0, (), np.ones(N, dtype=bool), 0.0, 0, 0.0)
+        return self._make(0, [()], np.ones(N, dtype=bool), np.zeros(N, dtype=int), np.array([1]),
+                          np.zeros(1), np.zeros(1, dtype=int), np.zeros(1))
 
-    def _make(self, depth, levels, survivors, fixed_ms, fixed_right, heads_ms) -> _Node:
-        free = free_choice_ms(self.p.required_correct - fixed_right, self.after[survivors, depth],
-                              self.after_right[survivors, depth])
-        paid = fixed_ms + heads_ms * survivors.sum()
-        shared = (paid - self.lam * (fixed_right - self.p.required_correct)
-                  + window_bound(self.p, self.tables, self.lam, survivors, depth))
-        bound = max(paid + free, shared)
-        if self.p.deadline_ms is not None and self.leave[-1] + heads_ms > self.p.deadline_ms + 1e-9:
-            bound = np.inf                 # the no-exit path already misses the deadline with these heads
-        return _Node(bound, depth, levels, np.packbits(survivors), fixed_ms, fixed_right, heads_ms)
+    def _make(self, depth, levels, survivors, key, cuts, fixed_ms, fixed_right, heads_ms) -> list[_Node]:
+        """The nodes at ``depth`` whose survivors are {i in survivors: key[i] < cuts[c]}, bounded together
+        (:func:`~distree.solver.bounds.nested_window_bounds`); only those that can still beat the incumbent."""
+        p, K = self.p, self.p.required_correct
+        rows = np.nonzero(survivors)[0]
+        count = np.concatenate([[0], np.cumsum(np.bincount(key[rows], minlength=int(cuts.max()) + 1))])[cuts]
+        free = nested_free_choice_ms(K - fixed_right, self.after[rows, depth], self.after_right[rows, depth],
+                                     key[rows], cuts)
+        window = nested_window_bounds(p, self.tables, self.lam, rows, key[rows], cuts, depth)
+        paid = fixed_ms + heads_ms * count
+        bound = np.maximum(paid + free, paid - self.lam * (fixed_right - K) + window)
+        if p.deadline_ms is not None:      # the no-exit path already misses the deadline with these heads
+            bound[self.leave[-1] + heads_ms > p.deadline_ms + 1e-9] = np.inf
+        keep = np.nonzero(bound < self.incumbent_total() * (1 - OPTIMALITY_TOLERANCE))[0]
+        packed = np.packbits(survivors[None, :] & (key[None, :] < cuts[keep, None]), axis=1)
+        return [_Node(float(bound[c]), depth, levels[c], packed[i], float(fixed_ms[c]), int(fixed_right[c]),
+                      float(heads_ms[c])) for i, c in enumerate(keep)]
 
     def survivors(self, node: _Node) -> np.ndarray:
         return np.unpackbits(node.packed, count=self.p.n_samples).astype(bool)
 
     def children(self, node: _Node) -> list[_Node]:
+        """Exit j off (every survivor stays), and on at each level whose set of leaving survivors differs
+        (levels leaving the same survivors give the same outcome); a level l child keeps the survivors
+        passing below l, so the children's survivor sets are nested by level."""
         p, j = self.p, node.depth
         survivors = self.survivors(node)
-        kids = [self._make(j + 1, node.levels + (0,), survivors, node.fixed_ms, node.fixed_right,
-                           node.heads_ms)]
         passed = p.passed_level[:, j]
-        seen = set()
-        for level in range(1, p.n_levels[j] + 1):
-            leaving = survivors & (passed >= level)
-            count = int(leaving.sum())
-            if count == 0:
+        top = int(p.n_levels[j])
+        leaving = np.cumsum(np.bincount(passed[survivors], minlength=top + 1)[::-1])[::-1]     # passed >= l
+        right = np.cumsum(np.bincount(passed[survivors], weights=p.correct_exit[survivors, j],
+                                      minlength=top + 1)[::-1])[::-1]
+        levels, cuts = [0], [top + 1]
+        for level in range(1, top + 1):
+            if leaving[level] == 0:
                 break                      # higher levels leave no one either: enabling only adds a head
-            if count in seen:
-                continue                   # same survivors leave as at the previous level (sets are nested)
-            seen.add(count)
-            heads = node.heads_ms + self.head_price[j]
-            cost = count * (self.leave[j] + node.heads_ms)
-            kids.append(self._make(j + 1, node.levels + (level,), survivors & ~leaving,
-                                   node.fixed_ms + cost, node.fixed_right + int(p.correct_exit[leaving, j].sum()),
-                                   heads))
-        return kids
+            if leaving[level] != leaving[levels[-1]] or levels[-1] == 0:
+                levels.append(level)
+                cuts.append(level)
+        on = np.array(levels) > 0
+        gone = np.where(on, leaving[levels], 0)
+        fixed_ms = node.fixed_ms + gone * (self.leave[j] + node.heads_ms)
+        fixed_right = node.fixed_right + np.where(on, np.round(right[levels]).astype(int), 0)
+        heads_ms = node.heads_ms + on * self.head_price[j]
+        return self._make(j + 1, [node.levels + (lv,) for lv in levels], survivors, passed, np.array(cuts),
+                          fixed_ms, fixed_right, heads_ms)
 
     def settle_leaf(self, node: _Node) -> None:
         """Price a full configuration exactly (or by a bound, where the placement DP is not exact)."""
@@ -138,8 +151,7 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
     t0 = time.perf_counter()
     stop_at = t0 + time_limit_s
     s = _Search(p, incumbent, tables)
-    root = s.root()
-    open_nodes = [(root.bound, 0, root)] if np.isfinite(root.bound) else []   # (bound, tie-break, node)
+    open_nodes = [(root.bound, 0, root) for root in s.root()]     # (bound, tie-break, node)
     pushed = nodes = 0
     while open_nodes:
         if nodes % 64 == 0 and (time.perf_counter() > stop_at or len(open_nodes) > MAX_OPEN_NODES):
@@ -151,8 +163,7 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
         if node.depth == p.n_exits:
             s.settle_leaf(node)
             continue
-        kids = [k for k in s.children(node) if np.isfinite(k.bound)]
-        for kid in sorted(kids, key=lambda k: -k.bound):      # depth first pops the cheapest bound first
+        for kid in sorted(s.children(node), key=lambda k: -k.bound):   # depth first pops the cheapest first
             pushed += 1
             item = (kid.bound, pushed, kid)
             heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)

@@ -19,8 +19,9 @@ state is the levels of the previous ``width - 1`` exits; width 1 is a sum of ind
 
 Measured at the root (``benchmarks/solver_scale.py`` cases): ResNet-110 scale 9.24 (free choice) -> 10.19
 (width 1) -> 10.28 (2) -> 10.37 (3) -> 10.43 (4) ms, against a best plan of 11.26; 200 blocks on 8 devices 30.58
--> 31.49 (1) -> 32.10 (6) against 32.96. The branch and bound uses width 1 at every node
-(:func:`window_bound`); a solve adds the widest window that fits its time once (:func:`widest_window_bound`).
+-> 31.49 (1) -> 32.10 (6) against 32.96. The branch and bound uses width 1 at every node, for all children of
+a node in one pass (:func:`nested_window_bounds`); a solve adds the widest window that fits its time once
+(:func:`widest_window_bound`).
 """
 
 from __future__ import annotations
@@ -74,11 +75,50 @@ def window_bound(p: Problem, t: BoundTables, lam: float, survivors: np.ndarray |
     the module says; survivors have not left before exit ``depth`` (the heads they evaluated before are not in
     it). Add lam * K and the decided samples' (latency - lam * correct) for a bound on the whole plan."""
     if width == 1:
-        split = _Split(p, t, survivors, depth)
-        if depth == p.n_exits:
-            return split.final_ms - lam * split.final_right
-        return split.final_ms - lam * split.final_right + _single_exit_windows(p, t, lam, split, depth)
+        rows = np.arange(p.n_samples) if survivors is None else np.nonzero(survivors)[0]
+        return float(nested_window_bounds(p, t, lam, rows, np.zeros(len(rows), dtype=int), np.array([1]), depth)[0])
     return WindowTerms(p, t, width, survivors, depth).value(lam)
+
+
+def nested_window_bounds(p: Problem, t: BoundTables, lam: float, rows: np.ndarray, key: np.ndarray,
+                         cuts: np.ndarray, depth: int) -> np.ndarray:
+    """The width-1 :func:`window_bound` of each nested survivor set {rows[i]: key[i] < cuts[c]}, in one pass.
+
+    Width 1 is a sum of per-exit minima: each exit's level only affects the samples whose first chance it is.
+    The per-(exit, level) sums are built once with the key as one more axis and accumulated over it, so the
+    children of a branch-and-bound node (survivor sets nested by the level chosen) cost about one bound."""
+    E = p.n_exits
+    keys = int(key.max()) + 1 if len(key) else 1
+    cuts = np.minimum(cuts, keys)
+
+    def below(flat_index, weights, size):     # [keys + 1, size]: sums over key < k, for k = 0..keys
+        sums = np.bincount(flat_index, weights=weights, minlength=keys * size).reshape(keys, size)
+        return np.concatenate([np.zeros((1, size)), np.cumsum(sums, axis=0)])[cuts]
+
+    chance = t.first_chance[rows, depth]
+    done = chance == E                        # no chance left: the final classifier, exactly
+    at_end = below(key[done], t.leave[E] - lam * p.correct_final[rows[done]], 1)[:, 0]
+    if depth == E:
+        return at_end
+    n_ex, Lv = E - depth, int(p.n_levels.max()) + 1
+    r, k, j = rows[~done], key[~done], chance[~done]
+    local = j - depth
+    free = np.minimum(t.after[r, j + 1], t.after_right[r, j + 1] - lam)
+    passed = p.passed_level[r, j]
+    cells = (k * n_ex + local) * Lv + passed
+    by_leave = below(cells, t.leave[j] - lam * p.correct_exit[r, j], n_ex * Lv).reshape(-1, n_ex, Lv)
+    by_skip = below(cells, t.head[j] + free, n_ex * Lv).reshape(-1, n_ex, Lv)   # on, not passed: head, go on
+    off = below(k * n_ex + local, free, n_ex)
+    # exit depth + x is surely evaluated by every survivor whose first chance is later (or none)
+    first_here = below(k * n_ex + local, None, n_ex)
+    everyone = below(key, None, 1)
+    sure_heads = t.head[depth:] * (everyone - np.cumsum(first_here, axis=1))
+    # level l: samples with passed >= l leave, the others skip
+    leave_at = np.cumsum(by_leave[:, :, ::-1], axis=2)[:, :, ::-1]
+    skip_at = np.concatenate([np.zeros((len(cuts), n_ex, 1)), np.cumsum(by_skip, axis=2)[:, :, :-1]], axis=2)
+    cost = np.concatenate([off[:, :, None], (leave_at + skip_at)[:, :, 1:] + sure_heads[:, :, None]], axis=2)
+    cost[:, np.arange(Lv)[None, :] > p.n_levels[depth:, None]] = np.inf
+    return at_end + cost.min(axis=2).sum(axis=1)
 
 
 class _Split:
@@ -89,33 +129,12 @@ class _Split:
         E = p.n_exits
         chance = t.first_chance[rows, depth]
         done = chance == E
-        self.final_ms = float(t.leave[E] * done.sum())
+        self.final_ms = float(t.leave[E] * done.sum()) if done.any() else 0.0   # inf * 0 would be nan
         self.final_right = int(p.correct_final[rows[done]].sum())
         self.rows, self.chance = rows[~done], chance[~done]
         # exit k (depth <= k < E) is reached by every survivor whose first chance is later
         later = len(rows) - np.cumsum(np.bincount(self.chance - depth, minlength=E - depth))
         self.sure_heads = t.head[depth:] * later                                        # [E - depth]
-
-
-def _single_exit_windows(p: Problem, t: BoundTables, lam: float, split: _Split, depth: int) -> float:
-    """Width 1: each exit's level only affects the samples whose first chance it is; a sum of minima."""
-    E, Lmax = p.n_exits, int(p.n_levels.max())
-    rows, chance = split.rows, split.chance
-    free = np.minimum(t.after[rows, chance + 1], t.after_right[rows, chance + 1] - lam)
-    passed = p.passed_level[rows, chance]
-    leave_now = t.leave[chance] - lam * p.correct_exit[rows, chance]
-    skip = t.head[chance] + free                     # level on but not passed: evaluate the head, go on
-    cells = (chance - depth) * (Lmax + 1) + passed
-    shape = (E - depth, Lmax + 1)
-    by_leave = np.bincount(cells, weights=leave_now, minlength=shape[0] * shape[1]).reshape(shape)
-    by_skip = np.bincount(cells, weights=skip, minlength=shape[0] * shape[1]).reshape(shape)
-    off = np.bincount(chance - depth, weights=free, minlength=shape[0])
-    # level l: samples with passed >= l leave, the others skip
-    leave_at = np.cumsum(by_leave[:, ::-1], axis=1)[:, ::-1]              # sum over passed >= l
-    skip_at = np.concatenate([np.zeros((shape[0], 1)), np.cumsum(by_skip, axis=1)[:, :-1]], axis=1)  # passed < l
-    cost = np.concatenate([off[:, None], (leave_at + skip_at)[:, 1:] + split.sure_heads[:, None]], axis=1)
-    cost[np.arange(Lmax + 1)[None, :] > p.n_levels[depth:, None]] = np.inf
-    return float(cost.min(axis=1).sum())
 
 
 class WindowTerms:

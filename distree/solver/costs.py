@@ -263,19 +263,31 @@ def free_choice_ms(need_right: int, base: np.ndarray, right: np.ndarray) -> floa
     exactly: everyone takes the cheapest option, then the cheapest upgrades to a correct one. inf when
     too few samples can be right.
     """
+    return float(nested_free_choice_ms(np.array([need_right]), base, right, np.zeros(len(base), dtype=int),
+                                       np.array([1]))[0])
+
+
+def nested_free_choice_ms(need_right: np.ndarray, base: np.ndarray, right: np.ndarray, key: np.ndarray,
+                          cuts: np.ndarray) -> np.ndarray:
+    """:func:`free_choice_ms` of each nested set of samples {i: key[i] < cuts[c]} with ``need_right[c]``, in
+    one pass (the children of a branch-and-bound node: their survivor sets are nested by the level chosen)."""
     with np.errstate(invalid="ignore"):  # inf - inf: a sample with no way out; it counts as neither below
         up = right - base
-    already = int((up <= 0).sum())
-    need = need_right - already
-    if need <= 0:
-        return float(base.sum())
-    extra = up[up > 0]
-    if len(extra) < need:
-        return np.inf
-    extra = np.partition(extra, need - 1)[:need]
-    if not np.all(np.isfinite(extra)):
-        return np.inf
-    return float(base.sum() + extra.sum())
+    keys = int(key.max()) + 1 if len(key) else 1
+    below = lambda w: np.concatenate([[0.0], np.cumsum(np.bincount(key, weights=w, minlength=keys))])  # noqa: E731
+    total = below(base)[np.minimum(cuts, keys)]
+    need = need_right - below((up <= 0).astype(float))[np.minimum(cuts, keys)]
+    upgrade = up > 0
+    order = np.argsort(up[upgrade], kind="stable")
+    ups, up_keys = up[upgrade][order], key[upgrade][order]
+    out = np.empty(len(cuts))
+    for c, (cut, n) in enumerate(zip(cuts, need)):
+        if n <= 0:
+            out[c] = total[c]
+            continue
+        chosen = ups[up_keys < cut][:int(n)]
+        out[c] = total[c] + chosen.sum() if len(chosen) == n and np.all(np.isfinite(chosen)) else np.inf
+    return out
 
 
 def option_tables(p: Problem, leave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.costs import cheapest_leave_ms, option_tables
+from distree.solver.costs import cheapest_leave_ms, option_tables, sums_below
 from distree.solver.problem import Problem
 
 
@@ -88,12 +88,7 @@ def nested_window_bounds(p: Problem, t: BoundTables, lam: float, rows: np.ndarra
     The per-(exit, level) sums are built once with the key as one more axis and accumulated over it, so the
     children of a branch-and-bound node (survivor sets nested by the level chosen) cost about one bound."""
     E = p.n_exits
-    keys = int(key.max()) + 1 if len(key) else 1
-    cuts = np.minimum(cuts, keys)
-
-    def below(flat_index, weights, size):     # [keys + 1, size]: sums over key < k, for k = 0..keys
-        sums = np.bincount(flat_index, weights=weights, minlength=keys * size).reshape(keys, size)
-        return np.concatenate([np.zeros((1, size)), np.cumsum(sums, axis=0)])[cuts]
+    below = lambda flat_index, weights, size: sums_below(flat_index, weights, key, size, cuts)  # noqa: E731
 
     chance = t.first_chance[rows, depth]
     done = chance == E                        # no chance left: the final classifier, exactly

@@ -273,10 +273,8 @@ def nested_free_choice_ms(need_right: np.ndarray, base: np.ndarray, right: np.nd
     one pass (the children of a branch-and-bound node: their survivor sets are nested by the level chosen)."""
     with np.errstate(invalid="ignore"):  # inf - inf: a sample with no way out; it counts as neither below
         up = right - base
-    keys = int(key.max()) + 1 if len(key) else 1
-    below = lambda w: np.concatenate([[0.0], np.cumsum(np.bincount(key, weights=w, minlength=keys))])  # noqa: E731
-    total = below(base)[np.minimum(cuts, keys)]
-    need = need_right - below((up <= 0).astype(float))[np.minimum(cuts, keys)]
+    total = sums_below(key, base, key, 1, cuts)[:, 0]
+    need = need_right - sums_below(key, (up <= 0).astype(float), key, 1, cuts)[:, 0]
     upgrade = up > 0
     order = np.argsort(up[upgrade], kind="stable")
     ups, up_keys = up[upgrade][order], key[upgrade][order]
@@ -288,6 +286,16 @@ def nested_free_choice_ms(need_right: np.ndarray, base: np.ndarray, right: np.nd
         chosen = ups[up_keys < cut][:int(n)]
         out[c] = total[c] + chosen.sum() if len(chosen) == n and np.all(np.isfinite(chosen)) else np.inf
     return out
+
+
+def sums_below(flat_index: np.ndarray, weights: np.ndarray | None, key: np.ndarray, size: int,
+               cuts: np.ndarray) -> np.ndarray:
+    """[len(cuts), size]: for each cut, the sums of ``weights`` (None: counts) per cell over the items with
+    key < cut; ``flat_index`` = key * size + cell. The nested sets of the branch and bound's children, summed
+    once per key and accumulated."""
+    keys = int(key.max()) + 1 if len(key) else 1
+    sums = np.bincount(flat_index, weights=weights, minlength=keys * size).reshape(keys, size)
+    return np.concatenate([np.zeros((1, size)), np.cumsum(sums, axis=0)])[np.minimum(cuts, keys)]
 
 
 def option_tables(p: Problem, leave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

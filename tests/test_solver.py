@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from distree.cli import cli
 from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
-from distree.solver.bnb import branch_and_bound
-from distree.solver.bounds import WindowTerms, best_multiplier, bound_tables, nested_window_bounds, window_bound
+from distree.solver.bnb import _Search, branch_and_bound
+from distree.solver.bounds import (WindowTerms, best_multiplier, bound_tables, nested_window_bounds, widest_window_bound,
+                                   window_bound)
 from distree.solver.brute import all_configurations
 from distree.solver.costs import evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
 from distree.solver.heuristic import _MoveScorer, _penalised, iterated_local_search, local_search, place
@@ -350,6 +351,47 @@ def test_window_bound_never_exceeds_any_completion():
                     assert total <= min(completions) + 1e-9, (seed, depth, lam, width)
                     checked += 1
     assert checked >= 500, checked
+
+
+def test_prefix_bound_never_exceeds_the_best_plan_below_a_node():
+    """The root's wide window carried along a node's levels, made exact for the samples the prefix decides
+    (PrefixBound), at any width, multiplier and head price: every node the tree can create (the whole tree,
+    nothing pruned) bounds at most the best feasible plan whose levels start with the node's, by enumeration;
+    and a tree using it still finishes at the exhaustive optimum."""
+    checked = exact = 0
+    for seed in range(50):
+        case, c = _random_instance(seed)
+        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        if problem.n_exits == 0:
+            continue
+        best = {}
+        for levels in all_configurations(problem.n_levels):
+            found = place(problem, levels)
+            if found is not None and found.feasible:
+                best[tuple(int(x) for x in levels)] = found.expected_ms * problem.n_samples
+        rng = np.random.default_rng(seed)
+        priced = [bound_tables(problem)] + [bound_tables(problem, row) for row in problem.head_ms]
+        for width in (1, 2, 3):
+            tables = priced[int(rng.integers(len(priced)))]
+            lam = float(rng.choice([0.0, tables.lam, 3.0 * tables.lam + 1.0]))
+            prefix = WindowTerms(problem, tables, width).prefix_bound(lam, problem.required_correct)
+            search = _Search(problem, None, tables, prefix)
+            stack = search.root()
+            while stack:
+                node = stack.pop()
+                below = [v for k, v in best.items() if k[:node.depth] == node.levels]
+                assert node.bound <= min(below, default=np.inf) * (1 + 1e-9) + 1e-9, (seed, width, node.levels)
+                checked += 1
+                if node.depth < problem.n_exits:
+                    stack.extend(search.children(node))
+        ref = min(best.values(), default=np.inf) / problem.n_samples
+        tree = branch_and_bound(problem, None, 20.0, best_first=True, tables=priced[0],
+                                prefix=widest_window_bound(problem, priced[0], 1.0))
+        assert tree.complete
+        if np.isfinite(ref):
+            assert tree.best.expected_ms == pytest.approx(ref, rel=1e-7, abs=1e-9), seed
+            exact += 1
+    assert checked >= 3000 and exact >= 25, (checked, exact)
 
 
 def _free_choice_by_sorting(need_right: int, base: np.ndarray, right: np.ndarray) -> float:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.bounds import BoundTables, bound_tables, nested_window_bounds
+from distree.solver.bounds import BoundTables, PrefixBound, bound_tables, nested_window_bounds
 from distree.solver.costs import best_placement, nested_free_choice_ms
 from distree.solver.heuristic import Candidate, place
 from distree.solver.problem import Problem
@@ -56,11 +56,16 @@ class _Node:
     fixed_ms: float             # decided samples' latency
     fixed_right: int            # decided samples answered right
     heads_ms: float             # enabled prefix heads, paid by every survivor
+    wide_prefix: float          # the root's wide window along these levels (PrefixBound.children)
+    wide_state: int
+    wide_decided: float
 
 
 class _Search:
-    def __init__(self, p: Problem, incumbent: Candidate | None, tables: BoundTables | None):
+    def __init__(self, p: Problem, incumbent: Candidate | None, tables: BoundTables | None,
+                 prefix: PrefixBound | None):
         self.p = p
+        self.prefix = prefix
         self.tables = bound_tables(p) if tables is None else tables
         self.leave, self.after, self.after_right = self.tables.leave, self.tables.after, self.tables.after_right
         self.head_price = self.tables.head
@@ -75,12 +80,17 @@ class _Search:
     def root(self) -> list[_Node]:
         """The root, or nothing when its bound already meets the incumbent (or is infinite)."""
         N = self.p.n_samples
+        wide = (np.zeros(1), np.zeros(1, dtype=int), np.zeros(1),
+                np.array([self.prefix.total if self.prefix is not None else -np.inf]))
         return self._make(0, [()], np.ones(N, dtype=bool), np.zeros(N, dtype=int), np.array([1]),
-                          np.zeros(1), np.zeros(1, dtype=int), np.zeros(1))
+                          np.zeros(1), np.zeros(1, dtype=int), np.zeros(1), wide)
 
-    def _make(self, depth, levels, survivors, key, cuts, fixed_ms, fixed_right, heads_ms) -> list[_Node]:
+    def _make(self, depth, levels, survivors, key, cuts, fixed_ms, fixed_right, heads_ms, wide) -> list[_Node]:
         """The nodes at ``depth`` whose survivors are {i in survivors: key[i] < cuts[c]}, bounded together
-        (:func:`~distree.solver.bounds.nested_window_bounds`); only those that can still beat the incumbent."""
+        (:func:`~distree.solver.bounds.nested_window_bounds`), or by the root's wide window along their levels
+        (``wide``: prefix sums, states, decided corrections and bounds, :class:`~distree.solver.bounds.PrefixBound`)
+        when higher;
+        only those that can still beat the incumbent."""
         p, K = self.p, self.p.required_correct
         rows = np.nonzero(survivors)[0]
         count = np.concatenate([[0], np.cumsum(np.bincount(key[rows], minlength=int(cuts.max()) + 1))])[cuts]
@@ -88,13 +98,14 @@ class _Search:
                                      key[rows], cuts)
         window = nested_window_bounds(p, self.tables, self.lam, rows, key[rows], cuts, depth)
         paid = fixed_ms + heads_ms * count
-        bound = np.maximum(paid + free, paid - self.lam * (fixed_right - K) + window)
+        bound = np.maximum.reduce([paid + free, paid - self.lam * (fixed_right - K) + window, wide[3]])
         if p.deadline_ms is not None:      # the no-exit path already misses the deadline with these heads
             bound[self.leave[-1] + heads_ms > p.deadline_ms + 1e-9] = np.inf
         keep = np.nonzero(bound < self.incumbent_total() * (1 - OPTIMALITY_TOLERANCE))[0]
         packed = np.packbits(survivors[None, :] & (key[None, :] < cuts[keep, None]), axis=1)
         return [_Node(float(bound[c]), depth, levels[c], packed[i], float(fixed_ms[c]), int(fixed_right[c]),
-                      float(heads_ms[c])) for i, c in enumerate(keep)]
+                      float(heads_ms[c]), float(wide[0][c]), int(wide[1][c]), float(wide[2][c]))
+                for i, c in enumerate(keep)]
 
     def survivors(self, node: _Node) -> np.ndarray:
         return np.unpackbits(node.packed, count=self.p.n_samples).astype(bool)
@@ -122,8 +133,16 @@ class _Search:
         fixed_ms = node.fixed_ms + gone * (self.leave[j] + node.heads_ms)
         fixed_right = node.fixed_right + np.where(on, np.round(right[levels]).astype(int), 0)
         heads_ms = node.heads_ms + on * self.head_price[j]
+        if self.prefix is not None:
+            rows = np.nonzero(survivors)[0]
+            heads_before = np.concatenate([[0.0], np.cumsum(self.head_price[:j] * (np.array(node.levels) > 0))])
+            wide = self.prefix.children(p, self.tables, j, node.wide_prefix, node.wide_state, node.wide_decided,
+                                        heads_before, np.array(levels), np.array(cuts), rows, passed[rows])
+        else:
+            n = len(levels)
+            wide = (np.zeros(n), np.zeros(n, dtype=int), np.zeros(n), np.full(n, -np.inf))
         return self._make(j + 1, [node.levels + (lv,) for lv in levels], survivors, passed, np.array(cuts),
-                          fixed_ms, fixed_right, heads_ms)
+                          fixed_ms, fixed_right, heads_ms, wide)
 
     def settle_leaf(self, node: _Node) -> None:
         """Price a full configuration exactly (or by a bound, where the placement DP is not exact)."""
@@ -145,12 +164,13 @@ class _Search:
 
 
 def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,
-                     best_first: bool = False, tables: BoundTables | None = None) -> BnbResult:
+                     best_first: bool = False, tables: BoundTables | None = None,
+                     prefix: PrefixBound | None = None) -> BnbResult:
     """Search until proven or ``time_limit_s`` (or, best first, MAX_OPEN_NODES open); the bound is valid
-    either way."""
+    either way. ``prefix``: the root's wide window bound, which then bounds every node too."""
     t0 = time.perf_counter()
     stop_at = t0 + time_limit_s
-    s = _Search(p, incumbent, tables)
+    s = _Search(p, incumbent, tables, prefix)
     open_nodes = [(root.bound, 0, root) for root in s.root()]     # (bound, tie-break, node)
     pushed = nodes = 0
     while open_nodes:

@@ -133,10 +133,17 @@ class _Split:
 
 
 class WindowTerms:
-    """Any width (used for >= 2), built once for a set of survivors: every level combination of each window,
-    split into the parts that do not depend on lam (latency, correct answers of those who leave inside the
-    window) and the samples who pass no window exit (they take their free choice, which does: one matrix product
-    per lam). :meth:`value` is then a dynamic programme over exits whose state is the previous width - 1 levels.
+    """Any width (used for >= 2), built once for a set of survivors, as tables [window start, level
+    combination] that a dynamic programme over exits combines (:meth:`value`; its state is the previous
+    width - 1 levels).
+
+    A survivor's fate inside its window depends only on its *pattern*, the levels it passes at the window's
+    exits: it stays at slot i iff its level there is below the slot's threshold (or the slot is off). So every
+    table entry is a dominance sum over a histogram of patterns (:func:`_dominance_sums`: one cumulative sum per
+    axis), O(samples + combinations x width) per window start instead of O(samples x combinations): width 4 on
+    the ResNet-110-scale case in 0.1 s instead of 3.3 s, which lets a solve afford width 5-6.
+    The parts that do not depend on lam (latency, correct answers inside the window) are built here; the free
+    choice of those who pass no window exit is one histogram per window start and lam.
     """
 
     def __init__(self, p: Problem, t: BoundTables, width: int, survivors: np.ndarray | None = None,
@@ -145,71 +152,183 @@ class WindowTerms:
         E, Lv = p.n_exits, int(p.n_levels.max()) + 1
         self.width, self.levels_count, self.split = width, Lv, split
         n_ex, pad = E - depth, width - 1             # dummy exits past the end: always off
-        passed = np.concatenate([p.passed_level[split.rows, depth:], np.zeros((len(split.rows), pad), int)], 1)
-        correct = np.concatenate([p.correct_exit[split.rows, depth:], np.zeros((len(split.rows), pad), bool)], 1)
+        start = split.chance - depth                 # window start: the survivor's first chance
+        order = np.argsort(start, kind="stable")
+        start, rows = start[order], split.rows[order]
+        self.start, self.rows, self.n_samples = start, rows, p.n_samples
+        slots = depth + start[:, None] + np.arange(width)[None, :]                      # [n, width] exits
+        exit_at = np.minimum(slots, E - 1)
+        passed = np.where(slots < E, p.passed_level[rows[:, None], exit_at], 0)
+        correct = np.where(slots < E, p.correct_exit[rows[:, None], exit_at], False)
         leave = np.concatenate([t.leave[depth:E], np.full(pad, np.inf)])
         head = np.concatenate([t.head[depth:], np.zeros(pad)])
         n_levels = np.concatenate([p.n_levels[depth:], np.zeros(pad, int)])
-        combos = np.array(list(itertools.product(range(Lv), repeat=width)), dtype=int)   # [V, width]
-        on = combos > 0
-        local = split.chance - depth
-        self.fixed_ms = np.zeros((n_ex, len(combos)))        # latency of the window part, lam-free
-        self.right = np.zeros((n_ex, len(combos)))           # correct answers given inside the window
-        self.free_parts = []                                 # (k, [V, n] 1 where no window exit is passed, a, b)
-        for k in np.unique(local):
-            members = np.nonzero(local == k)[0]
-            heads_before = np.concatenate([np.zeros((len(combos), 1)), np.cumsum(on * head[k:k + width], axis=1)],
-                                          axis=1)                                             # [V, w + 1]
-            taken = np.full((len(combos), len(members)), width, dtype=np.int8)              # window slot taken
-            for slot in range(width - 1, -1, -1):
-                level = combos[:, slot][:, None]
-                taken[(passed[members, k + slot][None, :] >= level) & (level > 0)] = slot
-            for slot in range(width + 1):            # per slot, so no [V, n] index arrays are built
-                here = taken == slot
-                count = here.sum(axis=1)
-                self.fixed_ms[k] += count * heads_before[:, slot]
-                if slot < width and np.isfinite(leave[k + slot]):
-                    self.fixed_ms[k] += count * leave[k + slot]
-                    self.right[k] += (here & correct[members, k + slot][None, :]).sum(axis=1)
-                elif slot < width:
-                    self.fixed_ms[k][count > 0] = np.inf  # that exit cannot be reached within memory
-            inside = taken < width
-            beyond = min(depth + k + width, E)       # the final classifier stays an option
-            r = split.rows[members]
-            self.free_parts.append((k, (~inside).astype(np.float32), t.after[r, beyond], t.after_right[r, beyond]))
+        # built slot by slot over the combinations of slots 0..i, so only the last step is full size
+        pattern = start.copy()                       # window start, then the levels passed at slots 0..i
+        fixed, right = np.zeros((n_ex, 1)), np.zeros((n_ex, 1))
+        stay = _dominance_sums(pattern, None, n_ex, Lv, 0, leave_last=False)   # stayed at slots < i
+        for i in range(width):
+            pattern = pattern * Lv + passed[:, i]
+            stayed = _dominance_sums(pattern, None, n_ex, Lv, i + 1, leave_last=False).reshape(n_ex, Lv ** i, Lv)
+            leaving = stay[:, :, None] - stayed      # [start, combination of slots < i, level at slot i]
+            reachable = np.isfinite(leave[i:i + n_ex])
+            leaving[reachable] *= leave[i:i + n_ex][reachable, None, None]
+            leaving[~reachable] = np.where(leaving[~reachable] > 0, np.inf, 0.0)   # no path: impossible
+            leaving += fixed[:, :, None]
+            leaving[:, :, 1:] += head[i:i + n_ex, None, None] * stayed[:, :, 1:]   # on: its head is evaluated
+            fixed = leaving.reshape(n_ex, Lv ** (i + 1))
+            right = (right[:, :, None] + _dominance_sums(pattern, correct[:, i].astype(float), n_ex, Lv, i + 1,
+                                                         leave_last=True).reshape(n_ex, Lv ** i, Lv))
+            right = right.reshape(n_ex, Lv ** (i + 1))
+            stay = stayed.reshape(n_ex, Lv ** (i + 1))
+        self.fixed_ms, self.right = fixed, right
+        beyond = np.minimum(depth + start + width, E)   # the final classifier stays an option
+        self.after, self.after_right = t.after[rows, beyond], t.after_right[rows, beyond]
+        first = np.searchsorted(start, np.arange(n_ex + 1))
+        self.members = [slice(a, b) for a, b in zip(first[:-1], first[1:])]   # survivors per window start
+        self.pattern = pattern - start * Lv ** width
+        stuck = ~np.isfinite(np.minimum(self.after, self.after_right))        # no way out past the window
+        self.impossible = (_dominance_sums(pattern[stuck], None, n_ex, Lv, width, leave_last=False) > 0
+                           if stuck.any() else np.zeros((n_ex, Lv ** width), dtype=bool))
         self.unary = np.zeros((n_ex + pad, Lv))
         self.unary[:n_ex, 1:] = split.sure_heads[:, None]
         self.unary[np.arange(Lv)[None, :] > n_levels[:, None]] = np.inf
 
-    def value(self, lam: float) -> float:
-        """The window bound at multiplier ``lam`` (sum over the survivors, as :func:`window_bound`)."""
-        tables = self.fixed_ms - lam * self.right
-        for k, none_passed, after, after_right in self.free_parts:
-            free = np.minimum(after, after_right - lam)
-            finite = np.isfinite(free)
-            free32 = np.where(finite, free, 0.0).astype(np.float32)   # single precision keeps the masks small;
-            rounding = (len(free) + 2) * 2.0 ** -24 * float(np.abs(free32).sum())   # its worst error, taken off
-            tables[k] += (none_passed @ free32).astype(float) - rounding
-            if not finite.all():                      # a sample with no way out: that combination is impossible
-                tables[k][none_passed[:, ~finite].any(axis=1)] = np.inf
+    def table(self, k: int, lam: float, free: np.ndarray) -> np.ndarray:
+        """[V]: window start k's part of the bound for each level combination of its window, at ``lam``
+        (``free``: each survivor's free choice past its window at that lam, 0 where it has none)."""
         Lv, w = self.levels_count, self.width
+        s = self.members[k]
+        table = self.fixed_ms[k] - lam * self.right[k]
+        if s.stop > s.start:
+            table = table + _dominance_sums(self.pattern[s], free[s], 1, Lv, w, leave_last=False)[0]
+            # float rounding of those sums (one term per survivor, the rest adds zeros), taken off
+            table -= (s.stop - s.start + 2 * w + 2) * 2.0 ** -53 * float(np.abs(free[s]).sum())
+        table[self.impossible[k]] = np.inf
+        return table
+
+    def _free(self, lam: float) -> np.ndarray:
+        free = np.minimum(self.after, self.after_right - lam)
+        return np.where(np.isfinite(free), free, 0.0)
+
+    def value(self, lam: float) -> float:
+        """The window bound at multiplier ``lam`` (sum over the survivors, as :func:`window_bound`): a dynamic
+        programme over exits whose state is the previous width - 1 levels."""
+        Lv, w = self.levels_count, self.width
+        free = self._free(lam)
         states = Lv ** (w - 1)
         cost = np.full(states, np.inf)
         cost[0] = 0.0                                 # the exits before depth count as off here
         for step in range(len(self.unary)):
             full = cost[:, None] + self.unary[step][None, :]   # index (previous w - 1 levels, this level)
-            if step - (w - 1) >= 0:
-                full = full + tables[step - (w - 1)].reshape(states, Lv)
+            if step >= w - 1:
+                full = full + self.table(step - (w - 1), lam, free).reshape(states, Lv)
             cost = full.reshape(Lv, states).min(axis=0)         # forget the oldest level
         return self.split.final_ms - lam * self.split.final_right + float(cost.min())
 
+    def prefix_bound(self, lam: float, required_correct: int) -> "PrefixBound":
+        """The bound at ``lam`` for every decided prefix of levels (the root's terms: all samples, depth 0)."""
+        Lv, w = self.levels_count, self.width
+        free = self._free(lam)
+        states, steps = Lv ** (w - 1), len(self.unary)
+        tables = np.stack([self.table(k, lam, free) for k in range(len(self.members))])
+        to_go = np.zeros((steps + 1, states))
+        successor = np.arange(states * Lv) % states
+        for step in range(steps - 1, -1, -1):
+            full = self.unary[step][None, :] + to_go[step + 1][successor].reshape(states, Lv)
+            if step >= w - 1:
+                full = full + tables[step - (w - 1)].reshape(states, Lv)
+            to_go[step] = full.min(axis=1)
+        constant = self.split.final_ms - lam * self.split.final_right + lam * required_correct
+        closes = np.full(self.n_samples, len(self.members) + w)          # no window: never closes
+        closes[self.rows] = self.start + w
+        free_all = np.zeros(self.n_samples)
+        free_all[self.rows] = free
+        return PrefixBound(w, Lv, tables, self.unary, to_go, constant, lam, closes, free_all)
 
-def best_multiplier(p: Problem, t: BoundTables, width: int = 1, iterations: int = 30) -> tuple[float, float]:
-    """(bound in ms, lam): the window bound of the whole problem at its best multiplier (golden section; the
-    Lagrangian is concave in lam)."""
+
+@dataclass(frozen=True, eq=False)
+class PrefixBound:
+    """The root's window bound at one multiplier, for any decided prefix of levels: a branch-and-bound node
+    whose exits 0..d-1 are decided is bounded by the cheapest completion of that same relaxation (a lower
+    bound on every plan, so on every plan in the node's subtree), in O(1) per child: the tables of the windows
+    its prefix closes plus the cheapest way on (``to_go``, a backward dynamic programme over the states).
+
+    It is then made exact where the prefix decides more than the relaxation knows: a sample whose window lies
+    inside the prefix and who passed it took its free choice in the relaxation, but the node knows where it left
+    (or that it has not left yet, so only exits from d on remain) and which heads it evaluated on the way
+    (:meth:`children`). Totals are sums over samples, as the tree's."""
+
+    width: int
+    levels_count: int
+    tables: np.ndarray        # [E, V] window start k, levels of exits k..k+width-1 (inf: impossible)
+    unary: np.ndarray         # [E + width - 1, Lv] heads surely evaluated (inf: no such level)
+    to_go: np.ndarray         # [E + width, Lv ** (width - 1)] cheapest rest from exit s, given the previous levels
+    constant: float           # the final classifier's part and lam * K
+    lam: float
+    closes: np.ndarray        # [N] first exit past each sample's window (> E: it has none)
+    free: np.ndarray          # [N] its free choice past the window at lam, as the relaxation counts it
+
+    @property
+    def total(self) -> float:
+        return self.constant + float(self.to_go[0][0])
+
+    def children(self, p: Problem, t: BoundTables, j: int, prefix: float, state: int, decided: float,
+                 heads_before: np.ndarray, levels: np.ndarray, cuts: np.ndarray, rows: np.ndarray,
+                 key: np.ndarray):
+        """The children of a node at depth ``j`` (its prefix sum, state = its last width - 1 levels, and the
+        exact correction of its decided samples), at ``levels`` of exit j; child c keeps the survivors ``rows``
+        whose ``key`` (level passed at exit j) is below ``cuts[c]``. ``heads_before[i]``: the node's enabled
+        heads of exits < i. Returns their prefix sums, states, decided corrections and bounds."""
+        combo = state * self.levels_count + levels
+        prefix = prefix + self.unary[j][levels]
+        if j >= self.width - 1:
+            prefix = prefix + self.tables[j - (self.width - 1)][combo]
+        state = combo % self.to_go.shape[1]
+        closes, free = self.closes[rows], self.free[rows]
+        past = closes <= j                            # exit j lies past the sample's window
+        paid = heads_before[j] - heads_before[np.minimum(closes, j)]     # heads evaluated since the window
+        with np.errstate(invalid="ignore"):
+            go = np.where(past, t.leave[j] - self.lam * p.correct_exit[rows, j] + paid - free, 0.0)
+            rest = np.minimum(t.after[rows, j + 1], t.after_right[rows, j + 1] - self.lam)
+            stay = np.where(closes <= j + 1, rest + paid - free, 0.0)
+        size = int(cuts.max()) + 1
+        below = lambda w: np.concatenate([[0.0], np.cumsum(np.bincount(key, w, minlength=size))])[cuts]  # noqa: E731
+        leaving = np.cumsum(np.bincount(key, go, minlength=size)[::-1])[::-1]
+        on = levels > 0
+        decided = decided + np.where(on, np.append(leaving, 0.0)[cuts], 0.0)
+        survivors = below(stay) + on * t.head[j] * below(past.astype(float))
+        return prefix, state, decided, self.constant + prefix + self.to_go[j + 1][state] + decided + survivors
+
+
+def _dominance_sums(index: np.ndarray, weights: np.ndarray | None, starts: int, Lv: int, digits: int,
+                    leave_last: bool) -> np.ndarray:
+    """[starts, Lv ** digits]: per window start and level combination c of the first ``digits`` slots, the
+    sum of ``weights`` (None: counts) over the survivors that stay at each of those slots (level passed
+    < c[i], or c[i] = 0: off). With ``leave_last`` the last slot instead counts those who leave there (level
+    passed >= c > 0). ``index`` = start * Lv ** digits + the survivor's levels passed at those slots."""
+    h = np.bincount(index, weights=weights, minlength=starts * Lv ** digits).astype(float, copy=False)
+    h = h.reshape((starts,) + (Lv,) * digits)
+    for axis in range(1, digits + 1):              # in place: these arrays are the largest of a solve
+        view = np.flip(h, axis) if leave_last and axis == digits else h
+        np.cumsum(view, axis=axis, out=view)       # [c] = sum over passed <= c (last, leaving: >= c)
+    shift = tuple(range(1, digits if leave_last else digits + 1))
+    if shift:
+        h = np.roll(h, 1, axis=shift)              # [c] = sum over passed <= c - 1; [0] (off): everyone
+    if leave_last and digits:
+        h[..., 0] = 0.0                            # off: nobody leaves
+    return h.reshape(starts, Lv ** digits)
+
+
+def best_multiplier(p: Problem, t: BoundTables, width: int = 1, iterations: int = 30,
+                    bracket: tuple[float, float] | None = None,
+                    terms: WindowTerms | None = None) -> tuple[float, float]:
+    """(bound in ms, lam): the window bound of the whole problem at its best multiplier in ``bracket`` (golden
+    section; the Lagrangian is concave in lam; any lam gives a valid bound)."""
     N, K = p.n_samples, p.required_correct
 
-    terms = WindowTerms(p, t, width) if width > 1 else None
+    if terms is None and width > 1:
+        terms = WindowTerms(p, t, width)
 
     def value(lam: float) -> float:
         inner = terms.value(lam) if terms is not None else window_bound(p, t, lam)
@@ -218,7 +337,7 @@ def best_multiplier(p: Problem, t: BoundTables, width: int = 1, iterations: int 
     finite = t.leave[np.isfinite(t.leave)]
     if not len(finite):
         return np.inf, 0.0                            # no exit and no end can be reached within memory
-    lo, hi = 0.0, 4.0 * float(finite.max()) + 1.0
+    lo, hi = bracket if bracket is not None else (0.0, 4.0 * float(finite.max()) + 1.0)
     g = (5 ** 0.5 - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     fa, fb = value(a), value(b)
@@ -234,16 +353,22 @@ def best_multiplier(p: Problem, t: BoundTables, width: int = 1, iterations: int 
     return (fa, a) if fa >= fb else (fb, b)
 
 
-SECONDS_PER_CELL = 1e-7   # measured: width 4 on the ResNet-110-scale case, 33M (combination, sample) cells, 3.3 s
-MAX_CELLS = 6e7           # single-precision masks: ~240 MB at this size, plus ~120 MB while building
+SECONDS_PER_CELL = 6e-7   # measured, per (window start, level combination): build + 10 multipliers (ResNet-110
+#                           scale width 5: 3.2M cells in 1.2 s; 200 blocks width 7: 3.1M in 1.9 s)
+MAX_CELLS = 3e7           # ~40 bytes a cell at the peak of the build: 1.2 GB at width 6 on the ResNet-110 scale
 
 
-def widest_window_bound(p: Problem, t: BoundTables, seconds: float) -> tuple[float, int]:
-    """(bound in ms, width) at the widest window whose (level combination, sample) cells fit ``seconds`` and
-    MAX_CELLS; a wider window keeps more of each sample's path exact, so it is never weaker."""
-    combos_per_slot = int(p.n_levels.max()) + 1 if p.n_exits else 1
+def widest_window_bound(p: Problem, t: BoundTables, seconds: float) -> PrefixBound | None:
+    """The window bound at the widest window whose (window start, level combination) cells fit ``seconds`` and
+    MAX_CELLS (a wider window keeps more of each sample's path exact, so it is never weaker), at its best
+    multiplier near the width-1 one, with every prefix (for the branch and bound); None without exits."""
+    if not p.n_exits:
+        return None
+    combos_per_slot = int(p.n_levels.max()) + 1
     width = 1
     while (width < p.n_exits
-           and combos_per_slot ** (width + 1) * p.n_samples <= min(MAX_CELLS, seconds / SECONDS_PER_CELL)):
+           and combos_per_slot ** (width + 1) * p.n_exits <= min(MAX_CELLS, seconds / SECONDS_PER_CELL)):
         width += 1
-    return best_multiplier(p, t, width, iterations=20 if width > 1 else 30)[0], width
+    terms = WindowTerms(p, t, width)
+    _, lam = best_multiplier(p, t, width, iterations=10, bracket=(0.5 * t.lam, 4.0 * t.lam + 1.0), terms=terms)
+    return terms.prefix_bound(lam, p.required_correct)

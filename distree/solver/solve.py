@@ -37,7 +37,7 @@ KICKS_UNTIL = 0.8              # share of the time limit by which the iterated l
 KICKS_BEFORE_MILP = 0.5        # share of the time left that kicks get, at most, before a MILP not yet proven;
 #                                measured (60 s): 55 blocks / 54 exits / 300 samples 12.855 -> 12.818 ms, while the
 #                                cases HiGHS proves stay proven (kicks stop after 100 without a gain)
-WIDE_BOUND_SHARE = 0.1         # of the time limit, for the widest window bound that fits (bounds.py)
+WIDE_BOUND_SHARE = 0.2         # of the time limit, for the widest window bound that fits (bounds.py)
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 
@@ -64,9 +64,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     tree = branch_and_bound(p, warm, PROBE_SHARE * max(0.0, deadline - time.perf_counter()), tables=tables)
     too_big = rows > MILP_MAX_ROWS and tree.best is not None    # with no plan yet, the MILP may still find one
     run_milp = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
-    wide_bound = 0.0
-    if not tree.complete:
-        wide_bound, _ = widest_window_bound(p, tables, WIDE_BOUND_SHARE * constraints.time_limit_s)
+    wide = widest_window_bound(p, tables, WIDE_BOUND_SHARE * constraints.time_limit_s) if not tree.complete else None
+    wide_bound = wide.total / p.n_samples if wide is not None else 0.0
     if not tree.complete and tree.best is not None and not constraints.dump_lp:
         # kicks: until KICKS_UNTIL of the limit when the best-first tree follows (its bound settles within
         # seconds), or for KICKS_BEFORE_MILP of the time left, so that HiGHS starts from a better plan
@@ -76,7 +75,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     if not tree.complete and not run_milp and not constraints.dump_lp:
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
         tree = branch_and_bound(p, tree.best, max(0.0, deadline - time.perf_counter()), best_first=True,
-                                tables=tables)
+                                tables=tables, prefix=wide)
         tree = dataclasses.replace(tree, bound=max(tree.bound, probe_bound))
     best = tree.best
     start = (best.levels, best.placement) if best is not None else None

@@ -36,6 +36,12 @@ from distree.solver.problem import Problem
 
 OPTIMALITY_TOLERANCE = 1e-9     # relative: bound and incumbent this close -> proven optimal
 MAX_OPEN_NODES = 200_000        # best first stops here (each open node: ~N/8 bytes of survivors + its levels)
+# the root's wide window (PrefixBound) costs ~20% of the nodes; it is dropped when, over the first PREFIX_TRIAL
+# children, it beat the node's own bounds for fewer than PREFIX_MIN_SHARE of them. Measured (20 s trees): decisive
+# for 99.5% of children on the ResNet-110 scale and 85% on 200 blocks (bound 10.38 -> 10.64, 32.22 -> 32.72 ms), for
+# 0.7% on the example's 22 trained exits (0.926 without it, 0.920 with it)
+PREFIX_TRIAL = 5_000
+PREFIX_MIN_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class _Search:
                  prefix: PrefixBound | None):
         self.p = p
         self.prefix = prefix
+        self.prefix_tried = self.prefix_decisive = 0
         self.tables = bound_tables(p) if tables is None else tables
         self.leave, self.after, self.after_right = self.tables.leave, self.tables.after, self.tables.after_right
         self.head_price = self.tables.head
@@ -98,7 +105,13 @@ class _Search:
                                      key[rows], cuts)
         window = nested_window_bounds(p, self.tables, self.lam, rows, key[rows], cuts, depth)
         paid = fixed_ms + heads_ms * count
-        bound = np.maximum.reduce([paid + free, paid - self.lam * (fixed_right - K) + window, wide[3]])
+        bound = np.maximum(paid + free, paid - self.lam * (fixed_right - K) + window)
+        if self.prefix is not None:
+            self.prefix_tried += len(bound)
+            self.prefix_decisive += int((wide[3] > bound).sum())
+            bound = np.maximum(bound, wide[3])
+            if self.prefix_tried >= PREFIX_TRIAL and self.prefix_decisive < PREFIX_MIN_SHARE * self.prefix_tried:
+                self.prefix = None
         if p.deadline_ms is not None:      # the no-exit path already misses the deadline with these heads
             bound[self.leave[-1] + heads_ms > p.deadline_ms + 1e-9] = np.inf
         keep = np.nonzero(bound < self.incumbent_total() * (1 - OPTIMALITY_TOLERANCE))[0]

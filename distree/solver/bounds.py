@@ -17,11 +17,12 @@ bound. Costs are those of the cheapest staged path to each exit (placement relax
 this way the exits interact only within a window, so the best levels are a dynamic programme over exits whose
 state is the levels of the previous ``width - 1`` exits; width 1 is a sum of independent per-exit minima.
 
-Measured at the root (``benchmarks/solver_scale.py`` cases): ResNet-110 scale 9.24 (free choice) -> 10.19
-(width 1) -> 10.28 (2) -> 10.37 (3) -> 10.43 (4) ms, against a best plan of 11.26; 200 blocks on 8 devices 30.58
--> 31.49 (1) -> 32.10 (6) against 32.96. The branch and bound uses width 1 at every node, for all children of
-a node in one pass (:func:`nested_window_bounds`); a solve adds the widest window that fits its time once
-(:func:`widest_window_bound`).
+Measured at the root (``benchmarks/solver_scale.py`` cases): ResNet-110 scale 9.24 (free choice) -> 10.27
+(width 1) -> 10.36 (2) -> 10.45 (3) -> 10.51 (4) -> 10.58 (5) -> 10.63 (6) ms, against a best plan of 11.26;
+200 blocks on 8 devices 30.58 -> 31.71 (1) -> 32.31 (6) -> 32.40 (7) against 32.92. The branch and bound uses
+width 1 at every node, for all children of a node in one pass (:func:`nested_window_bounds`); a solve adds the
+widest window that fits its time once (:func:`widest_window_bound`), and the tree carries it along every node's
+levels (:class:`PrefixBound`).
 """
 
 from __future__ import annotations

@@ -37,7 +37,11 @@ KICKS_UNTIL = 0.8              # share of the time limit by which the iterated l
 KICKS_BEFORE_MILP = 0.5        # share of the time left that kicks get, at most, before a MILP not yet proven;
 #                                measured (60 s): 55 blocks / 54 exits / 300 samples 12.855 -> 12.818 ms, while the
 #                                cases HiGHS proves stay proven (kicks stop after 100 without a gain)
-WIDE_BOUND_SHARE = 0.2         # of the time limit, for the widest window bound that fits (bounds.py)
+# time for the widest window bound that fits (bounds.py): a share of the limit, but at least WIDE_BOUND_MIN_S where
+# that stays under twice the share. Measured: ResNet-110 scale 10 s, width 4 (1 s) -> 5 (2 s): gap 6.6% -> 5.8%;
+# 22 trained exits 60 s, width 6 (12 s) vs 5 (6 s): 29.9% vs 29.6% (the tree there needs the time more)
+WIDE_BOUND_SHARE = 0.1
+WIDE_BOUND_MIN_S = 2.0
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 
@@ -64,7 +68,9 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     tree = branch_and_bound(p, warm, PROBE_SHARE * max(0.0, deadline - time.perf_counter()), tables=tables)
     too_big = rows > MILP_MAX_ROWS and tree.best is not None    # with no plan yet, the MILP may still find one
     run_milp = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
-    wide = widest_window_bound(p, tables, WIDE_BOUND_SHARE * constraints.time_limit_s) if not tree.complete else None
+    limit = constraints.time_limit_s
+    wide_s = max(WIDE_BOUND_SHARE * limit, min(WIDE_BOUND_MIN_S, 2 * WIDE_BOUND_SHARE * limit))
+    wide = widest_window_bound(p, tables, wide_s) if not tree.complete else None
     wide_bound = wide.total / p.n_samples if wide is not None else 0.0
     if not tree.complete and tree.best is not None and not constraints.dump_lp:
         # kicks: until KICKS_UNTIL of the limit when the best-first tree follows (its bound settles within

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.bounds import BoundTables, PrefixBound, bound_tables, nested_window_bounds
+from distree.solver.bounds import BoundTables, PrefixBound, WideChildren, bound_tables, nested_window_bounds
 from distree.solver.costs import best_placement, nested_free_choice_ms
 from distree.solver.heuristic import Candidate, place
 from distree.solver.problem import Problem
@@ -90,17 +90,17 @@ class _Search:
     def root(self) -> list[_Node]:
         """The root, or nothing when its bound already meets the incumbent (or is infinite)."""
         N = self.p.n_samples
-        wide = (np.zeros(1), np.zeros(1, dtype=int), np.zeros(1),
-                np.array([self.prefix.total if self.prefix is not None else -np.inf]))
+        wide = WideChildren.none(1)
+        if self.prefix is not None:
+            wide.bound[0] = self.prefix.total
         return self._make(0, [()], np.ones(N, dtype=bool), np.zeros(N, dtype=int), np.array([1]),
                           np.zeros(1), np.zeros(1, dtype=int), np.zeros(1), wide)
 
     def _make(self, depth, levels, survivors, key, cuts, fixed_ms, fixed_right, heads_ms, wide) -> list[_Node]:
         """The nodes at ``depth`` whose survivors are {i in survivors: key[i] < cuts[c]}, bounded together
         (:func:`~distree.solver.bounds.nested_window_bounds`), or by the root's wide window along their levels
-        (``wide``: prefix sums, states, decided corrections and bounds, :class:`~distree.solver.bounds.PrefixBound`)
-        when higher;
-        only those that can still beat the incumbent."""
+        (``wide``, :class:`~distree.solver.bounds.PrefixBound`) when higher; only those that can still beat the
+        incumbent."""
         p, K = self.p, self.p.required_correct
         rows = np.nonzero(survivors)[0]
         count = np.concatenate([[0], np.cumsum(np.bincount(key[rows], minlength=int(cuts.max()) + 1))])[cuts]
@@ -111,8 +111,8 @@ class _Search:
         bound = np.maximum(paid + free, paid - self.lam * (fixed_right - K) + window)
         if self.prefix is not None:
             self.prefix_tried += len(bound)
-            self.prefix_decisive += int((wide[3] > bound).sum())
-            bound = np.maximum(bound, wide[3])
+            self.prefix_decisive += int((wide.bound > bound).sum())
+            bound = np.maximum(bound, wide.bound)
             if self.prefix_tried >= PREFIX_TRIAL and self.prefix_decisive < PREFIX_MIN_SHARE * self.prefix_tried:
                 self.prefix = None
         if p.deadline_ms is not None:      # the no-exit path already misses the deadline with these heads
@@ -120,7 +120,7 @@ class _Search:
         keep = np.nonzero(bound < self.incumbent_total() * (1 - OPTIMALITY_TOLERANCE))[0]
         packed = np.packbits(survivors[None, :] & (key[None, :] < cuts[keep, None]), axis=1)
         return [_Node(float(bound[c]), depth, levels[c], packed[i], float(fixed_ms[c]), int(fixed_right[c]),
-                      float(heads_ms[c]), float(wide[0][c]), int(wide[1][c]), float(wide[2][c]))
+                      float(heads_ms[c]), float(wide.prefix[c]), int(wide.state[c]), float(wide.decided[c]))
                 for i, c in enumerate(keep)]
 
     def survivors(self, node: _Node) -> np.ndarray:
@@ -155,8 +155,7 @@ class _Search:
             wide = self.prefix.children(p, self.tables, j, node.wide_prefix, node.wide_state, node.wide_decided,
                                         heads_before, np.array(levels), np.array(cuts), rows, passed[rows])
         else:
-            n = len(levels)
-            wide = (np.zeros(n), np.zeros(n, dtype=int), np.zeros(n), np.full(n, -np.inf))
+            wide = WideChildren.none(len(levels))
         return self._make(j + 1, [node.levels + (lv,) for lv in levels], survivors, passed, np.array(cuts),
                           fixed_ms, fixed_right, heads_ms, wide)
 

@@ -249,6 +249,20 @@ class WindowTerms:
 
 
 @dataclass(frozen=True, eq=False)
+class WideChildren:
+    """Per child of a branch-and-bound node: what :class:`PrefixBound` carries along its levels, and its bound."""
+
+    prefix: np.ndarray        # sum of the tables of the windows its levels close, and their unary terms
+    state: np.ndarray         # its last width - 1 levels, as one index
+    decided: np.ndarray       # exact correction for the samples its levels decided past their window
+    bound: np.ndarray         # total (sum over samples); -inf: no wide window
+
+    @staticmethod
+    def none(n: int) -> "WideChildren":
+        return WideChildren(np.zeros(n), np.zeros(n, dtype=int), np.zeros(n), np.full(n, -np.inf))
+
+
+@dataclass(frozen=True, eq=False)
 class PrefixBound:
     """The root's window bound at one multiplier, for any decided prefix of levels: a branch-and-bound node
     whose exits 0..d-1 are decided is bounded by the cheapest completion of that same relaxation (a lower
@@ -276,11 +290,11 @@ class PrefixBound:
 
     def children(self, p: Problem, t: BoundTables, j: int, prefix: float, state: int, decided: float,
                  heads_before: np.ndarray, levels: np.ndarray, cuts: np.ndarray, rows: np.ndarray,
-                 key: np.ndarray):
+                 key: np.ndarray) -> WideChildren:
         """The children of a node at depth ``j`` (its prefix sum, state = its last width - 1 levels, and the
         exact correction of its decided samples), at ``levels`` of exit j; child c keeps the survivors ``rows``
         whose ``key`` (level passed at exit j) is below ``cuts[c]``. ``heads_before[i]``: the node's enabled
-        heads of exits < i. Returns their prefix sums, states, decided corrections and bounds."""
+        heads of exits < i."""
         combo = state * self.levels_count + levels
         prefix = prefix + self.unary[j][levels]
         if j >= self.width - 1:
@@ -299,7 +313,8 @@ class PrefixBound:
         on = levels > 0
         decided = decided + np.where(on, np.append(leaving, 0.0)[cuts], 0.0)
         survivors = below(stay) + on * t.head[j] * below(past.astype(float))
-        return prefix, state, decided, self.constant + prefix + self.to_go[j + 1][state] + decided + survivors
+        return WideChildren(prefix, state, decided,
+                            self.constant + prefix + self.to_go[j + 1][state] + decided + survivors)
 
 
 def _dominance_sums(index: np.ndarray, weights: np.ndarray | None, starts: int, Lv: int, digits: int,

@@ -156,7 +156,8 @@ class WindowTerms:
         start = split.chance - depth                 # window start: the survivor's first chance
         order = np.argsort(start, kind="stable")
         start, rows = start[order], split.rows[order]
-        self.start, self.rows, self.n_samples = start, rows, p.n_samples
+        self.start, self.rows, self.n_samples, self.depth = start, rows, p.n_samples, depth
+        self.every_sample = survivors is None
         slots = depth + start[:, None] + np.arange(width)[None, :]                      # [n, width] exits
         exit_at = np.minimum(slots, E - 1)
         passed = np.where(slots < E, p.passed_level[rows[:, None], exit_at], 0)
@@ -229,6 +230,8 @@ class WindowTerms:
 
     def prefix_bound(self, lam: float, required_correct: int) -> "PrefixBound":
         """The bound at ``lam`` for every decided prefix of levels (the root's terms: all samples, depth 0)."""
+        if self.depth != 0 or not self.every_sample:
+            raise ValueError("prefix_bound needs the root's window terms (every sample, depth 0)")
         Lv, w = self.levels_count, self.width
         free = self._free(lam)
         states, steps = Lv ** (w - 1), len(self.unary)

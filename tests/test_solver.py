@@ -52,6 +52,12 @@ def _random_instance(seed: int):
     return case, c
 
 
+def _random_problem(seed: int):
+    """A random instance and its Problem."""
+    case, c = _random_instance(seed)
+    return case, c, build_problem(case.chain, case.calibration, case.profile, case.topology, c)[0]
+
+
 def _check_plan(plan: Plan, case, c: Constraints) -> None:
     """Every constraint, re-derived from the raw calibration data, profile and topology."""
     r = replay(plan, case.chain, case.calibration, case.profile, case.topology)
@@ -84,8 +90,7 @@ def test_random_instances_match_brute_force_and_replay():
     """Hundreds of small instances: MILP optimum == exhaustive optimum, and each plan passes the replay."""
     stats = {"feasible": 0, "infeasible": 0, "memory_binds": 0, "exits_used": 0, "multi_stage": 0, "bnb_exact": 0}
     for seed in range(240):
-        case, c = _random_instance(seed)
-        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        case, c, problem = _random_problem(seed)
         ref = brute_force(problem)
         try:
             plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
@@ -121,8 +126,7 @@ def test_kicks_escape_where_single_exit_moves_get_stuck():
     """Where plain local search stops above the brute-force optimum, the iterated local search reaches it."""
     stuck = reached = 0
     for seed in range(150):
-        case, c = _random_instance(seed)
-        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        case, c, problem = _random_problem(seed)
         descent = local_search(problem) if problem.n_exits >= 3 else None
         ref = brute_force(problem) if descent is not None else None
         if ref is None or descent.expected_ms <= ref.expected_ms * (1 + 1e-9):
@@ -141,8 +145,7 @@ def test_window_moves_are_scored_exactly():
     throughput and accuracy included), so pair moves never mislead the descent."""
     checked = 0
     for seed in range(40):
-        case, c = _random_instance(seed)
-        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        case, c, problem = _random_problem(seed)
         if problem.n_exits < 2:
             continue
         rng = np.random.default_rng(seed)
@@ -179,8 +182,7 @@ def test_shared_exit_positions_and_no_exits():
 
 def test_cbc_agrees_with_highs():
     for seed in (3, 7, 11, 19):
-        case, c = _random_instance(seed)
-        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        case, c, problem = _random_problem(seed)
         a = solve_milp(problem, solver="highs")
         b = solve_milp(problem, solver="cbc")
         assert a.status == b.status
@@ -310,8 +312,7 @@ def test_window_bound_never_exceeds_any_completion():
     prefix is at most the cost of every feasible completion, checked by enumerating all of them."""
     checked = 0
     for seed in range(60):
-        case, c = _random_instance(seed)
-        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        case, c, problem = _random_problem(seed)
         if problem.n_exits == 0:
             continue
         priced = [bound_tables(problem)] + [bound_tables(problem, row) for row in problem.head_ms]   # every price
@@ -381,8 +382,7 @@ def test_window_tables_equal_a_sample_by_sample_simulation():
     configuration, of the relaxation simulated sample by sample (widths 1-3, several multipliers)."""
     checked = 0
     for seed in range(30):
-        case, c = _random_instance(seed)
-        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        case, c, problem = _random_problem(seed)
         configs = all_configurations(problem.n_levels)
         if problem.n_exits == 0 or len(configs) > 700:
             continue
@@ -405,8 +405,7 @@ def test_prefix_bound_never_exceeds_the_best_plan_below_a_node(monkeypatch):
     monkeypatch.setattr(bnb, "PREFIX_MIN_SHARE", 0.0)     # never dropped as not decisive enough: checked everywhere
     checked = exact = 0
     for seed in range(50):
-        case, c = _random_instance(seed)
-        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        case, c, problem = _random_problem(seed)
         if problem.n_exits == 0:
             continue
         best = {}
@@ -456,8 +455,7 @@ def test_nested_bounds_equal_one_set_at_a_time():
     the general dynamic programme above; free choice by plain sorting)."""
     checked = 0
     for seed in range(40):
-        case, c = _random_instance(seed)
-        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        case, c, problem = _random_problem(seed)
         if problem.n_exits == 0:
             continue
         tables = bound_tables(problem)

@@ -221,6 +221,27 @@ def test_milp_above_its_row_cap_is_not_run_once_a_plan_is_known(monkeypatch):
     _check_plan(plan, case, c)
 
 
+@pytest.mark.parametrize("min_share, widened", [(0.0, True), (1.01, False)])
+def test_window_widens_only_after_a_trial_shows_it_decides(monkeypatch, min_share, widened):
+    """Before the best-first tree, a wider window is built only when a short trial tree found the wide window
+    deciding often enough (WIDEN_MIN_SHARE); its bound then counts in the reported one."""
+    solve_module = importlib.import_module("distree.solver.solve")
+    monkeypatch.setattr(solve_module, "MILP_MAX_ROWS", 10)          # the best-first tree route
+    monkeypatch.setattr(solve_module, "WIDEN_MIN_SHARE", min_share)
+    built = []
+    real = solve_module.window_prefix_bound
+    monkeypatch.setattr(solve_module, "window_prefix_bound", lambda p, t, width: built.append(real(p, t, width))
+                        or built[-1])
+    case = synthetic_case(30, 8, 4, 3, 500, seed=1)     # 8 exits x 5 options: width 7 first, then 8 fits
+    c = Constraints(accuracy_drop=0.01, time_limit_s=8)
+    plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
+    assert len(built) == (1 if widened else 0)
+    if widened:
+        assert built[0].width == 8
+        assert built[0].total / 500 <= plan.bound_ms + 1e-9 <= plan.expected_latency_ms + 2e-9
+    _check_plan(plan, case, c)
+
+
 def test_required_correct_with_confidence():
     assert required_correct(1000, 0.9, None) == 900
     k = required_correct(1000, 0.9, 0.95)

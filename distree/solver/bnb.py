@@ -54,6 +54,8 @@ class BnbResult:
     complete: bool              # every node was decided: best is optimal (or none exists)
     nodes: int
     wall_s: float
+    wide_share: float = float("nan")   # share of the children judged for which the wide window (prefix) was the
+    #                                    highest bound (nan: no wide window, or no child judged)
 
 
 @dataclass(frozen=True)
@@ -206,4 +208,5 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
     live = [b for b, _, _ in open_nodes if b < s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]
     bound_total = min([s.incumbent_total(), s.open_leaf_bound, *live])
     return BnbResult(best=s.best, bound=bound_total / N, complete=not live and not np.isfinite(s.open_leaf_bound),
-                     nodes=nodes, wall_s=time.perf_counter() - t0)
+                     nodes=nodes, wall_s=time.perf_counter() - t0,
+                     wide_share=s.prefix_decisive / s.prefix_tried if s.prefix_tried else float("nan"))

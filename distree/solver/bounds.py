@@ -377,17 +377,28 @@ SECONDS_PER_CELL = 6e-7   # measured, per (window start, level combination): bui
 MAX_CELLS = 3e7           # ~40 bytes a cell at the peak of the build: 1.2 GB at width 6 on the ResNet-110 scale
 
 
-def widest_window_bound(p: Problem, t: BoundTables, seconds: float) -> PrefixBound | None:
-    """The window bound at the widest window whose (window start, level combination) cells fit ``seconds`` and
-    MAX_CELLS (a wider window keeps more of each sample's path exact, so it is never weaker), at its best
-    multiplier near the width-1 one, with every prefix (for the branch and bound); None without exits."""
+def widest_window(p: Problem, seconds: float) -> int:
+    """The widest window whose (window start, level combination) cells fit ``seconds`` and MAX_CELLS (0 without
+    exits): a wider window keeps more of each sample's path exact, so it is never weaker."""
     if not p.n_exits:
-        return None
+        return 0
     combos_per_slot = int(p.n_levels.max()) + 1
     width = 1
     while (width < p.n_exits
            and combos_per_slot ** (width + 1) * p.n_exits <= min(MAX_CELLS, seconds / SECONDS_PER_CELL)):
         width += 1
+    return width
+
+
+def window_prefix_bound(p: Problem, t: BoundTables, width: int) -> PrefixBound:
+    """The window bound of the whole problem at ``width``, at its best multiplier near the width-1 one, with
+    every prefix (for the branch and bound)."""
     terms = WindowTerms(p, t, width)
     _, lam = best_multiplier(p, t, width, iterations=10, bracket=(0.5 * t.lam, 4.0 * t.lam + 1.0), terms=terms)
     return terms.prefix_bound(lam, p.required_correct)
+
+
+def widest_window_bound(p: Problem, t: BoundTables, seconds: float) -> PrefixBound | None:
+    """:func:`window_prefix_bound` at the :func:`widest_window` that fits ``seconds``; None without exits."""
+    width = widest_window(p, seconds)
+    return window_prefix_bound(p, t, width) if width else None

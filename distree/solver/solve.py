@@ -67,7 +67,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
                   constraints: Constraints) -> Plan:
     """Local search -> a probing branch and bound (depth first) -> kicks (iterated local search) -> the MILP
     with the time left, when it can be built in time and is small enough to help (MILP_MAX_ROWS); else a
-    best-first branch and bound with the time left.
+    best-first branch and bound with the time left, carrying the widest window bound that fits (widened first
+    where a short trial of that tree shows the window deciding its bounds).
 
     Every stage runs against one deadline, t0 + time_limit_s; building and loading the MILP count too.
     """

@@ -228,10 +228,13 @@ def test_window_widens_only_after_a_trial_shows_it_decides(monkeypatch, min_shar
     solve_module = importlib.import_module("distree.solver.solve")
     monkeypatch.setattr(solve_module, "MILP_MAX_ROWS", 10)          # the best-first tree route
     monkeypatch.setattr(solve_module, "WIDEN_MIN_SHARE", min_share)
-    built = []
-    real = solve_module.window_prefix_bound
-    monkeypatch.setattr(solve_module, "window_prefix_bound", lambda p, t, width: built.append(real(p, t, width))
-                        or built[-1])
+    built, build = [], solve_module.window_prefix_bound
+
+    def recording_build(p, t, width):
+        built.append(build(p, t, width))
+        return built[-1]
+
+    monkeypatch.setattr(solve_module, "window_prefix_bound", recording_build)
     case = synthetic_case(30, 8, 4, 3, 500, seed=1)     # 8 exits x 5 options: width 7 first, then 8 fits
     c = Constraints(accuracy_drop=0.01, time_limit_s=8)
     plan = solve(case.chain, case.calibration, case.profile, case.topology, c)

@@ -228,6 +228,8 @@ def test_window_widens_only_after_a_trial_shows_it_decides(monkeypatch, min_shar
     solve_module = importlib.import_module("distree.solver.solve")
     monkeypatch.setattr(solve_module, "MILP_MAX_ROWS", 10)          # the best-first tree route
     monkeypatch.setattr(solve_module, "WIDEN_MIN_SHARE", min_share)
+    monkeypatch.setattr(solve_module, "WIDE_BOUND_SHARE", 0.001)     # 8 ms for the first window: width 4 of 8
+    monkeypatch.setattr(solve_module, "WIDE_BOUND_MIN_S", 0.0)
     built, build = [], solve_module.window_prefix_bound
 
     def recording_build(p, t, width):
@@ -235,12 +237,12 @@ def test_window_widens_only_after_a_trial_shows_it_decides(monkeypatch, min_shar
         return built[-1]
 
     monkeypatch.setattr(solve_module, "window_prefix_bound", recording_build)
-    case = synthetic_case(30, 8, 4, 3, 500, seed=1)     # 8 exits x 5 options: width 7 first, then 8 fits
+    case = synthetic_case(30, 8, 4, 3, 500, seed=1)     # 8 exits x 5 options (width 5: 25k cells, 15 ms)
     c = Constraints(accuracy_drop=0.01, time_limit_s=8)
     plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
     assert len(built) == (1 if widened else 0)
     if widened:
-        assert built[0].width == 8
+        assert built[0].width > 4
         assert built[0].total / 500 <= plan.bound_ms + 1e-9 <= plan.expected_latency_ms + 2e-9
     _check_plan(plan, case, c)
 

@@ -247,6 +247,27 @@ def test_window_widens_only_after_a_trial_shows_it_decides(monkeypatch, min_shar
     _check_plan(plan, case, c)
 
 
+def test_best_first_tree_past_its_open_node_cap_keeps_a_valid_bound(monkeypatch):
+    """At MAX_OPEN_NODES the best-first tree drops its worse half and goes on; the proven bound never passes the
+    optimum (the dropped nodes' smallest bound caps it) and it claims completeness only when the dropped nodes
+    could not have beaten the plan."""
+    monkeypatch.setattr(bnb, "MAX_OPEN_NODES", 6)
+    capped = complete = 0
+    for seed in range(60):
+        case, c, problem = _random_problem(seed)
+        ref = brute_force(problem)
+        tree = branch_and_bound(problem, None, time_limit_s=5.0, best_first=True)
+        assert tree.bound <= ref.expected_ms * (1 + 1e-9) + 1e-12, seed
+        capped += tree.dropped > 0
+        if tree.complete:
+            complete += tree.dropped > 0
+            if np.isfinite(ref.expected_ms):
+                assert tree.best.expected_ms == pytest.approx(ref.expected_ms, rel=1e-7, abs=1e-9), seed
+            else:
+                assert tree.best is None
+    assert capped >= 10 and complete >= 3, (capped, complete)
+
+
 def test_required_correct_with_confidence():
     assert required_correct(1000, 0.9, None) == 900
     k = required_correct(1000, 0.9, 0.95)

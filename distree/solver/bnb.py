@@ -38,7 +38,10 @@ from distree.solver.heuristic import Candidate, place
 from distree.solver.problem import Problem
 
 OPTIMALITY_TOLERANCE = 1e-9     # relative: bound and incumbent this close -> proven optimal
-MAX_OPEN_NODES = 200_000        # best first stops here (each open node: ~N/8 bytes of survivors + its levels)
+MAX_OPEN_NODES = 200_000        # best first keeps at most this many open (each: ~N/8 bytes of survivors + its
+#                                 levels); past it only the best OPEN_NODES_KEPT share stays, and the smallest bound
+#                                 dropped caps the proven one
+OPEN_NODES_KEPT = 0.9
 # the root's wide window (PrefixBound) costs ~20% of the nodes; it is dropped when, over the first PREFIX_TRIAL
 # children, it beat the node's own bounds for fewer than PREFIX_MIN_SHARE of them. Measured (20 s trees): decisive
 # for 99.5% of children on the ResNet-110 scale and 85% on 200 blocks (bound 10.38 -> 10.64, 32.22 -> 32.72 ms), for
@@ -56,6 +59,7 @@ class BnbResult:
     wall_s: float
     wide_share: float = float("nan")   # share of the children judged for which the wide window (prefix) was the
     #                                    highest bound (nan: no wide window, or no child judged)
+    dropped: int = 0                   # open nodes dropped at MAX_OPEN_NODES (best first)
 
 
 @dataclass(frozen=True)
@@ -183,16 +187,26 @@ class _Search:
 def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,
                      best_first: bool = False, tables: BoundTables | None = None,
                      prefix: PrefixBound | None = None) -> BnbResult:
-    """Search until proven or ``time_limit_s`` (or, best first, MAX_OPEN_NODES open); the bound is valid
-    either way. ``prefix``: the root's wide window bound, which then bounds every node too."""
+    """Search until proven or ``time_limit_s`` (depth first also stops at MAX_OPEN_NODES open; best first then
+    drops its worst nodes, whose smallest bound caps the proven one); the bound is valid either way. ``prefix``:
+    the root's wide window bound, which then bounds every node too."""
     t0 = time.perf_counter()
     stop_at = t0 + time_limit_s
     s = _Search(p, incumbent, tables, prefix)
     open_nodes = [(root.bound, 0, root) for root in s.root()]     # (bound, tie-break, node)
+    dropped, n_dropped = np.inf, 0                                # smallest bound of a dropped node
     pushed = nodes = 0
     while open_nodes:
-        if nodes % 64 == 0 and (time.perf_counter() > stop_at or len(open_nodes) > MAX_OPEN_NODES):
-            break
+        if nodes % 64 == 0 and (time.perf_counter() > stop_at or (best_first and open_nodes[0][0] >= dropped)):
+            break                         # out of time, or nothing left to prove below the dropped nodes
+        if len(open_nodes) > MAX_OPEN_NODES:
+            if not best_first:
+                break
+            keep = int(OPEN_NODES_KEPT * MAX_OPEN_NODES)
+            open_nodes.sort()             # a sorted list is a heap
+            dropped = min(dropped, open_nodes[keep][0])
+            n_dropped += len(open_nodes) - keep
+            del open_nodes[keep:]
         node = (heapq.heappop(open_nodes) if best_first else open_nodes.pop())[2]
         nodes += 1
         if node.bound >= s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE):
@@ -206,7 +220,10 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
             heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
     N = p.n_samples
     live = [b for b, _, _ in open_nodes if b < s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]
-    bound_total = min([s.incumbent_total(), s.open_leaf_bound, *live])
-    return BnbResult(best=s.best, bound=bound_total / N, complete=not live and not np.isfinite(s.open_leaf_bound),
+    bound_total = min([s.incumbent_total(), s.open_leaf_bound, dropped, *live])
+    complete = (not live and not np.isfinite(s.open_leaf_bound)
+                and dropped >= s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE))
+    return BnbResult(best=s.best, bound=bound_total / N, complete=complete,
                      nodes=nodes, wall_s=time.perf_counter() - t0,
-                     wide_share=s.prefix_decisive / s.prefix_tried if s.prefix_tried else float("nan"))
+                     wide_share=s.prefix_decisive / s.prefix_tried if s.prefix_tried else float("nan"),
+                     dropped=n_dropped)

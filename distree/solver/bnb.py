@@ -194,17 +194,18 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
     stop_at = t0 + time_limit_s
     s = _Search(p, incumbent, tables, prefix)
     open_nodes = [(root.bound, 0, root) for root in s.root()]     # (bound, tie-break, node)
-    dropped, n_dropped = np.inf, 0                                # smallest bound of a dropped node
+    dropped_bound, n_dropped = np.inf, 0                          # smallest bound of a dropped node; their count
     pushed = nodes = 0
     while open_nodes:
-        if nodes % 64 == 0 and (time.perf_counter() > stop_at or (best_first and open_nodes[0][0] >= dropped)):
+        if nodes % 64 == 0 and (time.perf_counter() > stop_at
+                                or (best_first and open_nodes[0][0] >= dropped_bound)):
             break                         # out of time, or nothing left to prove below the dropped nodes
         if len(open_nodes) > MAX_OPEN_NODES:
             if not best_first:
                 break
             keep = int(OPEN_NODES_KEPT * MAX_OPEN_NODES)
             open_nodes.sort()             # a sorted list is a heap
-            dropped = min(dropped, open_nodes[keep][0])
+            dropped_bound = min(dropped_bound, open_nodes[keep][0])
             n_dropped += len(open_nodes) - keep
             del open_nodes[keep:]
         node = (heapq.heappop(open_nodes) if best_first else open_nodes.pop())[2]
@@ -220,9 +221,9 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
             heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
     N = p.n_samples
     live = [b for b, _, _ in open_nodes if b < s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]
-    bound_total = min([s.incumbent_total(), s.open_leaf_bound, dropped, *live])
+    bound_total = min([s.incumbent_total(), s.open_leaf_bound, dropped_bound, *live])
     complete = (not live and not np.isfinite(s.open_leaf_bound)
-                and dropped >= s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE))
+                and dropped_bound >= s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE))
     return BnbResult(best=s.best, bound=bound_total / N, complete=complete,
                      nodes=nodes, wall_s=time.perf_counter() - t0,
                      wide_share=s.prefix_decisive / s.prefix_tried if s.prefix_tried else float("nan"),

@@ -178,6 +178,16 @@ def test_unknown_device_exits_2(tiny, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_bad_solver_flags_fail_before_any_work(tmp_path):
+    """Checked before the model is even read (here it does not exist), not after minutes of profiling."""
+    for flag, value in (("--accuracy-drop", "1.5"), ("--time-limit", "0"), ("--confidence", "0.2")):
+        proc = _cli("compile", str(tmp_path / "missing.onnx"), "--devices", "pi4", "--data",
+                    str(tmp_path / "missing.npz"), "-o", str(tmp_path / "b"), flag, value)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {flag} "), proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_missing_cross_compiler_exits_2_naming_the_package(tiny, tmp_path):
     np.savez(tmp_path / "calib.npz", x=tiny.data.x, y=tiny.data.y)
     empty_path = tmp_path / "bin"

@@ -210,6 +210,15 @@ def test_bad_serve_arguments_are_one_line_errors(bundle, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["run", "infer"])
+def test_a_limit_below_one_sample_is_refused(bundle, tmp_path, command):
+    """--limit -3 once ran all but the last 3 samples (a Python slice) and --limit 0 reported on none."""
+    target = str(bundle) if command == "run" else "127.0.0.1:1"
+    for limit in ("0", "-3"):
+        result = CliRunner().invoke(cli, [command, target, "--input", str(tmp_path / "x.npz"), "--limit", limit])
+        assert result.exit_code == 2 and "'--limit'" in result.output and "x>=1" in result.output
+
+
 def test_unreachable_source_is_a_clear_error():
     with InferenceClient("127.0.0.1:1", timeout_s=2.0) as client, \
             pytest.raises(ServeError, match="cannot reach 127.0.0.1:1"):

@@ -352,6 +352,10 @@ def test_cli_sweep_frontier_and_errors(tmp_path):
     assert "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, ["plan", *args, "--sweep", "depth=1"])
     assert bad.exit_code == 2 and "accuracy-drop=V1" in bad.output
+    for limit in ("0", "-5", "nan"):
+        bad = CliRunner().invoke(cli, ["plan", *args, "--time-limit", limit, "-o", str(tmp_path / "t.json")])
+        assert bad.exit_code == 2 and bad.output.startswith(f"error: --time-limit {limit}"), bad.output
+    assert not (tmp_path / "t.json").exists()
 
 
 def test_window_bound_never_exceeds_any_completion():

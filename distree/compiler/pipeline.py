@@ -25,7 +25,7 @@ from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, loa
 from distree.graph import Chain, build_chain, load_model, model_sha256
 from distree.profiler.types import Profile
 from distree.serde import write_bytes_atomic, write_json_atomic
-from distree.solver import Constraints, Plan, solve
+from distree.solver import Constraints, Plan, check_constraints, solve
 from distree.targets import load_topology, topology_for
 from distree.targets.spec import Topology
 
@@ -66,7 +66,10 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     """The whole chain from an ONNX classifier and calibration data to a verified-on-write bundle."""
     started = time.perf_counter()
     cache = _Cache(Path(cache_dir), log)
-    topology = _topology(options)          # unknown devices fail here, before any work
+    constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
+                              time_limit_s=options.time_limit_s)
+    check_constraints(constraints)         # bad flags fail here, before any work; so do unknown devices
+    topology = _topology(options)
     if options.backend != "ort":
         for dev in topology.devices:
             cross_compiler(dev)                # so does a missing cross compiler
@@ -93,8 +96,6 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     profile = cache.get("profile", prof_key, lambda: _profile(model, chain, exits, topology, options, cache.root, log),
                         record=Profile)
 
-    constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
-                              time_limit_s=options.time_limit_s)
     plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s)
     plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints), record=Plan)
 

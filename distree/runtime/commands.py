@@ -13,7 +13,7 @@ import click
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help=".npz with x (N,C,H,W float32) and optionally y (labels) for accuracy.")
-@click.option("--limit", type=int, default=None, help="Only the first N samples.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads per segment runtime.")
 @click.option("--deadline-ms", type=float, default=None, help="Answer early when the rest would miss this deadline.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the full report (JSON) here.")
@@ -81,7 +81,7 @@ def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str]
 @click.argument("address")
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help=".npz with x (N,C,H,W float32) and optionally y (labels) for accuracy.")
-@click.option("--limit", type=int, default=None, help="Only the first N samples.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples.")
 @click.option("--deadline-ms", type=float, default=None,
               help="Per-request deadline: stages answer from an exit when the rest would miss it.")
 @click.option("--timeout-s", type=float, default=10.0, show_default=True, help="Longest wait for one answer.")

@@ -228,13 +228,21 @@ def _validate(chain: Chain, calibration: Calibration, topology: Topology, c: Con
                                f"blocks 0..{B - 2} of this {B}-block chain; re-run `distree calibrate`")
         if any(b < a for a, b in zip(grid, grid[1:])):
             raise DistreeError(f"the threshold grid of exit {ex.name} is not ascending; re-run `distree calibrate`")
+    check_constraints(c)
+
+
+def check_constraints(c: Constraints) -> None:
+    """The user's flags alone (no model needed), so that `distree compile` rejects them before minutes of
+    work; the comparisons are written so that nan fails too."""
     if not 0 <= c.accuracy_drop < 1:
         raise DistreeError(f"--accuracy-drop {c.accuracy_drop} must be in [0, 1)")
     if c.confidence is not None and not 0.5 <= c.confidence < 1:
         raise DistreeError(f"--confidence {c.confidence} must be in [0.5, 1)")
-    if c.deadline_ms is not None and c.deadline_ms <= 0:
+    if c.deadline_ms is not None and not c.deadline_ms > 0:
         raise DistreeError("--deadline-ms must be positive")
-    if c.min_throughput is not None and c.min_throughput <= 0:
+    if c.min_throughput is not None and not c.min_throughput > 0:
         raise DistreeError("--min-throughput must be positive")
+    if not c.time_limit_s > 0:
+        raise DistreeError(f"--time-limit {c.time_limit_s:g} must be a positive number of seconds")
     if c.solver not in ("highs", "cbc"):
         raise DistreeError(f"--solver {c.solver!r}: choose highs or cbc")

@@ -352,6 +352,11 @@ def test_cli_sweep_frontier_and_errors(tmp_path):
     assert "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, ["plan", *args, "--sweep", "depth=1"])
     assert bad.exit_code == 2 and "accuracy-drop=V1" in bad.output
+    for sweep, message in (("accuracy-drop=0.01,-0.1", "error: --accuracy-drop -0.1 must be in [0, 1)"),
+                           ("accuracy-drop=,", "error: the sweep has no accuracy drops")):
+        bad = CliRunner().invoke(cli, ["plan", *args, "--sweep", sweep, "-o", str(tmp_path / "s.json")])
+        assert bad.exit_code == 2 and bad.output.startswith(message), bad.output
+    assert not (tmp_path / "s.json").exists()
     for limit in ("0", "-5", "nan"):
         bad = CliRunner().invoke(cli, ["plan", *args, "--time-limit", limit, "-o", str(tmp_path / "t.json")])
         assert bad.exit_code == 2 and bad.output.startswith(f"error: --time-limit {limit}"), bad.output

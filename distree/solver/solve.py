@@ -19,7 +19,8 @@ from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, 
 from distree.solver.heuristic import iterated_local_search, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.plan import ExitChoice, Plan, Stage
-from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, clopper_pearson_lower
+from distree.solver.problem import (Constraints, Problem, ProblemIndex, build_problem, check_constraints,
+                                    clopper_pearson_lower)
 from distree.targets.spec import Topology
 
 # measured on the loaded 2-core x86 VM: the example's MILP (~144k rows) took 51.8 s to build, load and reach
@@ -287,10 +288,16 @@ class SweepPoint:
 
 def sweep_accuracy_drop(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
                         constraints: Constraints, drops: list[float]) -> list[SweepPoint]:
-    """The latency-accuracy frontier: one solve per allowed drop (the MILP for each is independent)."""
+    """The latency-accuracy frontier: one solve per allowed drop (the MILP for each is independent). A drop
+    that no plan meets is a row that says why; a drop that is no drop at all (say -0.1) is an error, before
+    any solve."""
+    if not drops:
+        raise DistreeError("the sweep has no accuracy drops; give some, e.g. accuracy-drop=0,0.01,0.02")
+    swept = [dataclasses.replace(constraints, accuracy_drop=drop, dump_lp=None) for drop in drops]
+    for c in swept:
+        check_constraints(c)
     points = []
-    for drop in drops:
-        c = dataclasses.replace(constraints, accuracy_drop=drop, dump_lp=None)
+    for drop, c in zip(drops, swept):
         try:
             points.append(SweepPoint(drop, solve(chain, calibration, profile, topology, c)))
         except DistreeError as exc:

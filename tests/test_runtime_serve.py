@@ -211,12 +211,14 @@ def test_bad_serve_arguments_are_one_line_errors(bundle, args, message):
 
 
 @pytest.mark.parametrize("command", ["run", "infer"])
-def test_a_limit_below_one_sample_is_refused(bundle, tmp_path, command):
-    """--limit -3 once ran all but the last 3 samples (a Python slice) and --limit 0 reported on none."""
+@pytest.mark.parametrize("flag, value, allowed", [("--limit", "0", "x>=1"), ("--limit", "-3", "x>=1"),
+                                                  ("--deadline-ms", "-1", "x>0")])
+def test_out_of_range_numbers_are_refused(bundle, tmp_path, command, flag, value, allowed):
+    """--limit -3 once ran all but the last 3 samples (a Python slice), --limit 0 reported on none and a
+    negative deadline answered everything from the first exit."""
     target = str(bundle) if command == "run" else "127.0.0.1:1"
-    for limit in ("0", "-3"):
-        result = CliRunner().invoke(cli, [command, target, "--input", str(tmp_path / "x.npz"), "--limit", limit])
-        assert result.exit_code == 2 and "'--limit'" in result.output and "x>=1" in result.output
+    result = CliRunner().invoke(cli, [command, target, "--input", str(tmp_path / "x.npz"), flag, value])
+    assert result.exit_code == 2 and f"'{flag}'" in result.output and allowed in result.output
 
 
 def test_unreachable_source_is_a_clear_error():

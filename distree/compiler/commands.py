@@ -69,13 +69,13 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
               type=click.Choice(["max_softmax", "entropy", "stability"]), help="Exit score.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "tvm", "ort"]),
               help="auto: TVM where it beats ONNX Runtime on this host (proxy), else ONNX Runtime.")
-@click.option("--tune-minutes", default=0.0, show_default=True, type=float,
+@click.option("--tune-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
               help="MetaSchedule budget per device: host here, other CPUs on the device (needs --rpc); CUDA is not tuned.")
 @click.option("--time-limit", default=60.0, show_default=True, type=float, help="Solver time limit (s).")
 @click.option("--rpc", multiple=True,
               help="A device's TVM RPC server, device=host:port (repeatable): profiled there, and tuned there with --tune-minutes.")
 @click.option("--input-shape", multiple=True, help="Fix an input's shape: name=1,1,28,28.")
-@click.option("--threads", default=1, show_default=True, type=int, help="Threads for host measurements.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="Threads for host measurements.")
 @click.option("--require-aot-cuda", is_flag=True, help="Fail instead of shipping CUDA source when nvcc is missing.")
 @click.option("--cache-dir", default=".distree-cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")

@@ -14,8 +14,8 @@ import click
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help=".npz with x (N,C,H,W float32) and optionally y (labels) for accuracy.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads per segment runtime.")
-@click.option("--deadline-ms", type=float, default=None, help="Answer early when the rest would miss this deadline.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Threads per segment runtime.")
+@click.option("--deadline-ms", type=click.FloatRange(0, min_open=True), default=None, help="Answer early when the rest would miss this deadline.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the full report (JSON) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def run_cmd(bundle: str, input_path: str, limit: Optional[int], threads: int, deadline_ms: Optional[float],
@@ -53,8 +53,8 @@ def run_cmd(bundle: str, input_path: str, limit: Optional[int], threads: int, de
 @click.option("--device", required=True, help="The device this server runs (a stage of the bundle, or its source).")
 @click.option("--listen", required=True, help="HOST:PORT to serve on (port 0: any free port, printed on start).")
 @click.option("--next", "next_address", default=None, help="HOST:PORT of the next stage's server.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads per segment runtime.")
-@click.option("--forward-timeout-s", type=float, default=10.0, show_default=True,
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Threads per segment runtime.")
+@click.option("--forward-timeout-s", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
               help="Longest wait for the next stage's answer.")
 def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str], threads: int,
               forward_timeout_s: float) -> None:
@@ -82,7 +82,7 @@ def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str]
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help=".npz with x (N,C,H,W float32) and optionally y (labels) for accuracy.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples.")
-@click.option("--deadline-ms", type=float, default=None,
+@click.option("--deadline-ms", type=click.FloatRange(0, min_open=True), default=None,
               help="Per-request deadline: stages answer from an exit when the rest would miss it.")
 @click.option("--timeout-s", type=float, default=10.0, show_default=True, help="Longest wait for one answer.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,

@@ -126,6 +126,8 @@ def _umask() -> int:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write through a temp file, then rename; the file gets the usual mode (mkstemp's is 0600)."""
     p = Path(path)
+    if p.is_dir():
+        raise DistreeError(f"{p} is a directory; give a file path to write to")
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
     try:

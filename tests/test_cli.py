@@ -38,3 +38,33 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = _distree("--debug", "inspect", str(tmp_path / "missing.onnx"))
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "DistreeError" in proc.stderr
+
+
+def test_a_directory_given_as_an_output_file_is_refused_up_front(tmp_path):
+    """Before any work (plan -o DIR used to solve for a minute, then fail with a traceback)."""
+    missing = str(tmp_path / "missing")
+    out = str(tmp_path)
+    for argv in (["inspect", missing, "--json", out],
+                 ["plan", "--chain", missing, "--calibration", missing, "--profile", missing, "-o", out],
+                 ["plan", "--chain", missing, "--calibration", missing, "--profile", missing, "--dump-lp", out],
+                 ["profile", missing, "--device", "pi4", "-o", out],
+                 ["calibrate", missing, "--data", missing, "-o", out],
+                 ["exits", missing, "--data", missing, "-o", out],
+                 ["run", missing, "--input", missing, "-o", out],
+                 ["simulate", missing, "-o", out],
+                 ["bench", missing, "--out", out]):
+        result = CliRunner().invoke(cli, argv)
+        assert result.exit_code == 2, (argv, result.output)
+        assert "is a directory" in result.output and "Traceback" not in result.output, (argv, result.output)
+
+
+def test_atomic_writer_refuses_a_directory(tmp_path):
+    from distree.errors import DistreeError
+    from distree.serde import write_json_atomic
+    try:
+        write_json_atomic(tmp_path, {"a": 1})
+    except DistreeError as exc:
+        assert "is a directory" in str(exc)
+    else:
+        raise AssertionError("a directory was accepted as a file to write")
+    assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ import pytest
 
 import compiler_fixtures as cf
 from distree.compiler.bundle import build_bundle
-from distree.compiler.manifest import read_manifest, read_thresholds
+from distree.compiler.manifest import check_bundle_target, read_manifest, read_thresholds
 from distree.compiler.verify import verify_bundle
 from distree.errors import DistreeError
 from distree.exits import exit_scores
@@ -168,6 +168,25 @@ def test_plan_for_another_model_is_refused(tiny, tmp_path):
     with pytest.raises(DistreeError, match="the plan covers blocks 0..5 but the model has 11 blocks"):
         build_bundle(tiny.model, tiny.chain, short, topology, tiny.calibration, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_folder_that_is_not_a_bundle_is_never_replaced(tiny, tmp_path):
+    """A bundle replaces its -o folder entirely, so a folder with other files in it is refused, untouched."""
+    plan, topology = cf.two_stage_plan(tiny)
+    mine = tmp_path / "work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(DistreeError, match="holds files but no distree bundle"):
+        build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, mine, backend="ort")
+    (mine / "manifest.json").write_text("{not json")
+    with pytest.raises(DistreeError, match="holds files but no distree bundle"):
+        build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, mine, backend="ort")
+    assert sorted(p.name for p in mine.iterdir()) == ["manifest.json", "notes.txt"]
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "new"):
+        check_bundle_target(target)                     # new or empty: fine
+    (mine / "manifest.json").write_text(json.dumps({"kind": "Manifest"}))
+    check_bundle_target(mine)                           # an earlier bundle: replaced
 
 
 def test_unknown_device_exits_2(tiny, tmp_path):

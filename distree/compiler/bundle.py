@@ -14,7 +14,7 @@ from onnx import helper
 
 from distree.compiler.manifest import (
     MANIFEST, PLANNING, SCORE_DEFINITIONS, THRESHOLDS, DeviceArtifact, Manifest, SegmentArtifact, TensorSpec,
-    ThresholdEntry, ThresholdTable, sha256_file, versions,
+    ThresholdEntry, ThresholdTable, check_bundle_target, sha256_file, versions,
 )
 from distree.compiler.segments import SegmentSpec, plan_segments, segment_model
 from distree.compiler.tvm_build import compile_segment
@@ -49,6 +49,7 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
     """
     if backend not in BACKENDS:
         raise DistreeError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    check_bundle_target(out_dir)
     specs = plan_segments(plan, chain, calibration.exits)
     devices = {stage.device: _device(topology, stage.device) for stage in plan.stages}
     if backend != "ort":

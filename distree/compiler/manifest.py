@@ -117,6 +117,22 @@ def versions() -> dict[str, str]:
             "ort_version": onnxruntime.__version__}
 
 
+def check_bundle_target(out: str | Path) -> None:
+    """A bundle replaces its whole output folder, so that folder must be new, empty, or an earlier bundle:
+    `-o ~/work` must not wipe ~/work."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    manifest = out / MANIFEST
+    try:
+        is_bundle = manifest.is_file() and read_json(manifest).get("kind") == "Manifest"
+    except DistreeError:
+        is_bundle = False
+    if not is_bundle:
+        raise DistreeError(f"{out} holds files but no distree bundle (no valid {MANIFEST}), and a bundle replaces "
+                           f"its folder entirely; choose a new or empty folder for -o")
+
+
 def read_manifest(bundle: Path) -> Manifest:
     """The manifest, refusing one from another schema or another distree/TVM version (one line)."""
     bundle = Path(bundle)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, TypeVar
 import onnx
 
 from distree.compiler.bundle import build_bundle, tuning_sites
-from distree.compiler.manifest import Manifest, read_manifest, sha256_file
+from distree.compiler.manifest import Manifest, check_bundle_target, read_manifest, sha256_file
 from distree.targets.toolchain import cross_compiler
 from distree.errors import DistreeError
 from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, load_dataset, train_exits
@@ -68,7 +68,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     cache = _Cache(Path(cache_dir), log)
     constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
                               time_limit_s=options.time_limit_s)
-    check_constraints(constraints)         # bad flags fail here, before any work; so do unknown devices
+    check_constraints(constraints)         # bad flags fail here, before any work; so do a folder that is
+    check_bundle_target(out_dir)           # not a bundle (it would be replaced) and unknown devices
     topology = _topology(options)
     if options.backend != "ort":
         for dev in topology.devices:

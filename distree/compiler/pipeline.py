@@ -68,9 +68,9 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     cache = _Cache(Path(cache_dir), log)
     constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
                               time_limit_s=options.time_limit_s)
-    check_constraints(constraints)         # bad flags fail here, before any work; so do a folder that is
-    check_bundle_target(out_dir)           # not a bundle (it would be replaced) and unknown devices
-    topology = _topology(options)
+    check_constraints(constraints)         # these fail before any work: bad flags,
+    check_bundle_target(out_dir)           # an -o folder that is not a bundle (it would be replaced),
+    topology = _topology(options)          # unknown devices
     if options.backend != "ort":
         for dev in topology.devices:
             cross_compiler(dev)                # so does a missing cross compiler

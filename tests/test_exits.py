@@ -380,6 +380,8 @@ def test_cli_exits_then_calibrate_report_and_plot(files, tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (["--exit-outputs", "nope"], "'nope' is not an extra output"),
     (["--at", "x"], "expected block indices"),
+    (["--at", ""], "expected block indices"),
+    (["--at", ","], "expected block indices"),
     (["--fit-fraction", "1.5"], "strictly between 0 and 1"),
 ])
 def test_cli_errors_are_one_line(files, tmp_path, args, fragment):

@@ -30,10 +30,12 @@ def _blocks(text: str | None) -> list[int] | None:
     if text is None or text.strip() == "all":
         return None
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        blocks = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise DistreeError(f"--at {text!r}: expected block indices like 2,5,8 (see `distree inspect`) "
-                           "or 'all'") from None
+        blocks = []
+    if not blocks:                  # an empty --at would write a model with no exits at all
+        raise DistreeError(f"--at {text!r}: expected block indices like 2,5,8 (see `distree inspect`) or 'all'")
+    return blocks
 
 
 @click.command("exits")

@@ -537,3 +537,21 @@ def test_nested_bounds_equal_one_set_at_a_time():
                 assert free[c_i] == pytest.approx(plain, rel=1e-9, abs=1e-9) or free[c_i] == plain == np.inf
                 checked += 1
     assert checked >= 300, checked
+
+
+def test_progress_tells_the_plan_and_a_gap_that_the_result_does_not_contradict(monkeypatch):
+    """A solve that cannot prove its plan says what it is doing while it runs (a status line), and the gap it
+    last told is never smaller than the one it returns (plans only improve, bounds only rise)."""
+    monkeypatch.setattr(bnb, "PROGRESS_EVERY_S", 0.05)
+    case = synthetic_case(40, 30, 6, 3, 1500, seed=3)
+    told = []
+    plan = solve(case.chain, case.calibration, case.profile, case.topology, Constraints(time_limit_s=4),
+                 progress=told.append)
+    assert plan.status != "optimal"                   # else this instance no longer exercises the tree
+    assert told[0] == "plan: no plan yet; local search (0/4 s)"
+    in_tree = [m for m in told if "best-first search" in m]
+    assert len(in_tree) >= 3, told
+    pattern = re.compile(r"^plan: ([0-9.]+) ms, gap ([0-9.]+)%; best-first search \(\d/4 s\)$")
+    best, gap = (float(v) for v in pattern.match(in_tree[-1]).groups())
+    assert plan.expected_latency_ms <= best + 5e-4
+    assert plan.gap <= gap / 100 + 5e-4

@@ -98,7 +98,7 @@ def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, ou
             status.update(msg)
             console.log(msg)
 
-        result = compile_model(model, data, output, options, cache_dir=cache_dir, log=log)
+        result = compile_model(model, data, output, options, cache_dir=cache_dir, log=log, progress=status.update)
     if as_json:
         click.echo(json.dumps(summary_dict(result), indent=2))
     else:

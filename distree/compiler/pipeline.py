@@ -62,8 +62,10 @@ class CompileResult:
 
 
 def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | Path, options: CompileOptions,
-                  cache_dir: str | Path = ".distree-cache", log: Log = lambda msg: None) -> CompileResult:
-    """The whole chain from an ONNX classifier and calibration data to a verified-on-write bundle."""
+                  cache_dir: str | Path = ".distree-cache", log: Log = lambda msg: None,
+                  progress: Log = lambda msg: None) -> CompileResult:
+    """The whole chain from an ONNX classifier and calibration data to a verified-on-write bundle. ``log``
+    hears each stage; ``progress``, how far a long one is (the solver's best plan and gap)."""
     started = time.perf_counter()
     cache = _Cache(Path(cache_dir), log)
     constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
@@ -98,7 +100,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
                         record=Profile)
 
     plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s)
-    plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints), record=Plan)
+    plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints, progress),
+                     record=Plan)
 
     bundle = cache.timed("build", lambda: build_bundle(
         model, chain, plan, topology, calibration, out_dir, backend=options.backend,

@@ -29,6 +29,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -48,6 +49,9 @@ OPEN_NODES_KEPT = 0.9
 # 0.7% on the example's 22 trained exits (0.926 without it, 0.920 with it)
 PREFIX_TRIAL = 5_000
 PREFIX_MIN_SHARE = 0.1
+PROGRESS_EVERY_S = 1.0          # best first: how often ``progress`` hears the plan and the proven bound
+
+Progress = Callable[[Optional[Candidate], float], None]     # (best plan known, proven bound in ms)
 
 
 @dataclass(frozen=True)
@@ -186,20 +190,27 @@ class _Search:
 
 def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,
                      best_first: bool = False, tables: BoundTables | None = None,
-                     prefix: PrefixBound | None = None) -> BnbResult:
+                     prefix: PrefixBound | None = None, progress: Optional[Progress] = None) -> BnbResult:
     """Search until proven or ``time_limit_s`` (depth first also stops at MAX_OPEN_NODES open; best first then
     drops its worst nodes, whose smallest bound caps the proven one); the bound is valid either way. ``prefix``:
-    the root's wide window bound, which then bounds every node too."""
+    the root's wide window bound, which then bounds every node too. Best first tells ``progress`` the plan and
+    the proven bound every PROGRESS_EVERY_S."""
     t0 = time.perf_counter()
     stop_at = t0 + time_limit_s
     s = _Search(p, incumbent, tables, prefix)
     open_nodes = [(root.bound, 0, root) for root in s.root()]     # (bound, tie-break, node)
     dropped_bound, n_dropped = np.inf, 0                          # smallest bound of a dropped node; their count
     pushed = nodes = 0
+    told_at = t0
     while open_nodes:
-        if nodes % 64 == 0 and (time.perf_counter() > stop_at
-                                or (best_first and open_nodes[0][0] >= dropped_bound)):
-            break                         # out of time, or nothing left to prove below the dropped nodes
+        if nodes % 64 == 0:
+            now = time.perf_counter()
+            if now > stop_at or (best_first and open_nodes[0][0] >= dropped_bound):
+                break                     # out of time, or nothing left to prove below the dropped nodes
+            if progress is not None and best_first and now - told_at >= PROGRESS_EVERY_S:
+                told_at = now
+                progress(s.best, min(open_nodes[0][0], dropped_bound, s.open_leaf_bound, s.incumbent_total())
+                         / p.n_samples)
         if len(open_nodes) > MAX_OPEN_NODES:
             if not best_first:
                 break

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import click
+from rich.console import Console
 
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
@@ -16,6 +17,11 @@ from distree.solver.problem import Constraints
 from distree.solver.report import plot_sweep, print_plan, print_sweep, sweep_rows
 from distree.solver.solve import solve, sweep_accuracy_drop
 from distree.targets.topology import topology_from_flags
+
+
+def _status():
+    """A live line on stderr while the solver works (a terminal only: nothing in logs)."""
+    return Console(stderr=True).status("plan ...")
 
 
 def _parse_sweep(spec: str) -> list[float]:
@@ -74,7 +80,9 @@ def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devic
     if plot_path and not sweep:
         raise DistreeError("--plot needs --sweep accuracy-drop=...")
     if sweep:
-        points = sweep_accuracy_drop(chain, calibration, profile, topology, constraints, _parse_sweep(sweep))
+        with _status() as status:
+            points = sweep_accuracy_drop(chain, calibration, profile, topology, constraints, _parse_sweep(sweep),
+                                         progress=status.update)
         print_sweep(points)
         if plot_path:
             plot_sweep(points, plot_path)
@@ -82,7 +90,8 @@ def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devic
             write_json_atomic(output, {"schema_version": 1, "kind": "Frontier", "points": sweep_rows(points),
                                        "plans": [pt.plan.to_dict() if pt.plan else None for pt in points]})
         return
-    plan = solve(chain, calibration, profile, topology, constraints)
+    with _status() as status:
+        plan = solve(chain, calibration, profile, topology, constraints, progress=status.update)
     print_plan(plan)
     if output:
         plan.save(output)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from distree.profiler.types import Profile
 from distree.solver.bnb import OPTIMALITY_TOLERANCE, branch_and_bound
 from distree.solver.bounds import bound_tables, widest_window, widest_window_bound, window_prefix_bound
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
-from distree.solver.heuristic import iterated_local_search, local_search, no_exit_plan
+from distree.solver.heuristic import Candidate, iterated_local_search, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.plan import ExitChoice, Plan, Stage
 from distree.solver.problem import (Constraints, Problem, ProblemIndex, build_problem, check_constraints,
@@ -58,14 +58,15 @@ REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this lev
 
 
 def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
-          constraints: Constraints) -> Plan:
-    """The plan of minimal expected latency under ``constraints`` (DistreeError if none exists)."""
+          constraints: Constraints, progress: Optional[Callable[[str], None]] = None) -> Plan:
+    """The plan of minimal expected latency under ``constraints`` (DistreeError if none exists); ``progress``
+    hears one line at a time how far the solve is (for a status line: a solve may take all of --time-limit)."""
     problem, index = build_problem(chain, calibration, profile, topology, constraints)
-    return solve_problem(problem, index, chain, calibration, constraints)
+    return solve_problem(problem, index, chain, calibration, constraints, progress)
 
 
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
-                  constraints: Constraints) -> Plan:
+                  constraints: Constraints, progress: Optional[Callable[[str], None]] = None) -> Plan:
     """Local search -> a probing branch and bound (depth first) -> kicks (iterated local search) -> the MILP
     with the time left, when it can be built in time and is small enough to help (MILP_MAX_ROWS); else a
     best-first branch and bound with the time left, carrying the widest window bound that fits (widened first
@@ -75,7 +76,16 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     """
     t0 = time.perf_counter()
     deadline = t0 + constraints.time_limit_s
+
+    def tell(best: Optional[Candidate], bound_ms: Optional[float], doing: str) -> None:
+        if progress is not None:
+            found = "no plan yet" if best is None else f"{best.expected_ms:.3f} ms" + (
+                f", gap {_gap(best.expected_ms, bound_ms):.1%}" if bound_ms is not None else "")
+            progress(f"plan: {found}; {doing} ({time.perf_counter() - t0:.0f}/{constraints.time_limit_s:g} s)")
+
+    tell(None, None, "local search")
     warm = local_search(p, time_limit_s=HEURISTIC_SHARE * constraints.time_limit_s)
+    tell(warm, None, "depth-first search")
     rows = estimated_rows(p)
     tables = bound_tables(p)
     tree = branch_and_bound(p, warm, min(PROBE_MAX_S, PROBE_SHARE * max(0.0, deadline - time.perf_counter())),
@@ -84,7 +94,10 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     run_milp = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
     limit = constraints.time_limit_s
     wide_s = max(WIDE_BOUND_SHARE * limit, min(WIDE_BOUND_MIN_S, 2 * WIDE_BOUND_SHARE * limit))
-    wide = widest_window_bound(p, tables, wide_s) if not tree.complete else None
+    wide = None
+    if not tree.complete:
+        tell(tree.best, tree.bound, "bounding")
+        wide = widest_window_bound(p, tables, wide_s)
     if wide is not None and not run_milp and tree.best is not None and not constraints.dump_lp:
         wider = widest_window(p, min(WIDEN_SHARE * limit,
                                      0.5 * (deadline - time.perf_counter() - WIDEN_TRIAL_SHARE * limit)))
@@ -97,6 +110,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
                 wide = window_prefix_bound(p, tables, wider)
     wide_bound = wide.total / p.n_samples if wide is not None else 0.0
     if not tree.complete and tree.best is not None and not constraints.dump_lp:
+        tell(tree.best, max(tree.bound, wide_bound), "improving the plan")
         # kicks: until KICKS_UNTIL of the limit when the best-first tree follows (its bound settles within
         # seconds), or for KICKS_BEFORE_MILP of the time left, so that HiGHS starts from a better plan
         kicks_s = (t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter() if not run_milp
@@ -104,8 +118,11 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         tree = dataclasses.replace(tree, best=iterated_local_search(p, tree.best, time_limit_s=kicks_s))
     if not tree.complete and not run_milp and not constraints.dump_lp:
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
+        tell(tree.best, max(probe_bound, wide_bound), "best-first search")
         tree = branch_and_bound(p, tree.best, max(0.0, deadline - time.perf_counter()), best_first=True,
-                                tables=tables, prefix=wide)
+                                tables=tables, prefix=wide,
+                                progress=lambda found, bound_ms: tell(
+                                    found, max(bound_ms, probe_bound, wide_bound), "best-first search"))
         tree = dataclasses.replace(tree, bound=max(tree.bound, probe_bound))
     best = tree.best
     start = (best.levels, best.placement) if best is not None else None
@@ -132,6 +149,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
                             float("inf"), 0.0, 0, rows, 0)
     else:
         engine = constraints.solver
+        tell(best, max(tree.bound, wide_bound),
+             f"MILP, ~{rows} rows")
         result = solve_milp(p, time_limit_s=max(1.0, budget), solver=constraints.solver, start=start,
                             dump_lp=constraints.dump_lp)
     if result.status == "infeasible":
@@ -287,7 +306,8 @@ class SweepPoint:
 
 
 def sweep_accuracy_drop(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
-                        constraints: Constraints, drops: list[float]) -> list[SweepPoint]:
+                        constraints: Constraints, drops: list[float],
+                        progress: Optional[Callable[[str], None]] = None) -> list[SweepPoint]:
     """The latency-accuracy frontier: one solve per allowed drop (the MILP for each is independent). A drop
     that no plan meets is a row that says why; a drop that is no drop at all (say -0.1) is an error, before
     any solve."""
@@ -299,7 +319,8 @@ def sweep_accuracy_drop(chain: Chain, calibration: Calibration, profile: Profile
     points = []
     for drop, c in zip(drops, swept):
         try:
-            points.append(SweepPoint(drop, solve(chain, calibration, profile, topology, c)))
+            told = None if progress is None else (lambda msg, drop=drop: progress(f"accuracy drop {drop:g}: {msg}"))
+            points.append(SweepPoint(drop, solve(chain, calibration, profile, topology, c, told)))
         except DistreeError as exc:
             points.append(SweepPoint(drop, None, str(exc)))
     return points

@@ -347,9 +347,15 @@ def test_cli_sweep_frontier_and_errors(tmp_path):
     points = json.loads((tmp_path / "f.json").read_text())["points"]
     lat = [p["expected_latency_ms"] for p in points]
     assert lat == sorted(lat, reverse=True)          # a larger allowed drop never costs latency
+    assert "0.0%" in res.output                      # proven gaps in percent
     bad = CliRunner().invoke(cli, ["plan", *args, "--confidence", "0.95", "--accuracy-drop", "0"])
     assert bad.exit_code == 2 and bad.output.startswith("error: infeasible plan: accuracy")
     assert "Traceback" not in bad.output
+    # in a sweep the same point is a row, and its reason is printed whole, with the drop that would work
+    res = CliRunner().invoke(cli, ["plan", *args, "--confidence", "0.95", "--sweep", "accuracy-drop=0,0.05"])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"^drop 0: infeasible plan: accuracy: .* the smallest --accuracy-drop that works is [0-9.]+$",
+                     res.output, re.M), res.output
     bad = CliRunner().invoke(cli, ["plan", *args, "--sweep", "depth=1"])
     assert bad.exit_code == 2 and "accuracy-drop=V1" in bad.output
     for sweep, message in (("accuracy-drop=0.01,-0.1", "error: --accuracy-drop -0.1 must be in [0, 1)"),

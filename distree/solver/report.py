@@ -67,19 +67,22 @@ def print_sweep(points, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 140))
     table = Table(show_edge=False, pad_edge=False, title="latency-accuracy frontier")
     for col in ("drop", "expected ms", "no-exit ms", "ratio", "accuracy", "LCB", "exits", "stages", "status",
-                "gap", "wall s"):
+                "proven gap", "wall s"):
         table.add_column(col, justify="right")
+    errors = []
     for row in sweep_rows(points):
         if not row["feasible"]:
-            table.add_row(f"{row['accuracy_drop']:g}", "infeasible", "", "", "", "", "", "", row["error"][:60],
-                          "", "")
+            table.add_row(f"{row['accuracy_drop']:g}", "infeasible", "", "", "", "", "", "", "see below", "", "")
+            errors.append(f"drop {row['accuracy_drop']:g}: {row['error']}")
             continue
         table.add_row(f"{row['accuracy_drop']:g}", f"{row['expected_latency_ms']:.3f}",
                       f"{row['no_exit_latency_ms']:.3f}",
                       f"{row['expected_latency_ms'] / row['no_exit_latency_ms']:.3f}", f"{row['accuracy']:.4f}",
                       f"{row['accuracy_lcb']:.4f}", str(row["exits"]), str(row["stages"]), row["status"],
-                      f"{row['gap']:.1e}", f"{row['wall_s']:.2f}")
+                      f"{row['gap']:.1%}", f"{row['wall_s']:.2f}")
     console.print(table)
+    for error in errors:                 # whole: they end with the setting that would work
+        console.print(error, soft_wrap=True)
 
 
 def plot_sweep(points, path: str | Path) -> Path:

@@ -149,8 +149,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
                             float("inf"), 0.0, 0, rows, 0)
     else:
         engine = constraints.solver
-        tell(best, max(tree.bound, wide_bound),
-             f"MILP, ~{rows} rows")
+        tell(best, max(tree.bound, wide_bound), f"MILP, ~{rows} rows")
         result = solve_milp(p, time_limit_s=max(1.0, budget), solver=constraints.solver, start=start,
                             dump_lp=constraints.dump_lp)
     if result.status == "infeasible":

@@ -162,7 +162,7 @@ def measure_echo(x: np.ndarray, count: int) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True)
     try:
         port = proc.stdout.readline().strip()
-        frame = encode_request(Request("0", "input", None, 0.0, x[:1]))
+        frame = encode_request(Request("0", "echo", "input", None, 0.0, x[:1]))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             echo = channel.unary_unary("/echo/Echo")
             for _ in range(20):

@@ -194,6 +194,29 @@ def test_a_device_needs_only_its_own_folder(bundle, tmp_path):
         serve_stage(copy, "host", "127.0.0.1:0", "127.0.0.1:1")
 
 
+def test_stages_of_two_bundles_refuse_to_answer_together(bundle, tmp_path):
+    """One device updated and not the other (here: the same model re-bundled, so every tensor still fits):
+    a request that needs both stages is refused by name, never answered by a mix of two plans."""
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    manifest = other / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"created_utc": "', '"created_utc": "1', 1))
+    data = cf.dataset(20, seed=5)
+    want = run_bundle(bundle, data)
+    final, early = want.exits.index(FINAL), want.exits.index("exit_1")
+    pi4 = serve_stage(other, "pi4", "127.0.0.1:0")
+    host = serve_stage(bundle, "host", "127.0.0.1:0", pi4.address)
+    try:
+        with InferenceClient(host.address) as client:
+            assert client.infer(data.x[early]).exit == "exit_1"        # answered by the host alone: fine
+            with pytest.raises(ServeError, match=r"pi4: the request comes from bundle [0-9a-f]{12}, this device "
+                                                 r"serves bundle [0-9a-f]{12} .*every device must serve the same"):
+                client.infer(data.x[final])
+    finally:
+        host.stop(0)
+        pi4.stop(0)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--device", "pi9"], "device 'pi9' is not in the bundle"),
     (["--device", "host"], "host hands requests on to pi4"),
@@ -229,13 +252,13 @@ def test_unreachable_source_is_a_clear_error():
 
 def test_frames_round_trip_and_bad_fields_are_named():
     x = np.arange(12, dtype=np.float32).reshape(1, 3, 2, 2)
-    req = decode_request(encode_request(Request("a", "input", 5.0, 1.5, x)))
-    assert (req.id, req.tensor, req.deadline_ms, req.elapsed_ms) == ("a", "input", 5.0, 1.5)
+    req = decode_request(encode_request(Request("a", "b" * 64, "input", 5.0, 1.5, x)))
+    assert (req.id, req.bundle, req.tensor, req.deadline_ms, req.elapsed_ms) == ("a", "b" * 64, "input", 5.0, 1.5)
     assert np.array_equal(req.x, x) and req.x.dtype == np.float32
     hop = Hop("host", 0.0, 1.0, 0.0, 1.5)
     reply = Reply("a", 2, "exit_1", "deadline", True, None, (hop,), "exit_1", np.eye(1, 4, 2, dtype=np.float32))
     assert decode_reply(encode_reply(reply)).hops == (hop,)
-    frame = encode_request(Request("a", "input", None, 0.0, x))
+    frame = encode_request(Request("a", "b" * 64, "input", None, 0.0, x))
     with pytest.raises(WireError, match="bad magic"):
         decode_request(b"XXXX" + frame[4:])
     with pytest.raises(WireError, match="tensor has 44 bytes"):
@@ -243,6 +266,7 @@ def test_frames_round_trip_and_bad_fields_are_named():
     with pytest.raises(WireError, match="expected a reply header"):
         decode_reply(frame)
     for field, value, message in [("elapsed_ms", -1.0, "elapsed_ms is -1.0"), ("id", "", "field id"),
+                                  ("bundle", None, "field bundle"),
                                   ("deadline_ms", "soon", "deadline_ms is 'soon'")]:
         with pytest.raises(WireError, match=message):
             decode_request(_with(frame, field, value))

@@ -64,7 +64,8 @@ class InferenceClient:
         x = np.asarray(x)
         if x.ndim == len(accepts["shape"]) - 1:
             x = x[None]
-        frame = encode_request(Request(id=rid, tensor=accepts["name"], deadline_ms=deadline_ms, elapsed_ms=0.0, x=x))
+        frame = encode_request(Request(id=rid, bundle=self._server_info["bundle"], tensor=accepts["name"],
+                                       deadline_ms=deadline_ms, elapsed_ms=0.0, x=x))
         try:
             reply = decode_reply(self._call(self._infer, frame))
         except WireError as exc:

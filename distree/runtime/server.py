@@ -21,7 +21,7 @@ from typing import Callable, NoReturn, Optional
 
 import grpc
 
-from distree.compiler.manifest import Manifest, TensorSpec, read_manifest, read_thresholds
+from distree.compiler.manifest import MANIFEST, Manifest, TensorSpec, read_manifest, read_thresholds, sha256_file
 from distree.compiler.verify import verify_bundle
 from distree.errors import DistreeError
 from distree.runtime.backends import set_tvm_threads
@@ -85,6 +85,7 @@ class _StageService:
     def __init__(self, bundle: Path, manifest: Manifest, role: Role, next_address: Optional[str],
                  threads: int, forward_timeout_s: float) -> None:
         self.role, self.manifest = role, manifest
+        self.bundle_id = sha256_file(bundle / MANIFEST)      # the same file on every device of one bundle
         policy = ExitPolicy(read_thresholds(bundle))
         self.exit_names = tuple(e.name for e in policy.table.exits)
         self.executor: Optional[StageExecutor] = None
@@ -112,7 +113,7 @@ class _StageService:
             "device": self.role.device, "stage": self.role.index, "stages": [st.name for st in m.stages],
             "source": m.source, "accepts": self.role.accepts.to_dict(), "input": m.input.to_dict(),
             "exits": list(self.exit_names), "next": self.next_address,
-            "model_sha256": m.model_sha256,
+            "model_sha256": m.model_sha256, "bundle": self.bundle_id,
         }).encode()
 
     def infer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
@@ -121,6 +122,7 @@ class _StageService:
             req = decode_request(data)
         except WireError as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {exc}")
+        self._check_bundle(req, context)
         self._check_tensor(req, context)
         elapsed_in = req.elapsed_ms + self.transfer_in_ms
         queued, outcome, failure = self._run(req, elapsed_in)
@@ -166,6 +168,15 @@ class _StageService:
             return exit_name
         return self.executor.output.name
 
+    def _check_bundle(self, req: Request, context: grpc.ServicerContext) -> None:
+        """Stages of two bundles can pass shapes the other takes (a retrained model, a new plan with the same
+        cuts) and would answer wrongly without a word: one device updated and not the others."""
+        if req.bundle != self.bundle_id:
+            self._abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                        f"the request comes from bundle {req.bundle[:12]}, this device serves bundle "
+                        f"{self.bundle_id[:12]} (made {self.manifest.created_utc}); every device must serve the "
+                        f"same bundle: copy it again to the devices whose manifest.json differs")
+
     def _check_tensor(self, req: Request, context: grpc.ServicerContext) -> None:
         want = self.role.accepts
         if req.tensor != want.name:
@@ -186,7 +197,8 @@ class _StageService:
         left = context.time_remaining()
         if left is not None:        # leave the caller time to receive our error before its own deadline
             timeout = max(min(timeout, left - min(0.5, 0.2 * left)), 0.01)
-        frame = encode_request(Request(id=req.id, tensor=self.forwards.name, deadline_ms=req.deadline_ms,
+        frame = encode_request(Request(id=req.id, bundle=self.bundle_id, tensor=self.forwards.name,
+                                       deadline_ms=req.deadline_ms,
                                        elapsed_ms=elapsed_ms, x=outcome.forward))
         try:
             data = self._call(frame, timeout=timeout)

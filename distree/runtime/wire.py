@@ -40,6 +40,7 @@ class Hop:
 @dataclass(frozen=True)
 class Request:
     id: str
+    bundle: str                     # the sender's bundle (its manifest's SHA-256): every stage must serve it
     tensor: str                     # name of the tensor carried (the model input, or a cut tensor)
     deadline_ms: Optional[float]    # end-to-end budget of the request, None: no deadline
     elapsed_ms: float               # time already spent when this frame was sent (sender's clock)
@@ -60,8 +61,8 @@ class Reply:
 
 
 def encode_request(req: Request) -> bytes:
-    return _frame({"kind": "request", "id": req.id, "tensor": req.tensor, "deadline_ms": req.deadline_ms,
-                   "elapsed_ms": req.elapsed_ms}, req.x)
+    return _frame({"kind": "request", "id": req.id, "bundle": req.bundle, "tensor": req.tensor,
+                   "deadline_ms": req.deadline_ms, "elapsed_ms": req.elapsed_ms}, req.x)
 
 
 def decode_request(data: bytes) -> Request:
@@ -69,7 +70,7 @@ def decode_request(data: bytes) -> Request:
     deadline = head.get("deadline_ms")
     if deadline is not None:
         deadline = _number(head, "deadline_ms")
-    return Request(id=_id(head), tensor=_text(head, "tensor"), deadline_ms=deadline,
+    return Request(id=_id(head), bundle=_text(head, "bundle"), tensor=_text(head, "tensor"), deadline_ms=deadline,
                    elapsed_ms=_number(head, "elapsed_ms"), x=x)
 
 

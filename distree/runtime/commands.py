@@ -68,7 +68,7 @@ def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str]
     signal.signal(signal.SIGTERM, lambda *_: server.stop(1.0))
     for note in server.notes:
         click.echo(f"note: {note}")
-    click.echo(f"serving {server.description} on {server.address}"
+    click.echo(f"serving {server.description} of bundle {server.bundle_id[:12]} on {server.address}"
                + (f", next stage at {next_address}" if next_address else ""), nl=True)
     sys.stdout.flush()
     try:

@@ -242,6 +242,11 @@ class StageServer:
     _server: grpc.Server
     _service: _StageService
 
+    @property
+    def bundle_id(self) -> str:
+        """What every request must name (its sender's manifest SHA-256): print it, compare it across devices."""
+        return self._service.bundle_id
+
     def wait(self) -> None:
         self._server.wait_for_termination()
 

@@ -40,6 +40,9 @@ def test_compile_verify_run(tmp_path):
             assert seg["backend"] in ("tvm", "ort") and seg["reason"]
             assert seg["ratio"] > 0
     assert set(summary["sizes"]) == {s["device"] for s in summary["stages"]}
+    solver = summary["solver"]
+    assert solver["bound_ms"] <= summary["expected_latency_ms"] * (1 + 1e-9)
+    assert solver["gap"] <= 1e-6 if solver["status"] == "optimal" else solver["gap"] > 0
 
     again = _cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]

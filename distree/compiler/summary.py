@@ -28,6 +28,8 @@ def summary_dict(result) -> dict[str, Any]:
         "expected_latency_ms": plan.expected_latency_ms, "worst_case_latency_ms": plan.worst_case_latency_ms,
         "no_exit_latency_ms": plan.no_exit_latency_ms, "accuracy": plan.accuracy, "accuracy_lcb": plan.accuracy_lcb,
         "full_model_accuracy": plan.full_model_accuracy,
+        "solver": {"engine": plan.solver, "status": plan.status, "gap": plan.gap, "bound_ms": plan.bound_ms,
+                   "wall_s": plan.wall_s},
         "stages": [{"device": st.name, "blocks": [st.first_block, st.last_block],
                     "segments": [{"file": s.file, "backend": s.backend, "ratio": s.ratio, "exit": s.exit,
                                   "reason": s.backend_reason} for s in st.segments]} for st in m.stages],
@@ -58,6 +60,9 @@ def print_summary(result, console) -> None:
                   f"{plan.worst_case_latency_ms:.3f} ms (no exits: {plan.no_exit_latency_ms:.3f} ms)")
     console.print(f"predicted accuracy: {plan.accuracy:.4f} (lower bound {plan.accuracy_lcb:.4f}; full model "
                   f"{plan.full_model_accuracy:.4f}, allowed drop {plan.accuracy_drop})")
+    if plan.status != "optimal":
+        console.print(f"[yellow]plan not proven optimal[/yellow] in {plan.wall_s:.0f} s: no plan is faster than "
+                      f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%}); a longer --time-limit searches further")
     unused = [d for d in result.devices if d not in {st.name for st in m.stages}]
     if unused:
         console.print(f"devices without a stage (the plan found them not worth using): {', '.join(unused)}")

@@ -15,7 +15,8 @@ import click
               help=".npz with x (N,C,H,W float32) and optionally y (labels) for accuracy.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Threads per segment runtime.")
-@click.option("--deadline-ms", type=click.FloatRange(0, min_open=True), default=None, help="Answer early when the rest would miss this deadline.")
+@click.option("--deadline-ms", type=click.FloatRange(0, min_open=True), default=None,
+              help="Answer early when the rest would miss this deadline.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the full report (JSON) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def run_cmd(bundle: str, input_path: str, limit: Optional[int], threads: int, deadline_ms: Optional[float],

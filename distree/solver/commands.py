@@ -56,7 +56,8 @@ def _parse_sweep(spec: str) -> list[float]:
 @click.option("--free-order", is_flag=True, help="Let the solver choose the order of the devices too.")
 @click.option("--time-limit", type=float, default=60.0, show_default=True, help="Solver time limit (s).")
 @click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True)
-@click.option("--dump-lp", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the MILP (LP format) here.")
+@click.option("--dump-lp", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the MILP (LP format) here.")
 @click.option("--sweep", default=None, metavar="accuracy-drop=V1,V2,...",
               help="Solve for several accuracy drops; print the latency-accuracy frontier.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

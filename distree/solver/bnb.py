@@ -202,6 +202,11 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
     dropped_bound, n_dropped = np.inf, 0                          # smallest bound of a dropped node; their count
     pushed = nodes = 0
     told_at = t0
+
+    def proven_total(open_min: float) -> float:
+        """The bound proven so far, given the smallest bound of an open node (sum over samples)."""
+        return min(open_min, dropped_bound, s.open_leaf_bound, s.incumbent_total())
+
     while open_nodes:
         if nodes % 64 == 0:
             now = time.perf_counter()
@@ -209,8 +214,7 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
                 break                     # out of time, or nothing left to prove below the dropped nodes
             if progress is not None and best_first and now - told_at >= PROGRESS_EVERY_S:
                 told_at = now
-                progress(s.best, min(open_nodes[0][0], dropped_bound, s.open_leaf_bound, s.incumbent_total())
-                         / p.n_samples)
+                progress(s.best, proven_total(open_nodes[0][0]) / p.n_samples)
         if len(open_nodes) > MAX_OPEN_NODES:
             if not best_first:
                 break
@@ -232,7 +236,7 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
             heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
     N = p.n_samples
     live = [b for b, _, _ in open_nodes if b < s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]
-    bound_total = min([s.incumbent_total(), s.open_leaf_bound, dropped_bound, *live])
+    bound_total = proven_total(min(live, default=np.inf))
     complete = (not live and not np.isfinite(s.open_leaf_bound)
                 and dropped_bound >= s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE))
     return BnbResult(best=s.best, bound=bound_total / N, complete=complete,

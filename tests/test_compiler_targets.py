@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 import compiler_fixtures as cf
 from distree.compiler.bundle import build_bundle
@@ -35,6 +36,33 @@ def test_pi4_library_runs_under_qemu_and_matches_host_build(tiny, tmp_path):
     for got, want, ref in zip(emulated, expected, reference):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tvm_runner_reuses_its_input_tensor_without_mixing_up_calls(tiny, tmp_path):
+    """The runner stages inputs in one TVM tensor and reads outputs through DLPack: every call must still
+    answer for its own input, and an answer must not change when the next call runs."""
+    plan, _ = cf.two_stage_plan(tiny)
+    spec = next(s for s in plan_segments(plan, tiny.chain, tiny.calibration.exits) if s.exit is not None)
+    seg = segment_model(tiny.model, tiny.chain, spec)
+    run = tvm_runner(compile_segment(seg, get_device("host"), tmp_path / "host.so").path)
+    reference = ort_runner(seg.SerializeToString())
+    rng = np.random.default_rng(11)
+    inputs = [rng.standard_normal(cf.SHAPE).astype(np.float32) for _ in range(4)]
+    answers = [run(x) for x in inputs]
+    answers.append(run(np.asfortranarray(inputs[0])))       # not C-contiguous: copied in all the same
+    for x, outs in zip(inputs + inputs[:1], answers):
+        assert len(outs) == len(spec.outputs) == 2
+        for got, want in zip(outs, reference(x)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(answers[0][1], answers[1][1])
+    identity = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]), opset_imports=[helper.make_opsetid("", 17)])
+    passthrough = tvm_runner(compile_segment(identity, get_device("host"), tmp_path / "identity.so").path)
+    first = passthrough(np.zeros((1, 4), np.float32))[0]      # TVM returns the staging tensor itself here
+    passthrough(np.ones((1, 4), np.float32))
+    assert not first.any()
 
 
 @pytest.mark.slow

@@ -27,10 +27,27 @@ class Replay:
     contiguous_ordered: bool
 
 
+def _dispatch(profile: Profile, device: str, n_blocks: int, score_kind: str):
+    """(item -> time inside a segment, call cost of a sub-segment, decision cost) on ``device``, as
+    distree.solver.problem.build_problem states them."""
+    blocks = [profile.get(device, f"block:{b}") for b in range(n_blocks)]
+    backends = [m.backend for m in blocks]
+    favourite = max(sorted(set(backends)), key=backends.count)
+    call = profile.get(device, "call", favourite).median_ms
+    decide = profile.get(device, f"decide:{score_kind}").median_ms
+
+    def inside(item: str) -> float:
+        m = profile.get(device, item)
+        return max(0.0, m.median_ms - profile.get(device, "call", m.backend).median_ms)
+    return inside, call, decide
+
+
 def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: Topology) -> Replay:
     column = {ex.name: k for k, ex in enumerate(cal.exits)}
     source = topo.source_device
     classes_bytes = chain.blocks[-1].output_shape[-1] * 4
+    last = len(chain.blocks) - 1
+    cost = {s.device: _dispatch(profile, s.device, len(chain.blocks), cal.score_kind) for s in plan.stages}
     n = len(cal.scores)
     total = 0.0
     correct = 0
@@ -41,16 +58,18 @@ def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: T
         here = source
         answer = None
         for stage in plan.stages:
+            inside, call, decide = cost[stage.device]
             t += topo.link(here, stage.device).transfer_ms(
                 chain.input_bytes if stage.first_block == 0 else chain.blocks[stage.first_block - 1].out_bytes)
+            t += call if here != stage.device else 0.0          # a hop: the first call on the next device
             here = stage.device
             for b in range(stage.first_block, stage.last_block + 1):
-                ms = profile.get(here, f"block:{b}").median_ms
+                ms = inside(f"block:{b}") + (call if b == last else 0.0)
                 t += ms
                 busy[here] += ms / n
                 here_exits = sorted((e for e in stage.exits if e.after_block == b), key=lambda e: column[e.name])
                 for e in here_exits:
-                    head = profile.get(here, f"exit:{e.name}").median_ms
+                    head = inside(f"exit:{e.name}") + decide + call
                     t += head
                     busy[here] += head / n
                     if cal.scores[i][column[e.name]] >= e.threshold:
@@ -70,12 +89,16 @@ def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: T
     here = source
     memory = {}
     for stage in plan.stages:
+        inside, call, decide = cost[stage.device]
         worst += topo.link(here, stage.device).transfer_ms(
             chain.input_bytes if stage.first_block == 0 else chain.blocks[stage.first_block - 1].out_bytes)
+        worst += call if here != stage.device else 0.0
         here = stage.device
-        items = [profile.get(here, f"block:{b}") for b in range(stage.first_block, stage.last_block + 1)]
-        items += [profile.get(here, f"exit:{e.name}") for e in stage.exits]
-        worst += sum(m.median_ms for m in items)
+        names = [f"block:{b}" for b in range(stage.first_block, stage.last_block + 1)]
+        names += [f"exit:{e.name}" for e in stage.exits]
+        items = [profile.get(here, name) for name in names]
+        worst += sum(inside(name) for name in names) + len(stage.exits) * (decide + call)
+        worst += call if stage.last_block == last else 0.0
         memory[here] = sum(m.param_bytes for m in items) + max(m.activation_bytes for m in items)
     worst += topo.link(here, source).transfer_ms(classes_bytes)
     blocks = [b for s in plan.stages for b in range(s.first_block, s.last_block + 1)]

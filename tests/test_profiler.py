@@ -15,6 +15,7 @@ from distree.cli import cli
 from distree.errors import DistreeError
 from distree.exits import declared_exits
 from distree.graph import build_chain, load_model
+from distree.exits.types import SCORE_KINDS
 from distree.profiler import Profile, TimingSettings, merge_profiles, profile_model, profile_units
 from distree.profiler import estimate as est
 from distree.targets import get_device
@@ -68,18 +69,19 @@ def test_units_are_blocks_then_exit_heads_and_run_like_the_model(tiny):
 
     _, model, chain, exits = tiny
     units = profile_units(model, chain, exits)
-    assert [u.item for u in units] == [f"block:{b.index}" for b in chain.blocks] + ["exit:exit_1"]
+    assert [u.item for u in units] == [f"block:{b.index}" for b in chain.blocks] + ["exit:exit_1", "call"]
     x = np.random.default_rng(0).standard_normal((1, 1, 14, 14)).astype(np.float32)
     full = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     want_logits, want_exit = full.run(["logits", "exit_1"], {"input": x})
     h = x
-    for u in units[:-1]:
+    for u in units[:-2]:
         h = ort.InferenceSession(u.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
             None, {u.input_name: h})[0]
     np.testing.assert_allclose(h, want_logits, rtol=1e-5, atol=1e-5)
     for u, b in zip(units, chain.blocks):
         assert u.flops == b.flops and u.dense_flops == (b.flops if {"Conv", "Gemm"} & set(b.ops) else 0)
-    head = units[-1]
+    head, call = units[-2:]
+    assert call.num_ops == 1 and call.param_bytes == 0
     cut = chain.blocks[exits[0].after_block].output
     assert head.input_name == cut and head.flops == exits[0].flops
     assert head.param_bytes == sum(onnx.numpy_helper.to_array(t).nbytes for t in head.model.graph.initializer) > 0
@@ -118,10 +120,14 @@ def test_stability_entry_heads_are_profiled_as_their_own_units(tiny, tmp_path):
 def test_local_profile_measures_every_item_with_both_backends(tiny, local_profile):
     _, model, chain, exits = tiny
     _, profile = local_profile
-    items = [f"block:{b.index}" for b in chain.blocks] + ["exit:exit_1"]
-    assert {(m.item, m.backend) for m in profile.entries} == {(i, b) for i in items for b in ("tvm", "ort")}
+    items = [f"block:{b.index}" for b in chain.blocks] + ["exit:exit_1", "call"]
+    decides = {(f"decide:{k}", "python") for k in SCORE_KINDS}
+    assert {(m.item, m.backend) for m in profile.entries} == {(i, b) for i in items for b in ("tvm", "ort")} | decides
     for m in profile.entries:
         assert m.device == "host" and m.provenance == "local" and m.threads == 1
+        if m.backend == "python":
+            continue
+        assert m.median_ms > 0.5 * profile.get("host", "call", m.backend).median_ms  # the call: no work inside
         assert len(m.samples_ms) == FAST.repeats and 0 < m.median_ms <= m.p90_ms
         assert m.memory_source.startswith("tvm-static-plan")
     conv = next(b for b in chain.blocks if "Conv" in b.ops)
@@ -162,9 +168,12 @@ def test_estimate_mode_scales_by_device_figures(tiny, tmp_path):
     for d, p in prof.items():
         for m in p.entries:
             assert m.provenance == "estimate" and m.samples_ms == () and m.median_ms > 0
-            assert m.memory_source.startswith("tvm-static-plan")
+            assert m.memory_source.startswith("tvm-static-plan" if m.backend != "python" else "none")
         assert "calibrated on" in p.get(d, item).note
     assert prof["pi4"].get("pi4", item, "ort").median_ms > prof["host"].get("host", item, "ort").median_ms
+    # a decision on a slower CPU costs more, and says it was not measured there
+    decide = prof["pi4"].get("pi4", "decide:max_softmax")
+    assert decide.median_ms > prof["host"].get("host", "decide:max_softmax").median_ms and "scaled" in decide.note
     merged = merge_profiles(list(prof.values()))
     assert set(merged.devices) == {"host", "pi4", "jetson-orin-nano"} and set(merged.settings) == set(prof)
 

@@ -33,7 +33,9 @@ def _random_instance(seed: int):
     case = synthetic_case(n_blocks=int(rng.integers(2, 13)), n_exits=int(rng.integers(1, 6)),
                           n_levels=int(rng.integers(1, 5)), n_devices=int(rng.integers(1, 4)),
                           n_samples=int(rng.integers(30, 120)), seed=seed,
-                          memory_slack=float(rng.uniform(0.9, 3.0)))
+                          memory_slack=float(rng.uniform(0.9, 3.0)),
+                          dispatch_ms=(0.0, 0.0) if seed % 2 else  # own stream: same instances as without
+                          tuple(np.random.default_rng(seed + 1000).uniform(0.05, 0.5, 2)))
     if rng.random() < 0.3:      # requests arriving at another device than the first
         src = case.topology.devices[int(rng.integers(len(case.topology.devices)))].name
         case = dataclasses.replace(case, topology=dataclasses.replace(case.topology, source=src))

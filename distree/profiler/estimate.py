@@ -80,11 +80,16 @@ def unit_bytes(unit: Unit) -> int:
     return unit.param_bytes + unit.io_bytes
 
 
+def per_core_gflops(device: DeviceSpec) -> float:
+    """Peak per core of the CPU that runs the host side (a GPU device's host CPU)."""
+    if device.target.get("kind") == "cuda":
+        return HOST_CORE_GFLOPS_FALLBACK
+    return device.peak_gflops / device.cores
+
+
 def _cpu_slowdown(coef: EstimateCoefficients, device: DeviceSpec) -> float:
     """How much slower one core of ``device`` (its host CPU for a GPU) is than the calibration machine's."""
-    if device.target.get("kind") == "cuda":
-        return coef.per_core_gflops / HOST_CORE_GFLOPS_FALLBACK
-    return coef.per_core_gflops / (device.peak_gflops / device.cores)
+    return coef.per_core_gflops / per_core_gflops(device)
 
 
 def estimate_ms(dense_flops: float, other_flops: float, nbytes: float, ops: int, device: DeviceSpec,

@@ -26,14 +26,15 @@ import onnx
 
 from distree import __version__
 from distree.errors import DistreeError
-from distree.exits.types import ExitPoint
+from distree.exits.types import SCORE_KINDS, ExitPoint
 from distree.graph import Chain, model_sha256
 from distree.profiler import estimate as est
 from distree.profiler import tvm_backend
+from distree.profiler.dispatch import decide_entries
 from distree.profiler.ort_backend import time_ort
 from distree.profiler.timing import TimingSettings, summarize
 from distree.profiler.types import Measurement, Profile
-from distree.profiler.units import Unit, profile_units
+from distree.profiler.units import Unit, decide_item, profile_units
 from distree.targets.catalog import host_device
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
@@ -54,13 +55,15 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
                   cache_dir: Optional[Path] = None, force: bool = False, timing: Optional[TimingSettings] = None,
                   items: Optional[Sequence[str]] = None, progress: Optional[Progress] = None,
                   aarch64_root: Optional[Path] = None) -> Profile:
-    """Profile every block and exit head (or only ``items``, e.g. ``("block:0", "exit:exit_1")``)."""
+    """Profile every block and exit head, the cost of a call and of an exit decision (or only ``items``, e.g.
+    ``("block:0", "exit:exit_1")``)."""
     backends = tuple(backends) if backends else default_backends(mode)
     timing = timing or TimingSettings()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     _check_request(device, mode, rpc, backends)
+    decides = [decide_item(k) for k in SCORE_KINDS if items is None or decide_item(k) in items]
     units = profile_units(model, chain, exits, items)
-    key, versions = _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units)
+    key, versions = _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units, decides)
     cached = cache_dir / "profiles" / f"{key}.json"
     if cached.is_file() and not force:
         return Profile.load(cached)
@@ -70,6 +73,9 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
             if progress:
                 progress(done, len(units), unit.item)
             entries.extend(measure(unit, backends, provenance, note))
+        entries.extend(decide_entries(device, int(chain.blocks[-1].output_shape[-1]), timing,
+                                      measured_here=mode == "local",
+                                      score_kinds=[k for k in SCORE_KINDS if decide_item(k) in decides]))
         if progress:
             progress(len(units), len(units), "done")
     settings = {device.name: {"mode": mode, "provenance": provenance, "backends": list(backends),
@@ -123,7 +129,8 @@ def _check_request(device: DeviceSpec, mode: str, rpc: Optional[str], backends: 
                                f"{cpu.get('mtriple') or cpu.get('arch', '')}: use --rpc or --estimate")
 
 
-def _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units) -> tuple[str, dict[str, str]]:
+def _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units,
+               decides) -> tuple[str, dict[str, str]]:
     import numpy
     import onnxruntime
     import tvm
@@ -137,7 +144,7 @@ def _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units) 
                                                        if est.CALIBRATION_FILE.is_file() else None)
     doc = {"versions": versions, "chain": chain.to_dict(), "exits": [e.to_dict() for e in exits], "mode": mode,
            "rpc": rpc or "", "backends": list(backends), "timing": timing.to_dict(),
-           "units": [u.sha256 for u in units]}
+           "units": [u.sha256 for u in units], "decides": decides}
     key = _sha(doc)
     return key, {**versions, "cache_key": key}
 

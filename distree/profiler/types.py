@@ -13,8 +13,8 @@ PROVENANCES = ("local", "rpc", "qemu-emulated", "estimate")
 @dataclass(frozen=True)
 class Measurement(JsonRecord):
     device: str
-    item: str                       # "block:<index>" or "exit:<exit name>"
-    backend: str                    # "tvm" or "ort"
+    item: str                       # "block:<index>", "exit:<name>", "entry:<name>", "call", "decide:<score kind>"
+    backend: str                    # "tvm" or "ort"; "python" for exit decisions
     provenance: str                 # "local", "rpc://host:port", "qemu-emulated", "estimate"
     samples_ms: tuple[float, ...]   # empty for estimates
     median_ms: float

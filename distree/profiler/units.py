@@ -10,17 +10,18 @@ import numpy as np
 import onnx
 import onnx.shape_inference
 import onnx.utils
+from onnx import TensorProto, helper
 
 from distree.errors import DistreeError
-from distree.exits.types import ExitPoint
+from distree.exits.types import SCORE_KINDS, ExitPoint
 from distree.graph import Chain, extract_segment
 from distree.graph.cost import node_flops, tensor_infos
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One profiled item: a block (``block:<i>``), an exit head (``exit:<name>``) or the entry head that the
-    ``stability`` score of an exit also needs (``entry:<name>``)."""
+    """One profiled item: a block (``block:<i>``), an exit head (``exit:<name>``), the entry head that the
+    ``stability`` score of an exit also needs (``entry:<name>``), or an empty ``call``."""
 
     item: str
     model: onnx.ModelProto
@@ -39,6 +40,10 @@ class Unit:
         return np.random.default_rng(seed).standard_normal(self.input_shape).astype(self.input_dtype)
 
 
+CALL_ITEM = "call"
+CALL_WIDTH = 16
+
+
 def block_item(index: int) -> str:
     return f"block:{index}"
 
@@ -51,13 +56,19 @@ def entry_item(name: str) -> str:
     return f"entry:{name}"
 
 
+def decide_item(score_kind: str) -> str:
+    """The runtime's exit decision for one score kind (timed in Python, not a model)."""
+    return f"decide:{score_kind}"
+
+
 def profile_units(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint] = (),
                   items: Sequence[str] | None = None) -> tuple[Unit, ...]:
-    """Blocks in chain order, then exit heads by depth; ``items`` keeps only those named."""
+    """Blocks in chain order, then exit heads by depth, then the call; ``items`` keeps only those named
+    (``decide:`` items are known here but are no models: the profiler times them itself)."""
     wanted = None if items is None else set(items)
     with_entry = [e for e in exits if e.entry_output]
     known = ([block_item(b.index) for b in chain.blocks] + [exit_item(e.name) for e in exits]
-             + [entry_item(e.name) for e in with_entry])
+             + [entry_item(e.name) for e in with_entry] + [CALL_ITEM] + [decide_item(k) for k in SCORE_KINDS])
     if wanted is not None and wanted - set(known):
         bad = sorted(wanted - set(known))[0]
         raise DistreeError(f"no item {bad!r} to profile; items are {', '.join(known)}")
@@ -74,7 +85,21 @@ def profile_units(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
         if wanted is None or entry_item(e.name) in wanted:
             head = _head_model(model, chain, e, chain.blocks[e.after_block].input, e.entry_output)
             units.append(unit_from_model(entry_item(e.name), head, e.entry_flops, 0))
+    if wanted is None or CALL_ITEM in wanted:
+        units.append(call_unit())
     return tuple(units)
+
+
+def call_unit() -> Unit:
+    """One Relu over 16 floats: no work to speak of, what it measures is the fixed cost of a call, which
+    every other unit of the same device and backend also carries (see :mod:`distree.profiler.dispatch`)."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], CALL_ITEM,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, CALL_WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, CALL_WIDTH])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="distree")
+    onnx.checker.check_model(model)
+    return unit_from_model(CALL_ITEM, model, CALL_WIDTH)
 
 
 def _head_model(model: onnx.ModelProto, chain: Chain, exit: ExitPoint, cut: str, output: str) -> onnx.ModelProto:

@@ -21,7 +21,8 @@ from scipy.stats import beta
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
-from distree.profiler.types import Profile
+from distree.profiler.units import CALL_ITEM, decide_item
+from distree.profiler.types import Measurement, Profile
 from distree.targets.spec import Topology
 
 
@@ -132,21 +133,42 @@ def passed_levels(scores: np.ndarray, thresholds: tuple[float, ...]) -> np.ndarr
     return np.searchsorted(np.asarray(thresholds, dtype=float), scores, side="right")
 
 
+def favourite_backend(blocks: list[Measurement]) -> str:
+    """The backend faster for most of a device's blocks: the compiler picks per segment, and this is the one
+    it will mostly ship, so its call cost is the one a sub-segment pays."""
+    backends = [m.backend for m in blocks]
+    return max(sorted(set(backends)), key=backends.count)
+
+
 def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
                   constraints: Constraints) -> tuple[Problem, ProblemIndex]:
-    """Turn the typed inputs into a :class:`Problem`, failing early with a fix-it message."""
+    """Turn the typed inputs into a :class:`Problem`, failing early with a fix-it message.
+
+    Dispatch: a bundle runs each device's blocks as sub-segments that end at its enabled exits, one call
+    each, and after an exit head decides in Python whether the sample leaves. Blocks and heads are charged
+    without the call their standalone measurement paid; every exit head evaluated is charged the decision and
+    one call (the one that carries on if the sample stays); reaching the final classifier is charged one call,
+    and every hop to another device one call there. That is one call per sub-segment run, except that an exit
+    at the end of a stage, and a source device without a stage, count one call too many per hop (microseconds
+    against the hop's milliseconds).
+    """
     _validate(chain, calibration, topology, constraints)
     names = tuple(d.name for d in topology.devices)
     B = len(chain.blocks)
     order = sorted(range(len(calibration.exits)), key=lambda j: (calibration.exits[j].after_block, j))
     exits = [calibration.exits[j] for j in order]
 
-    def entry(dev: str, item: str):
+    def entry(dev: str, item: str, backend: str | None = None):
         try:
-            return profile.get(dev, item)
+            return profile.get(dev, item, backend)
         except KeyError:
             raise DistreeError(f"the profile has no entry for {item} on {dev}; run `distree profile` for "
-                               f"device {dev} with this model and its exits") from None
+                               f"device {dev} with this model and its exits (older profiles lack the call and decide "
+                               "entries)") from None
+
+    def inside_segment(dev: str, m) -> float:
+        """An item's time without the call its standalone measurement paid (a segment pays it once)."""
+        return max(0.0, m.median_ms - entry(dev, CALL_ITEM, m.backend).median_ms)
 
     block_ms = np.zeros((len(names), B))
     block_param = np.zeros((len(names), B))
@@ -154,27 +176,32 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
     head_ms = np.zeros((len(names), len(exits)))
     head_param = np.zeros((len(names), len(exits)))
     head_act = np.zeros((len(names), len(exits)))
+    call_ms = np.zeros(len(names))
     for d, dev in enumerate(names):
-        for b, blk in enumerate(chain.blocks):
-            m = entry(dev, f"block:{b}")
-            block_ms[d, b] = m.median_ms
+        blocks = [entry(dev, f"block:{b}") for b in range(B)]
+        call_ms[d] = entry(dev, CALL_ITEM, favourite_backend(blocks)).median_ms
+        decide_ms = entry(dev, decide_item(calibration.score_kind)).median_ms
+        for b, (blk, m) in enumerate(zip(chain.blocks, blocks)):
+            block_ms[d, b] = inside_segment(dev, m)
             block_param[d, b] = m.param_bytes or blk.param_bytes
             block_act[d, b] = m.activation_bytes or max(blk.workspace_bytes, blk.out_bytes)
         for j, ex in enumerate(exits):
             m = entry(dev, f"exit:{ex.name}")
-            head_ms[d, j] = m.median_ms
+            head_ms[d, j] = inside_segment(dev, m) + decide_ms + call_ms[d]
             head_param[d, j] = m.param_bytes or ex.param_bytes
             head_act[d, j] = m.activation_bytes
             if calibration.score_kind == "stability" and ex.entry_output:  # its score also needs the entry head
                 e = entry(dev, f"entry:{ex.name}")
-                head_ms[d, j] += e.median_ms
+                head_ms[d, j] += inside_segment(dev, e)
                 head_param[d, j] += e.param_bytes or ex.entry_param_bytes
                 head_act[d, j] = max(head_act[d, j], e.activation_bytes)
+    block_ms[:, B - 1] += call_ms      # the final sub-segment's call
 
     cut_bytes = [chain.input_bytes] + [blk.out_bytes for blk in chain.blocks[:-1]]
     return_bytes = int(chain.blocks[-1].output_shape[-1]) * 4
     src = names.index(topology.source_device)
-    cut_ms = np.array([[[topology.link(a, b).transfer_ms(n) for n in cut_bytes] for b in names] for a in names])
+    cut_ms = np.array([[[topology.link(a, b).transfer_ms(n) + (call_ms[j] if a != b else 0.0) for n in cut_bytes]
+                        for j, b in enumerate(names)] for a in names])
     return_ms = np.array([topology.link(a, names[src]).transfer_ms(return_bytes) for a in names])
     capacity = np.array([d.memory_bytes - d.runtime_overhead_bytes for d in topology.devices], dtype=float)
 

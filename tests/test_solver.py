@@ -563,3 +563,21 @@ def test_progress_tells_the_plan_and_a_gap_that_the_result_does_not_contradict(m
     best, gap = (float(v) for v in pattern.match(in_tree[-1]).groups())
     assert plan.expected_latency_ms <= best + 5e-4
     assert plan.gap <= gap / 100 + 5e-4
+
+
+def test_dispatch_costs_are_charged_and_an_older_profile_is_refused():
+    """A call per sub-segment and a decision per exit head evaluated (build_problem's docstring): the heads
+    carry both, the final block and every hop one call; a profile without those entries is a clear error."""
+    case = synthetic_case(6, 3, 3, 2, 60, seed=4, dispatch_ms=(0.25, 0.5))
+    free = synthetic_case(6, 3, 3, 2, 60, seed=4)
+    c = Constraints(accuracy_drop=0.05)
+    with_dispatch, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+    without, _ = build_problem(free.chain, free.calibration, free.profile, free.topology, c)
+    np.testing.assert_allclose(with_dispatch.head_ms, np.maximum(without.head_ms - 0.25, 0) + 0.5 + 0.25)
+    np.testing.assert_allclose(with_dispatch.block_ms[:, :-1], np.maximum(without.block_ms[:, :-1] - 0.25, 0))
+    np.testing.assert_allclose(with_dispatch.block_ms[:, -1], np.maximum(without.block_ms[:, -1] - 0.25, 0) + 0.25)
+    hop = with_dispatch.cut_ms - without.cut_ms
+    assert np.allclose(hop[0, 1], 0.25) and np.allclose(hop[1, 0], 0.25) and np.allclose(hop[0, 0], 0)
+    older = dataclasses.replace(case.profile, entries=tuple(m for m in case.profile.entries if m.item != "call"))
+    with pytest.raises(DistreeError, match="lack the call and decide entries"):
+        build_problem(case.chain, case.calibration, older, case.topology, c)

@@ -163,8 +163,9 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
             return profile.get(dev, item, backend)
         except KeyError:
             raise DistreeError(f"the profile has no entry for {item} on {dev}; run `distree profile` for "
-                               f"device {dev} with this model and its exits (older profiles lack the call and decide "
-                               "entries)") from None
+                               f"device {dev} with this model and its exits (profiles and bundles made before distree "
+                               "measured dispatch lack the call and decide entries: re-profile, or re-compile the "
+                               "bundle)") from None
 
     def inside_segment(dev: str, m) -> float:
         """An item's time without the call its standalone measurement paid (a segment pays it once)."""

@@ -28,18 +28,19 @@ class Replay:
 
 
 def _dispatch(profile: Profile, device: str, n_blocks: int, score_kind: str):
-    """(item -> time inside a segment, call cost of a sub-segment, decision cost) on ``device``, as
+    """(item -> time inside a segment, call cost of a sub-segment, decision cost, gRPC round trip) on ``device``, as
     distree.solver.problem.build_problem states them."""
     blocks = [profile.get(device, f"block:{b}") for b in range(n_blocks)]
     backends = [m.backend for m in blocks]
     favourite = max(sorted(set(backends)), key=backends.count)
     call = profile.get(device, "call", favourite).median_ms
     decide = profile.get(device, f"decide:{score_kind}").median_ms
+    rpc = profile.get(device, "rpc").median_ms
 
     def inside(item: str) -> float:
         m = profile.get(device, item)
         return max(0.0, m.median_ms - profile.get(device, "call", m.backend).median_ms)
-    return inside, call, decide
+    return inside, call, decide, rpc
 
 
 def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: Topology) -> Replay:
@@ -47,7 +48,12 @@ def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: T
     source = topo.source_device
     classes_bytes = chain.blocks[-1].output_shape[-1] * 4
     last = len(chain.blocks) - 1
-    cost = {s.device: _dispatch(profile, s.device, len(chain.blocks), cal.score_kind) for s in plan.stages}
+    devices = {source, *(s.device for s in plan.stages)}
+    cost = {d: _dispatch(profile, d, len(chain.blocks), cal.score_kind) for d in devices}
+
+    def hop(a: str, b: str) -> float:
+        """Into another device: its first call, and the gRPC round trip shared by both ends."""
+        return 0.0 if a == b else cost[b][1] + (cost[a][3] + cost[b][3]) / 2
     n = len(cal.scores)
     total = 0.0
     correct = 0
@@ -58,10 +64,10 @@ def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: T
         here = source
         answer = None
         for stage in plan.stages:
-            inside, call, decide = cost[stage.device]
+            inside, call, decide, _ = cost[stage.device]
             t += topo.link(here, stage.device).transfer_ms(
                 chain.input_bytes if stage.first_block == 0 else chain.blocks[stage.first_block - 1].out_bytes)
-            t += call if here != stage.device else 0.0          # a hop: the first call on the next device
+            t += hop(here, stage.device)
             here = stage.device
             for b in range(stage.first_block, stage.last_block + 1):
                 ms = inside(f"block:{b}") + (call if b == last else 0.0)
@@ -89,10 +95,10 @@ def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: T
     here = source
     memory = {}
     for stage in plan.stages:
-        inside, call, decide = cost[stage.device]
+        inside, call, decide, _ = cost[stage.device]
         worst += topo.link(here, stage.device).transfer_ms(
             chain.input_bytes if stage.first_block == 0 else chain.blocks[stage.first_block - 1].out_bytes)
-        worst += call if here != stage.device else 0.0
+        worst += hop(here, stage.device)
         here = stage.device
         names = [f"block:{b}" for b in range(stage.first_block, stage.last_block + 1)]
         names += [f"exit:{e.name}" for e in stage.exits]

@@ -26,7 +26,7 @@ DEVICES = ("pi4", "jetson-orin-nano", "host")
 @pytest.fixture(scope="module")
 def case():
     return synthetic_case(n_blocks=8, n_exits=3, n_levels=4, n_devices=3, n_samples=400, seed=1,
-                          device_names=DEVICES)
+                          device_names=DEVICES, dispatch_ms=(0.01, 0.02, 0.3))
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,14 @@ def test_alone_in_the_system_the_simulator_is_the_cost_model(case, inputs, plan)
     trace = run(routes, Load(rate=1e-6), n_requests=inst.problem.n_samples, jitter=False)
     assert trace.wait_ms.max() == 0.0
     assert trace.latency_ms.mean() == pytest.approx(ev.expected_ms, rel=1e-9)
+    # a hop's software (its call and gRPC round trip) delays the request but does not occupy the link: the
+    # links are as busy as without any dispatch cost
+    free = synthetic_case(n_blocks=8, n_exits=3, n_levels=4, n_devices=3, n_samples=400, seed=1, device_names=DEVICES)
+    bare = problem_for(Inputs(free.chain, free.calibration, free.profile, free.topology, free.calibration),
+                       three_stage(free))
+    bare_routes = build_routes(bare.problem, free.topology, bare.levels, bare.placement)
+    assert routes.mean_service_ms[3:] == pytest.approx(bare_routes.mean_service_ms[3:], rel=1e-9)
+    assert routes.base_ms.mean() > bare_routes.base_ms.mean()
     assert routes.mean_service_ms[:3] == pytest.approx(ev.busy_ms, rel=1e-9)
     o = outcome(inst.problem, inst.levels)
     assert np.bincount(routes.leave, minlength=4) / len(routes.leave) == pytest.approx([*o.exit_rate, o.final_rate])

@@ -34,8 +34,8 @@ def _random_instance(seed: int):
                           n_levels=int(rng.integers(1, 5)), n_devices=int(rng.integers(1, 4)),
                           n_samples=int(rng.integers(30, 120)), seed=seed,
                           memory_slack=float(rng.uniform(0.9, 3.0)),
-                          dispatch_ms=(0.0, 0.0) if seed % 2 else  # own stream: same instances as without
-                          tuple(np.random.default_rng(seed + 1000).uniform(0.05, 0.5, 2)))
+                          dispatch_ms=(0.0, 0.0, 0.0) if seed % 2 else  # own stream: same instances as without
+                          tuple(np.random.default_rng(seed + 1000).uniform(0.05, 0.5, 3)))
     if rng.random() < 0.3:      # requests arriving at another device than the first
         src = case.topology.devices[int(rng.integers(len(case.topology.devices)))].name
         case = dataclasses.replace(case, topology=dataclasses.replace(case.topology, source=src))
@@ -567,8 +567,9 @@ def test_progress_tells_the_plan_and_a_gap_that_the_result_does_not_contradict(m
 
 def test_dispatch_costs_are_charged_and_an_older_profile_is_refused():
     """A call per sub-segment and a decision per exit head evaluated (build_problem's docstring): the heads
-    carry both, the final block and every hop one call; a profile without those entries is a clear error."""
-    case = synthetic_case(6, 3, 3, 2, 60, seed=4, dispatch_ms=(0.25, 0.5))
+    carry both, the final block and every hop one call, a hop also the mean of its two ends' round trips; a
+    profile without those entries is a clear error."""
+    case = synthetic_case(6, 3, 3, 2, 60, seed=4, dispatch_ms=(0.25, 0.5, 1.0))
     free = synthetic_case(6, 3, 3, 2, 60, seed=4)
     c = Constraints(accuracy_drop=0.05)
     with_dispatch, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
@@ -576,8 +577,9 @@ def test_dispatch_costs_are_charged_and_an_older_profile_is_refused():
     np.testing.assert_allclose(with_dispatch.head_ms, np.maximum(without.head_ms - 0.25, 0) + 0.5 + 0.25)
     np.testing.assert_allclose(with_dispatch.block_ms[:, :-1], np.maximum(without.block_ms[:, :-1] - 0.25, 0))
     np.testing.assert_allclose(with_dispatch.block_ms[:, -1], np.maximum(without.block_ms[:, -1] - 0.25, 0) + 0.25)
-    hop = with_dispatch.cut_ms - without.cut_ms
-    assert np.allclose(hop[0, 1], 0.25) and np.allclose(hop[1, 0], 0.25) and np.allclose(hop[0, 0], 0)
-    older = dataclasses.replace(case.profile, entries=tuple(m for m in case.profile.entries if m.item != "call"))
-    with pytest.raises(DistreeError, match="lack the call and decide entries"):
-        build_problem(case.chain, case.calibration, older, case.topology, c)
+    hop = with_dispatch.cut_ms - without.cut_ms          # round trips of 1.0 and 2.0 ms at the two ends
+    assert np.allclose(hop[0, 1], 1.5 + 0.25) and np.allclose(hop[1, 0], 1.5 + 0.25) and np.allclose(hop[0, 0], 0)
+    for item in ("call", "rpc"):
+        older = dataclasses.replace(case.profile, entries=tuple(m for m in case.profile.entries if m.item != item))
+        with pytest.raises(DistreeError, match="lack the call, decide and rpc entries"):
+            build_problem(case.chain, case.calibration, older, case.topology, c)

@@ -27,7 +27,8 @@ from distree.errors import DistreeError
               help="Which extra outputs are exits (default: the model's metadata or outputs named exit*).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
               help="Fix the input's symbolic dims, e.g. input=1,1,28,28.")
-@click.option("--item", "items", multiple=True, metavar="ITEM", help="Only these items, e.g. block:0 or exit:exit_1.")
+@click.option("--item", "items", multiple=True, metavar="ITEM",
+              help="Only these items, e.g. block:0, exit:exit_1, call, decide:max_softmax, rpc.")
 @click.option("--warmup", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=15, show_default=True)
 @click.option("--min-repeat-ms", type=click.FloatRange(0), default=5.0, show_default=True,
@@ -41,7 +42,8 @@ def profile_cmd(model_path: Path, devices: tuple[str, ...], topology_path: Optio
                 estimate: bool, qemu: bool, backends: tuple[str, ...], exit_outputs: Optional[str],
                 input_shapes: tuple[str, ...], items: tuple[str, ...], warmup: int, repeats: int,
                 min_repeat_ms: float, threads: int, cache_dir: Optional[Path], force: bool, output: Path) -> None:
-    """Profile every block and exit head of MODEL.onnx on each device and write profile.json.
+    """Profile every block and exit head of MODEL.onnx on each device and write profile.json, with what the
+    runtime adds: one call (`call`), an exit decision (`decide:<score>`) and a hop's gRPC round trip (`rpc`).
 
     \b
     distree profile model.onnx --device host -o profile.json              # measured here

@@ -1,15 +1,18 @@
-"""What running a bundle costs beyond its kernels: calling a sub-segment, and deciding at an exit.
+"""What running a bundle costs beyond its kernels: calling a sub-segment, deciding at an exit, and a hop.
 
 Each block and head is profiled as a standalone model, so each measurement carries one call's fixed cost
-(``session.run``, the VM's invoke). A bundle pays that cost once per sub-segment it runs, and after every exit
-head the runtime scores the logits and compares the score with the threshold in Python. Without both, plans
-with many exits looked cheaper than they run and long stages dearer (on this machine: a MobileNet-like model
-predicted at 0.044 ms ran at 0.053 ms, its no-exit path predicted at 0.474 ms ran at 0.318 ms).
+(``session.run``, the VM's invoke). A bundle pays that cost once per sub-segment it runs, after every exit head
+the runtime scores the logits and compares the score with the threshold in Python, and every hop to the next
+device is a gRPC call. Without these, plans with many exits looked cheaper than they run and long stages
+dearer (``benchmarks/predicted_vs_measured.py``), and a hop cost only its link's latency and bandwidth.
 
 - ``call``: a one-op model profiled like every other unit (same backends, same modes), so it measures the
   fixed cost that every other entry of the same device and backend includes;
-- ``decide:<score kind>``: ``ExitPolicy.decide`` on one sample's logits, timed here; on another device it is
-  scaled by per-core speed and says so (TVM RPC cannot run Python on the device).
+- ``decide:<score kind>``: ``ExitPolicy.decide`` on one sample's logits;
+- ``rpc``: a gRPC round trip of a request-sized frame to an echo on distree's server setup in another process:
+  the software floor of one hop (a stage's own handling adds to it).
+The last two run Python, which TVM RPC cannot run on a device: ``decide`` is timed here and scaled by per-core
+speed for another device, ``rpc`` is the floor timed here (see :func:`rpc_entry`); each entry says so.
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ from typing import Sequence
 
 import numpy as np
 
+from distree.errors import DistreeError
 from distree.exits.types import SCORE_KINDS
 from distree.profiler.estimate import per_core_gflops
 from distree.profiler.timing import TimingSettings, summarize, time_callable
 from distree.profiler.types import Measurement
-from distree.profiler.units import decide_item
+from distree.profiler.units import RPC_ITEM, decide_item
 from distree.targets.catalog import host_device
 from distree.targets.spec import DeviceSpec
 
 DECIDE_BACKEND = "python"
+RPC_BACKEND = "grpc"
 
 
 def time_decide(score_kind: str, classes: int, timing: TimingSettings) -> tuple[float, ...]:
@@ -43,23 +48,78 @@ def time_decide(score_kind: str, classes: int, timing: TimingSettings) -> tuple[
     return time_callable(lambda: policy.decide("e", logits, entry), timing)
 
 
+ECHO_SERVICE = "distree.Echo"
+RPC_FRAME_BYTES = 4096      # a cut tensor of the example's size; bytes over the link are the link's own cost
+
+
+def serve_echo() -> None:
+    """A gRPC echo on distree's own server setup (``python -c``: the profiler's peer for ``rpc``); prints its port."""
+    import grpc
+
+    from distree.runtime.server import grpc_server
+
+    server = grpc_server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(lambda data, _context: data)}),))
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    server.start()
+    server.wait_for_termination()
+
+
+def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
+    """Samples (ms) of one gRPC round trip of a request-sized frame to another process on this machine: the
+    floor of what a hop between two stages costs in software, beyond the link's latency and bandwidth."""
+    import subprocess
+    import sys
+
+    import grpc
+
+    from distree.runtime.server import CHANNEL_OPTIONS
+
+    peer = subprocess.Popen([sys.executable, "-c", "from distree.profiler.dispatch import serve_echo; serve_echo()"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = peer.stdout.readline().strip()
+        if not port.isdigit() or port == "0":
+            raise DistreeError("the profiler's gRPC echo process did not start; is port binding on 127.0.0.1 "
+                               "allowed here?")
+        frame = bytes(RPC_FRAME_BYTES)
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+            echo = channel.unary_unary(f"/{ECHO_SERVICE}/Echo")
+            return time_callable(lambda: echo(frame, timeout=10), timing)
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+def rpc_entry(device: DeviceSpec, timing: TimingSettings, measured_here: bool) -> Measurement:
+    """The ``rpc`` entry: one hop's software round trip (gRPC, Python). For another device it is the floor
+    timed here, not scaled: per-core peak FLOP/s would charge a Pi 4 6.6 ms per hop, far above what its gRPC
+    is reported to take, and nothing here can measure it; a floor keeps hops honest without forbidding them."""
+    samples = time_rpc(timing)
+    median, p90 = summarize(samples)
+    note = "" if measured_here else (f"gRPC round trip timed on this machine, not on {device.name}: a lower bound "
+                                     "for a slower CPU")
+    return Measurement(device=device.name, item=RPC_ITEM, backend=RPC_BACKEND,
+                       provenance="local" if measured_here else "estimate",
+                       samples_ms=samples if measured_here else (), median_ms=median, p90_ms=p90, param_bytes=0,
+                       activation_bytes=0, memory_source="none: no model", threads=timing.threads, note=note)
+
+
 def decide_entries(device: DeviceSpec, classes: int, timing: TimingSettings, measured_here: bool,
                    score_kinds: Sequence[str] = SCORE_KINDS) -> list[Measurement]:
-    """One ``decide:<kind>`` entry per score kind: measured when ``device`` is this machine, else scaled."""
+    """One ``decide:<kind>`` entry per score kind: measured when profiling this machine, else scaled by per-core
+    speed (like every estimated fixed cost) and labelled an estimate."""
+    slow = 1.0 if measured_here else per_core_gflops(host_device()) / per_core_gflops(device)
+    note = "" if measured_here else (f"exit decisions (Python) on {device.name}: timed on this machine and scaled by "
+                                     f"per-core speed (x{slow:.2f}), not measured there")
     out = []
     for kind in score_kinds:
         samples = time_decide(kind, classes, timing)
         median, p90 = summarize(samples)
-        if measured_here:
-            provenance, note = "local", ""
-        else:
-            slow = per_core_gflops(host_device()) / per_core_gflops(device)
-            samples, median, p90 = (), median * slow, p90 * slow
-            provenance = "estimate"
-            note = (f"exit decisions (Python) on {device.name}: timed on this machine and scaled by per-core "
-                    f"speed (x{slow:.2f}), not measured there")
         out.append(Measurement(device=device.name, item=decide_item(kind), backend=DECIDE_BACKEND,
-                               provenance=provenance, samples_ms=tuple(samples), median_ms=median, p90_ms=p90,
-                               param_bytes=0, activation_bytes=0, memory_source="none: Python on the logits",
-                               threads=timing.threads, note=note))
+                               provenance="local" if measured_here else "estimate",
+                               samples_ms=samples if measured_here else (), median_ms=median * slow,
+                               p90_ms=p90 * slow, param_bytes=0, activation_bytes=0,
+                               memory_source="none: Python on the logits", threads=timing.threads, note=note))
     return out

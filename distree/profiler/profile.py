@@ -30,11 +30,11 @@ from distree.exits.types import SCORE_KINDS, ExitPoint
 from distree.graph import Chain, model_sha256
 from distree.profiler import estimate as est
 from distree.profiler import tvm_backend
-from distree.profiler.dispatch import decide_entries
+from distree.profiler.dispatch import decide_entries, rpc_entry
 from distree.profiler.ort_backend import time_ort
 from distree.profiler.timing import TimingSettings, summarize
 from distree.profiler.types import Measurement, Profile
-from distree.profiler.units import Unit, decide_item, profile_units
+from distree.profiler.units import RPC_ITEM, Unit, decide_item, profile_units
 from distree.targets.catalog import host_device
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
@@ -55,15 +55,17 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
                   cache_dir: Optional[Path] = None, force: bool = False, timing: Optional[TimingSettings] = None,
                   items: Optional[Sequence[str]] = None, progress: Optional[Progress] = None,
                   aarch64_root: Optional[Path] = None) -> Profile:
-    """Profile every block and exit head, the cost of a call and of an exit decision (or only ``items``, e.g.
+    """Profile every block and exit head, the cost of a call, an exit decision and a hop (or only ``items``, e.g.
     ``("block:0", "exit:exit_1")``)."""
     backends = tuple(backends) if backends else default_backends(mode)
     timing = timing or TimingSettings()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     _check_request(device, mode, rpc, backends)
     decides = [decide_item(k) for k in SCORE_KINDS if items is None or decide_item(k) in items]
+    with_rpc = items is None or RPC_ITEM in items
     units = profile_units(model, chain, exits, items)
-    key, versions = _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units, decides)
+    key, versions = _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units,
+                               [*decides, *([RPC_ITEM] if with_rpc else [])])
     cached = cache_dir / "profiles" / f"{key}.json"
     if cached.is_file() and not force:
         return Profile.load(cached)
@@ -76,6 +78,8 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
         entries.extend(decide_entries(device, int(chain.blocks[-1].output_shape[-1]), timing,
                                       measured_here=mode == "local",
                                       score_kinds=[k for k in SCORE_KINDS if decide_item(k) in decides]))
+        if with_rpc:
+            entries.append(rpc_entry(device, timing, measured_here=mode == "local"))
         if progress:
             progress(len(units), len(units), "done")
     settings = {device.name: {"mode": mode, "provenance": provenance, "backends": list(backends),
@@ -130,7 +134,7 @@ def _check_request(device: DeviceSpec, mode: str, rpc: Optional[str], backends: 
 
 
 def _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units,
-               decides) -> tuple[str, dict[str, str]]:
+               timed_items) -> tuple[str, dict[str, str]]:
     import numpy
     import onnxruntime
     import tvm
@@ -144,7 +148,7 @@ def _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units,
                                                        if est.CALIBRATION_FILE.is_file() else None)
     doc = {"versions": versions, "chain": chain.to_dict(), "exits": [e.to_dict() for e in exits], "mode": mode,
            "rpc": rpc or "", "backends": list(backends), "timing": timing.to_dict(),
-           "units": [u.sha256 for u in units], "decides": decides}
+           "units": [u.sha256 for u in units], "timed_items": timed_items}
     key = _sha(doc)
     return key, {**versions, "cache_key": key}
 

@@ -42,6 +42,7 @@ class Unit:
 
 CALL_ITEM = "call"
 CALL_WIDTH = 16
+RPC_ITEM = "rpc"            # a hop's gRPC round trip (timed by the profiler itself, no model)
 
 
 def block_item(index: int) -> str:
@@ -64,11 +65,11 @@ def decide_item(score_kind: str) -> str:
 def profile_units(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint] = (),
                   items: Sequence[str] | None = None) -> tuple[Unit, ...]:
     """Blocks in chain order, then exit heads by depth, then the call; ``items`` keeps only those named
-    (``decide:`` items are known here but are no models: the profiler times them itself)."""
+    (``decide:`` and ``rpc`` are known here but are no models: the profiler times them itself)."""
     wanted = None if items is None else set(items)
     with_entry = [e for e in exits if e.entry_output]
     known = ([block_item(b.index) for b in chain.blocks] + [exit_item(e.name) for e in exits]
-             + [entry_item(e.name) for e in with_entry] + [CALL_ITEM] + [decide_item(k) for k in SCORE_KINDS])
+             + [entry_item(e.name) for e in with_entry] + [CALL_ITEM, RPC_ITEM] + [decide_item(k) for k in SCORE_KINDS])
     if wanted is not None and wanted - set(known):
         bad = sorted(wanted - set(known))[0]
         raise DistreeError(f"no item {bad!r} to profile; items are {', '.join(known)}")

@@ -255,6 +255,12 @@ class StageServer:
         self._service.close()
 
 
+def grpc_server(workers: int = 8) -> grpc.Server:
+    """The gRPC server every stage runs on (and the profiler's echo, so that it measures the same setup)."""
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                       options=[*CHANNEL_OPTIONS[:2], ("grpc.so_reuseport", 0)])
+
+
 def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Optional[str] = None, *,
                 threads: int = 1, forward_timeout_s: float = 10.0, workers: int = 8) -> StageServer:
     """Verify ``device``'s files of the bundle (other devices' folders need not be there), load its stage
@@ -274,8 +280,7 @@ def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Opti
         raise DistreeError("--forward-timeout-s must be > 0")
     verify_bundle(bundle, devices=(device,))
     service = _StageService(bundle, manifest, role, next_address, threads, forward_timeout_s)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=[*CHANNEL_OPTIONS[:2], ("grpc.so_reuseport", 0)])
+    server = grpc_server(workers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Infer": grpc.unary_unary_rpc_method_handler(service.infer),
         "Info": grpc.unary_unary_rpc_method_handler(service.info),

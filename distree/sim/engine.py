@@ -76,10 +76,15 @@ def build_routes(p: Problem, topology: Topology, levels: np.ndarray, placement: 
     bounds = [0] + [int(i) + 1 for i in np.nonzero(np.diff(pl))[0]] + [B]
     stages = list(zip(bounds, bounds[1:]))
 
-    def transfer(a: int, b: int, total_ms: float) -> list[Step]:
+    software = p.hop_ms if p.hop_ms is not None else np.zeros((p.n_devices, p.n_devices))
+
+    def transfer(a: int, b: int, total_ms: float, forward: bool = True) -> list[Step]:
+        """The link is busy for the bytes; its latency and a forward hop's software (call, gRPC) only delay
+        (the reply of that round trip is part of it: returning the logits adds the link alone)."""
         if a == b:
             return []
-        return [Step(link_resource(p, a, b), total_ms - latency[a, b], latency[a, b], jitter[a, b])]
+        delay = latency[a, b] + (software[a, b] if forward else 0.0)
+        return [Step(link_resource(p, a, b), total_ms - delay, delay, jitter[a, b])]
 
     cache: dict[int, tuple[Step, ...]] = {}
     for k in np.unique(leave):          # the route depends only on where the sample leaves
@@ -96,7 +101,7 @@ def build_routes(p: Problem, topology: Topology, levels: np.ndarray, placement: 
             if last_block < end:
                 break
         exit_device = int(pl[last_block])
-        steps += transfer(exit_device, src, p.return_ms[exit_device])
+        steps += transfer(exit_device, src, p.return_ms[exit_device], forward=False)
         cache[int(k)] = tuple(steps)
     steps_per_sample = tuple(cache[int(k)] for k in leave)
     base = np.array([sum(s.service_ms + s.delay_ms for s in steps) for steps in steps_per_sample])

@@ -21,7 +21,7 @@ from scipy.stats import beta
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
-from distree.profiler.units import CALL_ITEM, decide_item
+from distree.profiler.units import CALL_ITEM, RPC_ITEM, decide_item
 from distree.profiler.types import Measurement, Profile
 from distree.targets.spec import Topology
 
@@ -47,7 +47,8 @@ class Problem:
     """Numbers only. Shapes: B blocks, D devices (pipeline order), E candidate exits, N samples.
 
     ``cut_ms[d, e, k]``: moving cut tensor k from device d to e (k=0: the model input, k=b+1: the output
-    of block b). ``return_ms[d]``: returning the logits from d to the source device.
+    of block b), of which ``hop_ms[d, e]`` is software (a call, a gRPC round trip), not the link's time.
+    ``return_ms[d]``: returning the logits from d to the source device.
     ``capacity_bytes[d]``: device memory minus its runtime overhead (negative: device unusable).
     """
 
@@ -71,6 +72,7 @@ class Problem:
     deadline_ms: Optional[float] = None
     busy_cap_ms: Optional[float] = None   # 1000 / min_throughput
     free_order: bool = False
+    hop_ms: Optional[np.ndarray] = None   # [D, D] part of cut_ms that does not occupy the link (None: 0)
 
     @property
     def n_blocks(self) -> int:
@@ -144,13 +146,13 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
                   constraints: Constraints) -> tuple[Problem, ProblemIndex]:
     """Turn the typed inputs into a :class:`Problem`, failing early with a fix-it message.
 
-    Dispatch: a bundle runs each device's blocks as sub-segments that end at its enabled exits, one call
-    each, and after an exit head decides in Python whether the sample leaves. Blocks and heads are charged
-    without the call their standalone measurement paid; every exit head evaluated is charged the decision and
-    one call (the one that carries on if the sample stays); reaching the final classifier is charged one call,
-    and every hop to another device one call there. That is one call per sub-segment run, except that an exit
-    at the end of a stage, and a source device without a stage, count one call too many per hop (microseconds
-    against the hop's milliseconds).
+    Dispatch: a bundle runs each device's blocks as sub-segments that end at its enabled exits, one call each, and
+    after an exit head decides in Python whether the sample leaves. Blocks and heads are charged without the call
+    their standalone measurement paid; every exit head evaluated is charged the decision and one call (the one that
+    carries on if the sample stays); reaching the final classifier is charged one call, and every hop to another
+    device one call there plus its gRPC round trip (the mean of the two devices' ``rpc`` entries; the link's latency
+    and bandwidth come on top). That is one call per sub-segment run, except that an exit at the end of a stage, and
+    a source device without a stage, count one call too many per hop (microseconds against the hop's milliseconds).
     """
     _validate(chain, calibration, topology, constraints)
     names = tuple(d.name for d in topology.devices)
@@ -164,7 +166,7 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
         except KeyError:
             raise DistreeError(f"the profile has no entry for {item} on {dev}; run `distree profile` for "
                                f"device {dev} with this model and its exits (profiles and bundles made before distree "
-                               "measured dispatch lack the call and decide entries: re-profile, or re-compile the "
+                               "measured dispatch lack the call, decide and rpc entries: re-profile, or re-compile the "
                                "bundle)") from None
 
     def inside_segment(dev: str, m) -> float:
@@ -178,6 +180,7 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
     head_param = np.zeros((len(names), len(exits)))
     head_act = np.zeros((len(names), len(exits)))
     call_ms = np.zeros(len(names))
+    rpc_ms = np.array([entry(dev, RPC_ITEM).median_ms for dev in names])
     for d, dev in enumerate(names):
         blocks = [entry(dev, f"block:{b}") for b in range(B)]
         call_ms[d] = entry(dev, CALL_ITEM, favourite_backend(blocks)).median_ms
@@ -201,8 +204,9 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
     cut_bytes = [chain.input_bytes] + [blk.out_bytes for blk in chain.blocks[:-1]]
     return_bytes = int(chain.blocks[-1].output_shape[-1]) * 4
     src = names.index(topology.source_device)
-    cut_ms = np.array([[[topology.link(a, b).transfer_ms(n) + (call_ms[j] if a != b else 0.0) for n in cut_bytes]
-                        for j, b in enumerate(names)] for a in names])
+    hop_ms = (rpc_ms[:, None] + rpc_ms[None, :]) / 2 + call_ms[None, :]
+    cut_ms = np.array([[[topology.link(a, b).transfer_ms(n) + (hop_ms[i, j] if i != j else 0.0) for n in cut_bytes]
+                        for j, b in enumerate(names)] for i, a in enumerate(names)])
     return_ms = np.array([topology.link(a, names[src]).transfer_ms(return_bytes) for a in names])
     capacity = np.array([d.memory_bytes - d.runtime_overhead_bytes for d in topology.devices], dtype=float)
 
@@ -223,7 +227,7 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
         required_correct=required_correct(n, full_acc - constraints.accuracy_drop, constraints.confidence),
         deadline_ms=constraints.deadline_ms,
         busy_cap_ms=None if constraints.min_throughput is None else 1000.0 / constraints.min_throughput,
-        free_order=constraints.free_order,
+        free_order=constraints.free_order, hop_ms=hop_ms * (1 - np.eye(len(names))),
     )
     index = ProblemIndex(exit_columns=tuple(order),
                          thresholds=tuple(tuple(calibration.thresholds[j]) for j in order),

@@ -17,6 +17,7 @@ speed for another device, ``rpc`` is the floor timed here (see :func:`rpc_entry`
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +33,8 @@ from distree.targets.spec import DeviceSpec
 
 DECIDE_BACKEND = "python"
 RPC_BACKEND = "grpc"
+ECHO_SERVICE = "distree.Echo"
+RPC_FRAME_BYTES = 4096      # a cut tensor of the example's size; bytes over the link are the link's own cost
 
 
 def time_decide(score_kind: str, classes: int, timing: TimingSettings) -> tuple[float, ...]:
@@ -48,10 +51,6 @@ def time_decide(score_kind: str, classes: int, timing: TimingSettings) -> tuple[
     return time_callable(lambda: policy.decide("e", logits, entry), timing)
 
 
-ECHO_SERVICE = "distree.Echo"
-RPC_FRAME_BYTES = 4096      # a cut tensor of the example's size; bytes over the link are the link's own cost
-
-
 def serve_echo() -> None:
     """A gRPC echo on distree's own server setup (``python -c``: the profiler's peer for ``rpc``); prints its port."""
     import grpc
@@ -66,9 +65,11 @@ def serve_echo() -> None:
     server.wait_for_termination()
 
 
+@functools.lru_cache(maxsize=4)
 def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
     """Samples (ms) of one gRPC round trip of a request-sized frame to another process on this machine: the
-    floor of what a hop between two stages costs in software, beyond the link's latency and bandwidth."""
+    floor of what a hop between two stages costs in software, beyond the link's latency and bandwidth. Once
+    per process and settings: every device's entry is this machine's figure."""
     import subprocess
     import sys
 

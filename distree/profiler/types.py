@@ -13,8 +13,8 @@ PROVENANCES = ("local", "rpc", "qemu-emulated", "estimate")
 @dataclass(frozen=True)
 class Measurement(JsonRecord):
     device: str
-    item: str                       # "block:<index>", "exit:<name>", "entry:<name>", "call", "decide:<score kind>"
-    backend: str                    # "tvm" or "ort"; "python" for exit decisions
+    item: str                       # "block:<i>", "exit:<name>", "entry:<name>", "call", "decide:<score>", "rpc"
+    backend: str                    # "tvm" or "ort"; "python" for exit decisions, "grpc" for a hop
     provenance: str                 # "local", "rpc://host:port", "qemu-emulated", "estimate"
     samples_ms: tuple[float, ...]   # empty for estimates
     median_ms: float

@@ -69,7 +69,8 @@ def profile_units(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     wanted = None if items is None else set(items)
     with_entry = [e for e in exits if e.entry_output]
     known = ([block_item(b.index) for b in chain.blocks] + [exit_item(e.name) for e in exits]
-             + [entry_item(e.name) for e in with_entry] + [CALL_ITEM, RPC_ITEM] + [decide_item(k) for k in SCORE_KINDS])
+             + [entry_item(e.name) for e in with_entry] + [CALL_ITEM, RPC_ITEM]
+             + [decide_item(k) for k in SCORE_KINDS])
     if wanted is not None and wanted - set(known):
         bad = sorted(wanted - set(known))[0]
         raise DistreeError(f"no item {bad!r} to profile; items are {', '.join(known)}")

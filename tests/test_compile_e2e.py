@@ -55,6 +55,9 @@ def test_compile_verify_run(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
     assert report["samples"] == 40 and len(report["exits"]) == 40
+    assert report["predicted_ms"] == pytest.approx(summary["expected_latency_ms"])
+    one_stage_here = [s["device"] for s in summary["stages"]] == ["host"]
+    assert report["predicted_here"] == one_stage_here
     assert report["accuracy"] == pytest.approx(float((np.asarray(report["predictions"]) == test.y).mean()))
 
 

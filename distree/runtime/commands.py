@@ -35,6 +35,9 @@ def run_cmd(bundle: str, input_path: str, limit: Optional[int], threads: int, de
     acc = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
     click.echo(f"{report.samples} samples{acc}; end-to-end median {report.end_to_end['median_ms']:.3f} ms, "
                f"p90 {report.end_to_end['p90_ms']:.3f} ms (compute only, {report.threads} thread(s))")
+    if report.predicted_here:
+        click.echo(f"mean {report.end_to_end['mean_ms']:.3f} ms per sample; the plan predicted "
+                   f"{report.predicted_ms:.3f} ms (from the profile's medians; this loop adds its own overhead)")
     click.echo("exits: " + ", ".join(f"{k} {v:.1%}" for k, v in report.exit_rates.items()))
     for st in report.stages:
         click.echo(f"  stage {st.device}: reached by {st.reached}, median {st.median_ms:.3f} ms, p90 {st.p90_ms:.3f} ms")
@@ -103,6 +106,9 @@ def infer_cmd(address: str, input_path: str, limit: Optional[int], deadline_ms: 
     e2e = report.end_to_end
     click.echo(f"{report.samples} samples via {' -> '.join(h.device for h in report.hops)}{acc}; end-to-end median "
                f"{e2e['median_ms']:.3f} ms, p90 {e2e['p90_ms']:.3f} ms, p99 {e2e['p99_ms']:.3f} ms")
+    if report.predicted_here:
+        click.echo(f"mean {report.end_to_end['mean_ms']:.3f} ms per sample; the plan predicted "
+                   f"{report.predicted_ms:.3f} ms (from the profile's medians; this loop adds its own overhead)")
     click.echo("exits: " + ", ".join(f"{k} {v:.1%}" for k, v in report.exit_rates.items()))
     if deadline_ms is not None:
         click.echo(f"deadline {deadline_ms:g} ms: {report.deadline_exits} answered early from an exit, "

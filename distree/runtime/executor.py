@@ -16,6 +16,7 @@ import numpy as np
 
 from distree.compiler.manifest import DeviceArtifact, Manifest, SegmentArtifact, TensorSpec, read_manifest, \
     read_thresholds
+from distree.targets.catalog import host_device
 from distree.targets.toolchain import host_arch, host_runnable, target_arch
 from distree.errors import DistreeError
 from distree.exits import Dataset
@@ -58,6 +59,8 @@ class RunReport(JsonRecord):
     deadline_exits: int             # samples answered early because of --deadline-ms
     substitutions: tuple[str, ...]  # artifacts that ran in another form here, and why
     threads: int
+    predicted_ms: float = 0.0       # the plan's expected latency (on its devices, with its transfers)
+    predicted_here: bool = False    # the plan is one stage on this machine, at the source: comparable
 
 
 @dataclass(frozen=True)
@@ -246,7 +249,14 @@ def run_bundle(path: str | Path, data: Dataset, threads: int = 1, limit: Optiona
         segments=tuple(t for stage in stages for t in stage.segment_timings()),
         stages=tuple(_stage_timing(st.name, t) for st, t in zip(manifest.stages, stage_times)),
         end_to_end=percentiles_ms(e2e), deadline_exits=deadline_exits,
-        substitutions=tuple(s for stage in stages for s in stage.substitutions), threads=threads)
+        substitutions=tuple(s for stage in stages for s in stage.substitutions), threads=threads,
+        predicted_ms=manifest.plan.expected_latency_ms, predicted_here=_planned_for_here(manifest))
+
+
+def _planned_for_here(manifest: Manifest) -> bool:
+    """One stage, on this machine, where requests arrive: then the plan's latency is what ``run`` measures."""
+    (stage, *rest) = manifest.stages
+    return not rest and stage.name == manifest.source and stage.spec.target == host_device().target
 
 
 def exit_rates(policy: ExitPolicy, exits: list[str]) -> dict[str, float]:

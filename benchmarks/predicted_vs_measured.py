@@ -6,7 +6,10 @@ For each example model, `distree compile --devices host` (profile measured here,
 model has none), then `distree run` on the first N Fashion-MNIST test images: the plan's expected latency
 against the measured mean per sample, and the plan's no-exit latency against the whole model run by ONNX
 Runtime in one call (what a bundle without exits does on this machine). Both runs are batch 1, one thread,
-in one process, back to back. Prints a table; writes benchmarks/results/predicted_vs_measured.json.
+in one process, back to back. Then the same model planned over two processes of this machine (the first
+one too small for the whole model) and served with `distree serve` on loopback: the plan's latency plus
+the client's own hop against `distree infer`'s measured mean.
+Prints a table; writes benchmarks/results/predicted_vs_measured.json.
 """
 
 from __future__ import annotations
@@ -75,6 +78,56 @@ def measure(name: str, samples: int, time_limit: float, work: Path) -> dict:
     }
 
 
+# Two stages on loopback: the front device holds only part of the model (its memory), so the plan must hop.
+TWO_STAGE_TOPOLOGY = """\
+devices:
+  - {name: front, base: host, memory_gb: 0.06265}
+  - {name: back, base: host}
+links:
+  - {src: front, dst: back, bandwidth_mbps: 10000, latency_ms: 0.02}
+source: front
+"""
+
+
+def measure_served(samples: int, time_limit: float, work: Path) -> dict:
+    """`resnet_exits` planned over two host processes and served with `distree serve` on loopback; measured by
+    `distree infer` (a client process). The plan's latency starts at the source, so the client's own request to
+    it (one hop's software, the source's ``rpc`` entry) is added to the prediction."""
+    from distree.compiler.manifest import read_manifest
+    from distree.profiler.types import Profile
+    from distree.runtime.client import InferenceClient, infer_dataset
+    from distree.runtime.data import load_inputs
+    from distree.runtime.local import StageProcess
+
+    topology = work / "two_stage.yaml"
+    topology.write_text(TWO_STAGE_TOPOLOGY)
+    bundle = work / "served"
+    distree("compile", str(EXAMPLE / "resnet_exits.onnx"), "--topology", str(topology), "--data",
+            str(EXAMPLE / "calib.npz"), "-o", str(bundle), "--time-limit", str(time_limit))
+    plan = read_manifest(bundle).plan
+    stages = [s.device for s in plan.stages]
+    if stages != ["front", "back"]:
+        raise SystemExit(f"expected a plan over front and back, got {stages}: adjust front's memory_gb")
+    rpc = Profile.load(bundle / "planning" / "profile.json").get("front", "rpc").median_ms
+    back = StageProcess(bundle, "back", cwd=ROOT)
+    try:
+        front = StageProcess(bundle, "front", next_address=back.address, cwd=ROOT)
+        try:
+            with InferenceClient(front.address) as client:
+                report = infer_dataset(client, load_inputs(str(EXAMPLE / "test.npz")), limit=samples)
+        finally:
+            front.stop()
+    finally:
+        back.stop()
+    return {
+        "model": "resnet_exits, served front->back", "exits_enabled": sum(len(s.exits) for s in plan.stages),
+        "segments": None, "predicted_ms": plan.expected_latency_ms + rpc, "plan_ms": plan.expected_latency_ms,
+        "client_hop_ms": rpc, "measured_mean_ms": report.end_to_end["mean_ms"],
+        "measured_median_ms": report.end_to_end["median_ms"], "reach_back": plan.stages[1].reach_rate,
+        "accuracy": report.accuracy,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=3000)
@@ -83,6 +136,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(name, args.samples, args.time_limit, Path(tmp)) for name in MODELS]
+        served = measure_served(args.samples, args.time_limit, Path(tmp))
     print(f"{'model':14} {'exits':>5} {'segs':>4} {'predicted':>10} {'measured':>9} {'ratio':>6}   "
           f"{'no-exit pred':>12} {'whole model':>11} {'ratio':>6}")
     for r in rows:
@@ -90,8 +144,13 @@ def main() -> None:
               f"{r['measured_mean_ms']:9.4f} {r['predicted_ms'] / r['measured_mean_ms']:6.2f}   "
               f"{r['predicted_no_exit_ms']:12.4f} {r['measured_whole_model_ms']:11.4f} "
               f"{r['predicted_no_exit_ms'] / r['measured_whole_model_ms']:6.2f}")
+    print(f"served over two processes (front -> back, {served['reach_back']:.1%} reach back): predicted "
+          f"{served['predicted_ms']:.3f} ms (plan {served['plan_ms']:.3f} + the client's hop "
+          f"{served['client_hop_ms']:.3f}), "
+          f"measured mean {served['measured_mean_ms']:.3f} ms (median {served['measured_median_ms']:.3f}), ratio "
+          f"{served['predicted_ms'] / served['measured_mean_ms']:.2f}")
     write_json_atomic(args.out, {
-        "kind": "benchmark", "benchmark": "predicted_vs_measured", "rows": rows,
+        "kind": "benchmark", "benchmark": "predicted_vs_measured", "rows": rows, "served": served,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "command": " ".join(["benchmarks/predicted_vs_measured.py", f"--samples {args.samples}",

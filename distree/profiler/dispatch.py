@@ -9,8 +9,8 @@ dearer (``benchmarks/predicted_vs_measured.py``), and a hop cost only its link's
 - ``call``: a one-op model profiled like every other unit (same backends, same modes), so it measures the
   fixed cost that every other entry of the same device and backend includes;
 - ``decide:<score kind>``: ``ExitPolicy.decide`` on one sample's logits;
-- ``rpc``: a gRPC round trip of a request-sized frame to an echo on distree's server setup in another process:
-  the software floor of one hop (a stage's own handling adds to it).
+- ``rpc``: a request to a stage that only answers, in another process: distree's gRPC server setup, frames
+  and compute-thread hand-off, no model: what a hop costs in software beyond its link and its compute.
 The last two run Python, which TVM RPC cannot run on a device: ``decide`` is timed here and scaled by per-core
 speed for another device, ``rpc`` is the floor timed here (see :func:`rpc_entry`); each entry says so.
 """
@@ -35,6 +35,7 @@ DECIDE_BACKEND = "python"
 RPC_BACKEND = "grpc"
 ECHO_SERVICE = "distree.Echo"
 RPC_FRAME_BYTES = 4096      # a cut tensor of the example's size; bytes over the link are the link's own cost
+RPC_CLASSES = 10
 
 
 def time_decide(score_kind: str, classes: int, timing: TimingSettings) -> tuple[float, ...]:
@@ -51,15 +52,30 @@ def time_decide(score_kind: str, classes: int, timing: TimingSettings) -> tuple[
     return time_callable(lambda: policy.decide("e", logits, entry), timing)
 
 
+def _reply_to(data: bytes, compute) -> bytes:
+    """What a stage does with a request but run it: check the frame, hand it to its compute thread, frame a
+    reply with its hop."""
+    from distree.runtime.wire import Hop, Reply, decode_request, encode_reply
+
+    req = decode_request(data)
+    logits = compute.submit(lambda: req.x.reshape(-1)[None, :RPC_CLASSES]).result()
+    return encode_reply(Reply(id=req.id, prediction=0, exit="final", reason="final", deadline_missed=False,
+                              late_at=None, hops=(Hop("echo", 0.0, 0.0, 0.0, 0.0),), tensor="logits", logits=logits))
+
+
 def serve_echo() -> None:
-    """A gRPC echo on distree's own server setup (``python -c``: the profiler's peer for ``rpc``); prints its port."""
+    """A stage that only answers (``python -c``: the profiler's peer for ``rpc``): distree's server setup, frames
+    and compute-thread hand-off, no model. Prints its port."""
+    from concurrent import futures
+
     import grpc
 
     from distree.runtime.server import grpc_server
 
+    compute = futures.ThreadPoolExecutor(1)
     server = grpc_server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(lambda data, _context: data)}),))
+        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(lambda data, _context: _reply_to(data, compute))}),))
     print(server.add_insecure_port("127.0.0.1:0"), flush=True)
     server.start()
     server.wait_for_termination()
@@ -67,15 +83,16 @@ def serve_echo() -> None:
 
 @functools.lru_cache(maxsize=4)
 def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
-    """Samples (ms) of one gRPC round trip of a request-sized frame to another process on this machine: the
-    floor of what a hop between two stages costs in software, beyond the link's latency and bandwidth. Once
-    per process and settings: every device's entry is this machine's figure."""
+    """Samples (ms) of one request to a stage that only answers, in another process on this machine: what a hop
+    between two stages costs in software (gRPC, frames, hand-off), beyond the link's latency and bandwidth and
+    the stage's own compute. Once per process and settings: every device's entry is this machine's figure."""
     import subprocess
     import sys
 
     import grpc
 
     from distree.runtime.server import CHANNEL_OPTIONS
+    from distree.runtime.wire import Request, decode_reply, encode_request
 
     peer = subprocess.Popen([sys.executable, "-c", "from distree.profiler.dispatch import serve_echo; serve_echo()"],
                             stdout=subprocess.PIPE, text=True)
@@ -84,10 +101,15 @@ def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
         if not port.isdigit() or port == "0":
             raise DistreeError("the profiler's gRPC echo process did not start; is port binding on 127.0.0.1 "
                                "allowed here?")
-        frame = bytes(RPC_FRAME_BYTES)
+        x = np.zeros((1, RPC_FRAME_BYTES // 4), np.float32)
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
             echo = channel.unary_unary(f"/{ECHO_SERVICE}/Echo")
-            return time_callable(lambda: echo(frame, timeout=10), timing)
+
+            def hop() -> None:
+                frame = encode_request(Request(id="rpc", bundle="rpc", tensor="x", deadline_ms=None, elapsed_ms=0.0,
+                                               x=x))
+                decode_reply(echo(frame, timeout=10))
+            return time_callable(hop, timing)
     finally:
         peer.kill()
         peer.wait()
@@ -95,7 +117,7 @@ def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
 
 def rpc_entry(device: DeviceSpec, timing: TimingSettings, measured_here: bool) -> Measurement:
     """The ``rpc`` entry: one hop's software round trip (gRPC, Python). For another device it is the floor
-    timed here, not scaled: per-core peak FLOP/s would charge a Pi 4 6.6 ms per hop, far above what its gRPC
+    timed here, not scaled: per-core peak FLOP/s would charge a Pi 4 ~10 ms per hop, far above what its gRPC
     is reported to take, and nothing here can measure it; a floor keeps hops honest without forbidding them."""
     samples = time_rpc(timing)
     median, p90 = summarize(samples)

@@ -106,9 +106,6 @@ def infer_cmd(address: str, input_path: str, limit: Optional[int], deadline_ms: 
     e2e = report.end_to_end
     click.echo(f"{report.samples} samples via {' -> '.join(h.device for h in report.hops)}{acc}; end-to-end median "
                f"{e2e['median_ms']:.3f} ms, p90 {e2e['p90_ms']:.3f} ms, p99 {e2e['p99_ms']:.3f} ms")
-    if report.predicted_here:
-        click.echo(f"mean {report.end_to_end['mean_ms']:.3f} ms per sample; the plan predicted "
-                   f"{report.predicted_ms:.3f} ms (from the profile's medians; this loop adds its own overhead)")
     click.echo("exits: " + ", ".join(f"{k} {v:.1%}" for k, v in report.exit_rates.items()))
     if deadline_ms is not None:
         click.echo(f"deadline {deadline_ms:g} ms: {report.deadline_exits} answered early from an exit, "

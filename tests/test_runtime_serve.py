@@ -74,6 +74,14 @@ def test_served_pipeline_answers_like_run_bundle(served, bundle):
     assert got.stages == ("host", "pi4") and got.end_to_end["count"] == 200
 
 
+def test_infer_command_reports_on_the_served_pipeline(served, tmp_path):
+    data = cf.dataset(20, seed=6)
+    np.savez(tmp_path / "data.npz", x=data.x, y=data.y)
+    result = CliRunner().invoke(cli, ["infer", served.address, "--input", str(tmp_path / "data.npz")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("20 samples via host -> pi4, accuracy ")
+
+
 def test_reply_carries_the_answering_logits_and_hops(served, bundle):
     data = cf.dataset(20, seed=5)
     want = run_bundle(bundle, data)

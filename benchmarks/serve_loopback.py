@@ -4,8 +4,9 @@ end-to-end latency p50/p90/p99, throughput, and what each gRPC hop costs.
     .venv/bin/python benchmarks/serve_loopback.py [--samples 1000] [--netem]
 
 Two bundles of the Fashion-MNIST example (ONNX Runtime segments, batch 1, 1 thread each):
-- ``compiled``: what `distree compile --topology examples/fashion_mnist/topology.yaml` plans. The solver puts
-  every block on the Jetson, so the Pi 4 (the source) serves as a relay: client -> pi4 -> jetson.
+- ``compiled``: what `distree compile --topology examples/fashion_mnist/topology.yaml --backend ort` plans.
+  Since the plan counts a hop's gRPC software, it cuts after the first exit (pi4 -> jetson); before, it put
+  every block on the Jetson with the Pi 4 (the source) as a relay, two gRPC calls for every request.
 - ``split``: the same model cut by hand after the plan's last exit: pi4 runs the blocks up to it with both
   exits, the Jetson the rest, so requests that leave early take one hop and the others two.
 

@@ -10,7 +10,7 @@ dearer (``benchmarks/predicted_vs_measured.py``), and a hop cost only its link's
   fixed cost that every other entry of the same device and backend includes;
 - ``decide:<score kind>``: ``ExitPolicy.decide`` on one sample's logits;
 - ``rpc``: a request to a stage that only answers, in another process: distree's gRPC server setup, frames
-  and compute-thread hand-off, no model: what a hop costs in software beyond its link and its compute.
+  and turn-taking, no model: what a hop costs in software beyond its link and its compute.
 The last two run Python, which TVM RPC cannot run on a device: ``decide`` is timed here and scaled by per-core
 speed for another device, ``rpc`` is the floor timed here (see :func:`rpc_entry`); each entry says so.
 """
@@ -52,30 +52,31 @@ def time_decide(score_kind: str, classes: int, timing: TimingSettings) -> tuple[
     return time_callable(lambda: policy.decide("e", logits, entry), timing)
 
 
-def _reply_to(data: bytes, compute) -> bytes:
-    """What a stage does with a request but run it: check the frame, hand it to its compute thread, frame a
-    reply with its hop."""
+def _reply_to(data: bytes, turn) -> bytes:
+    """What a stage does with a request but run it: check the frame, wait for its turn, frame a reply with its
+    hop."""
     from distree.runtime.wire import Hop, Reply, decode_request, encode_reply
 
     req = decode_request(data)
-    logits = compute.submit(lambda: req.x.reshape(-1)[None, :RPC_CLASSES]).result()
+    with turn:
+        logits = req.x.reshape(-1)[None, :RPC_CLASSES]
     return encode_reply(Reply(id=req.id, prediction=0, exit="final", reason="final", deadline_missed=False,
                               late_at=None, hops=(Hop("echo", 0.0, 0.0, 0.0, 0.0),), tensor="logits", logits=logits))
 
 
 def serve_echo() -> None:
     """A stage that only answers (``python -c``: the profiler's peer for ``rpc``): distree's server setup, frames
-    and compute-thread hand-off, no model. Prints its port."""
-    from concurrent import futures
+    and turn-taking, no model. Prints its port."""
+    import threading
 
     import grpc
 
     from distree.runtime.server import grpc_server
 
-    compute = futures.ThreadPoolExecutor(1)
+    turn = threading.Lock()
     server = grpc_server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(lambda data, _context: _reply_to(data, compute))}),))
+        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(lambda data, _context: _reply_to(data, turn))}),))
     print(server.add_insecure_port("127.0.0.1:0"), flush=True)
     server.start()
     server.wait_for_termination()
@@ -84,7 +85,7 @@ def serve_echo() -> None:
 @functools.lru_cache(maxsize=4)
 def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
     """Samples (ms) of one request to a stage that only answers, in another process on this machine: what a hop
-    between two stages costs in software (gRPC, frames, hand-off), beyond the link's latency and bandwidth and
+    between two stages costs in software (gRPC, frames, turn-taking), beyond the link's latency and bandwidth and
     the stage's own compute. Once per process and settings: every device's entry is this machine's figure."""
     import subprocess
     import sys

@@ -13,6 +13,7 @@ gRPC without generated code: generic method handlers over bytes, framed by :mod:
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -91,10 +92,12 @@ class _StageService:
         self.executor: Optional[StageExecutor] = None
         if role.index is not None:
             self.executor = StageExecutor(bundle, manifest, role.index, policy, threads)
-        # one compute thread runs every request in turn: the executor is not thread-safe, and TVM's thread
-        # pool size is per calling thread, so it is set once there
-        self._compute = futures.ThreadPoolExecutor(1, thread_name_prefix="stage", initializer=set_tvm_threads,
-                                                   initargs=(threads,))
+        # requests run in turn, each on the gRPC thread that received it (the executor is not thread-safe); a
+        # hand-off to one compute thread cost 0.12 ms per hop here. TVM's thread pool size is per calling
+        # thread, so each thread sets it before its first run.
+        self._turn = threading.Lock()
+        self._threads = threads
+        self._configured = threading.local()
         self.transfer_in_ms = 0.0 if role.index is None else transfer_in_ms(manifest)[role.index]
         self.forwards = role.accepts if self.executor is None else self.executor.output
         self.next_address = next_address
@@ -103,7 +106,6 @@ class _StageService:
         self._call = self._channel.unary_unary(INFER) if self._channel else None
 
     def close(self) -> None:
-        self._compute.shutdown(wait=False, cancel_futures=True)
         if self._channel is not None:
             self._channel.close()
 
@@ -149,19 +151,19 @@ class _StageService:
             hops=(hop, *down.hops), tensor=down.tensor, logits=down.logits))
 
     def _run(self, req: Request, elapsed_in: float) -> tuple[float, StageOutcome, Optional[str]]:
-        """(queue ms, outcome, failure message), on the compute thread."""
+        """(queue ms: waiting for the request before it, outcome, failure message)."""
         if self.executor is None:
             return 0.0, StageOutcome(None, req.x, False, ()), None
-        submitted = time.perf_counter()
-
-        def run() -> tuple[float, StageOutcome, Optional[str]]:
-            queued = (time.perf_counter() - submitted) * 1e3
+        if not getattr(self._configured, "tvm_threads", False):
+            set_tvm_threads(self._threads)
+            self._configured.tvm_threads = True
+        arrived = time.perf_counter()
+        with self._turn:
+            queued = (time.perf_counter() - arrived) * 1e3
             try:
                 return queued, self.executor.run(req.x, elapsed_in, req.deadline_ms), None
             except Exception as exc:  # a backend failure: report it to the caller, keep serving
                 return queued, StageOutcome(None, None, False, ()), f"stage failed: {type(exc).__name__}: {exc}"
-
-        return self._compute.submit(run).result()
 
     def _answer_tensor(self, exit_name: str) -> str:
         if self.executor is None or exit_name != "final":

@@ -63,7 +63,7 @@ def test_compile_verify_run(tmp_path):
 
 def test_cache_keys_follow_distree_source(tmp_path):
     """A stage cached by one version of distree is not served to another: the keys include its source."""
-    from distree.compiler.pipeline import _code_fingerprint, source_fingerprint
+    from distree.fingerprint import code_fingerprint, source_fingerprint
     (tmp_path / "pkg" / "sub").mkdir(parents=True)
     (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
     (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
@@ -74,4 +74,4 @@ def test_cache_keys_follow_distree_source(tmp_path):
     assert edited != before
     (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "b.py")    # same bytes, another module
     assert source_fingerprint(tmp_path / "pkg") not in (before, edited)
-    assert _code_fingerprint() == source_fingerprint(REPO / "distree")
+    assert code_fingerprint() == source_fingerprint(REPO / "distree")

@@ -7,7 +7,6 @@ inputs skips straight to the first stage whose inputs changed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
@@ -21,6 +20,7 @@ from distree.compiler.bundle import build_bundle, tuning_sites
 from distree.compiler.manifest import Manifest, check_bundle_target, read_manifest, sha256_file
 from distree.targets.toolchain import cross_compiler
 from distree.errors import DistreeError
+from distree.fingerprint import code_fingerprint
 from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, load_dataset, train_exits
 from distree.graph import Chain, build_chain, load_model, model_sha256
 from distree.profiler.types import Profile
@@ -86,7 +86,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     data = load_dataset(data_path, chain.input_shape)
     data_key = sha256_file(data_path)
 
-    exits_key = _key("exits", _code_fingerprint(), chain.model_sha256, data_key, options.score_kind, options.seed)
+    exits_key = _key("exits", code_fingerprint(), chain.model_sha256, data_key, options.score_kind, options.seed)
     model, exits = cache.get("exits", exits_key, lambda: _exits(model, chain, data, options),
                              save=_save_exits, load=_load_exits)
     chain = build_chain(model) if model_sha256(model) != chain.model_sha256 else chain
@@ -162,21 +162,6 @@ def _save_exits(folder: Path, value: tuple[onnx.ModelProto, tuple[ExitPoint, ...
 def _load_exits(folder: Path) -> tuple[onnx.ModelProto, tuple[ExitPoint, ...]]:
     exits = tuple(ExitPoint.from_dict(d) for d in json.loads((folder / "exits.json").read_text()))
     return onnx.load(str(folder / "model.onnx")), exits
-
-
-@functools.lru_cache(maxsize=1)
-def _code_fingerprint() -> str:
-    """distree's own source: after an upgrade (or a local edit) every stage is recomputed, never served stale
-    (e.g. a plan from an older solver). The profiler's measurement cache has its own tool-version keys."""
-    return source_fingerprint(Path(__file__).resolve().parents[1])
-
-
-def source_fingerprint(root: Path) -> str:
-    """Hash of every .py file under ``root`` (relative path and bytes)."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:20]
 
 
 def _key(*parts: Any) -> str:

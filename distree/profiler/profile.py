@@ -7,8 +7,8 @@ Modes (each Measurement's provenance says which):
   artifacts run; the timings are of the emulator, not of a Pi, and say so);
 - ``estimate``: from FLOPs and bytes and the device's figures (see :mod:`distree.profiler.estimate`).
 
-Profiles are cached under ``<cache>/profiles/`` by a key over the model, chain, exits, device, mode, settings
-and tool versions; ``force=True`` measures again.
+Profiles are cached under ``<cache>/profiles/`` by a key over the model, chain, exits, device, mode, settings,
+tool versions and distree's own source; ``force=True`` measures again.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import onnx
 
 from distree import __version__
 from distree.errors import DistreeError
+from distree.fingerprint import code_fingerprint
 from distree.exits.types import SCORE_KINDS, ExitPoint
 from distree.graph import Chain, model_sha256
 from distree.profiler import estimate as est
@@ -139,7 +140,8 @@ def _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units,
     import onnxruntime
     import tvm
 
-    versions = {"distree": __version__, "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
+    versions = {"distree": __version__, "distree_source": code_fingerprint(), "tvm": tvm.__version__,
+                "onnxruntime": onnxruntime.__version__,
                 "onnx": onnx.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
                 "model_sha256": model_sha256(model),
                 "device_sha256": _sha(device.to_dict())}

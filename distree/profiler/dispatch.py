@@ -120,14 +120,9 @@ def rpc_entry(device: DeviceSpec, timing: TimingSettings, measured_here: bool) -
     """The ``rpc`` entry: one hop's software round trip (gRPC, Python). For another device it is the floor
     timed here, not scaled: per-core peak FLOP/s would charge a Pi 4 ~10 ms per hop, far above what its gRPC
     is reported to take, and nothing here can measure it; a floor keeps hops honest without forbidding them."""
-    samples = time_rpc(timing)
-    median, p90 = summarize(samples)
-    note = "" if measured_here else (f"gRPC round trip timed on this machine, not on {device.name}: a lower bound "
-                                     "for a slower CPU")
-    return Measurement(device=device.name, item=RPC_ITEM, backend=RPC_BACKEND,
-                       provenance="local" if measured_here else "estimate",
-                       samples_ms=samples if measured_here else (), median_ms=median, p90_ms=p90, param_bytes=0,
-                       activation_bytes=0, memory_source="none: no model", threads=timing.threads, note=note)
+    note = f"gRPC round trip timed on this machine, not on {device.name}: a lower bound for a slower CPU"
+    return _timed_here(device, RPC_ITEM, RPC_BACKEND, time_rpc(timing), timing, measured_here, 1.0, note,
+                       "none: no model")
 
 
 def decide_entries(device: DeviceSpec, classes: int, timing: TimingSettings, measured_here: bool,
@@ -135,15 +130,19 @@ def decide_entries(device: DeviceSpec, classes: int, timing: TimingSettings, mea
     """One ``decide:<kind>`` entry per score kind: measured when profiling this machine, else scaled by per-core
     speed (like every estimated fixed cost) and labelled an estimate."""
     slow = 1.0 if measured_here else per_core_gflops(host_device()) / per_core_gflops(device)
-    note = "" if measured_here else (f"exit decisions (Python) on {device.name}: timed on this machine and scaled by "
-                                     f"per-core speed (x{slow:.2f}), not measured there")
-    out = []
-    for kind in score_kinds:
-        samples = time_decide(kind, classes, timing)
-        median, p90 = summarize(samples)
-        out.append(Measurement(device=device.name, item=decide_item(kind), backend=DECIDE_BACKEND,
-                               provenance="local" if measured_here else "estimate",
-                               samples_ms=samples if measured_here else (), median_ms=median * slow,
-                               p90_ms=p90 * slow, param_bytes=0, activation_bytes=0,
-                               memory_source="none: Python on the logits", threads=timing.threads, note=note))
-    return out
+    note = (f"exit decisions (Python) on {device.name}: timed on this machine and scaled by per-core speed "
+            f"(x{slow:.2f}), not measured there")
+    return [_timed_here(device, decide_item(kind), DECIDE_BACKEND, time_decide(kind, classes, timing), timing,
+                        measured_here, slow, note, "none: Python on the logits") for kind in score_kinds]
+
+
+def _timed_here(device: DeviceSpec, item: str, backend: str, samples: tuple[float, ...], timing: TimingSettings,
+                measured_here: bool, slow: float, note: str, memory_source: str) -> Measurement:
+    """An entry timed on this machine: as measured when profiling it, else ``slow`` times it, an estimate with
+    ``note`` saying how it was obtained."""
+    median, p90 = summarize(samples)
+    return Measurement(device=device.name, item=item, backend=backend,
+                       provenance="local" if measured_here else "estimate",
+                       samples_ms=samples if measured_here else (), median_ms=median * slow, p90_ms=p90 * slow,
+                       param_bytes=0, activation_bytes=0, memory_source=memory_source, threads=timing.threads,
+                       note="" if measured_here else note)

@@ -62,11 +62,11 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     timing = timing or TimingSettings()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     _check_request(device, mode, rpc, backends)
-    decides = [decide_item(k) for k in SCORE_KINDS if items is None or decide_item(k) in items]
+    decide_kinds = [k for k in SCORE_KINDS if items is None or decide_item(k) in items]
     with_rpc = items is None or RPC_ITEM in items
     units = profile_units(model, chain, exits, items)
     key, versions = _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units,
-                               [*decides, *([RPC_ITEM] if with_rpc else [])])
+                               [*map(decide_item, decide_kinds), *([RPC_ITEM] if with_rpc else [])])
     cached = cache_dir / "profiles" / f"{key}.json"
     if cached.is_file() and not force:
         return Profile.load(cached)
@@ -77,8 +77,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
                 progress(done, len(units), unit.item)
             entries.extend(measure(unit, backends, provenance, note))
         entries.extend(decide_entries(device, int(chain.blocks[-1].output_shape[-1]), timing,
-                                      measured_here=mode == "local",
-                                      score_kinds=[k for k in SCORE_KINDS if decide_item(k) in decides]))
+                                      measured_here=mode == "local", score_kinds=decide_kinds))
         if with_rpc:
             entries.append(rpc_entry(device, timing, measured_here=mode == "local"))
         if progress:

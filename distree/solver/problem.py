@@ -169,9 +169,13 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
                                "measured dispatch lack the call, decide and rpc entries: re-profile, or re-compile the "
                                "bundle)") from None
 
+    calls: dict[tuple[str, str], float] = {}
+
     def inside_segment(dev: str, m) -> float:
         """An item's time without the call its standalone measurement paid (a segment pays it once)."""
-        return max(0.0, m.median_ms - entry(dev, CALL_ITEM, m.backend).median_ms)
+        if (dev, m.backend) not in calls:
+            calls[dev, m.backend] = entry(dev, CALL_ITEM, m.backend).median_ms
+        return max(0.0, m.median_ms - calls[dev, m.backend])
 
     block_ms = np.zeros((len(names), B))
     block_param = np.zeros((len(names), B))

@@ -3,6 +3,7 @@ loopback (host stage = TVM, pi4 stage = its ONNX under ONNX Runtime), against `r
 
 from __future__ import annotations
 
+import queue
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -21,9 +23,10 @@ from distree.compiler.manifest import read_manifest, read_thresholds
 from distree.errors import DistreeError
 from distree.runtime.client import InferenceClient, ServeError, infer_dataset
 from distree.runtime.executor import FINAL, StageExecutor, run_bundle
+from distree.runtime.link import NO_FREE_STREAM
 from distree.runtime.local import StageProcess
 from distree.runtime.policy import ExitPolicy
-from distree.runtime.server import serve_stage
+from distree.runtime.server import INFER_STREAM, UNARY_RESERVE, serve_stage
 from distree.solver.plan import Stage
 from distree.runtime.wire import Hop, Reply, Request, WireError, decode_reply, decode_request, encode_reply, \
     encode_request
@@ -171,6 +174,37 @@ def test_source_without_a_stage_relays_to_the_first_stage(tiny, tmp_path):
     assert host.description.startswith("host (source, no stage of its own")
     assert got.predictions == want.predictions and got.exits == want.exits
     assert [h.device for h in got.hops] == ["host", "pi4"] and got.hops[0].compute["median_ms"] == 0.0
+
+
+def test_a_stage_with_no_stream_slot_left_still_answers_unary(bundle):
+    """Each open request stream holds one of a server's worker threads: past its slots a caller is refused a
+    stream (by name) and answered by a unary call, never left waiting for a thread."""
+    data = cf.dataset(20, seed=5)
+    want = run_bundle(bundle, data)
+    pi4 = serve_stage(bundle, "pi4", "127.0.0.1:0", workers=UNARY_RESERVE + 1)     # one stream slot
+    host = serve_stage(bundle, "host", "127.0.0.1:0", pi4.address)
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    try:
+        with InferenceClient(pi4.address) as probe:
+            info = probe.info()
+        x = np.zeros(info["accepts"]["shape"], dtype=info["accepts"]["dtype"])
+        frame = encode_request(Request(id="holder", bundle=info["bundle"], tensor=info["accepts"]["name"],
+                                       deadline_ms=None, elapsed_ms=0.0, x=x))
+        with grpc.insecure_channel(pi4.address) as channel:
+            holder = channel.stream_stream(INFER_STREAM)(iter(outbox.get, None), timeout=30)
+            outbox.put(frame)
+            assert decode_reply(next(holder)).id == "holder"                     # the slot is taken
+            with pytest.raises(grpc.RpcError) as refused:
+                next(channel.stream_stream(INFER_STREAM)(iter([frame]), timeout=10))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details() == f"pi4: {NO_FREE_STREAM}"
+            with InferenceClient(host.address) as client:
+                got = infer_dataset(client, data)
+            outbox.put(None)
+    finally:
+        host.stop(0)
+        pi4.stop(0)
+    assert got.predictions == want.predictions and FINAL in got.exits     # pi4 answered, unary
 
 
 def test_tampered_bundle_refuses_to_start_naming_the_file(bundle, tmp_path):

@@ -75,8 +75,10 @@ def serve_echo() -> None:
 
     turn = threading.Lock()
     server = grpc_server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(lambda data, _context: _reply_to(data, turn))}),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO_SERVICE, {
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda data, _context: _reply_to(data, turn)),
+        "EchoStream": grpc.stream_stream_rpc_method_handler(
+            lambda frames, _context: (_reply_to(data, turn) for data in frames))}),))
     print(server.add_insecure_port("127.0.0.1:0"), flush=True)
     server.start()
     server.wait_for_termination()
@@ -92,6 +94,7 @@ def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
 
     import grpc
 
+    from distree.runtime.link import Link
     from distree.runtime.server import CHANNEL_OPTIONS
     from distree.runtime.wire import Request, decode_reply, encode_request
 
@@ -104,13 +107,16 @@ def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
                                "allowed here?")
         x = np.zeros((1, RPC_FRAME_BYTES // 4), np.float32)
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
-            echo = channel.unary_unary(f"/{ECHO_SERVICE}/Echo")
+            link = Link(channel, f"/{ECHO_SERVICE}/Echo", f"/{ECHO_SERVICE}/EchoStream")
 
             def hop() -> None:
                 frame = encode_request(Request(id="rpc", bundle="rpc", tensor="x", deadline_ms=None, elapsed_ms=0.0,
-                                               x=x))
-                decode_reply(echo(frame, timeout=10))
-            return time_callable(hop, timing)
+                                               x=x, timeout_s=10.0))
+                decode_reply(link.call(frame, 10.0))
+            try:
+                return time_callable(hop, timing)
+            finally:
+                link.close()
     finally:
         peer.kill()
         peer.wait()

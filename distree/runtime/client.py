@@ -15,7 +15,8 @@ from distree.errors import DistreeError
 from distree.exits import Dataset
 from distree.runtime.backends import percentiles_ms
 from distree.runtime.executor import FINAL
-from distree.runtime.server import CHANNEL_OPTIONS, INFER, INFO, ORIGIN_KEY
+from distree.runtime.link import Link
+from distree.runtime.server import CHANNEL_OPTIONS, INFER, INFER_STREAM, INFO, ORIGIN_KEY
 from distree.targets.topology import parse_host_port
 from distree.runtime.wire import Reply, Request, WireError, decode_reply, encode_request
 from distree.serde import JsonRecord
@@ -38,7 +39,7 @@ class InferenceClient:
             raise DistreeError("--timeout-s must be > 0")
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._infer = self._channel.unary_unary(INFER)
+        self._link = Link(self._channel, INFER, INFER_STREAM)
         self._info = self._channel.unary_unary(INFO)
         self._server_info: Optional[dict[str, Any]] = None
 
@@ -49,6 +50,7 @@ class InferenceClient:
         self.close()
 
     def close(self) -> None:
+        self._link.close()
         self._channel.close()
 
     def info(self) -> dict[str, Any]:
@@ -65,9 +67,9 @@ class InferenceClient:
         if x.ndim == len(accepts["shape"]) - 1:
             x = x[None]
         frame = encode_request(Request(id=rid, bundle=self._server_info["bundle"], tensor=accepts["name"],
-                                       deadline_ms=deadline_ms, elapsed_ms=0.0, x=x))
+                                       deadline_ms=deadline_ms, elapsed_ms=0.0, x=x, timeout_s=self.timeout_s))
         try:
-            reply = decode_reply(self._call(self._infer, frame))
+            reply = decode_reply(self._call(self._link.call, frame))
         except WireError as exc:
             raise ServeError(f"{self.address} sent a bad reply: {exc}") from None
         if reply.id != rid:
@@ -87,7 +89,7 @@ class InferenceClient:
 
     def _call(self, method, frame: bytes) -> bytes:
         try:
-            return method(frame, timeout=self.timeout_s)
+            return method(frame, self.timeout_s)
         except grpc.RpcError as exc:
             raise ServeError(_client_error(self.address, exc, self.timeout_s)) from None
 

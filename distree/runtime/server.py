@@ -18,7 +18,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NoReturn, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 import grpc
 
@@ -27,6 +27,7 @@ from distree.compiler.verify import verify_bundle
 from distree.errors import DistreeError
 from distree.runtime.backends import set_tvm_threads
 from distree.runtime.executor import StageExecutor, StageOutcome, transfer_in_ms
+from distree.runtime.link import NO_FREE_STREAM, Link
 from distree.runtime.policy import ExitPolicy
 from distree.runtime.wire import Hop, Reply, Request, WireError, decode_reply, decode_request, encode_reply, \
     encode_request
@@ -34,6 +35,7 @@ from distree.targets.topology import parse_host_port
 
 SERVICE = "distree.Stage"
 INFER = f"/{SERVICE}/Infer"
+INFER_STREAM = f"/{SERVICE}/InferStream"     # the same requests on a persistent stream (distree.runtime.link)
 INFO = f"/{SERVICE}/Info"
 ORIGIN_KEY = "distree-origin"       # trailing metadata on errors a stage raised itself (vs transport errors)
 MAX_MESSAGE_BYTES = 64 << 20
@@ -44,6 +46,8 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+WORKERS = 16                        # a server's threads; each open request stream holds one
+UNARY_RESERVE = 4                   # threads never given to streams: unary calls (Info, fallbacks) still run
 Log = Callable[[str], None]
 
 
@@ -84,7 +88,7 @@ class _StageService:
     """The request handler: run the stage, answer or forward, relay the answer back."""
 
     def __init__(self, bundle: Path, manifest: Manifest, role: Role, next_address: Optional[str],
-                 threads: int, forward_timeout_s: float) -> None:
+                 threads: int, forward_timeout_s: float, stream_slots: int) -> None:
         self.role, self.manifest = role, manifest
         self.bundle_id = sha256_file(bundle / MANIFEST)      # the same file on every device of one bundle
         policy = ExitPolicy(read_thresholds(bundle))
@@ -103,10 +107,12 @@ class _StageService:
         self.next_address = next_address
         self.forward_timeout_s = forward_timeout_s
         self._channel = grpc.insecure_channel(next_address, options=CHANNEL_OPTIONS) if next_address else None
-        self._call = self._channel.unary_unary(INFER) if self._channel else None
+        self._link = Link(self._channel, INFER, INFER_STREAM) if self._channel else None
+        self._stream_slots = threading.BoundedSemaphore(stream_slots)
 
     def close(self) -> None:
         if self._channel is not None:
+            self._link.close()
             self._channel.close()
 
     def info(self, _request: bytes, _context: grpc.ServicerContext) -> bytes:
@@ -117,6 +123,17 @@ class _StageService:
             "exits": list(self.exit_names), "next": self.next_address,
             "model_sha256": m.model_sha256, "bundle": self.bundle_id,
         }).encode()
+
+    def infer_stream(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Requests on one caller's persistent stream, answered in order; while open it holds a worker thread,
+        so when the slots are taken the caller is told to call unary instead."""
+        if not self._stream_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.role.device}: {NO_FREE_STREAM}")
+        try:
+            for data in frames:
+                yield self.infer(data, context)
+        finally:
+            self._stream_slots.release()
 
     def infer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         received = time.perf_counter()
@@ -139,7 +156,7 @@ class _StageService:
             forward_ms = 0.0
         else:
             sent = time.perf_counter()
-            down = self._forward(req, outcome, elapsed_in + (sent - received) * 1e3, context)
+            down = self._forward(req, outcome, elapsed_in + (sent - received) * 1e3, received, context)
             forward_ms = (time.perf_counter() - sent) * 1e3
         total_ms = (time.perf_counter() - received) * 1e3
         hop = Hop(self.role.device, queued, compute_ms, forward_ms, total_ms)
@@ -191,19 +208,22 @@ class _StageService:
                         f"tensor {req.tensor} is {req.x.dtype.name} {list(req.x.shape)}, this stage takes "
                         f"{want.dtype} {list(want.shape)}")
 
-    def _forward(self, req: Request, outcome: StageOutcome, elapsed_ms: float,
+    def _forward(self, req: Request, outcome: StageOutcome, elapsed_ms: float, received: float,
                  context: grpc.ServicerContext) -> Reply:
         """Hand the cut tensor on and return the next stage's answer; any failure aborts with a status
         that names the next stage's address, within the caller's own deadline."""
         timeout = self.forward_timeout_s
-        left = context.time_remaining()
+        if req.timeout_s is not None:           # the caller said how long it waits (a stream has no deadline)
+            left = req.timeout_s - (time.perf_counter() - received)
+        else:                                   # a unary call's own deadline (a caller that did not say)
+            left = context.time_remaining()
         if left is not None:        # leave the caller time to receive our error before its own deadline
             timeout = max(min(timeout, left - min(0.5, 0.2 * left)), 0.01)
         frame = encode_request(Request(id=req.id, bundle=self.bundle_id, tensor=self.forwards.name,
-                                       deadline_ms=req.deadline_ms,
-                                       elapsed_ms=elapsed_ms, x=outcome.forward))
+                                       deadline_ms=req.deadline_ms, elapsed_ms=elapsed_ms, x=outcome.forward,
+                                       timeout_s=timeout))
         try:
-            data = self._call(frame, timeout=timeout)
+            data = self._link.call(frame, timeout)
         except grpc.RpcError as exc:
             self._abort(context, exc.code(), self._downstream_error(exc, timeout))
         try:
@@ -257,14 +277,14 @@ class StageServer:
         self._service.close()
 
 
-def grpc_server(workers: int = 8) -> grpc.Server:
+def grpc_server(workers: int = WORKERS) -> grpc.Server:
     """The gRPC server every stage runs on (and the profiler's echo, so that it measures the same setup)."""
     return grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                        options=[*CHANNEL_OPTIONS[:2], ("grpc.so_reuseport", 0)])
 
 
 def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Optional[str] = None, *,
-                threads: int = 1, forward_timeout_s: float = 10.0, workers: int = 8) -> StageServer:
+                threads: int = 1, forward_timeout_s: float = 10.0, workers: int = WORKERS) -> StageServer:
     """Verify ``device``'s files of the bundle (other devices' folders need not be there), load its stage
     and start serving it on ``listen`` (returns at once)."""
     bundle = Path(bundle)
@@ -281,10 +301,14 @@ def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Opti
     if forward_timeout_s <= 0:
         raise DistreeError("--forward-timeout-s must be > 0")
     verify_bundle(bundle, devices=(device,))
-    service = _StageService(bundle, manifest, role, next_address, threads, forward_timeout_s)
+    if workers <= UNARY_RESERVE:
+        raise DistreeError(f"a stage server needs more than {UNARY_RESERVE} worker threads, got {workers}")
+    service = _StageService(bundle, manifest, role, next_address, threads, forward_timeout_s,
+                            stream_slots=workers - UNARY_RESERVE)
     server = grpc_server(workers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Infer": grpc.unary_unary_rpc_method_handler(service.infer),
+        "InferStream": grpc.stream_stream_rpc_method_handler(service.infer_stream),
         "Info": grpc.unary_unary_rpc_method_handler(service.info),
     }),))
     try:

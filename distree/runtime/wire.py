@@ -45,6 +45,8 @@ class Request:
     deadline_ms: Optional[float]    # end-to-end budget of the request, None: no deadline
     elapsed_ms: float               # time already spent when this frame was sent (sender's clock)
     x: np.ndarray
+    timeout_s: Optional[float] = None   # how long the sender waits for the reply (None: not said); a stream
+    #                                     has no per-request deadline of its own, so the frame says it
 
 
 @dataclass(frozen=True)
@@ -62,16 +64,14 @@ class Reply:
 
 def encode_request(req: Request) -> bytes:
     return _frame({"kind": "request", "id": req.id, "bundle": req.bundle, "tensor": req.tensor,
-                   "deadline_ms": req.deadline_ms, "elapsed_ms": req.elapsed_ms}, req.x)
+                   "deadline_ms": req.deadline_ms, "elapsed_ms": req.elapsed_ms, "timeout_s": req.timeout_s}, req.x)
 
 
 def decode_request(data: bytes) -> Request:
     head, x = _unframe(data, "request")
-    deadline = head.get("deadline_ms")
-    if deadline is not None:
-        deadline = _number(head, "deadline_ms")
-    return Request(id=_id(head), bundle=_text(head, "bundle"), tensor=_text(head, "tensor"), deadline_ms=deadline,
-                   elapsed_ms=_number(head, "elapsed_ms"), x=x)
+    return Request(id=_id(head), bundle=_text(head, "bundle"), tensor=_text(head, "tensor"),
+                   deadline_ms=_optional_number(head, "deadline_ms"), elapsed_ms=_number(head, "elapsed_ms"), x=x,
+                   timeout_s=_optional_number(head, "timeout_s"))
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -160,6 +160,10 @@ def _number(head: dict[str, Any], key: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
         raise WireError(f"header field {key} is {value!r}; expected a finite number >= 0")
     return float(value)
+
+
+def _optional_number(head: dict[str, Any], key: str) -> Optional[float]:
+    return None if head.get(key) is None else _number(head, key)
 
 
 def _hop(doc: Any) -> Hop:

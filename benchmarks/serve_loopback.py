@@ -12,7 +12,8 @@ Two bundles of the Fashion-MNIST example (ONNX Runtime segments, batch 1, 1 thre
 
 Served answers must equal run_bundle's (checked). Overhead per hop = (end-to-end - compute on every stage)
 / gRPC calls of that request: framing, the gRPC stack both ways, thread hand-offs. For scale, the round trip
-of one request frame to a bare gRPC echo server in another process is measured too.
+of one request frame to a bare gRPC echo server in another process is measured too, as a unary call and on an
+open stream (how distree's stages and client send requests: `distree.runtime.link`).
 
 ``--netem``: also the ``split`` bundle across two network namespaces joined by a veth pair shaped with
 ``tc netem`` to the topology's link (delay, jitter, rate). It needs root and the kernel's sch_netem; when
@@ -143,21 +144,24 @@ def measure_served(address: str, data) -> dict:
 
 
 def echo_server() -> None:
-    """A bare gRPC echo (same generic-handler server setup, no work): the floor a hop cannot go below."""
+    """A bare gRPC echo (same generic-handler server setup, no work): the floor a hop cannot go below, as a
+    unary call and on an open stream (what distree's link uses)."""
     import grpc
 
     server = grpc.server(ThreadPoolExecutor(8))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "echo", {"Echo": grpc.unary_unary_rpc_method_handler(lambda data, _ctx: data)}),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda data, _ctx: data),
+        "EchoStream": grpc.stream_stream_rpc_method_handler(lambda frames, _ctx: iter(frames))}),))
     print(server.add_insecure_port("127.0.0.1:0"), flush=True)
     server.start()
     server.wait_for_termination()
 
 
 def measure_echo(x: np.ndarray, count: int) -> dict:
-    """Round trips of one request frame to a bare echo server in another process."""
+    """Round trips of one request frame to a bare echo server in another process: unary, then on a stream."""
     import grpc
 
+    from distree.runtime.link import Link
     from distree.runtime.wire import Request, encode_request
 
     proc = subprocess.Popen([sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True)
@@ -165,15 +169,20 @@ def measure_echo(x: np.ndarray, count: int) -> dict:
         port = proc.stdout.readline().strip()
         frame = encode_request(Request("0", "echo", "input", None, 0.0, x[:1]))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            echo = channel.unary_unary("/echo/Echo")
-            for _ in range(20):
-                echo(frame, timeout=10)
-            times = []
-            for _ in range(count):
-                t0 = time.perf_counter()
-                echo(frame, timeout=10)
-                times.append((time.perf_counter() - t0) * 1e3)
-        return {"frame_bytes": len(frame), **percentiles_ms(times)}
+            link = Link(channel, "/echo/Echo", "/echo/EchoStream")
+            unary = channel.unary_unary("/echo/Echo")
+            result = {"frame_bytes": len(frame)}
+            for name, call in (("unary", lambda: unary(frame, timeout=10)), ("stream", lambda: link.call(frame, 10))):
+                for _ in range(20):
+                    call()
+                times = []
+                for _ in range(count):
+                    t0 = time.perf_counter()
+                    call()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                result[name] = percentiles_ms(times)
+            link.close()
+        return result
     finally:
         proc.kill()
         proc.wait()
@@ -300,8 +309,9 @@ def _print_table(doc: dict) -> None:
               f"{sv[pipelined]:9.0f} {sv['grpc_calls_per_request']:6.2f} "
               f"{sv['overhead_per_hop']['median_ms']:12.3f}")
     echo = doc["grpc_echo_round_trip"]
-    print(f"bare gRPC echo of one {echo['frame_bytes']}-byte request frame (another process): p50 "
-          f"{echo['median_ms']:.3f} ms, p90 {echo['p90_ms']:.3f} ms (the floor of one hop)")
+    print(f"bare gRPC echo of one {echo['frame_bytes']}-byte request frame (another process), p50 / p90: unary "
+          f"{echo['unary']['median_ms']:.3f} / {echo['unary']['p90_ms']:.3f} ms, on an open stream (distree's link) "
+          f"{echo['stream']['median_ms']:.3f} / {echo['stream']['p90_ms']:.3f} ms")
     shaped = doc["shaped_link"]
     if shaped and shaped["done"]:
         e = shaped["end_to_end"]

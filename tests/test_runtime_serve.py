@@ -294,8 +294,9 @@ def test_unreachable_source_is_a_clear_error():
 
 def test_frames_round_trip_and_bad_fields_are_named():
     x = np.arange(12, dtype=np.float32).reshape(1, 3, 2, 2)
-    req = decode_request(encode_request(Request("a", "b" * 64, "input", 5.0, 1.5, x)))
-    assert (req.id, req.bundle, req.tensor, req.deadline_ms, req.elapsed_ms) == ("a", "b" * 64, "input", 5.0, 1.5)
+    req = decode_request(encode_request(Request("a", "b" * 64, "input", 5.0, 1.5, x, timeout_s=2.5)))
+    assert (req.id, req.bundle, req.tensor, req.deadline_ms, req.elapsed_ms, req.timeout_s) == \
+        ("a", "b" * 64, "input", 5.0, 1.5, 2.5)
     assert np.array_equal(req.x, x) and req.x.dtype == np.float32
     hop = Hop("host", 0.0, 1.0, 0.0, 1.5)
     reply = Reply("a", 2, "exit_1", "deadline", True, None, (hop,), "exit_1", np.eye(1, 4, 2, dtype=np.float32))
@@ -309,7 +310,8 @@ def test_frames_round_trip_and_bad_fields_are_named():
         decode_reply(frame)
     for field, value, message in [("elapsed_ms", -1.0, "elapsed_ms is -1.0"), ("id", "", "field id"),
                                   ("bundle", None, "field bundle"),
-                                  ("deadline_ms", "soon", "deadline_ms is 'soon'")]:
+                                  ("deadline_ms", "soon", "deadline_ms is 'soon'"),
+                                  ("timeout_s", -2, "timeout_s is -2")]:
         with pytest.raises(WireError, match=message):
             decode_request(_with(frame, field, value))
     with pytest.raises(WireError, match="dtype is 'object'"):

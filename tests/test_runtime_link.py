@@ -20,7 +20,7 @@ class EchoServer:
     """Echoes frames; b"slow" sleeps first, b"bad" ends the call with INVALID_ARGUMENT. Counts what it saw."""
 
     def __init__(self, stream_slots: int = 4, with_stream: bool = True) -> None:
-        self.streams_opened = self.unary_calls = 0
+        self.streams_opened = self.unary_calls = self.open_streams = 0
         self._slots = threading.BoundedSemaphore(stream_slots)
         self._lock = threading.Lock()
         handlers = {"Call": grpc.unary_unary_rpc_method_handler(self._unary)}
@@ -49,10 +49,13 @@ class EchoServer:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, NO_FREE_STREAM)
         with self._lock:
             self.streams_opened += 1
+            self.open_streams += 1
         try:
             for frame in frames:
                 yield self._answer(frame, context)
         finally:
+            with self._lock:
+                self.open_streams -= 1
             self._slots.release()
 
     def stop(self) -> None:
@@ -97,6 +100,20 @@ def test_each_thread_gets_its_own_stream_and_the_rest_call_unary_when_slots_run_
         t.join(30)
     assert answers == {k: [f"{k}-{i}".encode() for i in range(10)] for k in range(3)}
     assert server.streams_opened == 2 and server.unary_calls == 10     # the refused thread stays unary
+
+
+def test_a_finished_thread_gives_its_stream_back(echo):
+    """Callers on short-lived threads (a pool that is shut down, a thread per request) must not keep their
+    streams open: each holds a worker thread of the server."""
+    server, link = echo(stream_slots=1)
+    for k in range(3):
+        worker = threading.Thread(target=link.call, args=(f"t{k}".encode(), 5.0))
+        worker.start()
+        worker.join(10)
+        deadline = time.monotonic() + 5
+        while server.open_streams and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert (server.streams_opened, server.unary_calls, server.open_streams) == (3, 0, 0)
 
 
 def test_a_late_reply_is_deadline_exceeded_and_the_next_call_works(echo):

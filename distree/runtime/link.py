@@ -20,6 +20,7 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from typing import Optional
 
 import grpc
@@ -90,15 +91,20 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
+def _end_stream(outbox: queue.SimpleQueue, call) -> None:
+    outbox.put(_END)
+    call.cancel()
+
+
 class _Stream:
+    """One thread's open call. Ended when dropped, when the link closes, or when its thread is gone (its
+    thread-local reference was the last one): an open stream holds a worker thread of its server."""
+
     def __init__(self, method) -> None:
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.call = method(iter(self.outbox.get, _END))
         self.used = False
-
-    def close(self) -> None:
-        self.outbox.put(_END)
-        self.call.cancel()
+        self.close = weakref.finalize(self, _end_stream, self.outbox, self.call)
 
 
 class Link:
@@ -108,7 +114,7 @@ class Link:
         self._unary = channel.unary_unary(unary_method)
         self._open = channel.stream_stream(stream_method)
         self._local = threading.local()
-        self._streams: set[_Stream] = set()
+        self._streams: weakref.WeakSet[_Stream] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def call(self, frame: bytes, timeout_s: float) -> bytes:
@@ -143,7 +149,7 @@ class Link:
 
     def close(self) -> None:
         with self._lock:
-            streams, self._streams = self._streams, set()
+            streams, self._streams = list(self._streams), weakref.WeakSet()
         for stream in streams:
             stream.close()
 

@@ -212,7 +212,8 @@ def test_merge_refuses_profiles_of_different_models(local_profile):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(device="pi4", mode="local"), "local profiling measures this machine.*--rpc.*--estimate"),
+    (dict(device="pi4", mode="local"), "pi4's code is built for aarch64 CPUs; run .* on pi4 itself.*--rpc.*--estimate"),
+    (dict(device="jetson-orin-nano", mode="local"), "built for cuda \\(a GPU\\); run .* on jetson-orin-nano itself"),
     (dict(device="host", mode="rpc"), "--rpc HOST:PORT"),
     (dict(device="host", mode="rpc", rpc="127.0.0.1:1", backends=("ort",)), "drop the ort backend"),
     (dict(device="jetson-orin-nano", mode="qemu"), "--qemu emulates aarch64 CPUs"),
@@ -242,3 +243,46 @@ def test_profile_command_writes_profile_and_reports_bad_input(tiny, tmp_path):
     assert res.exit_code == 2 and "--estimate" in res.output
     res = runner.invoke(cli, ["profile", str(path), "--device", "pi4", "--estimate", "--qemu", "-o", str(out)])
     assert res.exit_code == 2 and "choose one of" in res.output
+
+
+def _same_isa_device(name: str, mcpu: str):
+    """A device this machine can stand in for: its own ISA, built for another CPU model."""
+    import dataclasses
+
+    from distree.targets import host_device
+
+    host = host_device()
+    return dataclasses.replace(host, name=name, target={"kind": "llvm", "mtriple": host.target["mtriple"],
+                                                         "mcpu": mcpu})
+
+
+def test_a_device_of_this_cpu_family_is_profiled_here_and_says_it_stood_in(tiny, tmp_path):
+    """What a user does on a real Pi 4 (`distree profile --device pi4` there): measured, provenance local,
+    and where it ran is recorded; here a generic build of this machine's ISA stands in for the device."""
+    import platform
+
+    from distree.targets.toolchain import host_arch
+
+    _, model, chain, exits = tiny
+    generic = {"x86_64": "x86-64", "aarch64": "generic"}[host_arch()]
+    device = _same_isa_device("edge", generic)
+    p = profile_model(model, chain, exits, device, mode="local", cache_dir=tmp_path, timing=FAST,
+                      items=("block:0", "call", "decide:max_softmax", "rpc"))
+    assert {m.item for m in p.entries} == {"block:0", "call", "decide:max_softmax", "rpc"}
+    assert all(m.device == "edge" and m.provenance == "local" and m.samples_ms for m in p.entries)
+    kernels = [m for m in p.entries if m.item in ("block:0", "call")]
+    assert all("standing in for edge (" + generic + ")" in m.note for m in kernels)
+    assert p.settings["edge"]["measured_on"].startswith(platform.node() + ": ")
+
+
+def test_a_device_whose_code_needs_vector_extensions_this_cpu_lacks_is_not_run_here(tiny, tmp_path):
+    from distree.targets.toolchain import host_arch, missing_cpu_features
+
+    _, model, chain, exits = tiny
+    mcpu = {"x86_64": "sapphirerapids", "aarch64": "neoverse-v2"}[host_arch()]
+    device = _same_isa_device("big", mcpu)
+    missing = missing_cpu_features(device)
+    if not missing:
+        pytest.skip(f"this CPU has every vector extension of {mcpu}")
+    with pytest.raises(DistreeError, match=f"big's code may use {missing[0]}.*this machine's CPU .* lacks; run "):
+        profile_model(model, chain, exits, device, mode="local", cache_dir=tmp_path, timing=FAST)

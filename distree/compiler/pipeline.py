@@ -23,7 +23,7 @@ from distree.errors import DistreeError
 from distree.fingerprint import code_fingerprint
 from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, load_dataset, train_exits
 from distree.graph import Chain, build_chain, load_model, model_sha256
-from distree.profiler.types import Profile
+from distree.profiler import Profile, cost_sources, device_part, merge_profiles, planning_items, profile_model
 from distree.serde import write_bytes_atomic, write_json_atomic
 from distree.solver import Constraints, Plan, check_constraints, solve
 from distree.targets import load_topology, topology_for
@@ -44,6 +44,7 @@ class CompileOptions:
     tune_minutes: float = 0.0
     time_limit_s: float = 60.0
     rpc: dict[str, str] = field(default_factory=dict)      # device -> host:port
+    profiles: tuple[Path, ...] = ()     # profiles measured elsewhere (on the devices): their devices are not profiled
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     threads: int = 1
     seed: int = 0
@@ -59,6 +60,7 @@ class CompileResult:
     cached: tuple[str, ...]         # stages answered from the cache
     wall_s: float
     devices: tuple[str, ...] = ()   # every device offered to the solver, in pipeline order
+    costs: dict[str, str] = field(default_factory=dict)    # device -> where its costs come from (measured how, where)
 
 
 def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | Path, options: CompileOptions,
@@ -73,6 +75,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     check_constraints(constraints)         # these fail before any work: bad flags,
     check_bundle_target(out_dir)           # an -o folder that is not a bundle (it would be replaced),
     topology = _topology(options)          # unknown devices
+    given = _given_profiles(options, topology)     # profiles of other devices or models, unreadable ones
     if options.backend != "ort":
         for dev in topology.devices:
             cross_compiler(dev)                # so does a missing cross compiler
@@ -95,9 +98,10 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     calibration = cache.get("calibrate", cal_key, lambda: calibrate(
         model, chain, exits, data, score_kind=options.score_kind, seed=options.seed), record=Calibration)
 
-    prof_key = _key("profile", cal_key, topology.to_dict(), options.rpc, options.backend, options.threads)
-    profile = cache.get("profile", prof_key, lambda: _profile(model, chain, exits, topology, options, cache.root, log),
-                        record=Profile)
+    prof_key = _key("profile", cal_key, topology.to_dict(), options.rpc, options.backend, options.threads,
+                    {dev: sha256_file(path) for dev, (path, _) in given.items()})
+    profile = cache.get("profile", prof_key,
+                        lambda: _profile(model, chain, exits, topology, options, given, cache.root, log), record=Profile)
 
     plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s)
     plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints, progress),
@@ -109,7 +113,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
         require_aot_cuda=options.require_aot_cuda, rpc=options.rpc, profile=profile, log=log))
     return CompileResult(bundle=bundle, plan=plan, manifest=read_manifest(bundle), stage_seconds=cache.seconds,
                          cached=tuple(cache.hits), wall_s=time.perf_counter() - started,
-                         devices=tuple(d.name for d in topology.devices))
+                         devices=tuple(d.name for d in topology.devices), costs=cost_sources(profile))
 
 
 def _topology(options: CompileOptions) -> Topology:
@@ -132,18 +136,43 @@ def _exits(model: onnx.ModelProto, chain: Chain, data, options: CompileOptions
     return train_exits(model, chain, data, seed=options.seed)
 
 
-def _profile(model: onnx.ModelProto, chain: Chain, exits: tuple[ExitPoint, ...], topology: Topology,
-             options: CompileOptions, cache_root: Path, log: Log) -> Profile:
-    """Measure ``host`` locally, devices with --rpc over RPC, estimate the rest; one Profile for all."""
-    from distree.profiler import merge_profiles, profile_model
+def _given_profiles(options: CompileOptions, topology: Topology) -> dict[str, tuple[Path, Profile]]:
+    """device -> (file, its profile) for every device that --profile files cover, each device in one file."""
+    names = [d.name for d in topology.devices]
+    given: dict[str, tuple[Path, Profile]] = {}
+    for path in options.profiles:
+        if not Path(path).is_file():
+            raise DistreeError(f"--profile {path}: no such file; give a profile.json written by `distree profile`")
+        profile = Profile.load(path)
+        for device in profile.devices:
+            if device not in names:
+                raise DistreeError(f"--profile {path} profiles {device}, which is not among the devices "
+                                   f"({', '.join(names)}); name the device the same in --devices or the topology")
+            if device in given:
+                raise DistreeError(f"{device} is profiled in both {given[device][0]} and {path}; give one of them")
+            if device in options.rpc:
+                raise DistreeError(f"{device} has both --rpc and a --profile ({path}); give one of them")
+            given[device] = (Path(path), profile)
+    return given
 
+
+def _profile(model: onnx.ModelProto, chain: Chain, exits: tuple[ExitPoint, ...], topology: Topology,
+             options: CompileOptions, given: dict[str, tuple[Path, Profile]], cache_root: Path, log: Log) -> Profile:
+    """Take the devices of --profile files from them, measure ``host`` locally, devices with --rpc over RPC and
+    estimate the rest; one Profile for all."""
     parts = []
+    needed = planning_items(chain, exits, options.score_kind)
     for dev in topology.devices:
+        backends = {"tvm": ("tvm",), "ort": ("ort",), "auto": ("tvm", "ort")}[options.backend]
+        if dev.name in given:
+            path, measured = given[dev.name]
+            log(f"profile {dev.name}: from {path}")
+            parts.append(device_part(measured, str(path), dev.name, model_sha256(model), needed, backends))
+            continue
         if dev.name in options.rpc:
             mode, rpc, backends = "rpc", options.rpc[dev.name], ("tvm",)
         else:
             mode, rpc = ("local" if dev.name == "host" else "estimate"), None
-            backends = {"tvm": ("tvm",), "ort": ("ort",), "auto": ("tvm", "ort")}[options.backend]
 
         def progress(done: int, total: int, item: str, name: str = dev.name, how: str = mode) -> None:
             log(f"profile {name} ({how}): {done}/{total} {item}")

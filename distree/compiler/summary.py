@@ -35,6 +35,7 @@ def summary_dict(result) -> dict[str, Any]:
                                   "reason": s.backend_reason} for s in st.segments]} for st in m.stages],
         "sizes": device_sizes(result.bundle, m), "notes": list(m.notes),
         "unused_devices": [d for d in result.devices if d not in {st.name for st in m.stages}],
+        "costs": result.costs,
     }
 
 
@@ -63,6 +64,7 @@ def print_summary(result, console) -> None:
     if plan.status != "optimal":
         console.print(f"[yellow]plan not proven optimal[/yellow] in {plan.wall_s:.0f} s: no plan is faster than "
                       f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%}); a longer --time-limit searches further")
+    console.print("costs: " + "; ".join(f"{device} {how}" for device, how in result.costs.items()))
     unused = [d for d in result.devices if d not in {st.name for st in m.stages}]
     if unused:
         console.print(f"devices without a stage (the plan found them not worth using): {', '.join(unused)}")

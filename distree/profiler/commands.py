@@ -47,6 +47,7 @@ def profile_cmd(model_path: Path, devices: tuple[str, ...], topology_path: Optio
 
     \b
     distree profile model.onnx --device host -o profile.json              # measured here
+    distree profile model.onnx --device pi4 -o pi4.json       # run on the Pi itself (then: compile --profile pi4.json)
     distree profile model.onnx --device pi4 --rpc 192.168.1.20:9090 -o p.json
     distree profile model.onnx --device pi4 --device jetson-orin-nano --estimate -o p.json
     distree profile model.onnx --device pi4 --qemu --item block:0 -o p.json   # emulated aarch64

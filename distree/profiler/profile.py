@@ -17,6 +17,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -35,11 +36,12 @@ from distree.profiler.dispatch import decide_entries, rpc_entry
 from distree.profiler.ort_backend import time_ort
 from distree.profiler.timing import TimingSettings, summarize
 from distree.profiler.types import Measurement, Profile
-from distree.profiler.units import RPC_ITEM, Unit, decide_item, profile_units
-from distree.targets.catalog import host_device
+from distree.profiler.units import CALL_ITEM, RPC_ITEM, Unit, block_item, decide_item, entry_item, exit_item, \
+    profile_units
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
-from distree.targets.toolchain import import_onnx, tvm_target
+from distree.targets.toolchain import host_arch, host_cpu, host_runnable, import_onnx, missing_cpu_features, \
+    target_arch, tvm_target
 
 MODES = ("local", "rpc", "qemu", "estimate")
 QEMU_NOTE = "emulated under qemu-user on an x86 machine: proves the aarch64 artifact runs; NOT a device timing"
@@ -85,6 +87,8 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     settings = {device.name: {"mode": mode, "provenance": provenance, "backends": list(backends),
                               "timing": timing.to_dict(), "items": [u.item for u in units],
                               "tvm_build": "tvm.compile, default pipeline, untuned", "cache_key": key,
+                              **({"measured_on": f"{platform.node()}: {host_cpu()}, {os.cpu_count()} cores"}
+                                 if mode == "local" else {}),
                               **({"estimate_calibration": _calibration_summary()} if mode == "estimate" else {})}}
     profile = Profile(model_sha256=versions["model_sha256"], entries=tuple(entries), versions=versions,
                       settings=settings)
@@ -111,6 +115,53 @@ def merge_profiles(profiles: Sequence[Profile]) -> Profile:
                    settings=settings)
 
 
+def planning_items(chain: Chain, exits: Sequence[ExitPoint], score_kind: str) -> tuple[str, ...]:
+    """The items the solver reads for every device: blocks, heads, a call, the exit decision and a hop."""
+    heads = [exit_item(e.name) for e in exits]
+    if score_kind == "stability":
+        heads += [entry_item(e.name) for e in exits if e.entry_output]
+    return (*(block_item(b.index) for b in chain.blocks), *heads, CALL_ITEM, decide_item(score_kind), RPC_ITEM)
+
+
+def device_part(profile: Profile, source: str, device: str, model_sha: str, items: Sequence[str],
+                backends: Sequence[str]) -> Profile:
+    """``device``'s entries of a profile made elsewhere (``distree profile`` run on the device), restricted to
+    ``backends`` (the Python and gRPC items whatever they are), after checking that they are of this model and
+    cover ``items``."""
+    if profile.model_sha256 != model_sha:
+        raise DistreeError(f"{source} profiles model {profile.model_sha256[:12]}, this compile plans model "
+                           f"{model_sha[:12]} (with its exit heads): profile on {device} the .onnx you compile, one "
+                           "with exits declared (`distree exits MODEL --data DATA -o MODEL_EXITS.onnx` writes one)")
+    keep = tuple(m for m in profile.entries if m.device == device
+                 and (m.backend in backends or m.item == RPC_ITEM or m.item.startswith("decide:")))
+    have = {m.item for m in keep}
+    missing = [item for item in items if item not in have]
+    if missing:
+        which = f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"
+        raise DistreeError(f"{source} lacks {which} for {device} (kernels timed with {' or '.join(backends)}): run "
+                           f"`distree profile MODEL --device {device}` there again, without --item, with this distree "
+                           "(profiles from before it measured dispatch lack call, decide and rpc)")
+    return Profile(model_sha256=model_sha, entries=keep, versions=profile.versions,
+                   settings={device: {**profile.settings.get(device, {}), "from_file": source}})
+
+
+def cost_sources(profile: Profile) -> dict[str, str]:
+    """device -> where its costs come from, in words (what a plan's numbers are worth)."""
+    out = {}
+    for device in profile.devices:
+        settings = profile.settings.get(device, {})
+        provenance = settings.get("provenance", "?")
+        how = {"local": "measured", "estimate": "estimated from its catalog figures",
+               "qemu-emulated": "emulated under qemu (not device timings)"}.get(provenance, f"measured over {provenance}")
+        where = settings.get("measured_on")
+        if provenance == "local" and where:
+            how += f" on {where}"
+        if settings.get("from_file"):
+            how += f" (profile {settings['from_file']})"
+        out[device] = how
+    return out
+
+
 def _check_request(device: DeviceSpec, mode: str, rpc: Optional[str], backends: tuple[str, ...]) -> None:
     if mode not in MODES:
         raise DistreeError(f"unknown profiling mode {mode!r}; use one of {', '.join(MODES)}")
@@ -122,15 +173,37 @@ def _check_request(device: DeviceSpec, mode: str, rpc: Optional[str], backends: 
     if mode in ("rpc", "qemu") and "ort" in backends:
         raise DistreeError(f"{mode} profiling times TVM artifacts on the device; ONNX Runtime is timed only "
                            "locally: drop the ort backend")
-    if mode == "local" and device.target != host_device().target:
-        raise DistreeError(f"local profiling measures this machine (device 'host'), not {device.name!r}; "
-                           f"for {device.name} use --rpc HOST:PORT (its TVM RPC server), --qemu (aarch64 CPUs, "
-                           "emulated) or --estimate")
+    if mode == "local" and device.name != "host":
+        _check_runs_here(device)
     if mode == "qemu":
         cpu = device.target
         if cpu.get("kind") != "llvm" or not str(cpu.get("mtriple", "")).startswith("aarch64"):
             raise DistreeError(f"--qemu emulates aarch64 CPUs; {device.name} targets {cpu.get('kind')} "
                                f"{cpu.get('mtriple') or cpu.get('arch', '')}: use --rpc or --estimate")
+
+
+def _check_runs_here(device: DeviceSpec) -> None:
+    """Local profiling times the device's own code on this machine: on the device itself (a Pi profiling
+    ``pi4``), or on a machine of the same ISA that has every vector extension the code uses."""
+    elsewhere = (f"run `distree profile ... --device {device.name}` on {device.name} itself, or use --rpc HOST:PORT "
+                 "(its TVM RPC server), --qemu (aarch64 CPUs, emulated) or --estimate")
+    if not host_runnable(device):
+        kind = device.target.get("kind")
+        built_for = f"{target_arch(device)} CPUs" if kind == "llvm" else f"{kind} (a GPU)"
+        raise DistreeError(f"local profiling runs {device.name}'s code on this machine, an {host_arch()} CPU, and "
+                           f"{device.name}'s code is built for {built_for}; {elsewhere}")
+    missing = missing_cpu_features(device)
+    if missing:
+        raise DistreeError(f"{device.name}'s code may use {', '.join(missing)}, which this machine's CPU "
+                           f"({host_cpu()}) lacks; {elsewhere}")
+
+
+def local_note(device: DeviceSpec) -> str:
+    """What a local measurement stands for when this machine is not the device's CPU model."""
+    cpu = device.target.get("mcpu")
+    if device.name == "host" or cpu == host_cpu():
+        return ""
+    return f"measured on this machine ({host_cpu()}) standing in for {device.name} ({cpu})"
 
 
 def _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units,
@@ -179,7 +252,7 @@ def _measurer(device: DeviceSpec, mode: str, rpc: Optional[str], timing: TimingS
         return
     if mode == "local":
         yield (lambda unit, backends, prov, note: measure_unit(unit, backends, device, timing, cache_dir, None,
-                                                           prov, note)), "local", ""
+                                                           prov, note)), "local", local_note(device)
         return
     from distree.profiler.rpc import connect
 

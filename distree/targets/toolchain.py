@@ -37,6 +37,34 @@ def host_runnable(device: DeviceSpec) -> bool:
     return device.target.get("kind") == "llvm" and target_arch(device) == host_arch()
 
 
+# Vector extensions TVM's CPU code uses: code built for a CPU that has one stops with an illegal instruction on a
+# CPU without it (the rest of LLVM's feature lists are mostly tuning flags that differ within one ISA).
+CODE_FEATURES = {
+    "x86_64": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512vnni",
+               "avx512bf16", "avx512fp16", "avxvnni", "amx-tile", "amx-int8", "amx-bf16"),
+    "aarch64": ("neon", "fullfp16", "dotprod", "i8mm", "bf16", "sve", "sve2"),
+}
+
+
+def host_cpu() -> str:
+    """This machine's CPU as LLVM names it (what ``mcpu`` would be for code built for it)."""
+    from tvm.target import codegen
+
+    return codegen.llvm_get_system_cpu()
+
+
+def missing_cpu_features(device: DeviceSpec) -> tuple[str, ...]:
+    """The vector extensions the device's code may use that this machine's CPU lacks (same architecture
+    assumed): running that code here would crash, so measuring it here is refused."""
+    import tvm
+    from tvm.target import codegen
+
+    here = tvm.target.Target({"kind": "llvm", "mtriple": codegen.llvm_get_system_triple(), "mcpu": host_cpu()})
+    wanted = set(codegen.llvm_get_cpu_features(tvm.target.Target(dict(device.target))))
+    have = set(codegen.llvm_get_cpu_features(here))
+    return tuple(f for f in CODE_FEATURES.get(target_arch(device), ()) if f in wanted and f not in have)
+
+
 def cross_compiler(device: DeviceSpec) -> Optional[str]:
     """The C compiler that links the device's library (None: the host's default); checked up front."""
     arch = target_arch(device)

@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
         "links:\n"
         "  - {src: edge, dst: pi4, bandwidth_mbps: 100, latency_ms: 2}\n")
     edge = load_topology(topology).device("edge")
-    measured = profile_model(tiny.model, tiny.chain, tiny.calibration.exits, edge, mode="local", backends=("ort",),
+    measured = profile_model(tiny.model, tiny.chain, tiny.calibration.exits, edge, mode="local",
                              cache_dir=tmp / "profiles", timing=FAST)
     path = tmp / "edge.json"
     measured.save(path)
@@ -74,6 +74,26 @@ def test_the_device_is_planned_with_its_own_measurements(setup):
         measured.get("edge", "block:0", "ort").median_ms * 10)
 
 
+def test_a_device_profiled_on_itself_gets_the_backend_that_was_faster_there(setup):
+    """Code for a Pi cannot run here, so `--backend auto` compares TVM and ONNX Runtime on this host as a
+    stand-in, unless the Pi's own profile timed both: then its figures decide (here: a profile in which TVM
+    took half of ONNX Runtime's time on every item, while untuned TVM is slower than ORT on this host)."""
+    tmp, tiny, _, measured, _ = setup
+    ort = [m for m in measured.entries if m.backend in ("ort", "python", "grpc")]
+    halved = [dataclasses.replace(m, backend="tvm", median_ms=m.median_ms / 2) for m in ort if m.backend == "ort"]
+    on_pi = Profile(model_sha256=measured.model_sha256, versions=measured.versions,
+                    entries=tuple(dataclasses.replace(m, device="pi4") for m in (*ort, *halved)),
+                    settings={"pi4": {**measured.settings["edge"], "measured_on": "raspberrypi: cortex-a72, 4 cores"}})
+    on_pi.save(tmp / "pi4.json")
+    options = CompileOptions(devices=("pi4",), time_limit_s=10, accuracy_drop=0.05, profiles=(tmp / "pi4.json",))
+    result = compile_model(tiny.path, tmp / "calib.npz", tmp / "bundle_pi", options, cache_dir=tmp / "cache")
+    segments = [s for st in result.manifest.stages for s in st.segments]
+    assert segments and all(s.backend == "tvm" for s in segments)
+    assert all(s.backend_reason == "auto: TVM/ORT = 0.50 <= 1 on pi4 itself (raspberrypi: cortex-a72, 4 cores; its "
+               "profile's blocks)" for s in segments)
+    assert result.manifest.ratio_measured_on.endswith("; pi4: on itself (raspberrypi: cortex-a72, 4 cores)")
+
+
 def _cli_error(tmp, tiny, *args: str) -> str:
     res = CliRunner().invoke(cli, ["compile", str(tiny.path), "--data", str(tmp / "calib.npz"), "-o",
                                    str(tmp / "refused"), "--cache-dir", str(tmp / "cache"), "--backend", "ort", *args])
@@ -103,5 +123,7 @@ def test_profiles_that_cannot_stand_for_the_compile_are_refused(setup):
     partial.save(tmp / "partial.json")
     out = _cli_error(tmp, tiny, *with_topology, "--profile", str(tmp / "partial.json"))
     assert "partial.json lacks rpc for edge (kernels timed with ort)" in out
-    out = _cli_error(tmp, tiny, *with_topology, "--profile", str(path), "--backend", "tvm")
+    ort_only = dataclasses.replace(measured, entries=tuple(m for m in measured.entries if m.backend != "tvm"))
+    ort_only.save(tmp / "ort_only.json")
+    out = _cli_error(tmp, tiny, *with_topology, "--profile", str(tmp / "ort_only.json"), "--backend", "tvm")
     assert "lacks block:0, block:1, block:2, block:3 ... for edge (kernels timed with tvm)" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -23,6 +24,7 @@ from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph import Chain
 from distree.profiler.types import Profile
+from distree.profiler.units import CALL_ITEM, block_item, entry_item, exit_item
 from distree.runtime.backends import median_ms, ort_runner, set_tvm_threads, tvm_runner
 from distree.serde import atomic_directory, write_bytes_atomic
 from distree.solver.plan import Plan
@@ -70,13 +72,17 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
     out = Path(out_dir)
     with atomic_directory(out) as tmp, tempfile.TemporaryDirectory(prefix="distree-proxy-") as proxy_dir:
         artifacts: dict[int, list[SegmentArtifact]] = {}
+        on_device: dict[str, DeviceTimes] = {}
         for n, spec in enumerate(specs, 1):
             dev = devices[spec.device]
             log(f"[{n}/{len(specs)}] {spec.device}: blocks {spec.first_block}..{spec.last_block}"
                 + (f" -> exit {spec.exit.name}" if spec.exit else ""))
-            artifacts.setdefault(spec.stage_index, []).append(_build_segment(
-                model, chain, spec, dev, host, tmp, Path(proxy_dir), backend, tuning_db, threads,
-                require_aot_cuda))
+            times = _on_device(profile, dev, spec) if backend != "ort" else None
+            artifact = _build_segment(model, chain, spec, dev, host, tmp, Path(proxy_dir), backend, tuning_db,
+                                      threads, require_aot_cuda, times)
+            if times is not None and not artifact.tuned:       # chosen by the device's own times
+                on_device[dev.name] = times
+            artifacts.setdefault(spec.stage_index, []).append(artifact)
         table = _threshold_table(plan, calibration)
         table.save(tmp / THRESHOLDS)
         (tmp / PLANNING).mkdir()
@@ -94,7 +100,8 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
             **versions(), model_sha256=chain.model_sha256,
             created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             score_kind=plan.score_kind, backend_mode=backend,
-            ratio_measured_on=f"host proxy: {host.description}, {threads} thread(s)",
+            ratio_measured_on=f"host proxy: {host.description}, {threads} thread(s)" + "".join(
+                f"; {name}: on itself ({times.where})" for name, times in on_device.items()),
             source=plan.source, input=TensorSpec(chain.input_name, tuple(chain.input_shape), chain.input_dtype),
             plan=plan, stages=stages, files=files, notes=tuning_notes + _notes(stages, backend))
         manifest.save(tmp / MANIFEST)
@@ -159,9 +166,41 @@ def _tensor_specs(values) -> tuple[TensorSpec, ...]:
         for v in values)
 
 
+@dataclass(frozen=True)
+class DeviceTimes:
+    """A segment's TVM and ONNX Runtime times on the device itself, from a profile measured there."""
+
+    tvm_ms: float
+    ort_ms: float
+    where: str
+
+
+def _on_device(profile: Optional[Profile], dev: DeviceSpec, spec: SegmentSpec) -> Optional[DeviceTimes]:
+    """The segment's time per backend from the device's own profile (``distree profile`` run on it): blocks and
+    heads without their standalone call, plus one call. None when the device's code runs here (its segment is
+    timed directly) or the profile did not time both backends on it."""
+    if profile is None or host_runnable(dev) or dev.target.get("kind") != "llvm":
+        return None
+    settings = profile.settings.get(dev.name, {})
+    if settings.get("provenance") != "local":
+        return None
+    items = [block_item(b) for b in range(spec.first_block, spec.last_block + 1)]
+    items += [exit_item(spec.exit.name)] if spec.exit else []
+    items += [entry_item(spec.exit.name)] if spec.entry_output else []
+    times = {}
+    for backend in ("tvm", "ort"):
+        try:
+            call = profile.get(dev.name, CALL_ITEM, backend).median_ms
+            times[backend] = call + sum(max(0.0, profile.get(dev.name, item, backend).median_ms - call)
+                                        for item in items)
+        except KeyError:
+            return None
+    return DeviceTimes(times["tvm"], times["ort"], settings.get("measured_on") or dev.name)
+
+
 def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev: DeviceSpec, host: DeviceSpec,
                    root: Path, proxy_dir: Path, backend: str, tuning_db: Optional[Path], threads: int,
-                   require_aot_cuda: bool) -> SegmentArtifact:
+                   require_aot_cuda: bool, on_device: Optional[DeviceTimes]) -> SegmentArtifact:
     seg = segment_model(model, chain, spec)
     rel = Path(dev.name) / spec.stem
     onnx_rel = rel.with_suffix(".onnx")
@@ -183,13 +222,17 @@ def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev:
         reason = ("CUDA target: TVM ships (the GPU is why the device is used; this host's CPU cannot stand in "
                   "for it, and ONNX Runtime would run on the device's CPU)")
         chosen = "tvm"
+    elif on_device is not None and not build.tuned:     # the device's profile timed this very (untuned) code
+        tvm_ms, ort_ms = on_device.tvm_ms, on_device.ort_ms
+        ratio = tvm_ms / ort_ms
+        chosen, reason = _choose(backend, ratio, f"on {dev.name} itself ({on_device.where}; its profile's blocks)")
     else:
         # the proxy gets the artifact's tuning state: host records must not make untuned device code look fast
         proxy = build if host_runnable(dev) else compile_segment(
             seg, host, proxy_dir / f"{dev.name}_{spec.stem}.so", tuning_db if build.tuned else None)
         tvm_ms = median_ms(tvm_runner(proxy.path), probe)
         ratio = tvm_ms / ort_ms
-        chosen, reason = _choose(backend, ratio)
+        chosen, reason = _choose(backend, ratio, "on the host proxy")
         if build.tuned and not proxy.tuned:
             reason += (f" (the proxy is untuned: the records of {dev.name} are for its CPU, and this host has "
                        "none; tune host too for a like-for-like ratio)")
@@ -198,12 +241,12 @@ def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev:
                            tvm_file=str(so_rel), tuned=build.tuned, cuda=build.cuda, **common)
 
 
-def _choose(backend: str, ratio: float) -> tuple[str, str]:
+def _choose(backend: str, ratio: float, where: str) -> tuple[str, str]:
     if backend == "tvm":
-        return "tvm", f"--backend tvm (TVM/ORT = {ratio:.2f} on the host proxy)"
+        return "tvm", f"--backend tvm (TVM/ORT = {ratio:.2f} {where})"
     if ratio <= 1.0:
-        return "tvm", f"auto: TVM/ORT = {ratio:.2f} <= 1 on the host proxy"
-    return "ort", f"auto: TVM/ORT = {ratio:.2f} > 1 on the host proxy, so ONNX Runtime ships"
+        return "tvm", f"auto: TVM/ORT = {ratio:.2f} <= 1 {where}"
+    return "ort", f"auto: TVM/ORT = {ratio:.2f} > 1 {where}, so ONNX Runtime ships"
 
 
 def _threshold_table(plan: Plan, calibration: Calibration) -> ThresholdTable:
@@ -227,8 +270,10 @@ def _notes(stages: tuple[DeviceArtifact, ...], backend: str) -> tuple[str, ...]:
                   if all(s.tuned for s in ort) else
                   "their TVM code is untuned: tune with --tune-minutes to close the gap (15 min brought the "
                   "example model from 17x to 1.16x of ONNX Runtime on an x86 host)")
-        notes.append(f"{len(ort)} of {len(segs)} segment(s) ship as ONNX Runtime because TVM was slower on the "
-                     f"host proxy (TVM/ORT {worst}); {advice}")
+        where = ("on the host proxy" if all("host proxy" in s.backend_reason for s in ort) else
+                 "where timed (each segment's reason says where)")
+        notes.append(f"{len(ort)} of {len(segs)} segment(s) ship as ONNX Runtime because TVM was slower {where} "
+                     f"(TVM/ORT {worst}); {advice}")
     untuned = sorted({name for name, s in segs if s.backend == "tvm" and not s.tuned})
     if untuned:
         notes.append(f"TVM segments on {', '.join(untuned)} are untuned (no MetaSchedule records for their target)")

@@ -74,7 +74,7 @@ class Manifest(JsonRecord):
     created_utc: str
     score_kind: str
     backend_mode: str               # tvm / ort / auto as requested
-    ratio_measured_on: str          # "host proxy: <cpu>, N thread(s)"
+    ratio_measured_on: str          # "host proxy: <cpu>, N thread(s)[; <device>: on itself (<where>)]"
     source: str                     # device where requests arrive and answers return
     input: TensorSpec
     plan: Plan

@@ -14,6 +14,7 @@ import compiler_fixtures as cf
 from distree.cli import cli
 from distree.compiler.pipeline import CompileOptions, compile_model
 from distree.profiler import Profile, TimingSettings, profile_model
+from distree.runtime.executor import remaining_ms
 from distree.targets import host_device, load_topology
 from distree.targets.toolchain import host_arch
 
@@ -92,6 +93,25 @@ def test_a_device_profiled_on_itself_gets_the_backend_that_was_faster_there(setu
     assert all(s.backend_reason == "auto: TVM/ORT = 0.50 <= 1 on pi4 itself (raspberrypi: cortex-a72, 4 cores; its "
                "profile's blocks)" for s in segments)
     assert result.manifest.ratio_measured_on.endswith("; pi4: on itself (raspberrypi: cortex-a72, 4 cores)")
+
+    # the runtime's deadline estimates on the Pi use the Pi's times, not this host's
+    for seg in segments:
+        assert seg.expected_from == "profile of pi4 (local)"
+        assert seg.expected_ms == pytest.approx(seg.tvm_ms) and seg.expected_ms != pytest.approx(seg.ort_ms)
+    assert remaining_ms(result.manifest).on_entry[0] == pytest.approx(sum(s.expected_ms for s in segments))
+
+
+def test_deadline_estimates_for_a_device_not_at_hand_come_from_its_profile(setup):
+    """Before, a Pi's segments carried this host's proxy times, so its deadline override thought the rest of the
+    model ~10x quicker than the Pi runs it."""
+    tmp, tiny, _, _, _ = setup
+    options = CompileOptions(devices=("pi4",), time_limit_s=10, accuracy_drop=0.05)
+    result = compile_model(tiny.path, tmp / "calib.npz", tmp / "bundle_estimated", options, cache_dir=tmp / "cache")
+    segments = [s for st in result.manifest.stages for s in st.segments]
+    for seg in segments:
+        assert seg.expected_from == "profile of pi4 (estimate)"
+        assert seg.expected_ms > 3 * (seg.tvm_ms if seg.backend == "tvm" else seg.ort_ms)
+    assert remaining_ms(result.manifest).on_entry[0] == pytest.approx(sum(s.expected_ms for s in segments))
 
 
 def _cli_error(tmp, tiny, *args: str) -> str:

@@ -49,6 +49,8 @@ def test_manifest_describes_every_segment_and_file(bundle, tiny):
     for seg in (*host.segments, last):
         assert seg.backend == "tvm" and seg.file.endswith(".so") and seg.onnx_file.endswith(".onnx")
         assert seg.tvm_ms > 0 and seg.ort_ms > 0 and seg.ratio == pytest.approx(seg.tvm_ms / seg.ort_ms)
+    assert all(s.expected_ms == s.tvm_ms and s.expected_from == "timed here" for s in host.segments)
+    assert last.expected_ms is None     # pi4's code does not run here and no profile was given: the plan's share
     assert m.ratio_measured_on.startswith("host proxy")
     on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(m.files) == on_disk

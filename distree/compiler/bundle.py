@@ -79,7 +79,7 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
                 + (f" -> exit {spec.exit.name}" if spec.exit else ""))
             times = _on_device(profile, dev, spec) if backend != "ort" else None
             artifact = _build_segment(model, chain, spec, dev, host, tmp, Path(proxy_dir), backend, tuning_db,
-                                      threads, require_aot_cuda, times)
+                                      threads, require_aot_cuda, times, profile)
             if times is not None and not artifact.tuned:       # chosen by the device's own times
                 on_device[dev.name] = times
             artifacts.setdefault(spec.stage_index, []).append(artifact)
@@ -175,32 +175,37 @@ class DeviceTimes:
     where: str
 
 
+def profile_segment_ms(profile: Profile, device: str, spec: SegmentSpec, backend: str) -> Optional[float]:
+    """The segment's time on ``device`` with ``backend`` by the profile: its blocks and heads without the call
+    each standalone measurement paid, plus one call (the solver's accounting). None: an item lacks that backend."""
+    items = [block_item(b) for b in range(spec.first_block, spec.last_block + 1)]
+    items += [exit_item(spec.exit.name)] if spec.exit else []
+    items += [entry_item(spec.exit.name)] if spec.entry_output else []
+    try:
+        call = profile.get(device, CALL_ITEM, backend).median_ms
+        return call + sum(max(0.0, profile.get(device, item, backend).median_ms - call) for item in items)
+    except KeyError:
+        return None
+
+
 def _on_device(profile: Optional[Profile], dev: DeviceSpec, spec: SegmentSpec) -> Optional[DeviceTimes]:
-    """The segment's time per backend from the device's own profile (``distree profile`` run on it): blocks and
-    heads without their standalone call, plus one call. None when the device's code runs here (its segment is
-    timed directly) or the profile did not time both backends on it."""
+    """The segment's time per backend from the device's own profile (``distree profile`` run on it). None when
+    the device's code runs here (its segment is timed directly) or the profile did not time both backends there."""
     if profile is None or host_runnable(dev) or dev.target.get("kind") != "llvm":
         return None
     settings = profile.settings.get(dev.name, {})
     if settings.get("provenance") != "local":
         return None
-    items = [block_item(b) for b in range(spec.first_block, spec.last_block + 1)]
-    items += [exit_item(spec.exit.name)] if spec.exit else []
-    items += [entry_item(spec.exit.name)] if spec.entry_output else []
-    times = {}
-    for backend in ("tvm", "ort"):
-        try:
-            call = profile.get(dev.name, CALL_ITEM, backend).median_ms
-            times[backend] = call + sum(max(0.0, profile.get(dev.name, item, backend).median_ms - call)
-                                        for item in items)
-        except KeyError:
-            return None
-    return DeviceTimes(times["tvm"], times["ort"], settings.get("measured_on") or dev.name)
+    tvm_ms, ort_ms = (profile_segment_ms(profile, dev.name, spec, b) for b in ("tvm", "ort"))
+    if tvm_ms is None or ort_ms is None:
+        return None
+    return DeviceTimes(tvm_ms, ort_ms, settings.get("measured_on") or dev.name)
 
 
 def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev: DeviceSpec, host: DeviceSpec,
                    root: Path, proxy_dir: Path, backend: str, tuning_db: Optional[Path], threads: int,
-                   require_aot_cuda: bool, on_device: Optional[DeviceTimes]) -> SegmentArtifact:
+                   require_aot_cuda: bool, on_device: Optional[DeviceTimes], profile: Optional[Profile]
+                   ) -> SegmentArtifact:
     seg = segment_model(model, chain, spec)
     rel = Path(dev.name) / spec.stem
     onnx_rel = rel.with_suffix(".onnx")
@@ -212,7 +217,8 @@ def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev:
                   entry_output=spec.entry_output, is_final=spec.is_final)
     if backend == "ort":
         return SegmentArtifact(file=str(onnx_rel), backend="ort", backend_reason="--backend ort",
-                               tvm_ms=None, ort_ms=None, ratio=None, **common)
+                               tvm_ms=None, ort_ms=None, ratio=None,
+                               **_expected(profile, dev, spec, "ort", None), **common)
     so_rel = rel.with_suffix(".so")
     build = compile_segment(seg, dev, root / so_rel, tuning_db, require_aot_cuda)
     probe = np.random.default_rng(0).standard_normal(input_spec.shape).astype(input_spec.dtype)
@@ -236,9 +242,24 @@ def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev:
         if build.tuned and not proxy.tuned:
             reason += (f" (the proxy is untuned: the records of {dev.name} are for its CPU, and this host has "
                        "none; tune host too for a like-for-like ratio)")
+    here = (tvm_ms if chosen == "tvm" else ort_ms) if host_runnable(dev) else None
     return SegmentArtifact(file=str(so_rel if chosen == "tvm" else onnx_rel), backend=chosen,
                            backend_reason=reason, tvm_ms=tvm_ms, ort_ms=ort_ms, ratio=ratio,
-                           tvm_file=str(so_rel), tuned=build.tuned, cuda=build.cuda, **common)
+                           tvm_file=str(so_rel), tuned=build.tuned, cuda=build.cuda,
+                           **_expected(profile, dev, spec, chosen, here), **common)
+
+
+def _expected(profile: Optional[Profile], dev: DeviceSpec, spec: SegmentSpec, backend: str,
+              here: Optional[float]) -> dict:
+    """What the segment should take on its device (the runtime's deadline estimates): timed here when this
+    machine runs the device's code, else the device's profile (measured there or estimated), else unknown."""
+    if here is not None:
+        return {"expected_ms": here, "expected_from": "timed here"}
+    ms = profile_segment_ms(profile, dev.name, spec, backend) if profile is not None else None
+    if ms is None:
+        return {}
+    provenance = profile.settings.get(dev.name, {}).get("provenance", "?")
+    return {"expected_ms": ms, "expected_from": f"profile of {dev.name} ({provenance})"}
 
 
 def _choose(backend: str, ratio: float, where: str) -> tuple[str, str]:

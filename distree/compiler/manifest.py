@@ -47,12 +47,14 @@ class SegmentArtifact(JsonRecord):
     is_final: bool                  # outputs[0] is the model's final logits
     backend: str                    # "tvm" or "ort"
     backend_reason: str
-    tvm_ms: Optional[float]         # host-proxy median latency of the host TVM build (None: not measured)
+    tvm_ms: Optional[float]         # what chose the backend: median ms of each, where backend_reason says
     ort_ms: Optional[float]
     ratio: Optional[float]          # tvm_ms / ort_ms
     tvm_file: Optional[str] = None  # the TVM library, when one was built (kept even if ORT ships)
     tuned: bool = False
     cuda: Optional[str] = None      # how CUDA kernels ship (CUDA targets only)
+    expected_ms: Optional[float] = None     # what it should take on its device, with the backend that ships
+    expected_from: str = ""                 # "timed here" or "profile of <device> (<provenance>)"
 
 
 @dataclass(frozen=True)

@@ -177,15 +177,16 @@ def transfer_in_ms(manifest: Manifest) -> tuple[float, ...]:
 
 
 def expected_segment_ms(manifest: Manifest) -> tuple[tuple[float, ...], ...]:
-    """Expected compute of each sub-segment: the compiler's figure for the backend it ships with, else the
-    plan's compute for the stage (per request that reaches it) shared out by block count."""
+    """Expected compute of each sub-segment on its device: the compiler's figure (timed on the build machine
+    when it ran the device's code, else the device's profile), else the plan's compute for the stage (per
+    request that reaches it) shared out by block count."""
     out = []
     for artifact, planned in zip(manifest.stages, manifest.plan.stages):
         per_reach = planned.compute_ms / planned.reach_rate if planned.reach_rate > 0 else 0.0
         blocks = artifact.last_block - artifact.first_block + 1
         out.append(tuple(
-            (seg.tvm_ms if seg.backend == "tvm" else seg.ort_ms)
-            or per_reach * (seg.last_block - seg.first_block + 1) / blocks
+            seg.expected_ms if seg.expected_ms is not None
+            else per_reach * (seg.last_block - seg.first_block + 1) / blocks
             for seg in artifact.segments))
     return tuple(out)
 

@@ -30,9 +30,9 @@ class Replay:
 def _dispatch(profile: Profile, device: str, n_blocks: int, score_kind: str):
     """(item -> time inside a segment, call cost of a sub-segment, decision cost, gRPC round trip) on ``device``, as
     distree.solver.problem.build_problem states them."""
-    blocks = [profile.get(device, f"block:{b}") for b in range(n_blocks)]
-    backends = [m.backend for m in blocks]
-    favourite = max(sorted(set(backends)), key=backends.count)
+    per_backend = {m.backend for m in profile.entries if m.device == device and m.item == "block:0"}
+    totals = {b: sum(profile.get(device, f"block:{k}", b).median_ms for k in range(n_blocks)) for b in per_backend}
+    favourite = min(sorted(totals), key=lambda b: totals[b])      # the backend with the least time over all blocks
     call = profile.get(device, "call", favourite).median_ms
     decide = profile.get(device, f"decide:{score_kind}").median_ms
     rpc = profile.get(device, "rpc").median_ms

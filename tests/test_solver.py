@@ -583,3 +583,22 @@ def test_dispatch_costs_are_charged_and_an_older_profile_is_refused():
         older = dataclasses.replace(case.profile, entries=tuple(m for m in case.profile.entries if m.item != item))
         with pytest.raises(DistreeError, match="lack the call, decide and rpc entries"):
             build_problem(case.chain, case.calibration, older, case.topology, c)
+
+
+def test_a_sub_segment_pays_the_call_of_the_backend_that_takes_least_time_over_the_blocks():
+    """ONNX Runtime wins every block but one by a hair and loses that one by far: TVM is what the compiler will
+    mostly ship, so its call is charged (counting blocks won charged ORT's)."""
+    case = synthetic_case(6, 3, 3, 2, 60, seed=4, dispatch_ms=(0.25, 0.5, 1.0))
+    ort = []
+    for m in case.profile.entries:
+        if m.item.startswith("block:"):
+            ms = m.median_ms + 100.0 if m.item == "block:0" else m.median_ms * 0.99
+            ort.append(dataclasses.replace(m, backend="ort", median_ms=ms, p90_ms=ms))
+        elif m.item == "call":
+            ort.append(dataclasses.replace(m, backend="ort", median_ms=0.9, p90_ms=0.9))
+    both = dataclasses.replace(case.profile, entries=case.profile.entries + tuple(ort))
+    c = Constraints(accuracy_drop=0.05)
+    tvm_only, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+    mixed, _ = build_problem(case.chain, case.calibration, both, case.topology, c)
+    # heads are timed with TVM only, so they differ exactly by the call charged with each (0.25 vs ORT's 0.9)
+    np.testing.assert_allclose(mixed.head_ms, tvm_only.head_ms)

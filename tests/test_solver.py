@@ -331,6 +331,7 @@ def test_cli_plan_writes_plan_lp_and_table(tmp_path):
                                    "-o", str(tmp_path / "plan.json")])
     assert res.exit_code == 0, res.output
     assert "expected latency" in res.output and "status optimal" in res.output
+    assert "costs: dev0 estimated, not measured; dev1 estimated, not measured; dev2 estimated" in res.output
     plan = Plan.load(tmp_path / "plan.json")
     _check_plan(plan, case, Constraints(accuracy_drop=0.02))
     lp = (tmp_path / "m.lp").read_text()

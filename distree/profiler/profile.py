@@ -146,16 +146,16 @@ def device_part(profile: Profile, source: str, device: str, model_sha: str, item
 
 
 def cost_sources(profile: Profile) -> dict[str, str]:
-    """device -> where its costs come from, in words (what a plan's numbers are worth)."""
+    """device -> where its kernel costs come from, in words (what a plan's numbers are worth)."""
     out = {}
     for device in profile.devices:
         settings = profile.settings.get(device, {})
-        provenance = settings.get("provenance", "?")
-        how = {"local": "measured", "estimate": "estimated from its catalog figures",
+        kinds = [m.provenance for m in profile.entries if m.device == device and m.item.startswith("block:")]
+        provenance = max(sorted(set(kinds)), key=kinds.count) if kinds else "?"
+        how = {"local": "measured", "estimate": "estimated, not measured",
                "qemu-emulated": "emulated under qemu (not device timings)"}.get(provenance, f"measured over {provenance}")
-        where = settings.get("measured_on")
-        if provenance == "local" and where:
-            how += f" on {where}"
+        if provenance == "local" and settings.get("measured_on"):
+            how += f" on {settings['measured_on']}"
         if settings.get("from_file"):
             how += f" (profile {settings['from_file']})"
         out[device] = how

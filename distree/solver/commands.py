@@ -11,7 +11,7 @@ from rich.console import Console
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
-from distree.profiler.types import Profile
+from distree.profiler import Profile, cost_sources
 from distree.serde import write_json_atomic
 from distree.solver.problem import Constraints
 from distree.solver.report import plot_sweep, print_plan, print_sweep, sweep_rows
@@ -94,5 +94,7 @@ def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devic
     with _status() as status:
         plan = solve(chain, calibration, profile, topology, constraints, progress=status.update)
     print_plan(plan)
+    costs = cost_sources(profile)
+    click.echo("costs: " + "; ".join(f"{d.name} {costs[d.name]}" for d in topology.devices if d.name in costs))
     if output:
         plan.save(output)

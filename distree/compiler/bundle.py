@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import tempfile
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import numpy as np

@@ -198,7 +198,7 @@ def _check_runs_here(device: DeviceSpec) -> None:
                            f"({host_cpu()}) lacks; {elsewhere}")
 
 
-def local_note(device: DeviceSpec) -> str:
+def _local_note(device: DeviceSpec) -> str:
     """What a local measurement stands for when this machine is not the device's CPU model."""
     cpu = device.target.get("mcpu")
     if device.name == "host" or cpu == host_cpu():
@@ -252,7 +252,7 @@ def _measurer(device: DeviceSpec, mode: str, rpc: Optional[str], timing: TimingS
         return
     if mode == "local":
         yield (lambda unit, backends, prov, note: measure_unit(unit, backends, device, timing, cache_dir, None,
-                                                           prov, note)), "local", local_note(device)
+                                                           prov, note)), "local", _local_note(device)
         return
     from distree.profiler.rpc import connect
 

@@ -32,7 +32,6 @@ are right); README "What keeps it open is the accuracy bound".
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from dataclasses import dataclass
 
 import numpy as np

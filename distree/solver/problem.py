@@ -22,7 +22,7 @@ from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.units import CALL_ITEM, RPC_ITEM, decide_item
-from distree.profiler.types import Measurement, Profile
+from distree.profiler.types import Profile
 from distree.targets.spec import Topology
 
 

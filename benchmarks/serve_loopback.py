@@ -15,6 +15,9 @@ Served answers must equal run_bundle's (checked). Overhead per hop = (end-to-end
 of one request frame to a bare gRPC echo server in another process is measured too, as a unary call and on an
 open stream (how distree's stages and client send requests: `distree.runtime.link`).
 
+``--tls``: also the ``split`` bundle with mutual TLS on every hop (certificates made with the README's openssl
+recipe; without openssl it says so loudly and records why).
+
 ``--netem``: also the ``split`` bundle across two network namespaces joined by a veth pair shaped with
 ``tc netem`` to the topology's link (delay, jitter, rate). It needs root and the kernel's sch_netem; when
 either is missing it says so loudly and records why in the JSON (never a silent skip).
@@ -88,7 +91,7 @@ def _split_bundle(plan, model, chain, calibration, work: Path) -> Path:
 
 
 def start_pipeline(bundle: Path, host: str = "127.0.0.1", prefixes: Optional[dict[str, tuple[str, ...]]] = None,
-                   hosts: Optional[dict[str, str]] = None) -> list[StageProcess]:
+                   hosts: Optional[dict[str, str]] = None, extra_args: tuple[str, ...] = ()) -> list[StageProcess]:
     """One server per device, last first (each needs its successor's address); the source's is first."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     devices = [st["name"] for st in manifest["stages"]]
@@ -99,7 +102,7 @@ def start_pipeline(bundle: Path, host: str = "127.0.0.1", prefixes: Optional[dic
     try:
         for device in reversed(devices):
             listen = f"{(hosts or {}).get(device, host)}:0"
-            servers.insert(0, StageProcess(bundle, device, listen, next_address,
+            servers.insert(0, StageProcess(bundle, device, listen, next_address, extra_args=extra_args,
                                            prefix=(prefixes or {}).get(device, ()), cwd=REPO))
             next_address = servers[0].address
     except Exception:
@@ -116,8 +119,8 @@ def measure_in_process(bundle: Path, data) -> dict:
             "predictions": list(report.predictions), "exits": list(report.exits), "accuracy": report.accuracy}
 
 
-def measure_served(address: str, data) -> dict:
-    with InferenceClient(address) as client:
+def measure_served(address: str, data, tls=None) -> dict:
+    with InferenceClient(address, tls=tls) as client:
         for i in range(min(20, len(data.x))):                   # warm channels and sessions
             client.infer(data.x[i])
         replies, latency = [], []
@@ -188,6 +191,41 @@ def measure_echo(x: np.ndarray, count: int) -> dict:
         proc.wait()
 
 
+OPENSSL_RECIPE = (  # README "Serving over gRPC": one CA, then a certificate per device and client
+    "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 365 -subj /CN=distree-ca "
+    "-keyout ca.key -out ca.pem",
+    "openssl req -x509 -CA ca.pem -CAkey ca.key -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 365 "
+    "-subj /CN={name} -addext basicConstraints=CA:FALSE -addext subjectAltName=IP:127.0.0.1,DNS:localhost "
+    "-keyout {name}.key -out {name}.crt",
+)
+
+
+def tls_run(bundle: Path, data, work: Path) -> dict:
+    """The bundle with mutual TLS on every hop; {'done': False, 'reason': ...} without openssl."""
+    from distree.runtime.tls import load_tls
+
+    folder = work / "tls"
+    folder.mkdir(parents=True, exist_ok=True)
+    commands = [OPENSSL_RECIPE[0]] + [OPENSSL_RECIPE[1].format(name=n) for n in ("stage", "client")]
+    for cmd in commands:
+        try:
+            proc = subprocess.run(shlex.split(cmd), cwd=folder, capture_output=True, text=True)
+        except FileNotFoundError:
+            return {"done": False, "reason": "openssl is not installed (apt-get install openssl)"}
+        if proc.returncode != 0:
+            return {"done": False, "reason": f"`{cmd}` failed: {proc.stderr.strip()}"}
+    flags = ("--tls-cert", str(folder / "stage.crt"), "--tls-key", str(folder / "stage.key"),
+             "--tls-ca", str(folder / "ca.pem"))
+    servers = start_pipeline(bundle, extra_args=flags)
+    try:
+        tls = load_tls(str(folder / "client.crt"), str(folder / "client.key"), str(folder / "ca.pem"))
+        served = measure_served(servers[0].address, data, tls=tls)
+    finally:
+        for s in servers:
+            s.stop()
+    return {"done": True, **{k: v for k, v in served.items() if k not in ("predictions", "exits")}}
+
+
 def shaped_run(bundle: Path, data_path: Path, samples: int) -> dict:
     """The split bundle across two namespaces on a netem-shaped veth; {'done': False, 'reason': ...} if not possible."""
     topology = load_topology(TOPOLOGY)
@@ -235,6 +273,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/distree-serve-loopback"))
     parser.add_argument("--netem", action="store_true", help="also run the split bundle over a netem-shaped link")
+    parser.add_argument("--tls", action="store_true", help="also run the split bundle with mutual TLS on every hop")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,6 +307,9 @@ def main() -> None:
                          "in_process": {k: v for k, v in in_process.items() if k not in ("predictions", "exits")},
                          "served": {k: v for k, v in served.items() if k not in ("predictions", "exits")}}
     echo = measure_echo(data.x, len(data.x))
+    tls = tls_run(bundles["split"], data, args.work) if args.tls else None
+    if tls is not None and not tls["done"]:
+        print(f"{'!' * 100}\nTLS RUN NOT DONE: {tls['reason']}\n{'!' * 100}", file=sys.stderr)
     shaped = None
     if args.netem:
         shaped = shaped_run(bundles["split"], test_path, args.samples)
@@ -280,7 +322,7 @@ def main() -> None:
                        "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
            "command": " ".join([".venv/bin/python", "benchmarks/serve_loopback.py", *sys.argv[1:]]),
            "samples": len(data.x), "in_flight": IN_FLIGHT, "results": results, "grpc_echo_round_trip": echo,
-           "shaped_link": shaped}
+           "shaped_link": shaped, "split_mutual_tls": tls}
     _print_table(doc)
     write_json_atomic(RESULTS, doc)
     print(f"wrote {RESULTS}")
@@ -304,10 +346,9 @@ def _print_table(doc: dict) -> None:
         ip, sv = r["in_process"], r["served"]
         print(f"{name:9} {path:22} {'in-proc':10} {ip['end_to_end']['median_ms']:8.3f} {ip['end_to_end']['p90_ms']:8.3f} "
               f"{ip['end_to_end']['p99_ms']:8.3f} {ip['throughput_rps']:8.0f} {'':>9} {'':>6} {'':>12}")
-        print(f"{'':9} {'':22} {'gRPC':10} {sv['end_to_end']['median_ms']:8.3f} {sv['end_to_end']['p90_ms']:8.3f} "
-              f"{sv['end_to_end']['p99_ms']:8.3f} {sv['throughput_rps']:8.0f} "
-              f"{sv[pipelined]:9.0f} {sv['grpc_calls_per_request']:6.2f} "
-              f"{sv['overhead_per_hop']['median_ms']:12.3f}")
+        _print_served("gRPC", sv, pipelined)
+        if name == "split" and doc["split_mutual_tls"] and doc["split_mutual_tls"]["done"]:
+            _print_served("gRPC+mTLS", doc["split_mutual_tls"], pipelined)
     echo = doc["grpc_echo_round_trip"]
     print(f"bare gRPC echo of one {echo['frame_bytes']}-byte request frame (another process), p50 / p90: unary "
           f"{echo['unary']['median_ms']:.3f} / {echo['unary']['p90_ms']:.3f} ms, on an open stream (distree's link) "
@@ -316,6 +357,13 @@ def _print_table(doc: dict) -> None:
     if shaped and shaped["done"]:
         e = shaped["end_to_end"]
         print(f"split over netem ({shaped['netem']}): p50 {e['median_ms']:.3f} ms, p90 {e['p90_ms']:.3f} ms")
+
+
+def _print_served(mode: str, sv: dict, pipelined: str) -> None:
+    print(f"{'':9} {'':22} {mode:10} {sv['end_to_end']['median_ms']:8.3f} {sv['end_to_end']['p90_ms']:8.3f} "
+          f"{sv['end_to_end']['p99_ms']:8.3f} {sv['throughput_rps']:8.0f} "
+          f"{sv[pipelined]:9.0f} {sv['grpc_calls_per_request']:6.2f} "
+          f"{sv['overhead_per_hop']['median_ms']:12.3f}")
 
 
 if __name__ == "__main__":

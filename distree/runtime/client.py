@@ -16,6 +16,7 @@ from distree.exits import Dataset
 from distree.runtime.backends import percentiles_ms
 from distree.runtime.executor import FINAL
 from distree.runtime.link import Link
+from distree.runtime.tls import Tls, open_channel
 from distree.runtime.server import CHANNEL_OPTIONS, INFER, INFER_STREAM, INFO, ORIGIN_KEY
 from distree.targets.topology import parse_host_port
 from distree.runtime.wire import Reply, Request, WireError, decode_reply, encode_request
@@ -32,13 +33,13 @@ class InferenceClient:
     Every call has a timeout (``timeout_s``), so a dead or stuck pipeline is an error, never a hang.
     """
 
-    def __init__(self, address: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 10.0, tls: Optional[Tls] = None) -> None:
         parse_host_port(address, "address")
         self.address = address
         if timeout_s <= 0:
             raise DistreeError("--timeout-s must be > 0")
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(address, tls, CHANNEL_OPTIONS)
         self._link = Link(self._channel, INFER, INFER_STREAM)
         self._info = self._channel.unary_unary(INFO)
         self._server_info: Optional[dict[str, Any]] = None
@@ -103,7 +104,8 @@ def _client_error(address: str, exc: grpc.RpcError, timeout_s: float) -> str:
         return f"{address} did not answer within {timeout_s:g} s (--timeout-s)"
     if code == grpc.StatusCode.UNAVAILABLE:
         return (f"cannot reach {address} ({details}); start the source device's server there: "
-                f"distree serve BUNDLE --device SOURCE --listen {address}")
+                f"distree serve BUNDLE --device SOURCE --listen {address} (a server with --tls-* answers only "
+                "clients with --tls-* certificates from its CA, and its certificate must name that host)")
     return f"{address}: {code.name}: {details}"
 
 

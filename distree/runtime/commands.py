@@ -9,6 +9,15 @@ from typing import Optional
 import click
 
 
+def tls_options(command):
+    """--tls-cert/--tls-key/--tls-ca: mutual TLS (distree.runtime.tls), the same three flags on serve and infer."""
+    for flag, what in reversed((("--tls-cert", "this party's certificate (PEM)"), ("--tls-key", "its private key (PEM)"),
+                                ("--tls-ca", "the CA (PEM) that signed every device's and client's certificate"))):
+        command = click.option(flag, type=click.Path(dir_okay=False), default=None,
+                               help=f"Mutual TLS: {what}; give all three or none.")(command)
+    return command
+
+
 @click.command("run")
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
@@ -60,19 +69,23 @@ def run_cmd(bundle: str, input_path: str, limit: Optional[int], threads: int, de
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Threads per segment runtime.")
 @click.option("--forward-timeout-s", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
               help="Longest wait for the next stage's answer.")
+@tls_options
 def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str], threads: int,
-              forward_timeout_s: float) -> None:
+              forward_timeout_s: float, tls_cert: Optional[str], tls_key: Optional[str],
+              tls_ca: Optional[str]) -> None:
     """Serve DEVICE's stage of BUNDLE over gRPC until interrupted (Ctrl-C or SIGTERM)."""
     import signal
 
     from distree.runtime.server import serve_stage
+    from distree.runtime.tls import load_tls
 
     server = serve_stage(bundle, device, listen, next_address, threads=threads,
-                         forward_timeout_s=forward_timeout_s)
+                         forward_timeout_s=forward_timeout_s, tls=load_tls(tls_cert, tls_key, tls_ca))
     signal.signal(signal.SIGTERM, lambda *_: server.stop(1.0))
     for note in server.notes:
         click.echo(f"note: {note}")
     click.echo(f"serving {server.description} of bundle {server.bundle_id[:12]} on {server.address}"
+               + (", mutual TLS" if server.tls else ", plain gRPC (no TLS: any host that reaches the port may ask)")
                + (f", next stage at {next_address}" if next_address else ""), nl=True)
     sys.stdout.flush()
     try:
@@ -91,14 +104,16 @@ def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str]
 @click.option("--timeout-s", type=float, default=10.0, show_default=True, help="Longest wait for one answer.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the full report (per-sample answers, exits, reasons, timings) here.")
+@tls_options
 def infer_cmd(address: str, input_path: str, limit: Optional[int], deadline_ms: Optional[float], timeout_s: float,
-              json_path: Optional[str]) -> None:
+              json_path: Optional[str], tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str]) -> None:
     """Send every sample of --input to the pipeline served at ADDRESS (its source device), one at a time."""
     from distree.runtime.client import InferenceClient, infer_dataset
     from distree.runtime.data import load_inputs
+    from distree.runtime.tls import load_tls
     from distree.serde import write_json_atomic
 
-    with InferenceClient(address, timeout_s=timeout_s) as client:
+    with InferenceClient(address, timeout_s=timeout_s, tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
         report = infer_dataset(client, load_inputs(input_path), deadline_ms=deadline_ms, limit=limit)
     if json_path:
         write_json_atomic(json_path, report.to_dict())

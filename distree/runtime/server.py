@@ -29,6 +29,7 @@ from distree.runtime.backends import set_tvm_threads
 from distree.runtime.executor import StageExecutor, StageOutcome, transfer_in_ms
 from distree.runtime.link import NO_FREE_STREAM, Link
 from distree.runtime.policy import ExitPolicy
+from distree.runtime.tls import Tls, add_port, open_channel
 from distree.runtime.wire import Hop, Reply, Request, WireError, decode_reply, decode_request, encode_reply, \
     encode_request
 from distree.targets.topology import parse_host_port
@@ -88,7 +89,7 @@ class _StageService:
     """The request handler: run the stage, answer or forward, relay the answer back."""
 
     def __init__(self, bundle: Path, manifest: Manifest, role: Role, next_address: Optional[str],
-                 threads: int, forward_timeout_s: float, stream_slots: int) -> None:
+                 threads: int, forward_timeout_s: float, stream_slots: int, tls: Optional[Tls]) -> None:
         self.role, self.manifest = role, manifest
         self.bundle_id = sha256_file(bundle / MANIFEST)      # the same file on every device of one bundle
         policy = ExitPolicy(read_thresholds(bundle))
@@ -106,7 +107,7 @@ class _StageService:
         self.forwards = role.accepts if self.executor is None else self.executor.output
         self.next_address = next_address
         self.forward_timeout_s = forward_timeout_s
-        self._channel = grpc.insecure_channel(next_address, options=CHANNEL_OPTIONS) if next_address else None
+        self._channel = open_channel(next_address, tls, CHANNEL_OPTIONS) if next_address else None
         self._link = Link(self._channel, INFER, INFER_STREAM) if self._channel else None
         self._stream_slots = threading.BoundedSemaphore(stream_slots)
 
@@ -261,6 +262,7 @@ class StageServer:
     address: str
     description: str
     notes: tuple[str, ...]
+    tls: bool                       # mutual TLS on its port and towards the next stage
     _server: grpc.Server
     _service: _StageService
 
@@ -284,9 +286,10 @@ def grpc_server(workers: int = WORKERS) -> grpc.Server:
 
 
 def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Optional[str] = None, *,
-                threads: int = 1, forward_timeout_s: float = 10.0, workers: int = WORKERS) -> StageServer:
+                threads: int = 1, forward_timeout_s: float = 10.0, workers: int = WORKERS,
+                tls: Optional[Tls] = None) -> StageServer:
     """Verify ``device``'s files of the bundle (other devices' folders need not be there), load its stage
-    and start serving it on ``listen`` (returns at once)."""
+    and start serving it on ``listen`` (returns at once); with ``tls``, mutual TLS both ways."""
     bundle = Path(bundle)
     parse_host_port(listen, "--listen")
     if next_address is not None:
@@ -304,7 +307,7 @@ def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Opti
     if workers <= UNARY_RESERVE:
         raise DistreeError(f"a stage server needs more than {UNARY_RESERVE} worker threads, got {workers}")
     service = _StageService(bundle, manifest, role, next_address, threads, forward_timeout_s,
-                            stream_slots=workers - UNARY_RESERVE)
+                            stream_slots=workers - UNARY_RESERVE, tls=tls)
     server = grpc_server(workers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Infer": grpc.unary_unary_rpc_method_handler(service.infer),
@@ -312,7 +315,7 @@ def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Opti
         "Info": grpc.unary_unary_rpc_method_handler(service.info),
     }),))
     try:
-        port = server.add_insecure_port(listen)
+        port = add_port(server, listen, tls)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -322,4 +325,4 @@ def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Opti
     server.start()
     address = f"{listen.rpartition(':')[0]}:{port}"
     notes = tuple(service.executor.substitutions) if service.executor else ()
-    return StageServer(role, address, role.describe(manifest), notes, server, service)
+    return StageServer(role, address, role.describe(manifest), notes, tls is not None, server, service)

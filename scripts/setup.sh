@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 extras="train"
 [ "${1:-}" = "--test" ] && extras="test"
 
-apt_pkgs=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross dataset-fashion-mnist qemu-user-static debootstrap)
+apt_pkgs=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross dataset-fashion-mnist qemu-user-static debootstrap openssl)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

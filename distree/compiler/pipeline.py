@@ -100,8 +100,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
 
     prof_key = _key("profile", cal_key, topology.to_dict(), options.rpc, options.backend, options.threads,
                     {dev: sha256_file(path) for dev, (path, _) in given.items()})
-    profile = cache.get("profile", prof_key,
-                        lambda: _profile(model, chain, exits, topology, options, given, cache.root, log), record=Profile)
+    profile = cache.get("profile", prof_key, record=Profile,
+                        compute=lambda: _profile(model, chain, exits, topology, options, given, cache.root, log))
 
     plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s)
     plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints, progress),

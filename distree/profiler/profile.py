@@ -44,6 +44,8 @@ from distree.targets.toolchain import host_arch, host_cpu, host_runnable, import
     target_arch, tvm_target
 
 MODES = ("local", "rpc", "qemu", "estimate")
+PROVENANCE_WORDS = {"local": "measured", "estimate": "estimated, not measured",
+                    "qemu-emulated": "emulated under qemu (not device timings)"}
 QEMU_NOTE = "emulated under qemu-user on an x86 machine: proves the aarch64 artifact runs; NOT a device timing"
 Progress = Callable[[int, int, str], None]
 
@@ -152,8 +154,7 @@ def cost_sources(profile: Profile) -> dict[str, str]:
         settings = profile.settings.get(device, {})
         kinds = [m.provenance for m in profile.entries if m.device == device and m.item.startswith("block:")]
         provenance = max(sorted(set(kinds)), key=kinds.count) if kinds else "?"
-        how = {"local": "measured", "estimate": "estimated, not measured",
-               "qemu-emulated": "emulated under qemu (not device timings)"}.get(provenance, f"measured over {provenance}")
+        how = PROVENANCE_WORDS.get(provenance, f"measured over {provenance}")      # rpc://host:port
         if provenance == "local" and settings.get("measured_on"):
             how += f" on {settings['measured_on']}"
         if settings.get("from_file"):

@@ -59,6 +59,7 @@ def profile_cmd(model_path: Path, devices: tuple[str, ...], topology_path: Optio
     from distree.graph import build_chain, load_model
     from distree.graph.load import parse_shape_option
     from distree.profiler import TimingSettings, merge_profiles, profile_model
+    from distree.profiler.profile import check_request, default_backends
     from distree.targets import get_device, load_topology
 
     mode = _mode(rpc, estimate, qemu)
@@ -70,6 +71,8 @@ def profile_cmd(model_path: Path, devices: tuple[str, ...], topology_path: Optio
     names = [n.strip() for n in exit_outputs.split(",") if n.strip()] if exit_outputs is not None else None
     exits = declared_exits(model, chain, names)
     timing = TimingSettings(warmup=warmup, repeats=repeats, min_repeat_ms=min_repeat_ms, threads=threads)
+    for dev in specs:           # refused requests fail before the progress bar starts
+        check_request(dev, mode, rpc, tuple(backends) or default_backends(mode))
     profiles = []
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -65,7 +65,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     backends = tuple(backends) if backends else default_backends(mode)
     timing = timing or TimingSettings()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    _check_request(device, mode, rpc, backends)
+    check_request(device, mode, rpc, backends)
     decide_kinds = [k for k in SCORE_KINDS if items is None or decide_item(k) in items]
     with_rpc = items is None or RPC_ITEM in items
     units = profile_units(model, chain, exits, items)
@@ -163,7 +163,8 @@ def cost_sources(profile: Profile) -> dict[str, str]:
     return out
 
 
-def _check_request(device: DeviceSpec, mode: str, rpc: Optional[str], backends: tuple[str, ...]) -> None:
+def check_request(device: DeviceSpec, mode: str, rpc: Optional[str], backends: tuple[str, ...]) -> None:
+    """A one-line error for a request that cannot be measured (mode, backends, this machine), before any work."""
     if mode not in MODES:
         raise DistreeError(f"unknown profiling mode {mode!r}; use one of {', '.join(MODES)}")
     bad = [b for b in backends if b not in ("tvm", "ort")]

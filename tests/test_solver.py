@@ -232,6 +232,7 @@ def test_window_widens_only_after_a_trial_shows_it_decides(monkeypatch, min_shar
     monkeypatch.setattr(solve_module, "WIDEN_MIN_SHARE", min_share)
     monkeypatch.setattr(solve_module, "WIDE_BOUND_SHARE", 0.001)     # 8 ms for the first window: width 4 of 8
     monkeypatch.setattr(solve_module, "WIDE_BOUND_MIN_S", 0.0)
+    monkeypatch.setattr(solve_module, "CLASS_SHARE", 0.0)             # no placement classes (they skip the window)
     built, build = [], solve_module.window_prefix_bound
 
     def recording_build(p, t, width):

@@ -29,7 +29,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -190,22 +190,36 @@ class _Search:
 
 def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,
                      best_first: bool = False, tables: BoundTables | None = None,
-                     prefix: PrefixBound | None = None, progress: Optional[Progress] = None) -> BnbResult:
+                     prefix: PrefixBound | None = None, progress: Optional[Progress] = None,
+                     classes: Sequence[BoundTables] = ()) -> BnbResult:
     """Search until proven or ``time_limit_s`` (depth first also stops at MAX_OPEN_NODES open; best first then
     drops its worst nodes, whose smallest bound caps the proven one); the bound is valid either way. ``prefix``:
     the root's wide window bound, which then bounds every node too. Best first tells ``progress`` the plan and
-    the proven bound every PROGRESS_EVERY_S."""
+    the proven bound every PROGRESS_EVERY_S.
+
+    ``classes``: the tables of classes of placements that together cover every placement
+    (:func:`~distree.solver.bounds.first_stage_tables`): one tree per class, its bounds priced within it, all
+    searched as one (the open node of smallest bound first, whichever tree it is in; one incumbent); then
+    ``tables`` and ``prefix`` are not used."""
     t0 = time.perf_counter()
     stop_at = t0 + time_limit_s
-    s = _Search(p, incumbent, tables, prefix)
-    open_nodes = [(root.bound, 0, root) for root in s.root()]     # (bound, tie-break, node)
+    searches = ([_Search(p, incumbent, own, None) for own in classes] if classes
+                else [_Search(p, incumbent, tables, prefix)])
+    best = incumbent
+    open_nodes = sorted(((root.bound, i, i, root) for i, s in enumerate(searches) for root in s.root()),
+                        reverse=not best_first)                   # (bound, tie-break, search, node): a heap, or
+    #                                                               a stack popping the cheapest root first
     dropped_bound, n_dropped = np.inf, 0                          # smallest bound of a dropped node; their count
-    pushed = nodes = 0
+    pushed = len(open_nodes)
+    nodes = 0
     told_at = t0
+
+    def incumbent_total() -> float:
+        return np.inf if best is None else best.expected_ms * p.n_samples
 
     def proven_total(open_min: float) -> float:
         """The bound proven so far, given the smallest bound of an open node (sum over samples)."""
-        return min(open_min, dropped_bound, s.open_leaf_bound, s.incumbent_total())
+        return min(open_min, dropped_bound, min(s.open_leaf_bound for s in searches), incumbent_total())
 
     while open_nodes:
         if nodes % 64 == 0:
@@ -214,7 +228,7 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
                 break                     # out of time, or nothing left to prove below the dropped nodes
             if progress is not None and best_first and now - told_at >= PROGRESS_EVERY_S:
                 told_at = now
-                progress(s.best, proven_total(open_nodes[0][0]) / p.n_samples)
+                progress(best, proven_total(open_nodes[0][0]) / p.n_samples)
         if len(open_nodes) > MAX_OPEN_NODES:
             if not best_first:
                 break
@@ -223,23 +237,27 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
             dropped_bound = min(dropped_bound, open_nodes[keep][0])
             n_dropped += len(open_nodes) - keep
             del open_nodes[keep:]
-        node = (heapq.heappop(open_nodes) if best_first else open_nodes.pop())[2]
+        _, _, i, node = heapq.heappop(open_nodes) if best_first else open_nodes.pop()
         nodes += 1
-        if node.bound >= s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE):
+        if node.bound >= incumbent_total() * (1 - OPTIMALITY_TOLERANCE):
             continue
+        s = searches[i]
+        s.best = best
         if node.depth == p.n_exits:
             s.settle_leaf(node)
+            best = s.best
             continue
         for kid in sorted(s.children(node), key=lambda k: -k.bound):   # depth first pops the cheapest first
             pushed += 1
-            item = (kid.bound, pushed, kid)
+            item = (kid.bound, pushed, i, kid)
             heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
     N = p.n_samples
-    live = [b for b, _, _ in open_nodes if b < s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]
+    live = [b for b, _, _, _ in open_nodes if b < incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]
     bound_total = proven_total(min(live, default=np.inf))
-    complete = (not live and not np.isfinite(s.open_leaf_bound)
-                and dropped_bound >= s.incumbent_total() * (1 - OPTIMALITY_TOLERANCE))
-    return BnbResult(best=s.best, bound=bound_total / N, complete=complete,
+    complete = (not live and not any(np.isfinite(s.open_leaf_bound) for s in searches)
+                and dropped_bound >= incumbent_total() * (1 - OPTIMALITY_TOLERANCE))
+    tried = sum(s.prefix_tried for s in searches)
+    return BnbResult(best=best, bound=bound_total / N, complete=complete,
                      nodes=nodes, wall_s=time.perf_counter() - t0,
-                     wide_share=s.prefix_decisive / s.prefix_tried if s.prefix_tried else float("nan"),
+                     wide_share=sum(s.prefix_decisive for s in searches) / tried if tried else float("nan"),
                      dropped=n_dropped)

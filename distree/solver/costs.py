@@ -214,7 +214,8 @@ def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
     return pl, float(final.min())
 
 
-def cheapest_leave_ms(p: Problem, head_price: np.ndarray | None = None) -> np.ndarray:
+def cheapest_leave_ms(p: Problem, head_price: np.ndarray | None = None,
+                      allowed: np.ndarray | None = None) -> np.ndarray:
     """[E + 1] a lower bound on the latency of a sample leaving at exit j (last: the final classifier).
 
     The blocks up to the exit on the cheapest staged path to it: each stage a contiguous range whose
@@ -227,6 +228,9 @@ def cheapest_leave_ms(p: Problem, head_price: np.ndarray | None = None) -> np.nd
     leave[j] + the prices of the heads a sample evaluates then stays below its true latency on every path
     (the credit is at most the head's true cost minus its price, and never positive for a head skipped).
     Pricing heads at the source device's cost, not the cheapest device's, is what that buys.
+
+    ``allowed`` [D, B] (default: all): the blocks each device may run, for a bound on a class of placements
+    (:func:`~distree.solver.bounds.first_stage_tables`); inf where no allowed path reaches.
     """
     D, B, E = p.n_devices, p.n_blocks, p.n_exits
     credit = np.zeros((D, E)) if head_price is None else np.minimum(0.0, p.head_ms - head_price[None, :])
@@ -239,6 +243,9 @@ def cheapest_leave_ms(p: Problem, head_price: np.ndarray | None = None) -> np.nd
     for s in range(B):
         act[:, s, s:] = np.maximum.accumulate(p.block_act[:, s:], axis=1)
     fits = (cp[:, None, 1:] - cp[:, :-1, None]) + act <= p.capacity_bytes[:, None, None]
+    if allowed is not None:                   # a range runs on d only if each of its blocks may
+        banned = np.concatenate([np.zeros((D, 1)), np.cumsum(~allowed, axis=1)], axis=1)
+        fits &= (banned[:, None, 1:] - banned[:, :-1, None]) == 0
     ms = np.where(fits & np.triu(np.ones((B, B), dtype=bool))[None], ms, np.inf)
     allowed = ~np.eye(D, dtype=bool) if p.free_order else np.triu(np.ones((D, D), dtype=bool), k=1)  # [prev, d]
     enter = np.full((D, B), np.inf)           # enter[d, s]: cheapest arrival on d to run block s

@@ -17,9 +17,10 @@ from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
 from distree.solver import bnb
 from distree.solver.bnb import _Search, branch_and_bound
-from distree.solver.bounds import (WindowTerms, best_multiplier, bound_tables, first_stage_tables,
-                                   nested_window_bounds, widest_window_bound, window_bound)
+from distree.solver.bounds import (WindowTerms, best_multiplier, bound_tables, nested_window_bounds,
+                                   widest_window_bound, window_bound)
 from distree.solver.brute import all_configurations, all_placements
+from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
 from distree.solver.heuristic import _MoveScorer, _penalised, iterated_local_search, local_search, place
 from distree.solver.milp import solve_milp
@@ -613,51 +614,58 @@ def _first_stage(placement: np.ndarray) -> tuple[int, int]:
 
 
 def test_placement_class_bounds_never_exceed_the_best_plan_of_their_class():
-    """Each first-stage class's tables bound every node of its tree (nothing pruned) by at most the best
-    feasible plan whose placement is in that class and whose levels start with the node's, by enumerating every
-    configuration and placement; so a forest over the classes is exact (complete, the exhaustive optimum) and a
-    stopped one keeps a valid bound."""
+    """Every node a search over placement classes can create (roots, children, and a node split into the classes
+    partitioning its own, nothing pruned) bounds at most the best feasible plan whose placement is in the node's
+    class and whose levels start with the node's, by enumerating every configuration and placement; the forest
+    finishes at the exhaustive optimum, and a stopped one keeps a valid bound."""
     checked = exact = split = 0
     for seed in range(120):
         case, c, problem = _random_problem(seed)
         if problem.n_exits == 0 or problem.n_devices == 1:
             continue
         ref = brute_force(problem)
-        classes = {(d, b): first_stage_tables(problem, d, b)
-                   for d in range(problem.n_devices) for b in range(problem.n_blocks)}
-        forest = branch_and_bound(problem, None, 20.0, best_first=seed % 2 == 0, classes=list(classes.values()))
+        forest = branch_and_bound(problem, None, 20.0, best_first=seed % 2 == 0, classes=PlacementClasses(problem))
         assert forest.complete, seed
         if np.isfinite(ref.expected_ms):
             assert forest.best.expected_ms == pytest.approx(ref.expected_ms, rel=1e-7, abs=1e-9), seed
             exact += 1
         else:
             assert forest.best is None
-        stopped = branch_and_bound(problem, None, 0.002, best_first=True, classes=list(classes.values()))
+        stopped = branch_and_bound(problem, None, 0.002, best_first=True, classes=PlacementClasses(problem))
         assert stopped.bound <= ref.expected_ms * (1 + 1e-9) + 1e-12, seed
         configs = all_configurations(problem.n_levels)
         placements = all_placements(problem.n_blocks, problem.n_devices, problem.free_order)
         if len(configs) * len(placements) > 3000:
             continue
-        best: dict[tuple[int, int], dict[tuple[int, ...], float]] = {}
+        by_stage: dict[tuple[int, int], dict[tuple[int, ...], float]] = {}    # (device, last block) -> plans
         for pl in placements:
             for levels in configs:
                 ev = evaluate(problem, levels, pl)
                 if ev.feasible:
-                    own = best.setdefault(_first_stage(pl), {})
+                    own = by_stage.setdefault(_first_stage(pl), {})
                     key = tuple(int(x) for x in levels)
                     own[key] = min(own.get(key, np.inf), ev.expected_ms * problem.n_samples)
-        split += len(best) > 1
-        for cls, own in best.items():
-            search = _Search(problem, None, classes[cls], None)
-            stack = search.root()
-            while stack:
-                node = stack.pop()
-                below = [v for k, v in own.items() if k[:node.depth] == node.levels]
-                assert node.bound <= min(below, default=np.inf) * (1 + 1e-9) + 1e-9, (seed, cls, node.levels)
-                checked += 1
-                if node.depth < problem.n_exits:
-                    stack.extend(search.children(node))
-    assert exact >= 40 and split >= 10 and checked >= 3000, (exact, split, checked)
+
+        def best_below(cls: StageClass, levels: tuple[int, ...]) -> float:
+            return min((v for (d, last), own in by_stage.items() for k, v in own.items()
+                        if d == cls.device and (last == cls.last_block if cls.exact else last >= cls.last_block)
+                        and k[:len(levels)] == levels), default=np.inf)
+
+        classes = PlacementClasses(problem)
+        searches = {}
+        search = lambda cls: searches.setdefault(cls, _Search(problem, None, classes.tables(cls), None, cls))  # noqa: E731
+        stack = [(cls, node) for cls in classes.roots() for node in search(cls).root()]
+        while stack:
+            cls, node = stack.pop()
+            assert node.bound <= best_below(cls, node.levels) * (1 + 1e-9) + 1e-9, (seed, cls, node.levels)
+            checked += 1
+            parts = classes.split(cls, node.depth)
+            split += bool(parts)
+            if parts:
+                stack.extend((part, kid) for part in parts for kid in search(part).rebound(node, None))
+            elif node.depth < problem.n_exits:
+                stack.extend((cls, kid) for kid in search(cls).children(node))
+    assert exact >= 40 and split >= 500 and checked >= 3000, (exact, split, checked)
 
 
 def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch):
@@ -665,7 +673,7 @@ def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch
     probe (and proves this instance in ~2 s; one tree over every placement takes 16 s, measured); where it is
     not, it builds none."""
     solve_module = importlib.import_module("distree.solver.solve")
-    bounds_module = importlib.import_module("distree.solver.bounds")
+    classes_module = importlib.import_module("distree.solver.classes")
     monkeypatch.setattr(solve_module, "MILP_MAX_ROWS", 10)          # the tree route
     built, original = [], solve_module.placement_classes
 
@@ -677,21 +685,21 @@ def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch
     searched, tree = [], solve_module.branch_and_bound
 
     def recording_tree(*args, **kwargs):
-        searched.append(len(kwargs.get("classes", ())))
+        searched.append(kwargs.get("classes") is not None)
         return tree(*args, **kwargs)
 
     monkeypatch.setattr(solve_module, "branch_and_bound", recording_tree)
     case = synthetic_case(30, 8, 4, 3, 500, seed=2)
     c = Constraints(accuracy_drop=0.01, time_limit_s=20)
     plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
-    assert len(built) == 1 and len(built[0]) == 30 * 3 and searched[1:] and set(searched[1:]) == {30 * 3}
+    assert len(built) == 1 and built[0] is not None and searched[0] is False and searched[1:] and all(searched[1:])
     problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
     whole = bound_tables(problem)
-    assert min(t.root for t in built[0]) > whole.root
     assert plan.status == "optimal" and plan.bound_ms == pytest.approx(plan.expected_latency_ms)
     _check_plan(plan, case, c)
     one = synthetic_case(12, 4, 3, 1, 300, seed=2)                   # one device: no classes to search
     alone, _ = build_problem(one.chain, one.calibration, one.profile, one.topology, c)
-    assert original(alone, bound_tables(alone), 10.0) == []
-    monkeypatch.setattr(bounds_module, "CLASS_MIN_GAIN", 1.0)       # a gain it does not reach: none built
-    assert original(problem, whole, 10.0) == []
+    assert original(alone, bound_tables(alone), 10.0) is None
+    assert original(problem, whole, 10.0) is not None
+    monkeypatch.setattr(classes_module, "CLASS_MIN_GAIN", 1.0)      # a gain it does not reach: none built
+    assert original(problem, whole, 10.0) is None

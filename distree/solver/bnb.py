@@ -29,11 +29,12 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
 from distree.solver.bounds import BoundTables, PrefixBound, WideChildren, bound_tables, nested_window_bounds
+from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, nested_free_choice_ms
 from distree.solver.heuristic import Candidate, place
 from distree.solver.problem import Problem
@@ -82,8 +83,9 @@ class _Node:
 
 class _Search:
     def __init__(self, p: Problem, incumbent: Candidate | None, tables: BoundTables | None,
-                 prefix: PrefixBound | None):
+                 prefix: PrefixBound | None, stage_class: StageClass | None = None):
         self.p = p
+        self.stage_class = stage_class      # the placements its tables price (None: all)
         self.prefix = prefix
         self.prefix_tried = self.prefix_decisive = 0
         self.tables = bound_tables(p) if tables is None else tables
@@ -132,6 +134,16 @@ class _Search:
         return [_Node(float(bound[c]), depth, levels[c], packed[i], float(fixed_ms[c]), int(fixed_right[c]),
                       float(heads_ms[c]), float(wide.prefix[c]), int(wide.state[c]), float(wide.decided[c]))
                 for i, c in enumerate(keep)]
+
+    def rebound(self, node: _Node, incumbent: Candidate | None) -> list[_Node]:
+        """``node`` (decided by a class containing this search's) bounded with this search's tables; nothing when
+        that cannot beat ``incumbent``. Its decided samples and heads keep their prices: both classes price the
+        blocks and heads the node decided on the same first-stage device."""
+        self.best = incumbent
+        survivors = self.survivors(node)
+        return self._make(node.depth, [node.levels], survivors, np.zeros(self.p.n_samples, dtype=int),
+                          np.array([1]), np.array([node.fixed_ms]), np.array([node.fixed_right]),
+                          np.array([node.heads_ms]), WideChildren.none(1))
 
     def survivors(self, node: _Node) -> np.ndarray:
         return np.unpackbits(node.packed, count=self.p.n_samples).astype(bool)
@@ -191,22 +203,33 @@ class _Search:
 def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,
                      best_first: bool = False, tables: BoundTables | None = None,
                      prefix: PrefixBound | None = None, progress: Optional[Progress] = None,
-                     classes: Sequence[BoundTables] = ()) -> BnbResult:
+                     classes: PlacementClasses | None = None) -> BnbResult:
     """Search until proven or ``time_limit_s`` (depth first also stops at MAX_OPEN_NODES open; best first then
     drops its worst nodes, whose smallest bound caps the proven one); the bound is valid either way. ``prefix``:
     the root's wide window bound, which then bounds every node too. Best first tells ``progress`` the plan and
     the proven bound every PROGRESS_EVERY_S.
 
-    ``classes``: the tables of classes of placements that together cover every placement
-    (:func:`~distree.solver.bounds.first_stage_tables`): one tree per class, its bounds priced within it, all
-    searched as one (the open node of smallest bound first, whichever tree it is in; one incumbent); then
-    ``tables`` and ``prefix`` are not used."""
+    ``classes``: bound each node within a class of placements (:mod:`distree.solver.classes`), starting from
+    one tree per first device and splitting a node into the classes that partition its own where the split rule
+    says; all trees searched as one (one incumbent, one open list). ``tables`` and ``prefix`` are then unused."""
     t0 = time.perf_counter()
     stop_at = t0 + time_limit_s
-    searches = ([_Search(p, incumbent, own, None) for own in classes] if classes
-                else [_Search(p, incumbent, tables, prefix)])
+    searches: list[_Search] = []
+    index: dict[StageClass, int] = {}
     best = incumbent
-    open_nodes = sorted(((root.bound, i, i, root) for i, s in enumerate(searches) for root in s.root()),
+
+    def search_of(c: StageClass) -> int:
+        if c not in index:
+            index[c] = len(searches)
+            searches.append(_Search(p, best, classes.tables(c), None, stage_class=c))
+        return index[c]
+
+    if classes is None:
+        searches.append(_Search(p, incumbent, tables, prefix))
+        roots = [(0, root) for root in searches[0].root()]
+    else:
+        roots = [(i, root) for i in map(search_of, classes.roots()) for root in searches[i].root()]
+    open_nodes = sorted(((root.bound, k, i, root) for k, (i, root) in enumerate(roots)),
                         reverse=not best_first)                   # (bound, tie-break, search, node): a heap, or
     #                                                               a stack popping the cheapest root first
     dropped_bound, n_dropped = np.inf, 0                          # smallest bound of a dropped node; their count
@@ -243,13 +266,18 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
             continue
         s = searches[i]
         s.best = best
-        if node.depth == p.n_exits:
+        parts = classes.split(s.stage_class, node.depth) if classes is not None else []
+        if parts:                         # the same node, bounded within each class that partitions its own
+            kids = [(j, kid) for j in map(search_of, parts) for kid in searches[j].rebound(node, best)]
+        elif node.depth == p.n_exits:
             s.settle_leaf(node)
             best = s.best
             continue
-        for kid in sorted(s.children(node), key=lambda k: -k.bound):   # depth first pops the cheapest first
+        else:
+            kids = [(i, kid) for kid in s.children(node)]
+        for j, kid in sorted(kids, key=lambda k: -k[1].bound):     # depth first pops the cheapest first
             pushed += 1
-            item = (kid.bound, pushed, i, kid)
+            item = (kid.bound, pushed, j, kid)
             heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
     N = p.n_samples
     live = [b for b, _, _, _ in open_nodes if b < incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]

@@ -32,7 +32,6 @@ are right); README "What keeps it open is the accuracy bound".
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +58,7 @@ def bound_tables(p: Problem, head_price: np.ndarray | None = None, allowed: np.n
     cheapest device, or every head at one device's cost (paths elsewhere credited,
     :func:`~distree.solver.costs.cheapest_leave_ms`). Measured: ResNet-110 scale width-1 root bound 10.19 ->
     10.27 ms, 200 blocks 31.49 -> 31.71, 22 trained exits (branch and bound, 20 s) 0.74 -> 0.86.
-    ``allowed`` [D, B]: only placements running block b on a device allowed there (:func:`first_stage_tables`)."""
+    ``allowed`` [D, B]: only placements running block b on a device allowed there (:mod:`distree.solver.classes`)."""
     N, E = p.passed_level.shape
     chance = np.full((N, E + 1), E)
     for j in range(E - 1, -1, -1):
@@ -74,22 +73,6 @@ def bound_tables(p: Problem, head_price: np.ndarray | None = None, allowed: np.n
         if best is None or value > best.root:
             best = dataclasses.replace(tables, lam=lam, root=value)
     return best
-
-
-def first_stage_tables(p: Problem, device: int, last_block: int) -> BoundTables:
-    """The tables of one class of placements: the first stage runs blocks 0..``last_block`` on ``device`` (the
-    last block of the chain: that device runs everything). These classes partition every placement, and within
-    one the blocks and heads of its first stage are priced at that device, where the whole problem's tables
-    price each head at its cheapest device whatever path reaches it (measured on the example's 22 trained exits
-    on 3 devices, accuracy drop 0.05: root bound 0.449 ms over all placements, 0.469 for the lowest class).
-    Each head is priced at its cheapest device allowed to run its block: the first stage's heads are then exact,
-    so the prices of one device with paths elsewhere credited (:func:`bound_tables`) add little for 4x the time."""
-    allowed = np.ones((p.n_devices, p.n_blocks), dtype=bool)
-    allowed[:, :last_block + 1] = False
-    allowed[device, :last_block + 1] = True
-    allowed[device, last_block + 1:] = False
-    price = np.where(allowed[:, p.exit_after], p.head_ms, np.inf).min(axis=0)
-    return bound_tables(p, head_price=price, allowed=allowed)
 
 
 def window_bound(p: Problem, t: BoundTables, lam: float, survivors: np.ndarray | None = None, depth: int = 0,
@@ -392,28 +375,6 @@ def best_multiplier(p: Problem, t: BoundTables, width: int = 1, iterations: int 
             b = lo + g * (hi - lo)
             fb = value(b)
     return (fa, a) if fa >= fb else (fb, b)
-
-
-CLASS_MIN_GAIN = 0.005    # placement classes are searched when their lowest root bound is this much (relative) above
-#                           the whole problem's: then the placement relaxation, not accuracy, keeps the bound low
-
-
-def placement_classes(p: Problem, whole: BoundTables, seconds: float) -> list[BoundTables]:
-    """The tables of every first-stage class (:func:`first_stage_tables`: each device, each last block), when
-    they fit ``seconds`` (timed on the first) and raise the root bound over ``whole``'s by CLASS_MIN_GAIN; else
-    none. Measured (2 cores): 69 classes of the example's 22 trained exits on 3 devices in 0.6 s; 165 of the
-    ResNet-110 scale in ~2 s, where the one class below the plan (all on the fastest device) bounds the root as
-    the whole problem does, as do the 200-block classes (1,600 of them: not built)."""
-    if p.n_devices == 1 or p.n_exits == 0:
-        return []
-    t0 = time.perf_counter()
-    first = first_stage_tables(p, p.source, 0)
-    if (time.perf_counter() - t0) * p.n_devices * p.n_blocks > seconds:
-        return []
-    classes = [first if (d, b) == (p.source, 0) else first_stage_tables(p, d, b)
-               for d in range(p.n_devices) for b in range(p.n_blocks)]
-    lowest = min(c.root for c in classes)
-    return classes if lowest > whole.root + CLASS_MIN_GAIN * abs(whole.root) else []
 
 
 SECONDS_PER_CELL = 6e-7   # measured, per (window start, level combination): build + 10 multipliers (ResNet-110

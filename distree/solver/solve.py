@@ -14,8 +14,8 @@ from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.types import Profile
 from distree.solver.bnb import OPTIMALITY_TOLERANCE, branch_and_bound
-from distree.solver.bounds import (bound_tables, placement_classes, widest_window, widest_window_bound,
-                                   window_prefix_bound)
+from distree.solver.bounds import bound_tables, widest_window, widest_window_bound, window_prefix_bound
+from distree.solver.classes import placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, iterated_local_search, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
@@ -55,7 +55,7 @@ WIDE_BOUND_MIN_S = 2.0
 WIDEN_SHARE = 0.35
 WIDEN_TRIAL_SHARE = 0.03
 WIDEN_MIN_SHARE = 0.95
-# placement classes (bounds.placement_classes): their tables may take this share of the limit, and a first
+# placement classes (classes.placement_classes): their tables may take this share of the limit, and a first
 # best-first search over them this share (measured, 22 trained exits on 3 devices, accuracy drop 0.05: proven in
 # 1.6 s where one tree over every placement ends at a 9.1% gap in 30 s)
 CLASS_SHARE = 0.1
@@ -100,16 +100,16 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     run_milp = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
     limit = constraints.time_limit_s
     wide_s = max(WIDE_BOUND_SHARE * limit, min(WIDE_BOUND_MIN_S, 2 * WIDE_BOUND_SHARE * limit))
-    classes = []
+    classes = None
     if not tree.complete and not run_milp and not constraints.dump_lp:
         tell(tree.best, tree.bound, "bounding placement classes")
         classes = placement_classes(p, tables, CLASS_SHARE * limit)
-    if classes:
+    if classes is not None:
         # a short best-first search over the classes: proves at once where only the placement kept the bound low
         trial = branch_and_bound(p, tree.best, CLASS_TRIAL_SHARE * limit, best_first=True, classes=classes)
         tree = dataclasses.replace(trial, bound=max(trial.bound, tree.bound))
     wide = None
-    if not tree.complete and not classes:
+    if not tree.complete and classes is None:
         tell(tree.best, tree.bound, "bounding")
         wide = widest_window_bound(p, tables, wide_s)
     if wide is not None and not run_milp and tree.best is not None and not constraints.dump_lp:

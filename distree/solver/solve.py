@@ -55,11 +55,13 @@ WIDE_BOUND_MIN_S = 2.0
 WIDEN_SHARE = 0.35
 WIDEN_TRIAL_SHARE = 0.03
 WIDEN_MIN_SHARE = 0.95
-# placement classes (classes.placement_classes): their tables may take this share of the limit, and a first
-# best-first search over them this share (measured, 22 trained exits on 3 devices, accuracy drop 0.05: proven in
-# 1.6 s where one tree over every placement ends at a 9.1% gap in 30 s)
+# placement classes (classes.placement_classes), on the tree's route: their tables may take this share of the
+# limit, and a first best-first search over them (instead of the depth-first probe) this share. Measured, 22
+# trained exits on 3 devices: accuracy drop 0.05 proven in 1.3 s where one tree over every placement ends at a
+# 9.1% gap in 30 s; drop 0.01, 60 s: 13.1% when the classes came after the 10 s probe)
 CLASS_SHARE = 0.1
-CLASS_TRIAL_SHARE = 0.1
+CLASS_TRIAL_SHARE = 0.05
+CLASS_KICKS_SHARE = 0.1       # then kicks, for only this share: the classes' bound keeps rising with the tree's time
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 
@@ -91,23 +93,24 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
 
     tell(None, None, "local search")
     warm = local_search(p, time_limit_s=HEURISTIC_SHARE * constraints.time_limit_s)
-    tell(warm, None, "depth-first search")
     rows = estimated_rows(p)
     tables = bound_tables(p)
-    tree = branch_and_bound(p, warm, min(PROBE_MAX_S, PROBE_SHARE * max(0.0, deadline - time.perf_counter())),
-                            tables=tables)
-    too_big = rows > MILP_MAX_ROWS and tree.best is not None    # with no plan yet, the MILP may still find one
-    run_milp = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
     limit = constraints.time_limit_s
-    wide_s = max(WIDE_BOUND_SHARE * limit, min(WIDE_BOUND_MIN_S, 2 * WIDE_BOUND_SHARE * limit))
     classes = None
-    if not tree.complete and not run_milp and not constraints.dump_lp:
-        tell(tree.best, tree.bound, "bounding placement classes")
+    if rows > MILP_MAX_ROWS and warm is not None and not constraints.dump_lp:    # the tree's route in any case
+        tell(warm, None, "bounding placement classes")
         classes = placement_classes(p, tables, CLASS_SHARE * limit)
     if classes is not None:
-        # a short best-first search over the classes: proves at once where only the placement kept the bound low
-        trial = branch_and_bound(p, tree.best, CLASS_TRIAL_SHARE * limit, best_first=True, classes=classes)
-        tree = dataclasses.replace(trial, bound=max(trial.bound, tree.bound))
+        # best first over the classes from the start: proves at once where only the placement kept the bound low
+        tell(warm, None, "best-first search over placement classes")
+        tree = branch_and_bound(p, warm, CLASS_TRIAL_SHARE * limit, best_first=True, classes=classes)
+    else:
+        tell(warm, None, "depth-first search")
+        tree = branch_and_bound(p, warm, min(PROBE_MAX_S, PROBE_SHARE * max(0.0, deadline - time.perf_counter())),
+                                tables=tables)
+    too_big = rows > MILP_MAX_ROWS and tree.best is not None    # with no plan yet, the MILP may still find one
+    run_milp = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
+    wide_s = max(WIDE_BOUND_SHARE * limit, min(WIDE_BOUND_MIN_S, 2 * WIDE_BOUND_SHARE * limit))
     wide = None
     if not tree.complete and classes is None:
         tell(tree.best, tree.bound, "bounding")
@@ -127,8 +130,9 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         tell(tree.best, max(tree.bound, wide_bound), "improving the plan")
         # kicks: until KICKS_UNTIL of the limit when the best-first tree follows (its bound settles within
         # seconds), or for KICKS_BEFORE_MILP of the time left, so that HiGHS starts from a better plan
-        kicks_s = (t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter() if not run_milp
-                   else KICKS_BEFORE_MILP * (deadline - time.perf_counter()))
+        kicks_s = (KICKS_BEFORE_MILP * (deadline - time.perf_counter()) if run_milp else
+                   CLASS_KICKS_SHARE * limit if classes is not None else
+                   t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter())
         tree = dataclasses.replace(tree, best=iterated_local_search(p, tree.best, time_limit_s=kicks_s))
     if not tree.complete and not run_milp and not constraints.dump_lp:
         probe_bound = tree.bound                          # valid whatever incumbent the probe had

@@ -648,7 +648,7 @@ def test_placement_class_bounds_never_exceed_the_best_plan_of_their_class():
 
         def best_below(cls: StageClass, levels: tuple[int, ...]) -> float:
             return min((v for (d, last), own in by_stage.items() for k, v in own.items()
-                        if d == cls.device and (last == cls.last_block if cls.exact else last >= cls.last_block)
+                        if d == cls.device and cls.first_end <= last <= cls.last_end
                         and k[:len(levels)] == levels), default=np.inf)
 
         classes = PlacementClasses(problem)
@@ -665,7 +665,7 @@ def test_placement_class_bounds_never_exceed_the_best_plan_of_their_class():
                 stack.extend((part, kid) for part in parts for kid in search(part).rebound(node, None))
             elif node.depth < problem.n_exits:
                 stack.extend((cls, kid) for kid in search(cls).children(node))
-    assert exact >= 40 and split >= 500 and checked >= 3000, (exact, split, checked)
+    assert exact >= 40 and split >= 300 and checked >= 3000, (exact, split, checked)
 
 
 def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch):

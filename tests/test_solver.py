@@ -696,6 +696,7 @@ def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch
     problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
     whole = bound_tables(problem)
     assert plan.status == "optimal" and plan.bound_ms == pytest.approx(plan.expected_latency_ms)
+    assert re.match(r"proven by branch and bound over \d+ placement classes \(", plan.sol_status), plan.sol_status
     _check_plan(plan, case, c)
     one = synthetic_case(12, 4, 3, 1, 300, seed=2)                   # one device: no classes to search
     alone, _ = build_problem(one.chain, one.calibration, one.profile, one.topology, c)

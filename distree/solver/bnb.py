@@ -65,6 +65,7 @@ class BnbResult:
     wide_share: float = float("nan")   # share of the children judged for which the wide window (prefix) was the
     #                                    highest bound (nan: no wide window, or no child judged)
     dropped: int = 0                   # open nodes dropped at MAX_OPEN_NODES (best first)
+    classes: int = 0                   # placement classes searched (0: one tree over every placement)
 
 
 @dataclass(frozen=True)
@@ -288,4 +289,4 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
     return BnbResult(best=best, bound=bound_total / N, complete=complete,
                      nodes=nodes, wall_s=time.perf_counter() - t0,
                      wide_share=sum(s.prefix_decisive for s in searches) / tried if tried else float("nan"),
-                     dropped=n_dropped)
+                     dropped=n_dropped, classes=len(searches) if classes is not None else 0)

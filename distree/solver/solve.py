@@ -13,7 +13,7 @@ from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.types import Profile
-from distree.solver.bnb import OPTIMALITY_TOLERANCE, branch_and_bound
+from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, branch_and_bound
 from distree.solver.bounds import bound_tables, widest_window, widest_window_bound, window_prefix_bound
 from distree.solver.classes import placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
@@ -150,8 +150,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         if best is None:
             raise DistreeError(explain_infeasible(p, index, constraints))
         result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound, "optimal",
-                            f"proven by branch and bound ({tree.nodes} nodes, {tree.wall_s:.2f} s)", 0.0, 0.0,
-                            0, 0, 0)
+                            f"proven by branch and bound{_over(tree)} ({tree.nodes} nodes, {tree.wall_s:.2f} s)",
+                            0.0, 0.0, 0, 0, 0)
     elif not run_milp and not constraints.dump_lp:
         if best is None:
             cheap = _placement_reasons(p)
@@ -163,7 +163,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         why = (f"over {MILP_MAX_ROWS}, where HiGHS bounds less than the tree" if too_big else
                f"need ~{rows * BUILD_S_PER_ROW:.0f} s to build, over half of the time left")
         result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound, "feasible",
-                            f"MILP not run: ~{rows} rows {why}; branch and bound stopped after {tree.nodes} nodes",
+                            f"MILP not run: ~{rows} rows {why}; branch and bound{_over(tree)} stopped after "
+                            f"{tree.nodes} nodes",
                             float("inf"), 0.0, 0, rows, 0)
     else:
         engine = constraints.solver
@@ -200,6 +201,10 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
                      no_exit_ms=base.expected_ms if base is not None else float("nan"),
                      result=dataclasses.replace(result, bound=bound, status=status), gap=gap,
                      wall_s=time.perf_counter() - t0)
+
+
+def _over(tree: BnbResult) -> str:
+    return f" over {tree.classes} placement classes" if tree.classes else ""
 
 
 def _gap(objective: float, bound: float) -> float:

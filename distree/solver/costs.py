@@ -230,7 +230,7 @@ def cheapest_leave_ms(p: Problem, head_price: np.ndarray | None = None,
     Pricing heads at the source device's cost, not the cheapest device's, is what that buys.
 
     ``allowed`` [D, B] (default: all): the blocks each device may run, for a bound on a class of placements
-    (:func:`~distree.solver.bounds.first_stage_tables`); inf where no allowed path reaches.
+    (:mod:`distree.solver.classes`); inf where no allowed path reaches.
     """
     D, B, E = p.n_devices, p.n_blocks, p.n_exits
     credit = np.zeros((D, E)) if head_price is None else np.minimum(0.0, p.head_ms - head_price[None, :])
@@ -247,7 +247,7 @@ def cheapest_leave_ms(p: Problem, head_price: np.ndarray | None = None,
         banned = np.concatenate([np.zeros((D, 1)), np.cumsum(~allowed, axis=1)], axis=1)
         fits &= (banned[:, None, 1:] - banned[:, :-1, None]) == 0
     ms = np.where(fits & np.triu(np.ones((B, B), dtype=bool))[None], ms, np.inf)
-    allowed = ~np.eye(D, dtype=bool) if p.free_order else np.triu(np.ones((D, D), dtype=bool), k=1)  # [prev, d]
+    moves = ~np.eye(D, dtype=bool) if p.free_order else np.triu(np.ones((D, D), dtype=bool), k=1)  # [prev, d]
     enter = np.full((D, B), np.inf)           # enter[d, s]: cheapest arrival on d to run block s
     enter[:, 0] = p.cut_ms[p.source, :, 0]
     done = np.full((D, B), np.inf)            # done[d, e]: blocks 0..e run, the last stage on d ends at e
@@ -255,7 +255,7 @@ def cheapest_leave_ms(p: Problem, head_price: np.ndarray | None = None,
         done[:, e] = (enter[:, :e + 1] + ms[:, :e + 1, e]).min(axis=1)
         if e + 1 < B:
             via = done[:, e][:, None] + p.cut_ms[:, :, e + 1]
-            enter[:, e + 1] = np.where(allowed, via, np.inf).min(axis=0)
+            enter[:, e + 1] = np.where(moves, via, np.inf).min(axis=0)
     leave = []
     for j, a in enumerate(p.exit_after):
         not_before = (p.exit_after == a) & (np.arange(E) >= j)   # heads on block a from j on: not passed yet

@@ -139,9 +139,14 @@ class _Search:
     def rebound(self, node: _Node, incumbent: Candidate | None) -> list[_Node]:
         """``node`` (decided by a class containing this search's) bounded with this search's tables; nothing when
         that cannot beat ``incumbent``. Its decided samples and heads keep their prices: both classes price the
-        blocks and heads the node decided on the same first-stage device."""
+        blocks and heads the node decided on the same first-stage device. Most such nodes are dropped at once
+        (a stage that ends before the node's next exit sends every survivor over a hop), so the survivors'
+        cheapest options, accuracy aside, are tried first (a tenth of the full bound's time)."""
         self.best = incumbent
         survivors = self.survivors(node)
+        cheapest = node.fixed_ms + (node.heads_ms + self.after[survivors, node.depth]).sum()
+        if cheapest >= self.incumbent_total() * (1 - OPTIMALITY_TOLERANCE):
+            return []
         return self._make(node.depth, [node.levels], survivors, np.zeros(self.p.n_samples, dtype=int),
                           np.array([1]), np.array([node.fixed_ms]), np.array([node.fixed_right]),
                           np.array([node.heads_ms]), WideChildren.none(1))
@@ -169,7 +174,8 @@ class _Search:
                 cuts.append(level)
         on = np.array(levels) > 0
         gone = np.where(on, leaving[levels], 0)
-        fixed_ms = node.fixed_ms + gone * (self.leave[j] + node.heads_ms)
+        with np.errstate(invalid="ignore"):     # nobody leaving where no path leads (inf) pays nothing
+            fixed_ms = node.fixed_ms + np.where(gone > 0, gone * (self.leave[j] + node.heads_ms), 0.0)
         fixed_right = node.fixed_right + np.where(on, np.round(right[levels]).astype(int), 0)
         heads_ms = node.heads_ms + on * self.head_price[j]
         if self.prefix is not None:
@@ -269,7 +275,13 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
         s.best = best
         parts = classes.split(s.stage_class, node.depth) if classes is not None else []
         if parts:                         # the same node, bounded within each class that partitions its own
-            kids = [(j, kid) for j in map(search_of, parts) for kid in searches[j].rebound(node, best)]
+            kids = [(j, kid) for j in map(search_of, parts[:-1]) for kid in searches[j].rebound(node, best)]
+            i, s = search_of(parts[-1]), searches[index[parts[-1]]]
+            if not parts[-1].exact:       # needs no split at this exit: its children at once (one bound less)
+                s.best = best
+                kids += [(i, kid) for kid in s.children(node)]
+            else:
+                kids += [(i, kid) for kid in s.rebound(node, best)]
         elif node.depth == p.n_exits:
             s.settle_leaf(node)
             best = s.best

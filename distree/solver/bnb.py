@@ -276,7 +276,8 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
         parts = classes.split(s.stage_class, node.depth) if classes is not None else []
         if parts:                         # the same node, bounded within each class that partitions its own
             kids = [(j, kid) for j in map(search_of, parts[:-1]) for kid in searches[j].rebound(node, best)]
-            i, s = search_of(parts[-1]), searches[index[parts[-1]]]
+            i = search_of(parts[-1])
+            s = searches[i]
             if not parts[-1].exact:       # needs no split at this exit: its children at once (one bound less)
                 s.best = best
                 kids += [(i, kid) for kid in s.children(node)]

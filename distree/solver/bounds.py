@@ -53,16 +53,25 @@ class BoundTables:
     root: float = -np.inf     # the width-1 bound of the whole problem at lam, in ms (the tree's root)
 
 
-def bound_tables(p: Problem, head_price: np.ndarray | None = None, allowed: np.ndarray | None = None) -> BoundTables:
-    """The tables with heads charged ``head_price``, or else under the best prices tried: each head at its
-    cheapest device, or every head at one device's cost (paths elsewhere credited,
-    :func:`~distree.solver.costs.cheapest_leave_ms`). Measured: ResNet-110 scale width-1 root bound 10.19 ->
-    10.27 ms, 200 blocks 31.49 -> 31.71, 22 trained exits (branch and bound, 20 s) 0.74 -> 0.86.
-    ``allowed`` [D, B]: only placements running block b on a device allowed there (:mod:`distree.solver.classes`)."""
+def first_chances(p: Problem) -> np.ndarray:
+    """[N, E + 1] the first exit >= j each sample passes at some level (E: none)."""
     N, E = p.passed_level.shape
     chance = np.full((N, E + 1), E)
     for j in range(E - 1, -1, -1):
         chance[:, j] = np.where(p.passed_level[:, j] > 0, j, chance[:, j + 1])
+    return chance
+
+
+def bound_tables(p: Problem, head_price: np.ndarray | None = None, allowed: np.ndarray | None = None,
+                 first_chance: np.ndarray | None = None) -> BoundTables:
+    """The tables with heads charged ``head_price``, or else under the best prices tried: each head at its
+    cheapest device, or every head at one device's cost (paths elsewhere credited,
+    :func:`~distree.solver.costs.cheapest_leave_ms`). Measured: ResNet-110 scale width-1 root bound 10.19 ->
+    10.27 ms, 200 blocks 31.49 -> 31.71, 22 trained exits (branch and bound, 20 s) 0.74 -> 0.86.
+    ``allowed`` [D, B]: only placements running block b on a device allowed there (:mod:`distree.solver.classes`);
+    ``first_chance``: :func:`first_chances` of ``p`` where the caller already has it (it depends on ``p`` only)."""
+    N, E = p.passed_level.shape
+    chance = first_chances(p) if first_chance is None else first_chance
     candidates = [head_price] if head_price is not None else \
         [p.head_ms.min(axis=0), *(row for row in p.head_ms if np.all(np.isfinite(row)))] if E else [np.zeros(0)]
     best = None

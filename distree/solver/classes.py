@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.bounds import BoundTables, bound_tables
+from distree.solver.bounds import BoundTables, bound_tables, first_chances
 from distree.solver.problem import Problem
 
 # classes are searched when their lowest root bound is this much (relative) above the whole problem's: then the
@@ -46,7 +46,7 @@ class StageClass:
         return self.first_end == self.last_end
 
 
-def class_tables(p: Problem, c: StageClass) -> BoundTables:
+def class_tables(p: Problem, c: StageClass, first_chance: np.ndarray | None = None) -> BoundTables:
     """Bound tables priced within the class. Each head is priced at its cheapest device allowed to run its
     block: the first stage's heads are then exact, so the prices of one device with paths elsewhere credited
     (:func:`~distree.solver.bounds.bound_tables`) add little for 4x the time."""
@@ -55,15 +55,17 @@ def class_tables(p: Problem, c: StageClass) -> BoundTables:
     allowed[c.device, :c.first_end + 1] = True
     allowed[c.device, c.last_end + 1:] = False
     price = np.where(allowed[:, p.exit_after], p.head_ms, np.inf).min(axis=0)
-    return bound_tables(p, head_price=price, allowed=allowed)
+    return bound_tables(p, head_price=price, allowed=allowed, first_chance=first_chance)
 
 
 class PlacementClasses:
-    """The classes a search may visit, their tables (built when first needed, then kept) and the split rule."""
+    """The classes a search may visit, their tables (built when first needed, then kept; one first-chance table
+    shared by all) and the split rule."""
 
-    def __init__(self, p: Problem, known: dict[StageClass, BoundTables] | None = None):
+    def __init__(self, p: Problem):
         self.p = p
-        self._tables = dict(known or {})
+        self._first_chance = first_chances(p)
+        self._tables: dict[StageClass, BoundTables] = {}
 
     def roots(self) -> list[StageClass]:
         """One class per first device. (Splitting off "it runs everything" at once, so that the rest must cross
@@ -72,7 +74,7 @@ class PlacementClasses:
 
     def tables(self, c: StageClass) -> BoundTables:
         if c not in self._tables:
-            self._tables[c] = class_tables(self.p, c)
+            self._tables[c] = class_tables(self.p, c, self._first_chance)
         return self._tables[c]
 
     def split(self, c: StageClass, depth: int) -> list[StageClass]:
@@ -99,12 +101,11 @@ def placement_classes(p: Problem, whole: BoundTables, seconds: float) -> Placeme
     floor = whole.root + CLASS_MIN_GAIN * abs(whole.root)
     order = [StageClass(d, p.n_blocks - 1, p.n_blocks - 1) for d in range(p.n_devices)]
     order += [StageClass(d, b, b) for d in range(p.n_devices) for b in range(p.n_blocks - 1)]
+    classes = PlacementClasses(p)
     t0 = time.perf_counter()
-    known = {}
-    for c in order:
-        known[c] = class_tables(p, c)
-        if known[c].root <= floor:
+    for built, c in enumerate(order, start=1):
+        if classes.tables(c).root <= floor:
             return None
-        if len(known) == 1 and (time.perf_counter() - t0) * len(order) > seconds:
+        if built == 1 and (time.perf_counter() - t0) * len(order) > seconds:
             return None
-    return PlacementClasses(p, known)
+    return classes

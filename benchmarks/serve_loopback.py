@@ -73,12 +73,12 @@ def _build(work: Path) -> None:
     chain = build_chain(model)
     calibration = calibrate(model, chain, declared_exits(model, chain),
                             load_dataset(EXAMPLE / "calib.npz", chain.input_shape), score_kind=compiled.plan.score_kind)
-    _split_bundle(compiled.plan, model, chain, calibration, work)
+    split_after_last_exit(compiled.plan, model, chain, calibration, load_topology(TOPOLOGY), work / "split", "ort")
 
 
-def _split_bundle(plan, model, chain, calibration, work: Path) -> Path:
-    """Source (pi4) runs blocks up to the last exit with every exit; the other device the rest."""
-    topology = load_topology(TOPOLOGY)
+def split_after_last_exit(plan, model, chain, calibration, topology, out: Path, backend: str) -> Path:
+    """A two-stage bundle of ``plan``'s exits: the topology's source runs the blocks up to the last exit with
+    every exit, the other device the rest."""
     exits = tuple(sorted((c for st in plan.stages for c in st.exits), key=lambda c: c.after_block))
     cut = exits[-1].after_block
     other = next(d.name for d in topology.devices if d.name != topology.source_device)
@@ -87,7 +87,7 @@ def _split_bundle(plan, model, chain, calibration, work: Path) -> Path:
     second = dataclasses.replace(plan.stages[0], device=other, first_block=cut + 1, last_block=len(chain.blocks) - 1,
                                  exits=(), reach_rate=max(1.0 - sum(c.exit_rate for c in exits), 1e-6))
     split = dataclasses.replace(plan, stages=(first, second), solver="hand split (benchmark)")
-    return build_bundle(model, chain, split, topology, calibration, work / "split", backend="ort")
+    return build_bundle(model, chain, split, topology, calibration, out, backend=backend)
 
 
 def start_pipeline(bundle: Path, host: str = "127.0.0.1", prefixes: Optional[dict[str, tuple[str, ...]]] = None,

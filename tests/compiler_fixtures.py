@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
-from distree.exits import Dataset, calibrate, declared_exits
+from distree.exits import Dataset, calibrate, declared_exits, exit_scores
 from distree.exits.types import Calibration
 from distree.graph import Chain, build_chain, load_model
+from distree.runtime.executor import FINAL
 from distree.solver.plan import ExitChoice, Plan, Stage
 from distree.targets import get_device
 from distree.targets.spec import Topology
@@ -102,3 +104,20 @@ def two_stage_plan(tiny: Tiny, devices: tuple[str, str] = ("host", "pi4")) -> tu
                 breakdown_ms={}, solver="hand-made (test)", status="optimal", gap=0.0, wall_s=0.0)
     topology = Topology(devices=tuple(get_device(d) for d in devices))
     return plan, topology
+
+
+def ort_reference(tiny: Tiny, x: np.ndarray, thresholds: dict[str, float]) -> tuple[np.ndarray, list[str]]:
+    """ONNX Runtime on the whole multi-exit model, same score function and thresholds, first exit passed."""
+    session = ort.InferenceSession(tiny.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    preds, exits = [], []
+    for i in range(len(x)):
+        logits, e1, e2 = session.run(["logits", "exit_1", "exit_2"], {"input": x[i:i + 1]})
+        for name, out in (("exit_1", e1), ("exit_2", e2)):
+            if exit_scores(out, "max_softmax")[0] >= thresholds[name]:
+                preds.append(int(out.argmax()))
+                exits.append(name)
+                break
+        else:
+            preds.append(int(logits.argmax()))
+            exits.append(FINAL)
+    return np.asarray(preds), exits

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 import compiler_fixtures as cf
@@ -18,7 +17,6 @@ from distree.compiler.bundle import build_bundle
 from distree.compiler.manifest import check_bundle_target, read_manifest, read_thresholds
 from distree.compiler.verify import verify_bundle
 from distree.errors import DistreeError
-from distree.exits import exit_scores
 from distree.runtime.executor import FINAL, run_bundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,28 +64,11 @@ def test_verify_runs_host_artifacts_and_checks_cross_ones(bundle):
     assert all(v == "ran" for k, v in status.items() if k.endswith(".onnx"))
 
 
-def _reference(tiny: cf.Tiny, x: np.ndarray, thresholds: dict[str, float]) -> tuple[np.ndarray, list[str]]:
-    """ONNX Runtime on the whole multi-exit model, same score function and thresholds, first exit passed."""
-    session = ort.InferenceSession(tiny.model.SerializeToString(), providers=["CPUExecutionProvider"])
-    preds, exits = [], []
-    for i in range(len(x)):
-        logits, e1, e2 = session.run(["logits", "exit_1", "exit_2"], {"input": x[i:i + 1]})
-        for name, out in (("exit_1", e1), ("exit_2", e2)):
-            if exit_scores(out, "max_softmax")[0] >= thresholds[name]:
-                preds.append(int(out.argmax()))
-                exits.append(name)
-                break
-        else:
-            preds.append(int(logits.argmax()))
-            exits.append(FINAL)
-    return np.asarray(preds), exits
-
-
 def test_run_matches_onnxruntime_on_the_multi_exit_model(bundle, tiny):
     data = cf.dataset(60, seed=7)
     report = run_bundle(bundle, data)
     thresholds = {e.name: e.threshold for e in read_thresholds(bundle).exits}
-    want_preds, want_exits = _reference(tiny, data.x, thresholds)
+    want_preds, want_exits = cf.ort_reference(tiny, data.x, thresholds)
     assert list(report.predictions) == list(want_preds)
     assert list(report.exits) == want_exits
     assert len(set(want_exits)) == 3                    # samples leave at both exits and at the end

@@ -24,7 +24,7 @@ from distree.compiler.manifest import MANIFEST, DeviceArtifact, SegmentArtifact,
 from distree.compiler.verify import verify_bundle
 from distree.runtime.backends import Runner, ort_runner, percentiles_ms, set_tvm_threads, tvm_runner
 from distree.serde import JsonRecord
-from distree.targets.toolchain import host_arch, host_runnable, target_arch
+from distree.targets.toolchain import host_arch, target_arch, tvm_device_here
 
 END_TO_END = "end-to-end"
 
@@ -82,11 +82,9 @@ def cpu_model() -> str:
     return f"{platform.processor() or 'unknown cpu'} ({host_arch()})"
 
 
-def _not_measurable(stage: DeviceArtifact) -> str:
-    if host_runnable(stage.spec):
-        return ""
-    return (f"built for {stage.name} ({target_arch(stage.spec)}, {stage.spec.target.get('kind')}); this machine is "
-            f"{host_arch()}: not measurable here, time it on the device")
+def _not_measurable(stage: DeviceArtifact, why_not: str) -> str:
+    return (f"built for {stage.name} ({target_arch(stage.spec)}, {stage.spec.target.get('kind')}): {why_not}; "
+            "not measurable here, time it on the device")
 
 
 @dataclass
@@ -107,11 +105,12 @@ def _prepare(bundle: Path, threads: int, seed: int) -> list[_Timed]:
     act = np.random.default_rng(seed).standard_normal(spec.shape).astype(spec.dtype)
     items = []
     for stage in manifest.stages:
-        reason = _not_measurable(stage)
+        where, why_not = tvm_device_here(stage.spec)
+        reason = "" if where else _not_measurable(stage, why_not)
         for seg in stage.segments:
             item = _Timed(segment_key(stage.name, seg), stage, seg, reason)
-            if not reason:
-                item.run = (tvm_runner(bundle / seg.file) if seg.backend == "tvm"
+            if where:
+                item.run = (tvm_runner(bundle / seg.file, where) if seg.backend == "tvm"
                             else ort_runner(bundle / seg.file, threads))
                 item.x = act
             act = ort_runner(bundle / seg.onnx_file)(act)[0]

@@ -17,7 +17,7 @@ from distree.compiler.cuda_aot import cuda_module_formats
 from distree.compiler.elf import elf_machine, symbol_bytes
 from distree.compiler.manifest import MANIFEST, DeviceArtifact, SegmentArtifact, read_manifest, read_thresholds, \
     sha256_file
-from distree.targets.toolchain import host_arch, host_runnable, target_arch
+from distree.targets.toolchain import host_runnable, target_arch, tvm_device_here
 from distree.errors import DistreeError
 from distree.runtime.backends import ort_runner, tvm_runner
 from distree.serde import JsonRecord
@@ -96,23 +96,26 @@ def _check_segment(bundle: Path, stage: DeviceArtifact, seg: SegmentArtifact) ->
     machine, want = elf_machine(lib), target_arch(stage.spec)
     if machine != want:
         raise DistreeError(f"{lib}: is an {machine} library, {stage.name} needs {want}; rebuild the bundle")
-    if host_runnable(stage.spec):
-        outs = tvm_runner(lib)(zeros)
+    where, why_not = tvm_device_here(stage.spec)
+    if where is not None:
+        outs = tvm_runner(lib, where)(zeros)
         for spec, got, ref in zip(seg.outputs, outs, reference):
             if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-3, atol=1e-4):
                 raise DistreeError(f"{lib}: output {spec.name} differs from its ONNX under ONNX Runtime on zeros "
                                    f"(max |diff| {np.abs(got - ref).max():.3g}); rebuild the bundle")
-        checks.append(FileCheck(seg.tvm_file, "ran", "TVM ran it on zeros; outputs match ONNX Runtime"))
+        on = "this CPU" if where == "cpu" else "this machine's CUDA GPU"
+        checks.append(FileCheck(seg.tvm_file, "ran", f"TVM ran it on zeros on {on}; outputs match ONNX Runtime"))
         return checks
     formats = cuda_module_formats(symbol_bytes(lib, LIBRARY_SYMBOL))
-    detail = f"{machine} ELF with a TVM library; cannot be loaded on this {host_arch()} machine"
+    detail = f"{machine} ELF with a TVM library; not run here: {why_not}"
     if stage.spec.target.get("kind") == "cuda":
         shipped = "fatbin" if seg.cuda and seg.cuda.startswith("fatbin") else "cuda"
         if formats and set(formats) != {shipped}:
             raise DistreeError(f"{lib}: CUDA kernels are stored as {formats}, the manifest says {seg.cuda}; "
                                "rebuild the bundle")
         detail += f"; CUDA kernels: {seg.cuda}"
-    checks.append(FileCheck(seg.tvm_file, "checked", detail + " (run it on the device or under qemu)"))
+    where_else = "on the device" if stage.spec.target.get("kind") == "cuda" else "on the device or under qemu"
+    checks.append(FileCheck(seg.tvm_file, "checked", f"{detail} (run it {where_else})"))
     return checks
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from distree.compiler.manifest import DeviceArtifact, Manifest, SegmentArtifact, TensorSpec, read_manifest, \
     read_thresholds
 from distree.targets.catalog import host_device
-from distree.targets.toolchain import host_arch, host_runnable, target_arch
+from distree.targets.toolchain import target_arch, tvm_device_here
 from distree.errors import DistreeError
 from distree.exits import Dataset
 from distree.runtime.backends import Runner, ort_runner, percentiles_ms, set_tvm_threads, tvm_runner
@@ -31,7 +31,7 @@ FINAL = "final"
 class SegmentTiming(JsonRecord):
     device: str
     file: str                       # the file that actually ran
-    backend: str                    # what ran it here: tvm / ort
+    backend: str                    # what ran it here: tvm (CPU) / tvm-cuda (GPU) / ort
     count: int
     median_ms: float
     p90_ms: float
@@ -97,12 +97,13 @@ def _load_segment(bundle: Path, stage: DeviceArtifact, seg: SegmentArtifact, thr
                   substitutions: list[str]) -> _Loaded:
     if seg.backend == "ort":
         return _Loaded(seg, ort_runner(bundle / seg.file, threads), seg.file, "ort", [])
-    if host_runnable(stage.spec):
-        return _Loaded(seg, tvm_runner(bundle / seg.file), seg.file, "tvm", [])
+    where, why_not = tvm_device_here(stage.spec)
+    if where is not None:
+        return _Loaded(seg, tvm_runner(bundle / seg.file, where), seg.file, "tvm" if where == "cpu" else "tvm-cuda",
+                       [])
     substitutions.append(
-        f"{seg.file}: {stage.spec.name} TVM library ({target_arch(stage.spec)}, "
-        f"{stage.spec.target.get('kind')}) cannot run on this {host_arch()} machine; ran {seg.onnx_file} "
-        "under ONNX Runtime instead")
+        f"{seg.file}: {stage.spec.name} TVM library ({target_arch(stage.spec)}, {stage.spec.target.get('kind')}): "
+        f"{why_not}; ran {seg.onnx_file} under ONNX Runtime on this CPU instead")
     return _Loaded(seg, ort_runner(bundle / seg.onnx_file, threads), seg.onnx_file, "ort", [])
 
 
@@ -257,7 +258,8 @@ def run_bundle(path: str | Path, data: Dataset, threads: int = 1, limit: Optiona
 def _planned_for_here(manifest: Manifest) -> bool:
     """One stage, on this machine, where requests arrive: then the plan's latency is what ``run`` measures."""
     (stage, *rest) = manifest.stages
-    return not rest and stage.name == manifest.source and stage.spec.target == host_device().target
+    return (not rest and stage.name == manifest.source and stage.spec.target.get("kind") == "llvm"
+            and stage.spec.target == host_device().target)
 
 
 def exit_rates(policy: ExitPolicy, exits: list[str]) -> dict[str, float]:

@@ -10,6 +10,7 @@ import platform
 import re
 import shutil
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import onnx
@@ -33,8 +34,69 @@ def host_arch() -> str:
 
 
 def host_runnable(device: DeviceSpec) -> bool:
-    """Whether this machine can load and run the device's TVM library in process."""
+    """Whether this machine's CPU can load and run the device's TVM library (a CPU device) in process."""
     return device.target.get("kind") == "llvm" and target_arch(device) == host_arch()
+
+
+def tvm_device_here(device: DeviceSpec) -> tuple[Optional[str], str]:
+    """Where the device's TVM library runs in this process: ``("cpu", "")``, ``("cuda", "")`` (a CUDA GPU here
+    that can run its kernels), or ``(None, why not)``. The runtime, ``verify`` and ``bench`` ask this, so a
+    bundle copied to a Jetson (or to any machine with a fitting NVIDIA GPU) runs its CUDA stage on the GPU."""
+    kind, arch = device.target.get("kind"), target_arch(device)
+    if arch != host_arch():
+        return None, f"its {arch} code cannot run on this {host_arch()} machine"
+    if kind == "llvm":
+        return "cpu", ""
+    if kind != "cuda":
+        return None, f"distree runs TVM libraries on CPUs and CUDA GPUs, not {kind}"
+    why = cuda_gpu_missing(str(device.target.get("arch", "")))
+    return (None, why) if why else ("cuda", "")
+
+
+def cuda_gpu_missing(arch: str) -> str:
+    """Why this process cannot run kernels built for ``arch`` (``sm_87``) on GPU 0; empty when it can. The
+    kernels are SASS for ``arch`` plus its PTX (``compile_fatbin``), so any GPU of that compute capability or
+    newer runs them."""
+    import tvm
+
+    missing = load_tvm_cuda_runtime()
+    if missing:
+        return missing
+    gpu = tvm.cuda(0)
+    if not gpu.exist:
+        return "no CUDA GPU is visible here (tvm.cuda(0) does not exist)"
+    if not cuda_arch_runs_on(arch, gpu.compute_version):
+        return f"this GPU ({gpu.device_name}) has compute capability {gpu.compute_version}, older than the code's {arch}"
+    return ""
+
+
+def cuda_arch_runs_on(arch: str, compute_version: str) -> bool:
+    """Whether kernels built for ``arch`` (``sm_87``: SASS + PTX) run on a GPU of ``compute_version``
+    (``"9.0"``): the same or a newer compute capability."""
+    need = re.fullmatch(r"sm_(\d+)(\d)", arch)
+    have = tuple(int(v) for v in compute_version.split("."))
+    return need is None or have >= (int(need.group(1)), int(need.group(2)))
+
+
+def load_tvm_cuda_runtime() -> str:
+    """Make TVM's CUDA runtime available; why it is not, or empty. A full TVM install loads it at import when
+    it can; a runtime-only one (``TVM_USE_RUNTIME_LIB=1``, or no compiler library: what a device needs) never
+    does, so distree loads ``libtvm_runtime_cuda`` itself."""
+    import tvm
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    if tvm.get_global_func("device_api.cuda", True) is not None:
+        return ""
+    runtime_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir],
+                        mode="RTLD_LOCAL")
+    except (OSError, RuntimeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return f"TVM's CUDA runtime does not load here ({first})"
+    if tvm.get_global_func("device_api.cuda", True) is None:
+        return "TVM's CUDA runtime loaded but registered no CUDA device"
+    return ""
 
 
 # Vector extensions TVM's CPU code uses: code built for a CPU that has one stops with an illegal instruction on a

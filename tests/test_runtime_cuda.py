@@ -1,0 +1,119 @@
+"""Where a bundle's TVM libraries run: this CPU, a CUDA GPU here, or nowhere here (then their ONNX under ONNX
+Runtime, and the report says why). A real GPU run is `benchmarks/cuda_runtime.py` (no GPU in CI); these tests
+check the decisions and the runtime-only TVM path on every machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import compiler_fixtures as cf
+from distree.bench.measure import measure_bundle
+from distree.compiler.bundle import build_bundle
+from distree.compiler.verify import verify_bundle
+from distree.compiler.manifest import read_thresholds
+from distree.runtime.executor import FINAL, run_bundle
+from distree.targets import get_device
+from distree.targets.catalog import host_device
+from distree.targets.spec import DeviceSpec, Topology
+from distree.targets.toolchain import cuda_arch_runs_on, host_arch, load_tvm_cuda_runtime, tvm_device_here
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _gpu_here() -> bool:
+    import tvm
+
+    return not load_tvm_cuda_runtime() and tvm.cuda(0).exist
+
+
+def _cuda_device(arch: str = "sm_75") -> DeviceSpec:
+    """A GPU whose host is this machine's CPU (an x86 GPU server, or a Jetson when run on one)."""
+    return dataclasses.replace(get_device("jetson-orin-nano"), name="gpu", target={"kind": "cuda", "arch": arch},
+                               host=dict(host_device().target))
+
+
+def test_kernels_run_on_their_compute_capability_and_newer():
+    assert cuda_arch_runs_on("sm_87", "8.7") and cuda_arch_runs_on("sm_87", "9.0")
+    assert cuda_arch_runs_on("sm_87", "10.0") and cuda_arch_runs_on("sm_90", "12.1")
+    assert not cuda_arch_runs_on("sm_87", "8.6") and not cuda_arch_runs_on("sm_90", "8.9")
+    assert not cuda_arch_runs_on("sm_100", "9.0")
+
+
+def test_each_library_runs_where_its_code_can():
+    assert tvm_device_here(host_device()) == ("cpu", "")
+    other = "aarch64" if host_arch() != "aarch64" else "x86_64"
+    where, why = tvm_device_here(get_device("pi4" if other == "aarch64" else "x86-server"))
+    assert where is None and f"its {other} code cannot run on this {host_arch()} machine" == why
+    where, why = tvm_device_here(get_device("jetson-orin-nano"))    # aarch64 host code: never on x86
+    assert (where is None) == (host_arch() != "aarch64")
+    where, why = tvm_device_here(_cuda_device())
+    if _gpu_here():
+        assert (where, why) == ("cuda", "")
+        assert "older than the code's sm_999" in tvm_device_here(_cuda_device("sm_999"))[1]
+    else:
+        assert where is None and ("CUDA runtime" in why or "no CUDA GPU" in why)
+
+
+@pytest.fixture(scope="module")
+def gpu_bundle(tiny, tmp_path_factory) -> Path:
+    """The tiny model's two stages: this CPU (TVM), then a CUDA device with this machine's CPU as its host."""
+    plan, _ = cf.two_stage_plan(tiny)
+    plan = dataclasses.replace(plan, stages=(plan.stages[0], dataclasses.replace(plan.stages[1], device="gpu")))
+    topology = Topology(devices=(get_device("host"), _cuda_device()))
+    out = tmp_path_factory.mktemp("gpu-bundle") / "bundle"
+    return build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, out, backend="tvm")
+
+
+@pytest.mark.slow
+def test_a_cuda_stage_runs_on_the_gpu_or_says_why_not(gpu_bundle, tiny):
+    data = cf.dataset(40, seed=3)
+    report = run_bundle(gpu_bundle, data)
+    thresholds = {e.name: e.threshold for e in read_thresholds(gpu_bundle).exits}
+    want_preds, want_exits = cf.ort_reference(tiny, data.x, thresholds)
+    assert list(report.predictions) == list(want_preds) and list(report.exits) == want_exits
+    assert want_exits.count(FINAL) > 0                  # some samples reach the GPU stage
+    gpu_file = "gpu/s1_seg0_b6-10.so"
+    check = next(c for c in verify_bundle(gpu_bundle).checks if c.file == gpu_file)
+    row = next(s for s in measure_bundle(gpu_bundle, repeats=3, warmup=1).segments if s.device == "gpu")
+    if _gpu_here():
+        assert not report.substitutions
+        assert {s.backend for s in report.segments if s.device == "gpu"} == {"tvm-cuda"}
+        assert check.status == "ran" and "CUDA GPU" in check.detail
+        assert row.measurable and row.median_ms > 0
+    else:
+        why = tvm_device_here(_cuda_device())[1]
+        assert report.substitutions == (f"{gpu_file}: gpu TVM library ({host_arch()}, cuda): {why}; ran "
+                                        "gpu/s1_seg0_b6-10.onnx under ONNX Runtime on this CPU instead",)
+        assert check.status == "checked" and why in check.detail and "run it on the device)" in check.detail
+        assert not row.measurable and why in row.reason
+
+
+@pytest.mark.slow
+def test_run_verify_and_bench_need_only_the_tvm_runtime(gpu_bundle, tmp_path):
+    """What a device installs: TVM's runtime library alone (no compiler, no LLVM) runs and checks a bundle,
+    its CUDA stage included where a GPU is."""
+    data = cf.dataset(20, seed=4)
+    np.savez(tmp_path / "x.npz", x=data.x, y=data.y)
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    probe = ("import tvm, tvm.base; assert tvm.base._RUNTIME_ONLY and 'tvm_compiler' not in tvm.base._LOADED_LIBS; "
+             "from distree.compiler.verify import verify_bundle; from distree.bench.measure import measure_bundle; "
+             f"verify_bundle({str(gpu_bundle)!r}); measure_bundle({str(gpu_bundle)!r}, repeats=2, warmup=1); "
+             "print('runtime only')")
+    checked = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert checked.returncode == 0 and "runtime only" in checked.stdout, checked.stderr
+    ran = subprocess.run([sys.executable, "-m", "distree", "run", str(gpu_bundle), "--input", str(tmp_path / "x.npz"),
+                          "--json"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    assert report["predictions"] == list(run_bundle(gpu_bundle, data).predictions)
+    backends = {s["device"]: s["backend"] for s in report["segments"]}
+    assert backends["host"] == "tvm" and backends["gpu"] == ("tvm-cuda" if _gpu_here() else "ort")

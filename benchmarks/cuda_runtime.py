@@ -15,7 +15,9 @@ ONNX Runtime, as the report says), and keeps those answers as the reference.
 ``run`` checks, per bundle, that every CUDA stage runs on the GPU (no substitution), that ``verify`` ran each
 CUDA library on the GPU against ONNX Runtime, and that ``run`` gives the reference's answers and exits; then
 times each segment (``bench``) and, for ``split``, serves the two stages over gRPC on loopback and compares
-the answers again. Prints a table and writes ``DIR/cuda_runtime.json`` (``--out`` copies it elsewhere).
+the answers again. Where TVM's compiler is installed too, the ``gpu`` device is then profiled on that GPU, the
+example compiled with that profile and run (predicted against measured latency). Prints a table and writes
+``DIR/cuda_runtime.json`` (``--out`` copies it elsewhere).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,6 +80,7 @@ def build(work: Path) -> None:
                             score_kind=planned.plan.score_kind)
     split_after_last_exit(planned.plan, model, chain, calibration, load_topology(work / "split.json"),
                           work / "split", "auto")
+    shutil.copyfile(calib_path, work / "calib.npz")       # for the profile-and-compile step on the GPU machine
     test = np.load(EXAMPLE / "test.npz")
     np.savez(work / "test.npz", x=test["x"][:SAMPLES], y=test["y"][:SAMPLES])
     data = load_dataset(work / "test.npz", chain.input_shape)
@@ -128,7 +132,48 @@ def run(work: Path) -> dict:
         if len(manifest.stages) > 1:
             entry["served"] = _served(bundle, data, ref)
         doc["bundles"][name] = entry
+    doc["profiled"] = _profiled(work)
     return doc
+
+
+def _profiled(work: Path) -> dict:
+    """The ``gpu`` device profiled where its GPU is (``distree profile``), the example compiled with that profile
+    (``compile --profile``) and run: the plan's expected latency against the measured mean. Needs TVM's compiler
+    and nvcc on the GPU machine; otherwise it says why not."""
+    import tvm
+
+    from distree.compiler.pipeline import CompileOptions, compile_model
+    from distree.errors import DistreeError
+    from distree.exits import declared_exits, load_dataset
+    from distree.graph import build_chain, load_model
+    from distree.profiler import profile_model
+    from distree.runtime.executor import run_bundle
+    from distree.targets import load_topology
+
+    if tvm.base._RUNTIME_ONLY:
+        return {"skipped": "TVM's compiler is not installed here (runtime only): nothing to profile or compile with"}
+    model_path = EXAMPLE / "resnet_exits.onnx"
+    model = load_model(model_path)
+    chain = build_chain(model)
+    started = time.perf_counter()
+    try:
+        profile = profile_model(model, chain, declared_exits(model, chain), load_topology(work / "gpu.json").devices[0],
+                                cache_dir=work / "cache")
+    except DistreeError as exc:
+        return {"skipped": str(exc)}
+    profile_s = time.perf_counter() - started
+    profile.save(work / "gpu_profile.json")
+    compiled = compile_model(model_path, work / "calib.npz", work / "profiled",
+                             CompileOptions(topology=work / "gpu.json", profiles=(work / "gpu_profile.json",),
+                                            require_aot_cuda=True), cache_dir=work / "cache")
+    report = run_bundle(work / "profiled", load_dataset(work / "test.npz", chain.input_shape))
+    return {"profile_s": round(profile_s, 1), "costs": compiled.costs,
+            "exits": [c.name for st in compiled.plan.stages for c in st.exits],
+            "predicted_ms": compiled.plan.expected_latency_ms, "measured_mean_ms": report.end_to_end["mean_ms"],
+            "measured_median_ms": report.end_to_end["median_ms"], "accuracy": report.accuracy,
+            "predicted_accuracy": compiled.plan.accuracy, "substitutions": report.substitutions,
+            "segments": [s.to_dict() for s in report.segments],
+            "items": {m.item: m.median_ms for m in profile.entries}}
 
 
 def _probe(seg) -> np.ndarray:
@@ -173,6 +218,15 @@ def _print(doc: dict) -> None:
                   f"{sv['same_prediction']}, same exit {sv['same_exit']}, p50 {sv['end_to_end']['median_ms']:.3f} ms")
 
 
+def _print_profiled(pr: dict) -> None:
+    if "skipped" in pr:
+        print(f"\nprofiled here, compiled, run: skipped ({pr['skipped']})")
+        return
+    print(f"\nprofiled here ({pr['profile_s']} s), compiled with that profile (exits {', '.join(pr['exits'])}), run: "
+          f"predicted {pr['predicted_ms']:.3f} ms, measured mean {pr['measured_mean_ms']:.3f} ms "
+          f"(median {pr['measured_median_ms']:.3f}); accuracy {pr['accuracy']:.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("phase", choices=("build", "run"))
@@ -184,6 +238,7 @@ def main() -> None:
         return
     doc = run(args.work)
     _print(doc)
+    _print_profiled(doc["profiled"])
     text = json.dumps(doc, indent=1)
     (args.work / "cuda_runtime.json").write_text(text)
     if args.out:

@@ -213,7 +213,11 @@ def test_merge_refuses_profiles_of_different_models(local_profile):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(device="pi4", mode="local"), "pi4's code is built for aarch64 CPUs; run .* on pi4 itself.*--rpc.*--estimate"),
-    (dict(device="jetson-orin-nano", mode="local"), "built for cuda \\(a GPU\\); run .* on jetson-orin-nano itself"),
+    (dict(device="jetson-orin-nano", mode="local"),
+     "kernels on this machine's GPU, and its aarch64 code cannot run on this .* machine; run .* on jetson-orin-nano "
+     "itself"),
+    (dict(device="jetson-orin-nano", mode="local", backends=("tvm", "ort")), "runs TVM kernels on its GPU .* drop the "
+     "ort backend"),
     (dict(device="host", mode="rpc"), "--rpc HOST:PORT"),
     (dict(device="host", mode="rpc", rpc="127.0.0.1:1", backends=("ort",)), "drop the ort backend"),
     (dict(device="jetson-orin-nano", mode="qemu"), "--qemu emulates aarch64 CPUs"),

@@ -8,10 +8,8 @@ from typing import Optional
 
 import onnx
 
-from distree.compiler.cuda_aot import fatbin_packer, find_nvcc
-from distree.errors import DistreeError
 from distree.targets.spec import DeviceSpec
-from distree.targets.toolchain import cross_compiler, import_onnx, tvm_target
+from distree.targets.toolchain import export_library, import_onnx, tvm_target
 
 
 @dataclass(frozen=True)
@@ -28,7 +26,6 @@ def compile_segment(model: onnx.ModelProto, device: DeviceSpec, out_path: Path,
     """Build ``model`` for ``device`` into ``out_path`` (.so); apply tuning records from ``tuning_db``."""
     import tvm
 
-    cc = cross_compiler(device)
     target = tvm_target(device)
     mod = import_onnx(model)
     tuned = False
@@ -39,22 +36,5 @@ def compile_segment(model: onnx.ModelProto, device: DeviceSpec, out_path: Path,
         if tuned:
             mod = apply_tuning(mod, target, tuning_db)
     executable = tvm.compile(mod, target=target)
-    export_kwargs = {"cc": cc} if cc else {}
-    cuda = None
-    if device.target.get("kind") == "cuda":
-        arch = str(device.target.get("arch", ""))
-        nvcc = find_nvcc()
-        if nvcc is None:
-            if require_aot_cuda:
-                raise DistreeError(f"device {device.name}: nvcc not found, so the CUDA kernels cannot be "
-                                   "compiled ahead of time; install the CUDA toolkit or drop --require-aot-cuda")
-            cuda = "CUDA source, compiled at load time by NVRTC on the device (nvcc not found here)"
-        else:
-            converted: list[int] = []
-            export_kwargs["fpack_imports"] = fatbin_packer(arch, nvcc, converted.append)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    executable.export_library(str(out_path), **export_kwargs)
-    if "fpack_imports" in export_kwargs:
-        cuda = (f"fatbin {arch} (nvcc ahead of time; no NVRTC needed on the device)" if sum(converted)
-                else "no CUDA kernels in this segment")
+    cuda = export_library(executable, device, out_path, require_aot_cuda)
     return TvmBuild(path=out_path, cuda=cuda, tuned=tuned)

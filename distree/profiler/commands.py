@@ -72,7 +72,7 @@ def profile_cmd(model_path: Path, devices: tuple[str, ...], topology_path: Optio
     exits = declared_exits(model, chain, names)
     timing = TimingSettings(warmup=warmup, repeats=repeats, min_repeat_ms=min_repeat_ms, threads=threads)
     for dev in specs:           # refused requests fail before the progress bar starts
-        check_request(dev, mode, rpc, tuple(backends) or default_backends(mode))
+        check_request(dev, mode, rpc, tuple(backends) or default_backends(mode, dev))
     profiles = []
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -41,7 +41,7 @@ from distree.profiler.units import CALL_ITEM, RPC_ITEM, Unit, block_item, decide
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
 from distree.targets.toolchain import host_arch, host_cpu, host_runnable, import_onnx, missing_cpu_features, \
-    target_arch, tvm_target
+    target_arch, tvm_device_here, tvm_target
 
 MODES = ("local", "rpc", "qemu", "estimate")
 PROVENANCE_WORDS = {"local": "measured", "estimate": "estimated, not measured",
@@ -50,9 +50,11 @@ QEMU_NOTE = "emulated under qemu-user on an x86 machine: proves the aarch64 arti
 Progress = Callable[[int, int, str], None]
 
 
-def default_backends(mode: str) -> tuple[str, ...]:
-    """ONNX Runtime is timed only here; over RPC only TVM artifacts can run on the device."""
-    return ("tvm",) if mode in ("rpc", "qemu") else ("tvm", "ort")
+def default_backends(mode: str, device: Optional[DeviceSpec] = None) -> tuple[str, ...]:
+    """ONNX Runtime is timed only here; over RPC only TVM artifacts can run on the device; a CUDA device ships TVM
+    kernels only (ONNX Runtime would run on its CPU, which the compiler never ships there)."""
+    gpu = device is not None and device.target.get("kind") == "cuda"
+    return ("tvm",) if mode in ("rpc", "qemu") or gpu else ("tvm", "ort")
 
 
 def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint], device: DeviceSpec,
@@ -62,7 +64,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
                   aarch64_root: Optional[Path] = None) -> Profile:
     """Profile every block and exit head, the cost of a call, an exit decision and a hop (or only ``items``, e.g.
     ``("block:0", "exit:exit_1")``)."""
-    backends = tuple(backends) if backends else default_backends(mode)
+    backends = tuple(backends) if backends else default_backends(mode, device)
     timing = timing or TimingSettings()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     check_request(device, mode, rpc, backends)
@@ -89,8 +91,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     settings = {device.name: {"mode": mode, "provenance": provenance, "backends": list(backends),
                               "timing": timing.to_dict(), "items": [u.item for u in units],
                               "tvm_build": "tvm.compile, default pipeline, untuned", "cache_key": key,
-                              **({"measured_on": f"{platform.node()}: {host_cpu()}, {os.cpu_count()} cores"}
-                                 if mode == "local" else {}),
+                              **({"measured_on": _measured_on(device)} if mode == "local" else {}),
                               **({"estimate_calibration": _calibration_summary()} if mode == "estimate" else {})}}
     profile = Profile(model_sha256=versions["model_sha256"], entries=tuple(entries), versions=versions,
                       settings=settings)
@@ -175,6 +176,9 @@ def check_request(device: DeviceSpec, mode: str, rpc: Optional[str], backends: t
     if mode in ("rpc", "qemu") and "ort" in backends:
         raise DistreeError(f"{mode} profiling times TVM artifacts on the device; ONNX Runtime is timed only "
                            "locally: drop the ort backend")
+    if mode == "local" and device.target.get("kind") == "cuda" and "ort" in backends:
+        raise DistreeError(f"{device.name} runs TVM kernels on its GPU (ONNX Runtime would run on its CPU, which "
+                           "distree never ships for a CUDA device): drop the ort backend")
     if mode == "local" and device.name != "host":
         _check_runs_here(device)
     if mode == "qemu":
@@ -189,6 +193,12 @@ def _check_runs_here(device: DeviceSpec) -> None:
     ``pi4``), or on a machine of the same ISA that has every vector extension the code uses."""
     elsewhere = (f"run `distree profile ... --device {device.name}` on {device.name} itself, or use --rpc HOST:PORT "
                  "(its TVM RPC server), --qemu (aarch64 CPUs, emulated) or --estimate")
+    if device.target.get("kind") == "cuda":
+        where, why_not = tvm_device_here(device)
+        if where != "cuda":
+            raise DistreeError(f"local profiling runs {device.name}'s kernels on this machine's GPU, and {why_not}; "
+                               f"{elsewhere}")
+        return
     if not host_runnable(device):
         kind = device.target.get("kind")
         built_for = f"{target_arch(device)} CPUs" if kind == "llvm" else f"{kind} (a GPU)"
@@ -201,11 +211,27 @@ def _check_runs_here(device: DeviceSpec) -> None:
 
 
 def _local_note(device: DeviceSpec) -> str:
-    """What a local measurement stands for when this machine is not the device's CPU model."""
+    """What a local measurement stands for when this machine is not the device's CPU model (or, for a GPU
+    device, which GPU ran its kernels)."""
+    if device.target.get("kind") == "cuda":
+        return f"kernels timed on this machine's {_gpu_here()}"
     cpu = device.target.get("mcpu")
     if device.name == "host" or cpu == host_cpu():
         return ""
     return f"measured on this machine ({host_cpu()}) standing in for {device.name} ({cpu})"
+
+
+def _gpu_here() -> str:
+    import tvm
+
+    gpu = tvm.cuda(0)
+    return f"{gpu.device_name} (compute capability {gpu.compute_version})"
+
+
+def _measured_on(device: DeviceSpec) -> str:
+    """Where a local profile ran: this machine, its CPU, and the GPU for a CUDA device."""
+    gpu = f"{_gpu_here()} with " if device.target.get("kind") == "cuda" else ""
+    return f"{platform.node()}: {gpu}{host_cpu()}, {os.cpu_count()} cores"
 
 
 def _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units,
@@ -297,7 +323,7 @@ def measure_unit(unit: Unit, backends: tuple[str, ...], device: DeviceSpec, timi
     for backend in backends:
         if backend == "tvm":
             samples = (tvm_backend.time_tvm_remote(session, compiled, unit, device, timing) if session is not None
-                       else tvm_backend.time_tvm_local(compiled, unit, timing))
+                       else tvm_backend.time_tvm_local(compiled, unit, device, timing))
         else:
             samples = time_ort(unit, timing)
         out.append(_entry(device, unit, backend, provenance, samples, *summarize(samples), compiled.activation_bytes,

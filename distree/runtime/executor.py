@@ -98,9 +98,14 @@ def _load_segment(bundle: Path, stage: DeviceArtifact, seg: SegmentArtifact, thr
     if seg.backend == "ort":
         return _Loaded(seg, ort_runner(bundle / seg.file, threads), seg.file, "ort", [])
     where, why_not = tvm_device_here(stage.spec)
-    if where is not None:
-        return _Loaded(seg, tvm_runner(bundle / seg.file, where), seg.file, "tvm" if where == "cpu" else "tvm-cuda",
-                       [])
+    if where == "cpu":
+        return _Loaded(seg, tvm_runner(bundle / seg.file), seg.file, "tvm", [])
+    if where == "cuda":
+        # the activation stays on the GPU for the stage's next sub-segment; exit logits come back for the decision
+        after = stage.segments[stage.segments.index(seg) + 1:]
+        feeds_next = bool(after) and after[0].backend == "tvm"
+        run = tvm_runner(bundle / seg.file, "cuda", keep_on_gpu=frozenset({0}) if feeds_next else frozenset())
+        return _Loaded(seg, run, seg.file, "tvm-cuda", [])
     substitutions.append(
         f"{seg.file}: {stage.spec.name} TVM library ({target_arch(stage.spec)}, {stage.spec.target.get('kind')}): "
         f"{why_not}; ran {seg.onnx_file} under ONNX Runtime on this CPU instead")
@@ -256,10 +261,14 @@ def run_bundle(path: str | Path, data: Dataset, threads: int = 1, limit: Optiona
 
 
 def _planned_for_here(manifest: Manifest) -> bool:
-    """One stage, on this machine, where requests arrive: then the plan's latency is what ``run`` measures."""
+    """One stage, on this machine (its CPU, or a GPU here that runs the stage's kernels), where requests arrive:
+    then the plan's latency is what ``run`` measures."""
     (stage, *rest) = manifest.stages
-    return (not rest and stage.name == manifest.source and stage.spec.target.get("kind") == "llvm"
-            and stage.spec.target == host_device().target)
+    if rest or stage.name != manifest.source:
+        return False
+    if stage.spec.target.get("kind") == "cuda":
+        return tvm_device_here(stage.spec)[0] == "cuda"
+    return stage.spec.target == host_device().target
 
 
 def exit_rates(policy: ExitPolicy, exits: list[str]) -> dict[str, float]:

@@ -180,3 +180,31 @@ def _identifier_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in out.graph.node:
         node.input[:] = [renames.get(t, t) for t in node.input]
     return out
+
+
+def export_library(executable, device: DeviceSpec, path: Path, require_aot_cuda: bool = False) -> Optional[str]:
+    """Link a ``tvm.compile`` result into ``path`` (.so) for the device, the one way the profiler and the compiler
+    both do it: the device's cross compiler, and CUDA kernels compiled ahead of time by nvcc into a fatbin (else
+    kept as source for NVRTC at load). Returns how CUDA kernels ship (None for a CPU device)."""
+    from distree.compiler.cuda_aot import fatbin_packer, find_nvcc
+
+    cc = cross_compiler(device)
+    kwargs = {"cc": cc} if cc else {}
+    if device.target.get("kind") != "cuda":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        executable.export_library(str(path), **kwargs)
+        return None
+    arch, nvcc = str(device.target.get("arch", "")), find_nvcc()
+    if nvcc is None:
+        if require_aot_cuda:
+            raise DistreeError(f"device {device.name}: nvcc not found, so the CUDA kernels cannot be "
+                               "compiled ahead of time; install the CUDA toolkit or drop --require-aot-cuda")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        executable.export_library(str(path), **kwargs)
+        return "CUDA source, compiled at load time by NVRTC on the device (nvcc not found here)"
+    converted: list[int] = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    executable.export_library(str(path), fpack_imports=fatbin_packer(arch, nvcc, converted.append), **kwargs)
+    return (f"fatbin {arch} (nvcc ahead of time; no NVRTC needed on the device)" if sum(converted)
+            else "no CUDA kernels in this segment")
+

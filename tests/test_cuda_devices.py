@@ -1,12 +1,14 @@
-"""Where a bundle's TVM libraries run: this CPU, a CUDA GPU here, or nowhere here (then their ONNX under ONNX
-Runtime, and the report says why). A real GPU run is `benchmarks/cuda_runtime.py` (no GPU in CI); these tests
-check the decisions and the runtime-only TVM path on every machine."""
+"""CUDA devices here: where a bundle's TVM libraries run (this CPU, a CUDA GPU here, or nowhere here: then their
+ONNX under ONNX Runtime, and the report says why), the runtime-only TVM path, and profiling a GPU device on the
+machine that has it. Without a GPU (CI) the tests check the refusals and substitutions; with one (the device
+machine, `benchmarks/cuda_runtime.py`'s notes) the same tests check that the GPU ran."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import compiler_fixtures as cf
 from distree.bench.measure import measure_bundle
 from distree.compiler.bundle import build_bundle
 from distree.compiler.verify import verify_bundle
-from distree.compiler.manifest import read_thresholds
+from distree.compiler.manifest import read_manifest, read_thresholds
 from distree.runtime.executor import FINAL, run_bundle
 from distree.targets import get_device
 from distree.targets.catalog import host_device
@@ -64,9 +66,14 @@ def test_each_library_runs_where_its_code_can():
 
 @pytest.fixture(scope="module")
 def gpu_bundle(tiny, tmp_path_factory) -> Path:
-    """The tiny model's two stages: this CPU (TVM), then a CUDA device with this machine's CPU as its host."""
+    """The tiny model's two stages: this CPU (TVM) up to exit_1, then a CUDA device with this machine's CPU as its
+    host, which runs two sub-segments (up to exit_2, then the rest): the activation passes between them on the GPU."""
     plan, _ = cf.two_stage_plan(tiny)
-    plan = dataclasses.replace(plan, stages=(plan.stages[0], dataclasses.replace(plan.stages[1], device="gpu")))
+    first, second = plan.stages
+    exit_1, exit_2 = first.exits
+    stages = (dataclasses.replace(first, last_block=exit_1.after_block, exits=(exit_1,)),
+              dataclasses.replace(second, device="gpu", first_block=exit_1.after_block + 1, exits=(exit_2,)))
+    plan = dataclasses.replace(plan, stages=stages)
     topology = Topology(devices=(get_device("host"), _cuda_device()))
     out = tmp_path_factory.mktemp("gpu-bundle") / "bundle"
     return build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, out, backend="tvm")
@@ -74,26 +81,29 @@ def gpu_bundle(tiny, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_cuda_stage_runs_on_the_gpu_or_says_why_not(gpu_bundle, tiny):
-    data = cf.dataset(40, seed=3)
+    data = cf.dataset(60, seed=3)
     report = run_bundle(gpu_bundle, data)
     thresholds = {e.name: e.threshold for e in read_thresholds(gpu_bundle).exits}
     want_preds, want_exits = cf.ort_reference(tiny, data.x, thresholds)
     assert list(report.predictions) == list(want_preds) and list(report.exits) == want_exits
-    assert want_exits.count(FINAL) > 0                  # some samples reach the GPU stage
-    gpu_file = "gpu/s1_seg0_b6-10.so"
-    check = next(c for c in verify_bundle(gpu_bundle).checks if c.file == gpu_file)
-    row = next(s for s in measure_bundle(gpu_bundle, repeats=3, warmup=1).segments if s.device == "gpu")
+    assert {"exit_2", FINAL} <= set(want_exits)         # samples leave on the GPU and run through it
+    gpu_files = [s.file for s in read_manifest(gpu_bundle).stages[1].segments]
+    assert len(gpu_files) == 2
+    checks = {c.file: c for c in verify_bundle(gpu_bundle).checks}
+    rows = [s for s in measure_bundle(gpu_bundle, repeats=3, warmup=1).segments if s.device == "gpu"]
     if _gpu_here():
         assert not report.substitutions
-        assert {s.backend for s in report.segments if s.device == "gpu"} == {"tvm-cuda"}
-        assert check.status == "ran" and "CUDA GPU" in check.detail
-        assert row.measurable and row.median_ms > 0
+        assert [s.backend for s in report.segments if s.device == "gpu"] == ["tvm-cuda", "tvm-cuda"]
+        assert all(checks[f].status == "ran" and "CUDA GPU" in checks[f].detail for f in gpu_files)
+        assert all(r.measurable and r.median_ms > 0 for r in rows)
     else:
         why = tvm_device_here(_cuda_device())[1]
-        assert report.substitutions == (f"{gpu_file}: gpu TVM library ({host_arch()}, cuda): {why}; ran "
-                                        "gpu/s1_seg0_b6-10.onnx under ONNX Runtime on this CPU instead",)
-        assert check.status == "checked" and why in check.detail and "run it on the device)" in check.detail
-        assert not row.measurable and why in row.reason
+        assert report.substitutions == tuple(
+            f"{f}: gpu TVM library ({host_arch()}, cuda): {why}; ran {f.removesuffix('.so')}.onnx under ONNX "
+            "Runtime on this CPU instead" for f in gpu_files)
+        assert all(checks[f].status == "checked" and why in checks[f].detail
+                   and "run it on the device)" in checks[f].detail for f in gpu_files)
+        assert all(not r.measurable and why in r.reason for r in rows)
 
 
 @pytest.mark.slow
@@ -117,3 +127,31 @@ def test_run_verify_and_bench_need_only_the_tvm_runtime(gpu_bundle, tmp_path):
     assert report["predictions"] == list(run_bundle(gpu_bundle, data).predictions)
     backends = {s["device"]: s["backend"] for s in report["segments"]}
     assert backends["host"] == "tvm" and backends["gpu"] == ("tvm-cuda" if _gpu_here() else "ort")
+
+
+def test_a_gpu_device_is_profiled_where_its_gpu_is(tiny, tmp_path):
+    """Its kernels are timed on this machine's GPU (TVM only: ONNX Runtime never ships for a CUDA device);
+    without a fitting GPU the request is refused up front, saying why."""
+    from distree.errors import DistreeError
+    from distree.exits import declared_exits
+    from distree.profiler import profile_model
+    from distree.profiler.profile import check_request, cost_sources
+
+    gpu = _cuda_device()
+    with pytest.raises(DistreeError, match="drop the ort backend"):
+        check_request(gpu, "local", None, ("tvm", "ort"))
+    exits = declared_exits(tiny.model, tiny.chain)
+    items = ("block:0", "exit:exit_1", "call")
+    if not _gpu_here():
+        with pytest.raises(DistreeError, match=re.escape(f"kernels on this machine's GPU, and {tvm_device_here(gpu)[1]}")):
+            profile_model(tiny.model, tiny.chain, exits, gpu, cache_dir=tmp_path, items=items)
+        return
+    profile = profile_model(tiny.model, tiny.chain, exits, gpu, cache_dir=tmp_path, items=items)
+    timed = [m for m in profile.entries if m.item in items]
+    assert sorted(m.item for m in timed) == sorted(items) and {m.backend for m in timed} == {"tvm"}
+    assert all(m.provenance == "local" and m.median_ms > 0 and "kernels timed on this machine's" in m.note
+               for m in timed)
+    import tvm
+
+    assert tvm.cuda(0).device_name in cost_sources(profile)["gpu"]
+

@@ -94,10 +94,11 @@ class _Loaded:
 
 
 def _load_segment(bundle: Path, stage: DeviceArtifact, seg: SegmentArtifact, threads: int,
-                  substitutions: list[str]) -> _Loaded:
+                  here: tuple[Optional[str], str], substitutions: list[str]) -> _Loaded:
+    """``here``: where the stage's TVM libraries run in this process (:func:`tvm_device_here`)."""
     if seg.backend == "ort":
         return _Loaded(seg, ort_runner(bundle / seg.file, threads), seg.file, "ort", [])
-    where, why_not = tvm_device_here(stage.spec)
+    where, why_not = here
     if where == "cpu":
         return _Loaded(seg, tvm_runner(bundle / seg.file), seg.file, "tvm", [])
     if where == "cuda":
@@ -124,7 +125,8 @@ class StageExecutor:
         self.stage = manifest.stages[index]
         self.policy = policy
         self.substitutions: list[str] = []
-        self._segments = [_load_segment(self.bundle, self.stage, seg, threads, self.substitutions)
+        here = tvm_device_here(self.stage.spec)
+        self._segments = [_load_segment(self.bundle, self.stage, seg, threads, here, self.substitutions)
                           for seg in self.stage.segments]
         remaining = remaining_ms(manifest)
         self._remaining_after = remaining.after_segment[index]

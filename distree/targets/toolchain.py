@@ -6,6 +6,7 @@ build the same code the same way.
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 import shutil
@@ -78,10 +79,11 @@ def cuda_arch_runs_on(arch: str, compute_version: str) -> bool:
     return need is None or have >= (int(need.group(1)), int(need.group(2)))
 
 
+@functools.lru_cache(maxsize=1)
 def load_tvm_cuda_runtime() -> str:
     """Make TVM's CUDA runtime available; why it is not, or empty. A full TVM install loads it at import when
     it can; a runtime-only one (``TVM_USE_RUNTIME_LIB=1``, or no compiler library: what a device needs) never
-    does, so distree loads ``libtvm_runtime_cuda`` itself."""
+    does, so distree loads ``libtvm_runtime_cuda`` itself (once per process: the answer does not change)."""
     import tvm
     from tvm_ffi.libinfo import load_lib_ctypes
 
@@ -190,21 +192,19 @@ def export_library(executable, device: DeviceSpec, path: Path, require_aot_cuda:
 
     cc = cross_compiler(device)
     kwargs = {"cc": cc} if cc else {}
-    if device.target.get("kind") != "cuda":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        executable.export_library(str(path), **kwargs)
-        return None
-    arch, nvcc = str(device.target.get("arch", "")), find_nvcc()
-    if nvcc is None:
-        if require_aot_cuda:
-            raise DistreeError(f"device {device.name}: nvcc not found, so the CUDA kernels cannot be "
-                               "compiled ahead of time; install the CUDA toolkit or drop --require-aot-cuda")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        executable.export_library(str(path), **kwargs)
-        return "CUDA source, compiled at load time by NVRTC on the device (nvcc not found here)"
+    cuda, arch, nvcc = device.target.get("kind") == "cuda", str(device.target.get("arch", "")), find_nvcc()
+    if cuda and nvcc is None and require_aot_cuda:
+        raise DistreeError(f"device {device.name}: nvcc not found, so the CUDA kernels cannot be "
+                           "compiled ahead of time; install the CUDA toolkit or drop --require-aot-cuda")
     converted: list[int] = []
+    if cuda and nvcc is not None:
+        kwargs["fpack_imports"] = fatbin_packer(arch, nvcc, converted.append)
     path.parent.mkdir(parents=True, exist_ok=True)
-    executable.export_library(str(path), fpack_imports=fatbin_packer(arch, nvcc, converted.append), **kwargs)
+    executable.export_library(str(path), **kwargs)
+    if not cuda:
+        return None
+    if nvcc is None:
+        return "CUDA source, compiled at load time by NVRTC on the device (nvcc not found here)"
     return (f"fatbin {arch} (nvcc ahead of time; no NVRTC needed on the device)" if sum(converted)
             else "no CUDA kernels in this segment")
 

@@ -290,3 +290,17 @@ def test_a_device_whose_code_needs_vector_extensions_this_cpu_lacks_is_not_run_h
         pytest.skip(f"this CPU has every vector extension of {mcpu}")
     with pytest.raises(DistreeError, match=f"big's code may use {missing[0]}.*this machine's CPU .* lacks; run "):
         profile_model(model, chain, exits, device, mode="local", cache_dir=tmp_path, timing=FAST)
+
+
+def test_a_fixed_cost_timed_here_for_another_device_scales_the_fastest_sample():
+    """This machine's busy spells are not the device's: an estimate scales the fastest sample, a measurement
+    keeps the median."""
+    from distree.profiler.dispatch import _timed_here
+
+    samples, pi4 = (0.5, 0.2, 0.9), get_device("pi4")
+    estimated = _timed_here(pi4, "decide:max_softmax", "python", samples, TimingSettings(), False, 10.0, "scaled",
+                            "none")
+    measured = _timed_here(get_device("host"), "decide:max_softmax", "python", samples, TimingSettings(), True, 1.0,
+                           "", "none")
+    assert estimated.median_ms == pytest.approx(2.0) and estimated.provenance == "estimate"
+    assert measured.median_ms == pytest.approx(0.5) and measured.samples_ms == samples

@@ -25,7 +25,8 @@ from distree.runtime.executor import FINAL, run_bundle
 from distree.targets import get_device
 from distree.targets.catalog import host_device
 from distree.targets.spec import DeviceSpec, Topology
-from distree.targets.toolchain import cuda_arch_runs_on, host_arch, load_tvm_cuda_runtime, tvm_device_here
+from distree.targets.toolchain import cuda_arch_runs_on, host_arch, host_cpu, host_runnable, load_tvm_cuda_runtime, \
+    missing_cpu_features, tvm_device_here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,13 @@ def test_each_library_runs_where_its_code_can():
     other = "aarch64" if host_arch() != "aarch64" else "x86_64"
     where, why = tvm_device_here(get_device("pi4" if other == "aarch64" else "x86-server"))
     assert where is None and f"its {other} code cannot run on this {host_arch()} machine" == why
+    server = get_device("x86-server")                               # AVX-512 code: only where the CPU has it
+    if host_arch() == "x86_64" and missing_cpu_features(server):
+        assert tvm_device_here(server) == (None, f"its code may use {', '.join(missing_cpu_features(server))}, "
+                                                 f"which this CPU ({host_cpu()}) lacks")
+        assert not host_runnable(server)                            # the compiler does not time it here either
+    elif host_arch() == "x86_64":
+        assert tvm_device_here(server) == ("cpu", "") and host_runnable(server)
     where, why = tvm_device_here(get_device("jetson-orin-nano"))    # aarch64 host code: never on x86
     assert (where is None) == (host_arch() != "aarch64")
     where, why = tvm_device_here(_cuda_device())

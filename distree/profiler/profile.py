@@ -40,7 +40,7 @@ from distree.profiler.units import CALL_ITEM, RPC_ITEM, Unit, block_item, decide
     profile_units
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
-from distree.targets.toolchain import host_arch, host_cpu, host_runnable, import_onnx, missing_cpu_features, \
+from distree.targets.toolchain import host_arch, host_cpu, import_onnx, missing_cpu_features, \
     target_arch, tvm_device_here, tvm_target
 
 MODES = ("local", "rpc", "qemu", "estimate")
@@ -199,7 +199,7 @@ def _check_runs_here(device: DeviceSpec) -> None:
             raise DistreeError(f"local profiling runs {device.name}'s kernels on this machine's GPU, and {why_not}; "
                                f"{elsewhere}")
         return
-    if not host_runnable(device):
+    if device.target.get("kind") != "llvm" or target_arch(device) != host_arch():
         kind = device.target.get("kind")
         built_for = f"{target_arch(device)} CPUs" if kind == "llvm" else f"{kind} (a GPU)"
         raise DistreeError(f"local profiling runs {device.name}'s code on this machine, an {host_arch()} CPU, and "

@@ -38,18 +38,7 @@ def host_runnable(device: DeviceSpec) -> bool:
     """Whether this machine's CPU can load and run the device's TVM library (a CPU device) in process: same
     architecture, and every vector extension its code may use (x86-server's AVX-512 code on an AVX2 machine would
     stop with an illegal instruction)."""
-    return device.target.get("kind") == "llvm" and not _cpu_code_foreign(device)
-
-
-def _cpu_code_foreign(device: DeviceSpec) -> str:
-    """Why this machine's CPU cannot run the CPU device's code; empty when it can."""
-    arch = target_arch(device)
-    if arch != host_arch():
-        return f"its {arch} code cannot run on this {host_arch()} machine"
-    missing = missing_cpu_features(device) if compiler_loaded() else ()
-    if missing:
-        return f"its code may use {', '.join(missing)}, which this CPU ({host_cpu()}) lacks"
-    return ""
+    return device.target.get("kind") == "llvm" and tvm_device_here(device)[0] == "cpu"
 
 
 def tvm_device_here(device: DeviceSpec) -> tuple[Optional[str], str]:
@@ -57,11 +46,13 @@ def tvm_device_here(device: DeviceSpec) -> tuple[Optional[str], str]:
     that can run its kernels), or ``(None, why not)``. The runtime, ``verify`` and ``bench`` ask this, so a
     bundle copied to a Jetson (or to any machine with a fitting NVIDIA GPU) runs its CUDA stage on the GPU."""
     kind, arch = device.target.get("kind"), target_arch(device)
-    if kind == "llvm":
-        why = _cpu_code_foreign(device)
-        return (None, why) if why else ("cpu", "")
     if arch != host_arch():
         return None, f"its {arch} code cannot run on this {host_arch()} machine"
+    if kind == "llvm":
+        missing = missing_cpu_features(device) if compiler_loaded() else ()
+        if missing:
+            return None, f"its code may use {', '.join(missing)}, which this CPU ({host_cpu()}) lacks"
+        return "cpu", ""
     if kind != "cuda":
         return None, f"distree runs TVM libraries on CPUs and CUDA GPUs, not {kind}"
     why = cuda_gpu_missing(str(device.target.get("arch", "")))

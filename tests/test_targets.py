@@ -11,6 +11,7 @@ from distree.cli import cli
 from distree.errors import DistreeError
 from distree.targets import (DEFAULT_LINK, LinkSpec, device_names, get_device, list_devices, load_topology,
                              topology_for)
+from distree.targets.toolchain import host_arch, tvm_device_here
 
 
 def test_catalog_has_the_issue_devices_with_sources():
@@ -148,6 +149,13 @@ def test_devices_command_table_and_json(tmp_path):
     res = runner.invoke(cli, ["devices"])
     assert res.exit_code == 0, res.output
     assert "jetson-orin-nano" in res.output and "cortex-a78ae" in res.output and "sm_53" in res.output
+    # which devices' code runs on this machine, and why the others' does not, by this machine's own facts
+    elsewhere = {d.name: why for d in list_devices() for where, why in [tvm_device_here(d)] if where is None}
+    assert "host" not in elsewhere
+    assert ("pi4" in elsewhere) == (host_arch() != "aarch64")
+    notice = " ".join(res.output.split("not run here", 1)[1].split()) if elsewhere else ""
+    for name, why in elsewhere.items():
+        assert f"{name} ({why})" in notice
     res = runner.invoke(cli, ["devices", "--sources"])
     assert res.exit_code == 0 and "TVM tag raspberry-pi/4b-aarch64" in res.output
     res = runner.invoke(cli, ["devices", "--json"])

@@ -9,10 +9,11 @@ import click
 
 from distree.targets.catalog import GIB, list_devices, target_summary
 from distree.targets.spec import DeviceSpec
+from distree.targets.toolchain import tvm_device_here
 from distree.targets.topology import load_topology
 
 
-def _row(dev: DeviceSpec) -> dict[str, str]:
+def _row(dev: DeviceSpec, where: Optional[str]) -> dict[str, str]:
     host = dev.host
     return {
         "name": dev.name,
@@ -22,6 +23,7 @@ def _row(dev: DeviceSpec) -> dict[str, str]:
         "cores": str(dev.cores),
         "GFLOP/s (est.)": f"{dev.peak_gflops:g}",
         "GB/s (est.)": f"{dev.mem_gbps:g}",
+        "runs here": {"cpu": "yes", "cuda": "yes, GPU"}.get(where, "no"),
         "notes": "; ".join(dev.notes) or dev.description,
     }
 
@@ -50,13 +52,18 @@ def devices_cmd(topology_path: Optional[str], as_json: bool, sources: bool) -> N
     from rich.table import Table
 
     table = Table(title="distree devices" + (f" ({topology_path})" if topology_path else ""))
-    rows = [_row(d) for d in devices]
+    here = {d.name: tvm_device_here(d) for d in devices}
+    rows = [_row(d, here[d.name][0]) for d in devices]
     for col in rows[0]:
         table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*row.values())
     console = Console(width=max(Console().width, 160))
     console.print(table)
+    elsewhere = [f"{name} ({why})" for name, (where, why) in here.items() if where is None]
+    if elsewhere:
+        console.print("not run here (distree run/serve/bench run their ONNX under ONNX Runtime instead): "
+                      + "; ".join(elsewhere), highlight=False)
     if sources:
         for dev in devices:
             console.print(f"[bold]{dev.name}[/bold]: " + "; ".join(dev.sources or ("(none given)",)), highlight=False)

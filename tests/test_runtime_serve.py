@@ -316,6 +316,15 @@ def test_frames_round_trip_and_bad_fields_are_named():
             decode_request(_with(frame, field, value))
     with pytest.raises(WireError, match="dtype is 'object'"):
         decode_request(_with(frame, "dtype", "object"))
+    with pytest.raises(WireError, match=r"shape is \[True, 3, 2, 2\]"):
+        decode_request(_with(frame, "shape", [True, 3, 2, 2]))
+    # every wire dtype, whatever the sender's byte order or memory layout, arrives equal and native
+    for array in (np.arange(6, dtype=np.int64).reshape(2, 3), np.arange(6, dtype=">f4").reshape(2, 3),
+                  np.arange(12, dtype=np.float16).reshape(3, 4).T, np.array([[255, 0]], dtype=np.uint8)):
+        got = decode_request(encode_request(Request("a", "b" * 64, "input", None, 0.0, array))).x
+        assert np.array_equal(got, array) and got.dtype == array.dtype.newbyteorder("=") and got.dtype.isnative
+    with pytest.raises(WireError, match="cannot send a complex64 tensor"):
+        encode_request(Request("a", "b" * 64, "input", None, 0.0, np.zeros(2, dtype=np.complex64)))
 
 
 def _with(frame: bytes, field: str, value) -> bytes:

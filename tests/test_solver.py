@@ -145,8 +145,9 @@ def test_kicks_escape_where_single_exit_moves_get_stuck():
 
 def test_window_moves_are_scored_exactly():
     """Every level combination of a window of exits scores what a full re-evaluation gives (memory, deadline,
-    throughput and accuracy included), so pair moves never mislead the descent."""
-    checked = 0
+    throughput and accuracy included), so pair moves never mislead the descent; so do all one-exit changes
+    scored at once (``singles``)."""
+    checked = singled = 0
     for seed in range(40):
         case, c, problem = _random_problem(seed)
         if problem.n_exits < 2:
@@ -157,6 +158,8 @@ def test_window_moves_are_scored_exactly():
         if start is None:
             continue
         scorer = _MoveScorer(problem, start.levels, start.placement)
+        singles = scorer.singles()
+        assert (singles is None) == (problem.busy_cap_ms is not None)
         for a, width in itertools.product(range(problem.n_exits), (1, 2, 3)):
             combos, scores = scorer.window(a, width)
             for combo, score in zip(combos, scores):
@@ -164,8 +167,14 @@ def test_window_moves_are_scored_exactly():
                 trial[a:a + len(combo)] = combo
                 want = _penalised(problem, trial, start.placement)
                 assert score == pytest.approx(want, rel=1e-9, abs=1e-9) or (np.isinf(score) and np.isinf(want))
+                if width == 1 and singles is not None:      # every one-exit change at once: the same scores
+                    one = singles[a, combo[0]]
+                    assert one == pytest.approx(want, rel=1e-9, abs=1e-9) or (np.isinf(one) and np.isinf(want))
+                    singled += 1
                 checked += 1
-    assert checked >= 2000, checked
+        if singles is not None:
+            assert np.isinf(singles[np.arange(singles.shape[1])[None, :] > problem.n_levels[:, None]]).all()
+    assert checked >= 2000 and singled >= 200, (checked, singled)
 
 
 def test_shared_exit_positions_and_no_exits():

@@ -43,6 +43,10 @@ def test_compile_verify_run(tmp_path):
     solver = summary["solver"]
     assert solver["bound_ms"] <= summary["expected_latency_ms"] * (1 + 1e-9)
     assert solver["gap"] <= 1e-6 if solver["status"] == "optimal" else solver["gap"] > 0
+    # a device the plan leaves idle: what the plan's exits cost placed through it (never less than an optimum)
+    assert set(summary["unused_device_ms"]) == set(summary["unused_devices"])
+    for ms in summary["unused_device_ms"].values():
+        assert ms is None or solver["status"] != "optimal" or ms >= summary["expected_latency_ms"] * (1 - 1e-9)
 
     again = _cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]

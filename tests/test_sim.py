@@ -14,9 +14,11 @@ from click.testing import CliRunner
 
 from distree.cli import cli
 from distree.sim.engine import Load, build_routes, run, summarize
-from distree.sim.inputs import Configuration, Inputs, problem_for
+from distree.sim.baselines import idle_device_costs
+from distree.sim.inputs import Configuration, Inputs, configuration_from_plan, problem_for
 from distree.sim.simulate import simulate
 from distree.solver import Constraints, solve
+from distree.solver.brute import all_placements
 from distree.solver.costs import evaluate, outcome
 from distree.solver.synthetic import synthetic_case
 
@@ -73,6 +75,29 @@ def test_alone_in_the_system_the_simulator_is_the_cost_model(case, inputs, plan)
         assert c.points[0].mean_ms == pytest.approx(c.predicted_ms, rel=1e-9), c.name
     assert report.configurations[0].predicted_ms == pytest.approx(plan.expected_latency_ms, rel=1e-9)
     assert report.configurations[0].accuracy == pytest.approx(plan.accuracy)
+
+
+def test_each_idle_device_gets_the_plans_exits_placed_through_it(case, inputs, plan):
+    """What using a device the plan leaves idle costs: the plan's own exits and thresholds at the cheapest
+    placement that runs a stage there (every placement in pipeline order enumerated), in the simulation and in
+    the numbers `distree compile` prints; the plan, proven optimal, is never slower."""
+    inst = problem_for(inputs, configuration_from_plan(plan, inputs))
+    p = inst.problem
+    idle = [d for d in p.devices if d not in {s.device for s in plan.stages}]
+    assert plan.status == "optimal" and len(idle) == 2, "the case no longer leaves two devices idle"
+    report = simulate(plan, inputs, loads=[Load(rate=1e-6)], jitter=False)
+    rows = {c.name: c for c in report.configurations}
+    costs = idle_device_costs(inputs, plan)
+    assert set(costs) == set(idle)
+    for device in idle:
+        d = p.devices.index(device)
+        evaluations = [evaluate(p, inst.levels, pl) for pl in all_placements(p.n_blocks, p.n_devices, False)
+                       if (pl == d).any()]
+        best = min(ev.expected_ms for ev in evaluations if not set(ev.violations) - {"accuracy"})
+        row = rows[f"the plan's exits, through {device}"]
+        assert row.predicted_ms == pytest.approx(best, rel=1e-9) and costs[device] == pytest.approx(best, rel=1e-9)
+        assert best >= plan.expected_latency_ms - 1e-9
+        assert f"{device}[" in row.description and row.exit_rates == rows["plan"].exit_rates
 
 
 def test_queueing_grows_with_the_rate(case, inputs):

@@ -21,7 +21,7 @@ from distree.solver.bounds import (WindowTerms, best_multiplier, bound_tables, n
                                    widest_window_bound, window_bound)
 from distree.solver.brute import all_configurations, all_placements
 from distree.solver.classes import PlacementClasses, StageClass
-from distree.solver.costs import evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
+from distree.solver.costs import best_placement, evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
 from distree.solver.heuristic import _MoveScorer, _penalised, iterated_local_search, local_search, place
 from distree.solver.milp import solve_milp
 from distree.solver.problem import clopper_pearson_lower, required_correct
@@ -181,6 +181,37 @@ def test_window_moves_are_scored_exactly():
                     assert score == pytest.approx(want, rel=1e-9, abs=1e-9) or (np.isinf(score) and np.isinf(want))
                     checked += 1
     assert checked >= 2000 and moved >= 1500, (checked, moved)
+
+
+def test_best_placement_through_a_device_is_the_cheapest_placement_using_it():
+    """``best_placement(through=d)`` (what using a device the plan leaves idle would cost) equals the cheapest of
+    every placement, in pipeline order, that runs a stage on d and fits memory and throughput (enumerated)."""
+    compared = 0
+    for seed in range(60):
+        case, c, problem = _random_problem(seed)
+        if problem.n_devices < 2:
+            continue
+        p = problem.replace(free_order=False, deadline_ms=None)
+        levels = np.random.default_rng(seed).integers(0, p.n_levels + 1)
+        placements = all_placements(p.n_blocks, p.n_devices, False)
+        costs = []
+        for pl in placements:
+            ev = evaluate(p, levels, pl)
+            costs.append(np.inf if set(ev.violations) - {"accuracy"} else ev.expected_ms)
+        costs = np.array(costs)
+        for d in range(p.n_devices):
+            uses = (placements == d).any(axis=1)
+            want = costs[uses].min() if uses.any() else np.inf
+            found = best_placement(p, levels, through=d)
+            if found is None:
+                assert np.isinf(want), (seed, d)
+                continue
+            assert (found[0] == d).any() and found[1] == pytest.approx(want, rel=1e-9), (seed, d)
+            assert evaluate(p, levels, found[0]).expected_ms == pytest.approx(found[1], rel=1e-9)
+            compared += 1
+        unforced = best_placement(p, levels)
+        assert (unforced is None and np.isinf(costs).all()) or unforced[1] == pytest.approx(costs.min(), rel=1e-9)
+    assert compared >= 60, compared
 
 
 def test_shared_exit_positions_and_no_exits():

@@ -25,6 +25,8 @@ from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, loa
 from distree.graph import Chain, build_chain, load_model, model_sha256
 from distree.profiler import Profile, cost_sources, device_part, merge_profiles, planning_items, profile_model
 from distree.serde import write_bytes_atomic, write_json_atomic
+from distree.sim.baselines import idle_device_costs
+from distree.sim.inputs import Inputs
 from distree.solver import Constraints, Plan, check_constraints, solve
 from distree.targets import load_topology, topology_for
 from distree.targets.spec import Topology
@@ -61,6 +63,8 @@ class CompileResult:
     wall_s: float
     devices: tuple[str, ...] = ()   # every device offered to the solver, in pipeline order
     costs: dict[str, str] = field(default_factory=dict)    # device -> where its costs come from (measured how, where)
+    idle_ms: dict[str, Optional[float]] = field(default_factory=dict)  # device the plan leaves idle -> expected ms
+    #                                   of the plan's exits placed through it (None: no such placement fits)
 
 
 def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | Path, options: CompileOptions,
@@ -111,9 +115,10 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
         model, chain, plan, topology, calibration, out_dir, backend=options.backend,
         tune_minutes=options.tune_minutes, tuning_db=cache.root / "tuning", threads=options.threads,
         require_aot_cuda=options.require_aot_cuda, rpc=options.rpc, profile=profile, log=log))
+    idle = idle_device_costs(Inputs(chain, calibration, profile, topology, samples=calibration), plan)
     return CompileResult(bundle=bundle, plan=plan, manifest=read_manifest(bundle), stage_seconds=cache.seconds,
                          cached=tuple(cache.hits), wall_s=time.perf_counter() - started,
-                         devices=tuple(d.name for d in topology.devices), costs=cost_sources(profile))
+                         devices=tuple(d.name for d in topology.devices), costs=cost_sources(profile), idle_ms=idle)
 
 
 def _topology(options: CompileOptions) -> Topology:

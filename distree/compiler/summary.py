@@ -35,6 +35,7 @@ def summary_dict(result) -> dict[str, Any]:
                                   "reason": s.backend_reason} for s in st.segments]} for st in m.stages],
         "sizes": device_sizes(result.bundle, m), "notes": list(m.notes),
         "unused_devices": [d for d in result.devices if d not in {st.name for st in m.stages}],
+        "unused_device_ms": result.idle_ms,
         "costs": result.costs,
     }
 
@@ -68,6 +69,14 @@ def print_summary(result, console) -> None:
     unused = [d for d in result.devices if d not in {st.name for st in m.stages}]
     if unused:
         console.print(f"devices without a stage (the plan found them not worth using): {', '.join(unused)}")
+        for device in unused:
+            ms = result.idle_ms.get(device)
+            if ms is not None:
+                console.print(f"  {device}: the plan's exits placed through it predict {ms:.3f} ms "
+                              f"({ms - plan.expected_latency_ms:+.3f}); `distree simulate {result.bundle}` compares "
+                              "the two under load")
+            elif device in result.idle_ms:
+                console.print(f"  {device}: no placement of the plan's exits through it fits the devices' memory")
     for note in m.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     cached = f" (cached: {', '.join(result.cached)})" if result.cached else ""

@@ -4,19 +4,24 @@
 - every block on the source device, no exits (no distribution at all);
 - the solver's best placement with every exit off (what distribution alone buys);
 - PORTEND's space: one global threshold level, exits only at stage ends (enumerated; skipped, with the
-  reason, when there are too many placements to enumerate).
+  reason, when there are too many placements to enumerate);
+- for each device the plan leaves idle, the plan's own exits and thresholds placed at the cheapest through it
+  (what using that device would cost: the hop it adds against the compute it takes over).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from distree.solver.brute import all_placements
-from distree.solver.costs import evaluate
+from distree.solver.costs import best_placement, evaluate
 from distree.solver.heuristic import no_exit_plan, portend_plan
+from distree.solver.plan import Plan
 from distree.solver.problem import Problem, ProblemIndex
 from distree.exits.types import Calibration
-from distree.sim.inputs import Configuration, configuration_from_levels
+from distree.sim.inputs import Configuration, Inputs, configuration_from_levels, configuration_from_plan, problem_for
 
 MAX_PORTEND_PLACEMENTS = 20_000     # evaluate() per placement and level is ~0.1 ms: seconds at most
 
@@ -57,6 +62,36 @@ def baseline_configurations(p: Problem, index: ProblemIndex, calibration: Calibr
         else:
             add("PORTEND space (one global threshold, exits at stage ends)", found.levels, found.placement)
     return out, notes
+
+
+def through_idle_devices(inputs: Inputs, plan: Configuration) -> dict[str, Configuration | None]:
+    """Each device of the topology the plan leaves idle -> the plan's exits and thresholds placed at the cheapest
+    (pipeline order, memory kept) through it, chosen on the calibration; None where no such placement fits."""
+    chosen_on = problem_for(dataclasses.replace(inputs, samples=inputs.calibration), plan)
+    p = chosen_on.problem
+    out: dict[str, Configuration | None] = {}
+    for d, name in enumerate(p.devices):
+        if name in plan.placement:
+            continue
+        found = best_placement(p, chosen_on.levels, through=d)
+        out[name] = None if found is None else Configuration(
+            name=f"the plan's exits, through {name}", placement=tuple(p.devices[k] for k in found[0]),
+            thresholds=dict(plan.thresholds), note=f"{name} idle in the plan: what using it costs")
+    return out
+
+
+def idle_device_costs(inputs: Inputs, plan: Plan) -> dict[str, float | None]:
+    """Each device the plan leaves idle -> the expected latency (ms, the solver's cost model on the calibration)
+    of the plan's exits placed through it; None where none fits. Says how far from worth using a device is."""
+    through = through_idle_devices(inputs, configuration_from_plan(plan, inputs))
+    costs: dict[str, float | None] = {}
+    for device, config in through.items():
+        if config is not None:
+            inst = problem_for(dataclasses.replace(inputs, samples=inputs.calibration), config)
+            costs[device] = evaluate(inst.problem, inst.levels, inst.placement).expected_ms
+        else:
+            costs[device] = None
+    return costs
 
 
 def _placement_count(p: Problem) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 
 from distree.errors import DistreeError
 from distree.serde import JsonRecord
-from distree.sim.baselines import baseline_configurations
+from distree.sim.baselines import baseline_configurations, through_idle_devices
 from distree.sim.engine import Load, Routes, build_routes, run, summarize
 from distree.sim.inputs import (Configuration, Inputs, Instance, configuration_from_plan, in_pipeline_order,
                                 missing_devices, plan_constraints, problem_for, selection_problem)
@@ -92,9 +92,14 @@ def simulate(plan: Plan, inputs: Inputs, loads: Optional[Sequence[Load]] = None,
     config, mode = choose_plan(plan, inputs, replan, time_limit_s)
     configs, notes = [config], []
     if baselines:
+        idle = through_idle_devices(inputs, config)
+        through = [c for c in idle.values() if c is not None]
+        notes = [f"the plan's exits through {device}: no placement in pipeline order that runs a stage there fits "
+                 "the devices' memory" for device, c in idle.items() if c is None]
         problem, index = selection_problem(inputs, plan, free_order=not in_pipeline_order(plan, inputs.topology))
-        extra, notes = baseline_configurations(problem, index, inputs.calibration)
-        configs += extra
+        extra, more = baseline_configurations(problem, index, inputs.calibration)
+        configs += through + extra
+        notes += more
     if plan.source and plan.source != inputs.topology.source_device:
         notes = [*notes, f"the plan was solved with requests arriving at {plan.source}; here they arrive at "
                          f"{inputs.topology.source_device} (the topology's source)"]

@@ -168,16 +168,22 @@ def segments(p: Problem, levels: np.ndarray, o: Outcome) -> Segments:
 
 
 def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
-                   order: tuple[int, ...] | None = None) -> tuple[np.ndarray, float] | None:
+                   order: tuple[int, ...] | None = None, through: int | None = None
+                   ) -> tuple[np.ndarray, float] | None:
     """Exact cheapest placement of a fixed configuration, ignoring the deadline.
 
     Dynamic programme over (last block of a stage, device), devices in ``order`` (default: pipeline
     order). ``deadline_weight`` adds that multiple of the no-exit latency to the objective (a Lagrangian
-    knob the heuristic turns when the deadline is violated). None when no placement fits.
+    knob the heuristic turns when the deadline is violated). ``through``: only placements that run a stage on
+    that device (what using a device the plan leaves idle would cost). None when no placement fits.
     """
     o = outcome(p, levels)
     seg = segments(p, levels, o)
     order = tuple(range(p.n_devices)) if order is None else order
+    if through is not None and through not in order:
+        return None
+    # with ``through``, a stage after it may only follow a path that ran a stage on it
+    visited = 0 if through is None else order.index(through)
     D, B = p.n_devices, p.n_blocks
     lam = deadline_weight
     cost = seg.cost + lam * seg.worst
@@ -189,8 +195,8 @@ def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
         # entering d at block s: from the source (s = 0) or from an earlier device's stage ending at s-1
         enter = np.full(B, INF)
         came = np.full(B, -1)
-        enter[0] = p.cut_ms[p.source, d, 0] * (1 + lam)
-        for prev in order[:pos]:
+        enter[0] = p.cut_ms[p.source, d, 0] * (1 + lam) if through is None or pos <= visited else INF
+        for prev in order[visited if pos > visited else 0:pos]:
             via = best[prev, :-1] + p.cut_ms[prev, d, 1:] * (reach_in[1:] + lam)
             better = via < enter[1:]
             enter[1:] = np.where(better, via, enter[1:])
@@ -202,6 +208,7 @@ def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
             if best[d, e] < INF:
                 back[(d, e)] = (int(s_best[e]), int(came[s_best[e]]))
     final = best[:, B - 1] + p.return_ms * (o.final_rate + lam)
+    final[list(order[:visited])] = INF
     d = int(np.argmin(final))
     if not np.isfinite(final[d]):
         return None

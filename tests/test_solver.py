@@ -386,6 +386,12 @@ def test_cli_plan_writes_plan_lp_and_table(tmp_path):
     for name in ("accuracy:", "memory_d0:", "assign_block0:", "all_requests_enter:", r"exit_first_c\d+_x\d+:"):
         assert re.search(name, lp), name
     assert plan.no_exit_latency_ms >= plan.expected_latency_ms
+    # each device the plan leaves idle is priced: the plan's exits at the cheapest placement through it
+    idle = [d.name for d in case.topology.devices if d.name not in {s.device for s in plan.stages}]
+    assert idle and "devices without a stage" in res.output, "the case no longer leaves a device idle"
+    for name in idle:
+        found = re.search(rf"  {name}: the plan's exits placed through it predict ([0-9.]+) ms", res.output)
+        assert found and float(found.group(1)) >= plan.expected_latency_ms - 5e-4, res.output
 
 
 def test_cli_sweep_frontier_and_errors(tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from distree.compiler.manifest import Manifest
+from distree.sim.baselines import idle_device_lines
 
 
 def device_sizes(bundle: Path, manifest: Manifest) -> dict[str, dict[str, int]]:
@@ -34,7 +35,7 @@ def summary_dict(result) -> dict[str, Any]:
                     "segments": [{"file": s.file, "backend": s.backend, "ratio": s.ratio, "exit": s.exit,
                                   "reason": s.backend_reason} for s in st.segments]} for st in m.stages],
         "sizes": device_sizes(result.bundle, m), "notes": list(m.notes),
-        "unused_devices": [d for d in result.devices if d not in {st.name for st in m.stages}],
+        "unused_devices": list(result.idle_ms),
         "unused_device_ms": result.idle_ms,
         "costs": result.costs,
     }
@@ -66,17 +67,8 @@ def print_summary(result, console) -> None:
         console.print(f"[yellow]plan not proven optimal[/yellow] in {plan.wall_s:.0f} s: no plan is faster than "
                       f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%}); a longer --time-limit searches further")
     console.print("costs: " + "; ".join(f"{device} {how}" for device, how in result.costs.items()))
-    unused = [d for d in result.devices if d not in {st.name for st in m.stages}]
-    if unused:
-        console.print(f"devices without a stage (the plan found them not worth using): {', '.join(unused)}")
-        for device in unused:
-            ms = result.idle_ms.get(device)
-            if ms is not None:
-                console.print(f"  {device}: the plan's exits placed through it predict {ms:.3f} ms "
-                              f"({ms - plan.expected_latency_ms:+.3f}); `distree simulate {result.bundle}` compares "
-                              "the two under load")
-            elif device in result.idle_ms:
-                console.print(f"  {device}: no placement of the plan's exits through it fits the devices' memory")
+    for line in idle_device_lines(result.idle_ms, plan.expected_latency_ms, f"`distree simulate {result.bundle}`"):
+        console.print(line, highlight=False)
     for note in m.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     cached = f" (cached: {', '.join(result.cached)})" if result.cached else ""

@@ -94,6 +94,18 @@ def idle_device_costs(inputs: Inputs, plan: Plan) -> dict[str, float | None]:
     return costs
 
 
+def idle_device_lines(idle_ms: dict[str, float | None], plan_ms: float, simulate_hint: str) -> list[str]:
+    """What each idle device would cost, one line each (``idle_ms`` from :func:`idle_device_costs`)."""
+    if not idle_ms:
+        return []
+    lines = [f"devices without a stage (the plan found them not worth using): {', '.join(idle_ms)}"]
+    for device, ms in idle_ms.items():
+        lines.append(f"  {device}: the plan's exits placed through it predict {ms:.3f} ms ({ms - plan_ms:+.3f}); "
+                     f"{simulate_hint} compares the two under load" if ms is not None else
+                     f"  {device}: no placement of the plan's exits through it fits the devices' memory")
+    return lines
+
+
 def _placement_count(p: Problem) -> int:
     """Placements ``all_placements`` would list: device sequences times cut positions."""
     from math import comb, perm

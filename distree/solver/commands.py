@@ -14,6 +14,8 @@ from distree.graph.chain import Chain
 from distree.profiler import Profile, cost_sources
 from distree.serde import write_json_atomic
 from distree.solver.problem import Constraints
+from distree.sim.baselines import idle_device_costs, idle_device_lines
+from distree.sim.inputs import Inputs
 from distree.solver.report import plot_sweep, print_plan, print_sweep, sweep_rows
 from distree.solver.solve import solve, sweep_accuracy_drop
 from distree.targets.topology import topology_from_flags
@@ -96,5 +98,8 @@ def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devic
     print_plan(plan)
     costs = cost_sources(profile)
     click.echo("costs: " + "; ".join(f"{d.name} {costs[d.name]}" for d in topology.devices if d.name in costs))
+    idle = idle_device_costs(Inputs(chain, calibration, profile, topology, samples=calibration), plan)
+    for line in idle_device_lines(idle, plan.expected_latency_ms, "`distree simulate`"):
+        click.echo(line)
     if output:
         plan.save(output)

@@ -183,6 +183,28 @@ def test_window_moves_are_scored_exactly():
     assert checked >= 2000 and moved >= 1500, (checked, moved)
 
 
+def test_descents_are_the_same_with_windows_scored_one_at_a_time(monkeypatch):
+    """Where all windows at once would not fit memory (MOVES_MAX_CELLS) the descent scores one window at a time,
+    and ends where it would have."""
+    import distree.solver.heuristic as heuristic
+
+    compared = 0
+    for seed in range(30):
+        case, c, problem = _random_problem(seed)
+        at_once = local_search(problem)
+        with monkeypatch.context() as m:
+            m.setattr(heuristic, "MOVES_MAX_CELLS", 0)
+            one_by_one = local_search(problem)
+            if at_once is not None and problem.n_exits:
+                assert _MoveScorer(problem, at_once.levels, at_once.placement).moves(1) is None
+        assert (at_once is None) == (one_by_one is None)
+        if at_once is not None:
+            assert np.array_equal(at_once.levels, one_by_one.levels), seed
+            assert at_once.expected_ms == pytest.approx(one_by_one.expected_ms, rel=1e-12)
+            compared += 1
+    assert compared >= 15, compared
+
+
 def test_best_placement_through_a_device_is_the_cheapest_placement_using_it():
     """``best_placement(through=d)`` (what using a device the plan leaves idle would cost) equals the cheapest of
     every placement, in pipeline order, that runs a stage on d and fits memory and throughput (enumerated)."""

@@ -64,34 +64,28 @@ def baseline_configurations(p: Problem, index: ProblemIndex, calibration: Calibr
     return out, notes
 
 
-def through_idle_devices(inputs: Inputs, plan: Configuration) -> dict[str, Configuration | None]:
+def through_idle_devices(inputs: Inputs, plan: Configuration) -> dict[str, tuple[Configuration, float] | None]:
     """Each device of the topology the plan leaves idle -> the plan's exits and thresholds placed at the cheapest
-    (pipeline order, memory kept) through it, chosen on the calibration; None where no such placement fits."""
+    (pipeline order, memory kept) through it, chosen on the calibration, and its expected latency there (ms, the
+    solver's cost model); None where no such placement fits."""
     chosen_on = problem_for(dataclasses.replace(inputs, samples=inputs.calibration), plan)
     p = chosen_on.problem
-    out: dict[str, Configuration | None] = {}
+    out: dict[str, tuple[Configuration, float] | None] = {}
     for d, name in enumerate(p.devices):
         if name in plan.placement:
             continue
         found = best_placement(p, chosen_on.levels, through=d)
-        out[name] = None if found is None else Configuration(
+        out[name] = None if found is None else (Configuration(
             name=f"the plan's exits, through {name}", placement=tuple(p.devices[k] for k in found[0]),
-            thresholds=dict(plan.thresholds), note=f"{name} idle in the plan: what using it costs")
+            thresholds=dict(plan.thresholds), note=f"{name} idle in the plan: what using it costs"), found[1])
     return out
 
 
 def idle_device_costs(inputs: Inputs, plan: Plan) -> dict[str, float | None]:
-    """Each device the plan leaves idle -> the expected latency (ms, the solver's cost model on the calibration)
-    of the plan's exits placed through it; None where none fits. Says how far from worth using a device is."""
+    """Each device the plan leaves idle -> the expected latency (ms) of the plan's exits placed through it; None
+    where none fits. Says how far from worth using a device is."""
     through = through_idle_devices(inputs, configuration_from_plan(plan, inputs))
-    costs: dict[str, float | None] = {}
-    for device, config in through.items():
-        if config is not None:
-            inst = problem_for(dataclasses.replace(inputs, samples=inputs.calibration), config)
-            costs[device] = evaluate(inst.problem, inst.levels, inst.placement).expected_ms
-        else:
-            costs[device] = None
-    return costs
+    return {device: None if found is None else found[1] for device, found in through.items()}
 
 
 def idle_device_lines(idle_ms: dict[str, float | None], plan_ms: float, simulate_hint: str) -> list[str]:

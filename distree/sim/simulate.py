@@ -93,9 +93,9 @@ def simulate(plan: Plan, inputs: Inputs, loads: Optional[Sequence[Load]] = None,
     configs, notes = [config], []
     if baselines:
         idle = through_idle_devices(inputs, config)
-        through = [c for c in idle.values() if c is not None]
+        through = [found[0] for found in idle.values() if found is not None]
         notes = [f"the plan's exits through {device}: no placement in pipeline order that runs a stage there fits "
-                 "the devices' memory" for device, c in idle.items() if c is None]
+                 "the devices' memory" for device, found in idle.items() if found is None]
         problem, index = selection_problem(inputs, plan, free_order=not in_pipeline_order(plan, inputs.topology))
         extra, more = baseline_configurations(problem, index, inputs.calibration)
         configs += through + extra

@@ -165,9 +165,11 @@ class _MoveScorer:
         each window's exit rates) or where the constraint check of every candidate at once would pass
         MOVES_MAX_CELLS: :meth:`window` then."""
         p, E, N, w = self.p, self.p.n_exits, self.p.n_samples, width
+        if p.busy_cap_ms is not None or E < w:
+            return None
         Lv = int(p.n_levels.max()) + 1
         A = E - w + 1
-        if p.busy_cap_ms is not None or E < w or A * Lv ** w * len(self.used_idx) * E > MOVES_MAX_CELLS:
+        if A * Lv ** w * len(self.used_idx) * E > MOVES_MAX_CELLS:
             return None
         combos = np.array(list(itertools.product(range(Lv), repeat=w)), dtype=int)       # [V, w]; cells alike
         V = len(combos)

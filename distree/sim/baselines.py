@@ -23,6 +23,7 @@ from distree.solver.problem import Problem, ProblemIndex
 from distree.exits.types import Calibration
 from distree.sim.inputs import Configuration, Inputs, configuration_from_levels, configuration_from_plan, problem_for
 
+NO_PLACEMENT_THROUGH = "no placement in pipeline order that runs a stage there fits the devices' memory"
 MAX_PORTEND_PLACEMENTS = 20_000     # evaluate() per placement and level is ~0.1 ms: seconds at most
 
 
@@ -96,7 +97,7 @@ def idle_device_lines(idle_ms: dict[str, float | None], plan_ms: float, simulate
     for device, ms in idle_ms.items():
         lines.append(f"  {device}: the plan's exits placed through it predict {ms:.3f} ms ({ms - plan_ms:+.3f}); "
                      f"{simulate_hint} compares the two under load" if ms is not None else
-                     f"  {device}: no placement of the plan's exits through it fits the devices' memory")
+                     f"  {device}: the plan's exits: {NO_PLACEMENT_THROUGH}")
     return lines
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from distree.errors import DistreeError
 from distree.serde import JsonRecord
-from distree.sim.baselines import baseline_configurations, through_idle_devices
+from distree.sim.baselines import NO_PLACEMENT_THROUGH, baseline_configurations, through_idle_devices
 from distree.sim.engine import Load, Routes, build_routes, run, summarize
 from distree.sim.inputs import (Configuration, Inputs, Instance, configuration_from_plan, in_pipeline_order,
                                 missing_devices, plan_constraints, problem_for, selection_problem)
@@ -94,8 +94,8 @@ def simulate(plan: Plan, inputs: Inputs, loads: Optional[Sequence[Load]] = None,
     if baselines:
         idle = through_idle_devices(inputs, config)
         through = [found[0] for found in idle.values() if found is not None]
-        notes = [f"the plan's exits through {device}: no placement in pipeline order that runs a stage there fits "
-                 "the devices' memory" for device, found in idle.items() if found is None]
+        notes = [f"the plan's exits through {device}: {NO_PLACEMENT_THROUGH}" for device, found in idle.items()
+                 if found is None]
         problem, index = selection_problem(inputs, plan, free_order=not in_pipeline_order(plan, inputs.topology))
         extra, more = baseline_configurations(problem, index, inputs.calibration)
         configs += through + extra

@@ -1,25 +1,82 @@
 """The ``distree`` command line: thin click adapters over the typed Python API.
 
 Each subcommand lives next to the code it drives (``distree/<part>/commands.py``) and is registered
-below. A :class:`~distree.errors.DistreeError` becomes one ``error: ...`` line and exit status 2;
-``--debug`` shows the traceback instead.
+below; its module is imported only when the subcommand runs (or ``--help`` lists it), so a device that
+installed distree without the build machine's packages still serves, runs, verifies, benches and profiles.
+A :class:`~distree.errors.DistreeError` becomes one ``error: ...`` line and exit status 2; ``--debug``
+shows the traceback instead.
 """
 
 from __future__ import annotations
+
+from importlib import import_module
 
 import click
 
 from distree import __version__
 from distree.errors import DistreeError
 
+# name: "module:attribute" (keep sorted)
+COMMANDS = {
+    "bench": "distree.bench.commands:bench_cmd",
+    "calibrate": "distree.exits.commands:calibrate_cmd",
+    "compile": "distree.compiler.commands:compile_cmd",
+    "devices": "distree.targets.commands:devices_cmd",
+    "exits": "distree.exits.commands:exits_cmd",
+    "infer": "distree.runtime.commands:infer_cmd",
+    "inspect": "distree.graph.commands:inspect_cmd",
+    "plan": "distree.solver.commands:plan_cmd",
+    "profile": "distree.profiler.commands:profile_cmd",
+    "run": "distree.runtime.commands:run_cmd",
+    "serve": "distree.runtime.commands:serve_cmd",
+    "simulate": "distree.sim.commands:simulate_cmd",
+    "verify": "distree.compiler.commands:verify_cmd",
+}
+BUILD_EXTRA = "compile"     # pyproject's extra with what only the build machine needs (solver, SciPy, plots, tuning)
+
+
+def missing_package_error(command: str, exc: ModuleNotFoundError) -> DistreeError:
+    return DistreeError(f"`distree {command}` needs the Python package {exc.name.split('.')[0]!r}, which is not "
+                        f"installed here; on the build machine install distree with `pip install "
+                        f"'distree[{BUILD_EXTRA}]'` (a device that only serves, runs, verifies, benches or profiles "
+                        f"needs just `pip install distree`)")
+
+
+def _third_party(exc: ModuleNotFoundError) -> bool:
+    return bool(exc.name) and exc.name.split(".")[0] != "distree"
+
 
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        try:
+            return getattr(import_module(module), attribute)
+        except ModuleNotFoundError as exc:
+            if not _third_party(exc):
+                raise
+            error = missing_package_error(name, exc)
+
+            def refuse(**_) -> None:
+                raise error
+            return click.Command(name, help=f"(needs distree[{BUILD_EXTRA}]: {exc.name.split('.')[0]} is missing)",
+                                 callback=refuse, context_settings={"ignore_unknown_options": True,
+                                                                    "allow_extra_args": True})
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except DistreeError as exc:
+        except (DistreeError, ModuleNotFoundError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            if isinstance(exc, ModuleNotFoundError):
+                if not _third_party(exc):
+                    raise
+                exc = missing_package_error(ctx.invoked_subcommand or "", exc)
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
 
@@ -41,19 +98,3 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def main() -> None:
     cli(prog_name="distree")
-
-
-# --- subcommands (one line each; keep sorted) -------------------------------------------------------
-from distree.graph.commands import inspect_cmd; cli.add_command(inspect_cmd)  # noqa: E402
-from distree.targets.commands import devices_cmd; cli.add_command(devices_cmd)  # noqa: E402
-from distree.solver.commands import plan_cmd; cli.add_command(plan_cmd)  # noqa: E402
-from distree.compiler.commands import compile_cmd; cli.add_command(compile_cmd)  # noqa: E402
-from distree.compiler.commands import verify_cmd; cli.add_command(verify_cmd)  # noqa: E402
-from distree.runtime.commands import run_cmd; cli.add_command(run_cmd)  # noqa: E402
-from distree.runtime.commands import serve_cmd; cli.add_command(serve_cmd)  # noqa: E402
-from distree.runtime.commands import infer_cmd; cli.add_command(infer_cmd)  # noqa: E402
-from distree.exits.commands import exits_cmd; cli.add_command(exits_cmd)  # noqa: E402
-from distree.exits.commands import calibrate_cmd; cli.add_command(calibrate_cmd)  # noqa: E402
-from distree.profiler.commands import profile_cmd; cli.add_command(profile_cmd)  # noqa: E402
-from distree.sim.commands import simulate_cmd; cli.add_command(simulate_cmd)  # noqa: E402
-from distree.bench.commands import bench_cmd; cli.add_command(bench_cmd)  # noqa: E402

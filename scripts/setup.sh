@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything distree needs on a fresh Debian machine with Python 3.11 (run as root; re-runnable).
-#   scripts/setup.sh          runtime + example dependencies
+#   scripts/setup.sh          the build machine's dependencies (distree[compile]) + training the example
 #   scripts/setup.sh --test   also the test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,7 @@
 """Per-segment latency of a compiled bundle on this machine, and CI regression checks against a baseline."""
 
-from distree.bench.compare import Comparison, compare
-from distree.bench.measure import BenchResult, measure_bundle, remeasure
+from distree.lazy import lazy_exports
 
-__all__ = ["BenchResult", "Comparison", "compare", "measure_bundle", "remeasure"]
+__all__ = lazy_exports(__name__, {
+    "Comparison": "compare", "compare": "compare", "BenchResult": "measure", "measure_bundle": "measure",
+    "remeasure": "measure"})

@@ -1,18 +1,9 @@
 """Build per-device artifacts (TVM or ONNX Runtime sub-segments), the bundle around them, and its checks."""
 
-from distree.compiler.bundle import build_bundle
-from distree.compiler.manifest import Manifest, ThresholdTable, read_manifest, read_thresholds
-from distree.compiler.pipeline import CompileOptions, CompileResult, compile_model
-from distree.compiler.verify import VerifyReport, verify_bundle
+from distree.lazy import lazy_exports
 
-__all__ = ["CompileOptions", "CompileResult", "Manifest", "RunReport", "ThresholdTable", "VerifyReport",
-           "build_bundle", "compile_model", "read_manifest", "read_thresholds", "run_bundle", "verify_bundle"]
-
-
-def __getattr__(name: str):
-    """``run_bundle`` / ``RunReport`` live in distree.runtime, which imports this package: resolve lazily."""
-    if name in ("run_bundle", "RunReport"):
-        from distree.runtime import executor
-
-        return getattr(executor, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = lazy_exports(__name__, {
+    "build_bundle": "bundle", "Manifest": "manifest", "ThresholdTable": "manifest", "read_manifest": "manifest",
+    "read_thresholds": "manifest", "CompileOptions": "pipeline", "CompileResult": "pipeline",
+    "compile_model": "pipeline", "VerifyReport": "verify", "verify_bundle": "verify",
+    "run_bundle": "..runtime.executor", "RunReport": "..runtime.executor"})

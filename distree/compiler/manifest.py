@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from importlib import import_module, metadata
 from pathlib import Path
 from typing import Any, Optional
 
@@ -112,11 +113,20 @@ def sha256_file(path: Path) -> str:
 
 
 def versions() -> dict[str, str]:
-    import onnxruntime
-    import tvm
+    return {"distree_version": __version__, "tvm_version": _installed_version("tvm", ("apache-tvm",)),
+            "ort_version": _installed_version("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))}
 
-    return {"distree_version": __version__, "tvm_version": tvm.__version__,
-            "ort_version": onnxruntime.__version__}
+
+def _installed_version(module: str, distributions: tuple[str, ...]) -> str:
+    """A package's version from pip's metadata, where pip installed it: every command that opens a bundle checks
+    versions, and importing TVM for its ``__version__`` costs 1-2 s (a Pi: several times that). Otherwise (a
+    runtime-only TVM built on the device) from the module itself."""
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return import_module(module).__version__
 
 
 def check_bundle_target(out: str | Path) -> None:

@@ -13,9 +13,9 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import onnx
-from scipy.stats import beta
 
 from distree.errors import DistreeError
+from distree.exits.confidence import clopper_pearson_lower
 from distree.exits.data import Dataset, check_dataset, split_fit_threshold
 from distree.exits.heads import data_digest, fit_split_metadata, num_classes
 from distree.exits.progress import progress_bar
@@ -106,15 +106,6 @@ def calibrate(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint], 
         seed=seed,
         fit_fraction=fit_fraction,
     )
-
-
-def clopper_pearson_lower(successes: int, trials: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
-    """One-sided lower bound p_lo with P(Binomial(trials, p_lo) >= successes) = 1 - confidence."""
-    if not 0.0 < confidence < 1.0:
-        raise DistreeError(f"confidence {confidence} must be strictly between 0 and 1, e.g. 0.95")
-    if trials == 0 or successes == 0:
-        return 0.0
-    return float(beta.ppf(1.0 - confidence, successes, trials - successes + 1))
 
 
 class Evaluation(NamedTuple):

@@ -21,8 +21,6 @@ from typing import Sequence
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from scipy.optimize import minimize
-from threadpoolctl import threadpool_limits
 
 from distree.errors import DistreeError
 from distree.exits.data import Dataset, check_dataset, check_fit_classes, split_fit_threshold
@@ -181,6 +179,9 @@ def _fit_softmax_regression(z: np.ndarray, labels: np.ndarray, k: int, l2: float
         d = (np.exp(logp) - onehot) / n
         loss = -(onehot * logp).sum() / n + 0.5 * l2 * (w * w).sum()
         return loss, np.concatenate([(z.T @ d + l2 * w).ravel(), d.sum(axis=0)])
+
+    from scipy.optimize import minimize               # the build machine's packages: fitting heads is
+    from threadpoolctl import threadpool_limits       # its job, reading a model's exits is a device's too
 
     # One BLAS thread: these fits are tiny, and OpenBLAS threads on a busy 2-core machine cost ~6x.
     with threadpool_limits(limits=1, user_api="blas"):

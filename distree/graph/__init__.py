@@ -1,20 +1,8 @@
 """The model as a chain of blocks between single-tensor cut points (see :mod:`distree.graph.cuts`)."""
 
-from distree.graph.chain import Block, Chain
-from distree.graph.cuts import ExitHead, build_chain, exit_attachments, exit_heads
-from distree.graph.load import load_model, model_sha256
-from distree.graph.segment import SegmentExtractor, coarsen, extract_segment
+from distree.lazy import lazy_exports
 
-__all__ = [
-    "Block",
-    "SegmentExtractor",
-    "Chain",
-    "ExitHead",
-    "build_chain",
-    "coarsen",
-    "exit_attachments",
-    "exit_heads",
-    "extract_segment",
-    "load_model",
-    "model_sha256",
-]
+__all__ = lazy_exports(__name__, {
+    "Block": "chain", "Chain": "chain", "ExitHead": "cuts", "build_chain": "cuts", "exit_attachments": "cuts",
+    "exit_heads": "cuts", "load_model": "load", "model_sha256": "load", "SegmentExtractor": "segment",
+    "coarsen": "segment", "extract_segment": "segment"})

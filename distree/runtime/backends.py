@@ -6,6 +6,7 @@ compiler's latency measurement treat them alike.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -41,11 +42,23 @@ def ort_runner(path: Path | bytes, threads: int = 1) -> Runner:
     return run
 
 
-def set_tvm_threads(threads: int) -> None:
-    """Size TVM's CPU thread pool (the notes: 1 thread is fastest for kernels this small)."""
-    import tvm_ffi
+_tvm_threads: Optional[int] = None
 
-    tvm_ffi.get_global_func("runtime.config_threadpool")(0, threads)
+
+def set_tvm_threads(threads: int) -> None:
+    """Size TVM's CPU thread pool (the notes: 1 thread is fastest for kernels this small): now if TVM is loaded,
+    else when :func:`tvm_runner` first loads it (a stage that runs ONNX Runtime alone never imports TVM)."""
+    global _tvm_threads
+    _tvm_threads = threads
+    if "tvm" in sys.modules:
+        _configure_tvm_threads()
+
+
+def _configure_tvm_threads() -> None:
+    if _tvm_threads is not None:
+        import tvm_ffi
+
+        tvm_ffi.get_global_func("runtime.config_threadpool")(0, _tvm_threads)
 
 
 def tvm_runner(path: Path, device: str = "cpu", keep_on_gpu: frozenset[int] = frozenset()) -> Runner:
@@ -63,6 +76,7 @@ def tvm_runner(path: Path, device: str = "cpu", keep_on_gpu: frozenset[int] = fr
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
+    _configure_tvm_threads()
     if device == "cuda":
         missing = load_tvm_cuda_runtime()
         if missing:

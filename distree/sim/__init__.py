@@ -1,7 +1,7 @@
 """Discrete-event simulation of a plan and its baselines under load (what-if topologies, rate sweeps)."""
 
-from distree.sim.engine import Load
-from distree.sim.inputs import Configuration, Inputs, held_out_samples, load_plan
-from distree.sim.simulate import SimReport, simulate
+from distree.lazy import lazy_exports
 
-__all__ = ["Configuration", "Inputs", "Load", "SimReport", "held_out_samples", "load_plan", "simulate"]
+__all__ = lazy_exports(__name__, {
+    "Load": "engine", "Configuration": "inputs", "Inputs": "inputs", "held_out_samples": "inputs",
+    "load_plan": "inputs", "SimReport": "simulate", "simulate": "simulate"})

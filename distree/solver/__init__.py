@@ -1,9 +1,8 @@
 """Solver: exits, thresholds and cut points chosen jointly by a MILP (HiGHS; CBC fallback)."""
 
-from distree.solver.brute import brute_force
-from distree.solver.plan import ExitChoice, Plan, Stage
-from distree.solver.problem import Constraints, Problem, build_problem, check_constraints
-from distree.solver.solve import solve, sweep_accuracy_drop
+from distree.lazy import lazy_exports
 
-__all__ = ["Constraints", "ExitChoice", "Plan", "Problem", "Stage", "brute_force", "build_problem",
-           "check_constraints", "solve", "sweep_accuracy_drop"]
+__all__ = lazy_exports(__name__, {
+    "brute_force": "brute", "ExitChoice": "plan", "Plan": "plan", "Stage": "plan", "Constraints": "problem",
+    "Problem": "problem", "build_problem": "problem", "check_constraints": "problem", "solve": "solve",
+    "sweep_accuracy_drop": "solve"})

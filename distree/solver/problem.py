@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from scipy.stats import beta
 
 from distree.errors import DistreeError
+from distree.exits.confidence import clopper_pearson_lower
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.units import CALL_ITEM, RPC_ITEM, decide_item
@@ -94,13 +94,6 @@ class Problem:
         fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
         fields.update(changes)
         return Problem(**fields)
-
-
-def clopper_pearson_lower(correct: int, n: int, confidence: float) -> float:
-    """One-sided lower confidence bound on an accuracy measured as ``correct`` of ``n``."""
-    if correct <= 0:
-        return 0.0
-    return float(beta.ppf(1.0 - confidence, correct, n - correct + 1))
 
 
 def required_correct(n: int, target_accuracy: float, confidence: Optional[float]) -> int:

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from distree.errors import DistreeError
+from distree.exits.confidence import clopper_pearson_lower
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.types import Profile
@@ -20,8 +21,7 @@ from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, 
 from distree.solver.heuristic import Candidate, iterated_local_search, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.plan import ExitChoice, Plan, Stage
-from distree.solver.problem import (Constraints, Problem, ProblemIndex, build_problem, check_constraints,
-                                    clopper_pearson_lower)
+from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, check_constraints
 from distree.targets.spec import Topology
 
 # measured on the loaded 2-core x86 VM: the example's MILP (~144k rows) took 51.8 s to build, load and reach

@@ -100,10 +100,13 @@ def _cpu_flags_and_mhz(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[set[str],
     return set(flags.group(1).split()) if flags else set(), float(mhz.group(1)) if mhz else 2000.0
 
 
+def _physical_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 @functools.lru_cache(maxsize=1)
 def host_device() -> DeviceSpec:
     """This machine, detected through TVM's LLVM (``mcpu: native`` is not accepted by LLVM 22)."""
-    import psutil
     from tvm.target import codegen
 
     cores = os.cpu_count() or 1
@@ -112,10 +115,10 @@ def host_device() -> DeviceSpec:
     triple = codegen.llvm_get_system_triple()
     mcpu = codegen.llvm_get_system_cpu()
     return _cpu(
-        "host", mtriple=triple, mcpu=mcpu, cores=cores, memory_gb=psutil.virtual_memory().total / GIB,
+        "host", mtriple=triple, mcpu=mcpu, cores=cores, memory_gb=_physical_memory_bytes() / GIB,
         ghz=mhz / 1000, flop_per_cycle=flop_per_cycle, mem_gbps=_HOST_MEM_GBPS,
         description=f"this machine: {mcpu}, {cores} cores @ {mhz:.0f} MHz",
-        sources=("detected: tvm llvm_get_system_triple/llvm_get_system_cpu, os.cpu_count, psutil",
+        sources=("detected: tvm llvm_get_system_triple/llvm_get_system_cpu, os.cpu_count, physical pages (sysconf)",
                  f"/proc/cpuinfo: {mhz:.0f} MHz, {flop_per_cycle} FP32 FLOP/cycle from its ISA flags",
                  f"memory bandwidth {_HOST_MEM_GBPS} GB/s is nominal (2 ch DDR4-3200), not measured"),
     )

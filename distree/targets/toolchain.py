@@ -12,12 +12,13 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Optional
-
-import onnx
+from typing import TYPE_CHECKING, Optional
 
 from distree.errors import DistreeError
 from distree.targets.spec import DeviceSpec
+
+if TYPE_CHECKING:      # onnx costs ~1 s to import: a device serving its stage never needs it
+    import onnx
 
 # target architecture -> (cross compiler, Debian packages that provide it and the target's libc)
 CROSS_COMPILERS = {"aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu libc6-dev-arm64-cross")}
@@ -188,7 +189,7 @@ def import_onnx(model: onnx.ModelProto):
 
 def _identifier_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     renames = {i.name: f"in{k}_" + re.sub(r"\W", "_", i.name).strip("_") for k, i in enumerate(model.graph.input)}
-    out = onnx.ModelProto()
+    out = type(model)()
     out.CopyFrom(model)
     for value in out.graph.input:
         value.name = renames[value.name]

@@ -1,0 +1,44 @@
+"""Packages that re-export their modules' names without importing those modules up front.
+
+A device serving a bundle imports the runtime, which reaches the compiler's manifest, which reaches the solver's
+``Plan``: with eager package ``__init__`` files that chain pulled in the MILP solver, SciPy and ONNX too (3 s of
+imports on the build VM, and packages a device does not otherwise need). Each package lists where its names live;
+a name's module is imported on first use.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from importlib import import_module
+
+
+class _LazyPackage(types.ModuleType):
+    def __getattr__(self, name: str) -> object:
+        where = self.__dict__["_exports"]
+        if name not in where:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+        value = self.__dict__[name] = getattr(import_module(f".{where[name]}", self.__name__), name)
+        return value
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(self.__dict__) | set(self.__dict__["_exports"]))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Importing a submodule binds it to its package. Where an exported name is also a submodule's (the function
+        # distree.exits.calibrate, from the module of that name), the name stays the export, as an eager
+        # ``from .calibrate import calibrate`` in the package would have left it.
+        if name in self.__dict__.get("_exports", ()) and isinstance(value, types.ModuleType) \
+                and value.__name__ == f"{self.__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+def lazy_exports(package: str, where: dict[str, str]) -> list[str]:
+    """Make ``package`` export each name N from the module ``where[N]``, relative to the package (``"plan"``: its
+    submodule; ``"..runtime.executor"``: a sibling package's), imported when N is first used; returns
+    ``__all__``."""
+    module = sys.modules[package]
+    module.__dict__["_exports"] = dict(where)
+    module.__class__ = _LazyPackage
+    return sorted(where)

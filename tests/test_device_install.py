@@ -128,3 +128,24 @@ def test_serving_imports_neither_the_solver_nor_onnx_nor_tvm_up_front(tiny_bundl
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_the_wheel_a_device_installs_holds_every_file_of_the_package(tmp_path):
+    """Devices install a built wheel (or `pip install .`), not an editable checkout: every file distree reads
+    at run time must be in it (estimate_calibration.json once was not)."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"         # a clean copy: a checkout's own build leftovers (egg-info) can hide a gap
+    shutil.copytree(REPO / "distree", source / "distree", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            str(source), "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("distree-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    package_files = {str(p.relative_to(REPO)) for p in (REPO / "distree").rglob("*")
+                     if p.is_file() and "__pycache__" not in p.parts}
+    assert "distree/profiler/estimate_calibration.json" in package_files and package_files - shipped == set()

@@ -35,15 +35,17 @@ COMMANDS = {
 BUILD_EXTRA = "compile"     # pyproject's extra with what only the build machine needs (solver, SciPy, plots, tuning)
 
 
-def missing_package_error(command: str, exc: ModuleNotFoundError) -> DistreeError:
-    return DistreeError(f"`distree {command}` needs the Python package {exc.name.split('.')[0]!r}, which is not "
+def _missing_package(exc: ModuleNotFoundError) -> str | None:
+    """The third-party package an import found missing (None: a distree module, which is a bug, not an install)."""
+    package = (exc.name or "").split(".")[0]
+    return package if package and package != "distree" else None
+
+
+def missing_package_error(command: str, package: str) -> DistreeError:
+    return DistreeError(f"`distree {command}` needs the Python package {package!r}, which is not "
                         f"installed here; on the build machine install distree with `pip install "
                         f"'distree[{BUILD_EXTRA}]'` (a device that only serves, runs, verifies, benches or profiles "
                         f"needs just `pip install distree`)")
-
-
-def _third_party(exc: ModuleNotFoundError) -> bool:
-    return bool(exc.name) and exc.name.split(".")[0] != "distree"
 
 
 class _Group(click.Group):
@@ -57,13 +59,14 @@ class _Group(click.Group):
         try:
             return getattr(import_module(module), attribute)
         except ModuleNotFoundError as exc:
-            if not _third_party(exc):
+            package = _missing_package(exc)
+            if package is None:
                 raise
-            error = missing_package_error(name, exc)
+            error = missing_package_error(name, package)
 
             def refuse(**_) -> None:
                 raise error
-            return click.Command(name, help=f"(needs distree[{BUILD_EXTRA}]: {exc.name.split('.')[0]} is missing)",
+            return click.Command(name, help=f"(needs distree[{BUILD_EXTRA}]: {package} is missing)",
                                  callback=refuse, context_settings={"ignore_unknown_options": True,
                                                                     "allow_extra_args": True})
 
@@ -74,9 +77,10 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             if isinstance(exc, ModuleNotFoundError):
-                if not _third_party(exc):
+                package = _missing_package(exc)
+                if package is None:
                     raise
-                exc = missing_package_error(ctx.invoked_subcommand or "", exc)
+                exc = missing_package_error(ctx.invoked_subcommand or "", package)
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
 

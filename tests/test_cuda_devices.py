@@ -144,7 +144,8 @@ def test_a_gpu_device_is_profiled_where_its_gpu_is(tiny, tmp_path):
     from distree.errors import DistreeError
     from distree.exits import declared_exits
     from distree.profiler import profile_model
-    from distree.profiler.profile import check_request, cost_sources
+    from distree.profiler.profile import check_request
+    from distree.profiler.types import cost_sources
 
     gpu = _cuda_device()
     with pytest.raises(DistreeError, match="drop the ort backend"):

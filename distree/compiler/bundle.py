@@ -24,7 +24,7 @@ from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph import Chain
 from distree.profiler.types import Profile
-from distree.profiler.units import CALL_ITEM, block_item, entry_item, exit_item
+from distree.profiler.items import CALL_ITEM, block_item, entry_item, exit_item
 from distree.runtime.backends import median_ms, ort_runner, set_tvm_threads, tvm_runner
 from distree.serde import atomic_directory, write_bytes_atomic
 from distree.solver.plan import Plan

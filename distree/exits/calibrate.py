@@ -21,11 +21,9 @@ from distree.exits.heads import data_digest, fit_split_metadata, num_classes
 from distree.exits.progress import progress_bar
 from distree.exits.runner import make_runner
 from distree.exits.scores import check_score_kind, exit_scores, predictions
-from distree.exits.types import Calibration, ExitPoint
+from distree.exits.types import DEFAULT_CONFIDENCE, DEFAULT_LEVELS, Calibration, ExitPoint
 from distree.graph import Chain
 
-DEFAULT_LEVELS = 8
-DEFAULT_CONFIDENCE = 0.95
 FINAL = "final"     # key of the final classifier in exit rates
 
 

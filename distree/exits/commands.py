@@ -1,23 +1,20 @@
-"""``distree exits`` (find or train exit heads) and ``distree calibrate`` (measure them)."""
+"""``distree exits`` (find or train exit heads) and ``distree calibrate`` (measure them).
+
+The ONNX machinery is imported inside the commands: listing them (``distree --help``) need not load it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import onnx
-from rich.console import Console
-from rich.table import Table
 
 from distree.errors import DistreeError
-from distree.exits.calibrate import DEFAULT_CONFIDENCE, DEFAULT_LEVELS, calibrate, run_exits
-from distree.exits.data import load_dataset
-from distree.exits.declared import declared_exits
-from distree.exits.heads import HEAD_KINDS, fit_split_metadata, num_classes, train_exits
-from distree.exits.report import ExitReport, exit_reports, plot_curves
-from distree.exits.types import SCORE_KINDS, Calibration
-from distree.graph import build_chain, load_model
-from distree.serde import write_bytes_atomic
+from distree.exits.types import DEFAULT_CONFIDENCE, DEFAULT_LEVELS, HEAD_KINDS, SCORE_KINDS, Calibration
+
+if TYPE_CHECKING:
+    from distree.exits.report import ExitReport
 
 _MODEL = click.Path(path_type=Path, dir_okay=False)
 
@@ -56,6 +53,16 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
 
     Each exit also gets an entry head on its block's input, which the `stability` score compares with.
     """
+    import onnx
+    from rich.console import Console
+    from rich.table import Table
+
+    from distree.exits.data import load_dataset
+    from distree.exits.declared import declared_exits
+    from distree.exits.heads import num_classes, train_exits
+    from distree.graph import build_chain, load_model
+    from distree.serde import write_bytes_atomic
+
     model = load_model(model_path)
     chain = build_chain(model)
     data = load_dataset(data_path, chain.input_shape, num_classes(model, chain))
@@ -96,6 +103,13 @@ def calibrate_cmd(model_path: Path, data_path: Path, score_kind: str, exit_outpu
     """Measure every exit of MODEL on the threshold split of --data: scores, correctness, threshold grid."""
     if output is None and not report and plot_path is None:
         raise DistreeError("nothing to do: give -o calibration.json, --report and/or --plot curves.png")
+    from distree.exits.calibrate import calibrate, run_exits
+    from distree.exits.data import load_dataset
+    from distree.exits.declared import declared_exits
+    from distree.exits.heads import fit_split_metadata, num_classes
+    from distree.exits.report import exit_reports, plot_curves
+    from distree.graph import build_chain, load_model
+
     model = load_model(model_path)
     chain = build_chain(model)
     k = num_classes(model, chain)
@@ -124,6 +138,9 @@ def calibrate_cmd(model_path: Path, data_path: Path, score_kind: str, exit_outpu
 
 def _print_report(cal: Calibration, reports: tuple[ExitReport, ...], test_final: float | None,
                   confidence: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     sizes = ", ".join(f"{k} {v}" for k, v in cal.split_sizes.items())
     test_text = "" if test_final is None else f", test {test_final:.4f}"

@@ -26,13 +26,12 @@ from distree.errors import DistreeError
 from distree.exits.data import Dataset, check_dataset, check_fit_classes, split_fit_threshold
 from distree.exits.progress import progress_bar
 from distree.exits.runner import make_runner, tensor_elem_types, tensor_shapes
-from distree.exits.types import ExitPoint
+from distree.exits.types import HEAD_KINDS, ExitPoint
 from distree.graph.chain import Chain
 
 NODE_PREFIX = "distree_head_"       # every node / initializer distree adds starts with this
 METADATA_KEY = "distree.exits"      # model metadata: JSON list of the ExitPoints attached
 SPLIT_METADATA_KEY = "distree.exits.fit_split"   # model metadata: the FitSplit the heads were fit on
-HEAD_KINDS = ("auto", "linear", "conv")
 GRID = 4                            # conv heads pool wide maps to a GRID x GRID grid ...
 REDUCED_CHANNELS = 16               # ... and reduce them to at most this many channels with a 1x1 conv
 WIDE = 8                            # maps at least WIDE x WIDE are wide: ``auto`` gives them conv heads

@@ -9,6 +9,9 @@ import numpy as np
 from distree.serde import JsonRecord
 
 SCORE_KINDS = ("max_softmax", "entropy", "stability")
+HEAD_KINDS = ("auto", "linear", "conv")   # trained heads: auto picks conv heads for wide maps, else linear
+DEFAULT_LEVELS = 8                         # threshold levels per exit
+DEFAULT_CONFIDENCE = 0.95                  # of the accuracy lower bounds (Clopper-Pearson)
 
 
 @dataclass(frozen=True)

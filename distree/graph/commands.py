@@ -8,13 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from distree.graph.chain import Chain
-from distree.graph.cuts import build_chain, exit_attachments
-from distree.graph.load import load_model, parse_shape_option
-from distree.graph.segment import coarsen
 from distree.serde import write_json_atomic
 
 
@@ -31,6 +26,10 @@ from distree.serde import write_json_atomic
 def inspect_cmd(model_path: Path, input_shapes: tuple[str, ...], max_blocks: int | None, final_output: str | None,
                 json_path: Path | None) -> None:
     """Show the chain of blocks MODEL.onnx splits into: ops, FLOPs, parameters, and the cut tensors."""
+    from distree.graph.cuts import build_chain, exit_attachments      # ONNX: loaded when the command runs
+    from distree.graph.load import load_model, parse_shape_option
+    from distree.graph.segment import coarsen
+
     _notes_to_stderr()
     shapes = dict(parse_shape_option(s) for s in input_shapes)
     model = load_model(model_path, shapes)
@@ -67,6 +66,9 @@ def _notes_to_stderr() -> None:
 
 
 def _print_table(chain: Chain, exits: dict[str, int], model_path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console(width=max(Console().width, 140))
     shape = "x".join(map(str, chain.input_shape))
     attached = ", ".join(f"{name} after block {k}" for name, k in exits.items())

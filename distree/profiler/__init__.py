@@ -3,7 +3,7 @@
 from distree.lazy import lazy_exports
 
 __all__ = lazy_exports(__name__, {
-    **dict.fromkeys(("MODES", "cost_sources", "default_cache_dir", "device_part", "merge_profiles",
-                     "planning_items", "profile_model"), "profile"),
-    "TimingSettings": "timing", "Measurement": "types", "Profile": "types", "Unit": "units",
-    "block_item": "units", "exit_item": "units", "profile_units": "units"})
+    **dict.fromkeys(("MODES", "default_cache_dir", "device_part", "merge_profiles", "planning_items",
+                     "profile_model"), "profile"),
+    "block_item": "items", "exit_item": "items", "TimingSettings": "timing", "Measurement": "types",
+    "Profile": "types", "cost_sources": "types", "Unit": "units", "profile_units": "units"})

@@ -27,7 +27,7 @@ from distree.exits.types import SCORE_KINDS
 from distree.profiler.estimate import per_core_gflops
 from distree.profiler.timing import TimingSettings, summarize, time_callable
 from distree.profiler.types import Measurement
-from distree.profiler.units import RPC_ITEM, decide_item
+from distree.profiler.items import RPC_ITEM, decide_item
 from distree.targets.catalog import host_device
 from distree.targets.spec import DeviceSpec
 

@@ -36,16 +36,14 @@ from distree.profiler.dispatch import decide_entries, rpc_entry
 from distree.profiler.ort_backend import time_ort
 from distree.profiler.timing import TimingSettings, summarize
 from distree.profiler.types import Measurement, Profile
-from distree.profiler.units import CALL_ITEM, RPC_ITEM, Unit, block_item, decide_item, entry_item, exit_item, \
-    profile_units
+from distree.profiler.items import CALL_ITEM, RPC_ITEM, block_item, decide_item, entry_item, exit_item
+from distree.profiler.units import Unit, profile_units
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
 from distree.targets.toolchain import host_arch, host_cpu, import_onnx, missing_cpu_features, \
     target_arch, tvm_device_here, tvm_target
 
 MODES = ("local", "rpc", "qemu", "estimate")
-PROVENANCE_WORDS = {"local": "measured", "estimate": "estimated, not measured",
-                    "qemu-emulated": "emulated under qemu (not device timings)"}
 QEMU_NOTE = "emulated under qemu-user on an x86 machine: proves the aarch64 artifact runs; NOT a device timing"
 Progress = Callable[[int, int, str], None]
 
@@ -146,22 +144,6 @@ def device_part(profile: Profile, source: str, device: str, model_sha: str, item
                            "(profiles from before it measured dispatch lack call, decide and rpc)")
     return Profile(model_sha256=model_sha, entries=keep, versions=profile.versions,
                    settings={device: {**profile.settings.get(device, {}), "from_file": source}})
-
-
-def cost_sources(profile: Profile) -> dict[str, str]:
-    """device -> where its kernel costs come from, in words (what a plan's numbers are worth)."""
-    out = {}
-    for device in profile.devices:
-        settings = profile.settings.get(device, {})
-        kinds = [m.provenance for m in profile.entries if m.device == device and m.item.startswith("block:")]
-        provenance = max(sorted(set(kinds)), key=kinds.count) if kinds else "?"
-        how = PROVENANCE_WORDS.get(provenance, f"measured over {provenance}")      # rpc://host:port
-        if provenance == "local" and settings.get("measured_on"):
-            how += f" on {settings['measured_on']}"
-        if settings.get("from_file"):
-            how += f" (profile {settings['from_file']})"
-        out[device] = how
-    return out
 
 
 def check_request(device: DeviceSpec, mode: str, rpc: Optional[str], backends: tuple[str, ...]) -> None:

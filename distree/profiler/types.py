@@ -50,3 +50,23 @@ class Profile(JsonRecord):
         if not found:
             raise KeyError(f"no profile entry for {item} on {device}")
         return min(found, key=lambda m: m.median_ms)
+
+
+PROVENANCE_WORDS = {"local": "measured", "estimate": "estimated, not measured",
+                    "qemu-emulated": "emulated under qemu (not device timings)"}
+
+
+def cost_sources(profile: Profile) -> dict[str, str]:
+    """device -> where its kernel costs come from, in words (what a plan's numbers are worth)."""
+    out = {}
+    for device in profile.devices:
+        settings = profile.settings.get(device, {})
+        kinds = [m.provenance for m in profile.entries if m.device == device and m.item.startswith("block:")]
+        provenance = max(sorted(set(kinds)), key=kinds.count) if kinds else "?"
+        how = PROVENANCE_WORDS.get(provenance, f"measured over {provenance}")      # rpc://host:port
+        if provenance == "local" and settings.get("measured_on"):
+            how += f" on {settings['measured_on']}"
+        if settings.get("from_file"):
+            how += f" (profile {settings['from_file']})"
+        out[device] = how
+    return out

@@ -16,6 +16,7 @@ from distree.errors import DistreeError
 from distree.exits.types import SCORE_KINDS, ExitPoint
 from distree.graph import Chain, extract_segment
 from distree.graph.cost import node_flops, tensor_infos
+from distree.profiler.items import CALL_ITEM, RPC_ITEM, block_item, decide_item, entry_item, exit_item
 
 
 @dataclass(frozen=True)
@@ -40,26 +41,7 @@ class Unit:
         return np.random.default_rng(seed).standard_normal(self.input_shape).astype(self.input_dtype)
 
 
-CALL_ITEM = "call"
 CALL_WIDTH = 16
-RPC_ITEM = "rpc"            # a hop's gRPC round trip (timed by the profiler itself, no model)
-
-
-def block_item(index: int) -> str:
-    return f"block:{index}"
-
-
-def exit_item(name: str) -> str:
-    return f"exit:{name}"
-
-
-def entry_item(name: str) -> str:
-    return f"entry:{name}"
-
-
-def decide_item(score_kind: str) -> str:
-    """The runtime's exit decision for one score kind (timed in Python, not a model)."""
-    return f"decide:{score_kind}"
 
 
 def profile_units(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint] = (),

@@ -21,7 +21,7 @@ from distree.errors import DistreeError
 from distree.exits.confidence import clopper_pearson_lower
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
-from distree.profiler.units import CALL_ITEM, RPC_ITEM, decide_item
+from distree.profiler.items import CALL_ITEM, RPC_ITEM, decide_item
 from distree.profiler.types import Profile
 from distree.targets.spec import Topology
 

@@ -14,7 +14,7 @@ from distree.exits.types import Calibration, ExitPoint
 from distree.graph.chain import Block, Chain
 from distree.profiler.dispatch import DECIDE_BACKEND, RPC_BACKEND
 from distree.profiler.types import Measurement, Profile
-from distree.profiler.units import CALL_ITEM, RPC_ITEM, decide_item
+from distree.profiler.items import CALL_ITEM, RPC_ITEM, decide_item
 from distree.targets.spec import DeviceSpec, LinkSpec, Topology
 
 

@@ -1,0 +1,24 @@
+"""The names of what a profile measures (its entries' ``item``), shared by the profiler, solver and compiler
+without the ONNX machinery that builds the units (:mod:`distree.profiler.units`)."""
+
+from __future__ import annotations
+
+CALL_ITEM = "call"
+RPC_ITEM = "rpc"            # a hop's gRPC round trip (timed by the profiler itself, no model)
+
+
+def block_item(index: int) -> str:
+    return f"block:{index}"
+
+
+def exit_item(name: str) -> str:
+    return f"exit:{name}"
+
+
+def entry_item(name: str) -> str:
+    return f"entry:{name}"
+
+
+def decide_item(score_kind: str) -> str:
+    """The runtime's exit decision for one score kind (timed in Python, not a model)."""
+    return f"decide:{score_kind}"

@@ -3,6 +3,10 @@ carries its CUDA kernels as an nvcc-built sm_87 fatbin (no NVRTC needed at load)
 
 from __future__ import annotations
 
+import re
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
@@ -81,6 +85,17 @@ def test_jetson_library_ships_an_sm87_fatbin(tiny, tmp_path):
     (seg,) = jetson.segments
     assert seg.backend == "tvm" and "CUDA target" in seg.backend_reason and seg.ratio is None
     assert seg.cuda.startswith("fatbin sm_87")
+    # what the device must have, read from what ships: TVM's CUDA runtime library's links (readelf as the
+    # independent reader) and the CUDA toolkit that built the kernels
+    import tvm
+    runtime = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+    links = subprocess.run(["readelf", "-d", str(runtime)], capture_output=True, text=True, check=True).stdout
+    cudart = re.search(r"\[(libcudart\.so\.(\d+))\]", links)
+    release = re.search(r"release (\d+\.\d+)", subprocess.run([find_nvcc(), "--version"], capture_output=True,
+                                                              text=True).stdout).group(1)
+    (needs,) = [n for n in read_manifest(bundle).notes if n.startswith("jetson-orin-nano: its CUDA code needs")]
+    assert f"needs CUDA {cudart.group(2)} or newer" in needs and cudart.group(1) in needs
+    assert f"nvcc {release} built its kernels" in needs and f"nvcc {release} ahead of time" in seg.cuda
     lib = bundle / seg.file
     assert elf_machine(lib) == "aarch64"
     assert cuda_module_formats(symbol_bytes(lib, LIBRARY_SYMBOL)) == ["fatbin"]

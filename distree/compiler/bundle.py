@@ -19,7 +19,7 @@ from distree.compiler.manifest import (
 )
 from distree.compiler.segments import SegmentSpec, plan_segments, segment_model
 from distree.compiler.tvm_build import compile_segment
-from distree.targets.toolchain import cross_compiler, host_runnable, tvm_target
+from distree.targets.toolchain import cross_compiler, host_runnable, tvm_cudart, tvm_target
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph import Chain
@@ -301,4 +301,20 @@ def _notes(stages: tuple[DeviceArtifact, ...], backend: str) -> tuple[str, ...]:
     for name, s in segs:
         if s.cuda and "NVRTC" in s.cuda:
             notes.append(f"{s.file}: {s.cuda}")
+    notes += [_cuda_needs(name) for name in dict.fromkeys(name for name, s in segs if s.backend == "tvm" and s.cuda
+                                                          and "no CUDA kernels" not in s.cuda)]
     return tuple(notes)
+
+
+def _cuda_needs(device: str) -> str:
+    """Which CUDA a device must have to run its TVM CUDA code: what the libraries link, not what they were built
+    for (a Jetson's JetPack fixes its CUDA: JetPack 6 ships 12.x)."""
+    from distree.compiler.cuda_aot import find_nvcc, nvcc_release
+
+    cudart, nvcc = tvm_cudart(), find_nvcc()
+    parts = ([f"TVM's CUDA runtime links {cudart}"] if cudart else []) + \
+        ([f"nvcc {nvcc_release(nvcc)} built its kernels"] if nvcc else [])
+    major = cudart.rsplit(".", 1)[-1] if cudart else nvcc_release(nvcc).split(".")[0] if nvcc else "?"
+    return (f"{device}: its CUDA code needs CUDA {major} or newer on the device ({'; '.join(parts) or 'unknown'}); "
+            f"with an older CUDA there (JetPack 6 ships 12.x) `distree serve` runs the stage's ONNX under ONNX "
+            f"Runtime on its CPU instead and says why")

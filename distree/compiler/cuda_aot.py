@@ -12,6 +12,7 @@ map, data string; see TVM's ``CUDAModuleNode::SaveToBytes``) and write the C fil
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -37,6 +38,14 @@ def find_nvcc() -> Optional[str]:
         return found
     default = Path("/usr/local/cuda/bin/nvcc")
     return str(default) if default.is_file() else None
+
+
+@functools.lru_cache(maxsize=4)
+def nvcc_release(nvcc: str) -> str:
+    """``13.0`` for nvcc 13.0: the kernels it builds need a driver for that CUDA major version or newer."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found.group(1) if found else "?"
 
 
 def compile_fatbin(source: str, arch: str, nvcc: str) -> bytes:

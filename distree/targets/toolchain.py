@@ -115,6 +115,18 @@ def load_tvm_cuda_runtime() -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=1)
+def tvm_cudart() -> Optional[str]:
+    """The CUDA runtime library TVM's CUDA runtime links (``libcudart.so.13`` for the apache-tvm 0.27 wheels, x86
+    and aarch64 alike): a device running CUDA stages needs that CUDA; None where this TVM has no CUDA runtime."""
+    import tvm
+
+    from distree.compiler.elf import needed_libraries
+
+    lib = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+    return next((n for n in needed_libraries(lib) if n.startswith("libcudart.so")), None) if lib.is_file() else None
+
+
 # Vector extensions TVM's CPU code uses: code built for a CPU that has one stops with an illegal instruction on a
 # CPU without it (the rest of LLVM's feature lists are mostly tuning flags that differ within one ISA).
 CODE_FEATURES = {
@@ -202,7 +214,7 @@ def export_library(executable, device: DeviceSpec, path: Path, require_aot_cuda:
     """Link a ``tvm.compile`` result into ``path`` (.so) for the device, the one way the profiler and the compiler
     both do it: the device's cross compiler, and CUDA kernels compiled ahead of time by nvcc into a fatbin (else
     kept as source for NVRTC at load). Returns how CUDA kernels ship (None for a CPU device)."""
-    from distree.compiler.cuda_aot import fatbin_packer, find_nvcc
+    from distree.compiler.cuda_aot import fatbin_packer, find_nvcc, nvcc_release
 
     cc = cross_compiler(device)
     kwargs = {"cc": cc} if cc else {}
@@ -219,6 +231,6 @@ def export_library(executable, device: DeviceSpec, path: Path, require_aot_cuda:
         return None
     if nvcc is None:
         return "CUDA source, compiled at load time by NVRTC on the device (nvcc not found here)"
-    return (f"fatbin {arch} (nvcc ahead of time; no NVRTC needed on the device)" if sum(converted)
-            else "no CUDA kernels in this segment")
+    return (f"fatbin {arch} (nvcc {nvcc_release(nvcc)} ahead of time; no NVRTC needed on the device)"
+            if sum(converted) else "no CUDA kernels in this segment")
 

@@ -312,9 +312,13 @@ def _cuda_needs(device: str) -> str:
     from distree.compiler.cuda_aot import find_nvcc, nvcc_release
 
     cudart, nvcc = tvm_cudart(), find_nvcc()
+    release = nvcc_release(nvcc) if nvcc else None
     parts = ([f"TVM's CUDA runtime links {cudart}"] if cudart else []) + \
-        ([f"nvcc {nvcc_release(nvcc)} built its kernels"] if nvcc else [])
-    major = cudart.rsplit(".", 1)[-1] if cudart else nvcc_release(nvcc).split(".")[0] if nvcc else "?"
+        ([f"nvcc {release} built its kernels"] if release else [])
+    if cudart:
+        major = cudart.rsplit(".", 1)[-1]
+    else:
+        major = release.split(".")[0] if release else "?"
     return (f"{device}: its CUDA code needs CUDA {major} or newer on the device ({'; '.join(parts) or 'unknown'}); "
             f"with an older CUDA there (JetPack 6 ships 12.x) `distree serve` runs the stage's ONNX under ONNX "
             f"Runtime on its CPU instead and says why")

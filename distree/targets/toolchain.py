@@ -93,6 +93,13 @@ def cuda_arch_runs_on(arch: str, compute_version: str) -> bool:
     return need is None or have >= (int(need.group(1)), int(need.group(2)))
 
 
+def _tvm_runtime_dir() -> Path:
+    """Where the loaded TVM runtime library lies (its CUDA runtime library sits beside it)."""
+    import tvm
+
+    return Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+
+
 @functools.lru_cache(maxsize=1)
 def load_tvm_cuda_runtime() -> str:
     """Make TVM's CUDA runtime available; why it is not, or empty. A full TVM install loads it at import when
@@ -103,9 +110,8 @@ def load_tvm_cuda_runtime() -> str:
 
     if tvm.get_global_func("device_api.cuda", True) is not None:
         return ""
-    runtime_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
     try:
-        load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir],
+        load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[_tvm_runtime_dir()],
                         mode="RTLD_LOCAL")
     except (OSError, RuntimeError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -119,11 +125,9 @@ def load_tvm_cuda_runtime() -> str:
 def tvm_cudart() -> Optional[str]:
     """The CUDA runtime library TVM's CUDA runtime links (``libcudart.so.13`` for the apache-tvm 0.27 wheels, x86
     and aarch64 alike): a device running CUDA stages needs that CUDA; None where this TVM has no CUDA runtime."""
-    import tvm
-
     from distree.compiler.elf import needed_libraries
 
-    lib = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+    lib = _tvm_runtime_dir() / "libtvm_runtime_cuda.so"
     return next((n for n in needed_libraries(lib) if n.startswith("libcudart.so")), None) if lib.is_file() else None
 
 

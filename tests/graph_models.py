@@ -162,6 +162,50 @@ class TinyViT(nn.Module):
         return self.fc(self.norm(self.layers(x)).mean(dim=1))
 
 
+class MhaViT(nn.Module):
+    """A ViT built from torch's own ``nn.MultiheadAttention``: its export computes every reshape's target
+    from ``Shape`` through Gather/Unsqueeze/Concat/Slice/Cast arithmetic, which TVM's importer rejects
+    unless distree folds it to constants."""
+
+    def __init__(self, dim: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 7, 7)
+        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.attention = nn.ModuleList(nn.MultiheadAttention(dim, 4, batch_first=True) for _ in range(depth))
+        self.fc = nn.Linear(dim, 10)
+
+    @torch.enable_grad()        # under no_grad torch takes a fused fast path the ONNX exporter cannot export
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        for norm, attention in zip(self.norms, self.attention):
+            a = norm(x)
+            x = x + attention(a, a, a, need_weights=False)[0]
+        return self.fc(x.mean(dim=1))
+
+
+def constants_beside_weights() -> onnx.ModelProto:
+    """y = x @ transpose(W) * scale, with scale = sqrt(2) / 4 computed by Constant arithmetic, and the
+    arithmetic's value also a graph output: the scalar chain folds, the weight's transpose and the graph
+    output stay."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((96, 64)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+        helper.make_node("Sqrt", ["two"], ["root"], name="root"),
+        helper.make_node("Div", ["root", "four"], ["scale"], name="scale"),
+        helper.make_node("Transpose", ["W"], ["WT"], name="wt", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "WT"], ["xw"], name="xw"),
+        helper.make_node("Mul", ["xw", "scale"], ["y"], name="y"),
+        helper.make_node("Identity", ["root"], ["root_out"], name="root_out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "constants", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 96]),
+         helper.make_tensor_value_info("root_out", TensorProto.FLOAT, [])],
+        initializer=[w, numpy_helper.from_array(np.array(4.0, np.float32), "four")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 class DenseBlockNet(nn.Module):
     """Stem, one DenseNet block (each layer reads the concat of all before), transition, head."""
 
@@ -219,11 +263,14 @@ class WithExit(nn.Module):
 
 
 def residual_with_constant_subgraph() -> onnx.ModelProto:
-    """x -> Relu -> (Mul by Identity(weight)) + skip -> Relu -> Reshape(shape from Identity(Constant)) -> out."""
-    w = numpy_helper.from_array(np.full((1, 4), 0.5, np.float32), "w")
+    """x -> Relu -> (Mul by DequantizeLinear(int8 weight)) + skip -> Relu -> Reshape(shape from
+    Identity(Constant)) -> out. Loading folds the shape's arithmetic but keeps the dequantization (as in a QDQ
+    model), a constant subgraph two blocks read."""
+    w = numpy_helper.from_array(np.full((1, 4), 1, np.int8), "w")
+    scale = numpy_helper.from_array(np.array(0.5, np.float32), "w_scale")
     nodes = [
         helper.make_node("Relu", ["x"], ["a"], name="relu_a"),
-        helper.make_node("Identity", ["w"], ["w_id"], name="w_identity"),
+        helper.make_node("DequantizeLinear", ["w", "w_scale"], ["w_id"], name="w_dequantize"),
         helper.make_node("Constant", [], ["shape_c"], name="shape_const",
                          value=numpy_helper.from_array(np.array([1, 4], np.int64))),
         helper.make_node("Identity", ["shape_c"], ["shape"], name="shape_identity"),
@@ -235,7 +282,7 @@ def residual_with_constant_subgraph() -> onnx.ModelProto:
     ]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w, scale],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 

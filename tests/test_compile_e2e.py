@@ -79,3 +79,42 @@ def test_cache_keys_follow_distree_source(tmp_path):
     (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "b.py")    # same bytes, another module
     assert source_fingerprint(tmp_path / "pkg") not in (before, edited)
     assert code_fingerprint() == source_fingerprint(REPO / "distree")
+
+
+def test_an_op_tvm_cannot_import_is_named_up_front_and_ort_builds_without_tvm(tmp_path):
+    """TVM's ONNX importer lacks some ops ONNX Runtime runs (Celu, LSTM, QLinearConv, ...): `compile` names them
+    in one line before any work, and `--backend ort` builds, profiles and estimates without importing into TVM."""
+    import onnx
+    from tvm.error import OpNotImplemented
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from distree.graph import load_model
+    from distree.targets.toolchain import tvm_unsupported_ops
+
+    tiny = cf.tiny_model(tmp_path)
+    model = onnx.load(tiny.path)
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type = "Celu"
+    path = tmp_path / "celu.onnx"
+    onnx.save(model, path)
+    assert tvm_unsupported_ops(load_model(path)) == {"Celu": [relu.name]}
+    with pytest.raises(OpNotImplemented, match="Celu"):                 # TVM's own verdict agrees
+        from_onnx(load_model(path))
+    assert tvm_unsupported_ops(load_model(tiny.path)) == {}
+    np.savez(tmp_path / "calib.npz", x=tiny.data.x, y=tiny.data.y)
+    args = ["compile", str(path), "--devices", "host,pi4", "--data", str(tmp_path / "calib.npz"),
+            "--cache-dir", str(tmp_path / "cache"), "--accuracy-drop", "0.05"]
+    refused = _cli(*args, "-o", str(tmp_path / "refused"))
+    assert refused.returncode == 2 and not (tmp_path / "refused").exists()
+    (line,) = refused.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: ") and "does not support Celu" in line and "--backend ort" in line
+    assert "Traceback" not in refused.stderr
+    built = _cli(*args, "-o", str(tmp_path / "bundle"), "--backend", "ort", "--json")
+    assert built.returncode == 0, built.stderr[-3000:]
+    summary = json.loads(built.stdout)
+    assert {seg["backend"] for stage in summary["stages"] for seg in stage["segments"]} == {"ort"}
+    test = cf.dataset(30, seed=12)
+    np.savez(tmp_path / "test.npz", x=test.x, y=test.y)
+    run = _cli("run", str(tmp_path / "bundle"), "--input", str(tmp_path / "test.npz"), "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["samples"] == 30

@@ -196,7 +196,8 @@ def test_constant_subgraphs_do_not_block_cuts_and_are_copied_into_segments(tmp_p
     model = load_model(path)
     chain = build_chain(model)
     assert [b.output for b in chain.blocks] == ["a", "c", "d", "e", "y"]
-    assert all("w_identity" not in b.nodes for b in chain.blocks)
+    assert all("w_dequantize" not in b.nodes for b in chain.blocks)
+    assert not {"shape_const", "shape_identity"} & {n.name for n in model.graph.node}     # folded at load
     x = np.random.default_rng(3).standard_normal((1, 4)).astype(np.float32)
     reference = run(model, {"x": x})[0]
     t = x
@@ -205,7 +206,7 @@ def test_constant_subgraphs_do_not_block_cuts_and_are_copied_into_segments(tmp_p
         t = run(segment, {block.input: t})[0]
     assert rel_diff(t, reference) <= 1e-6
     mul_e = extract_segment(model, chain, 3, 3)
-    assert {n.name for n in mul_e.graph.node} == {"mul_e", "w_identity"}
+    assert {n.name for n in mul_e.graph.node} == {"mul_e", "w_dequantize"}
 
 
 def test_dynamic_batch_model_loads_at_any_batch_and_folds_shape_arithmetic(exported):
@@ -222,6 +223,51 @@ def test_dynamic_batch_model_loads_at_any_batch_and_folds_shape_arithmetic(expor
     head = run(extract_segment(model, chain, 0, mid), {"input": x})[0]
     tail = run(extract_segment(model, chain, mid + 1, len(chain.blocks) - 1), {chain.blocks[mid].output: head})[0]
     assert rel_diff(tail, reference) <= 1e-4
+
+
+def _computed_from_constants(model: onnx.ModelProto) -> list[str]:
+    known = {t.name for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            known.update(node.output)
+        elif all(t in known for t in node.input if t):
+            known.update(node.output)
+            found.append(node.name)
+    return found
+
+
+def test_torch_attention_loads_with_literal_shapes_and_tvm_imports_it(tmp_path):
+    """nn.MultiheadAttention's export computes reshape targets from Shape; TVM's ONNX importer rejects a
+    computed target ("Reshape requires the input new shape to be Shape"), so distree folds all of it."""
+    from distree.compiler.tvm_build import compile_segment
+    from distree.runtime.backends import tvm_runner
+    from distree.targets import get_device
+
+    path = gm.export(gm.MhaViT(), (1, 1, 28, 28), tmp_path / "mha.onnx")
+    raw = onnx.load(path)
+    assert sum(n.op_type in ("Gather", "Concat", "Slice", "Cast") for n in raw.graph.node) >= 10
+    model = load_model(path)
+    assert _computed_from_constants(model) == []
+    x = np.random.default_rng(6).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    reference = run(raw, {"input": x})[0]
+    assert rel_diff(run(model, {"input": x})[0], reference) <= 1e-6
+    chain = build_chain(model)
+    whole = extract_segment(model, chain, 0, len(chain.blocks) - 1)
+    got = tvm_runner(compile_segment(whole, get_device("host"), tmp_path / "mha.so").path)(x)[0]
+    assert rel_diff(got, reference) <= 1e-4
+
+
+def test_constant_folding_leaves_weights_and_graph_outputs(tmp_path):
+    onnx.save(gm.constants_beside_weights(), tmp_path / "c.onnx")
+    model = load_model(tmp_path / "c.onnx")
+    assert {n.name for n in model.graph.node} == {"wt", "xw", "y", "root_out"}   # the Constant went unread
+    assert {t.name for t in model.graph.initializer} == {"W", "root", "scale"}     # "four" went unread
+    x = np.random.default_rng(7).standard_normal((1, 64)).astype(np.float32)
+    y, root = run(model, {"x": x})
+    np.testing.assert_allclose(root, np.sqrt(2.0), rtol=1e-6)
+    w = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W"))
+    np.testing.assert_allclose(y, x @ w.T * np.sqrt(2.0) / 4, rtol=1e-5)
 
 
 def test_chain_json_round_trip(exported, tmp_path):

@@ -7,8 +7,10 @@
 - nodes are listed in a canonical topological order (Kahn's algorithm, ties broken by node name), so two
   files that list the same graph in different valid orders load to the same proto and the same hash;
 - all dimensions are fixed (batch defaults to 1: distree serves batch-1 streams) and shapes are inferred;
-  ``Shape`` of a tensor whose shape is static is folded into an initializer, so shape arithmetic never
-  keeps an early activation alive (it would hide cut points and tie segments to earlier tensors);
+  ``Shape`` of a tensor whose shape is static is folded into an initializer, and so is every small node
+  computed from constants alone (the ``Gather``/``Concat``/``Cast`` arithmetic exporters emit for
+  reshapes, e.g. in attention), so shape arithmetic never keeps an early activation alive (it would hide
+  cut points and tie segments to earlier tensors) and TVM's importer sees literal shapes;
 - tensors whose shapes ONNX inference cannot find (ops from other domains, e.g. ``com.microsoft``) get the
   shapes onnxruntime produces on a zero input (wrong only for data-dependent shapes, which classifiers lack).
 
@@ -34,7 +36,8 @@ from distree.errors import DistreeError
 
 log = logging.getLogger("distree.graph")
 
-_MAX_FOLD_ROUNDS = 8
+_MAX_FOLD_ROUNDS = 16
+_FOLD_MAX_ELEMENTS = 4096      # constant folding evaluates shape arithmetic and scalars, never weights
 
 
 def load_model(
@@ -307,6 +310,7 @@ def _infer_and_fold(model: onnx.ModelProto, p: Path) -> onnx.ModelProto:
     for _ in range(_MAX_FOLD_ROUNDS):
         model = _infer(model, p)
         folded = _fold_static_shapes(model)
+        folded = _fold_constant_nodes(folded if folded is not None else model) or folded
         if folded is None:
             return model
         model = folded
@@ -352,6 +356,86 @@ def _fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     del out.graph.value_info[:]
     out.graph.value_info.extend(vi)
     return out
+
+
+def _fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Replace small nodes whose inputs are all constants by initializers of their values; None if none.
+
+    Evaluated with ONNX's reference implementation, one node at a time in graph order (so chains of
+    shape arithmetic fold in one pass). Inputs and outputs above ``_FOLD_MAX_ELEMENTS`` are left alone:
+    transforming weights is the compiler's business, and a graph output is never folded away.
+    """
+    values: dict[str, np.ndarray] = {}
+    small_weights = {t.name: t for t in model.graph.initializer
+                     if int(np.prod(t.dims, dtype=np.int64)) <= _FOLD_MAX_ELEMENTS}
+    graph_outputs = {o.name for o in model.graph.output}
+    folded: dict[int, list[np.ndarray]] = {}
+    for i, node in enumerate(model.graph.node):
+        inputs = [t for t in node.input if t]
+        if not _foldable_op(node) or (not inputs and node.op_type != "Constant"):
+            continue
+        if any(t not in values and t not in small_weights for t in inputs):
+            continue
+        args = [values[t] if t in values else numpy_helper.to_array(small_weights[t]) for t in inputs]
+        arrays = _evaluate(model, node, inputs, args)
+        if arrays is None or any(a.size > _FOLD_MAX_ELEMENTS for a in arrays):
+            continue
+        values.update(zip(node.output, arrays))
+        if node.op_type != "Constant" and not graph_outputs.intersection(node.output):
+            folded[i] = arrays
+    if not folded:
+        return None
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [n for i, n in enumerate(model.graph.node) if i not in folded]
+    for i, arrays in folded.items():
+        out.graph.initializer.extend(numpy_helper.from_array(a, name)
+                                     for name, a in zip(model.graph.node[i].output, arrays))
+    _drop_unused_constants(out, kept, used_before={t for n in model.graph.node for t in n.input})
+    names = {o for i in folded for o in model.graph.node[i].output}
+    vi = [v for v in out.graph.value_info if v.name not in names]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(vi)
+    return out
+
+
+_QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def _foldable_op(node: onnx.NodeProto) -> bool:
+    """Standard-domain ops whose value is a function of their inputs (no randomness, no subgraphs), except
+    quantization ops: a DequantizeLinear of int8 weights is how a QDQ model tells runtimes to run int8 kernels."""
+    return (node.domain in ("", "ai.onnx") and not node.op_type.startswith("Random")
+            and node.op_type not in _QUANTIZATION_OPS
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
+
+
+def _evaluate(model: onnx.ModelProto, node: onnx.NodeProto, names: list[str],
+              args: list[np.ndarray]) -> list[np.ndarray] | None:
+    """The node's outputs on these inputs by ONNX's reference evaluator, or None where it cannot run it."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = helper.make_graph(
+        [node], "fold", [_tensor_info(name, a) for name, a in zip(names, args)],
+        [onnx.ValueInfoProto(name=o) for o in node.output if o])
+    probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    try:
+        arrays = ReferenceEvaluator(probe).run(None, dict(zip(names, args)))
+    except Exception as exc:  # the reference evaluator raises whatever its op implementation raises
+        log.debug("not folding %s: %s", node.name, _first_line(exc))
+        return None
+    return [np.asarray(a) for a in arrays] if all(isinstance(a, (np.ndarray, np.generic)) for a in arrays) else None
+
+
+def _drop_unused_constants(model: onnx.ModelProto, nodes: list[onnx.NodeProto], used_before: set[str]) -> None:
+    """Set the graph's nodes, dropping initializers and ``Constant`` nodes that folding left without a reader."""
+    used = {t for n in nodes for t in n.input} | {o.name for o in model.graph.output}
+    del model.graph.node[:]
+    model.graph.node.extend(n for n in nodes
+                            if n.op_type != "Constant" or n.output[0] in used or n.output[0] not in used_before)
+    weights = [t for t in model.graph.initializer if t.name in used or t.name not in used_before]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(weights)
 
 
 def _fill_shapes_by_running(model: onnx.ModelProto, p: Path) -> onnx.ModelProto:

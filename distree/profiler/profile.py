@@ -41,9 +41,10 @@ from distree.profiler.units import Unit, profile_units
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
 from distree.targets.toolchain import host_arch, host_cpu, import_onnx, missing_cpu_features, \
-    target_arch, tvm_device_here, tvm_target
+    target_arch, tvm_device_here, tvm_target, tvm_unsupported_ops, unsupported_ops_message
 
 MODES = ("local", "rpc", "qemu", "estimate")
+ORT_ONLY_MEMORY = "graph-workspace-estimate (ONNX Runtime only: no TVM memory plan)"
 QEMU_NOTE = "emulated under qemu-user on an x86 machine: proves the aarch64 artifact runs; NOT a device timing"
 Progress = Callable[[int, int, str], None]
 
@@ -66,6 +67,8 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     timing = timing or TimingSettings()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     check_request(device, mode, rpc, backends)
+    if "tvm" in backends and (missing := tvm_unsupported_ops(model)):
+        raise DistreeError(unsupported_ops_message(missing))
     decide_kinds = [k for k in SCORE_KINDS if items is None or decide_item(k) in items]
     with_rpc = items is None or RPC_ITEM in items
     units = profile_units(model, chain, exits, items)
@@ -300,7 +303,9 @@ def _entry(device: DeviceSpec, unit: Unit, backend: str, provenance: str, sample
 def measure_unit(unit: Unit, backends: tuple[str, ...], device: DeviceSpec, timing: TimingSettings,
                  cache_dir: Path, session=None, provenance: str = "local", note: str = "") -> list[Measurement]:
     """Compile (cached) and time one unit with each backend, here or over an RPC session."""
-    compiled = tvm_backend.compile_unit(unit, device, cache_dir)
+    compiled = tvm_backend.compile_unit(unit, device, cache_dir) if "tvm" in backends else None
+    memory = ((compiled.activation_bytes, compiled.memory_source) if compiled is not None
+              else (unit.workspace_bytes, ORT_ONLY_MEMORY))
     out = []
     for backend in backends:
         if backend == "tvm":
@@ -308,17 +313,18 @@ def measure_unit(unit: Unit, backends: tuple[str, ...], device: DeviceSpec, timi
                        else tvm_backend.time_tvm_local(compiled, unit, device, timing))
         else:
             samples = time_ort(unit, timing)
-        out.append(_entry(device, unit, backend, provenance, samples, *summarize(samples), compiled.activation_bytes,
-                          compiled.memory_source, timing.threads, note))
+        out.append(_entry(device, unit, backend, provenance, samples, *summarize(samples), *memory, timing.threads,
+                          note))
     return out
 
 
 def _estimate(unit: Unit, backends: tuple[str, ...], device: DeviceSpec, cal: est.EstimateCalibration,
               timing: TimingSettings, provenance: str, note: str) -> list[Measurement]:
-    import tvm  # noqa: F401 - planning needs TVM, compiling does not happen
-
-    mod = import_onnx(unit.model)
-    activation_bytes, memory_source = tvm_backend.planned_memory(mod, tvm_target(device), unit)
+    if "tvm" in backends:        # TVM plans the memory of the code it would build (no compile happens)
+        activation_bytes, memory_source = tvm_backend.planned_memory(import_onnx(unit.model), tvm_target(device),
+                                                                     unit)
+    else:
+        activation_bytes, memory_source = unit.workspace_bytes, ORT_ONLY_MEMORY
     out = []
     for backend in backends:
         ms = est.unit_estimate_ms(unit, device, cal.for_backend(backend), timing.threads)

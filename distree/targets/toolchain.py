@@ -182,6 +182,29 @@ def tvm_target(device: DeviceSpec):
     return tvm.target.Target(dict(device.target))
 
 
+def tvm_unsupported_ops(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Op type -> node names of the ops TVM's ONNX importer has no converter for (its own check, which it runs
+    before importing anything; the op type alone decides, whatever the domain)."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = _get_convert_map().keys() | {"If", "Constant"}      # If and Constant: handled by the importer itself
+    missing: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type not in known:
+            missing.setdefault(node.op_type, []).append(node.name)
+    return missing
+
+
+def unsupported_ops_message(missing: dict[str, list[str]]) -> str:
+    import tvm
+
+    ops = ", ".join(f"{op} ({len(nodes)} node{'s' if len(nodes) > 1 else ''}, e.g. {nodes[0]!r})"
+                    for op, nodes in sorted(missing.items()))
+    return (f"TVM {tvm.__version__}'s ONNX importer does not support {ops}; use `--backend ort` (ONNX Runtime "
+            "for every segment; a GPU device's stage then runs on its CPU), or re-export the model without "
+            "these ops")
+
+
 def import_onnx(model: onnx.ModelProto):
     """Relax module of a segment with static input shapes (weights bound as constants).
 
@@ -195,6 +218,9 @@ def import_onnx(model: onnx.ModelProto):
         if value.name not in weights and not all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim):
             raise DistreeError(f"input {value.name!r} has a dynamic shape; fix the shapes first "
                                "(distree.graph.load_model)")
+    missing = tvm_unsupported_ops(model)
+    if missing:
+        raise DistreeError(unsupported_ops_message(missing))
     model = _identifier_inputs(model)
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
               if i.name not in weights}

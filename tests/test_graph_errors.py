@@ -95,6 +95,17 @@ def test_several_graph_inputs(tmp_path):
     assert_one_line_error(invoke(str(path)), "2 graph inputs", "x, z")
 
 
+@pytest.mark.parametrize("elem_type, name", [(TensorProto.FLOAT16, "float16"), (TensorProto.UINT8, "uint8")])
+def test_an_input_other_than_float32_is_refused(tmp_path, elem_type, name):
+    """Calibration data and stage inputs are float32: an fp16 export used to fail inside ONNX Runtime's exit
+    training with a traceback."""
+    x = helper.make_tensor_value_info("x", elem_type, [1, 4])
+    y = helper.make_tensor_value_info("y", elem_type, [1, 4])
+    path = tmp_path / "typed.onnx"
+    onnx.save(_model([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["y"])], [x], [y]), path)
+    assert_one_line_error(invoke(str(path)), f"input x is {name}", "float32 model")
+
+
 def test_initializers_listed_as_inputs_are_weights_not_inputs(tmp_path):
     w = numpy_helper.from_array(np.ones((1, 4), np.float32), "w")
     w_input = helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 4])

@@ -207,6 +207,13 @@ def _single_input_model(model: onnx.ModelProto, p: Path) -> onnx.ModelProto:
         )
     if not inputs[0].type.HasField("tensor_type"):
         raise DistreeError(f"{p}: input {inputs[0].name} is not a tensor; re-export with a tensor input")
+    elem_type = inputs[0].type.tensor_type.elem_type
+    if elem_type != onnx.TensorProto.FLOAT:
+        raise DistreeError(
+            f"{p}: input {inputs[0].name} is {onnx.TensorProto.DataType.Name(elem_type).lower()}; distree compiles float32 "
+            "classifiers (its calibration data and stage inputs are float32): export the float32 model (in torch: "
+            "model.float() before torch.onnx.export), or quantize it as QDQ around a float32 input"
+        )
     if len(model.graph.input) == 1:
         return model
     out = onnx.ModelProto()

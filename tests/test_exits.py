@@ -35,6 +35,7 @@ from distree.exits import (
     threshold_grid,
     train_exits,
 )
+from distree.exits.heads import fit_heads
 from distree.graph import build_chain, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,22 @@ def test_heads_train_attach_and_leave_the_final_output_unchanged(trained):
     by_block = {e.after_block: e for e in exits}
     assert by_block[0].entry_output == "entry_b0"
     assert all(by_block[b].entry_output == by_block[b - 1].name for b in by_block if b > 0)
+
+
+def test_heads_fit_in_parallel_equal_heads_fit_one_at_a_time(trained, monkeypatch):
+    """Heads are fit one per core; each fit is deterministic on its own, so the heads are bit for bit those of
+    a one-worker fit, in the same order."""
+    import distree.exits.heads as heads_module
+
+    model, chain, data, _, _ = trained
+    wanted = {b.output: f"exit_b{b.index}" for b in chain.blocks[:-1]}
+    parallel = fit_heads(model, chain, data, wanted)
+    monkeypatch.setattr(heads_module.os, "cpu_count", lambda: 1)
+    serial = fit_heads(model, chain, data, wanted)
+    assert list(parallel) == list(serial) == list(wanted)
+    for tensor, head in parallel.items():
+        assert np.array_equal(head.weight, serial[tensor].weight) and np.array_equal(head.bias, serial[tensor].bias)
+        assert head.output == wanted[tensor] and head.fit_accuracy == serial[tensor].fit_accuracy
 
 
 def test_head_logits_equal_pooled_linear_features(trained):

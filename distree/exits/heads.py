@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -179,12 +180,10 @@ def _fit_softmax_regression(z: np.ndarray, labels: np.ndarray, k: int, l2: float
         loss = -(onehot * logp).sum() / n + 0.5 * l2 * (w * w).sum()
         return loss, np.concatenate([(z.T @ d + l2 * w).ravel(), d.sum(axis=0)])
 
-    from scipy.optimize import minimize               # the build machine's packages: fitting heads is
-    from threadpoolctl import threadpool_limits       # its job, reading a model's exits is a device's too
+    from scipy.optimize import minimize     # the build machine's package: fitting heads is its job, reading a
+                                            # model's exits is a device's too
 
-    # One BLAS thread: these fits are tiny, and OpenBLAS threads on a busy 2-core machine cost ~6x.
-    with threadpool_limits(limits=1, user_api="blas"):
-        return minimize(loss_grad, start, jac=True, method="L-BFGS-B", options={"maxiter": MAX_ITER}).x
+    return minimize(loss_grad, start, jac=True, method="L-BFGS-B", options={"maxiter": MAX_ITER}).x
 
 
 def _accuracy(z: np.ndarray, labels: np.ndarray, theta: np.ndarray, k: int) -> float:
@@ -334,19 +333,30 @@ def fit_heads(model: onnx.ModelProto, chain: Chain, data: Dataset, wanted: dict[
     shapes = tensor_shapes(model)
     pooling = {t: choose_pooling(tuple(shapes[t][1:]), head) for t in wanted}
     feats = _pooled_features(model, data, pooling, chain.input_name)
-    heads = {}
-    with progress_bar(f"fitting {len(wanted)} head(s)", len(wanted)) as advance:
-        for tensor, output in wanted.items():
-            pool, f = pooling[tensor], feats.pop(tensor)
-            reduce_w = reduce_b = None
-            if pool.grid:
-                reduce_w, reduce_b = channel_reduction(f, pool.reduced)
-                f = np.einsum("dc,ncij->ndij", reduce_w, f) + reduce_b[None, :, None, None]
-                reduce_w, reduce_b = reduce_w.astype(np.float32), reduce_b.astype(np.float32)
-            weight, bias, acc = fit_linear_head(f.reshape(len(f), -1), data.y, k)
-            heads[tensor] = LinearHead(output, tensor, pool, weight, bias, acc, reduce_w, reduce_b)
-            advance(1)
-    return heads
+
+    def fit(tensor: str, output: str, f: np.ndarray) -> LinearHead:
+        pool = pooling[tensor]
+        reduce_w = reduce_b = None
+        if pool.grid:
+            reduce_w, reduce_b = channel_reduction(f, pool.reduced)
+            f = np.einsum("dc,ncij->ndij", reduce_w, f) + reduce_b[None, :, None, None]
+            reduce_w, reduce_b = reduce_w.astype(np.float32), reduce_b.astype(np.float32)
+        weight, bias, acc = fit_linear_head(f.reshape(len(f), -1), data.y, k)
+        advance(1)
+        return LinearHead(output, tensor, pool, weight, bias, acc, reduce_w, reduce_b)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    import scipy.optimize  # noqa: F401 - loaded before the limit below, which reaches only BLAS libraries loaded
+    from threadpoolctl import threadpool_limits
+
+    # One head per core, one BLAS thread each: the fits are small (OpenBLAS threads on a busy 2-core machine
+    # cost ~6x), and numpy releases the GIL in their matrix products. Each fit is deterministic on its own.
+    workers = max(1, min(len(wanted), os.cpu_count() or 1))
+    with progress_bar(f"fitting {len(wanted)} head(s)", len(wanted)) as advance, \
+            threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        futures = {tensor: pool.submit(fit, tensor, output, feats.pop(tensor)) for tensor, output in wanted.items()}
+        return {tensor: future.result() for tensor, future in futures.items()}
 
 
 def train_exits(model: onnx.ModelProto, chain: Chain, data: Dataset, at: Sequence[int] | None = None,

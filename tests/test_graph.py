@@ -7,6 +7,7 @@ import random
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 import pytest
 
 import graph_models as gm
@@ -268,6 +269,32 @@ def test_constant_folding_leaves_weights_and_graph_outputs(tmp_path):
     np.testing.assert_allclose(root, np.sqrt(2.0), rtol=1e-6)
     w = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W"))
     np.testing.assert_allclose(y, x @ w.T * np.sqrt(2.0) / 4, rtol=1e-5)
+
+
+def test_constant_folding_never_materialises_a_big_constant(tmp_path):
+    """A ConstantOfShape whose output inference knows to be 256 MB, and a 32k-float Constant node (weights as
+    some exporters write them), stay nodes: loading neither computes nor copies them."""
+    import tracemalloc
+
+    big = np.ones((128, 64), np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["dims"], value=numpy_helper.from_array(np.array([8192, 8192], np.int64))),
+        helper.make_node("ConstantOfShape", ["dims"], ["mask"], name="mask"),
+        helper.make_node("ReduceMax", ["mask"], ["one"], name="one", keepdims=0),
+        helper.make_node("Constant", [], ["w"], name="w", value=numpy_helper.from_array(np.tile(big, (4, 1)))),
+        helper.make_node("Transpose", ["w"], ["wt"], name="wt", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["xw"], name="xw"),
+        helper.make_node("Mul", ["xw", "one"], ["y"], name="y"),
+    ]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "big.onnx")
+    tracemalloc.start()
+    model = load_model(tmp_path / "big.onnx")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert {"mask", "one", "w", "wt"} <= {n.name for n in model.graph.node}
+    assert peak < 32 * 2 ** 20, peak
 
 
 def test_chain_json_round_trip(exported, tmp_path):

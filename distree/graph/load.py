@@ -373,22 +373,27 @@ def _fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     transforming weights is the compiler's business, and a graph output is never folded away.
     """
     values: dict[str, np.ndarray] = {}
-    small_weights = {t.name: t for t in model.graph.initializer
-                     if int(np.prod(t.dims, dtype=np.int64)) <= _FOLD_MAX_ELEMENTS}
+    small_weights = {t.name: t for t in model.graph.initializer if _elements(t.dims) <= _FOLD_MAX_ELEMENTS}
+    shapes = {v.name: static_shape(v) for v in model.graph.value_info}
     graph_outputs = {o.name for o in model.graph.output}
     folded: dict[int, list[np.ndarray]] = {}
     for i, node in enumerate(model.graph.node):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = _small_constant(node)
+            if value is not None:
+                values[node.output[0]] = value
+            continue
         inputs = [t for t in node.input if t]
-        if not _foldable_op(node) or (not inputs and node.op_type != "Constant"):
+        if not inputs or not _foldable_op(node) or any(t not in values and t not in small_weights for t in inputs):
             continue
-        if any(t not in values and t not in small_weights for t in inputs):
-            continue
+        if any(shapes.get(o) is not None and _elements(shapes[o]) > _FOLD_MAX_ELEMENTS for o in node.output):
+            continue          # known to be big before computing it (e.g. ConstantOfShape of a mask)
         args = [values[t] if t in values else numpy_helper.to_array(small_weights[t]) for t in inputs]
         arrays = _evaluate(model, node, inputs, args)
         if arrays is None or any(a.size > _FOLD_MAX_ELEMENTS for a in arrays):
             continue
         values.update(zip(node.output, arrays))
-        if node.op_type != "Constant" and not graph_outputs.intersection(node.output):
+        if not graph_outputs.intersection(node.output):
             folded[i] = arrays
     if not folded:
         return None
@@ -404,6 +409,23 @@ def _fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     del out.graph.value_info[:]
     out.graph.value_info.extend(vi)
     return out
+
+
+def _elements(dims) -> int:
+    return int(np.prod(tuple(dims), dtype=np.int64))
+
+
+def _small_constant(node: onnx.NodeProto) -> np.ndarray | None:
+    """A ``Constant`` node's value when it is small and numeric (a big one, e.g. weights some exporters emit as
+    Constant nodes, is never copied out); None otherwise."""
+    (attr,) = node.attribute
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t) if _elements(attr.t.dims) <= _FOLD_MAX_ELEMENTS else None
+    dtype = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    if attr.name not in dtype:
+        return None                                         # sparse or string values
+    value = np.array(helper.get_attribute_value(attr), dtype=dtype[attr.name])
+    return value if value.size <= _FOLD_MAX_ELEMENTS else None
 
 
 _QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})

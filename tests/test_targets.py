@@ -107,6 +107,19 @@ def test_topology_yaml_with_custom_devices_and_list_links(tmp_path):
     assert topo.source_device == "cam2"
 
 
+def test_a_topology_distree_saved_reads_back_as_a_topology_file(tmp_path):
+    """A bundle's planning/topology.json (``Topology.save``) is accepted wherever a topology file is, e.g.
+    `distree plan --topology bundle/planning/topology.json`; before, its header keys were "unknown"."""
+    topo = topology_for(["pi4", "jetson-orin-nano"], links=[LinkSpec("pi4", "jetson-orin-nano", 300.0, 1.5, 0.2)],
+                        source="jetson-orin-nano")
+    topo.save(tmp_path / "topology.json")
+    assert load_topology(tmp_path / "topology.json") == topo
+    doc = json.loads((tmp_path / "topology.json").read_text())
+    (tmp_path / "other.json").write_text(json.dumps({**doc, "kind": "Profile"}))
+    with pytest.raises(DistreeError, match="is a Profile file, expected a Topology file"):
+        load_topology(tmp_path / "other.json")
+
+
 def test_topology_json_matrix_links_are_directional(tmp_path):
     p = tmp_path / "t.json"
     p.write_text(json.dumps({"devices": ["pi4", "pi5"],

@@ -12,7 +12,8 @@
     source: pi4                   # where requests arrive (default: the first device)
     default_link: {bandwidth_mbps: 100, latency_ms: 2, jitter_ms: 0.5}   # for pairs not listed
 
-Every error names the key path that is wrong, e.g. ``links[1].bandwidth_mbps: must be > 0``.
+Every error names the key path that is wrong, e.g. ``links[1].bandwidth_mbps: must be > 0``. A topology distree
+wrote itself (``Topology.save``: a bundle's ``planning/topology.json``) is read as it was saved.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def load_topology(path: str | Path) -> Topology:
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DistreeError(f"{p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {first}") from exc
+    if isinstance(doc, Mapping) and "kind" in doc:     # a file distree wrote, e.g. a bundle's planning/topology.json
+        return Topology.load(p)
     return topology_from_dict(doc, where=str(p))
 
 

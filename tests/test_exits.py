@@ -408,3 +408,20 @@ def test_cli_errors_are_one_line(files, tmp_path, args, fragment):
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and fragment in lines[0], result.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_4d_classifier_output_is_refused_with_the_flatten_fix(tmp_path, files):
+    """A SqueezeNet-style model ends in GlobalAveragePool: (N, K, 1, 1). Its last dim is 1, not K."""
+    x = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, 28, 28])
+    y = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 10, 1, 1])
+    w = onnx.numpy_helper.from_array(np.ones((10, 1, 3, 3), np.float32), "w")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+                                    onnx.helper.make_node("Relu", ["c"], ["r"]),
+                                    onnx.helper.make_node("GlobalAveragePool", ["r"], ["logits"])],
+                                   "squeeze", [x], [y], [w])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    result = CliRunner().invoke(cli, ["exits", str(tmp_path / "m.onnx"), "--data", str(files["calib"]),
+                                      "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2 and not (tmp_path / "o.onnx").exists()
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "has shape (1, 10, 1, 1)" in line and "Flatten" in line, line

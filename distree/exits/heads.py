@@ -118,9 +118,11 @@ class LinearHead:
 def num_classes(model: onnx.ModelProto, chain: Chain) -> int:
     """Classes of the final classifier: the last dim of its output."""
     shape = tensor_shapes(model).get(chain.output_name, ())
-    if not shape or not isinstance(shape[-1], int) or shape[-1] < 2:
+    if len(shape) != 2 or not isinstance(shape[-1], int) or shape[-1] < 2:
+        squeeze = (" (end the model with a Flatten, in torch x.flatten(1), and export again)"
+                   if len(shape) > 2 and all(d == 1 for d in shape[2:]) else "")
         raise DistreeError(f"final output {chain.output_name!r} has shape {shape}; distree needs (N, K) "
-                           "class logits with K >= 2 and a static K")
+                           f"class logits with K >= 2 and a static K{squeeze}")
     return int(shape[-1])
 
 

@@ -356,8 +356,9 @@ def fit_heads(model: onnx.ModelProto, chain: Chain, data: Dataset, wanted: dict[
     # cost ~6x), and numpy releases the GIL in their matrix products. Each fit is deterministic on its own.
     workers = max(1, min(len(wanted), os.cpu_count() or 1))
     with progress_bar(f"fitting {len(wanted)} head(s)", len(wanted)) as advance, \
-            threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        futures = {tensor: pool.submit(fit, tensor, output, feats.pop(tensor)) for tensor, output in wanted.items()}
+            threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as executor:
+        futures = {tensor: executor.submit(fit, tensor, output, feats.pop(tensor))
+                   for tensor, output in wanted.items()}
         return {tensor: future.result() for tensor, future in futures.items()}
 
 

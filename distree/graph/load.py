@@ -209,10 +209,11 @@ def _single_input_model(model: onnx.ModelProto, p: Path) -> onnx.ModelProto:
         raise DistreeError(f"{p}: input {inputs[0].name} is not a tensor; re-export with a tensor input")
     elem_type = inputs[0].type.tensor_type.elem_type
     if elem_type != onnx.TensorProto.FLOAT:
+        dtype = onnx.TensorProto.DataType.Name(elem_type).lower()
         raise DistreeError(
-            f"{p}: input {inputs[0].name} is {onnx.TensorProto.DataType.Name(elem_type).lower()}; distree compiles float32 "
-            "classifiers (its calibration data and stage inputs are float32): export the float32 model (in torch: "
-            "model.float() before torch.onnx.export), or quantize it as QDQ around a float32 input"
+            f"{p}: input {inputs[0].name} is {dtype}; distree compiles float32 classifiers (its calibration data "
+            "and stage inputs are float32): export the float32 model (in torch: model.float() before "
+            "torch.onnx.export), or quantize it as QDQ around a float32 input"
         )
     if len(model.graph.input) == 1:
         return model
@@ -418,7 +419,9 @@ def _elements(dims) -> int:
 def _small_constant(node: onnx.NodeProto) -> np.ndarray | None:
     """A ``Constant`` node's value when it is small and numeric (a big one, e.g. weights some exporters emit as
     Constant nodes, is never copied out); None otherwise."""
-    (attr,) = node.attribute
+    if len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
     if attr.name == "value":
         return numpy_helper.to_array(attr.t) if _elements(attr.t.dims) <= _FOLD_MAX_ELEMENTS else None
     dtype = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}

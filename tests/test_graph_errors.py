@@ -136,6 +136,15 @@ def test_batch_defaults_to_one_with_a_note(tmp_path):
     assert "1x4" in result.stdout
 
 
+def test_a_fixed_batch_other_than_one_is_refused(tmp_path):
+    """Exported with a static batch of 8, a model compiled and profiled at batch 8, then every served request (one
+    sample) failed in ONNX Runtime with a traceback."""
+    path = tmp_path / "batch8.onnx"
+    onnx.save(_chain_model((8, 4)), path)
+    assert_one_line_error(invoke(str(path)), "fixed batch of 8", "dynamic_axes")
+    assert invoke(str(path), "--input-shape", "x=8,4").exit_code == 0      # batched on purpose: allowed
+
+
 @pytest.mark.parametrize("option, fragment", [
     ("x=1,a", "expected NAME=D1,D2"),
     ("z=1,4", "the model's input is 'x'"),

@@ -279,6 +279,12 @@ def _fix_input_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], 
             )
         if current and current[0] is None:
             log.warning(f"note: batch dimension of input {value.name!r} set to 1 (use --input-shape to change it)")
+        elif current and current[0] != 1:
+            raise DistreeError(
+                f"{p}: input {value.name!r} has a fixed batch of {current[0]} {_fmt(current)}; distree serves one "
+                "sample per request: export the model with batch 1 or a dynamic batch (in torch: "
+                f"dynamic_axes={{{value.name!r}: {{0: 'N'}}}})"
+            )
         final = [c if c is not None else 1 for c in current]
     if final == current:
         return model

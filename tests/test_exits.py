@@ -337,6 +337,8 @@ def test_lower_bound_is_one_sided_clopper_pearson(k, n):
     ({"x": np.zeros((4, 1, 28, 28), np.float32), "y": np.zeros((4, 10), np.int64)}, "not one-hot"),
     ({"x": np.zeros((4, 1, 28, 28), np.float32), "y": np.zeros(3, np.int64)}, "x has 4 samples but y has 3"),
     ({"x": np.zeros((4, 1, 32, 32), np.float32), "y": np.zeros(4, np.int64)}, "the model expects (1, 28, 28)"),
+    ({"x": np.zeros((4, 28, 28, 1), np.float32), "y": np.zeros(4, np.int64)},
+     "the model takes channels first (NCHW): save x.transpose(0, 3, 1, 2)"),
     ({"x": np.zeros((4, 1, 28, 28), np.float32), "y": np.array([0, 1, 2, 10])}, "labels span 0..10"),
 ])
 def test_bad_data_is_a_one_line_error_with_the_fix(tmp_path, arrays, fragment):

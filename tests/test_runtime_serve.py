@@ -85,6 +85,21 @@ def test_infer_command_reports_on_the_served_pipeline(served, tmp_path):
     assert result.output.startswith("20 samples via host -> pi4, accuracy ")
 
 
+def test_data_of_the_wrong_layout_or_size_is_refused_with_the_fix(served, bundle, tmp_path):
+    """The same check for `run` (the bundle) and `infer` (the served bundle): channels last vs first gets the
+    exact transpose, another size a resize."""
+    nchw = cf.dataset(4, seed=7).x                                          # (4, 1, 16, 16) float32
+    cases = {"nhwc": (nchw.transpose(0, 2, 3, 1), "channels first (NCHW): save x.transpose(0, 3, 1, 2)"),
+             "big": (np.zeros((4, 1, 20, 20), np.float32), "resize the images")}
+    for name, (x, fix) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", x=x)
+        for command in (["run", str(bundle)], ["infer", served.address]):
+            result = CliRunner().invoke(cli, [*command, "--input", str(tmp_path / f"{name}.npz")])
+            assert result.exit_code == 2, result.output
+            (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+            assert fix in line and "expects (1, 16, 16) float32" in line, line
+
+
 def test_reply_carries_the_answering_logits_and_hops(served, bundle):
     data = cf.dataset(20, seed=5)
     want = run_bundle(bundle, data)

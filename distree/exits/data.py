@@ -77,13 +77,13 @@ def check_dataset(data: Dataset, where: str, input_shape: tuple[int, ...] | None
         raise DistreeError(f"{where}: x contains NaN or infinite values; clean the data")
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape[1:]):
         raise DistreeError(f"{where}: images have shape {tuple(x.shape[1:])}, the model expects "
-                           f"{tuple(input_shape[1:])}; {_layout_fix(x.shape, tuple(input_shape))}")
+                           f"{tuple(input_shape[1:])}; {layout_fix(x.shape, tuple(input_shape))}")
     if num_classes is not None and (y.min() < 0 or y.max() >= num_classes):
         raise DistreeError(f"{where}: labels span {int(y.min())}..{int(y.max())}, the model has {num_classes} "
                            f"classes; labels must be class indices in 0..{num_classes - 1}")
 
 
-def _layout_fix(have: tuple[int, ...], want: tuple[int, ...]) -> str:
+def layout_fix(have: tuple[int, ...], want: tuple[int, ...]) -> str:
     """How to make images of shape ``have`` fit a model input ``want``: the transpose between channels-first and
     channels-last when that is all it takes (e.g. a model exported from TensorFlow takes NHWC), else a resize."""
     for perm, layout in (((0, 2, 3, 1), "channels last (NHWC)"), ((0, 3, 1, 2), "channels first (NCHW)")):

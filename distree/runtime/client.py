@@ -14,7 +14,8 @@ import numpy as np
 from distree.errors import DistreeError
 from distree.exits import Dataset
 from distree.runtime.backends import percentiles_ms
-from distree.runtime.executor import FINAL
+from distree.compiler.manifest import TensorSpec
+from distree.runtime.executor import FINAL, check_input
 from distree.runtime.link import Link
 from distree.runtime.tls import Tls, open_channel
 from distree.runtime.server import CHANNEL_OPTIONS, INFER, INFER_STREAM, INFO, ORIGIN_KEY
@@ -143,10 +144,7 @@ def infer_dataset(client: InferenceClient, data: Dataset, deadline_ms: Optional[
                   limit: Optional[int] = None) -> InferReport:
     """Send every sample of ``data`` (one at a time) and collect answers, exits and timings."""
     info = client.info()
-    want = tuple(info["input"]["shape"][1:])
-    if tuple(data.x.shape[1:]) != want or data.x.dtype.name != info["input"]["dtype"]:
-        raise DistreeError(f"input has samples of shape {tuple(data.x.shape[1:])} {data.x.dtype}, the served "
-                           f"bundle expects {want} {info['input']['dtype']}; give data the model was built for")
+    check_input(TensorSpec.from_dict(info["input"]), data.x, "the served bundle")
     x = data.x if limit is None else data.x[:limit]
     replies, latency = [], []
     for i in range(len(x)):

@@ -20,6 +20,7 @@ from distree.targets.catalog import host_device
 from distree.targets.toolchain import target_arch, tvm_device_here
 from distree.errors import DistreeError
 from distree.exits import Dataset
+from distree.exits.data import layout_fix
 from distree.runtime.backends import Runner, ort_runner, percentiles_ms, set_tvm_threads, tvm_runner
 from distree.runtime.policy import ExitPolicy
 from distree.serde import JsonRecord
@@ -279,16 +280,18 @@ def exit_rates(policy: ExitPolicy, exits: list[str]) -> dict[str, float]:
     return {name: exits.count(name) / max(len(exits), 1) for name in names}
 
 
-def check_input(manifest: Manifest, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Samples (without the batch axis) must match the bundle's input."""
-    want = tuple(manifest.input.shape[1:])
-    if tuple(shape) != want or np.dtype(dtype) != np.dtype(manifest.input.dtype):
-        raise DistreeError(f"input has samples of shape {tuple(shape)} {np.dtype(dtype)}, the bundle "
-                           f"expects {want} {manifest.input.dtype}; give data the model was built for")
+def check_input(want: TensorSpec, x: np.ndarray, what: str = "the bundle") -> None:
+    """Samples ``x`` (N, ...) must match the bundle's input ``want`` (its batch axis aside)."""
+    shape, dtype = tuple(x.shape[1:]), x.dtype
+    if shape != tuple(want.shape[1:]) or np.dtype(dtype) != np.dtype(want.dtype):
+        fix = (layout_fix(x.shape, tuple(want.shape)) if shape != tuple(want.shape[1:])
+               else f"save x.astype(np.{want.dtype})")
+        raise DistreeError(f"input has samples of shape {shape} {np.dtype(dtype)}, {what} expects "
+                           f"{tuple(want.shape[1:])} {want.dtype}; {fix}")
 
 
 def _check_data(manifest: Manifest, data: Dataset) -> None:
-    check_input(manifest, data.x.shape[1:], data.x.dtype)
+    check_input(manifest.input, data.x)
 
 
 def _segment_timing(device: str, loaded: _Loaded) -> SegmentTiming:

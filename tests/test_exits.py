@@ -427,3 +427,31 @@ def test_a_4d_classifier_output_is_refused_with_the_flatten_fix(tmp_path, files)
     assert result.exit_code == 2 and not (tmp_path / "o.onnx").exists()
     (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert "has shape (1, 10, 1, 1)" in line and "Flatten" in line, line
+
+
+def test_batches_shrink_to_the_memory_budget_and_answer_the_same(monkeypatch):
+    """Reading every cut of a ResNet-18 on 224x224 images in batches of 256 peaked at 5.7 GB; a batch now holds
+    what fits BATCH_BUDGET_BYTES (its tensors plus twice the largest), and smaller batches answer the same."""
+    import distree.exits.runner as runner_module
+
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 1, 3, 3)).astype(np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         onnx.helper.make_node("Relu", ["c"], ["r"]), onnx.helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+         onnx.helper.make_node("Flatten", ["p"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16])], [w])
+    model = onnx.shape_inference.infer_shapes(onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    x = np.random.default_rng(1).standard_normal((30, 1, 8, 8)).astype(np.float32)
+    whole = runner_module.make_runner(model, ["r", "y"], x[:2])
+    assert whole.batch_size == runner_module.BATCH_SIZE                        # 4 KB a sample: no limit
+    monkeypatch.setattr(runner_module, "BATCH_BUDGET_BYTES", 100_000)          # (4 + 64 B) + 2 x 4 KB a sample
+    small = runner_module.make_runner(model, ["r", "y"], x[:2])
+    assert small.batch_size == 100_000 // (16 * 64 * 4 + 16 * 4 + 2 * 16 * 64 * 4) == 8
+    got: dict[str, list[np.ndarray]] = {"r": [], "y": []}
+    small.over(x, lambda _start, out: [got[k].append(out[k]) for k in got])
+    assert len(got["y"]) == 4                                                   # 8 + 8 + 8 + 6
+    want = whole.run(x)
+    for k in got:
+        np.testing.assert_allclose(np.concatenate(got[k]), want[k], rtol=1e-6, atol=1e-6)

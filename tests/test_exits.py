@@ -455,3 +455,28 @@ def test_batches_shrink_to_the_memory_budget_and_answer_the_same(monkeypatch):
     want = whole.run(x)
     for k in got:
         np.testing.assert_allclose(np.concatenate(got[k]), want[k], rtol=1e-6, atol=1e-6)
+
+
+def test_transformer_layers_get_exits_reading_both_token_means(files, tmp_path):
+    """(N, L, D) cuts (a ViT's encoder layers) had no exit candidates; their heads read the mean over D and the
+    mean over L (which axis is which the graph does not say), concatenated, and the attached ONNX computes that."""
+    path = gm.export(gm.TinyViT(), (1, 1, 28, 28), tmp_path / "vit.onnx")
+    model = load_model(path)
+    chain = build_chain(model)
+    exits_model, exits = train_exits(model, chain, load_dataset(files["calib"]))
+    tokens = [e for e in exits if len(chain.blocks[e.after_block].output_shape) == 3]
+    layer_outputs = {"/layers/layers.0/Add_output_0", "/layers/layers.1/Add_1_output_0"}
+    assert layer_outputs <= {chain.blocks[e.after_block].output for e in tokens}
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in exits_model.graph.initializer}
+    x = load_dataset(files["calib"]).x[:16]
+    for e in tokens:
+        cut = chain.blocks[e.after_block].output
+        got = _run(exits_model, x, [cut, e.name])
+        v = got[cut].astype(np.float64)
+        features = np.concatenate([v.mean(axis=2), v.mean(axis=1)], axis=1)
+        base = f"distree_head_{e.name}"
+        expected = features @ weights[base + "_weight"].T + weights[base + "_bias"]
+        np.testing.assert_allclose(expected, got[e.name], rtol=1e-4, atol=1e-4)
+    # the token means carry the class: the last layer's head is far above the per-token means' 0.54-0.64 level
+    last = max(tokens, key=lambda e: e.after_block)
+    assert last.fit_accuracy > 0.5, [(e.name, e.fit_accuracy) for e in tokens]

@@ -358,11 +358,11 @@ def test_shapes_inference_cannot_find_come_from_running_the_model(tmp_path):
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="r"),
              helper.make_node("Gelu", ["a"], ["b"], name="g", domain="com.microsoft"),
              helper.make_node("Neg", ["b"], ["y"], name="n")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", "K"])])
     path = tmp_path / "ms.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]), path)
-    model = load_model(path)
+    model = load_model(path, {"x": (2, 3)})
     chain = build_chain(model)
     assert [(b.output, b.output_shape) for b in chain.blocks] == [("a", (2, 3)), ("b", (2, 3)), ("y", (2, 3))]
     x = np.random.default_rng(6).standard_normal((2, 3)).astype(np.float32)

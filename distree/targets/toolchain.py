@@ -221,12 +221,53 @@ def import_onnx(model: onnx.ModelProto):
     missing = tvm_unsupported_ops(model)
     if missing:
         raise DistreeError(unsupported_ops_message(missing))
-    model = _identifier_inputs(model)
+    model = _gathers_as_slices(_identifier_inputs(model))
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
               if i.name not in weights}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Renaming name")  # TVM renames tensors with '/' or '.'
         return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+
+
+def _gathers_as_slices(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A Gather of one constant, non-negative index as Slice + Squeeze (a copy; opset 13+, where both take their
+    axes as inputs). TVM's importer makes every Gather a ``take`` in its "fast" mode, which logs "Fast mode
+    segfaults when there are out-of-bounds indices" once per op and build (48 lines for a 4-layer ViT, whose
+    attention picks q, k and v that way); picking one row is a slice, and then there is nothing to warn about."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    constants = {t.name: t for t in model.graph.initializer}
+    constants |= {n.output[0]: n.attribute[0].t for n in model.graph.node
+                  if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"}
+
+    def single_index(node) -> Optional[int]:
+        index = constants.get(node.input[1]) if node.op_type == "Gather" and node.domain in ("", "ai.onnx") else None
+        if index is None or tuple(index.dims) != ():
+            return None
+        value = int(numpy_helper.to_array(index))
+        return value if value >= 0 else None
+
+    if opset < 13 or not any(single_index(n) is not None for n in model.graph.node):
+        return model
+    out = type(model)()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    for node in model.graph.node:
+        index = single_index(node)
+        if index is None:
+            out.graph.node.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        y = node.output[0]
+        out.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"{y}__{name}")
+                                     for name, v in (("start", [index]), ("end", [index + 1]), ("axis", [axis])))
+        out.graph.node.extend([
+            helper.make_node("Slice", [node.input[0], f"{y}__start", f"{y}__end", f"{y}__axis"], [f"{y}__row"],
+                             name=f"{node.name}__slice"),
+            helper.make_node("Squeeze", [f"{y}__row", f"{y}__axis"], [y], name=f"{node.name}__squeeze")])
+    return out
 
 
 def _identifier_inputs(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -250,7 +250,7 @@ def _head_nodes(head: LinearHead) -> tuple[list[onnx.NodeProto], list[onnx.Tenso
     elif len(head.pooling.shape) == 3:
         nodes.append(helper.make_node("GlobalAveragePool", [x], [base + "_pooled"], name=base + "_gap"))
         x = base + "_pooled"
-X
+    elif len(head.pooling.shape) == 2:        # (N, A, B): the mean over B, then the one over A (via a transpose)
         nodes += [helper.make_node("GlobalAveragePool", [x], [base + "_mean_b"], name=base + "_gap_b"),
                   helper.make_node("Flatten", [base + "_mean_b"], [base + "_flat_b"], name=base + "_flatten_b"),
                   helper.make_node("Transpose", [x], [base + "_t"], name=base + "_transpose", perm=[0, 2, 1]),

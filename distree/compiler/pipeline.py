@@ -18,7 +18,7 @@ import onnx
 
 from distree.compiler.bundle import build_bundle, tuning_sites
 from distree.compiler.manifest import Manifest, check_bundle_target, read_manifest, sha256_file
-from distree.targets.toolchain import cross_compiler, tvm_unsupported_ops, unsupported_ops_message
+from distree.targets.toolchain import check_tvm_imports, cross_compiler
 from distree.errors import DistreeError
 from distree.fingerprint import code_fingerprint
 from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, load_dataset, train_exits
@@ -89,8 +89,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     if not model_path.is_file():
         raise DistreeError(f"{model_path}: no such file; give the ONNX classifier to compile")
     model = cache.timed("inspect", lambda: load_model(model_path, options.input_shapes or None))
-    if options.backend != "ort" and (missing := tvm_unsupported_ops(model)):
-        raise DistreeError(f"{model_path}: {unsupported_ops_message(missing)}")
+    if options.backend != "ort":
+        check_tvm_imports(model, where=f"{model_path}: ")
     chain = build_chain(model)
     data = load_dataset(data_path, chain.input_shape)
     data_key = sha256_file(data_path)

@@ -355,21 +355,7 @@ def _fold_static_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         start, end = attrs.get("start", 0), attrs.get("end", None)
         foldable[i] = np.array(shape[start:end], dtype=np.int64)
-    if not foldable:
-        return None
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    keep = [n for i, n in enumerate(model.graph.node) if i not in foldable]
-    del out.graph.node[:]
-    out.graph.node.extend(keep)
-    for i, value in foldable.items():
-        out.graph.initializer.append(numpy_helper.from_array(value, model.graph.node[i].output[0]))
-    graph_outputs = {o.name for o in out.graph.output}
-    folded_names = {model.graph.node[i].output[0] for i in foldable}
-    vi = [v for v in out.graph.value_info if v.name not in folded_names or v.name in graph_outputs]
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(vi)
-    return out
+    return _as_initializers(model, {i: [value] for i, value in foldable.items()}) if foldable else None
 
 
 def _fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -402,8 +388,12 @@ def _fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto | None:
         values.update(zip(node.output, arrays))
         if not graph_outputs.intersection(node.output):
             folded[i] = arrays
-    if not folded:
-        return None
+    return _as_initializers(model, folded) if folded else None
+
+
+def _as_initializers(model: onnx.ModelProto, folded: dict[int, list[np.ndarray]]) -> onnx.ModelProto:
+    """A copy with node ``i`` replaced by initializers of its outputs' values ``folded[i]``; initializers and
+    ``Constant`` nodes that only folded nodes read are dropped, and so is the value info of folded tensors."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     kept = [n for i, n in enumerate(model.graph.node) if i not in folded]
@@ -411,7 +401,7 @@ def _fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto | None:
         out.graph.initializer.extend(numpy_helper.from_array(a, name)
                                      for name, a in zip(model.graph.node[i].output, arrays))
     _drop_unused_constants(out, kept, used_before={t for n in model.graph.node for t in n.input})
-    names = {o for i in folded for o in model.graph.node[i].output}
+    names = {o for i in folded for o in model.graph.node[i].output} - {o.name for o in model.graph.output}
     vi = [v for v in out.graph.value_info if v.name not in names]
     del out.graph.value_info[:]
     out.graph.value_info.extend(vi)

@@ -195,14 +195,18 @@ def tvm_unsupported_ops(model: onnx.ModelProto) -> dict[str, list[str]]:
     return missing
 
 
-def unsupported_ops_message(missing: dict[str, list[str]]) -> str:
+def check_tvm_imports(model: onnx.ModelProto, where: str = "") -> None:
+    """DistreeError naming the ops TVM's importer lacks, before any work that would reach them."""
     import tvm
 
+    missing = tvm_unsupported_ops(model)
+    if not missing:
+        return
     ops = ", ".join(f"{op} ({len(nodes)} node{'s' if len(nodes) > 1 else ''}, e.g. {nodes[0]!r})"
                     for op, nodes in sorted(missing.items()))
-    return (f"TVM {tvm.__version__}'s ONNX importer does not support {ops}; use `--backend ort` (ONNX Runtime "
-            "for every segment; a GPU device's stage then runs on its CPU), or re-export the model without "
-            "these ops")
+    raise DistreeError(f"{where}TVM {tvm.__version__}'s ONNX importer does not support {ops}; use `--backend ort` "
+                       "(ONNX Runtime for every segment; a GPU device's stage then runs on its CPU), or re-export the "
+                       "model without these ops")
 
 
 def import_onnx(model: onnx.ModelProto):
@@ -218,9 +222,7 @@ def import_onnx(model: onnx.ModelProto):
         if value.name not in weights and not all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim):
             raise DistreeError(f"input {value.name!r} has a dynamic shape; fix the shapes first "
                                "(distree.graph.load_model)")
-    missing = tvm_unsupported_ops(model)
-    if missing:
-        raise DistreeError(unsupported_ops_message(missing))
+    check_tvm_imports(model)
     model = _gathers_as_slices(_identifier_inputs(model))
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
               if i.name not in weights}

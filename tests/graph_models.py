@@ -162,6 +162,22 @@ class TinyViT(nn.Module):
         return self.fc(self.norm(self.layers(x)).mean(dim=1))
 
 
+class ConvGru(nn.Module):
+    """A conv front end, then a GRU over the feature map's rows, time-major as torch's default (L, N, D): a
+    tensor whose first axis is not the batch, and an op (GRU) TVM 0.27's importer lacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU())
+        self.gru = nn.GRU(8 * 14, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        rows = self.conv(x).permute(2, 0, 1, 3).flatten(2)         # (14 rows, N, 8 * 14)
+        _, h = self.gru(rows)
+        return self.fc(h[0])
+
+
 class MhaViT(nn.Module):
     """A ViT built from torch's own ``nn.MultiheadAttention``: its export computes every reshape's target
     from ``Shape`` through Gather/Unsqueeze/Concat/Slice/Cast arithmetic, which TVM's importer rejects

@@ -81,14 +81,24 @@ def test_cache_keys_follow_distree_source(tmp_path):
     assert code_fingerprint() == source_fingerprint(REPO / "distree")
 
 
-def test_an_op_tvm_cannot_import_is_named_up_front_and_ort_builds_without_tvm(tmp_path):
-    """TVM's ONNX importer lacks some ops ONNX Runtime runs (Celu, LSTM, QLinearConv, ...): `compile` names them
-    in one line before any work, and `--backend ort` builds, profiles and estimates without importing into TVM."""
+def test_segments_holding_an_op_tvm_cannot_import_ship_as_ort_and_the_rest_is_timed(tmp_path):
+    """TVM's ONNX importer lacks some ops ONNX Runtime runs (Celu, LSTM, QLinearConv, ...). By default the
+    segments holding them ship as ONNX Runtime, profiled with ONNX Runtime alone (a GPU's on its CPU), and every
+    other segment is still chosen by time; `--backend tvm` and devices timed over RPC are refused up front in one
+    line; `--backend ort` builds, profiles and estimates without importing into TVM."""
     import onnx
     from tvm.error import OpNotImplemented
     from tvm.relax.frontend.onnx import from_onnx
 
-    from distree.graph import load_model
+    from distree.compiler import build_bundle, read_manifest, read_thresholds
+    from distree.exits import calibrate, declared_exits
+    from distree.graph import build_chain, load_model
+    from distree.profiler import estimate as est
+    from distree.runtime import run_bundle
+    from distree.solver.problem import favourite_backend
+    from distree.profiler.profile import profile_model
+    from distree.profiler.units import profile_units
+    from distree.targets import get_device
     from distree.targets.toolchain import tvm_unsupported_ops
 
     tiny = cf.tiny_model(tmp_path)
@@ -101,14 +111,58 @@ def test_an_op_tvm_cannot_import_is_named_up_front_and_ort_builds_without_tvm(tm
     with pytest.raises(OpNotImplemented, match="Celu"):                 # TVM's own verdict agrees
         from_onnx(load_model(path))
     assert tvm_unsupported_ops(load_model(tiny.path)) == {}
+
+    loaded = load_model(path)
+    chain = build_chain(loaded)
+    celu_block = next(b.index for b in chain.blocks if relu.name in b.nodes)
+    orin = get_device("jetson-orin-nano")
+    profile = profile_model(loaded, chain, (), orin, mode="estimate", cache_dir=tmp_path / "pcache")
+    by_item = {}
+    for m in profile.entries:
+        by_item.setdefault(m.item, {})[m.backend] = m
+    assert set(by_item[f"block:{celu_block}"]) == {"ort"} and set(by_item["call"]) == {"tvm", "ort"}
+    assert all(set(v) == {"tvm"} for k, v in by_item.items() if k.startswith("block:") and k != f"block:{celu_block}")
+    assert profile.settings["jetson-orin-nano"]["ort_only"] == {f"block:{celu_block}": f"Celu (1 node, e.g. {relu.name!r})"}
+    (celu_unit,) = [u for u in profile_units(loaded, chain) if u.item == f"block:{celu_block}"]
+    cal = est.load_calibration()
+    on_cpu = est.unit_estimate_ms(celu_unit, est.host_cpu_view(orin), cal.for_backend("ort"), 1)
+    assert by_item[f"block:{celu_block}"]["ort"].median_ms == pytest.approx(on_cpu)
+    assert on_cpu > est.unit_estimate_ms(celu_unit, orin, cal.for_backend("ort"), 1)     # the CPU, not the GPU
+    assert favourite_backend(profile, orin.name, len(chain.blocks)) == "tvm"     # what ships on all other blocks
+
     np.savez(tmp_path / "calib.npz", x=tiny.data.x, y=tiny.data.y)
     args = ["compile", str(path), "--devices", "host,pi4", "--data", str(tmp_path / "calib.npz"),
             "--cache-dir", str(tmp_path / "cache"), "--accuracy-drop", "0.05"]
-    refused = _cli(*args, "-o", str(tmp_path / "refused"))
-    assert refused.returncode == 2 and not (tmp_path / "refused").exists()
-    (line,) = refused.stderr.strip().splitlines()[-1:]
-    assert line.startswith("error: ") and "does not support Celu" in line and "--backend ort" in line
-    assert "Traceback" not in refused.stderr
+    for flags, expected in ((["--backend", "tvm"], "--backend tvm"), (["--rpc", "pi4=127.0.0.1:9"], "over RPC")):
+        refused = _cli(*args, *flags, "-o", str(tmp_path / "refused"))
+        assert refused.returncode == 2 and not (tmp_path / "refused").exists()
+        (line,) = refused.stderr.strip().splitlines()[-1:]
+        assert line.startswith("error: ") and "Celu" in line and expected in line, line
+        assert "Traceback" not in refused.stderr
+
+    built = _cli(*args, "-o", str(tmp_path / "auto"), "--json")         # the default: auto
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert any("TVM cannot import" in note for note in json.loads(built.stdout)["notes"])
+    planned = json.loads((tmp_path / "auto" / "planning" / "profile.json").read_text())
+    assert {m["backend"] for m in planned["entries"] if m["item"] == f"block:{celu_block}"} == {"ort"}
+
+    # a plan of several segments (the solver enables no exit on random data): the one holding Celu ships as
+    # ONNX Runtime, every other is timed; the bundle answers as ONNX Runtime on the whole multi-exit model
+    data = cf.dataset(60, seed=7)
+    celu = cf.Tiny(path, loaded, chain, calibrate(loaded, chain, declared_exits(loaded, chain), tiny.data), tiny.data)
+    plan, topology = cf.two_stage_plan(celu)
+    bundle = build_bundle(loaded, chain, plan, topology, celu.calibration, tmp_path / "mixed", backend="auto")
+    segments = [seg for stage in read_manifest(bundle).stages for seg in stage.segments]
+    holding = [seg for seg in segments if seg.first_block <= celu_block <= seg.last_block]
+    assert len(holding) == 1 and holding[0].backend == "ort" and holding[0].file.endswith(".onnx")
+    assert "does not support Celu" in holding[0].backend_reason
+    others = [seg for seg in segments if seg is not holding[0]]
+    assert len(others) == 2 and all("TVM/ORT =" in seg.backend_reason for seg in others), others
+    report = run_bundle(bundle, data)
+    thresholds = {e.name: e.threshold for e in read_thresholds(bundle).exits}
+    want_preds, want_exits = cf.ort_reference(celu, data.x, thresholds)
+    assert list(report.predictions) == list(want_preds) and list(report.exits) == want_exits
+
     built = _cli(*args, "-o", str(tmp_path / "bundle"), "--backend", "ort", "--json")
     assert built.returncode == 0, built.stderr[-3000:]
     summary = json.loads(built.stdout)

@@ -35,7 +35,7 @@ from distree.exits import (
     threshold_grid,
     train_exits,
 )
-from distree.exits.heads import fit_heads
+from distree.exits.heads import candidate_blocks, fit_heads
 from distree.graph import build_chain, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -455,6 +455,23 @@ def test_batches_shrink_to_the_memory_budget_and_answer_the_same(monkeypatch):
     want = whole.run(x)
     for k in got:
         np.testing.assert_allclose(np.concatenate(got[k]), want[k], rtol=1e-6, atol=1e-6)
+
+
+def test_a_time_major_sequence_gets_no_head(files, tmp_path):
+    """A GRU's input in torch's default layout is (L, N, D): its first axis is the sequence, so a head there would
+    answer L rows per sample (training one crashed in the fit). It is no candidate; the other cuts keep theirs,
+    and each head answers one row per sample."""
+    path = gm.export(gm.ConvGru(), (1, 1, 28, 28), tmp_path / "gru.onnx")
+    model = load_model(path)
+    chain = build_chain(model)
+    time_major = [b.index for b in chain.blocks[:-1] if b.output_shape[:2] == (14, 1)]
+    assert time_major and not set(time_major) & set(candidate_blocks(model, chain))
+    exits_model, exits = train_exits(model, chain, load_dataset(files["calib"]))
+    assert {e.after_block for e in exits} == set(candidate_blocks(model, chain)) and len(exits) >= 2
+    got = _run(exits_model, load_dataset(files["calib"]).x[:3], [e.name for e in exits])
+    assert all(v.shape == (3, 10) for v in got.values()), {k: v.shape for k, v in got.items()}
+    with pytest.raises(DistreeError, match="with the batch first"):
+        train_exits(model, chain, load_dataset(files["calib"]), at=time_major[:1])
 
 
 def test_transformer_layers_get_exits_reading_both_token_means(files, tmp_path):

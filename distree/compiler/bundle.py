@@ -19,7 +19,8 @@ from distree.compiler.manifest import (
 )
 from distree.compiler.segments import SegmentSpec, plan_segments, segment_model
 from distree.compiler.tvm_build import compile_segment
-from distree.targets.toolchain import cross_compiler, host_runnable, tvm_cudart, tvm_target
+from distree.targets.toolchain import check_tvm_imports, cross_compiler, host_runnable, tvm_cudart, tvm_target, \
+    tvm_unsupported_ops, unsupported_ops_text
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph import Chain
@@ -150,7 +151,7 @@ def _tune(model: onnx.ModelProto, chain: Chain, specs: list[SegmentSpec], dev: D
     from distree.compiler.tuning import tune
 
     db = Path(tuning_db or Path(".distree-cache") / "tuning")
-    models = [segment_model(model, chain, s) for s in specs]
+    models = [m for m in (segment_model(model, chain, s) for s in specs) if not tvm_unsupported_ops(m)]
     where = "on this machine" if rpc is None else f"on rpc://{rpc}"
     log(f"tuning {len(models)} segment(s) of {dev.name} {where} for {minutes:g} min (records: {db})")
     result = tune(models, tvm_target(dev), minutes, db, rpc=rpc, cc=cross_compiler(dev))
@@ -215,8 +216,9 @@ def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev:
     common = dict(onnx_file=str(onnx_rel), first_block=spec.first_block, last_block=spec.last_block,
                   input=input_spec, outputs=outputs, exit=spec.exit.name if spec.exit else None,
                   entry_output=spec.entry_output, is_final=spec.is_final)
-    if backend == "ort":
-        return SegmentArtifact(file=str(onnx_rel), backend="ort", backend_reason="--backend ort",
+    ort_only = "--backend ort" if backend == "ort" else _tvm_cannot_build(seg, dev, backend)
+    if ort_only:
+        return SegmentArtifact(file=str(onnx_rel), backend="ort", backend_reason=ort_only,
                                tvm_ms=None, ort_ms=None, ratio=None,
                                **_expected(profile, dev, spec, "ort", None), **common)
     so_rel = rel.with_suffix(".so")
@@ -247,6 +249,21 @@ def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev:
                            backend_reason=reason, tvm_ms=tvm_ms, ort_ms=ort_ms, ratio=ratio,
                            tvm_file=str(so_rel), tuned=build.tuned, cuda=build.cuda,
                            **_expected(profile, dev, spec, chosen, here), **common)
+
+
+def _tvm_cannot_build(seg: onnx.ModelProto, dev: DeviceSpec, backend: str) -> Optional[str]:
+    """Why ONNX Runtime must ship this segment under ``auto`` (ops TVM's importer lacks), or None; under ``tvm``
+    such a segment is an error (the user asked for TVM everywhere)."""
+    missing = tvm_unsupported_ops(seg)
+    if not missing:
+        return None
+    if backend == "tvm":
+        check_tvm_imports(seg, where=f"{dev.name}: --backend tvm: ")
+    import tvm
+
+    where = " on the device's CPU" if dev.target.get("kind") == "cuda" else ""
+    return (f"auto: TVM {tvm.__version__}'s ONNX importer does not support {unsupported_ops_text(missing)}, "
+            f"so ONNX Runtime ships{where}")
 
 
 def _expected(profile: Optional[Profile], dev: DeviceSpec, spec: SegmentSpec, backend: str,
@@ -284,7 +301,14 @@ def _notes(stages: tuple[DeviceArtifact, ...], backend: str) -> tuple[str, ...]:
     """What a user must know about this bundle, said in the manifest and the summary."""
     segs = [(st.name, s) for st in stages for s in st.segments]
     notes = []
-    ort = [s for _, s in segs if s.backend == "ort"]
+    cannot = [(st, s) for st in stages for s in st.segments if backend == "auto" and s.backend == "ort"
+              and s.ratio is None]          # auto ships ONNX Runtime untimed only where TVM cannot import
+    if cannot:
+        gpus = sorted({st.name for st, _ in cannot if st.spec.target.get("kind") == "cuda"})
+        notes.append(f"{len(cannot)} of {len(segs)} segment(s) ship as ONNX Runtime because TVM cannot import "
+                     f"them ({', '.join(s.file for _, s in cannot)}; each segment's reason names the ops)"
+                     + (f"; on {', '.join(gpus)} they run on the CPU, not the GPU" if gpus else ""))
+    ort = [s for _, s in segs if s.backend == "ort" and s.ratio is not None]
     if backend == "auto" and ort:
         worst = ", ".join(f"{s.ratio:.1f}x" for s in ort if s.ratio is not None)
         advice = ("their TVM builds used tuning records; more --tune-minutes may close the gap"

@@ -18,7 +18,8 @@ import onnx
 
 from distree.compiler.bundle import build_bundle, tuning_sites
 from distree.compiler.manifest import Manifest, check_bundle_target, read_manifest, sha256_file
-from distree.targets.toolchain import check_tvm_imports, cross_compiler
+from distree.targets.toolchain import check_tvm_imports, cross_compiler, tvm_unsupported_ops, \
+    unsupported_ops_text
 from distree.errors import DistreeError
 from distree.fingerprint import code_fingerprint
 from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, load_dataset, train_exits
@@ -90,7 +91,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
         raise DistreeError(f"{model_path}: no such file; give the ONNX classifier to compile")
     model = cache.timed("inspect", lambda: load_model(model_path, options.input_shapes or None))
     if options.backend != "ort":
-        check_tvm_imports(model, where=f"{model_path}: ")
+        _check_tvm_gaps(model, model_path, options, log)
     chain = build_chain(model)
     data = load_dataset(data_path, chain.input_shape)
     data_key = sha256_file(data_path)
@@ -121,6 +122,22 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     return CompileResult(bundle=bundle, plan=plan, manifest=read_manifest(bundle), stage_seconds=cache.seconds,
                          cached=tuple(cache.hits), wall_s=time.perf_counter() - started,
                          devices=tuple(d.name for d in topology.devices), costs=cost_sources(profile), idle_ms=idle)
+
+
+def _check_tvm_gaps(model: onnx.ModelProto, model_path: Path, options: CompileOptions, log: Log) -> None:
+    """Ops TVM cannot import: an error under ``--backend tvm`` or with devices timed over RPC (which run TVM code
+    only), else said once: the segments holding them ship as ONNX Runtime."""
+    missing = tvm_unsupported_ops(model)
+    if not missing:
+        return
+    if options.backend == "tvm":
+        check_tvm_imports(model, where=f"{model_path}: --backend tvm: ")
+    if options.rpc:
+        raise DistreeError(f"{model_path}: TVM cannot import {unsupported_ops_text(missing)}, and a device timed "
+                           f"over RPC ({', '.join(sorted(options.rpc))}) runs TVM code only; run `distree profile "
+                           "--device NAME` on the device and pass --profile FILE instead of --rpc, or use --backend "
+                           "ort")
+    log(f"TVM cannot import {unsupported_ops_text(missing)}: the segments holding them ship as ONNX Runtime")
 
 
 def _topology(options: CompileOptions) -> Topology:

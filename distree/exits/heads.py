@@ -134,9 +134,14 @@ def num_classes(model: onnx.ModelProto, chain: Chain) -> int:
 
 
 def head_supported(model: onnx.ModelProto, tensor: str) -> bool:
-    """Pool + linear heads read float (N, C, H, W), (N, A, B) or (N, C) tensors."""
-    shape = tensor_shapes(model).get(tensor)
-    return (shape is not None and len(shape) in (2, 3, 4) and all(isinstance(d, int) and d > 0 for d in shape[1:])
+    """Pool + linear heads read float (N, C, H, W), (N, A, B) or (N, C) tensors whose first axis is the batch:
+    its size is the input's (1 once loaded). A time-major (L, N, D) sequence, such as a GRU's input, is not (its
+    head would answer L rows per sample)."""
+    shapes = tensor_shapes(model)
+    shape = shapes.get(tensor)
+    batch = shapes.get(model.graph.input[0].name, (None,))[0]
+    return (shape is not None and len(shape) in (2, 3, 4) and shape[0] == batch
+            and all(isinstance(d, int) and d > 0 for d in shape[1:])
             and tensor_elem_types(model).get(tensor) == onnx.TensorProto.FLOAT)
 
 
@@ -436,8 +441,9 @@ def _check_blocks(model: onnx.ModelProto, chain: Chain, at: Sequence[int] | None
             raise DistreeError(f"--at {b}: the model has blocks 0..{last} and an exit after the last block is the "
                                f"final classifier; pick blocks in 0..{last - 1} (see `distree inspect`)")
         if b not in candidates:
-            raise DistreeError(f"--at {b}: block {b}'s output {chain.blocks[b].output!r} is not a float (N,C,H,W) "
-                               f"or (N,C) tensor a pooled linear head can read; pick from {list(candidates)}")
+            raise DistreeError(f"--at {b}: block {b}'s output {chain.blocks[b].output!r} is not a float (N,C,H,W), "
+                               f"(N,A,B) or (N,C) tensor with the batch first that a pooled linear head can read; pick "
+                               f"from {list(candidates)}")
     taken = {e.after_block for e in declared}
     dup = sorted(set(at) & taken)
     if dup:

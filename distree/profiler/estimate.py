@@ -87,6 +87,15 @@ def per_core_gflops(device: DeviceSpec) -> float:
     return device.peak_gflops / device.cores
 
 
+def host_cpu_view(device: DeviceSpec) -> DeviceSpec:
+    """The device as the CPU that runs ONNX Runtime on it: a GPU device's host CPU (its cores at
+    :func:`per_core_gflops`), a CPU device itself."""
+    if device.target.get("kind") != "cuda":
+        return device
+    return dataclasses.replace(device, target=dict(device.host or {"kind": "llvm"}), host=None,
+                               peak_gflops=per_core_gflops(device) * device.cores)
+
+
 def _cpu_slowdown(coef: EstimateCoefficients, device: DeviceSpec) -> float:
     """How much slower one core of ``device`` (its host CPU for a GPU) is than the calibration machine's."""
     return coef.per_core_gflops / per_core_gflops(device)

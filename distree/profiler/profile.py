@@ -41,7 +41,7 @@ from distree.profiler.units import Unit, profile_units
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
 from distree.targets.toolchain import host_arch, host_cpu, import_onnx, missing_cpu_features, \
-    target_arch, tvm_device_here, tvm_target, check_tvm_imports
+    target_arch, tvm_device_here, tvm_target, tvm_unsupported_ops, unsupported_ops_text
 
 MODES = ("local", "rpc", "qemu", "estimate")
 ORT_ONLY_MEMORY = "graph-workspace-estimate (ONNX Runtime only: no TVM memory plan)"
@@ -67,11 +67,11 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     timing = timing or TimingSettings()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     check_request(device, mode, rpc, backends)
-    if "tvm" in backends:
-        check_tvm_imports(model)
     decide_kinds = [k for k in SCORE_KINDS if items is None or decide_item(k) in items]
     with_rpc = items is None or RPC_ITEM in items
     units = profile_units(model, chain, exits, items)
+    gaps = tvm_gaps(units) if "tvm" in backends else {}
+    unit_backends = backends_per_unit(units, backends, gaps, device, mode)
     key, versions = _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units,
                                [*map(decide_item, decide_kinds), *([RPC_ITEM] if with_rpc else [])])
     cached = cache_dir / "profiles" / f"{key}.json"
@@ -82,7 +82,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
         for done, unit in enumerate(units):
             if progress:
                 progress(done, len(units), unit.item)
-            entries.extend(measure(unit, backends, provenance, note))
+            entries.extend(measure(unit, unit_backends[unit.item], provenance, note))
         entries.extend(decide_entries(device, int(chain.blocks[-1].output_shape[-1]), timing,
                                       measured_here=mode == "local", score_kinds=decide_kinds))
         if with_rpc:
@@ -90,6 +90,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
         if progress:
             progress(len(units), len(units), "done")
     settings = {device.name: {"mode": mode, "provenance": provenance, "backends": list(backends),
+                              **({"ort_only": gaps} if gaps else {}),
                               "timing": timing.to_dict(), "items": [u.item for u in units],
                               "tvm_build": "tvm.compile, default pipeline, untuned", "cache_key": key,
                               **({"measured_on": _measured_on(device)} if mode == "local" else {}),
@@ -98,6 +99,38 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
                       settings=settings)
     profile.save(cached)
     return profile
+
+
+def tvm_gaps(units: Sequence[Unit]) -> dict[str, str]:
+    """item -> why TVM cannot build it (the ops its ONNX importer lacks), for the units it cannot."""
+    gaps = {}
+    for unit in units:
+        missing = tvm_unsupported_ops(unit.model)
+        if missing:
+            gaps[unit.item] = unsupported_ops_text(missing)
+    return gaps
+
+
+def backends_per_unit(units: Sequence[Unit], backends: tuple[str, ...], gaps: dict[str, str], device: DeviceSpec,
+                      mode: str) -> dict[str, tuple[str, ...]]:
+    """item -> the backends it is timed with: ``backends``, except that a unit TVM cannot import is timed with
+    ONNX Runtime alone (what the compiler ships for a segment holding it), and then the call with ONNX Runtime
+    too (that segment pays ONNX Runtime's call); ``gaps``: :func:`tvm_gaps` of the units. Over RPC (and qemu)
+    only TVM code runs: a one-line error."""
+    if gaps and mode in ("rpc", "qemu"):
+        item, reason = next(iter(gaps.items()))
+        raise DistreeError(f"{item} holds {reason}, which TVM's ONNX importer does not support, and over "
+                           f"{mode} only TVM code runs on the device: run `distree profile --device {device.name}` "
+                           "on the device itself (it times ONNX Runtime too), or estimate it (--estimate)")
+    chosen = {}
+    for unit in units:
+        if unit.item in gaps:
+            chosen[unit.item] = ("ort",)
+        elif gaps and unit.item == CALL_ITEM:
+            chosen[unit.item] = tuple(dict.fromkeys((*backends, "ort")))
+        else:
+            chosen[unit.item] = backends
+    return chosen
 
 
 def merge_profiles(profiles: Sequence[Profile]) -> Profile:
@@ -327,7 +360,8 @@ def _estimate(unit: Unit, backends: tuple[str, ...], device: DeviceSpec, cal: es
         activation_bytes, memory_source = unit.workspace_bytes, ORT_ONLY_MEMORY
     out = []
     for backend in backends:
-        ms = est.unit_estimate_ms(unit, device, cal.for_backend(backend), timing.threads)
+        runs_on = est.host_cpu_view(device) if backend == "ort" else device     # ONNX Runtime never runs on a GPU here
+        ms = est.unit_estimate_ms(unit, runs_on, cal.for_backend(backend), timing.threads)
         out.append(_entry(device, unit, backend, provenance, (), ms, ms, activation_bytes, memory_source,
                           timing.threads, note))
     return out

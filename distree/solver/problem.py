@@ -132,15 +132,20 @@ def favourite_backend(profile: Profile, device: str, blocks: int) -> str:
     """The backend with the least total time over the device's blocks: the compiler picks per segment by time,
     so this is the one it will mostly ship, and its call cost is the one a sub-segment pays. (Counting the blocks
     each backend wins instead let many tiny blocks outvote the few that take the time: on the Pi 4 estimate TVM won
-    12 ReLU blocks, ONNX Runtime every conv, ORT shipped, and each call was charged TVM's 0.02 ms, not 0.18.)"""
-    totals: dict[str, list[float]] = {}
+    12 ReLU blocks, ONNX Runtime every conv, ORT shipped, and each call was charged TVM's 0.02 ms, not 0.18.)
+    Backends are compared over the blocks every one of them times (ONNX Runtime alone times a block TVM cannot
+    import); where no block is timed by all, the one that times most blocks ships most."""
+    times: dict[str, dict[str, float]] = {}
     for m in profile.entries:
         if m.device == device and m.item.startswith("block:"):
-            totals.setdefault(m.backend, []).append(m.median_ms)
-    complete = {backend: sum(ms) for backend, ms in totals.items() if len(ms) == blocks}
-    if not complete:
+            times.setdefault(m.item, {})[m.backend] = m.median_ms
+    if len(times) < blocks:
         raise DistreeError(f"the profile times no backend on every block of {device}; profile {device} again")
-    return min(sorted(complete), key=complete.__getitem__)
+    backends = sorted({backend for by_backend in times.values() for backend in by_backend})
+    common = [t for t in times.values() if len(t) == len(backends)]
+    if common:
+        return min(backends, key=lambda b: sum(t[b] for t in common))
+    return max(backends, key=lambda b: sum(b in t for t in times.values()))
 
 
 def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,

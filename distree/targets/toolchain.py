@@ -202,11 +202,15 @@ def check_tvm_imports(model: onnx.ModelProto, where: str = "") -> None:
     missing = tvm_unsupported_ops(model)
     if not missing:
         return
-    ops = ", ".join(f"{op} ({len(nodes)} node{'s' if len(nodes) > 1 else ''}, e.g. {nodes[0]!r})"
-                    for op, nodes in sorted(missing.items()))
-    raise DistreeError(f"{where}TVM {tvm.__version__}'s ONNX importer does not support {ops}; use `--backend ort` "
-                       "(ONNX Runtime for every segment; a GPU device's stage then runs on its CPU), or re-export the "
-                       "model without these ops")
+    raise DistreeError(f"{where}TVM {tvm.__version__}'s ONNX importer does not support {unsupported_ops_text(missing)}; "
+                       "use `--backend auto` (the default: ONNX Runtime for the segments holding them, TVM elsewhere) "
+                       "or `--backend ort`, or re-export the model without these ops")
+
+
+def unsupported_ops_text(missing: dict[str, list[str]]) -> str:
+    """``Celu (2 nodes, e.g. 'act3')``: :func:`tvm_unsupported_ops`'s answer in words."""
+    return ", ".join(f"{op} ({len(nodes)} node{'s' if len(nodes) > 1 else ''}, e.g. {nodes[0]!r})"
+                     for op, nodes in sorted(missing.items()))
 
 
 def import_onnx(model: onnx.ModelProto):

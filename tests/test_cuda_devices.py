@@ -165,3 +165,52 @@ def test_a_gpu_device_is_profiled_where_its_gpu_is(tiny, tmp_path):
 
     assert tvm.cuda(0).device_name in cost_sources(profile)["gpu"]
 
+
+
+def test_on_a_gpu_tvm_keeps_what_it_can_import_and_ort_runs_the_rest_on_the_cpu(tmp_path):
+    """A GRU (TVM 0.27's importer lacks it) between conv blocks and a classifier, on a Jetson: the stage is split
+    where TVM stops and starts again, so only the GRU runs as ONNX Runtime (on the CPU); the solver charges the
+    extra segment's call; the split bundle answers as ONNX Runtime on the whole model."""
+    import graph_models as gm
+    import onnxruntime as ort
+
+    from distree.exits import Dataset, calibrate
+    from distree.graph import build_chain, load_model
+    from distree.profiler.profile import merge_profiles, profile_model
+    from distree.solver.problem import Constraints, build_problem, gpu_handovers
+    from distree.solver.solve import solve
+
+    path = gm.export(gm.ConvGru(), (1, 1, 28, 28), tmp_path / "gru.onnx")
+    model = load_model(path)
+    chain = build_chain(model)
+    (gru,) = [b.index for b in chain.blocks if "GRU" in b.ops]
+    n_blocks = len(chain.blocks)
+    assert 0 < gru < n_blocks - 1
+    rng = np.random.default_rng(3)
+    data = Dataset(x=rng.standard_normal((200, 1, 28, 28)).astype(np.float32), y=rng.integers(0, 10, 200))
+    cal = calibrate(model, chain, (), data, score_kind="max_softmax")
+    orin, pi4 = get_device("jetson-orin-nano"), get_device("pi4")
+    profile = merge_profiles([profile_model(model, chain, (), dev, mode="estimate", cache_dir=tmp_path / "profiles")
+                              for dev in (orin, pi4)])
+    assert gpu_handovers(profile, orin, n_blocks) == {gru: True, gru + 1: False}
+    assert gpu_handovers(profile, pi4, n_blocks) == {}            # a CPU stage is not split
+    topology = Topology(devices=(orin,))
+    problem, _ = build_problem(chain, cal, profile, topology, Constraints())
+    calls = {m.backend: m.median_ms for m in profile.entries if m.device == orin.name and m.item == "call"}
+    block = {(m.item, m.backend): m.median_ms for m in profile.entries if m.device == orin.name}
+    assert problem.block_ms[0, gru] == pytest.approx(block[f"block:{gru}", "ort"])      # its own call, kept
+    assert problem.block_ms[0, gru + 1] == pytest.approx(block[f"block:{gru + 1}", "tvm"])  # TVM's call again
+    assert problem.block_ms[0, 0] == pytest.approx(block["block:0", "tvm"] - calls["tvm"])
+
+    plan = solve(chain, cal, profile, topology, Constraints())
+    bundle = build_bundle(model, chain, plan, topology, cal, tmp_path / "bundle", backend="auto", profile=profile)
+    manifest = read_manifest(bundle)
+    segments = [s for st in manifest.stages for s in st.segments]
+    assert [(s.first_block, s.last_block, s.backend) for s in segments] == \
+        [(0, gru - 1, "tvm"), (gru, gru, "ort"), (gru + 1, n_blocks - 1, "tvm")]
+    assert "does not support GRU" in segments[1].backend_reason and "device's CPU" in segments[1].backend_reason
+    assert any("on jetson-orin-nano they run on the CPU" in note for note in manifest.notes)
+    report = run_bundle(bundle, data)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = [int(session.run(None, {"input": data.x[i:i + 1]})[0].argmax()) for i in range(len(data.x))]
+    assert list(report.predictions) == want

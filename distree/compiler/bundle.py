@@ -20,7 +20,7 @@ from distree.compiler.manifest import (
 from distree.compiler.segments import SegmentSpec, plan_segments, segment_model
 from distree.compiler.tvm_build import compile_segment
 from distree.targets.toolchain import check_tvm_imports, cross_compiler, host_runnable, tvm_cudart, tvm_target, \
-    tvm_unsupported_ops, unsupported_ops_text
+    tvm_lacks, tvm_unsupported_ops, unsupported_ops_text
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph import Chain
@@ -53,8 +53,10 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
     if backend not in BACKENDS:
         raise DistreeError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     check_bundle_target(out_dir)
-    specs = plan_segments(plan, chain, calibration.exits)
     devices = {stage.device: _device(topology, stage.device) for stage in plan.stages}
+    specs = plan_segments(plan, chain, calibration.exits, split_before={
+        name: tvm_handovers(chain) for name, dev in devices.items()
+        if backend == "auto" and dev.target.get("kind") == "cuda"})
     if backend != "ort":
         for dev in devices.values():
             cross_compiler(dev)                 # fail before any work when a cross compiler is missing
@@ -249,6 +251,13 @@ def _build_segment(model: onnx.ModelProto, chain: Chain, spec: SegmentSpec, dev:
                            backend_reason=reason, tvm_ms=tvm_ms, ort_ms=ort_ms, ratio=ratio,
                            tvm_file=str(so_rel), tuned=build.tuned, cuda=build.cuda,
                            **_expected(profile, dev, spec, chosen, here), **common)
+
+
+def tvm_handovers(chain: Chain) -> frozenset[int]:
+    """Blocks where TVM's importer starts or stops lacking an op: on a GPU a segment ends before each, so TVM's
+    kernels keep the rest of the stage on the GPU and ONNX Runtime runs only what TVM cannot (on the CPU)."""
+    lacks = [bool(tvm_lacks(block.ops)) for block in chain.blocks]
+    return frozenset(b for b in range(1, len(lacks)) if lacks[b] != lacks[b - 1])
 
 
 def _tvm_cannot_build(seg: onnx.ModelProto, dev: DeviceSpec, backend: str) -> Optional[str]:

@@ -4,7 +4,7 @@ stage end, so that a sample which leaves at an exit stops computing there (the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import onnx
 
@@ -39,16 +39,21 @@ class SegmentSpec:
         return f"s{self.stage_index}_seg{self.index}_b{self.first_block}-{self.last_block}"
 
 
-def plan_segments(plan: Plan, chain: Chain, exits: tuple[ExitPoint, ...]) -> tuple[SegmentSpec, ...]:
-    """All sub-segments of the plan, in execution order; validates the plan against the chain first."""
+def plan_segments(plan: Plan, chain: Chain, exits: tuple[ExitPoint, ...],
+                  split_before: Optional[Mapping[str, frozenset[int]]] = None) -> tuple[SegmentSpec, ...]:
+    """All sub-segments of the plan, in execution order; validates the plan against the chain first. A segment
+    ends at each enabled exit and at the stage's end, and, on a device named in ``split_before``, before each block
+    it lists (where a GPU's TVM code hands over to ONNX Runtime on its CPU, or back)."""
     check_plan_matches(plan, chain, exits)
     by_name = {e.name: e for e in exits}
     last_chain_block = len(chain.blocks) - 1
     specs: list[SegmentSpec] = []
     for s_idx, stage in enumerate(plan.stages):
         start = stage.first_block
-        cuts = sorted(stage.exits, key=lambda e: e.after_block)
-        ends: list[tuple[int, Optional[ExitChoice]]] = [(e.after_block, e) for e in cuts]
+        ends: list[tuple[int, Optional[ExitChoice]]] = [(e.after_block, e) for e in stage.exits]
+        ends += [(b - 1, None) for b in (split_before or {}).get(stage.device, ())
+                 if stage.first_block < b <= stage.last_block and b - 1 not in {end for end, _ in ends}]
+        ends.sort(key=lambda end: end[0])
         if not ends or ends[-1][0] != stage.last_block:
             ends.append((stage.last_block, None))
         for k, (end, choice) in enumerate(ends):

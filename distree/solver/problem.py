@@ -23,7 +23,7 @@ from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.items import CALL_ITEM, RPC_ITEM, decide_item
 from distree.profiler.types import Profile
-from distree.targets.spec import Topology
+from distree.targets.spec import DeviceSpec, Topology
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,18 @@ def favourite_backend(profile: Profile, device: str, blocks: int) -> str:
     return max(backends, key=lambda b: sum(b in t for t in times.values()))
 
 
+def gpu_handovers(profile: Profile, device: DeviceSpec, blocks: int) -> dict[int, bool]:
+    """On a GPU device, block -> whether ONNX Runtime takes over there (True) or TVM takes back (False): the blocks
+    where the profile starts or stops lacking TVM (ops TVM cannot import), before each of which the compiler
+    ends a segment (:func:`~distree.compiler.bundle.tvm_handovers`). Empty for a CPU device: its segments are
+    not split, a segment holding such a block ships whole as ONNX Runtime."""
+    if device.target.get("kind") != "cuda":
+        return {}
+    timed = {m.item for m in profile.entries if m.device == device.name and m.backend == "tvm"}
+    lacks = [f"block:{b}" not in timed for b in range(blocks)]
+    return {b: lacks[b] for b in range(1, blocks) if lacks[b] != lacks[b - 1]}
+
+
 def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
                   constraints: Constraints) -> tuple[Problem, ProblemIndex]:
     """Turn the typed inputs into a :class:`Problem`, failing early with a fix-it message.
@@ -193,10 +205,14 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
     rpc_ms = np.array([entry(dev, RPC_ITEM).median_ms for dev in names])
     for d, dev in enumerate(names):
         blocks = [entry(dev, f"block:{b}") for b in range(B)]
-        call_ms[d] = entry(dev, CALL_ITEM, favourite_backend(profile, dev, B)).median_ms
+        favourite = favourite_backend(profile, dev, B)
+        call_ms[d] = entry(dev, CALL_ITEM, favourite).median_ms
         decide_ms = entry(dev, decide_item(calibration.score_kind)).median_ms
+        handovers = gpu_handovers(profile, topology.devices[d], B)
         for b, (blk, m) in enumerate(zip(chain.blocks, blocks)):
             block_ms[d, b] = inside_segment(dev, m)
+            if b in handovers:      # the compiler starts a segment here: its call
+                block_ms[d, b] += entry(dev, CALL_ITEM, m.backend if handovers[b] else favourite).median_ms
             block_param[d, b] = m.param_bytes or blk.param_bytes
             block_act[d, b] = m.activation_bytes or max(blk.workspace_bytes, blk.out_bytes)
         for j, ex in enumerate(exits):

@@ -12,7 +12,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from distree.errors import DistreeError
 from distree.targets.spec import DeviceSpec
@@ -185,14 +185,20 @@ def tvm_target(device: DeviceSpec):
 def tvm_unsupported_ops(model: onnx.ModelProto) -> dict[str, list[str]]:
     """Op type -> node names of the ops TVM's ONNX importer has no converter for (its own check, which it runs
     before importing anything; the op type alone decides, whatever the domain)."""
+    missing: dict[str, list[str]] = {}
+    lacked = tvm_lacks(node.op_type for node in model.graph.node)
+    for node in model.graph.node:
+        if node.op_type in lacked:
+            missing.setdefault(node.op_type, []).append(node.name)
+    return missing
+
+
+def tvm_lacks(op_types: Iterable[str]) -> set[str]:
+    """The op types among ``op_types`` TVM's ONNX importer has no converter for."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     known = _get_convert_map().keys() | {"If", "Constant"}      # If and Constant: handled by the importer itself
-    missing: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        if node.op_type not in known:
-            missing.setdefault(node.op_type, []).append(node.name)
-    return missing
+    return set(op_types) - known
 
 
 def check_tvm_imports(model: onnx.ModelProto, where: str = "") -> None:

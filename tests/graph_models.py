@@ -178,6 +178,18 @@ class ConvGru(nn.Module):
         return self.fc(h[0])
 
 
+class RowsBiLstm(nn.Module):
+    """The image's 28 rows as a sequence (batch first) through a bidirectional LSTM, mean over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(28, 12, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x.squeeze(1))[0].mean(1))
+
+
 class MhaViT(nn.Module):
     """A ViT built from torch's own ``nn.MultiheadAttention``: its export computes every reshape's target
     from ``Shape`` through Gather/Unsqueeze/Concat/Slice/Cast arithmetic, which TVM's importer rejects

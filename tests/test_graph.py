@@ -168,6 +168,17 @@ def _random_topological_order(index, nodes, rng):
     return order
 
 
+def test_recurrent_layers_cost_their_products_and_gates(tmp_path):
+    """An LSTM was costed as one elementwise op (1.5k FLOPs for a 1.2M-FLOP bidirectional layer): the estimates
+    then priced it at nothing."""
+    path = gm.export(gm.ConvGru(), (1, 1, 28, 28), tmp_path / "gru.onnx")
+    (gru,) = [b for b in build_chain(load_model(path)).blocks if b.ops == ("GRU",)]
+    assert gru.flops == 14 * 1 * (2 * 3 * 16 * (8 * 14 + 16) + 8 * 16)      # steps * batch * (products + gates)
+    path = gm.export(gm.RowsBiLstm(), (1, 1, 28, 28), tmp_path / "lstm.onnx")
+    (lstm,) = [b for b in build_chain(load_model(path)).blocks if "LSTM" in b.ops]
+    assert lstm.flops == 28 * 2 * (2 * 4 * 12 * (28 + 12) + 10 * 12)         # 28 steps, 2 directions
+
+
 def test_costs_follow_the_documented_convention(exported):
     chain = build_chain(load_model(exported["plain_cnn"]))
     conv1, relu1, pool, conv2, _, flat, fc = chain.blocks

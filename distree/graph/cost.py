@@ -8,6 +8,8 @@ FLOP convention (one multiply-add = 2 FLOPs; a rough compute measure for the sol
 - Windowed pooling: out_numel * prod(kernel); global pooling and reductions: in_numel.
 - BatchNormalization / InstanceNormalization: 2 * numel; LayerNormalization / GroupNormalization: 5 * numel;
   Softmax / LogSoftmax: 5 * numel; Gelu: 8 * numel.
+- LSTM / GRU / RNN: per step, sample and direction, 2 * gates * hidden * (input + hidden) for the input and
+  recurrent products, + 10 / 8 / 2 * hidden for the gates (gates: 4 / 3 / 1).
 - Pure data movement (Reshape, Transpose, Concat, Slice, Gather, Pad, Cast, Identity, Flatten, ...): 0.
 - Everything else (elementwise arithmetic, activations, unknown ops): out_numel per output.
 """
@@ -31,6 +33,7 @@ _REDUCE = frozenset(
     """GlobalAveragePool GlobalMaxPool GlobalLpPool ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd
     ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare""".split()
 )
+_RECURRENT_GATE_FLOPS = {"LSTM": 10, "GRU": 8, "RNN": 2}     # elementwise FLOPs per hidden unit and step
 _PER_ELEMENT = {
     "BatchNormalization": 2,
     "InstanceNormalization": 2,
@@ -126,6 +129,15 @@ def node_flops(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int:
         k = a.shape[0] if attrs.get("transA", 0) else a.shape[1]
         bias = out.numel if len(node.input) > 2 and node.input[2] else 0
         return 2 * out.numel * k + bias
+    if op in _RECURRENT_GATE_FLOPS:
+        x, w, r = (ins + [None, None, None])[:3]
+        if x is None or w is None or r is None or len(x.shape) != 3:
+            return 0
+        steps_times_batch = x.shape[0] * x.shape[1]          # (seq, batch, input) or, layout 1, (batch, seq, input)
+        directions, gates_hidden, inputs = w.shape
+        hidden = r.shape[-1]
+        return steps_times_batch * directions * (2 * gates_hidden * (inputs + hidden)
+                                                 + _RECURRENT_GATE_FLOPS[op] * hidden)
     if op in ("MaxPool", "AveragePool", "LpPool"):
         return out.numel * prod(attrs.get("kernel_shape", [1]))
     if op in _REDUCE:

@@ -179,6 +179,20 @@ def test_recurrent_layers_cost_their_products_and_gates(tmp_path):
     assert lstm.flops == 28 * 2 * (2 * 4 * 12 * (28 + 12) + 10 * 12)         # 28 steps, 2 directions
 
 
+def test_einsum_costs_its_contraction(tmp_path):
+    """Attention written with Einsum (``bhqd,bhkd->bhqk``) was costed as one elementwise op per output."""
+    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 4, 16, 8])
+    out = helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 4, 16, 16])
+    k = numpy_helper.from_array(np.ones((1, 4, 16, 8), np.float32), "k")
+    graph = helper.make_graph([helper.make_node("Einsum", ["q", "k"], ["s"], equation="bhqd,bhkd->bhqk"),
+                               helper.make_node("Relu", ["s"], ["y"])], "g", [q],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], [k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "einsum.onnx")
+    (einsum, relu) = build_chain(load_model(tmp_path / "einsum.onnx")).blocks
+    assert einsum.flops == 2 * 1 * 4 * 16 * 8 * 16 and relu.flops == 4 * 16 * 16
+
+
 def test_costs_follow_the_documented_convention(exported):
     chain = build_chain(load_model(exported["plain_cnn"]))
     conv1, relu1, pool, conv2, _, flat, fc = chain.blocks

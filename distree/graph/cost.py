@@ -8,6 +8,7 @@ FLOP convention (one multiply-add = 2 FLOPs; a rough compute measure for the sol
 - Windowed pooling: out_numel * prod(kernel); global pooling and reductions: in_numel.
 - BatchNormalization / InstanceNormalization: 2 * numel; LayerNormalization / GroupNormalization: 5 * numel;
   Softmax / LogSoftmax: 5 * numel; Gelu: 8 * numel.
+- Einsum: 2 * the product of every index's size (a contraction's multiply-adds); no ellipsis: out_numel.
 - LSTM / GRU / RNN: per step, sample and direction, 2 * gates * hidden * (input + hidden) for the input and
   recurrent products, + 10 / 8 / 2 * hidden for the gates (gates: 4 / 3 / 1).
 - Pure data movement (Reshape, Transpose, Concat, Slice, Gather, Pad, Cast, Identity, Flatten, ...): 0.
@@ -98,6 +99,15 @@ def tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     return infos
 
 
+def _einsum_flops(equation: str, ins: list, out: TensorInfo) -> int:
+    """2 * prod(size of every index) for an explicit equation such as ``bhqd,bhkd->bhqk``; out_numel otherwise."""
+    terms = equation.replace(" ", "").split("->")[0].split(",")
+    if "." in equation or len(terms) != len(ins) or any(i is None or len(i.shape) != len(t) for i, t in zip(ins, terms)):
+        return out.numel
+    sizes = {letter: dim for term, info in zip(terms, ins) for letter, dim in zip(term, info.shape)}
+    return 2 * prod(sizes.values())
+
+
 def node_flops(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int:
     """FLOPs of one node under the convention in the module docstring; 0 when shapes are unknown."""
     op = node.op_type
@@ -129,6 +139,8 @@ def node_flops(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int:
         k = a.shape[0] if attrs.get("transA", 0) else a.shape[1]
         bias = out.numel if len(node.input) > 2 and node.input[2] else 0
         return 2 * out.numel * k + bias
+    if op == "Einsum":
+        return _einsum_flops(attrs.get("equation", b"").decode(), ins, out)
     if op in _RECURRENT_GATE_FLOPS:
         x, w, r = (ins + [None, None, None])[:3]
         if x is None or w is None or r is None or len(x.shape) != 3:

@@ -27,12 +27,14 @@ from distree.targets.spec import Topology
 # measured on the loaded 2-core x86 VM: the example's MILP (~144k rows) took 51.8 s to build, load and reach
 # HiGHS's first incumbent; 6e-5 s/row (an idle-machine figure) let solves overrun --time-limit by 40%
 BUILD_S_PER_ROW = 2e-4
-# above this many rows HiGHS is not run once a feasible plan is known: its LP is then slower than the tree's bounds.
-# Measured: 22 trained exits (146k rows), HiGHS for 900 s: no better plan, bound 0.631 ms; the best-first tree:
-# 0.946 in 37 s (so --time-limit 120, which let the MILP in, gave a 52% gap where 60 s gave 29%). 55 blocks /
-# 54 exits / 600 samples (61k rows), 120 s: the same plan and bound either way; 300 samples (31k rows): HiGHS
-# proves 0.76% in 600 s where the tree settles near 10%; 30 blocks / 8 exits (7k rows): HiGHS proves it in 18 s.
-MILP_MAX_ROWS = 100_000
+# above this many rows HiGHS is not run once a feasible plan is known: the tree (over placement classes where they
+# help) bounds faster. Measured: 22 trained exits (146k rows), HiGHS for 900 s: no better plan, bound 0.631 ms; the
+# best-first tree: 0.946 in 37 s. At --time-limit 60 (eighteenth session, 2-core EPYC; tree = this route forced):
+# a 4-layer ViT's 14 trained exits on 2 devices (88k rows): HiGHS 46% gap, the tree proves it in 45 s; synthetic
+# 55 blocks / 54 exits / 300 samples (31k rows): HiGHS 9.9%, tree 3.5% (given 600 s HiGHS proves 0.76%); 40 / 16 /
+# 800 (22k rows): both prove it, HiGHS in 48 s, the tree in 15 s; 30 / 12 / 800 (17k): 31 s vs 3.8 s; 30 / 8 /
+# 1,000-1,500 (13-19k): both ~1-3 s; 30 / 8 / 500 (7k rows): HiGHS proves it in 19 s, the tree ends at 16%.
+MILP_MAX_ROWS = 10_000
 HEURISTIC_SHARE = 0.6          # of the time limit, at most, for the warm-start local search
 PROBE_SHARE = 0.2              # of the time then left: a first branch and bound (proves small problems)
 PROBE_MAX_S = 10.0             # but no longer: with --time-limit 600 it took 120 s on a case HiGHS then proved in

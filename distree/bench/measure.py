@@ -106,8 +106,10 @@ def _prepare(bundle: Path, threads: int, seed: int) -> list[_Timed]:
     items = []
     for stage in manifest.stages:
         where, why_not = tvm_device_here(stage.spec)
-        reason = "" if where else _not_measurable(stage, why_not)
         for seg in stage.segments:
+            reason = "" if where else _not_measurable(stage, why_not if seg.backend == "tvm" else
+                                                      f"its ONNX Runtime segment would run on this {host_arch()} "
+                                                      f"machine, at this machine's speed, not {stage.name}'s")
             item = _Timed(segment_key(stage.name, seg), stage, seg, reason)
             if where:
                 item.run = (tvm_runner(bundle / seg.file, where) if seg.backend == "tvm"

@@ -122,7 +122,8 @@ def test_segments_holding_an_op_tvm_cannot_import_ship_as_ort_and_the_rest_is_ti
         by_item.setdefault(m.item, {})[m.backend] = m
     assert set(by_item[f"block:{celu_block}"]) == {"ort"} and set(by_item["call"]) == {"tvm", "ort"}
     assert all(set(v) == {"tvm"} for k, v in by_item.items() if k.startswith("block:") and k != f"block:{celu_block}")
-    assert profile.settings["jetson-orin-nano"]["ort_only"] == {f"block:{celu_block}": f"Celu (1 node, e.g. {relu.name!r})"}
+    ort_only = profile.settings["jetson-orin-nano"]["ort_only"]
+    assert ort_only == {f"block:{celu_block}": f"Celu (1 node, e.g. {relu.name!r})"}
     (celu_unit,) = [u for u in profile_units(loaded, chain) if u.item == f"block:{celu_block}"]
     cal = est.load_calibration()
     on_cpu = est.unit_estimate_ms(celu_unit, est.host_cpu_view(orin), cal.for_backend("ort"), 1)

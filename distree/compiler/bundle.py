@@ -20,7 +20,7 @@ from distree.compiler.manifest import (
 from distree.compiler.segments import SegmentSpec, plan_segments, segment_model
 from distree.compiler.tvm_build import compile_segment
 from distree.targets.toolchain import check_tvm_imports, cross_compiler, host_runnable, tvm_cudart, tvm_target, \
-    tvm_lacks, tvm_unsupported_ops, unsupported_ops_text
+    tvm_gap, tvm_lacks
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph import Chain
@@ -54,9 +54,9 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
         raise DistreeError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     check_bundle_target(out_dir)
     devices = {stage.device: _device(topology, stage.device) for stage in plan.stages}
-    specs = plan_segments(plan, chain, calibration.exits, split_before={
-        name: tvm_handovers(chain) for name, dev in devices.items()
-        if backend == "auto" and dev.target.get("kind") == "cuda"})
+    gpus = [name for name, dev in devices.items() if dev.target.get("kind") == "cuda"] if backend == "auto" else []
+    specs = plan_segments(plan, chain, calibration.exits,
+                          split_before=dict.fromkeys(gpus, tvm_handovers(chain)) if gpus else None)
     if backend != "ort":
         for dev in devices.values():
             cross_compiler(dev)                 # fail before any work when a cross compiler is missing
@@ -153,7 +153,7 @@ def _tune(model: onnx.ModelProto, chain: Chain, specs: list[SegmentSpec], dev: D
     from distree.compiler.tuning import tune
 
     db = Path(tuning_db or Path(".distree-cache") / "tuning")
-    models = [m for m in (segment_model(model, chain, s) for s in specs) if not tvm_unsupported_ops(m)]
+    models = [m for m in (segment_model(model, chain, s) for s in specs) if not tvm_gap(m)]
     where = "on this machine" if rpc is None else f"on rpc://{rpc}"
     log(f"tuning {len(models)} segment(s) of {dev.name} {where} for {minutes:g} min (records: {db})")
     result = tune(models, tvm_target(dev), minutes, db, rpc=rpc, cc=cross_compiler(dev))
@@ -263,16 +263,15 @@ def tvm_handovers(chain: Chain) -> frozenset[int]:
 def _tvm_cannot_build(seg: onnx.ModelProto, dev: DeviceSpec, backend: str) -> Optional[str]:
     """Why ONNX Runtime must ship this segment under ``auto`` (ops TVM's importer lacks), or None; under ``tvm``
     such a segment is an error (the user asked for TVM everywhere)."""
-    missing = tvm_unsupported_ops(seg)
-    if not missing:
+    gap = tvm_gap(seg)
+    if not gap:
         return None
     if backend == "tvm":
         check_tvm_imports(seg, where=f"{dev.name}: --backend tvm: ")
     import tvm
 
     where = " on the device's CPU" if dev.target.get("kind") == "cuda" else ""
-    return (f"auto: TVM {tvm.__version__}'s ONNX importer does not support {unsupported_ops_text(missing)}, "
-            f"so ONNX Runtime ships{where}")
+    return f"auto: TVM {tvm.__version__}'s ONNX importer does not support {gap}, so ONNX Runtime ships{where}"
 
 
 def _expected(profile: Optional[Profile], dev: DeviceSpec, spec: SegmentSpec, backend: str,

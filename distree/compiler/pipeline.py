@@ -18,8 +18,7 @@ import onnx
 
 from distree.compiler.bundle import build_bundle, tuning_sites
 from distree.compiler.manifest import Manifest, check_bundle_target, read_manifest, sha256_file
-from distree.targets.toolchain import check_tvm_imports, cross_compiler, tvm_unsupported_ops, \
-    unsupported_ops_text
+from distree.targets.toolchain import check_tvm_imports, cross_compiler, tvm_gap
 from distree.errors import DistreeError
 from distree.fingerprint import code_fingerprint
 from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, load_dataset, train_exits
@@ -127,17 +126,17 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
 def _check_tvm_gaps(model: onnx.ModelProto, model_path: Path, options: CompileOptions, log: Log) -> None:
     """Ops TVM cannot import: an error under ``--backend tvm`` or with devices timed over RPC (which run TVM code
     only), else said once: the segments holding them ship as ONNX Runtime."""
-    missing = tvm_unsupported_ops(model)
-    if not missing:
+    gap = tvm_gap(model)
+    if not gap:
         return
     if options.backend == "tvm":
         check_tvm_imports(model, where=f"{model_path}: --backend tvm: ")
     if options.rpc:
-        raise DistreeError(f"{model_path}: TVM cannot import {unsupported_ops_text(missing)}, and a device timed "
+        raise DistreeError(f"{model_path}: TVM cannot import {gap}, and a device timed "
                            f"over RPC ({', '.join(sorted(options.rpc))}) runs TVM code only; run `distree profile "
                            "--device NAME` on the device and pass --profile FILE instead of --rpc, or use --backend "
                            "ort")
-    log(f"TVM cannot import {unsupported_ops_text(missing)}: the segments holding them ship as ONNX Runtime")
+    log(f"TVM cannot import {gap}: the segments holding them ship as ONNX Runtime")
 
 
 def _topology(options: CompileOptions) -> Topology:

@@ -102,7 +102,8 @@ def tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
 def _einsum_flops(equation: str, ins: list, out: TensorInfo) -> int:
     """2 * prod(size of every index) for an explicit equation such as ``bhqd,bhkd->bhqk``; out_numel otherwise."""
     terms = equation.replace(" ", "").split("->")[0].split(",")
-    if "." in equation or len(terms) != len(ins) or any(i is None or len(i.shape) != len(t) for i, t in zip(ins, terms)):
+    if "." in equation or len(terms) != len(ins) or any(
+            info is None or len(info.shape) != len(term) for info, term in zip(ins, terms)):
         return out.numel
     sizes = {letter: dim for term, info in zip(terms, ins) for letter, dim in zip(term, info.shape)}
     return 2 * prod(sizes.values())

@@ -41,7 +41,7 @@ from distree.profiler.units import Unit, profile_units
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
 from distree.targets.toolchain import host_arch, host_cpu, import_onnx, missing_cpu_features, \
-    target_arch, tvm_device_here, tvm_target, tvm_unsupported_ops, unsupported_ops_text
+    target_arch, tvm_device_here, tvm_gap, tvm_target
 
 MODES = ("local", "rpc", "qemu", "estimate")
 ORT_ONLY_MEMORY = "graph-workspace-estimate (ONNX Runtime only: no TVM memory plan)"
@@ -103,12 +103,8 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
 
 def tvm_gaps(units: Sequence[Unit]) -> dict[str, str]:
     """item -> why TVM cannot build it (the ops its ONNX importer lacks), for the units it cannot."""
-    gaps = {}
-    for unit in units:
-        missing = tvm_unsupported_ops(unit.model)
-        if missing:
-            gaps[unit.item] = unsupported_ops_text(missing)
-    return gaps
+    gaps = {unit.item: tvm_gap(unit.model) for unit in units}
+    return {item: gap for item, gap in gaps.items() if gap}
 
 
 def backends_per_unit(units: Sequence[Unit], backends: tuple[str, ...], gaps: dict[str, str], device: DeviceSpec,
@@ -360,7 +356,7 @@ def _estimate(unit: Unit, backends: tuple[str, ...], device: DeviceSpec, cal: es
         activation_bytes, memory_source = unit.workspace_bytes, ORT_ONLY_MEMORY
     out = []
     for backend in backends:
-        runs_on = est.host_cpu_view(device) if backend == "ort" else device     # ONNX Runtime never runs on a GPU here
+        runs_on = est.host_cpu_view(device) if backend == "ort" else device     # distree runs ORT on CPUs only
         ms = est.unit_estimate_ms(unit, runs_on, cal.for_backend(backend), timing.threads)
         out.append(_entry(device, unit, backend, provenance, (), ms, ms, activation_bytes, memory_source,
                           timing.threads, note))

@@ -205,18 +205,17 @@ def check_tvm_imports(model: onnx.ModelProto, where: str = "") -> None:
     """DistreeError naming the ops TVM's importer lacks, before any work that would reach them."""
     import tvm
 
-    missing = tvm_unsupported_ops(model)
-    if not missing:
-        return
-    raise DistreeError(f"{where}TVM {tvm.__version__}'s ONNX importer does not support {unsupported_ops_text(missing)}; "
-                       "use `--backend auto` (the default: ONNX Runtime for the segments holding them, TVM elsewhere) "
-                       "or `--backend ort`, or re-export the model without these ops")
+    gap = tvm_gap(model)
+    if gap:
+        raise DistreeError(f"{where}TVM {tvm.__version__}'s ONNX importer does not support {gap}; use `--backend "
+                           "auto` (the default: ONNX Runtime for the segments holding them, TVM elsewhere) or "
+                           "`--backend ort`, or re-export the model without these ops")
 
 
-def unsupported_ops_text(missing: dict[str, list[str]]) -> str:
-    """``Celu (2 nodes, e.g. 'act3')``: :func:`tvm_unsupported_ops`'s answer in words."""
+def tvm_gap(model: onnx.ModelProto) -> str:
+    """The ops TVM's importer lacks in ``model``, in words (``Celu (2 nodes, e.g. 'act3')``); "" when none."""
     return ", ".join(f"{op} ({len(nodes)} node{'s' if len(nodes) > 1 else ''}, e.g. {nodes[0]!r})"
-                     for op, nodes in sorted(missing.items()))
+                     for op, nodes in sorted(tvm_unsupported_ops(model).items()))
 
 
 def import_onnx(model: onnx.ModelProto):

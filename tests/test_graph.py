@@ -182,7 +182,6 @@ def test_recurrent_layers_cost_their_products_and_gates(tmp_path):
 def test_einsum_costs_its_contraction(tmp_path):
     """Attention written with Einsum (``bhqd,bhkd->bhqk``) was costed as one elementwise op per output."""
     q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 4, 16, 8])
-    out = helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 4, 16, 16])
     k = numpy_helper.from_array(np.ones((1, 4, 16, 8), np.float32), "k")
     graph = helper.make_graph([helper.make_node("Einsum", ["q", "k"], ["s"], equation="bhqd,bhkd->bhqk"),
                                helper.make_node("Relu", ["s"], ["y"])], "g", [q],

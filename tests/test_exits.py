@@ -100,7 +100,8 @@ def _run(model: onnx.ModelProto, x: np.ndarray, outputs: list[str]) -> dict[str,
     """Independent reference: a fresh default session, one sample at a time (inner tensors made outputs)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     have = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+    typed = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, typed.get(t, onnx.TensorProto.FLOAT), None)
                               for t in outputs if t not in have)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rows = [session.run(outputs, {"input": x[i:i + 1]}) for i in range(len(x))]
@@ -497,3 +498,129 @@ def test_transformer_layers_get_exits_reading_both_token_means(files, tmp_path):
     # the token means carry the class: the last layer's head is far above the per-token means' 0.54-0.64 level
     last = max(tokens, key=lambda e: e.after_block)
     assert last.fit_accuracy > 0.5, [(e.name, e.fit_accuracy) for e in tokens]
+
+
+def _quantize(source: Path, calib: Path, out: Path, quant_format: str = "QOperator", samples: int = 64) -> Path:
+    """ONNX Runtime's static int8 quantization, in its QOperator format (QLinearConv, QLinearAdd, QGemm, ...) or
+    its QDQ format (QuantizeLinear -> DequantizeLinear around float ops)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    x = np.load(calib)["x"][:samples]
+    prepared = out.with_suffix(".prepared.onnx")
+    quant_pre_process(str(source), str(prepared))          # folds the exporter's constants into initializers
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rows = iter([{"input": x[i:i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.rows, None)
+
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat[quant_format],
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def test_an_int8_model_gets_heads_that_dequantize_its_uint8_cuts(files, tmp_path):
+    """In ONNX Runtime's QOperator format every cut is a uint8 tensor (it had no exit candidate). A head there
+    reads (q - zero point) * scale, with the scale and zero point of the op that writes the cut, and is useful."""
+    path = _quantize(files["plain"], files["calib"], tmp_path / "int8.onnx")
+    model = load_model(path)
+    chain = build_chain(model)
+    assert {n.op_type for n in model.graph.node} >= {"QLinearConv", "QLinearAdd"}
+    candidates = candidate_blocks(model, chain)
+    cuts = [chain.blocks[b].output for b in candidates]
+    x = load_dataset(files["calib"]).x[:8]
+    assert len(candidates) >= 3 and all(v.dtype == np.uint8 for v in _run(model, x, cuts).values())
+
+    exits_model, exits = train_exits(model, chain, load_dataset(files["calib"]))
+    assert {e.after_block for e in exits} == set(candidates)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    writer = {o: n for n in model.graph.node for o in n.output}
+    for e in exits:
+        cut = chain.blocks[e.after_block].output
+        node = writer[cut]
+        while node.op_type in ("MaxPool", "Flatten"):
+            node = writer[node.input[0]]
+        scale_at = {"QLinearConv": 6, "QLinearAdd": 6, "QLinearGlobalAveragePool": 3, "QGemm": 7,
+                    "QuantizeLinear": 1}[node.op_type]
+        scale, zero = float(weights[node.input[scale_at]]), int(weights[node.input[scale_at + 1]])
+        got = _run(exits_model, x, [cut, e.name])
+        real = (got[cut].astype(np.float64) - zero) * scale
+        base = f"distree_head_{e.name}"
+        head = {i.name: onnx.numpy_helper.to_array(i) for i in exits_model.graph.initializer if i.name.startswith(base)}
+        if base + "_reduce_weight" in head:                 # wide map: 4x4 grid, 1x1 conv
+            kh, kw = real.shape[2] // 4, real.shape[3] // 4
+            cells = real[:, :, :4 * kh, :4 * kw].reshape(len(real), real.shape[1], 4, kh, 4, kw).mean(axis=(3, 5))
+            cells = (np.einsum("dc,ncij->ndij", head[base + "_reduce_weight"][:, :, 0, 0], cells)
+                     + head[base + "_reduce_bias"][None, :, None, None])
+            features = cells.reshape(len(real), -1)
+        else:
+            features = real.reshape(len(real), real.shape[1], -1).mean(axis=2)
+        expected = features @ head[base + "_weight"].T + head[base + "_bias"]
+        np.testing.assert_allclose(expected, got[e.name], rtol=1e-4, atol=1e-4)
+    test = load_dataset(files["test"])
+    final = _run(model, test.x, ["logits"])["logits"]
+    np.testing.assert_array_equal(_run(exits_model, test.x, ["logits"])["logits"], final)
+    # useful (held-out images; chance is 0.1): the best is as good as the float model's best head (this untrained
+    # network's int8 features lose more towards its end: 0.61 against 0.79 after block 4)
+    float_model = load_model(files["plain"])
+    float_exits_model, float_exits = train_exits(float_model, build_chain(float_model), load_dataset(files["calib"]))
+
+    def held_out(m: onnx.ModelProto, name: str) -> float:
+        return float((_run(m, test.x, [name])[name].argmax(axis=1) == test.y).mean())
+
+    int8_acc = [held_out(exits_model, e.name) for e in exits]
+    float_acc = [held_out(float_exits_model, e.name) for e in float_exits]
+    assert min(int8_acc) > 0.4 and max(int8_acc) >= max(float_acc) - 0.05, (int8_acc, float_acc)
+
+
+def test_an_int8_model_compiles_with_exits_and_its_bundle_answers_as_the_whole_model(files, tmp_path):
+    """`distree exits` then `distree compile` on a QOperator int8 model (ONNX Runtime ships it, TVM imports none
+    of it): exits are enabled, and the bundle's answers are ONNX Runtime's on the whole multi-exit model with the
+    bundle's thresholds."""
+    import json
+
+    from distree.runtime.executor import FINAL
+
+    path = _quantize(files["plain"], files["calib"], tmp_path / "int8.onnx")
+    runner = CliRunner()
+    made = runner.invoke(cli, ["exits", str(path), "--data", str(files["calib"]), "-o", str(tmp_path / "x.onnx")])
+    assert made.exit_code == 0, made.output
+    bundle = tmp_path / "bundle"
+    built = runner.invoke(cli, ["compile", str(tmp_path / "x.onnx"), "--devices", "pi4", "--data", str(files["calib"]),
+                                "--accuracy-drop", "0.05", "--cache-dir", str(tmp_path / "cache"), "-o", str(bundle)])
+    assert built.exit_code == 0, built.output
+    table = json.loads((bundle / "thresholds.json").read_text())
+    thresholds = {e["name"]: e["threshold"] for e in table["exits"]}
+    assert thresholds, "no exit enabled"
+    ran = runner.invoke(cli, ["run", str(bundle), "--input", str(files["test"]), "--json"])
+    assert ran.exit_code == 0, ran.output
+    report = json.loads(ran.stdout)
+
+    exits_model = onnx.load(tmp_path / "x.onnx")
+    order = sorted(thresholds, key=lambda name: next(e["after_block"] for e in table["exits"] if e["name"] == name))
+    session = ort.InferenceSession(exits_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    test = load_dataset(files["test"])
+    want_preds, want_exits = [], []
+    for i in range(len(test.x)):
+        out = dict(zip(["logits", *order], session.run(["logits", *order], {"input": test.x[i:i + 1]})))
+        taken = next((name for name in order if _softmax(out[name]).max() >= thresholds[name]), FINAL)
+        want_preds.append(int(out["logits" if taken == FINAL else taken].argmax()))
+        want_exits.append(taken)
+    assert report["exits"] == want_exits and report["predictions"] == want_preds
+    assert set(want_exits) - {FINAL}
+
+
+def test_in_a_qdq_model_a_quantized_tensor_read_only_by_dequantize_gets_no_head(files, tmp_path):
+    """QDQ activations are QuantizeLinear -> DequantizeLinear pairs: the uint8 tensor between them holds what the
+    float tensor after them holds, which has its own head; a head on both would be a twin exit for the solver."""
+    model = load_model(_quantize(files["plain"], files["calib"], tmp_path / "qdq.onnx", "QDQ"))
+    chain = build_chain(model)
+    between = [b.index for b in chain.blocks[:-1]
+               if {n.op_type for n in model.graph.node if b.output in n.input} == {"DequantizeLinear"}]
+    candidates = candidate_blocks(model, chain)
+    assert len(between) >= 3 and not set(between) & set(candidates) and len(candidates) >= 3
+    assert all(b + 1 in candidates for b in between if b + 1 < len(chain.blocks) - 1)   # the float twin has one

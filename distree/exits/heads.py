@@ -6,7 +6,8 @@ is average pooling to a 4 x 4 grid + a 1x1 conv to at most 16 channels (the cell
 linear layer, so an early exit still sees where things are. Features are standardised for the fit and the
 standardisation is folded into the Gemm weights, so the attached head is just
 ``GlobalAveragePool -> Flatten -> Gemm`` (or ``AveragePool -> Conv 1x1 -> Flatten -> Gemm``). Heads only
-add nodes: every original tensor, and so the final output, is computed exactly as before.
+add nodes: every original tensor, and so the final output, is computed exactly as before. A head on a quantized
+(uint8 / int8) tensor of an int8 model starts with a ``DequantizeLinear`` (:mod:`distree.exits.quantized`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from onnx import helper, numpy_helper
 from distree.errors import DistreeError
 from distree.exits.data import Dataset, check_dataset, check_fit_classes, split_fit_threshold
 from distree.exits.progress import progress_bar
+from distree.exits.quantized import Quantization, only_dequantized, quantization_of
 from distree.exits.runner import make_runner, tensor_elem_types, tensor_shapes
 from distree.exits.types import HEAD_KINDS, ExitPoint
 from distree.graph.chain import Chain
@@ -104,13 +106,15 @@ class LinearHead:
     fit_accuracy: float
     reduce_weight: np.ndarray | None = None     # (C', C) 1x1 conv of grid heads (PCA of the pooled cells)
     reduce_bias: np.ndarray | None = None       # (C',)
+    quantization: Quantization | None = None    # of ``tensor``, when it is quantized
 
     @property
     def flops(self) -> int:
         k, f = self.weight.shape
         shape, pool = self.pooling.shape, int(np.prod(self.pooling.shape))
         conv = 0 if self.reduce_weight is None else 2 * self.reduce_weight.size * int(np.prod(self.pooling.cells))
-        return {3: pool, 2: 2 * pool}.get(len(shape), 0) + conv + 2 * f * k
+        dequantize = 0 if self.quantization is None else 2 * pool
+        return dequantize + {3: pool, 2: 2 * pool}.get(len(shape), 0) + conv + 2 * f * k
 
     @property
     def param_bytes(self) -> int:
@@ -134,15 +138,18 @@ def num_classes(model: onnx.ModelProto, chain: Chain) -> int:
 
 
 def head_supported(model: onnx.ModelProto, tensor: str) -> bool:
-    """Pool + linear heads read float (N, C, H, W), (N, A, B) or (N, C) tensors whose first axis is the batch:
-    its size is the input's (1 once loaded). A time-major (L, N, D) sequence, such as a GRU's input, is not (its
-    head would answer L rows per sample)."""
+    """Pool + linear heads read (N, C, H, W), (N, A, B) or (N, C) tensors whose first axis is the batch: its
+    size is the input's (1 once loaded). A time-major (L, N, D) sequence, such as a GRU's input, is not (its
+    head would answer L rows per sample). The tensor is float, or quantized with a known scale and zero point and
+    read by more than DequantizeLinear ops (whose outputs have heads of their own)."""
     shapes = tensor_shapes(model)
     shape = shapes.get(tensor)
     batch = shapes.get(model.graph.input[0].name, (None,))[0]
+    elem_type = tensor_elem_types(model).get(tensor)
     return (shape is not None and len(shape) in (2, 3, 4) and shape[0] == batch
             and all(isinstance(d, int) and d > 0 for d in shape[1:])
-            and tensor_elem_types(model).get(tensor) == onnx.TensorProto.FLOAT)
+            and (elem_type == onnx.TensorProto.FLOAT
+                 or quantization_of(model, tensor) is not None and not only_dequantized(model, tensor)))
 
 
 def candidate_blocks(model: onnx.ModelProto, chain: Chain) -> tuple[int, ...]:
@@ -151,9 +158,15 @@ def candidate_blocks(model: onnx.ModelProto, chain: Chain) -> tuple[int, ...]:
 
 
 def _pooled_features(model: onnx.ModelProto, data: Dataset, pooling: dict[str, Pooling],
-                     input_name: str) -> dict[str, np.ndarray]:
-    """Pooled float64 features of every tensor in ``pooling``, from one batched pass over ``data``."""
-    feats = {t: p.apply(data.x) for t, p in pooling.items() if t == input_name}
+                     quantized: dict[str, Quantization | None], input_name: str) -> dict[str, np.ndarray]:
+    """Pooled float64 features of every tensor in ``pooling``, from one batched pass over ``data``; a quantized
+    tensor's are dequantized (after pooling: the means of an affine map are the map of the means)."""
+
+    def features(t: str, v: np.ndarray) -> np.ndarray:
+        pooled = pooling[t].apply(v)
+        return pooled if quantized[t] is None else quantized[t].dequantize(pooled)
+
+    feats = {t: features(t, data.x) for t in pooling if t == input_name}
     inner = [t for t in pooling if t != input_name]
     if not inner:
         return feats
@@ -162,7 +175,7 @@ def _pooled_features(model: onnx.ModelProto, data: Dataset, pooling: dict[str, P
 
     def consume(_start: int, out: dict[str, np.ndarray]) -> None:
         for t in inner:
-            chunks[t].append(pooling[t].apply(out[t]))
+            chunks[t].append(features(t, out[t]))
 
     with progress_bar(f"extracting features at {len(inner)} cut(s), batch {runner.batch_size}",
                       len(data)) as advance:
@@ -241,6 +254,14 @@ def _head_nodes(head: LinearHead) -> tuple[list[onnx.NodeProto], list[onnx.Tenso
     inits = [numpy_helper.from_array(head.weight, base + "_weight"), numpy_helper.from_array(head.bias, base + "_bias")]
     nodes = []
     x = head.tensor
+    if head.quantization is not None:
+        q = head.quantization
+        inits += [numpy_helper.from_array(np.array(q.scale, np.float32), base + "_scale"),
+                  numpy_helper.from_array(np.array(q.zero_point, onnx.helper.tensor_dtype_to_np_dtype(q.elem_type)),
+                                          base + "_zero_point")]
+        nodes.append(helper.make_node("DequantizeLinear", [x, base + "_scale", base + "_zero_point"],
+                                      [base + "_dequantized"], name=base + "_dequantize"))
+        x = base + "_dequantized"
     if head.pooling.grid:
         kernel = list(head.pooling.window)
         nodes.append(helper.make_node("AveragePool", [x], [base + "_pooled"], name=base + "_pool",
@@ -358,7 +379,8 @@ def fit_heads(model: onnx.ModelProto, chain: Chain, data: Dataset, wanted: dict[
     check_fit_classes(data.y, k)
     shapes = tensor_shapes(model)
     pooling = {t: choose_pooling(tuple(shapes[t][1:]), head) for t in wanted}
-    feats = _pooled_features(model, data, pooling, chain.input_name)
+    quantized = {t: quantization_of(model, t) for t in wanted}
+    feats = _pooled_features(model, data, pooling, quantized, chain.input_name)
 
     def fit(tensor: str, output: str, f: np.ndarray) -> LinearHead:
         pool = pooling[tensor]
@@ -369,7 +391,7 @@ def fit_heads(model: onnx.ModelProto, chain: Chain, data: Dataset, wanted: dict[
             reduce_w, reduce_b = reduce_w.astype(np.float32), reduce_b.astype(np.float32)
         weight, bias, acc = fit_linear_head(f.reshape(len(f), -1), data.y, k)
         advance(1)
-        return LinearHead(output, tensor, pool, weight, bias, acc, reduce_w, reduce_b)
+        return LinearHead(output, tensor, pool, weight, bias, acc, reduce_w, reduce_b, quantized[tensor])
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -441,9 +463,9 @@ def _check_blocks(model: onnx.ModelProto, chain: Chain, at: Sequence[int] | None
             raise DistreeError(f"--at {b}: the model has blocks 0..{last} and an exit after the last block is the "
                                f"final classifier; pick blocks in 0..{last - 1} (see `distree inspect`)")
         if b not in candidates:
-            raise DistreeError(f"--at {b}: block {b}'s output {chain.blocks[b].output!r} is not a float (N,C,H,W), "
-                               f"(N,A,B) or (N,C) tensor with the batch first that a pooled linear head can read; pick "
-                               f"from {list(candidates)}")
+            raise DistreeError(f"--at {b}: block {b}'s output {chain.blocks[b].output!r} is not an (N,C,H,W), (N,A,B) "
+                               f"or (N,C) tensor with the batch first, float or quantized with a constant scale, that "
+                               f"a pooled linear head can read; pick from {list(candidates)}")
     taken = {e.after_block for e in declared}
     dup = sorted(set(at) & taken)
     if dup:

@@ -151,6 +151,22 @@ def test_heads_fit_in_parallel_equal_heads_fit_one_at_a_time(trained, monkeypatc
         assert head.output == wanted[tensor] and head.fit_accuracy == serial[tensor].fit_accuracy
 
 
+def _head_reference(v: np.ndarray, weights: dict[str, np.ndarray], exit_name: str) -> tuple[np.ndarray, str]:
+    """What the head of ``exit_name`` should answer on cut values ``v`` (float), and its kind: linear on the
+    global means, or on a 4x4 grid of means reduced by a 1x1 conv to <= 16 channels for wide maps."""
+    base = f"distree_head_{exit_name}"
+    if v.ndim == 4 and min(v.shape[2:]) >= 8:
+        kh, kw = v.shape[2] // 4, v.shape[3] // 4
+        cells = v[:, :, :4 * kh, :4 * kw].reshape(len(v), v.shape[1], 4, kh, 4, kw).mean(axis=(3, 5))
+        reduce = weights[base + "_reduce_weight"][:, :, 0, 0]
+        assert reduce.shape == (min(v.shape[1], 16), v.shape[1])
+        cells = np.einsum("dc,ncij->ndij", reduce, cells) + weights[base + "_reduce_bias"][None, :, None, None]
+        features, kind = cells.reshape(len(v), -1), "conv"
+    else:
+        features, kind = v.reshape(len(v), v.shape[1], -1).mean(axis=2), "linear"
+    return features @ weights[base + "_weight"].T + weights[base + "_bias"], kind
+
+
 def test_head_logits_equal_pooled_linear_features(trained):
     """Attached heads compute what their docstring says: (grid pool -> 1x1 conv ->) linear on the cut."""
     _, chain, data, exits_model, exits = trained
@@ -159,18 +175,8 @@ def test_head_logits_equal_pooled_linear_features(trained):
     for e in exits:
         cut = chain.blocks[e.after_block].output
         got = _run(exits_model, data.x[:16], [cut, e.name])
-        v = got[cut]
-        base = f"distree_head_{e.name}"
-        if v.ndim == 4 and min(v.shape[2:]) >= 8:      # wide map: 4x4 grid, 1x1 conv to <= 16 channels
-            kh, kw = v.shape[2] // 4, v.shape[3] // 4
-            cells = v[:, :, :4 * kh, :4 * kw].reshape(len(v), v.shape[1], 4, kh, 4, kw).mean(axis=(3, 5))
-            reduce = weights[base + "_reduce_weight"][:, :, 0, 0]
-            assert reduce.shape == (min(v.shape[1], 16), v.shape[1])
-            cells = np.einsum("dc,ncij->ndij", reduce, cells) + weights[base + "_reduce_bias"][None, :, None, None]
-            features, kinds = cells.reshape(len(v), -1), kinds | {"conv"}
-        else:
-            features, kinds = v.reshape(len(v), v.shape[1], -1).mean(axis=2), kinds | {"linear"}
-        expected = features @ weights[base + "_weight"].T + weights[base + "_bias"]
+        expected, kind = _head_reference(got[cut], weights, e.name)
+        kinds.add(kind)
         np.testing.assert_allclose(expected, got[e.name], rtol=1e-4, atol=1e-4)
     assert kinds == {"conv", "linear"}
 
@@ -537,7 +543,7 @@ def test_an_int8_model_gets_heads_that_dequantize_its_uint8_cuts(files, tmp_path
 
     exits_model, exits = train_exits(model, chain, load_dataset(files["calib"]))
     assert {e.after_block for e in exits} == set(candidates)
-    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in exits_model.graph.initializer}
     writer = {o: n for n in model.graph.node for o in n.output}
     for e in exits:
         cut = chain.blocks[e.after_block].output
@@ -548,18 +554,7 @@ def test_an_int8_model_gets_heads_that_dequantize_its_uint8_cuts(files, tmp_path
                     "QuantizeLinear": 1}[node.op_type]
         scale, zero = float(weights[node.input[scale_at]]), int(weights[node.input[scale_at + 1]])
         got = _run(exits_model, x, [cut, e.name])
-        real = (got[cut].astype(np.float64) - zero) * scale
-        base = f"distree_head_{e.name}"
-        head = {i.name: onnx.numpy_helper.to_array(i) for i in exits_model.graph.initializer if i.name.startswith(base)}
-        if base + "_reduce_weight" in head:                 # wide map: 4x4 grid, 1x1 conv
-            kh, kw = real.shape[2] // 4, real.shape[3] // 4
-            cells = real[:, :, :4 * kh, :4 * kw].reshape(len(real), real.shape[1], 4, kh, 4, kw).mean(axis=(3, 5))
-            cells = (np.einsum("dc,ncij->ndij", head[base + "_reduce_weight"][:, :, 0, 0], cells)
-                     + head[base + "_reduce_bias"][None, :, None, None])
-            features = cells.reshape(len(real), -1)
-        else:
-            features = real.reshape(len(real), real.shape[1], -1).mean(axis=2)
-        expected = features @ head[base + "_weight"].T + head[base + "_bias"]
+        expected, _ = _head_reference((got[cut].astype(np.float64) - zero) * scale, weights, e.name)
         np.testing.assert_allclose(expected, got[e.name], rtol=1e-4, atol=1e-4)
     test = load_dataset(files["test"])
     final = _run(model, test.x, ["logits"])["logits"]

@@ -347,3 +347,24 @@ def _depth_to_end(deps: list[set[int]]) -> list[int]:
         for p in deps[i]:
             depth[p] = max(depth[p], depth[i] + 1)
     return depth
+
+
+def quantize(source: Path, x: np.ndarray, out: Path, quant_format: str = "QOperator") -> Path:
+    """ONNX Runtime's static int8 quantization of ``source`` calibrated on ``x``, in its QOperator format
+    (QLinearConv, QLinearAdd, QGemm, ...) or its QDQ format (QuantizeLinear -> DequantizeLinear around float ops)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.with_suffix(".prepared.onnx")
+    quant_pre_process(str(source), str(prepared))          # folds the exporter's constants into initializers
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rows = iter([{"input": x[i:i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.rows, None)
+
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat[quant_format],
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out

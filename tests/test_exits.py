@@ -506,33 +506,10 @@ def test_transformer_layers_get_exits_reading_both_token_means(files, tmp_path):
     assert last.fit_accuracy > 0.5, [(e.name, e.fit_accuracy) for e in tokens]
 
 
-def _quantize(source: Path, calib: Path, out: Path, quant_format: str = "QOperator", samples: int = 64) -> Path:
-    """ONNX Runtime's static int8 quantization, in its QOperator format (QLinearConv, QLinearAdd, QGemm, ...) or
-    its QDQ format (QuantizeLinear -> DequantizeLinear around float ops)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    x = np.load(calib)["x"][:samples]
-    prepared = out.with_suffix(".prepared.onnx")
-    quant_pre_process(str(source), str(prepared))          # folds the exporter's constants into initializers
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.rows = iter([{"input": x[i:i + 1]} for i in range(len(x))])
-
-        def get_next(self):
-            return next(self.rows, None)
-
-    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat[quant_format],
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
-
-
 def test_an_int8_model_gets_heads_that_dequantize_its_uint8_cuts(files, tmp_path):
     """In ONNX Runtime's QOperator format every cut is a uint8 tensor (it had no exit candidate). A head there
     reads (q - zero point) * scale, with the scale and zero point of the op that writes the cut, and is useful."""
-    path = _quantize(files["plain"], files["calib"], tmp_path / "int8.onnx")
+    path = gm.quantize(files["plain"], np.load(files["calib"])["x"][:64], tmp_path / "int8.onnx")
     model = load_model(path)
     chain = build_chain(model)
     assert {n.op_type for n in model.graph.node} >= {"QLinearConv", "QLinearAdd"}
@@ -580,7 +557,7 @@ def test_an_int8_model_compiles_with_exits_and_its_bundle_answers_as_the_whole_m
 
     from distree.runtime.executor import FINAL
 
-    path = _quantize(files["plain"], files["calib"], tmp_path / "int8.onnx")
+    path = gm.quantize(files["plain"], np.load(files["calib"])["x"][:64], tmp_path / "int8.onnx")
     runner = CliRunner()
     made = runner.invoke(cli, ["exits", str(path), "--data", str(files["calib"]), "-o", str(tmp_path / "x.onnx")])
     assert made.exit_code == 0, made.output
@@ -612,7 +589,7 @@ def test_an_int8_model_compiles_with_exits_and_its_bundle_answers_as_the_whole_m
 def test_in_a_qdq_model_a_quantized_tensor_read_only_by_dequantize_gets_no_head(files, tmp_path):
     """QDQ activations are QuantizeLinear -> DequantizeLinear pairs: the uint8 tensor between them holds what the
     float tensor after them holds, which has its own head; a head on both would be a twin exit for the solver."""
-    model = load_model(_quantize(files["plain"], files["calib"], tmp_path / "qdq.onnx", "QDQ"))
+    model = load_model(gm.quantize(files["plain"], np.load(files["calib"])["x"][:64], tmp_path / "qdq.onnx", "QDQ"))
     chain = build_chain(model)
     between = [b.index for b in chain.blocks[:-1]
                if {n.op_type for n in model.graph.node if b.output in n.input} == {"DequantizeLinear"}]

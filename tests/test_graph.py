@@ -192,6 +192,23 @@ def test_einsum_costs_its_contraction(tmp_path):
     assert einsum.flops == 2 * 1 * 4 * 16 * 8 * 16 and relu.flops == 4 * 16 * 16
 
 
+def test_int8_qoperator_ops_cost_their_float_twins_products(exported, tmp_path):
+    """ONNX Runtime's QOperator ops: QGemm was costed as one op per output (10 FLOPs for a 31k-FLOP classifier)
+    and QLinearGlobalAveragePool per output instead of per input; a QLinearConv's bias is not counted (its
+    int32 bias is added in the accumulator)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
+    chain = build_chain(load_model(gm.quantize(exported["plain_cnn"], x, tmp_path / "cnn.onnx")))
+    assert [b.flops for b in chain.blocks if b.ops == ("QLinearConv",)] == [2 * 8 * 28 * 28 * 1 * 9,
+                                                                           2 * 16 * 14 * 14 * 8 * 9]
+    (gemm,) = [b.flops for b in chain.blocks if b.ops == ("QGemm",)]
+    assert gemm == 2 * 10 * 16 * 14 * 14 + 10                                 # products + bias
+    x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    chain = build_chain(load_model(gm.quantize(exported["resnet_basic"], x, tmp_path / "resnet.onnx")))
+    (pool,) = [b for b in chain.blocks if b.ops == ("QLinearGlobalAveragePool",)]
+    assert pool.flops == 16 * 8 * 8                                           # one per input element
+
+
 def test_costs_follow_the_documented_convention(exported):
     chain = build_chain(load_model(exported["plain_cnn"]))
     conv1, relu1, pool, conv2, _, flat, fc = chain.blocks

@@ -9,6 +9,9 @@ FLOP convention (one multiply-add = 2 FLOPs; a rough compute measure for the sol
 - BatchNormalization / InstanceNormalization: 2 * numel; LayerNormalization / GroupNormalization: 5 * numel;
   Softmax / LogSoftmax: 5 * numel; Gelu: 8 * numel.
 - Einsum: 2 * the product of every index's size (a contraction's multiply-adds); no ellipsis: out_numel.
+- ONNX Runtime's int8 ops cost as their float twins: QLinearConv (its bias, added in the int32 accumulator,
+  not counted), QLinearMatMul, QGemm (with its C), QLinearGlobalAveragePool / QLinearAveragePool; QLinearConcat
+  moves data.
 - LSTM / GRU / RNN: per step, sample and direction, 2 * gates * hidden * (input + hidden) for the input and
   recurrent products, + 10 / 8 / 2 * hidden for the gates (gates: 4 / 3 / 1).
 - Pure data movement (Reshape, Transpose, Concat, Slice, Gather, Pad, Cast, Identity, Flatten, ...): 0.
@@ -28,11 +31,11 @@ from onnx import helper
 _MOVEMENT = frozenset(
     """Reshape Transpose Concat Split Slice Gather GatherElements GatherND Squeeze Unsqueeze Flatten Identity
     Pad Cast CastLike Expand Tile Shape Size Constant ConstantOfShape Dropout DepthToSpace SpaceToDepth
-    ScatterND ScatterElements Range NonZero TopK ArgMax ArgMin Resize Upsample""".split()
+    ScatterND ScatterElements Range NonZero TopK ArgMax ArgMin Resize Upsample QLinearConcat""".split()
 )
 _REDUCE = frozenset(
-    """GlobalAveragePool GlobalMaxPool GlobalLpPool ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd
-    ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare""".split()
+    """GlobalAveragePool GlobalMaxPool GlobalLpPool QLinearGlobalAveragePool ReduceMean ReduceSum ReduceMax
+    ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare""".split()
 )
 _RECURRENT_GATE_FLOPS = {"LSTM": 10, "GRU": 8, "RNN": 2}     # elementwise FLOPs per hidden unit and step
 _PER_ELEMENT = {
@@ -133,12 +136,13 @@ def node_flops(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int:
     if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
         a = ins[0]
         return 2 * out.numel * a.shape[-1] if a is not None and a.shape else 0
-    if op == "Gemm":
+    if op in ("Gemm", "QGemm"):                     # QGemm (ONNX Runtime's int8 Gemm): its C is input 6
         a = ins[0]
         if a is None or len(a.shape) != 2:
             return 0
         k = a.shape[0] if attrs.get("transA", 0) else a.shape[1]
-        bias = out.numel if len(node.input) > 2 and node.input[2] else 0
+        c_at = 2 if op == "Gemm" else 6
+        bias = out.numel if len(node.input) > c_at and node.input[c_at] else 0
         return 2 * out.numel * k + bias
     if op == "Einsum":
         return _einsum_flops(attrs.get("equation", b"").decode(), ins, out)
@@ -151,7 +155,7 @@ def node_flops(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int:
         hidden = r.shape[-1]
         return steps_times_batch * directions * (2 * gates_hidden * (inputs + hidden)
                                                  + _RECURRENT_GATE_FLOPS[op] * hidden)
-    if op in ("MaxPool", "AveragePool", "LpPool"):
+    if op in ("MaxPool", "AveragePool", "LpPool", "QLinearAveragePool"):
         return out.numel * prod(attrs.get("kernel_shape", [1]))
     if op in _REDUCE:
         return ins[0].numel if ins and ins[0] is not None else out.numel

@@ -112,8 +112,8 @@ def unit_from_model(item: str, m: onnx.ModelProto, flops: int, workspace_bytes: 
                 sha256=hashlib.sha256(data).hexdigest())
 
 
-_DENSE_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger",
-                        "QLinearMatMul"})
+_DENSE_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "QGemm", "MatMul",
+                        "MatMulInteger", "QLinearMatMul"})
 
 
 def _dense_flops(m: onnx.ModelProto) -> int:

@@ -71,7 +71,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
                   cache_dir: str | Path = ".distree-cache", log: Log = lambda msg: None,
                   progress: Log = lambda msg: None) -> CompileResult:
     """The whole chain from an ONNX classifier and calibration data to a verified-on-write bundle. ``log``
-    hears each stage; ``progress``, how far a long one is (the solver's best plan and gap)."""
+    hears each stage; ``progress``, how far a long one is (the item being profiled; the solver's best plan and
+    gap)."""
     started = time.perf_counter()
     cache = _Cache(Path(cache_dir), log)
     constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
@@ -107,7 +108,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     prof_key = _key("profile", cal_key, topology.to_dict(), options.rpc, options.backend, options.threads,
                     {dev: sha256_file(path) for dev, (path, _) in given.items()})
     profile = cache.get("profile", prof_key, record=Profile,
-                        compute=lambda: _profile(model, chain, exits, topology, options, given, cache.root, log))
+                        compute=lambda: _profile(model, chain, exits, topology, options, given, cache.root, log,
+                                                 progress))
 
     plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s)
     plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints, progress),
@@ -180,7 +182,8 @@ def _given_profiles(options: CompileOptions, topology: Topology) -> dict[str, tu
 
 
 def _profile(model: onnx.ModelProto, chain: Chain, exits: tuple[ExitPoint, ...], topology: Topology,
-             options: CompileOptions, given: dict[str, tuple[Path, Profile]], cache_root: Path, log: Log) -> Profile:
+             options: CompileOptions, given: dict[str, tuple[Path, Profile]], cache_root: Path, log: Log,
+             progress: Log) -> Profile:
     """Take the devices of --profile files from them, measure ``host`` locally, devices with --rpc over RPC and
     estimate the rest; one Profile for all."""
     parts = []
@@ -197,11 +200,12 @@ def _profile(model: onnx.ModelProto, chain: Chain, exits: tuple[ExitPoint, ...],
         else:
             mode, rpc = ("local" if dev.name == "host" else "estimate"), None
 
-        def progress(done: int, total: int, item: str, name: str = dev.name, how: str = mode) -> None:
-            log(f"profile {name} ({how}): {done}/{total} {item}")
+        def on_item(done: int, total: int, item: str, name: str = dev.name, how: str = mode) -> None:
+            progress(f"profile {name} ({how}): {done}/{total} {item}")
 
+        log(f"profile {dev.name} ({mode}) ...")
         parts.append(profile_model(model, chain, exits, dev, mode=mode, rpc=rpc, backends=backends,
-                                   cache_dir=cache_root, progress=progress))
+                                   cache_dir=cache_root, progress=on_item))
     return merge_profiles(parts)
 
 

@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 from distree.errors import DistreeError
 from distree.exits.data import Dataset, check_dataset, check_fit_classes, split_fit_threshold
 from distree.exits.progress import progress_bar
-from distree.exits.quantized import Quantization, only_dequantized, quantization_of
+from distree.exits.quantized import QUANTIZED_TYPES, Quantization, only_dequantized, quantization_of
 from distree.exits.runner import make_runner, tensor_elem_types, tensor_shapes
 from distree.exits.types import HEAD_KINDS, ExitPoint
 from distree.graph.chain import Chain
@@ -137,19 +137,32 @@ def num_classes(model: onnx.ModelProto, chain: Chain) -> int:
     return int(shape[-1])
 
 
-def head_supported(model: onnx.ModelProto, tensor: str) -> bool:
-    """Pool + linear heads read (N, C, H, W), (N, A, B) or (N, C) tensors whose first axis is the batch: its
-    size is the input's (1 once loaded). A time-major (L, N, D) sequence, such as a GRU's input, is not (its
-    head would answer L rows per sample). The tensor is float, or quantized with a known scale and zero point and
-    read by more than DequantizeLinear ops (whose outputs have heads of their own)."""
+def why_no_head(model: onnx.ModelProto, tensor: str) -> str | None:
+    """Why a pool + linear head cannot read ``tensor`` (None: it can). Heads read (N, C, H, W), (N, A, B) or
+    (N, C) tensors whose first axis is the batch: its size is the input's (1 once loaded). A time-major (L, N, D)
+    sequence, such as a GRU's input, is not (its head would answer L rows per sample). The tensor is float, or
+    quantized with a known scale and zero point and read by more than DequantizeLinear ops (whose outputs have
+    heads of their own)."""
     shapes = tensor_shapes(model)
     shape = shapes.get(tensor)
     batch = shapes.get(model.graph.input[0].name, (None,))[0]
     elem_type = tensor_elem_types(model).get(tensor)
-    return (shape is not None and len(shape) in (2, 3, 4) and shape[0] == batch
-            and all(isinstance(d, int) and d > 0 for d in shape[1:])
-            and (elem_type == onnx.TensorProto.FLOAT
-                 or quantization_of(model, tensor) is not None and not only_dequantized(model, tensor)))
+    if not (shape is not None and len(shape) in (2, 3, 4) and shape[0] == batch
+            and all(isinstance(d, int) and d > 0 for d in shape[1:])):
+        return (f"is not a static (N,C,H,W), (N,A,B) or (N,C) tensor with the batch first (shape "
+                f"{'unknown' if shape is None else shape})")
+    if elem_type == onnx.TensorProto.FLOAT:
+        return None
+    if elem_type not in QUANTIZED_TYPES or quantization_of(model, tensor) is None:
+        return ("is neither float nor quantized with a per-tensor scale and zero point that the op writing it "
+                "holds as constants")
+    if only_dequantized(model, tensor):
+        return "is read only by DequantizeLinear: exit after the block that dequantizes it (same values, float)"
+    return None
+
+
+def head_supported(model: onnx.ModelProto, tensor: str) -> bool:
+    return why_no_head(model, tensor) is None
 
 
 def candidate_blocks(model: onnx.ModelProto, chain: Chain) -> tuple[int, ...]:
@@ -463,9 +476,8 @@ def _check_blocks(model: onnx.ModelProto, chain: Chain, at: Sequence[int] | None
             raise DistreeError(f"--at {b}: the model has blocks 0..{last} and an exit after the last block is the "
                                f"final classifier; pick blocks in 0..{last - 1} (see `distree inspect`)")
         if b not in candidates:
-            raise DistreeError(f"--at {b}: block {b}'s output {chain.blocks[b].output!r} is not an (N,C,H,W), (N,A,B) "
-                               f"or (N,C) tensor with the batch first, float or quantized with a constant scale, that "
-                               f"a pooled linear head can read; pick from {list(candidates)}")
+            raise DistreeError(f"--at {b}: no head can read block {b}'s output {chain.blocks[b].output!r}: it "
+                               f"{why_no_head(model, chain.blocks[b].output)}; pick from {list(candidates)}")
     taken = {e.after_block for e in declared}
     dup = sorted(set(at) & taken)
     if dup:

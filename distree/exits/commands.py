@@ -59,7 +59,7 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
 
     from distree.exits.data import load_dataset
     from distree.exits.declared import declared_exits
-    from distree.exits.heads import num_classes, train_exits
+    from distree.exits.heads import num_classes, train_exits, why_no_head
     from distree.graph import build_chain, load_model
     from distree.serde import write_bytes_atomic
 
@@ -79,6 +79,11 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
         table.add_row(e.name, str(e.after_block), e.source, f"{e.flops / 1e6:.4f}", e.entry_output or "-",
                       "-" if e.fit_accuracy is None else f"{e.fit_accuracy:.3f}")
     Console().print(table)
+    if at is None and not declared:             # every candidate was asked for: say why the others are none
+        for b in chain.blocks[:-1]:
+            reason = why_no_head(model, b.output)
+            if reason is not None:
+                click.echo(f"note: no exit after block {b.index}: its output {b.output!r} {reason}", err=True)
 
 
 @click.command("calibrate")

@@ -22,6 +22,7 @@ from distree.targets.toolchain import check_tvm_imports, cross_compiler, tvm_gap
 from distree.errors import DistreeError
 from distree.fingerprint import code_fingerprint
 from distree.exits import Calibration, ExitPoint, calibrate, declared_exits, load_dataset, train_exits
+from distree.exits.heads import headless_notes
 from distree.graph import Chain, build_chain, load_model, model_sha256
 from distree.profiler import Profile, cost_sources, device_part, merge_profiles, planning_items, profile_model
 from distree.serde import write_bytes_atomic, write_json_atomic
@@ -97,7 +98,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     data_key = sha256_file(data_path)
 
     exits_key = _key("exits", code_fingerprint(), chain.model_sha256, data_key, options.score_kind, options.seed)
-    model, exits = cache.get("exits", exits_key, lambda: _exits(model, chain, data, options),
+    model, exits = cache.get("exits", exits_key, lambda: _exits(model, chain, data, options, log),
                              save=_save_exits, load=_load_exits)
     chain = build_chain(model) if model_sha256(model) != chain.model_sha256 else chain
 
@@ -150,14 +151,17 @@ def _topology(options: CompileOptions) -> Topology:
     return topology_for(list(options.devices))
 
 
-def _exits(model: onnx.ModelProto, chain: Chain, data, options: CompileOptions
+def _exits(model: onnx.ModelProto, chain: Chain, data, options: CompileOptions, log: Log
            ) -> tuple[onnx.ModelProto, tuple[ExitPoint, ...]]:
-    """Declared exits when the model has them (plus entry heads for ``stability``); else trained ones."""
+    """Declared exits when the model has them (plus entry heads for ``stability``); else trained ones (after
+    every block a head can read; the others are named, with why)."""
     declared = declared_exits(model, chain)
     if declared and (options.score_kind != "stability" or all(e.entry_output for e in declared)):
         return model, declared
     if declared:
         return train_exits(model, chain, data, seed=options.seed, declared=declared)
+    for line in headless_notes(model, chain):
+        log(f"note: {line}")
     return train_exits(model, chain, data, seed=options.seed)
 
 

@@ -59,7 +59,7 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
 
     from distree.exits.data import load_dataset
     from distree.exits.declared import declared_exits
-    from distree.exits.heads import num_classes, train_exits, why_no_head
+    from distree.exits.heads import headless_notes, num_classes, train_exits
     from distree.graph import build_chain, load_model
     from distree.serde import write_bytes_atomic
 
@@ -80,10 +80,8 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
                       "-" if e.fit_accuracy is None else f"{e.fit_accuracy:.3f}")
     Console().print(table)
     if at is None and not declared:             # every candidate was asked for: say why the others are none
-        for b in chain.blocks[:-1]:
-            reason = why_no_head(model, b.output)
-            if reason is not None:
-                click.echo(f"note: no exit after block {b.index}: its output {b.output!r} {reason}", err=True)
+        for line in headless_notes(model, chain):
+            click.echo(f"note: {line}", err=True)
 
 
 @click.command("calibrate")

@@ -157,12 +157,19 @@ def why_no_head(model: onnx.ModelProto, tensor: str) -> str | None:
         return ("is neither float nor quantized with a per-tensor scale and zero point that the op writing it "
                 "holds as constants")
     if only_dequantized(model, tensor):
-        return "is read only by DequantizeLinear: exit after the block that dequantizes it (same values, float)"
+        return "is read only by DequantizeLinear, whose float output holds the same values (a head belongs there)"
     return None
 
 
 def head_supported(model: onnx.ModelProto, tensor: str) -> bool:
     return why_no_head(model, tensor) is None
+
+
+def headless_notes(model: onnx.ModelProto, chain: Chain) -> list[str]:
+    """One line per block (but the last) whose output no head can read, saying why: training at every candidate
+    leaves them out."""
+    reasons = ((b, why_no_head(model, b.output)) for b in chain.blocks[:-1])
+    return [f"no exit after block {b.index}: its output {b.output!r} {reason}" for b, reason in reasons if reason]
 
 
 def candidate_blocks(model: onnx.ModelProto, chain: Chain) -> tuple[int, ...]:

@@ -100,6 +100,40 @@ def test_chained_single_block_segments_reproduce_model(exported, name):
     assert rel_diff(t, reference) <= 1e-4
 
 
+def test_a_dynamo_export_with_external_weights_splits_into_segments_that_reproduce_it(tmp_path):
+    """torch.onnx.export's default since torch 2.9 is the dynamo exporter: opset 18, ReduceMean for the global pool,
+    names like ``add_40``, and the weights in a ``.onnx.data`` file beside the model. It loads (weights read from
+    that file), cuts at the residual joins like the TorchScript export, and its segments answer as the file does."""
+    import warnings
+
+    import torch
+
+    torch.manual_seed(0)
+    module = gm.ResNet([gm.Basic(8, 8, 1), gm.Basic(8, 16, 2)], 16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    path = tmp_path / "dynamo.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=True, verbose=False)
+    assert (tmp_path / "dynamo.onnx.data").is_file()
+    raw = onnx.load(path, load_external_data=False)
+    assert raw.opset_import[0].version >= 18
+    assert any(init.data_location == TensorProto.EXTERNAL for init in raw.graph.initializer)
+
+    model = load_model(path)
+    chain = build_chain(model)
+    assert [b.ops.count("Add") for b in chain.blocks].count(1) == 2           # one block per residual join
+    assert "ReduceMean" in {op for b in chain.blocks for op in b.ops}
+    sample = x[:1].numpy()
+    reference = run(onnx.load(path), {"input": sample}, ["logits"])[0]     # the file as exported
+    np.testing.assert_allclose(reference, module(x[:1]).detach().numpy(), rtol=1e-4, atol=1e-5)
+    t = sample
+    for block in chain.blocks:
+        t = run(extract_segment(model, chain, block.index, block.index), {block.input: t})[0]
+    assert rel_diff(t, reference) <= 1e-4
+
+
 def test_exits_attach_where_their_heads_read_and_segments_carry_them(exported):
     model = load_model(exported["with_exits"])
     chain = build_chain(model)

@@ -290,6 +290,26 @@ class WithExit(nn.Module):
 # --- onnx.helper models ----------------------------------------------------------------------------------
 
 
+def with_local_function() -> onnx.ModelProto:
+    """Two calls of a model-local function ``local.ConvRelu`` (Conv + Relu), then pool, flatten, MatMul: how
+    exporters that keep module boundaries write a model."""
+    rng = np.random.default_rng(0)
+    fn = helper.make_function("local", "ConvRelu", ["x", "w"], ["y"],
+                              [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                               helper.make_node("Relu", ["c"], ["y"])], [helper.make_opsetid("", 17)])
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w1", (8, 1, 3, 3)), ("w2", (8, 8, 3, 3)), ("fc", (8, 10)))]
+    nodes = [helper.make_node("ConvRelu", ["input", "w1"], ["a"], domain="local", name="block1"),
+             helper.make_node("ConvRelu", ["a", "w2"], ["b"], domain="local", name="block2"),
+             helper.make_node("GlobalAveragePool", ["b"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], weights)
+    return helper.make_model(graph, functions=[fn],
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+
+
 def residual_with_constant_subgraph() -> onnx.ModelProto:
     """x -> Relu -> (Mul by DequantizeLinear(int8 weight)) + skip -> Relu -> Reshape(shape from
     Identity(Constant)) -> out. Loading folds the shape's arithmetic but keeps the dequantization (as in a QDQ

@@ -134,6 +134,24 @@ def test_a_dynamo_export_with_external_weights_splits_into_segments_that_reprodu
     assert rel_diff(t, reference) <= 1e-4
 
 
+def test_model_local_functions_are_inlined_so_their_ops_are_costed_cut_and_imported(tmp_path):
+    """A call of a model-local function was one block, costed as one elementwise op, which TVM could not import
+    (the segment shipped as ONNX Runtime). Loading inlines it: its Conv and Relu are blocks of their own."""
+    from distree.targets.toolchain import tvm_unsupported_ops
+
+    original = gm.with_local_function()
+    onnx.checker.check_model(original)
+    onnx.save(original, tmp_path / "local.onnx")
+    model = load_model(tmp_path / "local.onnx")
+    assert not model.functions and {o.domain for o in model.opset_import} == {""}
+    chain = build_chain(model)
+    assert [b.ops for b in chain.blocks][:4] == [("Conv",), ("Relu",), ("Conv",), ("Relu",)]
+    assert chain.blocks[0].flops == 2 * 8 * 28 * 28 * 1 * 9 and chain.blocks[1].output == "a"
+    assert tvm_unsupported_ops(model) == {}
+    x = np.random.default_rng(2).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(run(model, {"input": x})[0], run(original, {"input": x})[0], rtol=1e-5, atol=1e-5)
+
+
 def test_exits_attach_where_their_heads_read_and_segments_carry_them(exported):
     model = load_model(exported["with_exits"])
     chain = build_chain(model)

@@ -2,6 +2,8 @@
 
 ``load_model`` validates the file, fixes the input's symbolic dimensions, and returns a *normalized* copy:
 
+- model-local functions (an exporter's module boundaries) are inlined: their ops are costed, cut between and
+  imported by TVM like any others (a call of one was costed as one elementwise op and TVM could not import it);
 - every node has a unique, order-independent name (unnamed nodes get ``<op>:<first output>``);
 - initializers listed as graph inputs (old exporters) are removed from the inputs: they are weights;
 - nodes are listed in a canonical topological order (Kahn's algorithm, ties broken by node name), so two
@@ -47,6 +49,7 @@ def load_model(
     p = Path(path)
     model = _read(p)
     _check(model, p)
+    model = _inline_local_functions(model)
     model = _single_input_model(model, p)
     model = _fix_input_dims(model, dict(input_shapes or {}), p)
     model = normalize(model)
@@ -188,6 +191,19 @@ def _check(model: onnx.ModelProto, p: Path) -> None:
             f"{p}: fails the ONNX checker ({first}); re-export the model, or repair it so "
             "`python -c \"import onnx; onnx.checker.check_model('{p.name}')\"` passes"
         ) from None
+
+
+def _inline_local_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    if not model.functions:
+        return model
+    from onnx import inliner
+
+    inlined = inliner.inline_local_functions(model)
+    domains = {f.domain for f in model.functions}
+    kept = [o for o in inlined.opset_import if o.domain not in domains]      # no node uses them any more
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(kept)
+    return inlined
 
 
 def _first_line(exc: BaseException) -> str:

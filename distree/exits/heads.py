@@ -399,7 +399,8 @@ def fit_heads(model: onnx.ModelProto, chain: Chain, data: Dataset, wanted: dict[
     check_fit_classes(data.y, k)
     shapes = tensor_shapes(model)
     pooling = {t: choose_pooling(tuple(shapes[t][1:]), head) for t in wanted}
-    quantized = {t: quantization_of(model, t) for t in wanted}
+    types = tensor_elem_types(model)
+    quantized = {t: quantization_of(model, t) if types.get(t) in QUANTIZED_TYPES else None for t in wanted}
     feats = _pooled_features(model, data, pooling, quantized, chain.input_name)
 
     def fit(tensor: str, output: str, f: np.ndarray) -> LinearHead:

@@ -24,7 +24,8 @@ from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
 from distree.solver.heuristic import _MoveScorer, _penalised, iterated_local_search, local_search, place
 from distree.solver.milp import solve_milp
-from distree.solver.problem import clopper_pearson_lower, required_correct
+from distree.solver.plan import WITHIN_GAP
+from distree.solver.problem import check_constraints, clopper_pearson_lower, required_correct
 from distree.solver.synthetic import synthetic_case
 from solver_reference import replay
 
@@ -259,6 +260,39 @@ def test_cbc_agrees_with_highs():
         assert a.status == b.status
         if a.status == "optimal":
             assert a.objective == pytest.approx(b.objective, rel=1e-6)
+
+
+def test_branch_and_bound_stopped_by_a_gap_is_within_it_of_the_brute_force_optimum():
+    """--gap g drops nodes that cannot beat the plan by g: the plan is then at most the optimum / (1 - g), never
+    called optimal unless it is, and the bound stays a bound."""
+    g, complete, above = 0.25, 0, 0
+    for seed in range(80):
+        case, c, problem = _random_problem(seed)
+        ref = brute_force(problem).expected_ms
+        if not np.isfinite(ref):
+            continue
+        tree = branch_and_bound(problem, None, time_limit_s=20.0, best_first=seed % 2 == 1, rel_gap=g)
+        assert tree.bound <= ref * (1 + 1e-9) + 1e-12, f"seed {seed}"
+        if tree.complete:
+            complete += 1
+            assert tree.best.expected_ms * (1 - g) <= ref + 1e-9, f"seed {seed}"
+            assert tree.bound >= tree.best.expected_ms * (1 - g) * (1 - 1e-9) - 1e-12, f"seed {seed}"
+            above += tree.best.expected_ms > ref * (1 + 1e-9)
+    assert complete >= 40 and above >= 3, (complete, above)      # the gap let some plans stop above the optimum
+
+
+def test_solve_stops_at_the_gap_asked_for_and_says_so(tmp_path):
+    """A case the time limit leaves open at gap 0 (tested above) ends within --gap, with that status and its proof;
+    a --gap outside [0, 1) is a one-line error."""
+    case = synthetic_case(40, 12, 6, 3, 1500, seed=5)
+    c = Constraints(accuracy_drop=0.02, time_limit_s=60, gap=0.2)
+    plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
+    assert plan.status in ("optimal", WITHIN_GAP) and plan.gap <= 0.2 + 1e-9, (plan.status, plan.gap)
+    assert plan.status == "optimal" or "proven within --gap 0.2 by branch and bound" in plan.sol_status
+    assert plan.bound_ms <= plan.expected_latency_ms and plan.wall_s < 60
+    _check_plan(plan, case, c)
+    with pytest.raises(DistreeError, match=r"--gap 1 must be in \[0, 1\)"):
+        check_constraints(dataclasses.replace(c, gap=1.0))
 
 
 @pytest.mark.parametrize("size, limit", [((20, 8, 5, 3, 800), 3), ((40, 12, 6, 3, 1500), 2)])

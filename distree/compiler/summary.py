@@ -7,6 +7,7 @@ from typing import Any
 
 from distree.compiler.manifest import Manifest
 from distree.sim.baselines import idle_device_lines
+from distree.solver.plan import WITHIN_GAP
 
 
 def device_sizes(bundle: Path, manifest: Manifest) -> dict[str, dict[str, int]]:
@@ -63,7 +64,10 @@ def print_summary(result, console) -> None:
                   f"{plan.worst_case_latency_ms:.3f} ms (no exits: {plan.no_exit_latency_ms:.3f} ms)")
     console.print(f"predicted accuracy: {plan.accuracy:.4f} (lower bound {plan.accuracy_lcb:.4f}; full model "
                   f"{plan.full_model_accuracy:.4f}, allowed drop {plan.accuracy_drop})")
-    if plan.status != "optimal":
+    if plan.status == WITHIN_GAP:
+        console.print(f"plan proven within --gap in {plan.wall_s:.0f} s: no plan is faster than "
+                      f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%})")
+    elif plan.status != "optimal":
         console.print(f"[yellow]plan not proven optimal[/yellow] in {plan.wall_s:.0f} s: no plan is faster than "
                       f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%}); a longer --time-limit searches further")
     console.print("costs: " + "; ".join(f"{device} {how}" for device, how in result.costs.items()))

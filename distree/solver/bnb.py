@@ -84,8 +84,9 @@ class _Node:
 
 class _Search:
     def __init__(self, p: Problem, incumbent: Candidate | None, tables: BoundTables | None,
-                 prefix: PrefixBound | None, stage_class: StageClass | None = None):
+                 prefix: PrefixBound | None, stage_class: StageClass | None = None, tol: float = OPTIMALITY_TOLERANCE):
         self.p = p
+        self.tol = tol                      # relative: a node must bound below the incumbent by this much to stay
         self.stage_class = stage_class      # the placements its tables price (None: all)
         self.prefix = prefix
         self.prefix_tried = self.prefix_decisive = 0
@@ -99,6 +100,9 @@ class _Search:
 
     def incumbent_total(self) -> float:
         return np.inf if self.best is None else self.best.expected_ms * self.p.n_samples
+
+    def cutoff(self) -> float:
+        return self.incumbent_total() * (1 - self.tol)
 
     def root(self) -> list[_Node]:
         """The root, or nothing when its bound already meets the incumbent (or is infinite)."""
@@ -130,7 +134,7 @@ class _Search:
                 self.prefix = None
         if p.deadline_ms is not None:      # the no-exit path already misses the deadline with these heads
             bound[self.leave[-1] + heads_ms > p.deadline_ms + 1e-9] = np.inf
-        keep = np.nonzero(bound < self.incumbent_total() * (1 - OPTIMALITY_TOLERANCE))[0]
+        keep = np.nonzero(bound < self.cutoff())[0]
         packed = np.packbits(survivors[None, :] & (key[None, :] < cuts[keep, None]), axis=1)
         return [_Node(float(bound[c]), depth, levels[c], packed[i], float(fixed_ms[c]), int(fixed_right[c]),
                       float(heads_ms[c]), float(wide.prefix[c]), int(wide.state[c]), float(wide.decided[c]))
@@ -145,7 +149,7 @@ class _Search:
         self.best = incumbent
         survivors = self.survivors(node)
         cheapest = node.fixed_ms + (node.heads_ms + self.after[survivors, node.depth]).sum()
-        if cheapest >= self.incumbent_total() * (1 - OPTIMALITY_TOLERANCE):
+        if cheapest >= self.cutoff():
             return []
         return self._make(node.depth, [node.levels], survivors, np.zeros(self.p.n_samples, dtype=int),
                           np.array([1]), np.array([node.fixed_ms]), np.array([node.fixed_right]),
@@ -203,14 +207,14 @@ class _Search:
             relaxed = p.replace(deadline_ms=None)
             costs = [r[1] for r in (best_placement(relaxed, levels, order=o) for o in orders) if r is not None]
             floor = max(floor, min(costs, default=np.inf))
-        if floor * p.n_samples < self.incumbent_total() * (1 - OPTIMALITY_TOLERANCE):
+        if floor * p.n_samples < self.cutoff():
             self.open_leaf_bound = min(self.open_leaf_bound, floor * p.n_samples)
 
 
 def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,
                      best_first: bool = False, tables: BoundTables | None = None,
                      prefix: PrefixBound | None = None, progress: Optional[Progress] = None,
-                     classes: PlacementClasses | None = None) -> BnbResult:
+                     classes: PlacementClasses | None = None, rel_gap: float = 0.0) -> BnbResult:
     """Search until proven or ``time_limit_s`` (depth first also stops at MAX_OPEN_NODES open; best first then
     drops its worst nodes, whose smallest bound caps the proven one); the bound is valid either way. ``prefix``:
     the root's wide window bound, which then bounds every node too. Best first tells ``progress`` the plan and
@@ -218,9 +222,13 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
 
     ``classes``: bound each node within a class of placements (:mod:`distree.solver.classes`), starting from
     one tree per first device and splitting a node into the classes that partition its own where the split rule
-    says; all trees searched as one (one incumbent, one open list). ``tables`` and ``prefix`` are then unused."""
+    says; all trees searched as one (one incumbent, one open list). ``tables`` and ``prefix`` are then unused.
+
+    ``rel_gap``: nodes that cannot beat the incumbent by this share are dropped (as MIP solvers' relative gap):
+    ``complete`` then means the plan is within ``rel_gap`` of the optimum, and the bound says no more."""
     t0 = time.perf_counter()
     stop_at = t0 + time_limit_s
+    tol = max(OPTIMALITY_TOLERANCE, rel_gap)
     searches: list[_Search] = []
     index: dict[StageClass, int] = {}
     best = incumbent
@@ -228,11 +236,11 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
     def search_of(c: StageClass) -> int:
         if c not in index:
             index[c] = len(searches)
-            searches.append(_Search(p, best, classes.tables(c), None, stage_class=c))
+            searches.append(_Search(p, best, classes.tables(c), None, stage_class=c, tol=tol))
         return index[c]
 
     if classes is None:
-        searches.append(_Search(p, incumbent, tables, prefix))
+        searches.append(_Search(p, incumbent, tables, prefix, tol=tol))
         roots = [(0, root) for root in searches[0].root()]
     else:
         roots = [(i, root) for i in map(search_of, classes.roots()) for root in searches[i].root()]
@@ -246,6 +254,9 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
 
     def incumbent_total() -> float:
         return np.inf if best is None else best.expected_ms * p.n_samples
+
+    def cutoff() -> float:
+        return incumbent_total() * (1 - tol)
 
     def proven_total(open_min: float) -> float:
         """The bound proven so far, given the smallest bound of an open node (sum over samples)."""
@@ -269,7 +280,7 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
             del open_nodes[keep:]
         _, _, i, node = heapq.heappop(open_nodes) if best_first else open_nodes.pop()
         nodes += 1
-        if node.bound >= incumbent_total() * (1 - OPTIMALITY_TOLERANCE):
+        if node.bound >= cutoff():
             continue
         s = searches[i]
         s.best = best
@@ -294,10 +305,12 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
             item = (kid.bound, pushed, j, kid)
             heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
     N = p.n_samples
-    live = [b for b, _, _, _ in open_nodes if b < incumbent_total() * (1 - OPTIMALITY_TOLERANCE)]
+    live = [b for b, _, _, _ in open_nodes if b < cutoff()]
     bound_total = proven_total(min(live, default=np.inf))
+    if tol > OPTIMALITY_TOLERANCE:        # nodes dropped by the gap bounded at least the cutoff, no more is known
+        bound_total = min(bound_total, cutoff())
     complete = (not live and not any(np.isfinite(s.open_leaf_bound) for s in searches)
-                and dropped_bound >= incumbent_total() * (1 - OPTIMALITY_TOLERANCE))
+                and dropped_bound >= cutoff())
     tried = sum(s.prefix_tried for s in searches)
     return BnbResult(best=best, bound=bound_total / N, complete=complete,
                      nodes=nodes, wall_s=time.perf_counter() - t0,

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from distree.serde import JsonRecord
 
 
+WITHIN_GAP = "within-gap"           # a plan's status when the solver stopped at the --gap asked for
+
+
 @dataclass(frozen=True)
 class ExitChoice(JsonRecord):
     name: str                       # graph output name of the head
@@ -44,7 +47,8 @@ class Plan(JsonRecord):
     memory_bytes: dict[str, int]
     breakdown_ms: dict[str, float]  # compute / heads / transfers / return
     solver: str                     # what produced it: "highs" / "cbc" (the MILP ran) or "branch-and-bound"
-    status: str                     # "optimal", or "time-limit" / "feasible" with a gap
+    status: str                     # "optimal", WITHIN_GAP (proven within --gap), or "time-limit" / "feasible"
+    #                                 with a gap
     gap: float
     wall_s: float
     sol_status: str = ""            # the MILP solver's own solution status (PuLP's name)

@@ -38,6 +38,7 @@ class Constraints:
     #                                         weighted by reach) must fit 1/rate; transfers overlap compute
     free_order: bool = False                # let the solver choose the device order too
     time_limit_s: float = 60.0
+    gap: float = 0.0                        # stop once the plan is proven within this relative gap (0: optimal)
     solver: str = "highs"                   # "highs" (highspy) or "cbc"
     dump_lp: Optional[str] = None           # write the MILP in LP format here
 
@@ -302,5 +303,8 @@ def check_constraints(c: Constraints) -> None:
         raise DistreeError("--min-throughput must be positive")
     if not c.time_limit_s > 0:
         raise DistreeError(f"--time-limit {c.time_limit_s:g} must be a positive number of seconds")
+    if not 0 <= c.gap < 1:
+        raise DistreeError(f"--gap {c.gap:g} must be in [0, 1): the share by which a plan may miss the optimum "
+                           "(0.02: within 2%)")
     if c.solver not in ("highs", "cbc"):
         raise DistreeError(f"--solver {c.solver!r}: choose highs or cbc")

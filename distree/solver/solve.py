@@ -20,7 +20,7 @@ from distree.solver.classes import placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, iterated_local_search, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
-from distree.solver.plan import ExitChoice, Plan, Stage
+from distree.solver.plan import WITHIN_GAP, ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, check_constraints
 from distree.targets.spec import Topology
 
@@ -86,6 +86,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     """
     t0 = time.perf_counter()
     deadline = t0 + constraints.time_limit_s
+    gap = constraints.gap               # the branch and bound stops at it; the MILP (small problems) proves
 
     def tell(best: Optional[Candidate], bound_ms: Optional[float], doing: str) -> None:
         if progress is not None:
@@ -105,11 +106,11 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     if classes is not None:
         # best first over the classes from the start: proves at once where only the placement kept the bound low
         tell(warm, None, "best-first search over placement classes")
-        tree = branch_and_bound(p, warm, CLASS_TRIAL_SHARE * limit, best_first=True, classes=classes)
+        tree = branch_and_bound(p, warm, CLASS_TRIAL_SHARE * limit, best_first=True, classes=classes, rel_gap=gap)
     else:
         tell(warm, None, "depth-first search")
         tree = branch_and_bound(p, warm, min(PROBE_MAX_S, PROBE_SHARE * max(0.0, deadline - time.perf_counter())),
-                                tables=tables)
+                                tables=tables, rel_gap=gap)
     too_big = rows > MILP_MAX_ROWS and tree.best is not None    # with no plan yet, the MILP may still find one
     run_milp = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
     wide_s = max(WIDE_BOUND_SHARE * limit, min(WIDE_BOUND_MIN_S, 2 * WIDE_BOUND_SHARE * limit))
@@ -123,7 +124,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         if wider > wide.width:
             # a short best-first trial: does the wide window decide the tree's bounds here?
             trial = branch_and_bound(p, tree.best, WIDEN_TRIAL_SHARE * limit, best_first=True, tables=tables,
-                                     prefix=wide)
+                                     prefix=wide, rel_gap=gap)
             tree = dataclasses.replace(trial, bound=max(trial.bound, tree.bound))
             if not trial.complete and trial.wide_share >= WIDEN_MIN_SHARE:
                 wide = window_prefix_bound(p, tables, wider)
@@ -140,7 +141,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
         tell(tree.best, max(probe_bound, wide_bound), "best-first search")
         tree = branch_and_bound(p, tree.best, max(0.0, deadline - time.perf_counter()), best_first=True,
-                                tables=tables, prefix=wide, classes=classes,
+                                tables=tables, prefix=wide, classes=classes, rel_gap=gap,
                                 progress=lambda found, bound_ms: tell(
                                     found, max(bound_ms, probe_bound, wide_bound), "best-first search"))
         tree = dataclasses.replace(tree, bound=max(tree.bound, probe_bound))
@@ -151,9 +152,11 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     if tree.complete and not constraints.dump_lp:
         if best is None:
             raise DistreeError(explain_infeasible(p, index, constraints))
-        result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound, "optimal",
-                            f"proven by branch and bound{_over(tree)} ({tree.nodes} nodes, {tree.wall_s:.2f} s)",
-                            0.0, 0.0, 0, 0, 0)
+        within = f"within --gap {gap:g} " if gap > OPTIMALITY_TOLERANCE else ""
+        how = f"proven {within}by branch and bound{_over(tree)} ({tree.nodes} nodes, {tree.wall_s:.2f} s)"
+        result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound,
+                            WITHIN_GAP if within else "optimal", how,
+                            _gap(best.expected_ms, tree.bound) if within else 0.0, 0.0, 0, 0, 0)
     elif not run_milp and not constraints.dump_lp:
         if best is None:
             cheap = _placement_reasons(p)

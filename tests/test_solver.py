@@ -354,10 +354,10 @@ def test_window_widens_only_after_a_trial_shows_it_decides(monkeypatch, min_shar
 
 
 def test_best_first_tree_past_its_open_node_cap_keeps_a_valid_bound(monkeypatch):
-    """At MAX_OPEN_NODES the best-first tree drops its worse half and goes on; the proven bound never passes the
+    """At max_open_nodes the best-first tree drops its worse half and goes on; the proven bound never passes the
     optimum (the dropped nodes' smallest bound caps it) and it claims completeness only when the dropped nodes
     could not have beaten the plan."""
-    monkeypatch.setattr(bnb, "MAX_OPEN_NODES", 6)
+    monkeypatch.setattr(bnb, "max_open_nodes", lambda p: 6)
     capped = complete = 0
     for seed in range(60):
         case, c, problem = _random_problem(seed)

@@ -19,4 +19,6 @@ fi
 [ -x .venv/bin/python ] || python3.11 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -e ".[${extras}]"
+# numba compiles the solver's kernels into its cache once (~7 s), not inside a user's first --time-limit
+.venv/bin/python -c "from distree.solver.bnb import warm_up; warm_up()"
 echo "distree: setup done ($(.venv/bin/distree --version))"

@@ -95,7 +95,7 @@ def test_a_device_profiles_itself_without_the_build_packages(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("command, missing", [
-    (["plan", "--chain", "c.json", "--calibration", "k.json", "--profile", "p.json", "--devices", "host"], "pulp"),
+    (["plan", "--chain", "c.json", "--calibration", "k.json", "--profile", "p.json", "--devices", "host"], "numba"),
     (["compile", "{model}", "--devices", "host", "--data", "{calib}", "-o", "{out}"], None),
     (["exits", "{plain}", "--data", "{calib}", "-o", "{out}/e.onnx"], "scipy"),     # training heads
 ])

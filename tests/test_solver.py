@@ -625,9 +625,9 @@ def _free_choice_by_sorting(need_right: int, base: np.ndarray, right: np.ndarray
 
 
 def test_nested_bounds_equal_one_set_at_a_time():
-    """The branch and bound bounds all children of a node in one pass (survivor sets nested by level); each
-    equals the bound of its own survivor set computed alone (the one-set window bound, itself checked against
-    the general dynamic programme above; free choice by plain sorting)."""
+    """The branch and bound bounds all children of a node in one pass (survivor sets nested by level, compiled
+    loops: distree.solver.kernels); each equals the bound of its own survivor set computed alone by independent
+    code (the general window dynamic programme at width 1; free choice by plain sorting)."""
     checked = 0
     for seed in range(40):
         case, c, problem = _random_problem(seed)
@@ -649,8 +649,8 @@ def test_nested_bounds_equal_one_set_at_a_time():
                                          key[rows], cuts)
             for c_i, cut in enumerate(cuts):
                 alone = survivors & (key < cut)
-                assert nested[c_i] == pytest.approx(window_bound(problem, tables, lam, alone, depth), rel=1e-9,
-                                                    abs=1e-9)
+                assert nested[c_i] == pytest.approx(WindowTerms(problem, tables, 1, alone, depth).value(lam),
+                                                    rel=1e-9, abs=1e-9)
                 plain = _free_choice_by_sorting(int(need[c_i]), tables.after[alone, depth],
                                                 tables.after_right[alone, depth])
                 assert free[c_i] == pytest.approx(plain, rel=1e-9, abs=1e-9) or free[c_i] == plain == np.inf

@@ -33,11 +33,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from distree.solver.bounds import BoundTables, PrefixBound, WideChildren, bound_tables, nested_window_bounds
+from distree.solver.bounds import BoundTables, PrefixBound, WideChildren, bound_tables
 from distree.solver.classes import PlacementClasses, StageClass
-from distree.solver.costs import best_placement, nested_free_choice_ms
+from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, place
-from distree.solver.problem import Problem
+from distree.solver.kernels import (level_tallies, nested_counts, nested_free_choice, nested_window, pack_nested,
+                                    survivor_sum, upgrade_order)
+from distree.solver.problem import Constraints, Problem, build_problem
 
 OPTIMALITY_TOLERANCE = 1e-9     # relative: bound and incumbent this close -> proven optimal
 # best first keeps open nodes up to MAX_OPEN_BYTES; past it only the best OPEN_NODES_KEPT share stays, and the
@@ -98,6 +100,10 @@ class _Search:
         self.leave, self.after, self.after_right = self.tables.leave, self.tables.after, self.tables.after_right
         self.head_price = self.tables.head
         self.lam = self.tables.lam
+        self.order = upgrade_order(self.after, self.after_right)      # [E + 2, N] for the free choice
+        self.passed_by_exit = np.ascontiguousarray(p.passed_level.T)    # [E, N]: a child's key, contiguous
+        self.correct_by_exit = np.ascontiguousarray(p.correct_exit.T.astype(float))
+        self.no_key = np.zeros(p.n_samples, dtype=np.int64)            # one set: everyone below cut 1
         self.best = incumbent
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
         self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)
@@ -114,20 +120,20 @@ class _Search:
         wide = WideChildren.none(1)
         if self.prefix is not None:
             wide.bound[0] = self.prefix.total
-        return self._make(0, [()], np.ones(N, dtype=bool), np.zeros(N, dtype=int), np.array([1]),
+        return self._make(0, [()], np.packbits(np.ones(N, dtype=bool)), self.no_key, np.array([1]),
                           np.zeros(1), np.zeros(1, dtype=int), np.zeros(1), wide)
 
-    def _make(self, depth, levels, survivors, key, cuts, fixed_ms, fixed_right, heads_ms, wide) -> list[_Node]:
-        """The nodes at ``depth`` whose survivors are {i in survivors: key[i] < cuts[c]}, bounded together
-        (:func:`~distree.solver.bounds.nested_window_bounds`), or by the root's wide window along their levels
-        (``wide``, :class:`~distree.solver.bounds.PrefixBound`) when higher; only those that can still beat the
-        incumbent."""
-        p, K = self.p, self.p.required_correct
-        rows = np.nonzero(survivors)[0]
-        count = np.concatenate([[0], np.cumsum(np.bincount(key[rows], minlength=int(cuts.max()) + 1))])[cuts]
-        free = nested_free_choice_ms(K - fixed_right, self.after[rows, depth], self.after_right[rows, depth],
-                                     key[rows], cuts)
-        window = nested_window_bounds(p, self.tables, self.lam, rows, key[rows], cuts, depth)
+    def _make(self, depth, levels, packed, key, cuts, fixed_ms, fixed_right, heads_ms, wide) -> list[_Node]:
+        """The nodes at ``depth`` whose survivors are {i in ``packed``: key[i] < cuts[c]}, bounded together
+        (:mod:`~distree.solver.kernels`: the free choice and the width-1 window), or by the root's wide window
+        along their levels (``wide``, :class:`~distree.solver.bounds.PrefixBound`) when higher; only those that
+        can still beat the incumbent."""
+        p, t, K = self.p, self.tables, self.p.required_correct
+        count = nested_counts(packed, key, cuts)
+        free = nested_free_choice(packed, key, cuts, (K - fixed_right).astype(float), self.after, self.after_right,
+                                  depth, self.order[depth])
+        window = nested_window(packed, key, cuts, depth, self.lam, t.first_chance, t.leave, t.head, t.after,
+                               t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
         paid = fixed_ms + heads_ms * count
         bound = np.maximum(paid + free, paid - self.lam * (fixed_right - K) + window)
         if self.prefix is not None:
@@ -139,8 +145,8 @@ class _Search:
         if p.deadline_ms is not None:      # the no-exit path already misses the deadline with these heads
             bound[self.leave[-1] + heads_ms > p.deadline_ms + 1e-9] = np.inf
         keep = np.nonzero(bound < self.cutoff())[0]
-        packed = np.packbits(survivors[None, :] & (key[None, :] < cuts[keep, None]), axis=1)
-        return [_Node(float(bound[c]), depth, levels[c], packed[i], float(fixed_ms[c]), int(fixed_right[c]),
+        kept = pack_nested(packed, key, cuts[keep])
+        return [_Node(float(bound[c]), depth, levels[c], kept[i], float(fixed_ms[c]), int(fixed_right[c]),
                       float(heads_ms[c]), float(wide.prefix[c]), int(wide.state[c]), float(wide.decided[c]))
                 for i, c in enumerate(keep)]
 
@@ -151,11 +157,10 @@ class _Search:
         (a stage that ends before the node's next exit sends every survivor over a hop), so the survivors'
         cheapest options, accuracy aside, are tried first (a tenth of the full bound's time)."""
         self.best = incumbent
-        survivors = self.survivors(node)
-        cheapest = node.fixed_ms + (node.heads_ms + self.after[survivors, node.depth]).sum()
-        if cheapest >= self.cutoff():
+        count, options = survivor_sum(node.packed, self.after, node.depth)
+        if node.fixed_ms + node.heads_ms * count + options >= self.cutoff():
             return []
-        return self._make(node.depth, [node.levels], survivors, np.zeros(self.p.n_samples, dtype=int),
+        return self._make(node.depth, [node.levels], node.packed, self.no_key,
                           np.array([1]), np.array([node.fixed_ms]), np.array([node.fixed_right]),
                           np.array([node.heads_ms]), WideChildren.none(1))
 
@@ -167,12 +172,9 @@ class _Search:
         (levels leaving the same survivors give the same outcome); a level l child keeps the survivors
         passing below l, so the children's survivor sets are nested by level."""
         p, j = self.p, node.depth
-        survivors = self.survivors(node)
-        passed = p.passed_level[:, j]
+        passed = self.passed_by_exit[j]
         top = int(p.n_levels[j])
-        leaving = np.cumsum(np.bincount(passed[survivors], minlength=top + 1)[::-1])[::-1]     # passed >= l
-        right = np.cumsum(np.bincount(passed[survivors], weights=p.correct_exit[survivors, j],
-                                      minlength=top + 1)[::-1])[::-1]
+        leaving, right = level_tallies(node.packed, passed, self.correct_by_exit[j], top)     # passed >= l
         levels, cuts = [0], [top + 1]
         for level in range(1, top + 1):
             if leaving[level] == 0:
@@ -187,13 +189,13 @@ class _Search:
         fixed_right = node.fixed_right + np.where(on, np.round(right[levels]).astype(int), 0)
         heads_ms = node.heads_ms + on * self.head_price[j]
         if self.prefix is not None:
-            rows = np.nonzero(survivors)[0]
+            rows = np.nonzero(self.survivors(node))[0]
             heads_before = np.concatenate([[0.0], np.cumsum(self.head_price[:j] * (np.array(node.levels) > 0))])
             wide = self.prefix.children(p, self.tables, j, node.wide_prefix, node.wide_state, node.wide_decided,
                                         heads_before, np.array(levels), np.array(cuts), rows, passed[rows])
         else:
             wide = WideChildren.none(len(levels))
-        return self._make(j + 1, [node.levels + (lv,) for lv in levels], survivors, passed, np.array(cuts),
+        return self._make(j + 1, [node.levels + (lv,) for lv in levels], node.packed, passed, np.array(cuts),
                           fixed_ms, fixed_right, heads_ms, wide)
 
     def settle_leaf(self, node: _Node) -> None:
@@ -325,3 +327,17 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
                      nodes=nodes, wall_s=time.perf_counter() - t0,
                      wide_share=sum(s.prefix_decisive for s in searches) / tried if tried else float("nan"),
                      dropped=n_dropped, classes=len(searches) if classes is not None else 0)
+
+
+def warm_up() -> None:
+    """Run every kernel (:mod:`distree.solver.kernels`) once on a tiny instance, so numba compiles them into its
+    cache: ``scripts/setup.sh`` runs it, or a user's first solve would spend ~6 s of its time limit compiling."""
+    from distree.solver.synthetic import synthetic_case     # here: it imports the profiler (ONNX, 0.6 s)
+
+    case = synthetic_case(8, 4, 3, 2, 200, seed=0)
+    p, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
+    search = _Search(p, None, None, None)
+    for node in search.root():
+        for child in search.children(node):
+            search.rebound(child, None)
+    relaxed_lower_bound(p)

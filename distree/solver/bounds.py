@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.costs import cheapest_leave_ms, option_tables, sums_below
+from distree.solver.costs import cheapest_leave_ms, option_tables
+from distree.solver.kernels import nested_window
 from distree.solver.problem import Problem
 
 
@@ -102,33 +103,13 @@ def nested_window_bounds(p: Problem, t: BoundTables, lam: float, rows: np.ndarra
     Width 1 is a sum of per-exit minima: each exit's level only affects the samples whose first chance it is.
     The per-(exit, level) sums are built once with the key as one more axis and accumulated over it, so the
     children of a branch-and-bound node (survivor sets nested by the level chosen) cost about one bound."""
-    E = p.n_exits
-    below = lambda flat_index, weights, size: sums_below(flat_index, weights, key, size, cuts)  # noqa: E731
-
-    chance = t.first_chance[rows, depth]
-    done = chance == E                        # no chance left: the final classifier, exactly
-    at_end = below(key[done], t.leave[E] - lam * p.correct_final[rows[done]], 1)[:, 0]
-    if depth == E:
-        return at_end
-    n_ex, Lv = E - depth, int(p.n_levels.max()) + 1
-    r, k, j = rows[~done], key[~done], chance[~done]
-    local = j - depth
-    free = np.minimum(t.after[r, j + 1], t.after_right[r, j + 1] - lam)
-    passed = p.passed_level[r, j]
-    cells = (k * n_ex + local) * Lv + passed
-    by_leave = below(cells, t.leave[j] - lam * p.correct_exit[r, j], n_ex * Lv).reshape(-1, n_ex, Lv)
-    by_skip = below(cells, t.head[j] + free, n_ex * Lv).reshape(-1, n_ex, Lv)   # on, not passed: head, go on
-    off = below(k * n_ex + local, free, n_ex)
-    # exit depth + x is surely evaluated by every survivor whose first chance is later (or none)
-    first_here = below(k * n_ex + local, None, n_ex)
-    everyone = below(key, None, 1)
-    sure_heads = t.head[depth:] * (everyone - np.cumsum(first_here, axis=1))
-    # level l: samples with passed >= l leave, the others skip
-    leave_at = np.cumsum(by_leave[:, :, ::-1], axis=2)[:, :, ::-1]
-    skip_at = np.concatenate([np.zeros((len(cuts), n_ex, 1)), np.cumsum(by_skip, axis=2)[:, :, :-1]], axis=2)
-    cost = np.concatenate([off[:, :, None], (leave_at + skip_at)[:, :, 1:] + sure_heads[:, :, None]], axis=2)
-    cost[:, np.arange(Lv)[None, :] > p.n_levels[depth:, None]] = np.inf
-    return at_end + cost.min(axis=2).sum(axis=1)
+    alive = np.zeros(p.n_samples, dtype=bool)
+    alive[rows] = True
+    full_key = np.zeros(p.n_samples, dtype=np.int64)
+    full_key[rows] = key
+    return nested_window(np.packbits(alive), full_key, np.asarray(cuts, dtype=np.int64), depth, float(lam),
+                         t.first_chance, t.leave, t.head, t.after, t.after_right, p.passed_level, p.correct_exit,
+                         p.correct_final, p.n_levels)
 
 
 class _Split:

@@ -285,31 +285,13 @@ def nested_free_choice_ms(need_right: np.ndarray, base: np.ndarray, right: np.nd
                           cuts: np.ndarray) -> np.ndarray:
     """:func:`free_choice_ms` of each nested set of samples {i: key[i] < cuts[c]} with ``need_right[c]``, in
     one pass (the children of a branch-and-bound node: their survivor sets are nested by the level chosen)."""
-    with np.errstate(invalid="ignore"):  # inf - inf: a sample with no way out; it counts as neither below
-        up = right - base
-    total = sums_below(key, base, key, 1, cuts)[:, 0]
-    need = need_right - sums_below(key, (up <= 0).astype(float), key, 1, cuts)[:, 0]
-    upgrade = up > 0
-    order = np.argsort(up[upgrade], kind="stable")
-    ups, up_keys = up[upgrade][order], key[upgrade][order]
-    out = np.empty(len(cuts))
-    for c, (cut, n) in enumerate(zip(cuts, need)):
-        if n <= 0:
-            out[c] = total[c]
-            continue
-        chosen = ups[up_keys < cut][:int(n)]
-        out[c] = total[c] + chosen.sum() if len(chosen) == n and np.all(np.isfinite(chosen)) else np.inf
-    return out
+    from distree.solver.kernels import nested_free_choice, upgrade_order   # numba: not for evaluating plans (sim)
 
-
-def sums_below(flat_index: np.ndarray, weights: np.ndarray | None, key: np.ndarray, size: int,
-               cuts: np.ndarray) -> np.ndarray:
-    """[len(cuts), size]: for each cut, the sums of ``weights`` (None: counts) per cell over the items with
-    key < cut; ``flat_index`` = key * size + cell. The nested sets of the branch and bound's children, summed
-    once per key and accumulated."""
-    keys = int(key.max()) + 1 if len(key) else 1
-    sums = np.bincount(flat_index, weights=weights, minlength=keys * size).reshape(keys, size)
-    return np.concatenate([np.zeros((1, size)), np.cumsum(sums, axis=0)])[np.minimum(cuts, keys)]
+    n = len(base)
+    after, after_right = np.asarray(base, dtype=float)[:, None], np.asarray(right, dtype=float)[:, None]
+    return nested_free_choice(np.packbits(np.ones(n, dtype=bool)), np.asarray(key, dtype=np.int64),
+                              np.asarray(cuts, dtype=np.int64), np.asarray(need_right, dtype=float), after,
+                              after_right, 0, upgrade_order(after, after_right)[0])
 
 
 def option_tables(p: Problem, leave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,8 +4,8 @@ extra (and torch) cannot be imported, as on a device that ran ``pip install dist
 import importlib.abc
 import sys
 
-BUILD_ONLY = frozenset({"scipy", "pulp", "highspy", "matplotlib", "psutil", "cloudpickle", "xgboost",
-                        "threadpoolctl", "torch"})
+BUILD_ONLY = frozenset({"scipy", "pulp", "highspy", "numba", "llvmlite", "matplotlib", "psutil", "cloudpickle",
+                        "xgboost", "threadpoolctl", "torch"})
 
 
 class _NotInstalled(importlib.abc.MetaPathFinder):

@@ -37,7 +37,7 @@ from distree.solver.bounds import BoundTables, PrefixBound, WideChildren, bound_
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, place
-from distree.solver.kernels import (level_tallies, nested_counts, nested_free_choice, nested_window, pack_nested,
+from distree.solver.kernels import (child_levels, nested_counts, nested_free_choice, nested_window, pack_nested,
                                     survivor_sum, upgrade_order)
 from distree.solver.problem import Constraints, Problem, build_problem
 
@@ -102,6 +102,7 @@ class _Search:
         self.lam = self.tables.lam
         self.order = upgrade_order(self.after, self.after_right)      # [E + 2, N] for the free choice
         self.passed_by_exit = np.ascontiguousarray(p.passed_level.T)    # [E, N]: a child's key, contiguous
+        self.chance_by_depth = np.ascontiguousarray(self.tables.first_chance.T)    # [E + 1, N]
         self.correct_by_exit = np.ascontiguousarray(p.correct_exit.T.astype(float))
         self.no_key = np.zeros(p.n_samples, dtype=np.int64)            # one set: everyone below cut 1
         self.best = incumbent
@@ -132,8 +133,8 @@ class _Search:
         count = nested_counts(packed, key, cuts)
         free = nested_free_choice(packed, key, cuts, (K - fixed_right).astype(float), self.after, self.after_right,
                                   depth, self.order[depth])
-        window = nested_window(packed, key, cuts, depth, self.lam, t.first_chance, t.leave, t.head, t.after,
-                               t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
+        window = nested_window(packed, key, cuts, depth, self.lam, self.chance_by_depth[depth], t.leave, t.head,
+                               t.after, t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
         paid = fixed_ms + heads_ms * count
         bound = np.maximum(paid + free, paid - self.lam * (fixed_right - K) + window)
         if self.prefix is not None:
@@ -174,28 +175,17 @@ class _Search:
         p, j = self.p, node.depth
         passed = self.passed_by_exit[j]
         top = int(p.n_levels[j])
-        leaving, right = level_tallies(node.packed, passed, self.correct_by_exit[j], top)     # passed >= l
-        levels, cuts = [0], [top + 1]
-        for level in range(1, top + 1):
-            if leaving[level] == 0:
-                break                      # higher levels leave no one either: enabling only adds a head
-            if leaving[level] != leaving[levels[-1]] or levels[-1] == 0:
-                levels.append(level)
-                cuts.append(level)
-        on = np.array(levels) > 0
-        gone = np.where(on, leaving[levels], 0)
-        with np.errstate(invalid="ignore"):     # nobody leaving where no path leads (inf) pays nothing
-            fixed_ms = node.fixed_ms + np.where(gone > 0, gone * (self.leave[j] + node.heads_ms), 0.0)
-        fixed_right = node.fixed_right + np.where(on, np.round(right[levels]).astype(int), 0)
-        heads_ms = node.heads_ms + on * self.head_price[j]
+        levels, cuts, fixed_ms, fixed_right, heads_ms = child_levels(
+            node.packed, passed, self.correct_by_exit[j], top, self.leave[j], self.head_price[j], node.fixed_ms,
+            node.fixed_right, node.heads_ms)
         if self.prefix is not None:
             rows = np.nonzero(self.survivors(node))[0]
             heads_before = np.concatenate([[0.0], np.cumsum(self.head_price[:j] * (np.array(node.levels) > 0))])
             wide = self.prefix.children(p, self.tables, j, node.wide_prefix, node.wide_state, node.wide_decided,
-                                        heads_before, np.array(levels), np.array(cuts), rows, passed[rows])
+                                        heads_before, levels, cuts, rows, passed[rows])
         else:
             wide = WideChildren.none(len(levels))
-        return self._make(j + 1, [node.levels + (lv,) for lv in levels], node.packed, passed, np.array(cuts),
+        return self._make(j + 1, [node.levels + (lv,) for lv in levels.tolist()], node.packed, passed, cuts,
                           fixed_ms, fixed_right, heads_ms, wide)
 
     def settle_leaf(self, node: _Node) -> None:

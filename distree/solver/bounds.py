@@ -108,8 +108,8 @@ def nested_window_bounds(p: Problem, t: BoundTables, lam: float, rows: np.ndarra
     full_key = np.zeros(p.n_samples, dtype=np.int64)
     full_key[rows] = key
     return nested_window(np.packbits(alive), full_key, np.asarray(cuts, dtype=np.int64), depth, float(lam),
-                         t.first_chance, t.leave, t.head, t.after, t.after_right, p.passed_level, p.correct_exit,
-                         p.correct_final, p.n_levels)
+                         np.ascontiguousarray(t.first_chance[:, depth]), t.leave, t.head, t.after, t.after_right,
+                         p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
 
 
 class _Split:

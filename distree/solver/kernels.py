@@ -29,9 +29,13 @@ def _key_count(key, packed):
 
 
 @njit(cache=True)
-def level_tallies(packed, passed, correct, top):
-    """[top + 1] survivors leaving at each level of an exit (passed >= l) and those of them right there."""
-    leaving = np.zeros(top + 2)
+def child_levels(packed, passed, correct, top, leave, head, fixed_ms, fixed_right, heads_ms):
+    """A node's children at its exit (``passed``/``correct``: that exit's columns; ``leave``/``head``: its
+    prices): off, and on at each level whose set of leaving survivors differs from the level below's (levels
+    that leave the same survivors give the same outcome; past the last level that leaves anyone, enabling only
+    adds a head). Returns each child's level, cut (its survivors: passed < cut), decided latency, decided right
+    answers and enabled heads per survivor."""
+    leaving = np.zeros(top + 2)                 # survivors leaving at level l (passed >= l), and right there
     right = np.zeros(top + 2)
     for i in range(len(passed)):
         if _alive(packed, i):
@@ -40,7 +44,28 @@ def level_tallies(packed, passed, correct, top):
     for level in range(top - 1, -1, -1):
         leaving[level] += leaving[level + 1]
         right[level] += right[level + 1]
-    return leaving[:top + 1], right[:top + 1]
+    levels = [0]
+    for level in range(1, top + 1):
+        if leaving[level] == 0:
+            break
+        if levels[-1] == 0 or leaving[level] != leaving[levels[-1]]:
+            levels.append(level)
+    n = len(levels)
+    out_levels = np.zeros(n, dtype=np.int64)
+    cuts = np.zeros(n, dtype=np.int64)
+    out_ms = np.full(n, fixed_ms)
+    out_right = np.full(n, fixed_right, dtype=np.int64)
+    out_heads = np.full(n, heads_ms)
+    cuts[0] = top + 1                           # off: every survivor stays
+    for c in range(1, n):
+        level = levels[c]
+        out_levels[c] = level
+        cuts[c] = level
+        if leaving[level] > 0:                  # nobody leaving where no path leads (inf) pays nothing
+            out_ms[c] += leaving[level] * (leave + heads_ms)
+        out_right[c] += np.int64(np.round(right[level]))
+        out_heads[c] += head
+    return out_levels, cuts, out_ms, out_right, out_heads
 
 
 @njit(cache=True)
@@ -124,20 +149,22 @@ def upgrade_order(after: np.ndarray, after_right: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
-def nested_window(packed, key, cuts, depth, lam, first_chance, leave, head, after, after_right, passed_level,
+def nested_window(packed, key, cuts, depth, lam, chance, leave, head, after, after_right, passed_level,
                   correct_exit, correct_final, n_levels):
     """:func:`distree.solver.bounds.nested_window_bounds` of each nested survivor set (width 1: a sum over
-    exits of their cheapest level, each exit deciding only the survivors whose first chance it is)."""
+    exits of their cheapest level, each exit deciding only the survivors whose first chance it is).
+    ``chance``: each sample's first chance at or after ``depth`` (a column of ``BoundTables.first_chance``)."""
     E = passed_level.shape[1]
     n_keys = _key_count(key, packed)
     n_ex = E - depth
     Lv = 1
     for x in range(len(n_levels)):
         Lv = max(Lv, n_levels[x] + 1)
-    by_leave = np.zeros((n_keys, n_ex, Lv))     # samples passing level l at their first chance leave there
-    by_skip = np.zeros((n_keys, n_ex, Lv))      # or, below the level, pay the head and choose freely after it
-    off = np.zeros((n_keys, n_ex))              # exit off: everyone whose first chance it is chooses freely
-    first_here = np.zeros((n_keys, n_ex))
+    # per (key, exit): [0, Lv) samples passing level l at their first chance, who leave there at levels <= l;
+    # [Lv, 2 Lv) the same samples' head and free choice after it, paid at levels > l; 2 Lv: everyone's free
+    # choice (exit off); 2 Lv + 1: how many have their first chance there. One array: 1.8x faster than four
+    OFF, FIRST = 2 * Lv, 2 * Lv + 1
+    acc = np.zeros((n_keys, n_ex, 2 * Lv + 2))
     at_end = np.zeros(n_keys)                   # no chance left: the final classifier, exactly
     everyone = np.zeros(n_keys)
     for r in range(len(key)):
@@ -145,24 +172,23 @@ def nested_window(packed, key, cuts, depth, lam, first_chance, leave, head, afte
             continue
         k = key[r]
         everyone[k] += 1.0
-        j = first_chance[r, depth]
+        j = chance[r]
         if j == E:
             at_end[k] += leave[E] - lam * correct_final[r]
             continue
-        x = j - depth
         free = min(after[r, j + 1], after_right[r, j + 1] - lam)
         level = passed_level[r, j]
-        by_leave[k, x, level] += leave[j] - lam * correct_exit[r, j]
-        by_skip[k, x, level] += head[j] + free
-        off[k, x] += free
-        first_here[k, x] += 1.0
+        cell = acc[k, j - depth]
+        cell[level] += leave[j] - lam * correct_exit[r, j]
+        cell[Lv + level] += head[j] + free
+        cell[OFF] += free
+        cell[FIRST] += 1.0
     for k in range(1, n_keys):                  # sums over the keys below each cut
-        by_leave[k] += by_leave[k - 1]
-        by_skip[k] += by_skip[k - 1]
-        off[k] += off[k - 1]
-        first_here[k] += first_here[k - 1]
         at_end[k] += at_end[k - 1]
         everyone[k] += everyone[k - 1]
+        for x in range(n_ex):
+            for i in range(2 * Lv + 2):
+                acc[k, x, i] += acc[k - 1, x, i]
     out = np.zeros(len(cuts))
     leaving = np.zeros(Lv + 1)
     for c in range(len(cuts)):
@@ -171,15 +197,16 @@ def nested_window(packed, key, cuts, depth, lam, first_chance, leave, head, afte
             continue                            # nobody: every level costs nothing
         total, decided = at_end[k], 0.0
         for x in range(n_ex):
-            decided += first_here[k, x]
+            cell = acc[k, x]
+            decided += cell[FIRST]
             sure_heads = head[depth + x] * (everyone[k] - decided)   # reached by all whose chance is later
             top = n_levels[depth + x]
             leaving[top + 1] = 0.0
             for level in range(top, 0, -1):     # level l: samples passing >= l leave, the others skip
-                leaving[level] = leaving[level + 1] + by_leave[k, x, level]
-            best, skipping = off[k, x], 0.0
+                leaving[level] = leaving[level + 1] + cell[level]
+            best, skipping = cell[OFF], 0.0
             for level in range(1, top + 1):
-                skipping += by_skip[k, x, level - 1]
+                skipping += cell[Lv + level - 1]
                 best = min(best, leaving[level] + skipping + sure_heads)
             total += best
         out[c] = total

@@ -281,6 +281,25 @@ def test_branch_and_bound_stopped_by_a_gap_is_within_it_of_the_brute_force_optim
     assert complete >= 40 and above >= 3, (complete, above)      # the gap let some plans stop above the optimum
 
 
+def test_the_milp_stopped_by_a_gap_is_within_it_of_the_brute_force_optimum():
+    """--gap reaches HiGHS and CBC as their relative MIP gap: a plan they stop on is at most the optimum / (1 - g),
+    its status says within-gap (never optimal) when it may be above the optimum, and the bound stays a bound."""
+    g, within = 0.3, {"highs": 0, "cbc": 0}
+    for seed in range(24):
+        case, c, problem = _random_problem(seed)
+        ref = brute_force(problem).expected_ms
+        if not np.isfinite(ref):
+            continue
+        for solver in within:
+            r = solve_milp(problem, solver=solver, rel_gap=g)
+            assert r.status in ("optimal", WITHIN_GAP), (seed, solver, r.status)
+            assert r.objective * (1 - g) <= ref * (1 + 1e-6) + 1e-9 and r.bound <= ref * (1 + 1e-6) + 1e-9
+            if r.status == "optimal":
+                assert r.objective == pytest.approx(ref, rel=1e-6), (seed, solver)
+            within[solver] += r.status == WITHIN_GAP
+    assert within["highs"] >= 2 and within["cbc"] >= 10, within     # the gap was used (CBC cannot say less)
+
+
 def test_solve_stops_at_the_gap_asked_for_and_says_so(tmp_path):
     """A case the time limit leaves open at gap 0 (tested above) ends within --gap, with that status and its proof;
     a --gap outside [0, 1) is a one-line error."""

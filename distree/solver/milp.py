@@ -34,12 +34,14 @@ import numpy as np
 import pulp
 from pulp.apis.coin_api import pulp_cbc_path
 
+from distree.solver.plan import WITHIN_GAP
 from distree.solver.problem import Problem
 
 LE, GE, EQ = pulp.LpConstraintLE, pulp.LpConstraintGE, pulp.LpConstraintEQ
 # A small cut pool: HiGHS otherwise spends most of the time in root separation on these models
 # (measured: 12-block, 6-exit, 8-level, 2,500-sample case on 3 devices, 26 s -> 10-12 s to optimality).
 HIGHS_OPTIONS = {"mip_pool_soft_limit": 100, "mip_lp_age_limit": 5}
+PROVEN_GAP = 1e-6                 # the relative MIP gap at which a plan counts as proven optimal
 
 
 @dataclass(frozen=True)
@@ -359,8 +361,11 @@ class Model:
 
 def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
                start: tuple[np.ndarray, np.ndarray] | None = None, dump_lp: str | None = None,
-               msg: bool = False, maximize_correct: bool = False) -> MilpResult:
+               msg: bool = False, maximize_correct: bool = False, rel_gap: float = 0.0) -> MilpResult:
+    """``rel_gap``: stop once the plan is proven within this share of the optimum (``--gap``; the solver's
+    relative MIP gap), status ``within-gap`` when it stops above 1e-6."""
     t0 = time.perf_counter()
+    gap_rel = max(PROVEN_GAP, rel_gap)
     r = reduce(p)
     model = Model(p, r, maximize_correct=maximize_correct)
     if dump_lp:
@@ -368,7 +373,7 @@ def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
     warm = model.start_values(*start) if start is not None else None
     left = max(1.0, time_limit_s - (time.perf_counter() - t0))      # building counts against the limit
     if solver == "highs":
-        s = _WarmHiGHS(start=warm, deadline=t0 + time_limit_s, msg=msg, timeLimit=left, gapRel=1e-6, threads=1,
+        s = _WarmHiGHS(start=warm, deadline=t0 + time_limit_s, msg=msg, timeLimit=left, gapRel=gap_rel, threads=1,
                        **HIGHS_OPTIONS)
     else:
         if warm:
@@ -376,13 +381,18 @@ def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
                 if v.name in warm:
                     v.setInitialValue(warm[v.name])
         # the CBC binary bundled with PuLP, through COIN_CMD (PULP_CBC_CMD is deprecated in PuLP 3.3)
-        s = pulp.COIN_CMD(path=pulp_cbc_path, msg=msg, timeLimit=left, gapRel=1e-6, warmStart=bool(warm),
+        s = pulp.COIN_CMD(path=pulp_cbc_path, msg=msg, timeLimit=left, gapRel=gap_rel, warmStart=bool(warm),
                           threads=1)
     model.lp.solve(s)
     wall = time.perf_counter() - t0
     n_vars, n_cons = model.lp.numVariables(), model.lp.numConstraints()
     sol_status = pulp.LpSolution[model.lp.sol_status] if model.lp.sol_status in pulp.LpSolution else "?"
     status, bound, gap = _status(model.lp, solver)
+    if status == "optimal" and rel_gap > PROVEN_GAP:
+        if solver != "highs":             # CBC's "optimal" at a gap says no more than that gap
+            bound, gap = bound * (1 - rel_gap), rel_gap
+        if gap > PROVEN_GAP:
+            status = WITHIN_GAP
     if status in ("infeasible", "no-solution"):
         return MilpResult(None, None, float("inf"), bound, status, sol_status, float("inf"), wall,
                           n_vars, n_cons, len(r.weight))

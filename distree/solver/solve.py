@@ -86,7 +86,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     """
     t0 = time.perf_counter()
     deadline = t0 + constraints.time_limit_s
-    gap = constraints.gap               # the branch and bound stops at it; the MILP (small problems) proves
+    gap = constraints.gap               # both engines stop once their plan is proven within it
 
     def tell(best: Optional[Candidate], bound_ms: Optional[float], doing: str) -> None:
         if progress is not None:
@@ -175,7 +175,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         engine = constraints.solver
         tell(best, max(tree.bound, wide_bound), f"MILP, ~{rows} rows")
         result = solve_milp(p, time_limit_s=max(1.0, budget), solver=constraints.solver, start=start,
-                            dump_lp=constraints.dump_lp)
+                            dump_lp=constraints.dump_lp, rel_gap=gap)
     if result.status == "infeasible":
         if best is not None:
             raise RuntimeError("MILP reports infeasible but the heuristic found a feasible plan (solver bug)")

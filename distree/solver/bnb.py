@@ -29,7 +29,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -74,8 +74,7 @@ class BnbResult:
     classes: int = 0                   # placement classes searched (0: one tree over every placement)
 
 
-@dataclass(frozen=True)
-class _Node:
+class _Node(NamedTuple):                # a tuple: made ~500,000 times a minute (a frozen dataclass costs 4x)
     bound: float                # total latency (sum over samples, not yet divided by N)
     depth: int                  # exits 0..depth-1 decided
     levels: tuple[int, ...]
@@ -124,7 +123,8 @@ class _Search:
         return self._make(0, [()], np.packbits(np.ones(N, dtype=bool)), self.no_key, np.array([1]),
                           np.zeros(1), np.zeros(1, dtype=int), np.zeros(1), wide)
 
-    def _make(self, depth, levels, packed, key, cuts, fixed_ms, fixed_right, heads_ms, wide) -> list[_Node]:
+    def _make(self, depth, levels, packed, key, cuts, fixed_ms, fixed_right, heads_ms,
+              wide: WideChildren | None) -> list[_Node]:
         """The nodes at ``depth`` whose survivors are {i in ``packed``: key[i] < cuts[c]}, bounded together
         (:mod:`~distree.solver.kernels`: the free choice and the width-1 window), or by the root's wide window
         along their levels (``wide``, :class:`~distree.solver.bounds.PrefixBound`) when higher; only those that
@@ -137,7 +137,7 @@ class _Search:
                                t.after, t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
         paid = fixed_ms + heads_ms * count
         bound = np.maximum(paid + free, paid - self.lam * (fixed_right - K) + window)
-        if self.prefix is not None:
+        if self.prefix is not None and wide is not None:
             self.prefix_tried += len(bound)
             self.prefix_decisive += int((wide.bound > bound).sum())
             bound = np.maximum(bound, wide.bound)
@@ -147,9 +147,12 @@ class _Search:
             bound[self.leave[-1] + heads_ms > p.deadline_ms + 1e-9] = np.inf
         keep = np.nonzero(bound < self.cutoff())[0]
         kept = pack_nested(packed, key, cuts[keep])
-        return [_Node(float(bound[c]), depth, levels[c], kept[i], float(fixed_ms[c]), int(fixed_right[c]),
-                      float(heads_ms[c]), float(wide.prefix[c]), int(wide.state[c]), float(wide.decided[c]))
-                for i, c in enumerate(keep)]
+        n = len(keep)
+        bounds, ms, right, heads = (a[keep].tolist() for a in (bound, fixed_ms, fixed_right, heads_ms))
+        carried = ([0.0] * n, [0] * n, [0.0] * n) if wide is None else \
+            (a[keep].tolist() for a in (wide.prefix, wide.state, wide.decided))
+        return [_Node(bounds[i], depth, levels[c], kept[i], ms[i], right[i], heads[i], *w)
+                for i, (c, *w) in enumerate(zip(keep.tolist(), *carried))]
 
     def rebound(self, node: _Node, incumbent: Candidate | None) -> list[_Node]:
         """``node`` (decided by a class containing this search's) bounded with this search's tables; nothing when
@@ -163,7 +166,7 @@ class _Search:
             return []
         return self._make(node.depth, [node.levels], node.packed, self.no_key,
                           np.array([1]), np.array([node.fixed_ms]), np.array([node.fixed_right]),
-                          np.array([node.heads_ms]), WideChildren.none(1))
+                          np.array([node.heads_ms]), None)
 
     def survivors(self, node: _Node) -> np.ndarray:
         return np.unpackbits(node.packed, count=self.p.n_samples).astype(bool)
@@ -184,7 +187,7 @@ class _Search:
             wide = self.prefix.children(p, self.tables, j, node.wide_prefix, node.wide_state, node.wide_decided,
                                         heads_before, levels, cuts, rows, passed[rows])
         else:
-            wide = WideChildren.none(len(levels))
+            wide = None
         return self._make(j + 1, [node.levels + (lv,) for lv in levels.tolist()], node.packed, passed, cuts,
                           fixed_ms, fixed_right, heads_ms, wide)
 

@@ -7,6 +7,8 @@ import importlib
 import itertools
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -831,3 +833,37 @@ def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch
     assert original(problem, whole, 10.0) is not None
     monkeypatch.setattr(classes_module, "CLASS_MIN_GAIN", 1.0)      # a gain it does not reach: none built
     assert original(problem, whole, 10.0) is None
+
+
+WARM_PROBE = """
+import importlib, json, sys
+from numba.core.registry import CPUDispatcher
+from distree.solver import bnb, kernels
+from distree.solver.classes import PlacementClasses
+from distree.solver.problem import Constraints, build_problem
+from distree.solver.synthetic import synthetic_case
+
+def compiled():
+    return {n: len(f.signatures) for n, f in vars(kernels).items() if isinstance(f, CPUDispatcher) and n[0] != "_"}
+
+bnb.warm_up()
+warm = compiled()
+solve_module = importlib.import_module("distree.solver.solve")
+solve_module.MILP_MAX_ROWS = 10                                   # the tree's route, placement classes screened
+for k, exits in ((3, 11), (2, 30)):
+    case = synthetic_case(12, exits, 4, k, 600, seed=k, exit_every=exits >= 11, dispatch_ms=(0.01, 0.02, 0.3))
+    solve_module.solve(case.chain, case.calibration, case.profile, case.topology, Constraints(time_limit_s=3))
+    p, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
+    bnb.branch_and_bound(p, None, 1.0, best_first=True, classes=PlacementClasses(p))    # class splits, rebound
+json.dump({"warm": warm, "after": compiled()}, sys.stdout)
+"""
+
+
+def test_the_warm_up_compiles_every_kernel_signature_a_solve_uses():
+    """`scripts/setup.sh` runs `warm_up` so that a user's first solve does not spend ~7 s of its time limit in numba:
+    solves along every route (the tree over placement classes, splits, the wide window, the MILP's wrappers) then
+    need no kernel compiled for new argument types (a fresh process: other tests' calls do not count)."""
+    probe = subprocess.run([sys.executable, "-c", WARM_PROBE], capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    counts = json.loads(probe.stdout)
+    assert counts["after"] == counts["warm"] and all(counts["warm"].values()), counts

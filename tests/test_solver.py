@@ -299,6 +299,7 @@ def test_the_milp_stopped_by_a_gap_is_within_it_of_the_brute_force_optimum():
             if r.status == "optimal":
                 assert r.objective == pytest.approx(ref, rel=1e-6), (seed, solver)
             within[solver] += r.status == WITHIN_GAP
+            assert (r.status == WITHIN_GAP) == r.sol_status.startswith(f"{solver} stopped within --gap 0.3")
     assert within["highs"] >= 2 and within["cbc"] >= 10, within     # the gap was used (CBC cannot say less)
 
 

@@ -391,8 +391,8 @@ def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
     if status == "optimal" and rel_gap > PROVEN_GAP:
         if solver != "highs":             # CBC's "optimal" at a gap says no more than that gap
             bound, gap = bound * (1 - rel_gap), rel_gap
-        if gap > PROVEN_GAP:
-            status = WITHIN_GAP
+        if gap > PROVEN_GAP:             # PuLP still calls it "Optimal Solution Found"
+            status, sol_status = WITHIN_GAP, f"{solver} stopped within --gap {rel_gap:g} (PuLP: {sol_status})"
     if status in ("infeasible", "no-solution"):
         return MilpResult(None, None, float("inf"), bound, status, sol_status, float("inf"), wall,
                           n_vars, n_cons, len(r.weight))

@@ -4,8 +4,9 @@ A node of the tree bounds all its children at once: their survivor sets are nest
 node's exit ({i survives: key[i] < cut}). In numpy that was ~25 calls on arrays of a few thousand samples per
 node, and the calls' own overhead was most of the tree's time (py-spy, the example's 22 trained exits, 60 s:
 70% in ``_Search.children``). Here survivors stay packed bits (``np.packbits`` order) and each quantity is one
-pass over them into per-key sums, accumulated over the keys, then a small pass per cut. Compiled on first use
-and cached beside this file (``cache=True``).
+pass over them into per-key sums, accumulated over the keys, then a small pass per cut: with nodes as tuples,
+2.5k -> 12.1k nodes a second there (README, Solver). Compiled on first use and cached beside this file
+(``cache=True``; ``scripts/setup.sh`` runs :func:`distree.solver.bnb.warm_up`).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ packed bits (best first keeps many nodes open).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import time
@@ -33,7 +34,7 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from distree.solver.bounds import BoundTables, PrefixBound, WideChildren, bound_tables
+from distree.solver.bounds import BoundTables, PrefixBound, WideChildren, bound_tables, first_chances
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, place
@@ -87,6 +88,15 @@ class _Node(NamedTuple):                # a tuple: made ~500,000 times a minute 
     wide_decided: float
 
 
+@functools.lru_cache(maxsize=2)
+def _columns(p: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per exit (or depth) the samples' levels passed, right answers and first chances, each a contiguous row for
+    the kernels, and an all-zero key (one set: everyone below cut 1); one copy for all of a problem's searches
+    (a search per placement class)."""
+    return (np.ascontiguousarray(p.passed_level.T), np.ascontiguousarray(p.correct_exit.T.astype(float)),
+            np.ascontiguousarray(first_chances(p).T), np.zeros(p.n_samples, dtype=np.int64))
+
+
 class _Search:
     def __init__(self, p: Problem, incumbent: Candidate | None, tables: BoundTables | None,
                  prefix: PrefixBound | None, stage_class: StageClass | None = None, tol: float = OPTIMALITY_TOLERANCE):
@@ -100,10 +110,7 @@ class _Search:
         self.head_price = self.tables.head
         self.lam = self.tables.lam
         self.order = upgrade_order(self.after, self.after_right)      # [E + 2, N] for the free choice
-        self.passed_by_exit = np.ascontiguousarray(p.passed_level.T)    # [E, N]: a child's key, contiguous
-        self.chance_by_depth = np.ascontiguousarray(self.tables.first_chance.T)    # [E + 1, N]
-        self.correct_by_exit = np.ascontiguousarray(p.correct_exit.T.astype(float))
-        self.no_key = np.zeros(p.n_samples, dtype=np.int64)            # one set: everyone below cut 1
+        self.passed_by_exit, self.correct_by_exit, self.chance_by_depth, self.no_key = _columns(p)
         self.best = incumbent
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
         self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)

@@ -146,7 +146,8 @@ def upgrade_order(after: np.ndarray, after_right: np.ndarray) -> np.ndarray:
     cheapest correct one, those with no upgrade last (what :func:`nested_free_choice` walks)."""
     with np.errstate(invalid="ignore"):
         up = after_right - after
-    return np.ascontiguousarray(np.argsort(np.where(up > 0, up, np.nan), axis=0, kind="stable").T)
+    order = np.argsort(np.where(up > 0, up, np.nan), axis=0, kind="stable").T
+    return np.ascontiguousarray(order, dtype=np.int32)    # one per placement class: half the bytes of int64
 
 
 @njit(cache=True)

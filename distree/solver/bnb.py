@@ -38,8 +38,7 @@ from distree.solver.bounds import BoundTables, PrefixBound, WideChildren, bound_
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, place
-from distree.solver.kernels import (child_levels, nested_counts, nested_free_choice, nested_window, pack_nested,
-                                    survivor_sum, upgrade_order)
+from distree.solver.kernels import child_levels, nested_bounds, pack_nested, survivor_sum, upgrade_order
 from distree.solver.problem import Constraints, Problem, build_problem
 
 OPTIMALITY_TOLERANCE = 1e-9     # relative: bound and incumbent this close -> proven optimal
@@ -136,14 +135,10 @@ class _Search:
         (:mod:`~distree.solver.kernels`: the free choice and the width-1 window), or by the root's wide window
         along their levels (``wide``, :class:`~distree.solver.bounds.PrefixBound`) when higher; only those that
         can still beat the incumbent."""
-        p, t, K = self.p, self.tables, self.p.required_correct
-        count = nested_counts(packed, key, cuts)
-        free = nested_free_choice(packed, key, cuts, (K - fixed_right).astype(float), self.after, self.after_right,
-                                  depth, self.order[depth])
-        window = nested_window(packed, key, cuts, depth, self.lam, self.chance_by_depth[depth], t.leave, t.head,
-                               t.after, t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
-        paid = fixed_ms + heads_ms * count
-        bound = np.maximum(paid + free, paid - self.lam * (fixed_right - K) + window)
+        p, t = self.p, self.tables
+        bound = nested_bounds(packed, key, cuts, fixed_ms, fixed_right, heads_ms, p.required_correct, depth,
+                              self.lam, self.chance_by_depth[depth], self.order[depth], t.leave, t.head, t.after,
+                              t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
         if self.prefix is not None and wide is not None:
             self.prefix_tried += len(bound)
             self.prefix_decisive += int((wide.bound > bound).sum())

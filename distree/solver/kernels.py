@@ -21,12 +21,9 @@ def _alive(packed, i):
 
 
 @njit(cache=True)
-def _key_count(key, packed):
-    n_keys = 1
-    for i in range(len(key)):
-        if _alive(packed, i):
-            n_keys = max(n_keys, key[i] + 1)
-    return n_keys
+def _in_sets(packed, key, i, n_keys):
+    """Survivor ``i`` belongs to some nested set: alive, and its key below the largest cut (``n_keys``)."""
+    return _alive(packed, i) and key[i] < n_keys
 
 
 @njit(cache=True)
@@ -80,19 +77,76 @@ def survivor_sum(packed, values, column):
     return count, total
 
 
+# Each nested quantity below is a pass over the survivors into per-key sums (``_*_add``, one survivor at a time,
+# so one pass can feed several), made cumulative over the keys up to the largest key seen (``used`` keys), then
+# read per cut (``_*_finish``): the set of cut c is key < cuts[c], so its sums are those at key
+# min(cuts[c], used) - 1 (none when that is negative). Keys at or above the largest cut belong to no set and are
+# skipped.
+
 @njit(cache=True)
-def nested_counts(packed, key, cuts):
-    """[len(cuts)] survivors with key < cut."""
-    counts = np.zeros(_key_count(key, packed) + 1)
-    for i in range(len(key)):
-        if _alive(packed, i):
-            counts[key[i] + 1] += 1.0
-    for k in range(1, len(counts)):
-        counts[k] += counts[k - 1]
-    out = np.empty(len(cuts))
+def _accumulate(sums, used):
+    """Cumulative over the first ``used`` keys (axis 0) in place, element by element (a slice sum would
+    allocate per key)."""
+    flat = sums.reshape(sums.shape[0], sums.size // max(sums.shape[0], 1))
+    for k in range(1, used):
+        for x in range(flat.shape[1]):
+            flat[k, x] += flat[k - 1, x]
+
+
+FREE_BASE, FREE_RIGHT, FREE_UPGRADABLE = 0, 1, 2     # the free choice's per-key sums
+
+
+@njit(cache=True)
+def _free_add(sums, k, base, right):
+    """A survivor of key ``k`` whose cheapest option costs ``base`` and cheapest correct one ``right``."""
+    sums[k, FREE_BASE] += base
+    up = right - base
+    if up <= 0:
+        sums[k, FREE_RIGHT] += 1.0              # its cheapest option is right
+    elif up < np.inf:
+        sums[k, FREE_UPGRADABLE] += 1.0         # can be made right at a finite price
+
+
+@njit(cache=True)
+def _free_finish(sums, used, packed, key, cuts, need_right, base, right, order):
+    """Each set's free choice from its (accumulated) sums: the cheapest upgrades until ``need_right[c]`` are right,
+    walking ``order`` once for all sets. Sets that cannot reach it are known from the counts and stay out of the
+    walk: most children are such (69% on the example's 22 trained exits and on the ResNet-110 scale), and each
+    used to walk every sample."""
+    n_keys = sums.shape[0]
+    need = np.zeros(len(cuts))
+    cost = np.zeros(len(cuts))
+    open_cuts = 0
     for c in range(len(cuts)):
-        out[c] = counts[min(cuts[c], len(counts) - 1)]
-    return out
+        k = min(cuts[c], used) - 1
+        if k < 0:
+            need[c] = need_right[c]
+            if need[c] > 0:
+                cost[c] = np.inf                # nobody, yet some must be right
+            continue
+        need[c] = need_right[c] - sums[k, FREE_RIGHT]
+        cost[c] = sums[k, FREE_BASE]
+        if need[c] > sums[k, FREE_UPGRADABLE]:
+            cost[c] = np.inf                    # too few can be right
+        elif need[c] > 0 and cost[c] < np.inf:
+            open_cuts += 1
+    for i in order:                             # the cheapest upgrades first, for every set at once
+        if open_cuts == 0:
+            break
+        up = right[i] - base[i]
+        if not up < np.inf:
+            break                               # the rest are no upgrades (the open sets need none of them)
+        if not _in_sets(packed, key, i, n_keys):
+            continue
+        for c in range(len(cuts)):
+            if need[c] > 0 and cost[c] < np.inf and key[i] < cuts[c]:
+                cost[c] += up
+                need[c] -= 1.0
+                open_cuts -= need[c] <= 0
+    for c in range(len(cuts)):
+        if not np.isfinite(cost[c]):
+            cost[c] = np.inf                    # one with no way out (inf - inf), or too few can be right
+    return cost
 
 
 @njit(cache=True)
@@ -100,57 +154,16 @@ def nested_free_choice(packed, key, cuts, need_right, after, after_right, column
     """:func:`distree.solver.costs.nested_free_choice_ms` of each nested survivor set: everyone takes its
     cheapest option (``after[:, column]``), then the cheapest upgrades to a correct one (``after_right``) until
     ``need_right[c]`` are right; inf when too few can be. ``order``: every sample by its upgrade's cost, those
-    with none (<= 0, or inf - inf: no way out) last (:func:`upgrade_order`).
-
-    Sets that cannot reach ``need_right`` are known from counts before the walk and take no part in it: most
-    children are such (69% on the example's 22 trained exits and on the ResNet-110 scale), and each used to
-    walk every sample."""
-    base = after[:, column]
-    right = after_right[:, column]
-    n_keys = _key_count(key, packed)
-    total = np.zeros(n_keys + 1)
-    right_already = np.zeros(n_keys + 1)
-    upgradable = np.zeros(n_keys + 1)           # could be made right at a finite price
+    with none (<= 0, or inf - inf: no way out) last (:func:`upgrade_order`)."""
+    n_keys = max(cuts.max(), 0)
+    sums = np.zeros((n_keys, 3))
+    used = 0
     for i in range(len(key)):
-        if _alive(packed, i):
-            total[key[i] + 1] += base[i]
-            up = right[i] - base[i]
-            if up <= 0:
-                right_already[key[i] + 1] += 1.0
-            elif up < np.inf:
-                upgradable[key[i] + 1] += 1.0
-    for k in range(1, n_keys + 1):
-        total[k] += total[k - 1]
-        right_already[k] += right_already[k - 1]
-        upgradable[k] += upgradable[k - 1]
-    need = np.empty(len(cuts))
-    cost = np.empty(len(cuts))
-    open_cuts = 0
-    for c in range(len(cuts)):
-        k = min(cuts[c], n_keys)
-        need[c] = need_right[c] - right_already[k]
-        cost[c] = total[k]
-        if need[c] > upgradable[k]:
-            cost[c] = np.inf                    # too few can be right: out of the walk
-            need[c] = 0.0
-        open_cuts += need[c] > 0
-    for i in order:                             # the cheapest upgrades first, for every set at once
-        if open_cuts == 0:
-            break
-        up = right[i] - base[i]
-        if not up < np.inf:
-            break                               # the rest are no upgrades (the open sets need none of them)
-        if not _alive(packed, i):
-            continue
-        for c in range(len(cuts)):
-            if need[c] > 0 and key[i] < cuts[c]:
-                cost[c] += up
-                need[c] -= 1.0
-                open_cuts -= need[c] <= 0
-    for c in range(len(cuts)):
-        if not np.isfinite(cost[c]):
-            cost[c] = np.inf                    # one with no way out (or too few can be right)
-    return cost
+        if _in_sets(packed, key, i, n_keys):
+            _free_add(sums, key[i], after[i, column], after_right[i, column])
+            used = max(used, key[i] + 1)
+    _accumulate(sums, used)
+    return _free_finish(sums, used, packed, key, cuts, need_right, after[:, column], after_right[:, column], order)
 
 
 def upgrade_order(after: np.ndarray, after_right: np.ndarray) -> np.ndarray:
@@ -162,58 +175,49 @@ def upgrade_order(after: np.ndarray, after_right: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(order, dtype=np.int32)    # one per placement class: half the bytes of int64
 
 
+# the width-1 window's per-(key, exit) sums: [0, Lv) samples passing level l at their first chance, who leave
+# there at levels <= l; [Lv, 2 Lv) the same samples' head and free choice after it, paid at levels > l; 2 Lv:
+# everyone's free choice (exit off); 2 Lv + 1: how many have their first chance there. One array: 1.8x faster
+# than four. Per key besides: the final classifier of those with no chance left, and the survivors' count
+
+
 @njit(cache=True)
-def nested_window(packed, key, cuts, depth, lam, chance, leave, head, after, after_right, passed_level,
-                  correct_exit, correct_final, n_levels):
-    """:func:`distree.solver.bounds.nested_window_bounds` of each nested survivor set (width 1: a sum over
-    exits of their cheapest level, each exit deciding only the survivors whose first chance it is).
-    ``chance``: each sample's first chance at or after ``depth`` (a column of ``BoundTables.first_chance``)."""
+def _window_add(acc, ends, r, k, depth, lam, chance, leave, head, after, after_right, passed_level, correct_exit,
+                correct_final):
+    Lv = (acc.shape[2] - 2) // 2
     E = passed_level.shape[1]
-    n_keys = _key_count(key, packed)
-    n_ex = E - depth
-    Lv = 1
-    for x in range(len(n_levels)):
-        Lv = max(Lv, n_levels[x] + 1)
-    # per (key, exit): [0, Lv) samples passing level l at their first chance, who leave there at levels <= l;
-    # [Lv, 2 Lv) the same samples' head and free choice after it, paid at levels > l; 2 Lv: everyone's free
-    # choice (exit off); 2 Lv + 1: how many have their first chance there. One array: 1.8x faster than four
+    ends[k, 1] += 1.0
+    j = chance[r]
+    if j == E:
+        ends[k, 0] += leave[E] - lam * correct_final[r]     # no chance left: the final classifier, exactly
+        return
+    free = min(after[r, j + 1], after_right[r, j + 1] - lam)
+    level = passed_level[r, j]
+    cell = acc[k, j - depth]
+    cell[level] += leave[j] - lam * correct_exit[r, j]
+    cell[Lv + level] += head[j] + free
+    cell[2 * Lv] += free
+    cell[2 * Lv + 1] += 1.0
+
+
+@njit(cache=True)
+def _window_finish(acc, ends, used, cuts, depth, head, n_levels):
+    """Each set's width-1 window: a sum over exits of the cheapest level, each exit deciding only the survivors
+    whose first chance it is."""
+    n_ex = acc.shape[1]
+    Lv = (acc.shape[2] - 2) // 2
     OFF, FIRST = 2 * Lv, 2 * Lv + 1
-    acc = np.zeros((n_keys, n_ex, 2 * Lv + 2))
-    at_end = np.zeros(n_keys)                   # no chance left: the final classifier, exactly
-    everyone = np.zeros(n_keys)
-    for r in range(len(key)):
-        if not _alive(packed, r):
-            continue
-        k = key[r]
-        everyone[k] += 1.0
-        j = chance[r]
-        if j == E:
-            at_end[k] += leave[E] - lam * correct_final[r]
-            continue
-        free = min(after[r, j + 1], after_right[r, j + 1] - lam)
-        level = passed_level[r, j]
-        cell = acc[k, j - depth]
-        cell[level] += leave[j] - lam * correct_exit[r, j]
-        cell[Lv + level] += head[j] + free
-        cell[OFF] += free
-        cell[FIRST] += 1.0
-    for k in range(1, n_keys):                  # sums over the keys below each cut
-        at_end[k] += at_end[k - 1]
-        everyone[k] += everyone[k - 1]
-        for x in range(n_ex):
-            for i in range(2 * Lv + 2):
-                acc[k, x, i] += acc[k - 1, x, i]
     out = np.zeros(len(cuts))
     leaving = np.zeros(Lv + 1)
     for c in range(len(cuts)):
-        k = min(cuts[c], n_keys) - 1
+        k = min(cuts[c], used) - 1
         if k < 0:
             continue                            # nobody: every level costs nothing
-        total, decided = at_end[k], 0.0
+        total, decided, everyone = ends[k, 0], 0.0, ends[k, 1]
         for x in range(n_ex):
             cell = acc[k, x]
             decided += cell[FIRST]
-            sure_heads = head[depth + x] * (everyone[k] - decided)   # reached by all whose chance is later
+            sure_heads = head[depth + x] * (everyone - decided)   # reached by all whose chance is later
             top = n_levels[depth + x]
             leaving[top + 1] = 0.0
             for level in range(top, 0, -1):     # level l: samples passing >= l leave, the others skip
@@ -225,6 +229,65 @@ def nested_window(packed, key, cuts, depth, lam, chance, leave, head, after, aft
             total += best
         out[c] = total
     return out
+
+
+@njit(cache=True)
+def _window_sums(n_keys, depth, n_levels):
+    Lv = 1
+    for x in range(len(n_levels)):
+        Lv = max(Lv, n_levels[x] + 1)
+    return np.zeros((n_keys, len(n_levels) - depth, 2 * Lv + 2)), np.zeros((n_keys, 2))
+
+
+@njit(cache=True)
+def nested_window(packed, key, cuts, depth, lam, chance, leave, head, after, after_right, passed_level,
+                  correct_exit, correct_final, n_levels):
+    """:func:`distree.solver.bounds.nested_window_bounds` of each nested survivor set (width 1).
+    ``chance``: each sample's first chance at or after ``depth`` (a column of ``BoundTables.first_chance``)."""
+    n_keys = max(cuts.max(), 0)
+    acc, ends = _window_sums(n_keys, depth, n_levels)
+    used = 0
+    for r in range(len(key)):
+        if _in_sets(packed, key, r, n_keys):
+            _window_add(acc, ends, r, key[r], depth, lam, chance, leave, head, after, after_right, passed_level,
+                        correct_exit, correct_final)
+            used = max(used, key[r] + 1)
+    _accumulate(acc, used)
+    _accumulate(ends, used)
+    return _window_finish(acc, ends, used, cuts, depth, head, n_levels)
+
+
+@njit(cache=True)
+def nested_bounds(packed, key, cuts, fixed_ms, fixed_right, heads_ms, required, depth, lam, chance, order, leave,
+                  head, after, after_right, passed_level, correct_exit, correct_final, n_levels):
+    """The branch and bound's bound of each nested survivor set, in one pass over the survivors: its decided
+    latency and enabled heads per survivor (``fixed_ms``, ``fixed_right``, ``heads_ms`` per set), plus the larger
+    of its free choice (the accuracy count kept: ``required`` right answers in all) and its width-1 window at
+    ``lam`` (accuracy as a Lagrangian)."""
+    n_keys = max(cuts.max(), 0)
+    free_sums = np.zeros((n_keys, 3))
+    acc, ends = _window_sums(n_keys, depth, n_levels)
+    used = 0
+    for r in range(len(key)):
+        if _in_sets(packed, key, r, n_keys):
+            _free_add(free_sums, key[r], after[r, depth], after_right[r, depth])
+            _window_add(acc, ends, r, key[r], depth, lam, chance, leave, head, after, after_right, passed_level,
+                        correct_exit, correct_final)
+            used = max(used, key[r] + 1)
+    _accumulate(free_sums, used)
+    _accumulate(acc, used)
+    _accumulate(ends, used)
+    need = np.empty(len(cuts))
+    for c in range(len(cuts)):
+        need[c] = required - fixed_right[c]
+    free = _free_finish(free_sums, used, packed, key, cuts, need, after[:, depth], after_right[:, depth], order)
+    window = _window_finish(acc, ends, used, cuts, depth, head, n_levels)
+    bound = np.empty(len(cuts))
+    for c in range(len(cuts)):
+        k = min(cuts[c], used) - 1
+        paid = fixed_ms[c] + (heads_ms[c] * ends[k, 1] if k >= 0 else 0.0)
+        bound[c] = max(paid + free[c], paid - lam * (fixed_right[c] - required) + window[c])
+    return bound
 
 
 @njit(cache=True)

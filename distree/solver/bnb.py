@@ -38,7 +38,7 @@ from distree.solver.bounds import BoundTables, PrefixBound, WideChildren, bound_
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, place
-from distree.solver.kernels import child_levels, nested_bounds, pack_nested, survivor_sum, upgrade_order
+from distree.solver.kernels import children_bounds, nested_bounds, pack_nested, survivor_sum, upgrade_order
 from distree.solver.problem import Constraints, Problem, build_problem
 
 OPTIMALITY_TOLERANCE = 1e-9     # relative: bound and incumbent this close -> proven optimal
@@ -126,19 +126,26 @@ class _Search:
         wide = WideChildren.none(1)
         if self.prefix is not None:
             wide.bound[0] = self.prefix.total
-        return self._make(0, [()], np.packbits(np.ones(N, dtype=bool)), self.no_key, np.array([1]),
-                          np.zeros(1), np.zeros(1, dtype=int), np.zeros(1), wide)
+        return self._one(0, (), np.packbits(np.ones(N, dtype=bool)), 0.0, 0, 0.0, wide)
 
-    def _make(self, depth, levels, packed, key, cuts, fixed_ms, fixed_right, heads_ms,
+    def _one(self, depth, levels, packed, fixed_ms, fixed_right, heads_ms, wide: WideChildren | None) -> list[_Node]:
+        """One node (all of ``packed`` survives), bounded by this search's tables: the root, or a node met by
+        another placement class."""
+        p, t = self.p, self.tables
+        cuts, fixed_ms, fixed_right, heads_ms = np.array([1]), np.array([fixed_ms]), np.array([fixed_right]), \
+            np.array([heads_ms])
+        bound = nested_bounds(packed, self.no_key, cuts, fixed_ms, fixed_right, heads_ms, p.required_correct,
+                              depth, self.lam, self.chance_by_depth[depth], self.order[depth], t.leave, t.head,
+                              t.after, t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
+        return self._make(depth, [levels], packed, self.no_key, cuts, fixed_ms, fixed_right, heads_ms, bound, wide)
+
+    def _make(self, depth, levels, packed, key, cuts, fixed_ms, fixed_right, heads_ms, bound,
               wide: WideChildren | None) -> list[_Node]:
-        """The nodes at ``depth`` whose survivors are {i in ``packed``: key[i] < cuts[c]}, bounded together
-        (:mod:`~distree.solver.kernels`: the free choice and the width-1 window), or by the root's wide window
+        """The nodes at ``depth`` whose survivors are {i in ``packed``: key[i] < cuts[c]}, with their ``bound``
+        (:mod:`~distree.solver.kernels`: the free choice and the width-1 window), or the root's wide window
         along their levels (``wide``, :class:`~distree.solver.bounds.PrefixBound`) when higher; only those that
         can still beat the incumbent."""
-        p, t = self.p, self.tables
-        bound = nested_bounds(packed, key, cuts, fixed_ms, fixed_right, heads_ms, p.required_correct, depth,
-                              self.lam, self.chance_by_depth[depth], self.order[depth], t.leave, t.head, t.after,
-                              t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
+        p = self.p
         if self.prefix is not None and wide is not None:
             self.prefix_tried += len(bound)
             self.prefix_decisive += int((wide.bound > bound).sum())
@@ -166,9 +173,7 @@ class _Search:
         count, options = survivor_sum(node.packed, self.after, node.depth)
         if node.fixed_ms + node.heads_ms * count + options >= self.cutoff():
             return []
-        return self._make(node.depth, [node.levels], node.packed, self.no_key,
-                          np.array([1]), np.array([node.fixed_ms]), np.array([node.fixed_right]),
-                          np.array([node.heads_ms]), None)
+        return self._one(node.depth, node.levels, node.packed, node.fixed_ms, node.fixed_right, node.heads_ms, None)
 
     def survivors(self, node: _Node) -> np.ndarray:
         return np.unpackbits(node.packed, count=self.p.n_samples).astype(bool)
@@ -177,12 +182,12 @@ class _Search:
         """Exit j off (every survivor stays), and on at each level whose set of leaving survivors differs
         (levels leaving the same survivors give the same outcome); a level l child keeps the survivors
         passing below l, so the children's survivor sets are nested by level."""
-        p, j = self.p, node.depth
+        p, t, j = self.p, self.tables, node.depth
         passed = self.passed_by_exit[j]
-        top = int(p.n_levels[j])
-        levels, cuts, fixed_ms, fixed_right, heads_ms = child_levels(
-            node.packed, passed, self.correct_by_exit[j], top, self.leave[j], self.head_price[j], node.fixed_ms,
-            node.fixed_right, node.heads_ms)
+        levels, cuts, fixed_ms, fixed_right, heads_ms, bound = children_bounds(
+            node.packed, j, passed, self.correct_by_exit[j], node.fixed_ms, node.fixed_right, node.heads_ms,
+            p.required_correct, self.lam, self.chance_by_depth[j + 1], self.order[j + 1], t.leave, t.head, t.after,
+            t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
         if self.prefix is not None:
             rows = np.nonzero(self.survivors(node))[0]
             heads_before = np.concatenate([[0.0], np.cumsum(self.head_price[:j] * (np.array(node.levels) > 0))])
@@ -191,7 +196,7 @@ class _Search:
         else:
             wide = None
         return self._make(j + 1, [node.levels + (lv,) for lv in levels.tolist()], node.packed, passed, cuts,
-                          fixed_ms, fixed_right, heads_ms, wide)
+                          fixed_ms, fixed_right, heads_ms, bound, wide)
 
     def settle_leaf(self, node: _Node) -> None:
         """Price a full configuration exactly (or by a bound, where the placement DP is not exact)."""

@@ -27,46 +27,6 @@ def _in_sets(packed, key, i, n_keys):
 
 
 @njit(cache=True)
-def child_levels(packed, passed, correct, top, leave, head, fixed_ms, fixed_right, heads_ms):
-    """A node's children at its exit (``passed``/``correct``: that exit's columns; ``leave``/``head``: its
-    prices): off, and on at each level whose set of leaving survivors differs from the level below's (levels
-    that leave the same survivors give the same outcome; past the last level that leaves anyone, enabling only
-    adds a head). Returns each child's level, cut (its survivors: passed < cut), decided latency, decided right
-    answers and enabled heads per survivor."""
-    leaving = np.zeros(top + 2)                 # survivors leaving at level l (passed >= l), and right there
-    right = np.zeros(top + 2)
-    for i in range(len(passed)):
-        if _alive(packed, i):
-            leaving[passed[i]] += 1.0
-            right[passed[i]] += correct[i]
-    for level in range(top - 1, -1, -1):
-        leaving[level] += leaving[level + 1]
-        right[level] += right[level + 1]
-    levels = [0]
-    for level in range(1, top + 1):
-        if leaving[level] == 0:
-            break
-        if levels[-1] == 0 or leaving[level] != leaving[levels[-1]]:
-            levels.append(level)
-    n = len(levels)
-    out_levels = np.zeros(n, dtype=np.int64)
-    cuts = np.zeros(n, dtype=np.int64)
-    out_ms = np.full(n, fixed_ms)
-    out_right = np.full(n, fixed_right, dtype=np.int64)
-    out_heads = np.full(n, heads_ms)
-    cuts[0] = top + 1                           # off: every survivor stays
-    for c in range(1, n):
-        level = levels[c]
-        out_levels[c] = level
-        cuts[c] = level
-        if leaving[level] > 0:                  # nobody leaving where no path leads (inf) pays nothing
-            out_ms[c] += leaving[level] * (leave + heads_ms)
-        out_right[c] += np.int64(np.round(right[level]))
-        out_heads[c] += head
-    return out_levels, cuts, out_ms, out_right, out_heads
-
-
-@njit(cache=True)
 def survivor_sum(packed, values, column):
     """(survivors, the sum of their ``values[:, column]``)."""
     count, total = 0, 0.0
@@ -178,7 +138,8 @@ def upgrade_order(after: np.ndarray, after_right: np.ndarray) -> np.ndarray:
 # the width-1 window's per-(key, exit) sums: [0, Lv) samples passing level l at their first chance, who leave
 # there at levels <= l; [Lv, 2 Lv) the same samples' head and free choice after it, paid at levels > l; 2 Lv:
 # everyone's free choice (exit off); 2 Lv + 1: how many have their first chance there. One array: 1.8x faster
-# than four. Per key besides: the final classifier of those with no chance left, and the survivors' count
+# than four. Per key besides (``ends``): the final classifier of those with no chance left, the survivors' count
+# and, for a node's children, how many are right at the node's exit
 
 
 @njit(cache=True)
@@ -236,7 +197,7 @@ def _window_sums(n_keys, depth, n_levels):
     Lv = 1
     for x in range(len(n_levels)):
         Lv = max(Lv, n_levels[x] + 1)
-    return np.zeros((n_keys, len(n_levels) - depth, 2 * Lv + 2)), np.zeros((n_keys, 2))
+    return np.zeros((n_keys, len(n_levels) - depth, 2 * Lv + 2)), np.zeros((n_keys, 3))
 
 
 @njit(cache=True)
@@ -258,13 +219,10 @@ def nested_window(packed, key, cuts, depth, lam, chance, leave, head, after, aft
 
 
 @njit(cache=True)
-def nested_bounds(packed, key, cuts, fixed_ms, fixed_right, heads_ms, required, depth, lam, chance, order, leave,
-                  head, after, after_right, passed_level, correct_exit, correct_final, n_levels):
-    """The branch and bound's bound of each nested survivor set, in one pass over the survivors: its decided
-    latency and enabled heads per survivor (``fixed_ms``, ``fixed_right``, ``heads_ms`` per set), plus the larger
-    of its free choice (the accuracy count kept: ``required`` right answers in all) and its width-1 window at
-    ``lam`` (accuracy as a Lagrangian)."""
-    n_keys = max(cuts.max(), 0)
+def _bound_sums(packed, key, n_keys, depth, lam, chance, correct_here, leave, head, after, after_right,
+                passed_level, correct_exit, correct_final, n_levels):
+    """One pass over the survivors into every per-key sum the tree's bound needs (free choice, window, counts;
+    ``correct_here``: right answers at the exit whose levels made the keys), accumulated over the keys."""
     free_sums = np.zeros((n_keys, 3))
     acc, ends = _window_sums(n_keys, depth, n_levels)
     used = 0
@@ -273,10 +231,20 @@ def nested_bounds(packed, key, cuts, fixed_ms, fixed_right, heads_ms, required, 
             _free_add(free_sums, key[r], after[r, depth], after_right[r, depth])
             _window_add(acc, ends, r, key[r], depth, lam, chance, leave, head, after, after_right, passed_level,
                         correct_exit, correct_final)
+            ends[key[r], 2] += correct_here[r]
             used = max(used, key[r] + 1)
     _accumulate(free_sums, used)
     _accumulate(acc, used)
     _accumulate(ends, used)
+    return free_sums, acc, ends, used
+
+
+@njit(cache=True)
+def _bounds(free_sums, acc, ends, used, packed, key, cuts, fixed_ms, fixed_right, heads_ms, required, depth, lam,
+            order, head, after, after_right, n_levels):
+    """Each set's bound from the sums: its decided latency and enabled heads per survivor (``fixed_ms``,
+    ``fixed_right``, ``heads_ms`` per set), plus the larger of its free choice (the accuracy count kept:
+    ``required`` right answers in all) and its width-1 window at ``lam`` (accuracy as a Lagrangian)."""
     need = np.empty(len(cuts))
     for c in range(len(cuts)):
         need[c] = required - fixed_right[c]
@@ -288,6 +256,62 @@ def nested_bounds(packed, key, cuts, fixed_ms, fixed_right, heads_ms, required, 
         paid = fixed_ms[c] + (heads_ms[c] * ends[k, 1] if k >= 0 else 0.0)
         bound[c] = max(paid + free[c], paid - lam * (fixed_right[c] - required) + window[c])
     return bound
+
+
+@njit(cache=True)
+def nested_bounds(packed, key, cuts, fixed_ms, fixed_right, heads_ms, required, depth, lam, chance, order, leave,
+                  head, after, after_right, passed_level, correct_exit, correct_final, n_levels):
+    """The branch and bound's bound (:func:`_bounds`) of each nested survivor set, in one pass over them."""
+    n_keys = max(cuts.max(), 0)
+    sums = _bound_sums(packed, key, n_keys, depth, lam, chance, correct_final, leave, head, after, after_right,
+                       passed_level, correct_exit, correct_final, n_levels)
+    return _bounds(*sums, packed, key, cuts, fixed_ms, fixed_right, heads_ms, required, depth, lam, order, head,
+                   after, after_right, n_levels)
+
+
+@njit(cache=True)
+def children_bounds(packed, j, key, correct_here, fixed_ms, fixed_right, heads_ms, required, lam, chance, order, leave,
+                    head, after, after_right, passed_level, correct_exit, correct_final, n_levels):
+    """A node's children at exit ``j`` and their bounds (:func:`_bounds`), in one pass over its survivors: exit j
+    off, and on at each level whose set of leaving survivors differs from the level below's (levels that leave
+    the same survivors give the same outcome; past the last level that leaves anyone, enabling only adds a head).
+    ``key``/``correct_here``: exit j's columns of ``passed_level``/``correct_exit`` (contiguous). Returns each
+    child's level, cut (its survivors: key < cut), decided latency, decided right answers, enabled heads per
+    survivor, and bound."""
+    top = n_levels[j]
+    sums = _bound_sums(packed, key, top + 1, j + 1, lam, chance, correct_here, leave, head, after,
+                       after_right, passed_level, correct_exit, correct_final, n_levels)
+    ends, used = sums[2], sums[3]
+    everyone = ends[used - 1, 1] if used else 0.0
+    right_all = ends[used - 1, 2] if used else 0.0
+    levels = [0]
+    leaving, right = np.zeros(top + 1), np.zeros(top + 1)   # survivors leaving at level l (passed >= l); right
+    for level in range(1, top + 1):
+        below = min(level, used) - 1
+        leaving[level] = everyone - (ends[below, 1] if below >= 0 else 0.0)
+        right[level] = right_all - (ends[below, 2] if below >= 0 else 0.0)
+        if leaving[level] == 0:
+            break
+        if levels[-1] == 0 or leaving[level] != leaving[levels[-1]]:
+            levels.append(level)
+    n = len(levels)
+    out_levels = np.zeros(n, dtype=np.int64)
+    cuts = np.zeros(n, dtype=np.int64)
+    out_ms = np.full(n, fixed_ms)
+    out_right = np.full(n, fixed_right, dtype=np.int64)
+    out_heads = np.full(n, heads_ms)
+    cuts[0] = top + 1                           # off: every survivor stays
+    for c in range(1, n):
+        level = levels[c]
+        out_levels[c] = level
+        cuts[c] = level
+        if leaving[level] > 0:                  # nobody leaving where no path leads (inf) pays nothing
+            out_ms[c] += leaving[level] * (leave[j] + heads_ms)
+        out_right[c] += np.int64(np.round(right[level]))
+        out_heads[c] += head[j]
+    bound = _bounds(*sums, packed, key, cuts, out_ms, out_right, out_heads, required, j + 1, lam, order, head,
+                    after, after_right, n_levels)
+    return out_levels, cuts, out_ms, out_right, out_heads, bound
 
 
 @njit(cache=True)

@@ -18,7 +18,7 @@ from distree.cli import cli
 from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
 from distree.solver import bnb
-from distree.solver.bnb import _Search, branch_and_bound
+from distree.solver.bnb import Tree, _Search, branch_and_bound
 from distree.solver.bounds import (WindowTerms, best_multiplier, bound_tables, nested_window_bounds,
                                    widest_window_bound, window_bound)
 from distree.solver.brute import all_configurations, all_placements
@@ -798,6 +798,31 @@ def test_placement_class_bounds_never_exceed_the_best_plan_of_their_class():
     assert exact >= 40 and split >= 300 and checked >= 3000, (exact, split, checked)
 
 
+def test_a_tree_run_in_pieces_searches_as_one_run_does():
+    """A solve runs its tree over placement classes briefly, kicks the plan, then lets the same tree go on
+    (Tree): run in slices of ~64 nodes (run afresh, each slice would search the same first nodes again and never
+    finish), it finishes at the plan one run proves, within the nodes that run takes (a run also counts the
+    pruned nodes it pops after the last live one), with a valid bound whenever stopped; a better plan offered
+    between slices is taken."""
+    for seed in range(3):
+        case = synthetic_case(12, 11, 4, 3, 600, seed=seed, exit_every=True)
+        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
+        whole = branch_and_bound(problem, None, 60.0, best_first=True, classes=PlacementClasses(problem))
+        assert whole.complete and whole.best is not None and whole.nodes > 1000, (seed, whole.nodes)
+        tree = Tree(problem, None, best_first=True, classes=PlacementClasses(problem))
+        assert tree.run(0.0).nodes == 0                # stops before its first node
+        for slices in range(1, 10_000):
+            piece = tree.run(1e-4)                     # the time is checked every 64 nodes
+            assert piece.bound <= whole.best.expected_ms * (1 + 1e-9), seed
+            if piece.complete:
+                break
+        assert piece.complete and slices > 10 and piece.nodes <= whole.nodes, (seed, slices)
+        assert piece.best.expected_ms == pytest.approx(whole.best.expected_ms, rel=1e-9), seed
+        offered = Tree(problem, None, best_first=True, classes=PlacementClasses(problem))
+        offered.run(0.0)
+        assert offered.run(60.0, incumbent=whole.best).best is whole.best    # nothing below it to find
+
+
 def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch):
     """Where the first stage's placement is what keeps the bound low, every tree a solve searches is over the
     classes (this instance is then proven in ~2 s; one tree over every placement takes 16 s, measured); where it
@@ -812,13 +837,18 @@ def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch
         return built[-1]
 
     monkeypatch.setattr(solve_module, "placement_classes", recording)
-    searched, tree = [], solve_module.branch_and_bound
+    searched, tree, forest = [], solve_module.branch_and_bound, solve_module.Tree
 
     def recording_tree(*args, **kwargs):
         searched.append(kwargs.get("classes") is not None)
         return tree(*args, **kwargs)
 
+    def recording_forest(*args, **kwargs):
+        searched.append(kwargs.get("classes") is not None)
+        return forest(*args, **kwargs)
+
     monkeypatch.setattr(solve_module, "branch_and_bound", recording_tree)
+    monkeypatch.setattr(solve_module, "Tree", recording_forest)
     case = synthetic_case(30, 8, 4, 3, 500, seed=2)
     c = Constraints(accuracy_drop=0.01, time_limit_s=20)
     plan = solve(case.chain, case.calibration, case.profile, case.topology, c)

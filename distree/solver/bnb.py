@@ -221,11 +221,11 @@ def max_open_nodes(p: Problem) -> int:
     return int(MAX_OPEN_BYTES // (p.n_samples / 8 + 8 * p.n_exits + NODE_BYTES))
 
 
-def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,
-                     best_first: bool = False, tables: BoundTables | None = None,
-                     prefix: PrefixBound | None = None, progress: Optional[Progress] = None,
-                     classes: PlacementClasses | None = None, rel_gap: float = 0.0) -> BnbResult:
-    """Search until proven or ``time_limit_s`` (depth first also stops at :func:`max_open_nodes` open; best first then
+class Tree:
+    """A branch and bound that can be run again: a later :meth:`run` goes on from the open nodes the last one
+    left (with a better incumbent, if one was found meanwhile), so a short first run's work is not thrown away.
+
+    Search until proven or the run's time (depth first also stops at :func:`max_open_nodes` open; best first then
     drops its worst nodes, whose smallest bound caps the proven one); the bound is valid either way. ``prefix``:
     the root's wide window bound, which then bounds every node too. Best first tells ``progress`` the plan and
     the proven bound every PROGRESS_EVERY_S.
@@ -236,97 +236,122 @@ def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: floa
 
     ``rel_gap``: nodes that cannot beat the incumbent by this share are dropped (as MIP solvers' relative gap):
     ``complete`` then means the plan is within ``rel_gap`` of the optimum, and the bound says no more."""
-    t0 = time.perf_counter()
-    stop_at = t0 + time_limit_s
-    tol = max(OPTIMALITY_TOLERANCE, rel_gap)
-    cap = max_open_nodes(p)
-    searches: list[_Search] = []
-    index: dict[StageClass, int] = {}
-    best = incumbent
 
-    def search_of(c: StageClass) -> int:
-        if c not in index:
-            index[c] = len(searches)
-            searches.append(_Search(p, best, classes.tables(c), None, stage_class=c, tol=tol))
-        return index[c]
-
-    if classes is None:
-        searches.append(_Search(p, incumbent, tables, prefix, tol=tol))
-        roots = [(0, root) for root in searches[0].root()]
-    else:
-        roots = [(i, root) for i in map(search_of, classes.roots()) for root in searches[i].root()]
-    open_nodes = sorted(((root.bound, k, i, root) for k, (i, root) in enumerate(roots)),
-                        reverse=not best_first)                   # (bound, tie-break, search, node): a heap, or
-    #                                                               a stack popping the cheapest root first
-    dropped_bound, n_dropped = np.inf, 0                          # smallest bound of a dropped node; their count
-    pushed = len(open_nodes)
-    nodes = 0
-    told_at = t0
-
-    def incumbent_total() -> float:
-        return np.inf if best is None else best.expected_ms * p.n_samples
-
-    def cutoff() -> float:
-        return incumbent_total() * (1 - tol)
-
-    def proven_total(open_min: float) -> float:
-        """The bound proven so far, given the smallest bound of an open node (sum over samples)."""
-        return min(open_min, dropped_bound, min(s.open_leaf_bound for s in searches), incumbent_total())
-
-    while open_nodes:
-        if nodes % 64 == 0:
-            now = time.perf_counter()
-            if now > stop_at or (best_first and open_nodes[0][0] >= dropped_bound):
-                break                     # out of time, or nothing left to prove below the dropped nodes
-            if progress is not None and best_first and now - told_at >= PROGRESS_EVERY_S:
-                told_at = now
-                progress(best, proven_total(open_nodes[0][0]) / p.n_samples)
-        if len(open_nodes) > cap:
-            if not best_first:
-                break
-            keep = int(OPEN_NODES_KEPT * cap)
-            open_nodes.sort()             # a sorted list is a heap
-            dropped_bound = min(dropped_bound, open_nodes[keep][0])
-            n_dropped += len(open_nodes) - keep
-            del open_nodes[keep:]
-        _, _, i, node = heapq.heappop(open_nodes) if best_first else open_nodes.pop()
-        nodes += 1
-        if node.bound >= cutoff():
-            continue
-        s = searches[i]
-        s.best = best
-        parts = classes.split(s.stage_class, node.depth) if classes is not None else []
-        if parts:                         # the same node, bounded within each class that partitions its own
-            kids = [(j, kid) for j in map(search_of, parts[:-1]) for kid in searches[j].rebound(node, best)]
-            i = search_of(parts[-1])
-            s = searches[i]
-            if not parts[-1].exact:       # needs no split at this exit: its children at once (one bound less)
-                s.best = best
-                kids += [(i, kid) for kid in s.children(node)]
-            else:
-                kids += [(i, kid) for kid in s.rebound(node, best)]
-        elif node.depth == p.n_exits:
-            s.settle_leaf(node)
-            best = s.best
-            continue
+    def __init__(self, p: Problem, incumbent: Candidate | None, best_first: bool = False,
+                 tables: BoundTables | None = None, prefix: PrefixBound | None = None,
+                 classes: PlacementClasses | None = None, rel_gap: float = 0.0):
+        t0 = time.perf_counter()
+        self.p, self.best, self.best_first, self.classes = p, incumbent, best_first, classes
+        self.tol = max(OPTIMALITY_TOLERANCE, rel_gap)
+        self.searches: list[_Search] = []
+        self.index: dict[StageClass, int] = {}
+        if classes is None:
+            self.searches.append(_Search(p, incumbent, tables, prefix, tol=self.tol))
+            roots = [(0, root) for root in self.searches[0].root()]
         else:
-            kids = [(i, kid) for kid in s.children(node)]
-        for j, kid in sorted(kids, key=lambda k: -k[1].bound):     # depth first pops the cheapest first
-            pushed += 1
-            item = (kid.bound, pushed, j, kid)
-            heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
-    N = p.n_samples
-    live = [b for b, _, _, _ in open_nodes if b < cutoff()]
-    bound_total = proven_total(min(live, default=np.inf))
-    if tol > OPTIMALITY_TOLERANCE:        # nodes dropped by the gap bounded at least the cutoff, no more is known
-        bound_total = min(bound_total, cutoff())
-    complete = (not live and not any(np.isfinite(s.open_leaf_bound) for s in searches)
-                and dropped_bound >= cutoff())
-    tried = sum(s.prefix_tried for s in searches)
-    return BnbResult(best=best, bound=bound_total / N, complete=complete,
-                     nodes=nodes, wall_s=time.perf_counter() - t0,
-                     wide_share=sum(s.prefix_decisive for s in searches) / tried if tried else float("nan"),
-                     dropped=n_dropped, classes=len(searches) if classes is not None else 0)
+            roots = [(i, root) for i in map(self._search_of, classes.roots()) for root in self.searches[i].root()]
+        # (bound, tie-break, search, node): a heap, or a stack popping the cheapest root first
+        self.open = sorted(((root.bound, k, i, root) for k, (i, root) in enumerate(roots)), reverse=not best_first)
+        self.dropped_bound, self.dropped = np.inf, 0     # smallest bound of a dropped node; their count
+        self.pushed, self.nodes = len(self.open), 0
+        self.wall_s = time.perf_counter() - t0
+
+    def _search_of(self, c: StageClass) -> int:
+        if c not in self.index:
+            self.index[c] = len(self.searches)
+            self.searches.append(_Search(self.p, self.best, self.classes.tables(c), None, stage_class=c,
+                                         tol=self.tol))
+        return self.index[c]
+
+    def _incumbent_total(self) -> float:
+        return np.inf if self.best is None else self.best.expected_ms * self.p.n_samples
+
+    def _cutoff(self) -> float:
+        return self._incumbent_total() * (1 - self.tol)
+
+    def _proven_total(self, open_min: float) -> float:
+        """The bound proven so far, given the smallest bound of an open node (sum over samples)."""
+        return min(open_min, self.dropped_bound, min(s.open_leaf_bound for s in self.searches),
+                   self._incumbent_total())
+
+    def run(self, time_limit_s: float, incumbent: Candidate | None = None,
+            progress: Optional[Progress] = None) -> BnbResult:
+        """Go on for ``time_limit_s`` (``incumbent``: a plan found meanwhile, taken when better); the result covers
+        every run so far."""
+        t0 = time.perf_counter()
+        stop_at = t0 + time_limit_s
+        p, best_first, classes, open_nodes = self.p, self.best_first, self.classes, self.open
+        if incumbent is not None and incumbent.expected_ms * p.n_samples < self._incumbent_total():
+            self.best = incumbent
+        cap = max_open_nodes(p)
+        told_at = t0
+        while open_nodes:
+            if self.nodes % 64 == 0:
+                now = time.perf_counter()
+                if now > stop_at or (best_first and open_nodes[0][0] >= self.dropped_bound):
+                    break                     # out of time, or nothing left to prove below the dropped nodes
+                if progress is not None and best_first and now - told_at >= PROGRESS_EVERY_S:
+                    told_at = now
+                    progress(self.best, self._proven_total(open_nodes[0][0]) / p.n_samples)
+            if len(open_nodes) > cap:
+                if not best_first:
+                    break
+                keep = int(OPEN_NODES_KEPT * cap)
+                open_nodes.sort()             # a sorted list is a heap
+                self.dropped_bound = min(self.dropped_bound, open_nodes[keep][0])
+                self.dropped += len(open_nodes) - keep
+                del open_nodes[keep:]
+            _, _, i, node = heapq.heappop(open_nodes) if best_first else open_nodes.pop()
+            self.nodes += 1
+            if node.bound >= self._cutoff():
+                continue
+            s = self.searches[i]
+            s.best = self.best
+            parts = classes.split(s.stage_class, node.depth) if classes is not None else []
+            if parts:                         # the same node, bounded within each class that partitions its own
+                kids = [(j, kid) for j in map(self._search_of, parts[:-1])
+                        for kid in self.searches[j].rebound(node, self.best)]
+                i = self._search_of(parts[-1])
+                s = self.searches[i]
+                if not parts[-1].exact:       # needs no split at this exit: its children at once (one bound less)
+                    s.best = self.best
+                    kids += [(i, kid) for kid in s.children(node)]
+                else:
+                    kids += [(i, kid) for kid in s.rebound(node, self.best)]
+            elif node.depth == p.n_exits:
+                s.settle_leaf(node)
+                self.best = s.best
+                continue
+            else:
+                kids = [(i, kid) for kid in s.children(node)]
+            for j, kid in sorted(kids, key=lambda k: -k[1].bound):     # depth first pops the cheapest first
+                self.pushed += 1
+                item = (kid.bound, self.pushed, j, kid)
+                heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
+        self.wall_s += time.perf_counter() - t0
+        return self._result()
+
+    def _result(self) -> BnbResult:
+        N, cutoff = self.p.n_samples, self._cutoff()
+        live = [b for b, _, _, _ in self.open if b < cutoff]
+        bound_total = self._proven_total(min(live, default=np.inf))
+        if self.tol > OPTIMALITY_TOLERANCE:   # nodes dropped by the gap bounded at least the cutoff, no more is known
+            bound_total = min(bound_total, cutoff)
+        complete = (not live and not any(np.isfinite(s.open_leaf_bound) for s in self.searches)
+                    and self.dropped_bound >= cutoff)
+        tried = sum(s.prefix_tried for s in self.searches)
+        return BnbResult(best=self.best, bound=bound_total / N, complete=complete, nodes=self.nodes,
+                         wall_s=self.wall_s,
+                         wide_share=sum(s.prefix_decisive for s in self.searches) / tried if tried else float("nan"),
+                         dropped=self.dropped, classes=len(self.searches) if self.classes is not None else 0)
+
+
+def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,
+                     best_first: bool = False, tables: BoundTables | None = None,
+                     prefix: PrefixBound | None = None, progress: Optional[Progress] = None,
+                     classes: PlacementClasses | None = None, rel_gap: float = 0.0) -> BnbResult:
+    """One :class:`Tree` run for ``time_limit_s``, from its roots."""
+    return Tree(p, incumbent, best_first, tables, prefix, classes, rel_gap).run(time_limit_s, progress=progress)
 
 
 def warm_up() -> None:

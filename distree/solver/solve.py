@@ -14,7 +14,7 @@ from distree.exits.confidence import clopper_pearson_lower
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.types import Profile
-from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, branch_and_bound
+from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, Tree, branch_and_bound
 from distree.solver.bounds import bound_tables, widest_window, widest_window_bound, window_prefix_bound
 from distree.solver.classes import placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
@@ -99,14 +99,15 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     rows = estimated_rows(p)
     tables = bound_tables(p)
     limit = constraints.time_limit_s
-    classes = None
+    classes = forest = None
     if rows > MILP_MAX_ROWS and warm is not None and not constraints.dump_lp:    # the tree's route in any case
         tell(warm, None, "bounding placement classes")
         classes = placement_classes(p, tables, CLASS_SHARE * limit)
     if classes is not None:
         # best first over the classes from the start: proves at once where only the placement kept the bound low
         tell(warm, None, "best-first search over placement classes")
-        tree = branch_and_bound(p, warm, CLASS_TRIAL_SHARE * limit, best_first=True, classes=classes, rel_gap=gap)
+        forest = Tree(p, warm, best_first=True, classes=classes, rel_gap=gap)     # goes on after the kicks
+        tree = forest.run(CLASS_TRIAL_SHARE * limit)
     else:
         tell(warm, None, "depth-first search")
         tree = branch_and_bound(p, warm, min(PROBE_MAX_S, PROBE_SHARE * max(0.0, deadline - time.perf_counter())),
@@ -140,10 +141,14 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     if not tree.complete and not run_milp and not constraints.dump_lp:
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
         tell(tree.best, max(probe_bound, wide_bound), "best-first search")
-        tree = branch_and_bound(p, tree.best, max(0.0, deadline - time.perf_counter()), best_first=True,
-                                tables=tables, prefix=wide, classes=classes, rel_gap=gap,
-                                progress=lambda found, bound_ms: tell(
-                                    found, max(bound_ms, probe_bound, wide_bound), "best-first search"))
+
+        def told(found: Optional[Candidate], bound_ms: float) -> None:
+            tell(found, max(bound_ms, probe_bound, wide_bound), "best-first search")
+
+        left = max(0.0, deadline - time.perf_counter())
+        tree = (forest.run(left, incumbent=tree.best, progress=told) if forest is not None else
+                branch_and_bound(p, tree.best, left, best_first=True, tables=tables, prefix=wide, rel_gap=gap,
+                                 progress=told))
         tree = dataclasses.replace(tree, bound=max(tree.bound, probe_bound))
     best = tree.best
     start = (best.levels, best.placement) if best is not None else None

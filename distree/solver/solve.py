@@ -123,12 +123,13 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         wider = widest_window(p, min(WIDEN_SHARE * limit,
                                      0.5 * (deadline - time.perf_counter() - WIDEN_TRIAL_SHARE * limit)))
         if wider > wide.width:
-            # a short best-first trial: does the wide window decide the tree's bounds here?
-            trial = branch_and_bound(p, tree.best, WIDEN_TRIAL_SHARE * limit, best_first=True, tables=tables,
-                                     prefix=wide, rel_gap=gap)
+            # a short best-first trial: does the wide window decide the tree's bounds here? (If not, that tree
+            # goes on after the kicks)
+            forest = Tree(p, tree.best, best_first=True, tables=tables, prefix=wide, rel_gap=gap)
+            trial = forest.run(WIDEN_TRIAL_SHARE * limit)
             tree = dataclasses.replace(trial, bound=max(trial.bound, tree.bound))
             if not trial.complete and trial.wide_share >= WIDEN_MIN_SHARE:
-                wide = window_prefix_bound(p, tables, wider)
+                wide, forest = window_prefix_bound(p, tables, wider), None
     wide_bound = wide.total / p.n_samples if wide is not None else 0.0
     if not tree.complete and tree.best is not None and not constraints.dump_lp:
         tell(tree.best, max(tree.bound, wide_bound), "improving the plan")

@@ -34,7 +34,8 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from distree.solver.bounds import BoundTables, PrefixBound, WideChildren, bound_tables, first_chances
+from distree.solver.bounds import (BoundTables, PrefixBound, WideChildren, bound_tables, first_chances,
+                                   window_prefix_bound)
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, place
@@ -175,9 +176,6 @@ class _Search:
             return []
         return self._one(node.depth, node.levels, node.packed, node.fixed_ms, node.fixed_right, node.heads_ms, None)
 
-    def survivors(self, node: _Node) -> np.ndarray:
-        return np.unpackbits(node.packed, count=self.p.n_samples).astype(bool)
-
     def children(self, node: _Node) -> list[_Node]:
         """Exit j off (every survivor stays), and on at each level whose set of leaving survivors differs
         (levels leaving the same survivors give the same outcome); a level l child keeps the survivors
@@ -189,10 +187,9 @@ class _Search:
             p.required_correct, self.lam, self.chance_by_depth[j + 1], self.order[j + 1], t.leave, t.head, t.after,
             t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
         if self.prefix is not None:
-            rows = np.nonzero(self.survivors(node))[0]
             heads_before = np.concatenate([[0.0], np.cumsum(self.head_price[:j] * (np.array(node.levels) > 0))])
             wide = self.prefix.children(p, self.tables, j, node.wide_prefix, node.wide_state, node.wide_decided,
-                                        heads_before, levels, cuts, rows, passed[rows])
+                                        heads_before, levels, cuts, node.packed, passed)
         else:
             wide = None
         return self._make(j + 1, [node.levels + (lv,) for lv in levels.tolist()], node.packed, passed, cuts,
@@ -361,8 +358,10 @@ def warm_up() -> None:
 
     case = synthetic_case(8, 4, 3, 2, 200, seed=0)
     p, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
-    search = _Search(p, None, None, None)
-    for node in search.root():
-        for child in search.children(node):
-            search.rebound(child, None)
+    tables = bound_tables(p)
+    for prefix in (None, window_prefix_bound(p, tables, 2)):     # the wide window along the tree, or none
+        search = _Search(p, None, tables, prefix)
+        for node in search.root():
+            for child in search.children(node):
+                search.rebound(child, None)
     relaxed_lower_bound(p)

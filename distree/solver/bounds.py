@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distree.solver.costs import cheapest_leave_ms, option_tables
-from distree.solver.kernels import nested_window
+from distree.solver.kernels import nested_window, prefix_children
 from distree.solver.problem import Problem
 
 
@@ -287,30 +287,20 @@ class PrefixBound:
         return self.constant + float(self.to_go[0][0])
 
     def children(self, p: Problem, t: BoundTables, j: int, prefix: float, state: int, decided: float,
-                 heads_before: np.ndarray, levels: np.ndarray, cuts: np.ndarray, rows: np.ndarray,
+                 heads_before: np.ndarray, levels: np.ndarray, cuts: np.ndarray, packed: np.ndarray,
                  key: np.ndarray) -> WideChildren:
         """The children of a node at depth ``j`` (its prefix sum, state = its last width - 1 levels, and the
-        exact correction of its decided samples), at ``levels`` of exit j; child c keeps the survivors ``rows``
-        whose ``key`` (level passed at exit j) is below ``cuts[c]``. ``heads_before[i]``: the node's enabled
-        heads of exits < i."""
+        exact correction of its decided samples), at ``levels`` of exit j; child c keeps the node's survivors
+        (``packed`` bits) whose ``key`` (level passed at exit j, every sample's) is below ``cuts[c]``.
+        ``heads_before[i]``: the node's enabled heads of exits < i."""
         combo = state * self.levels_count + levels
         prefix = prefix + self.unary[j][levels]
         if j >= self.width - 1:
             prefix = prefix + self.tables[j - (self.width - 1)][combo]
         state = combo % self.to_go.shape[1]
-        closes, free = self.closes[rows], self.free[rows]
-        past = closes <= j                            # exit j lies past the sample's window
-        paid = heads_before[j] - heads_before[np.minimum(closes, j)]     # heads evaluated since the window
-        with np.errstate(invalid="ignore"):
-            go = np.where(past, t.leave[j] - self.lam * p.correct_exit[rows, j] + paid - free, 0.0)
-            rest = np.minimum(t.after[rows, j + 1], t.after_right[rows, j + 1] - self.lam)
-            stay = np.where(closes <= j + 1, rest + paid - free, 0.0)
-        size = int(cuts.max()) + 1
-        below = lambda w: np.concatenate([[0.0], np.cumsum(np.bincount(key, w, minlength=size))])[cuts]  # noqa: E731
-        leaving = np.cumsum(np.bincount(key, go, minlength=size)[::-1])[::-1]
-        on = levels > 0
-        decided = decided + np.where(on, np.append(leaving, 0.0)[cuts], 0.0)
-        survivors = below(stay) + on * t.head[j] * below(past.astype(float))
+        decided, survivors = prefix_children(packed, key, cuts, levels, j, decided, heads_before, self.closes,
+                                             self.free, self.lam, t.leave, t.head, t.after, t.after_right,
+                                             p.correct_exit)
         return WideChildren(prefix, state, decided,
                             self.constant + prefix + self.to_go[j + 1][state] + decided + survivors)
 

@@ -315,6 +315,44 @@ def children_bounds(packed, j, key, correct_here, fixed_ms, fixed_right, heads_m
 
 
 @njit(cache=True)
+def prefix_children(packed, key, cuts, levels, j, decided, heads_before, closes, free, lam, leave, head, after,
+                    after_right, correct_exit):
+    """What :meth:`distree.solver.bounds.PrefixBound.children` adds per child at exit ``j`` (child c: level
+    ``levels[c]``, survivors key < ``cuts[c]``), in one pass over the node's survivors: the exact correction of
+    the samples the child's level decides past their window (``decided`` + theirs, for the children that enable
+    exit j) and the survivors' part (those whose window closes by j + 1 take their rest, heads since their
+    window paid; those past it evaluate exit j's head when it is on)."""
+    n_keys = max(cuts.max(), 0)
+    go = np.zeros(n_keys + 1)                   # per key: leaving at exit j, corrected (suffix sums below)
+    stays = np.zeros((n_keys, 2))               # per key: the rest of those staying; how many are past their window
+    used = 0
+    for r in range(len(key)):
+        if not _in_sets(packed, key, r, n_keys):
+            continue
+        k = key[r]
+        used = max(used, k + 1)
+        closed = closes[r]
+        paid = heads_before[j] - heads_before[min(closed, j)]    # heads evaluated since the window
+        if closed <= j:                         # exit j lies past the sample's window
+            go[k] += leave[j] - lam * correct_exit[r, j] + paid - free[r]
+            stays[k, 1] += 1.0
+        if closed <= j + 1:
+            stays[k, 0] += min(after[r, j + 1], after_right[r, j + 1] - lam) + paid - free[r]
+    for k in range(n_keys - 1, -1, -1):         # go[k]: those with key >= k (a suffix sum: no inf - inf)
+        go[k] += go[k + 1]
+    _accumulate(stays, used)
+    out_decided = np.empty(len(cuts))
+    survivors = np.zeros(len(cuts))
+    for c in range(len(cuts)):
+        on = levels[c] > 0
+        out_decided[c] = decided + (go[min(cuts[c], n_keys)] if on else 0.0)
+        below = min(cuts[c], used) - 1
+        if below >= 0:
+            survivors[c] = stays[below, 0] + (head[j] * stays[below, 1] if on else 0.0)
+    return out_decided, survivors
+
+
+@njit(cache=True)
 def pack_nested(packed, key, cuts):
     """[len(cuts), bytes]: the survivor set key < cut of each cut, packed as ``np.packbits``."""
     out = np.zeros((len(cuts), len(packed)), dtype=np.uint8)

@@ -26,7 +26,7 @@ a trial tree shows it deciding), and the tree carries it along every node's leve
 
 What stays loose is accuracy, not latency: at the width-1 minimiser on the ResNet-110 scale the relaxation prices
 latency within 0.1% but counts 216 right answers too many (samples past their window take a later exit where they
-are right); README "What keeps it open is the accuracy bound".
+are right); docs/solver.md, "What keeps it open is the accuracy bound".
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ node, and the calls' own overhead was most of the tree's time (py-spy, the examp
 70% in ``_Search.children``). Here survivors stay packed bits (``np.packbits`` order) and everything a node's
 children need (which levels make children, their free choice, window bound and counts) comes from one pass over
 them into per-key sums, accumulated over the keys, then a small pass per cut (:func:`children_bounds`): 2.5k ->
-~17k nodes a second there (525,724 in 30-32 s; docs/solver.md, Speed). The per-sample helpers are plain ``njit`` functions, which
-LLVM inlines; numba's own ``inline="always"`` made the same pass 2.8x slower. Compiled on first use and cached
-beside this file (``cache=True``; ``scripts/setup.sh`` runs :func:`distree.solver.bnb.warm_up`).
+~17k nodes a second there (525,724 in 30-32 s; docs/solver.md, Speed). The per-sample helpers are plain ``njit``
+functions, which LLVM inlines; numba's own ``inline="always"`` made the same pass 2.8x slower. Compiled on first
+use and cached beside this file (``cache=True``; ``scripts/setup.sh`` runs :func:`distree.solver.bnb.warm_up`).
 """
 
 from __future__ import annotations

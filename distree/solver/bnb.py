@@ -19,8 +19,9 @@ outcome). A leaf is a full configuration: its exact best placement (dynamic prog
 
 Search is depth first, children cheapest bound first, so good plans come early; or best first (always the
 open node of smallest bound), which raises the proven bound fastest once a good plan is known. When the time
-runs out, the proven bound is the smallest bound of any node or leaf still open. Survivor sets are stored as
-packed bits (best first keeps many nodes open).
+runs out, the proven bound is the smallest bound of any node or leaf still open, and a :class:`Tree` can be run
+again from there (the solve's tree goes on after improving its plan). Survivor sets are stored as packed bits
+(best first keeps many nodes open).
 """
 
 from __future__ import annotations

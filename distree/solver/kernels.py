@@ -207,16 +207,8 @@ def nested_window(packed, key, cuts, depth, lam, chance, leave, head, after, aft
                   correct_exit, correct_final, n_levels):
     """:func:`distree.solver.bounds.nested_window_bounds` of each nested survivor set (width 1).
     ``chance``: each sample's first chance at or after ``depth`` (a column of ``BoundTables.first_chance``)."""
-    n_keys = max(cuts.max(), 0)
-    acc, ends = _window_sums(n_keys, depth, n_levels)
-    used = 0
-    for r in range(len(key)):
-        if _in_sets(packed, key, r, n_keys):
-            _window_add(acc, ends, r, key[r], depth, lam, chance, leave, head, after, after_right, passed_level,
-                        correct_exit, correct_final)
-            used = max(used, key[r] + 1)
-    _accumulate(acc, used)
-    _accumulate(ends, used)
+    _, acc, ends, used = _bound_sums(packed, key, max(cuts.max(), 0), depth, lam, chance, correct_final, leave, head,
+                                     after, after_right, passed_level, correct_exit, correct_final, n_levels)
     return _window_finish(acc, ends, used, cuts, depth, head, n_levels)
 
 

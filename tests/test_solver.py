@@ -600,7 +600,7 @@ def test_prefix_bound_never_exceeds_the_best_plan_below_a_node(monkeypatch):
     nothing pruned) bounds at most the best feasible plan whose levels start with the node's, by enumeration;
     and a tree using it still finishes at the exhaustive optimum."""
     monkeypatch.setattr(bnb, "PREFIX_MIN_SHARE", 0.0)     # never dropped as not decisive enough: checked everywhere
-    checked = exact = 0
+    checked = exact = compared = 0
     for seed in range(50):
         case, c, problem = _random_problem(seed)
         if problem.n_exits == 0:
@@ -624,7 +624,9 @@ def test_prefix_bound_never_exceeds_the_best_plan_below_a_node(monkeypatch):
                 assert node.bound <= min(below, default=np.inf) * (1 + 1e-9) + 1e-9, (seed, width, node.levels)
                 checked += 1
                 if node.depth < problem.n_exits:
-                    stack.extend(search.children(node))
+                    kids = search.children(node)
+                    compared += _check_prefix_children(problem, tables, prefix, node, kids)
+                    stack.extend(kids)
         ref = min(best.values(), default=np.inf) / problem.n_samples
         tree = branch_and_bound(problem, None, 20.0, best_first=True, tables=priced[0],
                                 prefix=widest_window_bound(problem, priced[0], 1.0))
@@ -632,7 +634,40 @@ def test_prefix_bound_never_exceeds_the_best_plan_below_a_node(monkeypatch):
         if np.isfinite(ref):
             assert tree.best.expected_ms == pytest.approx(ref, rel=1e-7, abs=1e-9), seed
             exact += 1
-    assert checked >= 3000 and exact >= 25, (checked, exact)
+    assert checked >= 3000 and exact >= 25 and compared >= 3000, (checked, exact, compared)
+
+
+def _check_prefix_children(p, t, prefix, node, kids) -> int:
+    """The wide window's per-child corrections (compiled: kernels.prefix_children) equal them computed plainly in
+    numpy over the node's survivors: the decided samples' exact correction (as the tree stores it) and each
+    child's wide bound (never above the child's own bound, which takes the larger). Returns how many children
+    were compared."""
+    if not kids:
+        return 0
+    j = node.depth
+    rows = np.nonzero(np.unpackbits(node.packed, count=p.n_samples))[0]
+    key = p.passed_level[rows, j]
+    levels = np.array([kid.levels[-1] for kid in kids], dtype=int)
+    cuts = np.where(levels > 0, levels, p.n_levels[j] + 1)
+    heads_before = np.concatenate([[0.0], np.cumsum(t.head[:j] * (np.array(node.levels) > 0))])
+    closes, free = prefix.closes[rows], prefix.free[rows]
+    past = closes <= j
+    paid = heads_before[j] - heads_before[np.minimum(closes, j)]
+    with np.errstate(invalid="ignore"):
+        go = np.where(past, t.leave[j] - prefix.lam * p.correct_exit[rows, j] + paid - free, 0.0)
+        stay = np.where(closes <= j + 1, np.minimum(t.after[rows, j + 1], t.after_right[rows, j + 1] - prefix.lam)
+                        + paid - free, 0.0)
+    compiled = prefix.children(p, t, j, node.wide_prefix, node.wide_state, node.wide_decided, heads_before, levels,
+                               cuts, node.packed, np.ascontiguousarray(p.passed_level[:, j]))
+    for c, (kid, level, cut) in enumerate(zip(kids, levels, cuts)):
+        leaving, staying = key >= cut, key < cut
+        decided = node.wide_decided + (go[leaving].sum() if level > 0 else 0.0)
+        survivors = stay[staying].sum() + (t.head[j] * past[staying].sum() if level > 0 else 0.0)
+        wide = prefix.constant + kid.wide_prefix + prefix.to_go[j + 1][kid.wide_state] + decided + survivors
+        assert kid.wide_decided == pytest.approx(decided, rel=1e-9, abs=1e-9), (node.levels, level)
+        assert compiled.bound[c] == pytest.approx(wide, rel=1e-9, abs=1e-9), (node.levels, level)
+        assert wide <= kid.bound * (1 + 1e-9) + 1e-9, (node.levels, level)
+    return len(kids)
 
 
 def _free_choice_by_sorting(need_right: int, base: np.ndarray, right: np.ndarray) -> float:

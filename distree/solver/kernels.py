@@ -317,18 +317,23 @@ def prefix_children(packed, key, cuts, levels, j, decided, heads_before, closes,
     exit j) and the survivors' part (those whose window closes by j + 1 take their rest, heads since their
     window paid; those past it evaluate exit j's head when it is on)."""
     n_keys = max(cuts.max(), 0)
-    go = np.zeros(n_keys + 1)                   # per key: leaving at exit j, corrected (suffix sums below)
+    go = np.zeros(n_keys + 1)                   # per key: leaving at exit j, corrected (suffix sums below); the last
+    #                                             holds every key >= the largest cut: they leave at each level that
+    #                                             is on
     stays = np.zeros((n_keys, 2))               # per key: the rest of those staying; how many are past their window
     used = 0
     for r in range(len(key)):
-        if not _in_sets(packed, key, r, n_keys):
+        if not _alive(packed, r):
             continue
         k = key[r]
-        used = max(used, k + 1)
         closed = closes[r]
         paid = heads_before[j] - heads_before[min(closed, j)]    # heads evaluated since the window
         if closed <= j:                         # exit j lies past the sample's window
-            go[k] += leave[j] - lam * correct_exit[r, j] + paid - free[r]
+            go[min(k, n_keys)] += leave[j] - lam * correct_exit[r, j] + paid - free[r]
+        if k >= n_keys:
+            continue                            # in no child's survivors
+        used = max(used, k + 1)
+        if closed <= j:
             stays[k, 1] += 1.0
         if closed <= j + 1:
             stays[k, 0] += min(after[r, j + 1], after_right[r, j + 1] - lam) + paid - free[r]

@@ -715,6 +715,61 @@ def test_nested_bounds_equal_one_set_at_a_time():
     assert checked >= 300, checked
 
 
+def test_children_and_their_bounds_equal_plain_code():
+    """A node's children and their bounds come from one compiled pass (kernels.children_bounds); on every node of
+    whole trees they equal plain code: the levels whose leaving survivors differ, each child's decided latency,
+    right answers and heads, and its bound (decided part plus the larger of the free choice by sorting and the
+    width-1 window by the general dynamic programme). The tree's validity checks cannot see a bound that is too
+    low; this can."""
+    compared = 0
+    for seed in range(60):
+        case, c, problem = _random_problem(seed)
+        if problem.n_exits == 0:
+            continue
+        search = _Search(problem, None, None, None)
+        t, K, lam = search.tables, problem.required_correct, search.lam
+        stack = search.root()
+        while stack:
+            node = stack.pop()
+            if node.depth == problem.n_exits:
+                continue
+            kids = {kid.levels[-1]: kid for kid in search.children(node)}
+            j = node.depth
+            alive = np.unpackbits(node.packed, count=problem.n_samples).astype(bool)
+            passed = problem.passed_level[:, j]
+            plain = [0]
+            for level in range(1, int(problem.n_levels[j]) + 1):
+                leaving = int((alive & (passed >= level)).sum())
+                if leaving == 0:
+                    break
+                if plain[-1] == 0 or leaving != int((alive & (passed >= plain[-1])).sum()):
+                    plain.append(level)
+            kept = []
+            for level in plain:
+                leave = alive & (passed >= level) if level else np.zeros_like(alive)
+                stay = alive & ~leave
+                fixed_ms = node.fixed_ms + (leave.sum() * (t.leave[j] + node.heads_ms) if leave.any() else 0.0)
+                fixed_right = node.fixed_right + int(problem.correct_exit[leave, j].sum())
+                heads_ms = node.heads_ms + (t.head[j] if level else 0.0)
+                paid = fixed_ms + heads_ms * stay.sum()
+                free = _free_choice_by_sorting(K - fixed_right, t.after[stay, j + 1], t.after_right[stay, j + 1])
+                window = WindowTerms(problem, t, 1, stay, j + 1).value(lam)
+                bound = max(paid + free, paid - lam * (fixed_right - K) + window)
+                if problem.deadline_ms is not None and t.leave[-1] + heads_ms > problem.deadline_ms + 1e-9:
+                    bound = np.inf
+                if bound == np.inf:
+                    continue                          # dropped (nothing beats no incumbent at infinity)
+                kept.append(level)
+                kid = kids[level]
+                assert kid.fixed_ms == pytest.approx(fixed_ms, rel=1e-9, abs=1e-9), (seed, node.levels, level)
+                assert kid.fixed_right == fixed_right and kid.heads_ms == pytest.approx(heads_ms), (seed, level)
+                assert kid.bound == pytest.approx(bound, rel=1e-9, abs=1e-9), (seed, node.levels, level)
+                compared += 1
+            assert sorted(kids) == kept, (seed, node.levels)
+            stack.extend(kids.values())
+    assert compared >= 3000, compared
+
+
 def test_progress_tells_the_plan_and_a_gap_that_the_result_does_not_contradict(monkeypatch):
     """A solve that cannot prove its plan says what it is doing while it runs (a status line), and the gap it
     last told is never smaller than the one it returns (plans only improve, bounds only rise)."""

@@ -207,6 +207,7 @@ def nested_window(packed, key, cuts, depth, lam, chance, leave, head, after, aft
                   correct_exit, correct_final, n_levels):
     """:func:`distree.solver.bounds.nested_window_bounds` of each nested survivor set (width 1).
     ``chance``: each sample's first chance at or after ``depth`` (a column of ``BoundTables.first_chance``)."""
+    # the shared pass (its free-choice sums unused; correct_final stands in for correct_here, also unused)
     _, acc, ends, used = _bound_sums(packed, key, max(cuts.max(), 0), depth, lam, chance, correct_final, leave, head,
                                      after, after_right, passed_level, correct_exit, correct_final, n_levels)
     return _window_finish(acc, ends, used, cuts, depth, head, n_levels)
@@ -256,7 +257,7 @@ def _bounds(free_sums, acc, ends, used, packed, key, cuts, fixed_ms, fixed_right
 def nested_bounds(packed, key, cuts, fixed_ms, fixed_right, heads_ms, required, depth, lam, chance, order, leave,
                   head, after, after_right, passed_level, correct_exit, correct_final, n_levels):
     """The branch and bound's bound (:func:`_bounds`) of each nested survivor set, in one pass over them."""
-    n_keys = max(cuts.max(), 0)
+    n_keys = max(cuts.max(), 0)             # correct_final stands in for correct_here: no children to choose
     sums = _bound_sums(packed, key, n_keys, depth, lam, chance, correct_final, leave, head, after, after_right,
                        passed_level, correct_exit, correct_final, n_levels)
     return _bounds(*sums, packed, key, cuts, fixed_ms, fixed_right, heads_ms, required, depth, lam, order, head,

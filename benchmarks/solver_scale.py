@@ -1,6 +1,6 @@
 """Solver scale benchmark: solve time, status and proven gap, and the latency gain from early exits.
 
-    .venv/bin/python benchmarks/solver_scale.py [--example DIR] [--only NAME ...]
+    .venv/bin/python benchmarks/solver_scale.py [--example DIR] [--only NAME ...] [--jobs N]
 
 Cases (issue 6): the example model on 2 and 3 devices, and on 2 with 300 s (from DIR/chain.json, calibration.json and
 profile.json, written by ``benchmarks/solver_example.sh DIR``; without --example a synthetic stand-in of the
@@ -12,7 +12,8 @@ For each: wall time, solver status ("optimal" only when proven: by the branch an
 HiGHS, or by a bound meeting the plan within 1e-9), proven gap (against the best of the branch-and-bound,
 MILP and relaxed bounds), expected latency, the best plan without exits, their ratio, and
 (<= 3 devices) PORTEND's search space (one global threshold level, exits only at stage ends) solved by
-enumeration. Prints a table and writes benchmarks/results/solver_scale.json.
+enumeration. ``--jobs``: the branch and bound's cores (default: every usable core, as ``distree plan``); each row
+records how many. Prints a table and writes benchmarks/results/solver_scale.json.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from distree.profiler.types import Profile
 from distree.serde import write_json_atomic
 from distree.solver.brute import all_placements
 from distree.solver.heuristic import local_search, portend_plan
+from distree.solver.parallel import usable_cores
 from distree.solver.problem import Constraints, build_problem
 from distree.solver.solve import solve
 from distree.solver.synthetic import synthetic_case
@@ -75,12 +77,13 @@ def _synthetic_cases():
 
 
 def run_case(name: str, what: str, chain: Chain, cal: Calibration, profile: Profile, topo: Topology,
-             limit: float, drop: float) -> dict:
-    c = Constraints(accuracy_drop=drop, time_limit_s=limit)
+             limit: float, drop: float, jobs: int) -> dict:
+    c = Constraints(accuracy_drop=drop, time_limit_s=limit, jobs=jobs)
     t0 = time.perf_counter()
     plan = solve(chain, cal, profile, topo, c)
     wall = time.perf_counter() - t0
-    row = {"case": name, "what": what, "time_limit_s": limit, "wall_s": round(wall, 2), "status": plan.status,
+    row = {"case": name, "what": what, "time_limit_s": limit, "jobs": jobs, "wall_s": round(wall, 2),
+           "status": plan.status,
            "sol_status": plan.sol_status, "gap": plan.gap, "expected_ms": plan.expected_latency_ms,
            "bound_ms": plan.bound_ms, "no_exit_ms": plan.no_exit_latency_ms,
            "ratio_vs_no_exit": plan.expected_latency_ms / plan.no_exit_latency_ms,
@@ -105,17 +108,18 @@ def main() -> None:
     ap.add_argument("--example", type=Path, default=None, help="folder with chain/calibration/profile JSON")
     ap.add_argument("--only", nargs="*", default=None, help="case names to run")
     ap.add_argument("--accuracy-drop", type=float, default=0.01)
+    ap.add_argument("--jobs", type=int, default=usable_cores(), help="cores for the branch and bound")
     args = ap.parse_args()
     rows = []
     for case in [*_example_cases(args.example), *_synthetic_cases()]:
         if args.only and case[0] not in args.only:
             continue
-        row = run_case(*case, drop=args.accuracy_drop)
+        row = run_case(*case, drop=args.accuracy_drop, jobs=args.jobs)
         rows.append(row)
         print(f"{row['case']:<22} {row['status']:<10} gap {row['gap']:8.2%}  wall {row['wall_s']:7.2f} s  "
               f"E[lat] {row['expected_ms']:8.3f} ms  bound {row['bound_ms']:8.3f}  no-exit {row['no_exit_ms']:8.3f}"
               f"  ratio {row['ratio_vs_no_exit']:.3f}  portend {row.get('portend_ms') or float('nan'):8.3f}"
-              f"  exits {row['exits_enabled']:3d}  stages {row['stages']}", flush=True)
+              f"  exits {row['exits_enabled']:3d}  stages {row['stages']}  jobs {row['jobs']}", flush=True)
     doc = {"machine": f"{platform.machine()} {platform.processor() or ''} (2 cores, shared, loaded)".strip(),
            "python": platform.python_version(), "accuracy_drop": args.accuracy_drop, "rows": rows}
     previous = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() and args.only else []

@@ -6,6 +6,8 @@ import dataclasses
 import importlib
 import itertools
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -17,15 +19,16 @@ from click.testing import CliRunner
 from distree.cli import cli
 from distree.errors import DistreeError
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
-from distree.solver import bnb
+from distree.solver import bnb, parallel
 from distree.solver.bnb import Tree, _Search, branch_and_bound
 from distree.solver.bounds import (WindowTerms, best_multiplier, bound_tables, nested_window_bounds,
                                    widest_window_bound, window_bound)
 from distree.solver.brute import all_configurations, all_placements
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
-from distree.solver.heuristic import _MoveScorer, _penalised, iterated_local_search, local_search, place
+from distree.solver.heuristic import Candidate, _MoveScorer, _penalised, iterated_local_search, local_search, place
 from distree.solver.milp import solve_milp
+from distree.solver.parallel import run_tree
 from distree.solver.plan import WITHIN_GAP
 from distree.solver.problem import check_constraints, clopper_pearson_lower, required_correct
 from distree.solver.synthetic import synthetic_case
@@ -501,6 +504,9 @@ def test_cli_sweep_frontier_and_errors(tmp_path):
     for limit in ("0", "-5", "nan"):
         bad = CliRunner().invoke(cli, ["plan", *args, "--time-limit", limit, "-o", str(tmp_path / "t.json")])
         assert bad.exit_code == 2 and bad.output.startswith(f"error: --time-limit {limit}"), bad.output
+    for jobs in ("0", "-2"):
+        bad = CliRunner().invoke(cli, ["plan", *args, "--jobs", jobs, "-o", str(tmp_path / "t.json")])
+        assert bad.exit_code == 2 and bad.output.startswith(f"error: --jobs {jobs} must be at least 1"), bad.output
     assert not (tmp_path / "t.json").exists()
 
 
@@ -911,6 +917,61 @@ def test_a_tree_run_in_pieces_searches_as_one_run_does():
         offered = Tree(problem, None, best_first=True, classes=PlacementClasses(problem))
         offered.run(0.0)
         assert offered.run(60.0, incumbent=whole.best).best is whole.best    # nothing below it to find
+
+
+def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypatch):
+    """run_tree with jobs > 1 grows the tree here until every worker can be dealt nodes, forks, and merges: it
+    proves the optimum one process proves (from no plan at all: the workers find plans and share them), and
+    stopped early its bound stays below the optimum; nothing is left open in this process afterwards."""
+    forked = []
+    original = parallel._run_forked
+    monkeypatch.setattr(parallel, "_run_forked", lambda *a: forked.append(a[2]) or original(*a))
+    for seed in (1, 2):
+        case = synthetic_case(16, 15, 4, 3, 800, seed=seed, exit_every=True)     # ~100k nodes, 2-3 s alone
+        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
+        whole = branch_and_bound(problem, None, 60.0, best_first=True, classes=PlacementClasses(problem))
+        assert whole.complete and whole.nodes > 50_000, seed
+        for jobs in (2, 3):
+            tree = Tree(problem, None, best_first=True, classes=PlacementClasses(problem))
+            dealt = run_tree(tree, 60.0, jobs=jobs)
+            assert dealt.complete and dealt.best.expected_ms == pytest.approx(whole.best.expected_ms, rel=1e-9)
+            assert dealt.bound == pytest.approx(whole.best.expected_ms, rel=1e-9) and not tree.open, seed
+            assert dealt.classes >= 1 and dealt.nodes >= 0.5 * whole.nodes, (seed, dealt.nodes, whole.nodes)
+        stopped = run_tree(Tree(problem, whole.best, best_first=True, classes=PlacementClasses(problem)), 0.3,
+                           jobs=2)
+        assert not stopped.complete and stopped.bound < whole.best.expected_ms, seed
+        assert stopped.best.expected_ms == pytest.approx(whole.best.expected_ms, rel=1e-9)
+    assert forked == [2, 3, 2] * 2, forked
+
+
+def test_forked_workers_see_each_others_plans():
+    """A plan one worker finds is the others' cutoff from their next sync, and the parent receives it."""
+    share = parallel.Share(best_total=np.inf, jobs=2, n_samples=100)
+    plan = Candidate(levels=np.array([1, 0]), placement=np.array([0, 0, 1]), expected_ms=2.5, feasible=True)
+    worker = multiprocessing.get_context("fork").Process(target=share.found, args=(plan,))
+    worker.start()
+    worker.join()
+    assert worker.exitcode == 0
+    assert share.sync(proven_total=0.0) == 250.0
+    found = share.plans_found()
+    assert [f.expected_ms for f in found] == [2.5] and found[0].placement.tolist() == [0, 0, 1]
+    assert share.proven_total() == 0.0                  # this worker's (index 0) bound, published by sync
+
+
+def test_a_forked_worker_that_dies_is_an_error_not_a_silent_gap(monkeypatch):
+    case = synthetic_case(16, 15, 4, 3, 800, seed=1, exit_every=True)
+    problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
+    tree = Tree(problem, None, best_first=True, classes=PlacementClasses(problem))
+    here, children = os.getpid(), _Search.children
+
+    def dies_in_a_worker(self, node):
+        if os.getpid() != here:
+            os._exit(3)
+        return children(self, node)
+
+    monkeypatch.setattr(_Search, "children", dies_in_a_worker)
+    with pytest.raises(RuntimeError, match=r"worker distree-bnb-\d died \(exit code 3\)"):
+        run_tree(tree, 10.0, jobs=2)
 
 
 def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch):

@@ -74,6 +74,8 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 @click.option("--time-limit", default=60.0, show_default=True, type=float, help="Solver time limit (s).")
 @click.option("--gap", default=0.0, show_default=True, type=float,
               help="Stop once the plan is proven within this share of the optimum (0.02: 2%; 0: prove it optimal).")
+@click.option("--jobs", default=None, type=int,
+              help="Cores for the solver's branch and bound (default: every core this process may use).")
 @click.option("--rpc", multiple=True,
               help="A device's TVM RPC server, device=host:port (repeatable): profiled there, and tuned there with --tune-minutes.")
 @click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False),
@@ -86,7 +88,7 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, output: str, accuracy_drop: float,
                 confidence: Optional[float], score_kind: str, backend: str, tune_minutes: float, time_limit: float,
-                gap: float, rpc: tuple[str, ...], profiles: tuple[str, ...], input_shape: tuple[str, ...], threads: int,
+                gap: float, jobs: Optional[int], rpc: tuple[str, ...], profiles: tuple[str, ...], input_shape: tuple[str, ...], threads: int,
                 require_aot_cuda: bool, cache_dir: str, as_json: bool) -> None:
     """Compile MODEL into a bundle: inspect, exits, calibrate, profile, plan, build (each stage cached)."""
     from distree.compiler.pipeline import CompileOptions, compile_model
@@ -95,7 +97,7 @@ def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, ou
     options = CompileOptions(
         devices=tuple(d.strip() for d in devices.split(",") if d.strip()), topology=Path(topology) if topology else None,
         accuracy_drop=accuracy_drop, confidence=confidence, score_kind=score_kind, backend=backend,
-        tune_minutes=tune_minutes, time_limit_s=time_limit, gap=gap, rpc=_parse_rpc(rpc),
+        tune_minutes=tune_minutes, time_limit_s=time_limit, gap=gap, jobs=jobs, rpc=_parse_rpc(rpc),
         profiles=tuple(map(Path, profiles)), input_shapes=_parse_shapes(input_shape), threads=threads,
         require_aot_cuda=require_aot_cuda)
     console = _console()

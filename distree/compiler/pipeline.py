@@ -47,6 +47,7 @@ class CompileOptions:
     tune_minutes: float = 0.0
     time_limit_s: float = 60.0
     gap: float = 0.0                    # the solver stops once its plan is proven within this share of the optimum
+    jobs: Optional[int] = None          # the solver's cores (None: every usable core)
     rpc: dict[str, str] = field(default_factory=dict)      # device -> host:port
     profiles: tuple[Path, ...] = ()     # profiles measured elsewhere (on the devices): their devices are not profiled
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -78,7 +79,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     started = time.perf_counter()
     cache = _Cache(Path(cache_dir), log)
     constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
-                              time_limit_s=options.time_limit_s, gap=options.gap)
+                              time_limit_s=options.time_limit_s, gap=options.gap, jobs=options.jobs)
     check_constraints(constraints)         # these fail before any work: bad flags,
     check_bundle_target(out_dir)           # an -o folder that is not a bundle (it would be replaced),
     topology = _topology(options)          # unknown devices
@@ -113,7 +114,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
                         compute=lambda: _profile(model, chain, exits, topology, options, given, cache.root, log,
                                                  progress))
 
-    plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s, options.gap)
+    plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s, options.gap,
+                    constraints.jobs)
     plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints, progress),
                      record=Plan)
 

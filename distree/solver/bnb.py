@@ -31,7 +31,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, place
 from distree.solver.kernels import children_bounds, nested_bounds, pack_nested, survivor_sum, upgrade_order
 from distree.solver.problem import Constraints, Problem, build_problem
+
+if TYPE_CHECKING:
+    from distree.solver.parallel import Share
 
 OPTIMALITY_TOLERANCE = 1e-9     # relative: bound and incumbent this close -> proven optimal
 # best first keeps open nodes up to MAX_OPEN_BYTES; past it only the best OPEN_NODES_KEPT share stays, and the
@@ -113,11 +116,12 @@ class _Search:
         self.order = upgrade_order(self.after, self.after_right)      # [E + 2, N] for the free choice
         self.passed_by_exit, self.correct_by_exit, self.chance_by_depth, self.no_key = _columns(p)
         self.best = incumbent
+        self.ceiling = np.inf               # a plan this good (a sum over samples) is known elsewhere: prune by it
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
         self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)
 
     def incumbent_total(self) -> float:
-        return np.inf if self.best is None else self.best.expected_ms * self.p.n_samples
+        return min(np.inf if self.best is None else self.best.expected_ms * self.p.n_samples, self.ceiling)
 
     def cutoff(self) -> float:
         return self.incumbent_total() * (1 - self.tol)
@@ -241,6 +245,9 @@ class Tree:
         t0 = time.perf_counter()
         self.p, self.best, self.best_first, self.classes = p, incumbent, best_first, classes
         self.tol = max(OPTIMALITY_TOLERANCE, rel_gap)
+        self.ceiling = np.inf               # a plan this good (sum over samples) was found elsewhere (a sibling worker)
+        self.share: Optional[Share] = None  # what a forked worker shares with its siblings
+        self.cap_share = 1                  # the open-node cap is split among this many workers
         self.searches: list[_Search] = []
         self.index: dict[StageClass, int] = {}
         if classes is None:
@@ -250,7 +257,9 @@ class Tree:
             roots = [(i, root) for i in map(self._search_of, classes.roots()) for root in self.searches[i].root()]
         # (bound, tie-break, search, node): a heap, or a stack popping the cheapest root first
         self.open = sorted(((root.bound, k, i, root) for k, (i, root) in enumerate(roots)), reverse=not best_first)
-        self.dropped_bound, self.dropped = np.inf, 0     # smallest bound of a dropped node; their count
+        # smallest bound of a node no longer held here (dropped at the open-node cap, or left open by a forked
+        # run: :mod:`distree.solver.parallel`); how many were dropped
+        self.dropped_bound, self.dropped = np.inf, 0
         self.pushed, self.nodes = len(self.open), 0
         self.wall_s = time.perf_counter() - t0
 
@@ -259,18 +268,26 @@ class Tree:
             self.index[c] = len(self.searches)
             self.searches.append(_Search(self.p, self.best, self.classes.tables(c), None, stage_class=c,
                                          tol=self.tol))
+            self.searches[-1].ceiling = self.ceiling
         return self.index[c]
 
-    def _incumbent_total(self) -> float:
-        return np.inf if self.best is None else self.best.expected_ms * self.p.n_samples
+    def _lower_ceiling(self, total: float) -> None:
+        """A sibling worker found a plan of this total: prune by it here too."""
+        if total < self.ceiling:
+            self.ceiling = total
+            for s in self.searches:
+                s.ceiling = total
+
+    def incumbent_total(self) -> float:
+        return min(np.inf if self.best is None else self.best.expected_ms * self.p.n_samples, self.ceiling)
 
     def _cutoff(self) -> float:
-        return self._incumbent_total() * (1 - self.tol)
+        return self.incumbent_total() * (1 - self.tol)
 
     def _proven_total(self, open_min: float) -> float:
         """The bound proven so far, given the smallest bound of an open node (sum over samples)."""
         return min(open_min, self.dropped_bound, min(s.open_leaf_bound for s in self.searches),
-                   self._incumbent_total())
+                   self.incumbent_total())
 
     def run(self, time_limit_s: float, incumbent: Candidate | None = None,
             progress: Optional[Progress] = None) -> BnbResult:
@@ -279,13 +296,15 @@ class Tree:
         t0 = time.perf_counter()
         stop_at = t0 + time_limit_s
         p, best_first, classes, open_nodes = self.p, self.best_first, self.classes, self.open
-        if incumbent is not None and incumbent.expected_ms * p.n_samples < self._incumbent_total():
+        if incumbent is not None and incumbent.expected_ms * p.n_samples < self.incumbent_total():
             self.best = incumbent
-        cap = max_open_nodes(p)
+        cap = max_open_nodes(p) // self.cap_share
         told_at = t0
         while open_nodes:
             if self.nodes % 64 == 0:
                 now = time.perf_counter()
+                if self.share is not None:
+                    self._lower_ceiling(self.share.sync(self._proven_total(open_nodes[0][0])))
                 if now > stop_at or (best_first and open_nodes[0][0] >= self.dropped_bound):
                     break                     # out of time, or nothing left to prove below the dropped nodes
                 if progress is not None and best_first and now - told_at >= PROGRESS_EVERY_S:
@@ -318,7 +337,10 @@ class Tree:
                     kids += [(i, kid) for kid in s.rebound(node, self.best)]
             elif node.depth == p.n_exits:
                 s.settle_leaf(node)
-                self.best = s.best
+                if s.best is not self.best:
+                    self.best = s.best
+                    if self.share is not None:
+                        self.share.found(self.best)
                 continue
             else:
                 kids = [(i, kid) for kid in s.children(node)]
@@ -327,9 +349,9 @@ class Tree:
                 item = (kid.bound, self.pushed, j, kid)
                 heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
         self.wall_s += time.perf_counter() - t0
-        return self._result()
+        return self.result()
 
-    def _result(self) -> BnbResult:
+    def result(self) -> BnbResult:
         N, cutoff = self.p.n_samples, self._cutoff()
         live = [b for b, _, _, _ in self.open if b < cutoff]
         bound_total = self._proven_total(min(live, default=np.inf))

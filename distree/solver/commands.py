@@ -59,6 +59,8 @@ def _parse_sweep(spec: str) -> list[float]:
 @click.option("--time-limit", type=float, default=60.0, show_default=True, help="Solver time limit (s).")
 @click.option("--gap", type=float, default=0.0, show_default=True,
               help="Stop once the plan is proven within this share of the optimum (0.02: 2%; 0: prove it optimal).")
+@click.option("--jobs", type=int, default=None,
+              help="Cores for the branch and bound's best-first search (default: every core this process may use).")
 @click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True)
 @click.option("--dump-lp", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the MILP (LP format) here.")
@@ -71,7 +73,7 @@ def _parse_sweep(spec: str) -> list[float]:
 def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devices: Optional[str],
              topology_path: Optional[Path], accuracy_drop: float, confidence: Optional[float],
              deadline_ms: Optional[float], min_throughput: Optional[float], free_order: bool, time_limit: float,
-             gap: float, solver: str, dump_lp: Optional[Path], sweep: Optional[str], plot_path: Optional[Path],
+             gap: float, jobs: Optional[int], solver: str, dump_lp: Optional[Path], sweep: Optional[str], plot_path: Optional[Path],
              output: Optional[Path]) -> None:
     """Choose exits, thresholds and cut points of minimal expected latency (a MILP, proven optimal or
     reported with its gap)."""
@@ -81,7 +83,7 @@ def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devic
     topology = topology_from_flags(devices, topology_path)
     constraints = Constraints(accuracy_drop=accuracy_drop, confidence=confidence, deadline_ms=deadline_ms,
                               min_throughput=min_throughput, free_order=free_order, time_limit_s=time_limit,
-                              gap=gap, solver=solver, dump_lp=str(dump_lp) if dump_lp else None)
+                              gap=gap, jobs=jobs, solver=solver, dump_lp=str(dump_lp) if dump_lp else None)
     if plot_path and not sweep:
         raise DistreeError("--plot needs --sweep accuracy-drop=...")
     if sweep:

@@ -40,6 +40,7 @@ class Constraints:
     time_limit_s: float = 60.0
     gap: float = 0.0                        # stop once the plan is proven within this relative gap (0: optimal)
     solver: str = "highs"                   # "highs" (highspy) or "cbc"
+    jobs: Optional[int] = None              # cores for the best-first branch and bound (None: every usable core)
     dump_lp: Optional[str] = None           # write the MILP in LP format here
 
 
@@ -306,5 +307,7 @@ def check_constraints(c: Constraints) -> None:
     if not 0 <= c.gap < 1:
         raise DistreeError(f"--gap {c.gap:g} must be in [0, 1): the share by which a plan may miss the optimum "
                            "(0.02: within 2%)")
+    if c.jobs is not None and not c.jobs >= 1:
+        raise DistreeError(f"--jobs {c.jobs} must be at least 1 (leave it out to use every core)")
     if c.solver not in ("highs", "cbc"):
         raise DistreeError(f"--solver {c.solver!r}: choose highs or cbc")

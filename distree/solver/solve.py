@@ -20,6 +20,7 @@ from distree.solver.classes import placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, iterated_local_search, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
+from distree.solver.parallel import run_tree, usable_cores
 from distree.solver.plan import WITHIN_GAP, ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, check_constraints
 from distree.targets.spec import Topology
@@ -87,6 +88,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     t0 = time.perf_counter()
     deadline = t0 + constraints.time_limit_s
     gap = constraints.gap               # both engines stop once their plan is proven within it
+    jobs = usable_cores() if constraints.jobs is None else constraints.jobs
 
     def tell(best: Optional[Candidate], bound_ms: Optional[float], doing: str) -> None:
         if progress is not None:
@@ -146,10 +148,9 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         def told(found: Optional[Candidate], bound_ms: float) -> None:
             tell(found, max(bound_ms, probe_bound, wide_bound), "best-first search")
 
-        left = max(0.0, deadline - time.perf_counter())
-        tree = (forest.run(left, incumbent=tree.best, progress=told) if forest is not None else
-                branch_and_bound(p, tree.best, left, best_first=True, tables=tables, prefix=wide, rel_gap=gap,
-                                 progress=told))
+        if forest is None:
+            forest = Tree(p, tree.best, best_first=True, tables=tables, prefix=wide, rel_gap=gap)
+        tree = run_tree(forest, max(0.0, deadline - time.perf_counter()), jobs, incumbent=tree.best, progress=told)
         tree = dataclasses.replace(tree, bound=max(tree.bound, probe_bound))
     best = tree.best
     start = (best.levels, best.placement) if best is not None else None

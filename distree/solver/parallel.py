@@ -16,10 +16,12 @@ forked run is a solve's last.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import heapq
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import sys
 import time
 from typing import TYPE_CHECKING, Optional
@@ -32,7 +34,7 @@ from distree.solver.heuristic import Candidate
 if TYPE_CHECKING:
     from distree.solver.bnb import BnbResult, Progress, Tree
 
-MIN_NODES_PER_JOB = 8           # open nodes a worker gets at least: a tree with fewer is first grown in this process
+MIN_NODES_PER_JOB = 64          # open nodes a worker gets at least: a tree with fewer is first grown in this process
 OPENING_SLICE_S = 0.05          # in slices of this long
 PUBLISH_EVERY_S = 0.5           # how often a worker publishes its proven bound
 POLL_S = 0.2                    # how often the parent looks for plans found and tells progress
@@ -111,6 +113,7 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
     ctx = multiprocessing.get_context("fork")
     sys.stdout.flush()          # else a worker's exit flushes a copy of what this process had buffered
     sys.stderr.flush()
+    gc.freeze()                 # a worker's collections would otherwise touch, and so copy, every inherited object
     workers, pipes = [], []
     for k in range(jobs):
         receive, send = ctx.Pipe(duplex=False)
@@ -150,6 +153,7 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
             if worker.is_alive():
                 worker.kill()
             worker.join()
+        gc.unfreeze()
     for r in results.values():
         tree.best = _better(tree.best, r.best)
         tree.nodes += r.nodes - nodes_before
@@ -163,6 +167,10 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
 def _work(tree: Tree, dealt: list, worker: int, jobs: int, share: Share, time_limit_s: float,
           send: multiprocessing.connection.Connection) -> None:
     """In a forked worker: go on best first from the nodes dealt, and send the result."""
+    # fresh stream objects: the inherited ones may hold what another thread of the parent (a status line)
+    # buffered after the flush before the fork, and a worker's exit would write it again
+    sys.stdout, sys.stderr = _fresh_stream(1), _fresh_stream(2)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it ends the workers
     heapq.heapify(dealt)
     tree.open = dealt
     share.worker = worker
@@ -178,3 +186,10 @@ def _better(a: Optional[Candidate], b: Optional[Candidate]) -> Optional[Candidat
     if b is None or not np.isfinite(b.expected_ms) or a.expected_ms <= b.expected_ms:
         return a
     return b
+
+
+def _fresh_stream(fd: int):
+    try:
+        return os.fdopen(os.dup(fd), "w")
+    except OSError:             # no such descriptor (a daemon's): nothing to write to
+        return open(os.devnull, "w")

@@ -946,7 +946,8 @@ def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypat
 
 def test_forked_workers_see_each_others_plans():
     """A plan one worker finds is the others' cutoff from their next sync, and the parent receives it."""
-    share = parallel.Share(best_total=np.inf, jobs=2, n_samples=100)
+    share = parallel.Share(best_total=np.inf, bound_total=90.0, jobs=2, n_samples=100)
+    assert share.proven_total() == 90.0                 # what the tree had proven when it forked
     plan = Candidate(levels=np.array([1, 0]), placement=np.array([0, 0, 1]), expected_ms=2.5, feasible=True)
     worker = multiprocessing.get_context("fork").Process(target=share.found, args=(plan,))
     worker.start()

@@ -289,6 +289,10 @@ class Tree:
         return min(open_min, self.dropped_bound, min(s.open_leaf_bound for s in self.searches),
                    self.incumbent_total())
 
+    def proven_total(self) -> float:
+        """The bound proven so far (sum over samples)."""
+        return self._proven_total(min((b for b, _, _, _ in self.open), default=np.inf))
+
     def run(self, time_limit_s: float, incumbent: Candidate | None = None,
             progress: Optional[Progress] = None) -> BnbResult:
         """Go on for ``time_limit_s`` (``incumbent``: a plan found meanwhile, taken when better); the result covers

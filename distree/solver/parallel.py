@@ -53,10 +53,10 @@ class Share:
     """What the forked workers of one tree share (sums over samples, as the tree keeps them); each worker's
     copy knows its own index."""
 
-    def __init__(self, best_total: float, jobs: int, n_samples: int) -> None:
+    def __init__(self, best_total: float, bound_total: float, jobs: int, n_samples: int) -> None:
         ctx = multiprocessing.get_context("fork")
         self._best = ctx.Value("d", best_total)
-        self._bounds = ctx.Array("d", [best_total] * jobs, lock=False)
+        self._bounds = ctx.Array("d", [bound_total] * jobs, lock=False)     # until each worker publishes its own
         self._found = ctx.SimpleQueue()
         self._n = n_samples
         self.worker = 0
@@ -109,7 +109,7 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
     n = tree.p.n_samples
     nodes_before, dropped_before = tree.nodes, tree.dropped
     dealt = sorted(tree.open)
-    share = Share(tree.incumbent_total(), jobs, n)
+    share = Share(tree.incumbent_total(), tree.proven_total(), jobs, n)
     ctx = multiprocessing.get_context("fork")
     sys.stdout.flush()          # else a worker's exit flushes a copy of what this process had buffered
     sys.stderr.flush()

@@ -1,13 +1,14 @@
 """How the proven gap depends on the accuracy bound (the question behind the ResNet-110-scale gap).
 
-    .venv/bin/python benchmarks/solver_accuracy.py [--example DIR] [--drops 0.1 0.05 ...]
+    .venv/bin/python benchmarks/solver_accuracy.py [--example DIR] [--drops 0.1 0.05 ...] [--jobs N]
 
 The same instance solved under several --accuracy-drop values: the ResNet-110-scale chain of
 ``solver_scale.py`` (55 blocks, 54 exits, 8 levels, 5,000 samples, 3 devices) with 10 s and 60 s, and with
 --example DIR (``benchmarks/solver_example.sh DIR``) the example's 22 trained exits on 3 devices with 60 s.
 Without an accuracy bound every one of these is proven optimal in under a second; what stays open is the
 accuracy constraint, whose Lagrangian relaxation lets a sample past its exact window pick a later exit where it
-is right. Prints a table and writes benchmarks/results/solver_accuracy.json.
+is right. ``--jobs``: the branch and bound's cores (default: every usable core, as ``distree plan``). Prints a table
+and writes benchmarks/results/solver_accuracy.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.types import Profile
 from distree.serde import write_json_atomic
+from distree.solver.parallel import usable_cores
 from distree.solver.problem import Constraints
 from distree.solver.solve import solve
 from distree.solver.synthetic import synthetic_case
@@ -47,12 +49,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--example", type=Path, default=None, help="folder from benchmarks/solver_example.sh")
     ap.add_argument("--drops", type=float, nargs="*", default=None, help="accuracy drops (default: per case)")
+    ap.add_argument("--jobs", type=int, default=usable_cores(), help="cores for the branch and bound")
     args = ap.parse_args()
     rows = []
     for name, inputs, limit, drops in _cases(args.example):
         for drop in args.drops or drops:
             t0 = time.perf_counter()
-            plan = solve(*inputs, Constraints(accuracy_drop=drop, time_limit_s=limit))
+            plan = solve(*inputs, Constraints(accuracy_drop=drop, time_limit_s=limit, jobs=args.jobs))
             row = {"case": name, "time_limit_s": limit, "accuracy_drop": drop, "status": plan.status,
                    "gap": plan.gap, "expected_ms": plan.expected_latency_ms, "bound_ms": plan.bound_ms,
                    "no_exit_ms": plan.no_exit_latency_ms, "accuracy": plan.accuracy,
@@ -61,7 +64,7 @@ def main() -> None:
             print(f"{name:<16} {limit:4.0f} s  drop {drop:6.3f}  {row['status']:<9} gap {row['gap']:7.2%}  "
                   f"E[lat] {row['expected_ms']:8.3f} ms  bound {row['bound_ms']:8.3f}  "
                   f"wall {row['wall_s']:6.1f} s", flush=True)
-    write_json_atomic(RESULTS, {"machine": f"{platform.machine()} (2 cores, shared)", "rows": rows})
+    write_json_atomic(RESULTS, {"machine": f"{platform.machine()} (2 cores, shared)", "jobs": args.jobs, "rows": rows})
     print(f"wrote {RESULTS}")
 
 

@@ -348,10 +348,14 @@ class Tree:
                 continue
             else:
                 kids = [(i, kid) for kid in s.children(node)]
-            for j, kid in sorted(kids, key=lambda k: -k[1].bound):     # depth first pops the cheapest first
-                self.pushed += 1
-                item = (kid.bound, self.pushed, j, kid)
-                heapq.heappush(open_nodes, item) if best_first else open_nodes.append(item)
+            if best_first:
+                for j, kid in kids:
+                    self.pushed += 1
+                    heapq.heappush(open_nodes, (kid.bound, self.pushed, j, kid))
+            else:
+                for j, kid in sorted(kids, key=lambda k: -k[1].bound):     # depth first pops the cheapest first
+                    self.pushed += 1
+                    open_nodes.append((kid.bound, self.pushed, j, kid))
         self.wall_s += time.perf_counter() - t0
         return self.result()
 

@@ -937,6 +937,7 @@ def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypat
             assert dealt.complete and dealt.best.expected_ms == pytest.approx(whole.best.expected_ms, rel=1e-9)
             assert dealt.bound == pytest.approx(whole.best.expected_ms, rel=1e-9) and not tree.open, seed
             assert dealt.classes >= 1 and dealt.nodes >= 0.5 * whole.nodes, (seed, dealt.nodes, whole.nodes)
+            assert dealt.workers == jobs
         stopped = run_tree(Tree(problem, whole.best, best_first=True, classes=PlacementClasses(problem)), 0.3,
                            jobs=2)
         assert not stopped.complete and stopped.bound < whole.best.expected_ms, seed

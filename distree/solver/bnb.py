@@ -77,6 +77,7 @@ class BnbResult:
     #                                    highest bound (nan: no wide window, or no child judged)
     dropped: int = 0                   # open nodes dropped at max_open_nodes (best first)
     classes: int = 0                   # placement classes searched (0: one tree over every placement)
+    workers: int = 1                   # processes the last run was dealt to (distree.solver.parallel)
 
 
 class _Node(NamedTuple):                # a tuple: made ~500,000 times a minute (a frozen dataclass costs 4x)

@@ -161,7 +161,7 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
         if not r.complete:      # what it left open is no longer here: its bound caps the proven one
             tree.dropped_bound = min(tree.dropped_bound, r.bound * n)
     tree.wall_s += time.perf_counter() - t0
-    return dataclasses.replace(tree.result(), classes=max(r.classes for r in results.values()))
+    return dataclasses.replace(tree.result(), classes=max(r.classes for r in results.values()), workers=jobs)
 
 
 def _work(tree: Tree, dealt: list, worker: int, jobs: int, share: Share, time_limit_s: float,

@@ -216,7 +216,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
 
 
 def _over(tree: BnbResult) -> str:
-    return f" over {tree.classes} placement classes" if tree.classes else ""
+    classes = f" over {tree.classes} placement classes" if tree.classes else ""
+    return classes + (f" on {tree.workers} processes" if tree.workers > 1 else "")
 
 
 def _gap(objective: float, bound: float) -> float:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from distree.errors import DistreeError
 from distree.solver.bnb import PROGRESS_EVERY_S
 from distree.solver.heuristic import Candidate
 
@@ -42,7 +43,10 @@ EXIT_GRACE_S = 30.0             # past the time limit, how long a worker may tak
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    """The cores this process may run on (its affinity mask, not the machine's count); 1 where processes cannot
+    be forked (the workers inherit the tree: they are not started afresh)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:      # not Linux
@@ -92,6 +96,9 @@ def run_tree(tree: Tree, time_limit_s: float, jobs: int = 1, incumbent: Optional
     for them, else in this process."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs > 1 and "fork" not in multiprocessing.get_all_start_methods():
+        raise DistreeError(f"--jobs {jobs} needs processes that can be forked, which this platform lacks; "
+                           "use --jobs 1")
     if incumbent is not None and (tree.best is None or incumbent.expected_ms < tree.best.expected_ms):
         tree.best = incumbent
     stop_at = time.perf_counter() + time_limit_s

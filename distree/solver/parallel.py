@@ -144,9 +144,11 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
                     results[k] = pipe.recv()
                 except EOFError:        # it ended without a word: killed (out of memory?) or crashed
                     workers[k].join()
-                    raise RuntimeError(f"branch-and-bound worker {workers[k].name} died (exit code "
-                                       f"{workers[k].exitcode}) before reporting; run with --jobs 1 to see whether "
-                                       "it fails alone") from None
+                    code = workers[k].exitcode
+                    why = " (SIGKILL: out of memory?)" if code == -signal.SIGKILL else ""
+                    raise DistreeError(f"branch-and-bound worker {workers[k].name} died, exit code {code}{why}, "
+                                       f"before reporting; run with fewer --jobs (each worker holds its own open "
+                                       f"nodes), or --jobs 1 to see whether it fails alone") from None
             for plan in share.plans_found():
                 tree.best = _better(tree.best, plan)
             if time.monotonic() > give_up:

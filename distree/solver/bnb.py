@@ -26,6 +26,7 @@ again from there (the solve's tree goes on after improving its plan). Survivor s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -281,6 +282,27 @@ class Tree:
 
     def incumbent_total(self) -> float:
         return min(np.inf if self.best is None else self.best.expected_ms * self.p.n_samples, self.ceiling)
+
+    def work_on(self, nodes: list, share: Share, workers: int) -> None:
+        """Become one of ``workers`` forked workers (:mod:`distree.solver.parallel`): go on from ``nodes``, a share
+        of the open ones, pruning also by the plans the others publish in ``share``."""
+        heapq.heapify(nodes)
+        self.open, self.share, self.cap_share = nodes, share, workers
+
+    def absorb(self, results: list[BnbResult], before: BnbResult, wall_s: float) -> BnbResult:
+        """The open nodes went to forked workers that ended with ``results`` (each counting from ``before``, the
+        tree when they forked): take their best plan and their counts; what they left open bounds the proof as
+        dropped nodes do, so this tree holds no open node any more."""
+        self.open = []
+        for r in results:
+            if r.best is not None and (self.best is None or r.best.expected_ms < self.best.expected_ms):
+                self.best = r.best
+            self.nodes += r.nodes - before.nodes
+            self.dropped += r.dropped - before.dropped
+            if not r.complete:
+                self.dropped_bound = min(self.dropped_bound, r.bound * self.p.n_samples)
+        self.wall_s += wall_s
+        return dataclasses.replace(self.result(), classes=max(r.classes for r in results), workers=len(results))
 
     def _cutoff(self) -> float:
         return self.incumbent_total() * (1 - self.tol)

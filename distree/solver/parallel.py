@@ -16,9 +16,7 @@ forked run is a solve's last.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import heapq
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -115,7 +113,7 @@ def run_tree(tree: Tree, time_limit_s: float, jobs: int = 1, incumbent: Optional
 def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[Progress]) -> BnbResult:
     t0 = time.perf_counter()
     n = tree.p.n_samples
-    nodes_before, dropped_before = tree.nodes, tree.dropped
+    before = tree.result()
     dealt = sorted(tree.open)
     share = Share(tree.incumbent_total(), tree.proven_total(), jobs, n)
     ctx = multiprocessing.get_context("fork")
@@ -131,7 +129,6 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
         send.close()
         workers.append(worker)
         pipes.append(receive)
-    tree.open = []              # the workers hold them now
     results: dict[int, BnbResult] = {}
     give_up = time.monotonic() + time_limit_s + EXIT_GRACE_S
     told_at = time.monotonic()
@@ -164,14 +161,7 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
                 worker.kill()
             worker.join()
         gc.unfreeze()
-    for r in results.values():
-        tree.best = _better(tree.best, r.best)
-        tree.nodes += r.nodes - nodes_before
-        tree.dropped += r.dropped - dropped_before
-        if not r.complete:      # what it left open is no longer here: its bound caps the proven one
-            tree.dropped_bound = min(tree.dropped_bound, r.bound * n)
-    tree.wall_s += time.perf_counter() - t0
-    return dataclasses.replace(tree.result(), classes=max(r.classes for r in results.values()), workers=jobs)
+    return tree.absorb(list(results.values()), before, time.perf_counter() - t0)
 
 
 def _work(tree: Tree, dealt: list, worker: int, jobs: int, share: Share, time_limit_s: float,
@@ -181,10 +171,8 @@ def _work(tree: Tree, dealt: list, worker: int, jobs: int, share: Share, time_li
     # buffered after the flush before the fork, and a worker's exit would write it again
     sys.stdout, sys.stderr = _fresh_stream(1), _fresh_stream(2)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it ends the workers
-    heapq.heapify(dealt)
-    tree.open = dealt
     share.worker = worker
-    tree.share, tree.cap_share = share, jobs
+    tree.work_on(dealt, share, jobs)
     result = tree.run(time_limit_s)
     send.send(result)
     send.close()

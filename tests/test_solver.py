@@ -939,9 +939,16 @@ def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypat
             assert dealt.bound == pytest.approx(whole.best.expected_ms, rel=1e-9) and not tree.open, seed
             assert dealt.classes >= 1 and dealt.nodes >= 0.5 * whole.nodes, (seed, dealt.nodes, whole.nodes)
             assert dealt.workers == jobs
+        # stopped after a tenth of what one process needs here (2-3 s): what the workers left open caps the bound.
+        # With the optimum known, a proof expands every node below it in any order: so many nodes it must take
+        proof = branch_and_bound(problem, whole.best, 60.0, best_first=True, classes=PlacementClasses(problem))
         stopped = run_tree(Tree(problem, whole.best, best_first=True, classes=PlacementClasses(problem)), 0.3,
                            jobs=2)
-        assert not stopped.complete and stopped.bound < whole.best.expected_ms, seed
+        if stopped.complete:        # only on a machine ~10x faster than this 2-core VM
+            assert stopped.nodes >= 0.9 * proof.nodes, (seed, stopped.nodes, proof.nodes)
+            assert stopped.bound == pytest.approx(whole.best.expected_ms, rel=1e-9), seed
+        else:
+            assert stopped.bound < whole.best.expected_ms, seed
         assert stopped.best.expected_ms == pytest.approx(whole.best.expected_ms, rel=1e-9)
     assert forked == [2, 3, 2] * 2, forked
 

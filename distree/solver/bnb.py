@@ -239,7 +239,10 @@ class Tree:
     says; all trees searched as one (one incumbent, one open list). ``tables`` and ``prefix`` are then unused.
 
     ``rel_gap``: nodes that cannot beat the incumbent by this share are dropped (as MIP solvers' relative gap):
-    ``complete`` then means the plan is within ``rel_gap`` of the optimum, and the bound says no more."""
+    ``complete`` then means the plan is within ``rel_gap`` of the optimum, and the bound says no more.
+
+    On several cores (:func:`distree.solver.parallel.run_tree`) a best-first tree's open nodes are dealt to forked
+    copies of it (:meth:`work_on`), and what they found comes back (:meth:`absorb`)."""
 
     def __init__(self, p: Problem, incumbent: Candidate | None, best_first: bool = False,
                  tables: BoundTables | None = None, prefix: PrefixBound | None = None,

@@ -1,6 +1,6 @@
 """Solver scale benchmark: solve time, status and proven gap, and the latency gain from early exits.
 
-    .venv/bin/python benchmarks/solver_scale.py [--example DIR] [--only NAME ...] [--jobs N]
+    .venv/bin/python benchmarks/solver_scale.py [--example DIR] [--only NAME ...] [--jobs N [N ...]]
 
 Cases (issue 6): the example model on 2 and 3 devices, and on 2 with 300 s (from DIR/chain.json, calibration.json and
 profile.json, written by ``benchmarks/solver_example.sh DIR``; without --example a synthetic stand-in of the
@@ -12,8 +12,9 @@ For each: wall time, solver status ("optimal" only when proven: by the branch an
 HiGHS, or by a bound meeting the plan within 1e-9), proven gap (against the best of the branch-and-bound,
 MILP and relaxed bounds), expected latency, the best plan without exits, their ratio, and
 (<= 3 devices) PORTEND's search space (one global threshold level, exits only at stage ends) solved by
-enumeration. ``--jobs``: the branch and bound's cores (default: every usable core, as ``distree plan``); each row
-records how many. Prints a table and writes benchmarks/results/solver_scale.json.
+enumeration. ``--jobs``: the branch and bound's cores (default: every usable core, as ``distree plan``); several
+values run each case once per value, one after the other, so that their ratio is measured in one run; a row is
+keyed by its case and jobs. Prints a table and writes benchmarks/results/solver_scale.json.
 """
 
 from __future__ import annotations
@@ -108,22 +109,23 @@ def main() -> None:
     ap.add_argument("--example", type=Path, default=None, help="folder with chain/calibration/profile JSON")
     ap.add_argument("--only", nargs="*", default=None, help="case names to run")
     ap.add_argument("--accuracy-drop", type=float, default=0.01)
-    ap.add_argument("--jobs", type=int, default=usable_cores(), help="cores for the branch and bound")
+    ap.add_argument("--jobs", type=int, nargs="+", default=[usable_cores()], help="cores for the branch and bound")
     args = ap.parse_args()
     rows = []
     for case in [*_example_cases(args.example), *_synthetic_cases()]:
         if args.only and case[0] not in args.only:
             continue
-        row = run_case(*case, drop=args.accuracy_drop, jobs=args.jobs)
-        rows.append(row)
-        print(f"{row['case']:<22} {row['status']:<10} gap {row['gap']:8.2%}  wall {row['wall_s']:7.2f} s  "
-              f"E[lat] {row['expected_ms']:8.3f} ms  bound {row['bound_ms']:8.3f}  no-exit {row['no_exit_ms']:8.3f}"
-              f"  ratio {row['ratio_vs_no_exit']:.3f}  portend {row.get('portend_ms') or float('nan'):8.3f}"
-              f"  exits {row['exits_enabled']:3d}  stages {row['stages']}  jobs {row['jobs']}", flush=True)
+        for jobs in args.jobs:
+            row = run_case(*case, drop=args.accuracy_drop, jobs=jobs)
+            rows.append(row)
+            print(f"{row['case']:<22} {row['status']:<10} gap {row['gap']:8.2%}  wall {row['wall_s']:7.2f} s  "
+                  f"E[lat] {row['expected_ms']:8.3f} ms  bound {row['bound_ms']:8.3f}  no-exit {row['no_exit_ms']:8.3f}"
+                  f"  ratio {row['ratio_vs_no_exit']:.3f}  portend {row.get('portend_ms') or float('nan'):8.3f}"
+                  f"  exits {row['exits_enabled']:3d}  stages {row['stages']}  jobs {row['jobs']}", flush=True)
     doc = {"machine": f"{platform.machine()} {platform.processor() or ''} (2 cores, shared, loaded)".strip(),
            "python": platform.python_version(), "accuracy_drop": args.accuracy_drop, "rows": rows}
     previous = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() and args.only else []
-    keep = [r for r in previous if r["case"] not in {x["case"] for x in rows}]
+    keep = [r for r in previous if (r["case"], r.get("jobs")) not in {(x["case"], x["jobs"]) for x in rows}]
     doc["rows"] = keep + rows
     write_json_atomic(RESULTS, doc)
     print(f"wrote {RESULTS}")

@@ -88,7 +88,8 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, output: str, accuracy_drop: float,
                 confidence: Optional[float], score_kind: str, backend: str, tune_minutes: float, time_limit: float,
-                gap: float, jobs: Optional[int], rpc: tuple[str, ...], profiles: tuple[str, ...], input_shape: tuple[str, ...], threads: int,
+                gap: float, jobs: Optional[int], rpc: tuple[str, ...], profiles: tuple[str, ...],
+                input_shape: tuple[str, ...], threads: int,
                 require_aot_cuda: bool, cache_dir: str, as_json: bool) -> None:
     """Compile MODEL into a bundle: inspect, exits, calibrate, profile, plan, build (each stage cached)."""
     from distree.compiler.pipeline import CompileOptions, compile_model

@@ -286,6 +286,11 @@ class Tree:
     def incumbent_total(self) -> float:
         return min(np.inf if self.best is None else self.best.expected_ms * self.p.n_samples, self.ceiling)
 
+    def offer(self, plan: Candidate | None) -> None:
+        """Take ``plan`` when it beats this tree's (found elsewhere: the kicks, a forked worker)."""
+        if plan is not None and (self.best is None or plan.expected_ms < self.best.expected_ms):
+            self.best = plan
+
     def work_on(self, nodes: list, share: Share, workers: int) -> None:
         """Become one of ``workers`` forked workers (:mod:`distree.solver.parallel`): go on from ``nodes``, a share
         of the open ones, pruning also by the plans the others publish in ``share``."""
@@ -298,8 +303,7 @@ class Tree:
         dropped nodes do, so this tree holds no open node any more."""
         self.open = []
         for r in results:
-            if r.best is not None and (self.best is None or r.best.expected_ms < self.best.expected_ms):
-                self.best = r.best
+            self.offer(r.best)
             self.nodes += r.nodes - before.nodes
             self.dropped += r.dropped - before.dropped
             if not r.complete:
@@ -326,8 +330,7 @@ class Tree:
         t0 = time.perf_counter()
         stop_at = t0 + time_limit_s
         p, best_first, classes, open_nodes = self.p, self.best_first, self.classes, self.open
-        if incumbent is not None and incumbent.expected_ms * p.n_samples < self.incumbent_total():
-            self.best = incumbent
+        self.offer(incumbent)
         cap = max_open_nodes(p) // self.cap_share
         told_at = t0
         while open_nodes:

@@ -73,8 +73,8 @@ def _parse_sweep(spec: str) -> list[float]:
 def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devices: Optional[str],
              topology_path: Optional[Path], accuracy_drop: float, confidence: Optional[float],
              deadline_ms: Optional[float], min_throughput: Optional[float], free_order: bool, time_limit: float,
-             gap: float, jobs: Optional[int], solver: str, dump_lp: Optional[Path], sweep: Optional[str], plot_path: Optional[Path],
-             output: Optional[Path]) -> None:
+             gap: float, jobs: Optional[int], solver: str, dump_lp: Optional[Path], sweep: Optional[str],
+             plot_path: Optional[Path], output: Optional[Path]) -> None:
     """Choose exits, thresholds and cut points of minimal expected latency (a MILP, proven optimal or
     reported with its gap)."""
     chain = Chain.load(chain_path)

@@ -25,8 +25,6 @@ import sys
 import time
 from typing import TYPE_CHECKING, Optional
 
-import numpy as np
-
 from distree.errors import DistreeError
 from distree.solver.bnb import PROGRESS_EVERY_S
 from distree.solver.heuristic import Candidate
@@ -98,8 +96,7 @@ def run_tree(tree: Tree, time_limit_s: float, jobs: int = 1, incumbent: Optional
     if jobs > 1 and "fork" not in multiprocessing.get_all_start_methods():
         raise DistreeError(f"--jobs {jobs} needs processes that can be forked, which this platform lacks; "
                            "use --jobs 1")
-    if incumbent is not None and (tree.best is None or incumbent.expected_ms < tree.best.expected_ms):
-        tree.best = incumbent
+    tree.offer(incumbent)
     stop_at = time.perf_counter() + time_limit_s
     if jobs == 1 or not tree.best_first:
         return tree.run(time_limit_s, progress=progress)
@@ -147,7 +144,7 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
                                        f"before reporting; run with fewer --jobs (each worker holds its own open "
                                        f"nodes), or --jobs 1 to see whether it fails alone") from None
             for plan in share.plans_found():
-                tree.best = _better(tree.best, plan)
+                tree.offer(plan)
             if time.monotonic() > give_up:
                 raise RuntimeError(f"branch-and-bound workers did not report within {EXIT_GRACE_S:g} s after "
                                    "the time limit")
@@ -176,14 +173,6 @@ def _work(tree: Tree, dealt: list, worker: int, jobs: int, share: Share, time_li
     result = tree.run(time_limit_s)
     send.send(result)
     send.close()
-
-
-def _better(a: Optional[Candidate], b: Optional[Candidate]) -> Optional[Candidate]:
-    if a is None:
-        return b
-    if b is None or not np.isfinite(b.expected_ms) or a.expected_ms <= b.expected_ms:
-        return a
-    return b
 
 
 def _fresh_stream(fd: int):

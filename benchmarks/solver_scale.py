@@ -1,11 +1,12 @@
 """Solver scale benchmark: solve time, status and proven gap, and the latency gain from early exits.
 
-    .venv/bin/python benchmarks/solver_scale.py [--example DIR] [--only NAME ...] [--jobs N [N ...]]
+    .venv/bin/python benchmarks/solver_scale.py [--example DIR] [--resnet110 DIR] [--only NAME ...] [--jobs N ...]
 
 Cases (issue 6): the example model on 2 and 3 devices, and on 2 with 300 s (from DIR/chain.json, calibration.json and
 profile.json, written by ``benchmarks/solver_example.sh DIR``; without --example a synthetic stand-in of the
 same shape, labelled as such); a ResNet-110-scale
-chain (55 blocks, 54 candidate exits, 8 threshold levels, 5,000 calibration samples, 3 devices); 200
+chain (55 blocks, 54 candidate exits, 8 threshold levels, 5,000 calibration samples, 3 devices), synthetic, and with
+--resnet110 DIR (``benchmarks/resnet110_example.sh DIR``) the same target on a trained ResNet-110's 54 exits; 200
 blocks on 8 devices; and a few mid-size cases that map where the MILP still proves optimality.
 
 For each: wall time, solver status ("optimal" only when proven: by the branch and bound finishing, by
@@ -35,6 +36,7 @@ from distree.solver.parallel import usable_cores
 from distree.solver.problem import Constraints, build_problem
 from distree.solver.solve import solve
 from distree.solver.synthetic import synthetic_case
+from distree.targets import topology_for
 from distree.targets.spec import Topology
 
 RESULTS = Path(__file__).parent / "results" / "solver_scale.json"
@@ -50,13 +52,17 @@ SYNTHETIC = [
 ]
 
 
+def _load(folder: Path):
+    """A real-scores case's chain, calibration, profile and its devices in profiled order."""
+    chain = Chain.load(folder / "chain.json")
+    cal = Calibration.load(folder / "calibration.json")
+    profile = Profile.load(folder / "profile.json")
+    return chain, cal, profile, list(dict.fromkeys(m.device for m in profile.entries))
+
+
 def _example_cases(example: Path | None):
     if example is not None:
-        chain = Chain.load(example / "chain.json")
-        cal = Calibration.load(example / "calibration.json")
-        profile = Profile.load(example / "profile.json")
-        devices = list(dict.fromkeys(m.device for m in profile.entries))     # profiled order
-        from distree.targets import topology_for
+        chain, cal, profile, devices = _load(example)
         for k in (2, 3):
             if len(devices) >= k:
                 yield f"example-{k}dev", "real files", chain, cal, profile, topology_for(devices[:k]), 60
@@ -67,6 +73,19 @@ def _example_cases(example: Path | None):
         case = synthetic_case(12, 6, 8, k, 2500, seed=11)
         yield (f"example-{k}dev", "synthetic stand-in (12 blocks, 6 exits, 8 levels, 2500 samples)",
                case.chain, case.calibration, case.profile, case.topology, 60)
+
+
+def _resnet110_cases(folder: Path | None):
+    """The ResNet-110 target on trained exits (``benchmarks/resnet110_example.sh DIR``): 54 exits, 8 levels, 5,000
+    calibration samples, 3 devices, as the synthetic case, but with a real network's scores and 113 blocks (each
+    residual block's ReLU is a block of its own) where the synthetic chain has 55."""
+    if folder is None:
+        return
+    chain, cal, profile, devices = _load(folder)
+    what = (f"trained ResNet-110, {len(chain.blocks)} blocks, {len(cal.exits)} exits, "
+            f"{len(cal.thresholds[0])} levels, {cal.num_samples} samples, 3 devices")
+    for name, limit in (("resnet110-trained-3dev", 10), ("resnet110-trained-3dev-60s", 60)):
+        yield name, what, chain, cal, profile, topology_for(devices[:3]), limit
 
 
 def _synthetic_cases():
@@ -107,12 +126,14 @@ def run_case(name: str, what: str, chain: Chain, cal: Calibration, profile: Prof
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--example", type=Path, default=None, help="folder with chain/calibration/profile JSON")
+    ap.add_argument("--resnet110", type=Path, default=None,
+                    help="folder written by benchmarks/resnet110_example.sh: the ResNet-110 case on trained exits")
     ap.add_argument("--only", nargs="*", default=None, help="case names to run")
     ap.add_argument("--accuracy-drop", type=float, default=0.01)
     ap.add_argument("--jobs", type=int, nargs="+", default=[usable_cores()], help="cores for the branch and bound")
     args = ap.parse_args()
     rows = []
-    for case in [*_example_cases(args.example), *_synthetic_cases()]:
+    for case in [*_example_cases(args.example), *_resnet110_cases(args.resnet110), *_synthetic_cases()]:
         if args.only and case[0] not in args.only:
             continue
         for jobs in args.jobs:

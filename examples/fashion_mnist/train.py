@@ -82,17 +82,18 @@ class ExitHead(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem conv at 28x28, 3 stages x 3 BasicBlocks, each stage starting with stride 2 (14x14, 7x7,
-    4x4 maps: a quarter of the compute of a 28x28 first stage, which the shared 2-core training machine
-    needs), global average pool + linear.
+    """Stem conv at 28x28, 3 stages x ``blocks_per_stage`` BasicBlocks (3: the examples; 18: a ResNet-110),
+    each stage starting with stride 2 (14x14, 7x7, 4x4 maps: a quarter of the compute of a 28x28 first stage,
+    which the shared 2-core training machine needs), global average pool + linear.
     ``forward`` returns (logits, exit_1, exit_2, ...), the exits in depth order."""
 
-    def __init__(self, widths: tuple[int, int, int], exit_after: tuple[int, ...] = (), num_classes: int = 10):
+    def __init__(self, widths: tuple[int, int, int], exit_after: tuple[int, ...] = (), num_classes: int = 10,
+                 blocks_per_stage: int = BLOCKS_PER_STAGE):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         blocks, in_ch = [], widths[0]
         for stage, width in enumerate(widths):
-            for i in range(BLOCKS_PER_STAGE):
+            for i in range(blocks_per_stage):
                 blocks.append(BasicBlock(in_ch, width, 2 if i == 0 else 1))
                 in_ch = width
         self.blocks = nn.ModuleList(blocks)
@@ -207,6 +208,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
     parser.add_argument("--widths", type=int, nargs=3, default=(8, 16, 32))
+    parser.add_argument("--blocks-per-stage", type=int, default=BLOCKS_PER_STAGE,
+                        help="residual blocks per stage (18: a ResNet-110, benchmarks/resnet110_example.sh)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--kd-temperature", type=float, default=3.0)
     parser.add_argument("--kd-weight", type=float, default=0.5)
@@ -229,7 +232,7 @@ def main() -> None:
     x_test, y_test = data.to_input(test_raw.images, mean, std), test_raw.labels
 
     spec = MODELS[args.model]
-    model = ResNet(tuple(args.widths), spec["exit_after"])
+    model = ResNet(tuple(args.widths), spec["exit_after"], blocks_per_stage=args.blocks_per_stage)
     if args.init:
         missing, unexpected = model.load_state_dict(torch.load(args.init, weights_only=True), strict=False)
         if unexpected or any(not key.startswith("exits.") for key in missing):
@@ -252,7 +255,7 @@ def main() -> None:
     doc["models"][args.model] = {
         "file": spec["file"],
         "command": shlex.join([".venv/bin/python", "examples/fashion_mnist/train.py", *sys.argv[1:]]),
-        "architecture": {"widths": list(args.widths), "blocks_per_stage": BLOCKS_PER_STAGE,
+        "architecture": {"widths": list(args.widths), "blocks_per_stage": args.blocks_per_stage,
                          "exit_after_blocks": list(spec["exit_after"])},
         "outputs": list(accuracies),
         "epochs": args.epochs,

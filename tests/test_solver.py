@@ -777,6 +777,51 @@ def test_children_and_their_bounds_equal_plain_code():
     assert compared >= 3000, compared
 
 
+def test_reachable_right_answers_never_fall_below_the_best_completion():
+    """kernels.reachable_right (the tree drops a node whose decided right answers plus it miss K): for every
+    prefix of levels of random instances, and of correlated ones with more exits where recovering costs losses,
+    the decided right answers plus the bound are at least the most right answers any completion gives (every
+    completion enumerated, answers counted sample by sample), and the bound is below what the free choice
+    allows (every survivor some later exit answers right) often enough to matter; a tree using it still ends
+    at the brute-force optimum (test_random_instances_match_brute_force_and_replay)."""
+    from distree.solver.kernels import reachable_right
+    checked = tighter = 0
+    cases = [_random_problem(seed)[2] for seed in range(40)]
+    cases += [build_problem(k.chain, k.calibration, k.profile, k.topology, Constraints())[0]
+              for k in (synthetic_case(12, 7, 2, 1, 150, seed=s, exit_every=True) for s in range(6))]
+    for problem in cases:
+        if problem.n_exits == 0:
+            continue
+        passed, correct, final = problem.passed_level, problem.correct_exit, problem.correct_final
+        configs = all_configurations(problem.n_levels)
+        taken = (configs[:, None, :] > 0) & (passed[None] >= configs[:, None, :])       # [config, sample, exit]
+        leaves_at = np.where(taken.any(2), taken.argmax(2), problem.n_exits)
+        answers = np.concatenate([correct, final[:, None]], axis=1)
+        right = answers[np.arange(problem.n_samples)[None], leaves_at].sum(1)
+        columns = bnb._columns(problem)
+        for depth in range(problem.n_exits):
+            prefixes = {}
+            for config, total in zip(configs, right):
+                key = tuple(int(x) for x in config[:depth])
+                prefixes[key] = max(prefixes.get(key, -1), int(total))
+            for prefix, most in prefixes.items():
+                gone = np.zeros(problem.n_samples, dtype=bool)
+                fixed_right = 0
+                for j, level in enumerate(prefix):
+                    leave = ~gone & (level > 0) & (passed[:, j] >= level)
+                    fixed_right += int(correct[leave, j].sum())
+                    gone |= leave
+                alive = ~gone
+                bound = reachable_right(np.packbits(alive), depth, columns[0], columns[1], columns[4],
+                                        int(problem.n_levels.max()))
+                assert fixed_right + bound >= most, (prefix, fixed_right, bound, most)
+                free = int((alive & (final | (correct[:, depth:] & (passed[:, depth:] >= 1)).any(1))).sum())
+                assert bound <= free
+                tighter += bound < free
+                checked += 1
+    assert checked >= 2000 and tighter >= 200, (checked, tighter)
+
+
 def test_progress_tells_the_plan_and_a_gap_that_the_result_does_not_contradict(monkeypatch):
     """A solve that cannot prove its plan says what it is doing while it runs (a status line), and the gap it
     last told is never smaller than the one it returns (plans only improve, bounds only rise)."""

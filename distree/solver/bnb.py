@@ -41,7 +41,8 @@ from distree.solver.bounds import (BoundTables, PrefixBound, WideChildren, bound
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, place
-from distree.solver.kernels import children_bounds, nested_bounds, pack_nested, survivor_sum, upgrade_order
+from distree.solver.kernels import (children_bounds, nested_bounds, pack_nested, reachable_right, survivor_sum,
+                                    upgrade_order)
 from distree.solver.problem import Constraints, Problem, build_problem
 
 if TYPE_CHECKING:
@@ -95,12 +96,13 @@ class _Node(NamedTuple):                # a tuple: made ~500,000 times a minute 
 
 
 @functools.lru_cache(maxsize=2)
-def _columns(p: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _columns(p: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per exit (or depth) the samples' levels passed, right answers and first chances, each a contiguous row for
-    the kernels, and an all-zero key (one set: everyone below cut 1); one copy for all of a problem's searches
-    (a search per placement class)."""
+    the kernels, an all-zero key (one set: everyone below cut 1) and the final classifier's right answers; one
+    copy for all of a problem's searches (a search per placement class)."""
     return (np.ascontiguousarray(p.passed_level.T), np.ascontiguousarray(p.correct_exit.T.astype(float)),
-            np.ascontiguousarray(first_chances(p).T), np.zeros(p.n_samples, dtype=np.int64))
+            np.ascontiguousarray(first_chances(p).T), np.zeros(p.n_samples, dtype=np.int64),
+            np.ascontiguousarray(p.correct_final))
 
 
 class _Search:
@@ -116,7 +118,8 @@ class _Search:
         self.head_price = self.tables.head
         self.lam = self.tables.lam
         self.order = upgrade_order(self.after, self.after_right)      # [E + 2, N] for the free choice
-        self.passed_by_exit, self.correct_by_exit, self.chance_by_depth, self.no_key = _columns(p)
+        self.passed_by_exit, self.correct_by_exit, self.chance_by_depth, self.no_key, self.final = _columns(p)
+        self.max_level = int(p.n_levels.max(initial=0))
         self.best = incumbent
         self.ceiling = np.inf               # a plan this good (a sum over samples) is known elsewhere: prune by it
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
@@ -202,6 +205,14 @@ class _Search:
         return self._make(j + 1, [node.levels + (lv,) for lv in levels.tolist()], node.packed, passed, cuts,
                           fixed_ms, fixed_right, heads_ms, bound, wide)
 
+    def can_reach_accuracy(self, node: _Node) -> bool:
+        """Whether the node's survivors may still give the right answers it needs, by the sure losses that
+        recovering any of them costs (:func:`~distree.solver.kernels.reachable_right`): the free choice in the
+        bounds lets every survivor that some later exit answers right be recovered, and on trained exits most
+        cannot be without losing as many others."""
+        return node.fixed_right + reachable_right(node.packed, node.depth, self.passed_by_exit, self.correct_by_exit,
+                                                  self.final, self.max_level) >= self.p.required_correct
+
     def settle_leaf(self, node: _Node) -> None:
         """Price a full configuration exactly (or by a bound, where the placement DP is not exact)."""
         p = self.p
@@ -266,6 +277,7 @@ class Tree:
         # run: :mod:`distree.solver.parallel`); how many were dropped
         self.dropped_bound, self.dropped = np.inf, 0
         self.pushed, self.nodes = len(self.open), 0
+        self.short_of_accuracy = 0          # nodes dropped by can_reach_accuracy
         self.wall_s = time.perf_counter() - t0
 
     def _search_of(self, c: StageClass) -> int:
@@ -356,6 +368,9 @@ class Tree:
             if node.bound >= self._cutoff():
                 continue
             s = self.searches[i]
+            if node.depth < p.n_exits and not s.can_reach_accuracy(node):
+                self.short_of_accuracy += 1
+                continue
             s.best = self.best
             parts = classes.split(s.stage_class, node.depth) if classes is not None else []
             if parts:                         # the same node, bounded within each class that partitions its own
@@ -424,4 +439,5 @@ def warm_up() -> None:
         for node in search.root():
             for child in search.children(node):
                 search.rebound(child, None)
+                search.can_reach_accuracy(child)
     relaxed_lower_bound(p)

@@ -363,3 +363,57 @@ def pack_nested(packed, key, cuts):
                 if key[i] < cuts[c]:
                     out[c, i >> 3] |= bit
     return out
+
+
+@njit(cache=True)
+def reachable_right(packed, depth, passed, correct, final, max_level):
+    """An upper bound on the right answers the survivors can still give, whatever exits ``depth``.. do: the
+    survivors right at the final classifier, plus the most that *recovering* the others (answered right at an
+    exit where the final classifier is wrong) can net. Recovering ``s`` at exit k needs k's level at most s's
+    passed level there, so k takes every survivor that arrives passing that level; a survivor right at the final
+    classifier, wrong at k and wrong at every exit before k (from ``depth``) it passes is then surely lost (taken
+    wrongly at k, or earlier). With L(s) the fewest such losses over s's exits, recovering a set R loses at least
+    max L over R: so at most max_m (m - L_(m)) net, L sorted ascending. ``passed``/``correct``: [E, N] by exit;
+    ``final``: [N] bool. O(survivors x exits)."""
+    n_exits, n = passed.shape
+    width = n_exits - depth
+    lost = np.zeros((max(width, 1), max_level + 2), dtype=np.int64)   # [exit, level]: sure losses passing it
+    survivors = 0
+    total = 0
+    for i in range(n):
+        if not _alive(packed, i):
+            continue
+        survivors += 1
+        if not final[i]:
+            continue
+        total += 1
+        for k in range(depth, n_exits):
+            level = passed[k, i]
+            if level >= 1:
+                if correct[k, i] > 0.5:
+                    break                  # it may leave here, rightly: no later exit surely loses it
+                lost[k - depth, level] += 1
+    for r in range(width):                 # lost[r, l]: those passing level l or above
+        for level in range(max_level - 1, 0, -1):
+            lost[r, level] += lost[r, level + 1]
+    fewest = np.zeros(survivors + 1, dtype=np.int64)    # how many recoverable survivors have each L
+    for i in range(n):
+        if not _alive(packed, i) or final[i]:
+            continue
+        best = -1
+        for k in range(depth, n_exits):
+            level = passed[k, i]
+            if level >= 1 and correct[k, i] > 0.5:
+                here = lost[k - depth, level]
+                if best < 0 or here < best:
+                    best = here
+                    if best == 0:
+                        break
+        if best >= 0:
+            fewest[min(best, survivors)] += 1
+    gain, m = 0, 0
+    for losses in range(survivors + 1):
+        for _ in range(fewest[losses]):
+            m += 1
+            gain = max(gain, m - losses)
+    return total + gain

@@ -96,12 +96,14 @@ class _Node(NamedTuple):                # a tuple: made ~500,000 times a minute 
 
 
 @functools.lru_cache(maxsize=2)
-def _columns(p: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _columns(p: Problem) -> tuple[np.ndarray, ...]:
     """Per exit (or depth) the samples' levels passed, right answers and first chances, each a contiguous row for
-    the kernels, an all-zero key (one set: everyone below cut 1) and the final classifier's right answers; one
+    the kernels, an all-zero key (one set: everyone below cut 1), and per sample its levels passed and right
+    answers at each exit and at the final classifier (contiguous rows for :meth:`_Search.can_reach_accuracy`); one
     copy for all of a problem's searches (a search per placement class)."""
     return (np.ascontiguousarray(p.passed_level.T), np.ascontiguousarray(p.correct_exit.T.astype(float)),
             np.ascontiguousarray(first_chances(p).T), np.zeros(p.n_samples, dtype=np.int64),
+            np.ascontiguousarray(p.passed_level), np.ascontiguousarray(p.correct_exit),
             np.ascontiguousarray(p.correct_final))
 
 
@@ -118,7 +120,8 @@ class _Search:
         self.head_price = self.tables.head
         self.lam = self.tables.lam
         self.order = upgrade_order(self.after, self.after_right)      # [E + 2, N] for the free choice
-        self.passed_by_exit, self.correct_by_exit, self.chance_by_depth, self.no_key, self.final = _columns(p)
+        (self.passed_by_exit, self.correct_by_exit, self.chance_by_depth, self.no_key, self.passed_by_sample,
+         self.correct_by_sample, self.final) = _columns(p)
         self.max_level = int(p.n_levels.max(initial=0))
         self.best = incumbent
         self.ceiling = np.inf               # a plan this good (a sum over samples) is known elsewhere: prune by it
@@ -210,8 +213,9 @@ class _Search:
         recovering any of them costs (:func:`~distree.solver.kernels.reachable_right`): the free choice in the
         bounds lets every survivor that some later exit answers right be recovered, and on trained exits most
         cannot be without losing as many others."""
-        return node.fixed_right + reachable_right(node.packed, node.depth, self.passed_by_exit, self.correct_by_exit,
-                                                  self.final, self.max_level) >= self.p.required_correct
+        return node.fixed_right + reachable_right(node.packed, node.depth, self.passed_by_sample,
+                                                  self.correct_by_sample, self.final,
+                                                  self.max_level) >= self.p.required_correct
 
     def settle_leaf(self, node: _Node) -> None:
         """Price a full configuration exactly (or by a bound, where the placement DP is not exact)."""

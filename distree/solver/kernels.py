@@ -373,9 +373,9 @@ def reachable_right(packed, depth, passed, correct, final, max_level):
     passed level there, so k takes every survivor that arrives passing that level; a survivor right at the final
     classifier, wrong at k and wrong at every exit before k (from ``depth``) it passes is then surely lost (taken
     wrongly at k, or earlier). With L(s) the fewest such losses over s's exits, recovering a set R loses at least
-    max L over R: so at most max_m (m - L_(m)) net, L sorted ascending. ``passed``/``correct``: [E, N] by exit;
-    ``final``: [N] bool. O(survivors x exits)."""
-    n_exits, n = passed.shape
+    max L over R: so at most max_m (m - L_(m)) net, L sorted ascending. ``passed``/``correct``: [N, E] by sample
+    (each survivor walks its exits), ``final``: [N] bool. O(survivors x exits)."""
+    n, n_exits = passed.shape
     width = n_exits - depth
     lost = np.zeros((max(width, 1), max_level + 2), dtype=np.int64)   # [exit, level]: sure losses passing it
     survivors = 0
@@ -388,9 +388,9 @@ def reachable_right(packed, depth, passed, correct, final, max_level):
             continue
         total += 1
         for k in range(depth, n_exits):
-            level = passed[k, i]
+            level = passed[i, k]
             if level >= 1:
-                if correct[k, i] > 0.5:
+                if correct[i, k]:
                     break                  # it may leave here, rightly: no later exit surely loses it
                 lost[k - depth, level] += 1
     for r in range(width):                 # lost[r, l]: those passing level l or above
@@ -402,8 +402,8 @@ def reachable_right(packed, depth, passed, correct, final, max_level):
             continue
         best = -1
         for k in range(depth, n_exits):
-            level = passed[k, i]
-            if level >= 1 and correct[k, i] > 0.5:
+            level = passed[i, k]
+            if level >= 1 and correct[i, k]:
                 here = lost[k - depth, level]
                 if best < 0 or here < best:
                     best = here

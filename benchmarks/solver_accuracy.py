@@ -1,10 +1,11 @@
 """How the proven gap depends on the accuracy bound (the question behind the ResNet-110-scale gap).
 
-    .venv/bin/python benchmarks/solver_accuracy.py [--example DIR] [--drops 0.1 0.05 ...] [--jobs N]
+    .venv/bin/python benchmarks/solver_accuracy.py [--example DIR] [--resnet110 DIR] [--drops 0.1 0.05 ...] [--jobs N]
 
 The same instance solved under several --accuracy-drop values: the ResNet-110-scale chain of
 ``solver_scale.py`` (55 blocks, 54 exits, 8 levels, 5,000 samples, 3 devices) with 10 s and 60 s, and with
---example DIR (``benchmarks/solver_example.sh DIR``) the example's 22 trained exits on 3 devices with 60 s.
+--example DIR (``benchmarks/solver_example.sh DIR``) the example's 22 trained exits on 3 devices with 60 s, and with
+--resnet110 DIR (``benchmarks/resnet110_example.sh DIR``) a trained ResNet-110's 54 exits on 3 devices with 60 s.
 Without an accuracy bound every one of these is proven optimal in under a second; what stays open is the
 accuracy constraint, whose Lagrangian relaxation lets a sample past its exact window pick a later exit where it
 is right. ``--jobs``: the branch and bound's cores (default: every usable core, as ``distree plan``). Prints a table
@@ -33,26 +34,34 @@ DROPS = (0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.0)
 LONG_DROPS = (0.1, 0.05, 0.02, 0.01, 0.0)     # the 60 s runs: fewer, they take a minute each
 
 
-def _cases(example: Path | None):
+def _real_case(folder: Path) -> tuple:
+    """Chain, calibration, profile and the first 3 profiled devices' topology of a folder of real files."""
+    profile = Profile.load(folder / "profile.json")
+    devices = list(dict.fromkeys(m.device for m in profile.entries))[:3]
+    return (Chain.load(folder / "chain.json"), Calibration.load(folder / "calibration.json"), profile,
+            topology_for(devices))
+
+
+def _cases(example: Path | None, resnet110: Path | None):
     case = synthetic_case(55, 54, 8, 3, 5000, seed=1, exit_every=True)
     inputs = (case.chain, case.calibration, case.profile, case.topology)
     yield "resnet110-3dev", inputs, 10, DROPS
     yield "resnet110-3dev", inputs, 60, LONG_DROPS
     if example is not None:
-        profile = Profile.load(example / "profile.json")
-        devices = list(dict.fromkeys(m.device for m in profile.entries))[:3]
-        yield ("example-3dev", (Chain.load(example / "chain.json"), Calibration.load(example / "calibration.json"),
-                                profile, topology_for(devices)), 60, LONG_DROPS)
+        yield "example-3dev", _real_case(example), 60, LONG_DROPS
+    if resnet110 is not None:
+        yield "resnet110-trained-3dev", _real_case(resnet110), 60, LONG_DROPS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--example", type=Path, default=None, help="folder from benchmarks/solver_example.sh")
+    ap.add_argument("--resnet110", type=Path, default=None, help="folder from benchmarks/resnet110_example.sh")
     ap.add_argument("--drops", type=float, nargs="*", default=None, help="accuracy drops (default: per case)")
     ap.add_argument("--jobs", type=int, default=usable_cores(), help="cores for the branch and bound")
     args = ap.parse_args()
     rows = []
-    for name, inputs, limit, drops in _cases(args.example):
+    for name, inputs, limit, drops in _cases(args.example, args.resnet110):
         for drop in args.drops or drops:
             t0 = time.perf_counter()
             plan = solve(*inputs, Constraints(accuracy_drop=drop, time_limit_s=limit, jobs=args.jobs))
@@ -61,7 +70,7 @@ def main() -> None:
                    "no_exit_ms": plan.no_exit_latency_ms, "accuracy": plan.accuracy,
                    "full_accuracy": plan.full_model_accuracy, "wall_s": round(time.perf_counter() - t0, 2)}
             rows.append(row)
-            print(f"{name:<16} {limit:4.0f} s  drop {drop:6.3f}  {row['status']:<9} gap {row['gap']:7.2%}  "
+            print(f"{name:<22} {limit:4.0f} s  drop {drop:6.3f}  {row['status']:<9} gap {row['gap']:7.2%}  "
                   f"E[lat] {row['expected_ms']:8.3f} ms  bound {row['bound_ms']:8.3f}  "
                   f"wall {row['wall_s']:6.1f} s", flush=True)
     write_json_atomic(RESULTS, {"machine": f"{platform.machine()} (2 cores, shared)", "jobs": args.jobs, "rows": rows})

@@ -80,6 +80,7 @@ class BnbResult:
     dropped: int = 0                   # open nodes dropped at max_open_nodes (best first)
     classes: int = 0                   # placement classes searched (0: one tree over every placement)
     workers: int = 1                   # processes the last run was dealt to (distree.solver.parallel)
+    short: int = 0                     # nodes dropped because their survivors cannot give the right answers needed
 
 
 class _Node(NamedTuple):                # a tuple: made ~500,000 times a minute (a frozen dataclass costs 4x)
@@ -281,7 +282,7 @@ class Tree:
         # run: :mod:`distree.solver.parallel`); how many were dropped
         self.dropped_bound, self.dropped = np.inf, 0
         self.pushed, self.nodes = len(self.open), 0
-        self.short_of_accuracy = 0          # nodes dropped by can_reach_accuracy
+        self.short = 0                      # nodes dropped by _Search.can_reach_accuracy
         self.wall_s = time.perf_counter() - t0
 
     def _search_of(self, c: StageClass) -> int:
@@ -322,6 +323,7 @@ class Tree:
             self.offer(r.best)
             self.nodes += r.nodes - before.nodes
             self.dropped += r.dropped - before.dropped
+            self.short += r.short - before.short
             if not r.complete:
                 self.dropped_bound = min(self.dropped_bound, r.bound * self.p.n_samples)
         self.wall_s += wall_s
@@ -373,7 +375,7 @@ class Tree:
                 continue
             s = self.searches[i]
             if node.depth < p.n_exits and not s.can_reach_accuracy(node):
-                self.short_of_accuracy += 1
+                self.short += 1
                 continue
             s.best = self.best
             parts = classes.split(s.stage_class, node.depth) if classes is not None else []
@@ -419,7 +421,8 @@ class Tree:
         return BnbResult(best=self.best, bound=bound_total / N, complete=complete, nodes=self.nodes,
                          wall_s=self.wall_s,
                          wide_share=sum(s.prefix_decisive for s in self.searches) / tried if tried else float("nan"),
-                         dropped=self.dropped, classes=len(self.searches) if self.classes is not None else 0)
+                         dropped=self.dropped, classes=len(self.searches) if self.classes is not None else 0,
+                         short=self.short)
 
 
 def branch_and_bound(p: Problem, incumbent: Candidate | None, time_limit_s: float,

@@ -160,7 +160,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         if best is None:
             raise DistreeError(explain_infeasible(p, index, constraints))
         within = f"within --gap {gap:g} " if gap > OPTIMALITY_TOLERANCE else ""
-        how = f"proven {within}by branch and bound{_over(tree)} ({tree.nodes} nodes, {tree.wall_s:.2f} s)"
+        how = f"proven {within}by branch and bound{_over(tree)} ({_nodes(tree)}, {tree.wall_s:.2f} s)"
         result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound,
                             WITHIN_GAP if within else "optimal", how,
                             _gap(best.expected_ms, tree.bound) if within else 0.0, 0.0, 0, 0, 0)
@@ -176,7 +176,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
                f"need ~{rows * BUILD_S_PER_ROW:.0f} s to build, over half of the time left")
         result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound, "feasible",
                             f"MILP not run: ~{rows} rows {why}; branch and bound{_over(tree)} stopped after "
-                            f"{tree.nodes} nodes",
+                            f"{_nodes(tree)}",
                             float("inf"), 0.0, 0, rows, 0)
     else:
         engine = constraints.solver
@@ -218,6 +218,11 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
 def _over(tree: BnbResult) -> str:
     classes = f" over {tree.classes} placement classes" if tree.classes else ""
     return classes + (f" on {tree.workers} processes" if tree.workers > 1 else "")
+
+
+def _nodes(tree: BnbResult) -> str:
+    short = f", {tree.short} of them short of the right answers needed" if tree.short else ""
+    return f"{tree.nodes} nodes{short}"
 
 
 def _gap(objective: float, bound: float) -> float:

@@ -4,8 +4,8 @@
 # after each of the first 53 residual blocks (54 exits; the 54th block feeds the final classifier), calibrated
 # with 8 threshold levels on 5,000 samples, and an estimated profile on pi4, jetson-orin-nano and x86-server.
 # The heads are fit on 5,000 of the 10,000 test images and thresholds measured on the other 5,000 (calib.npz
-# holds 5,000 in all; the model never trained on test images). The training record goes to DIR/models.json (this
-# session's: benchmarks/results/resnet110_model.json).
+# holds 5,000 in all; the model never trained on test images). The training record goes to DIR/models.json (the
+# twenty-third session's: benchmarks/results/resnet110_model.json).
 #     benchmarks/resnet110_example.sh DIR   (needs examples/fashion_mnist/test.npz: make_data.py; ~15 min on 2 cores)
 set -euo pipefail
 dir=${1:?usage: benchmarks/resnet110_example.sh DIR}

@@ -367,7 +367,7 @@ def pack_nested(packed, key, cuts):
 
 @njit(cache=True)
 def reachable_right(packed, depth, passed, correct, final, max_level):
-    """An upper bound on the right answers the survivors can still give, whatever exits ``depth``.. do: the
+    """An upper bound on the right answers the survivors can still give, whatever the exits from ``depth`` on do: the
     survivors right at the final classifier, plus the most that *recovering* the others (answered right at an
     exit where the final classifier is wrong) can net. Recovering ``s`` at exit k needs k's level at most s's
     passed level there, so k takes every survivor that arrives passing that level; a survivor right at the final

@@ -19,15 +19,13 @@ import platform
 import time
 from pathlib import Path
 
-from distree.exits.types import Calibration
-from distree.graph.chain import Chain
-from distree.profiler.types import Profile
 from distree.serde import write_json_atomic
 from distree.solver.parallel import usable_cores
 from distree.solver.problem import Constraints
 from distree.solver.solve import solve
 from distree.solver.synthetic import synthetic_case
 from distree.targets import topology_for
+from solver_scale import load_case_files       # benchmarks/ is this script's folder, first on sys.path
 
 RESULTS = Path(__file__).parent / "results" / "solver_accuracy.json"
 DROPS = (0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.0)
@@ -36,10 +34,8 @@ LONG_DROPS = (0.1, 0.05, 0.02, 0.01, 0.0)     # the 60 s runs: fewer, they take 
 
 def _real_case(folder: Path) -> tuple:
     """Chain, calibration, profile and the first 3 profiled devices' topology of a folder of real files."""
-    profile = Profile.load(folder / "profile.json")
-    devices = list(dict.fromkeys(m.device for m in profile.entries))[:3]
-    return (Chain.load(folder / "chain.json"), Calibration.load(folder / "calibration.json"), profile,
-            topology_for(devices))
+    chain, calibration, profile, devices = load_case_files(folder)
+    return chain, calibration, profile, topology_for(devices[:3])
 
 
 def _cases(example: Path | None, resnet110: Path | None):

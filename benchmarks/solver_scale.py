@@ -52,8 +52,8 @@ SYNTHETIC = [
 ]
 
 
-def _load(folder: Path):
-    """A real-scores case's chain, calibration, profile and its devices in profiled order."""
+def load_case_files(folder: Path):
+    """A real-scores case's chain, calibration, profile and its devices in profiled order (also solver_accuracy's)."""
     chain = Chain.load(folder / "chain.json")
     cal = Calibration.load(folder / "calibration.json")
     profile = Profile.load(folder / "profile.json")
@@ -62,7 +62,7 @@ def _load(folder: Path):
 
 def _example_cases(example: Path | None):
     if example is not None:
-        chain, cal, profile, devices = _load(example)
+        chain, cal, profile, devices = load_case_files(example)
         for k in (2, 3):
             if len(devices) >= k:
                 yield f"example-{k}dev", "real files", chain, cal, profile, topology_for(devices[:k]), 60
@@ -81,7 +81,7 @@ def _resnet110_cases(folder: Path | None):
     residual block's ReLU is a block of its own) where the synthetic chain has 55."""
     if folder is None:
         return
-    chain, cal, profile, devices = _load(folder)
+    chain, cal, profile, devices = load_case_files(folder)
     what = (f"trained ResNet-110, {len(chain.blocks)} blocks, {len(cal.exits)} exits, "
             f"{len(cal.thresholds[0])} levels, {cal.num_samples} samples, 3 devices")
     for name, limit in (("resnet110-trained-3dev", 10), ("resnet110-trained-3dev-60s", 60)):

@@ -25,7 +25,7 @@ from distree.solver.bnb import Tree, _Search, branch_and_bound
 from distree.solver.bounds import (WindowTerms, best_multiplier, bound_tables, nested_window_bounds,
                                    widest_window_bound, window_bound)
 from distree.solver.brute import all_configurations, all_placements
-from distree.solver.classes import PlacementClasses, StageClass
+from distree.solver.classes import PlacementClasses, StageClass, _coarse_to_fine
 from distree.solver.costs import best_placement, evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, _MoveScorer, _penalised, iterated_local_search, local_search, place
 from distree.solver.milp import solve_milp
@@ -1082,6 +1082,43 @@ def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch
     assert original(problem, whole, 10.0) is not None
     monkeypatch.setattr(classes_module, "CLASS_MIN_GAIN", 1.0)      # a gain it does not reach: none built
     assert original(problem, whole, 10.0) is None
+
+
+def test_a_screen_short_of_time_samples_the_classes_coarse_to_fine(monkeypatch):
+    """When the exact classes do not all fit the screen's time, every k-th last block is screened (coarse
+    spacing first, so a failing screen fails early): classes are still found to help where each sampled one
+    does; a class as low as the whole problem is seen only if sampled (the screen only decides whether classes
+    are worth searching: the search stays exact either way)."""
+    assert _coarse_to_fine(112, 4)[:7] == [0, 64, 32, 96, 16, 48, 80]
+    for n, stride in ((112, 4), (17, 1), (200, 3), (5, 10)):
+        assert sorted(_coarse_to_fine(n, stride)) == list(range(0, n, stride))
+    case = synthetic_case(30, 8, 4, 3, 500, seed=2)
+    problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology,
+                               Constraints(accuracy_drop=0.01))
+    whole = bound_tables(problem)
+    classes_module = importlib.import_module("distree.solver.classes")
+    tables, clock, screened = classes_module.PlacementClasses.tables, [0.0], []
+
+    def timed(self, c):                       # each class takes 10 ms: 90 classes, 0.3 s allowed -> stride 3
+        if c not in self._tables:
+            screened.append(c)
+            clock[0] += 0.01
+        return tables(self, c)
+
+    monkeypatch.setattr(classes_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(classes_module.PlacementClasses, "tables", timed)
+    assert classes_module.placement_classes(problem, whole, 0.3) is not None
+    assert sorted({c.last_end for c in screened}) == [*range(0, 29, 3), 29]
+    assert len(screened) == len(set(screened)) == 3 * 11
+    low = StageClass(1, 10, 10)               # not sampled (stride 3)
+
+    def one_low(self, c):
+        found = timed(self, c)
+        return dataclasses.replace(found, root=whole.root) if c == low else found
+
+    monkeypatch.setattr(classes_module.PlacementClasses, "tables", one_low)
+    assert classes_module.placement_classes(problem, whole, 0.3) is not None
+    assert classes_module.placement_classes(problem, whole, 10.0) is None       # every class screened: seen
 
 
 WARM_PROBE = """

@@ -64,7 +64,10 @@ WIDEN_MIN_SHARE = 0.95
 # 9.1% gap in 30 s; drop 0.01, 60 s: 11.7% (13.1% with the classes after the 10 s depth-first probe)
 CLASS_SHARE = 0.1
 CLASS_TRIAL_SHARE = 0.05
-CLASS_KICKS_SHARE = 0.1       # then kicks, for only this share: the classes' bound keeps rising with the tree's time
+CLASS_KICKS_SHARE = 0.3       # then kicks, for this share at most: the classes' bound keeps rising with the tree's
+#                               time. Measured (10 s, a trained ResNet-110, 3 devices): 0.1 -> plan 1.789 ms, gap
+#                               20.5%; 0.3 -> 1.711, 17.7%; 0.5 -> 1.711, 19.3%. The 22 trained exits' kicks stall
+#                               (100 kicks without a gain) within either share: proven as fast
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 

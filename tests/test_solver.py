@@ -812,7 +812,8 @@ def test_reachable_right_answers_never_fall_below_the_best_completion():
                     fixed_right += int(correct[leave, j].sum())
                     gone |= leave
                 alive = ~gone
-                bound = reachable_right(np.packbits(alive), depth, *columns[4:], int(problem.n_levels.max()))
+                bound = reachable_right(np.packbits(alive), depth, *columns[4:7], int(problem.n_levels.max()),
+                                        *columns[7:])
                 assert fixed_right + bound >= most, (prefix, fixed_right, bound, most)
                 free = int((alive & (final | (correct[:, depth:] & (passed[:, depth:] >= 1)).any(1))).sum())
                 assert bound <= free

@@ -41,8 +41,8 @@ from distree.solver.bounds import (BoundTables, PrefixBound, WideChildren, bound
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, place
-from distree.solver.kernels import (children_bounds, nested_bounds, pack_nested, reachable_right, survivor_sum,
-                                    upgrade_order)
+from distree.solver.kernels import (children_bounds, nested_bounds, pack_nested, reachable_right, right_exits,
+                                    survivor_sum, upgrade_order)
 from distree.solver.problem import Constraints, Problem, build_problem
 
 if TYPE_CHECKING:
@@ -100,12 +100,12 @@ class _Node(NamedTuple):                # a tuple: made ~500,000 times a minute 
 def _columns(p: Problem) -> tuple[np.ndarray, ...]:
     """Per exit (or depth) the samples' levels passed, right answers and first chances, each a contiguous row for
     the kernels, an all-zero key (one set: everyone below cut 1), and per sample its levels passed and right
-    answers at each exit and at the final classifier (contiguous rows for :meth:`_Search.can_reach_accuracy`); one
-    copy for all of a problem's searches (a search per placement class)."""
+    answers at each exit and at the final classifier, and its right exits (:func:`~distree.solver.kernels.right_exits`),
+    for :meth:`_Search.can_reach_accuracy`; one copy for all of a problem's searches (a search per placement class)."""
     return (np.ascontiguousarray(p.passed_level.T), np.ascontiguousarray(p.correct_exit.T.astype(float)),
             np.ascontiguousarray(first_chances(p).T), np.zeros(p.n_samples, dtype=np.int64),
             np.ascontiguousarray(p.passed_level), np.ascontiguousarray(p.correct_exit),
-            np.ascontiguousarray(p.correct_final))
+            np.ascontiguousarray(p.correct_final), *right_exits(p.passed_level, p.correct_exit))
 
 
 class _Search:
@@ -118,11 +118,12 @@ class _Search:
         self.prefix_tried = self.prefix_decisive = 0
         self.tables = bound_tables(p) if tables is None else tables
         self.leave, self.after, self.after_right = self.tables.leave, self.tables.after, self.tables.after_right
+        self.after_by_depth: dict[int, np.ndarray] = {}   # columns of ``after`` that :meth:`rebound` read, contiguous
         self.head_price = self.tables.head
         self.lam = self.tables.lam
         self.order = upgrade_order(self.after, self.after_right)      # [E + 2, N] for the free choice
         (self.passed_by_exit, self.correct_by_exit, self.chance_by_depth, self.no_key, self.passed_by_sample,
-         self.correct_by_sample, self.final) = _columns(p)
+         self.correct_by_sample, self.final, *self.right_exits) = _columns(p)
         self.max_level = int(p.n_levels.max(initial=0))
         self.best = incumbent
         self.ceiling = np.inf               # a plan this good (a sum over samples) is known elsewhere: prune by it
@@ -185,7 +186,9 @@ class _Search:
         (a stage that ends before the node's next exit sends every survivor over a hop), so the survivors'
         cheapest options, accuracy aside, are tried first (a tenth of the full bound's time)."""
         self.best = incumbent
-        count, options = survivor_sum(node.packed, self.after, node.depth)
+        if node.depth not in self.after_by_depth:
+            self.after_by_depth[node.depth] = np.ascontiguousarray(self.after[:, node.depth])
+        count, options = survivor_sum(node.packed, self.after_by_depth[node.depth])
         if node.fixed_ms + node.heads_ms * count + options >= self.cutoff():
             return []
         return self._one(node.depth, node.levels, node.packed, node.fixed_ms, node.fixed_right, node.heads_ms, None)
@@ -215,8 +218,8 @@ class _Search:
         bounds lets every survivor that some later exit answers right be recovered, and on trained exits most
         cannot be without losing as many others."""
         return node.fixed_right + reachable_right(node.packed, node.depth, self.passed_by_sample,
-                                                  self.correct_by_sample, self.final,
-                                                  self.max_level) >= self.p.required_correct
+                                                  self.correct_by_sample, self.final, self.max_level,
+                                                  *self.right_exits) >= self.p.required_correct
 
     def settle_leaf(self, node: _Node) -> None:
         """Price a full configuration exactly (or by a bound, where the placement DP is not exact)."""

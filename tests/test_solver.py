@@ -381,8 +381,8 @@ def test_window_widens_only_after_a_trial_shows_it_decides(monkeypatch, min_shar
 
 def test_best_first_tree_past_its_open_node_cap_keeps_a_valid_bound(monkeypatch):
     """At max_open_nodes the best-first tree drops its worse half and goes on; the proven bound never passes the
-    optimum (the dropped nodes' smallest bound caps it) and it claims completeness only when the dropped nodes
-    could not have beaten the plan."""
+    optimum (the dropped nodes' smallest bound caps it), it claims completeness only when the dropped nodes
+    could not have beaten the plan, and the plan's solver line says how many were dropped."""
     monkeypatch.setattr(bnb, "max_open_nodes", lambda p: 6)
     capped = complete = 0
     for seed in range(60):
@@ -391,6 +391,8 @@ def test_best_first_tree_past_its_open_node_cap_keeps_a_valid_bound(monkeypatch)
         tree = branch_and_bound(problem, None, time_limit_s=5.0, best_first=True)
         assert tree.bound <= ref.expected_ms * (1 + 1e-9) + 1e-12, seed
         capped += tree.dropped > 0
+        said = importlib.import_module("distree.solver.solve")._nodes(tree)     # what the plan's solver line says
+        assert (f"{tree.dropped} open nodes dropped at the memory cap" in said) == (tree.dropped > 0), said
         if tree.complete:
             complete += tree.dropped > 0
             if np.isfinite(ref.expected_ms):

@@ -225,7 +225,9 @@ def _over(tree: BnbResult) -> str:
 
 def _nodes(tree: BnbResult) -> str:
     short = f", {tree.short} of them short of the right answers needed" if tree.short else ""
-    return f"{tree.nodes} nodes{short}"
+    dropped = (f"; {tree.dropped} open nodes dropped at the memory cap (the smallest bound dropped caps the proven "
+               f"one)") if tree.dropped else ""
+    return f"{tree.nodes} nodes{short}{dropped}"
 
 
 def _gap(objective: float, bound: float) -> float:

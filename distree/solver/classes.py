@@ -124,8 +124,8 @@ def placement_classes(p: Problem, whole: BoundTables, seconds: float) -> Placeme
 def _coarse_to_fine(n: int, stride: int) -> list[int]:
     """0, stride, ... below ``n``, halving the spacing as it goes (0, 64, 32, 96, 16, ...), so that a screen that
     fails fails early: on 200 blocks x 8 devices (devices in :func:`placement_classes`' order) the class that
-    bounds as low as the whole problem (device 5's stage ending at block 27) comes 0.36 s into the screen, 2.4 s
-    in block order and device by device."""
+    bounds as low as the whole problem (device 5's stage ending at block 27) comes 0.36 s into the screen; 2.4 s
+    with the devices in their own order, 4.1 s in block order device by device."""
     def spacing(i: int) -> int:             # the largest power of two dividing i (i = 0 comes first)
         return i & -i if i else n
 

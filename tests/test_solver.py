@@ -29,7 +29,7 @@ from distree.solver.classes import PlacementClasses, StageClass, _coarse_to_fine
 from distree.solver.costs import best_placement, evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, _MoveScorer, _penalised, iterated_local_search, local_search, place
 from distree.solver.milp import solve_milp
-from distree.solver.parallel import run_tree
+from distree.solver.parallel import kicks_on_cores, run_tree
 from distree.solver.plan import WITHIN_GAP
 from distree.solver.problem import check_constraints, clopper_pearson_lower, required_correct
 from distree.solver.synthetic import synthetic_case
@@ -1042,6 +1042,32 @@ def test_a_forked_worker_that_dies_is_an_error_not_a_silent_gap(monkeypatch, dea
     monkeypatch.setattr(_Search, "children", dies_in_a_worker)
     with pytest.raises(DistreeError, match=rf"worker distree-bnb-\d died, {said}; run with fewer --jobs"):
         run_tree(tree, 10.0, jobs=2)
+
+
+def test_kicks_on_cores_are_the_best_of_one_seed_a_core(monkeypatch):
+    """Kicks on N cores give what the best of seeds 0 .. N-1 gives run one after another (each stalls before its
+    time here, so both are repeatable): on this instance seed 2 finds a better plan than seeds 0 and 1; on one
+    core, seed 0's. A kicks worker that dies is a one-line error, as a tree worker's is."""
+    case = synthetic_case(20, 12, 4, 2, 400, seed=10)
+    problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology,
+                               Constraints(accuracy_drop=0.01))
+    start = local_search(problem)
+    alone = [iterated_local_search(problem, start, time_limit_s=60.0, seed=k) for k in range(3)]
+    assert alone[2].expected_ms < min(alone[0].expected_ms, alone[1].expected_ms)
+    assert kicks_on_cores(problem, start, 60.0, 1).expected_ms == alone[0].expected_ms
+    side_by_side = kicks_on_cores(problem, start, 60.0, 3)
+    assert side_by_side.expected_ms == alone[2].expected_ms and np.array_equal(side_by_side.levels, alone[2].levels)
+    here = os.getpid()
+
+    def dies_in_a_worker(*args, **kwargs):
+        if os.getpid() != here:
+            os._exit(3)
+        return iterated_local_search(*args, **kwargs)
+
+    monkeypatch.setattr(parallel, "iterated_local_search", dies_in_a_worker)
+    with pytest.raises(DistreeError, match=r"local-search worker distree-kicks-\d died, exit code 3, before "
+                                           r"reporting; run with fewer --jobs"):
+        kicks_on_cores(problem, start, 5.0, 2)
 
 
 def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch):

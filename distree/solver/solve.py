@@ -18,9 +18,9 @@ from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, Tree, branch_and
 from distree.solver.bounds import bound_tables, widest_window, widest_window_bound, window_prefix_bound
 from distree.solver.classes import placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
-from distree.solver.heuristic import Candidate, iterated_local_search, local_search, no_exit_plan
+from distree.solver.heuristic import Candidate, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
-from distree.solver.parallel import run_tree, usable_cores
+from distree.solver.parallel import kicks_on_cores, run_tree, usable_cores
 from distree.solver.plan import WITHIN_GAP, ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, check_constraints
 from distree.targets.spec import Topology
@@ -143,7 +143,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         kicks_s = (KICKS_BEFORE_MILP * (deadline - time.perf_counter()) if run_milp else
                    CLASS_KICKS_SHARE * limit if classes is not None else
                    t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter())
-        tree = dataclasses.replace(tree, best=iterated_local_search(p, tree.best, time_limit_s=kicks_s))
+        tree = dataclasses.replace(tree, best=kicks_on_cores(p, tree.best, kicks_s, jobs))
     if not tree.complete and not run_milp and not constraints.dump_lp:
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
         tell(tree.best, max(probe_bound, wide_bound), "best-first search")

@@ -148,7 +148,7 @@ def kicks_on_cores(p: Problem, start: Candidate, time_limit_s: float, jobs: int)
     if jobs == 1 or time_limit_s <= 0:
         return iterated_local_search(p, start, time_limit_s=time_limit_s)
     found = _forked(lambda k: iterated_local_search(p, start, time_limit_s=time_limit_s, seed=k), jobs,
-                    time_limit_s, "kicks", "local-search", "each worker holds a copy of the problem", None)
+                    time_limit_s, "kicks", "local-search", "each worker holds its own search state", None)
     return min(found, key=lambda c: c.expected_ms)
 
 

@@ -459,37 +459,70 @@ def _count(bits):
 
 
 @njit(cache=True)
-def _net_gain(first, order_of, covered, hit, covers, hits, rec_sample, right_start, right_exit, right_level, depth,
-              fewest):
+def _net_gain(decided, covered, hit, covers, hits, rec_sample, right_start, right_exit, right_level, depth, fewest,
+              votes):
     """The count of :func:`reachable_right` in the search of :func:`recovery_search`: of the recoverable survivors
-    not yet covered, with L(s) the fewest *new* sure losses of covering s at an exit from ``first`` on, at most
-    max_m (m - L_(m)) more net right answers."""
+    not yet covered, with L(s) the fewest *new* sure losses of covering s at an exit not yet ``decided``, at most
+    max_m (m - L_(m)) more net right answers. ``votes[k]``: how many survivors have their fewest at exit k."""
     fewest[:] = 0
+    votes[:] = 0
     top = len(fewest) - 1
     for a in range(len(rec_sample)):
         if (covered[a >> 6] >> np.uint64(a & 63)) & np.uint64(1):
             continue
         i = rec_sample[a]
-        best = -1
+        best, at = -1, -1
         for row in range(right_start[i], right_start[i + 1]):
             k = right_exit[row] - depth
-            if k < 0 or order_of[k] < first:
+            if k < 0 or decided[k]:
                 continue
             here = 0
             for w in range(hit.shape[0]):
                 here += _ones(hits[k, right_level[row], w] & ~hit[w])
             if best < 0 or here < best:
-                best = here
+                best, at = here, k
                 if best == 0:
                     break
         if best >= 0:
             fewest[min(best, top)] += 1
+            votes[at] += 1
     gain, m = 0, 0
     for losses in range(top + 1):
         m += fewest[losses]
         if fewest[losses]:
             gain = max(gain, m - losses)
     return gain
+
+
+@njit(cache=True)
+def _greedy_net(useful, covers, hits, covered, hit, max_level):
+    """|covered| - |hit| of levels chosen greedily (each step the exit and level that net the most), to settle at
+    once the nodes whose relaxation can reach their accuracy."""
+    done = np.zeros(len(useful), dtype=np.bool_)
+    value = 0
+    while True:
+        best, best_u, best_level = 0, -1, 0
+        for u in range(len(useful)):
+            if done[u]:
+                continue
+            k = useful[u]
+            for level in range(1, max_level + 1):
+                net = 0
+                for w in range(covered.shape[0]):
+                    net += _ones(covers[k, level, w] & ~covered[w])
+                for w in range(hit.shape[0]):
+                    net -= _ones(hits[k, level, w] & ~hit[w])
+                if net > best:
+                    best, best_u, best_level = net, u, level
+        if best_u < 0:
+            return value
+        done[best_u] = True
+        value += best
+        k = useful[best_u]
+        for w in range(covered.shape[0]):
+            covered[w] |= covers[k, best_level, w]
+        for w in range(hit.shape[0]):
+            hit[w] |= hits[k, best_level, w]
 
 
 @njit(cache=True)
@@ -566,31 +599,37 @@ def recovery_search(packed, depth, passed, correct, final, max_level, right_star
             for w in range(wt):
                 hits[k, level, w] |= hits[k, level + 1, w]
     useful = np.empty(width, dtype=np.int64)
-    order_of = np.full(width, width, dtype=np.int64)
     n_useful = 0
     for k in range(width):
         for w in range(wr):
             if covers[k, 1, w]:
                 useful[n_useful] = k
-                order_of[k] = n_useful
                 n_useful += 1
                 break
     fewest = np.zeros(n_lossy + 2, dtype=np.int64)
+    votes = np.zeros(width, dtype=np.int64)
+    decided = np.zeros(width, dtype=np.bool_)
     rec_sample = rec[:n_rec]
     covered = np.zeros((n_useful + 1, wr), dtype=np.uint64)          # by search depth
     hit = np.zeros((n_useful + 1, wt), dtype=np.uint64)
-    if n_useful == 0 or _net_gain(0, order_of, covered[0], hit[0], covers, hits, rec_sample, right_start, right_exit,
-                                  right_level, depth, fewest) < want:
+    if n_useful == 0 or _net_gain(decided, covered[0], hit[0], covers, hits, rec_sample, right_start, right_exit,
+                                  right_level, depth, fewest, votes) < want:
         return 0
-    level_at = np.empty(n_useful + 1, dtype=np.int64)              # the next level to try at each depth; -1: done
+    if _greedy_net(useful[:n_useful], covers, hits, covered[0].copy(), hit[0].copy(), max_level) >= want:
+        return 1                           # levels that reach it, found at once (the search would take long)
+    exit_at = np.empty(n_useful + 1, dtype=np.int64)               # the exit decided at each depth
+    level_at = np.empty(n_useful + 1, dtype=np.int64)              # the next level to try there; -1: done
+    exit_at[0] = np.argmax(votes)
+    decided[exit_at[0]] = True
     level_at[0] = max_level
     s, nodes = 0, 0
     while s >= 0:
         level = level_at[s]
         if level < 0:
+            decided[exit_at[s]] = False
             s -= 1
             continue
-        k = useful[s]
+        k = exit_at[s]
         if level == 0:                     # off
             level_at[s] = -1
             covered[s + 1, :] = covered[s, :]
@@ -616,9 +655,11 @@ def recovery_search(packed, depth, passed, correct, final, max_level, right_star
             return 1
         if s + 1 == n_useful:
             continue
-        if value + _net_gain(s + 1, order_of, covered[s + 1], hit[s + 1], covers, hits, rec_sample, right_start,
-                             right_exit, right_level, depth, fewest) < want:
+        if value + _net_gain(decided, covered[s + 1], hit[s + 1], covers, hits, rec_sample, right_start, right_exit,
+                             right_level, depth, fewest, votes) < want:
             continue
         s += 1
+        exit_at[s] = np.argmax(votes)      # the exit most of the count's cheapest recoveries rely on
+        decided[exit_at[s]] = True
         level_at[s] = max_level
     return 0

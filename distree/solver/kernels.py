@@ -378,6 +378,21 @@ def right_exits(passed: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np
 
 
 @njit(cache=True)
+def _survivor_indices(packed, n):
+    """The survivors' sample indices, ascending."""
+    out = np.empty(n, dtype=np.int64)
+    count = 0
+    for byte in range(len(packed)):
+        bits = packed[byte]
+        for b in range(8 if bits else 0):
+            i = byte * 8 + b
+            if i < n and (bits >> (7 - b)) & 1:
+                out[count] = i
+                count += 1
+    return out[:count]
+
+
+@njit(cache=True)
 def reachable_right(packed, depth, passed, correct, final, max_level, right_start, right_exit, right_level):
     """An upper bound on the right answers the survivors can still give, whatever the exits from ``depth`` on do: the
     survivors right at the final classifier, plus the most that *recovering* the others (answered right at an
@@ -392,25 +407,20 @@ def reachable_right(packed, depth, passed, correct, final, max_level, right_star
     width = n_exits - depth
     lost = np.zeros((max(width, 1), max_level + 2), dtype=np.int64)   # [exit, level]: sure losses passing it
     wrong_final = np.empty(n, dtype=np.int64)                         # the survivors that may be recovered
-    survivors, recoverable, total = 0, 0, 0
-    for byte in range(len(packed)):
-        bits = packed[byte]
-        for b in range(8 if bits else 0):
-            i = byte * 8 + b
-            if i >= n or not (bits >> (7 - b)) & 1:
-                continue
-            survivors += 1
-            if not final[i]:
-                wrong_final[recoverable] = i
-                recoverable += 1
-                continue
-            total += 1
-            for k in range(depth, n_exits):
-                level = passed[i, k]
-                if level >= 1:
-                    if correct[i, k]:
-                        break              # it may leave here, rightly: no later exit surely loses it
-                    lost[k - depth, level] += 1
+    alive = _survivor_indices(packed, n)
+    survivors, recoverable, total = len(alive), 0, 0
+    for i in alive:
+        if not final[i]:
+            wrong_final[recoverable] = i
+            recoverable += 1
+            continue
+        total += 1
+        for k in range(depth, n_exits):
+            level = passed[i, k]
+            if level >= 1:
+                if correct[i, k]:
+                    break                  # it may leave here, rightly: no later exit surely loses it
+                lost[k - depth, level] += 1
     for r in range(width):                 # lost[r, l]: those passing level l or above
         for level in range(max_level - 1, 0, -1):
             lost[r, level] += lost[r, level + 1]
@@ -551,27 +561,21 @@ def recovery_search(packed, depth, passed, correct, final, max_level, right_star
     rec = np.empty(n, dtype=np.int64)
     lossy = np.empty(n, dtype=np.int64)
     n_rec, n_lossy, right_now = 0, 0, 0
-    for byte in range(len(packed)):
-        bits = packed[byte]
-        for b in range(8 if bits else 0):
-            i = byte * 8 + b
-            if i >= n or not (bits >> (7 - b)) & 1:
-                continue
-            if not final[i]:
-                for row in range(right_start[i], right_start[i + 1]):
-                    if right_exit[row] >= depth:
-                        rec[n_rec] = i
-                        n_rec += 1
-                        break
-                continue
-            right_now += 1
-            for k in range(depth, n_exits):
-                if passed[i, k] >= 1:
-                    if correct[i, k]:
-                        break
+    for i in _survivor_indices(packed, n):
+        if not final[i]:
+            for row in range(right_start[i], right_start[i + 1]):
+                if right_exit[row] >= depth:
+                    rec[n_rec] = i
+                    n_rec += 1
+                    break
+            continue
+        right_now += 1
+        for k in range(depth, n_exits):
+            if passed[i, k] >= 1:        # its first chance from here: a sure loss where it is wrong
+                if not correct[i, k]:
                     lossy[n_lossy] = i
                     n_lossy += 1
-                    break
+                break
     want = need - right_now
     if want <= 0:
         return 1

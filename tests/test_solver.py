@@ -816,7 +816,8 @@ def test_reachable_right_answers_never_fall_below_the_best_completion():
     prefix of levels of random instances, and of correlated ones with more exits where recovering costs losses,
     the decided right answers plus the bound are at least the most right answers any completion gives, and the
     bound is below what the free choice allows (every survivor some later exit answers right) often enough to
-    matter; a tree using it still ends at the brute-force optimum (test_random_instances_match_brute_force_and_replay)."""
+    matter; a tree using it still ends at the brute-force optimum
+    (test_random_instances_match_brute_force_and_replay)."""
     from distree.solver.kernels import reachable_right
     checked = tighter = 0
     cases = _accuracy_cases()

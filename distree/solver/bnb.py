@@ -64,9 +64,9 @@ OPEN_NODES_KEPT = 0.9
 PREFIX_TRIAL = 5_000
 PREFIX_MIN_SHARE = 0.1
 # a node the count of reachable right answers lets through with at most RECOVERY_SLACK to spare is searched
-# (kernels.recovery_search, up to RECOVERY_BUDGET search nodes, ~2 us each). Trained ResNet-110, 20 s of tree from
-# one plan: of 20,007 nodes searched, 20,006 could not reach their accuracy (bound 1.458 -> 1.466 ms); searching
-# those with 10 to spare, most of them too (6,374 of 10,299) but at 1.4 ms a node, ended lower (1.403)
+# (kernels.recovery_search, up to RECOVERY_BUDGET search nodes, "unknown" past it). Trained ResNet-110, 20 s of tree
+# from one plan: of 22,372 nodes searched all but 4 could not reach their accuracy (0.14 ms median; bound 1.447 ->
+# 1.471 ms); with 10 to spare, 10,665 short at 0.68 ms median and 1,336 unknown at ~1.8 ms, it ended lower (1.432)
 RECOVERY_SLACK = 5
 RECOVERY_BUDGET = 5_000
 PROGRESS_EVERY_S = 1.0          # best first: how often ``progress`` hears the plan and the proven bound

@@ -552,8 +552,9 @@ def recovery_search(packed, depth, passed, correct, final, max_level, right_star
     relaxation allows 5-14 (HiGHS, exactly) and they need 16-37. Covered and hit sets are bit sets; a greedy pass
     first settles the nodes it can reach at once; the search then decides next the exit most of the count's
     cheapest recoveries rely on (of 269 such nodes, 203 proven within 1,000 search nodes where chain order proves
-    171), tries an exit's level only where it covers someone new that the next level up does not (a higher level hits no more), leaves
-    exits that cover no one off, and stops a branch where :func:`_net_gain` says it cannot reach ``need``."""
+    171), tries an exit's level only where it covers someone new that the next level up does not (a higher level
+    hits no more), leaves exits that cover no one off, and stops a branch where :func:`_net_gain` says it cannot
+    reach ``need``."""
     n, n_exits = passed.shape
     width = n_exits - depth
     if width <= 0:
@@ -620,7 +621,8 @@ def recovery_search(packed, depth, passed, correct, final, max_level, right_star
     if n_useful == 0 or _net_gain(decided, covered[0], hit[0], covers, hits, rec_sample, right_start, right_exit,
                                   right_level, depth, fewest, votes) < want:
         return 0
-    if _greedy_net(useful[:n_useful], covers, hits, covered[0].copy(), hit[0].copy(), max_level) >= want:
+    if _greedy_net(useful[:n_useful], covers, hits, np.zeros(wr, dtype=np.uint64), np.zeros(wt, dtype=np.uint64),
+                   max_level) >= want:
         return 1                           # levels that reach it, found at once (the search would take long)
     exit_at = np.empty(n_useful + 1, dtype=np.int64)               # the exit decided at each depth
     level_at = np.empty(n_useful + 1, dtype=np.int64)              # the next level to try there; -1: done

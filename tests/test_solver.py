@@ -864,6 +864,30 @@ def test_the_recovery_search_never_rules_out_an_accuracy_some_completion_reaches
     assert checked >= 1500 and tighter >= 120, (checked, tighter)
 
 
+def test_the_recovery_search_answers_unknown_when_its_budget_runs_out():
+    """On larger random scores (a hard third of the samples passing only the lowest level, half of them wrong
+    at the final classifier) the search proves short what the count lets through, and with no search nodes it
+    answers 1 at some of them: the tree keeps such a node, never drops it unproven."""
+    from distree.solver.kernels import reachable_right, recovery_search, right_exits
+    proven = unsettled = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        n, exits, levels = 400, 16, 4
+        hard = rng.random(n) < 0.3
+        final = ~(hard & (rng.random(n) < 0.5))
+        correct = np.where(hard[:, None], rng.random((n, exits)) < 0.5, rng.random((n, exits)) < 0.97)
+        passed = np.where(hard[:, None], rng.integers(0, 2, (n, exits)),
+                          rng.integers(0, levels + 1, (n, exits))).astype(np.int64)
+        columns = (passed, correct, final, levels, *right_exits(passed, correct))
+        packed = np.packbits(np.ones(n, dtype=bool))
+        reach = reachable_right(packed, 0, *columns)
+        for need in range(reach - 10, reach + 1):
+            if not recovery_search(packed, 0, *columns, need, 10 ** 6):
+                proven += 1
+                unsettled += bool(recovery_search(packed, 0, *columns, need, 0))
+    assert proven >= 10 and unsettled >= 3, (proven, unsettled)
+
+
 def test_progress_tells_the_plan_and_a_gap_that_the_result_does_not_contradict(monkeypatch):
     """A solve that cannot prove its plan says what it is doing while it runs (a status line), and the gap it
     last told is never smaller than the one it returns (plans only improve, bounds only rise)."""

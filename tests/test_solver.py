@@ -853,14 +853,14 @@ def test_the_recovery_search_never_rules_out_an_accuracy_some_completion_reaches
         columns = bnb._columns(problem)
         top = int(problem.n_levels.max())
         for depth, alive, fixed_right, most in _prefixes_and_their_best_accuracy(problem):
-            packed = np.packbits(alive)
-            assert recovery_search(packed, depth, *columns[4:7], top, *columns[7:], most - fixed_right, 10 ** 6)
+            node = (np.packbits(alive), depth, *columns[4:7], top, *columns[7:])
+            assert recovery_search(*node, most - fixed_right, 10 ** 6)
             beyond = most - fixed_right + 1
-            if reachable_right(packed, depth, *columns[4:7], top, *columns[7:]) >= beyond:
+            if reachable_right(*node) >= beyond:
                 checked += 1
-                if not recovery_search(packed, depth, *columns[4:7], top, *columns[7:], beyond, 10 ** 6):
+                if not recovery_search(*node, beyond, 10 ** 6):
                     tighter += 1
-                    assert recovery_search(packed, depth, *columns[4:7], top, *columns[7:], beyond, 0)
+                    assert recovery_search(*node, beyond, 0)
     assert checked >= 1500 and tighter >= 120, (checked, tighter)
 
 

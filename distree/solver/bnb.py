@@ -41,8 +41,8 @@ from distree.solver.bounds import (BoundTables, PrefixBound, WideChildren, bound
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, place
-from distree.solver.kernels import (children_bounds, nested_bounds, pack_nested, reachable_right, recovery_search,
-                                    right_exits, survivor_sum, upgrade_order)
+from distree.solver.kernels import (children_bounds, narrow_levels, narrowed_window, nested_bounds, pack_nested,
+                                    reachable_right, recovery_search, right_exits, survivor_sum, upgrade_order)
 from distree.solver.problem import Constraints, Problem, build_problem
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ PREFIX_MIN_SHARE = 0.1
 # 1.471 ms); with 10 to spare, 10,665 short at 0.68 ms median and 1,336 unknown at ~1.8 ms, it ended lower (1.432)
 RECOVERY_SLACK = 5
 RECOVERY_BUDGET = 5_000
+PROBE_BUDGET = 0
 PROGRESS_EVERY_S = 1.0          # best first: how often ``progress`` hears the plan and the proven bound
 
 Progress = Callable[[Optional[Candidate], float], None]     # (best plan known, proven bound in ms)
@@ -100,6 +101,10 @@ class _Node(NamedTuple):                # a tuple: made ~500,000 times a minute 
     wide_prefix: float          # the root's wide window along these levels (PrefixBound.children)
     wide_state: int
     wide_decided: float
+    limits: Optional[np.ndarray] = None   # [2, E] int8: the levels (lo..hi) exit k may still take, or off, where an
+    #                                       accuracy bound ruled out others (kernels.narrow_levels); shared with
+    #                                       the children (read only); None: every level
+    narrowed: bool = False      # its bound already counts its own narrowed levels (_Search.narrow)
 
 
 @functools.lru_cache(maxsize=2)
@@ -107,7 +112,7 @@ def _columns(p: Problem) -> tuple[np.ndarray, ...]:
     """Per exit (or depth) the samples' levels passed, right answers and first chances, each a contiguous row for
     the kernels, an all-zero key (one set: everyone below cut 1), and per sample its levels passed and right
     answers at each exit and at the final classifier, and its right exits (:func:`~distree.solver.kernels.right_exits`),
-    for :meth:`_Search.can_reach_accuracy`; one copy for all of a problem's searches (a search per placement class)."""
+    for :meth:`_Search.narrow`; one copy for all of a problem's searches (a search per placement class)."""
     return (np.ascontiguousarray(p.passed_level.T), np.ascontiguousarray(p.correct_exit.T.astype(float)),
             np.ascontiguousarray(first_chances(p).T), np.zeros(p.n_samples, dtype=np.int64),
             np.ascontiguousarray(p.passed_level), np.ascontiguousarray(p.correct_exit),
@@ -131,6 +136,7 @@ class _Search:
         (self.passed_by_exit, self.correct_by_exit, self.chance_by_depth, self.no_key, self.passed_by_sample,
          self.correct_by_sample, self.final, *self.right_exits) = _columns(p)
         self.max_level = int(p.n_levels.max(initial=0))
+        self.all_levels = np.stack([np.ones(p.n_exits, dtype=np.int8), p.n_levels.astype(np.int8)])
         self.best = incumbent
         self.ceiling = np.inf               # a plan this good (a sum over samples) is known elsewhere: prune by it
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
@@ -150,23 +156,26 @@ class _Search:
             wide.bound[0] = self.prefix.total
         return self._one(0, (), np.packbits(np.ones(N, dtype=bool)), 0.0, 0, 0.0, wide)
 
-    def _one(self, depth, levels, packed, fixed_ms, fixed_right, heads_ms, wide: WideChildren | None) -> list[_Node]:
+    def _one(self, depth, levels, packed, fixed_ms, fixed_right, heads_ms, wide: WideChildren | None,
+             parent: _Node | None = None) -> list[_Node]:
         """One node (all of ``packed`` survives), bounded by this search's tables: the root, or a node met by
-        another placement class."""
+        another placement class (``parent``: the same node there)."""
         p, t = self.p, self.tables
         cuts, fixed_ms, fixed_right, heads_ms = np.array([1]), np.array([fixed_ms]), np.array([fixed_right]), \
             np.array([heads_ms])
         bound = nested_bounds(packed, self.no_key, cuts, fixed_ms, fixed_right, heads_ms, p.required_correct,
                               depth, self.lam, self.chance_by_depth[depth], self.order[depth], t.leave, t.head,
                               t.after, t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
-        return self._make(depth, [levels], packed, self.no_key, cuts, fixed_ms, fixed_right, heads_ms, bound, wide)
+        return self._make(depth, [levels], packed, self.no_key, cuts, fixed_ms, fixed_right, heads_ms, bound, wide,
+                          parent)
 
     def _make(self, depth, levels, packed, key, cuts, fixed_ms, fixed_right, heads_ms, bound,
-              wide: WideChildren | None) -> list[_Node]:
+              wide: WideChildren | None, parent: _Node | None = None) -> list[_Node]:
         """The nodes at ``depth`` whose survivors are {i in ``packed``: key[i] < cuts[c]}, with their ``bound``
         (:mod:`~distree.solver.kernels`: the free choice and the width-1 window), or the root's wide window
         along their levels (``wide``, :class:`~distree.solver.bounds.PrefixBound`) when higher; only those that
-        can still beat the incumbent."""
+        can still beat the incumbent. A ``parent``'s bound holds for each of them too (it bounds every completion
+        of the parent), and they keep its narrowed levels."""
         p = self.p
         if self.prefix is not None and wide is not None:
             self.prefix_tried += len(bound)
@@ -174,6 +183,8 @@ class _Search:
             bound = np.maximum(bound, wide.bound)
             if self.prefix_tried >= PREFIX_TRIAL and self.prefix_decisive < PREFIX_MIN_SHARE * self.prefix_tried:
                 self.prefix = None
+        if parent is not None:
+            bound = np.maximum(bound, parent.bound)
         if p.deadline_ms is not None:      # the no-exit path already misses the deadline with these heads
             bound[self.leave[-1] + heads_ms > p.deadline_ms + 1e-9] = np.inf
         keep = np.nonzero(bound < self.cutoff())[0]
@@ -182,7 +193,8 @@ class _Search:
         bounds, ms, right, heads = (a[keep].tolist() for a in (bound, fixed_ms, fixed_right, heads_ms))
         carried = ([0.0] * n, [0] * n, [0.0] * n) if wide is None else \
             (a[keep].tolist() for a in (wide.prefix, wide.state, wide.decided))
-        return [_Node(bounds[i], depth, levels[c], kept[i], ms[i], right[i], heads[i], *w)
+        limits = None if parent is None else parent.limits
+        return [_Node(bounds[i], depth, levels[c], kept[i], ms[i], right[i], heads[i], *w, limits)
                 for i, (c, *w) in enumerate(zip(keep.tolist(), *carried))]
 
     def rebound(self, node: _Node, incumbent: Candidate | None) -> list[_Node]:
@@ -197,7 +209,8 @@ class _Search:
         count, options = survivor_sum(node.packed, self.after_by_depth[node.depth])
         if node.fixed_ms + node.heads_ms * count + options >= self.cutoff():
             return []
-        return self._one(node.depth, node.levels, node.packed, node.fixed_ms, node.fixed_right, node.heads_ms, None)
+        return self._one(node.depth, node.levels, node.packed, node.fixed_ms, node.fixed_right, node.heads_ms, None,
+                         node)
 
     def children(self, node: _Node) -> list[_Node]:
         """Exit j off (every survivor stays), and on at each level whose set of leaving survivors differs
@@ -215,23 +228,42 @@ class _Search:
                                         heads_before, levels, cuts, node.packed, passed)
         else:
             wide = None
+        if node.limits is not None:        # a child stands for its level up to the next child's: drop those whose
+            lo, hi = node.limits[:, j]      # levels are all ruled out
+            upto = np.append(levels[1:] - 1, p.n_levels[j])
+            bound[(levels > 0) & ((upto < lo) | (levels > hi))] = np.inf
         return self._make(j + 1, [node.levels + (lv,) for lv in levels.tolist()], node.packed, passed, cuts,
-                          fixed_ms, fixed_right, heads_ms, bound, wide)
+                          fixed_ms, fixed_right, heads_ms, bound, wide, node)
 
-    def can_reach_accuracy(self, node: _Node) -> bool:
-        """Whether the node's survivors may still give the right answers it needs, by the sure losses that
-        recovering any of them costs (:func:`~distree.solver.kernels.reachable_right`): the free choice in the
-        bounds lets every survivor that some later exit answers right be recovered, and on trained exits most
-        cannot be without losing as many others; where that count leaves little to spare, a search over the levels
-        that keeps only what accuracy depends on (:func:`~distree.solver.kernels.recovery_search`)."""
-        need = self.p.required_correct - node.fixed_right
+    def narrow(self, node: _Node) -> _Node | None:
+        """``node`` with the levels the accuracy bound leaves its later exits, and its bound over those, or None
+        when its survivors cannot give the right answers it needs. First the sure losses that recovering any
+        survivor costs (:func:`~distree.solver.kernels.reachable_right`): the free choice in the bounds lets every
+        survivor that some later exit answers right be recovered, and on trained exits most cannot be without
+        losing as many others; where that count leaves little to spare, a search over the levels that keeps only
+        what accuracy depends on (:func:`~distree.solver.kernels.narrow_levels`), which then rules out each
+        exit's levels that, forced on, cannot reach the accuracy either. A completion meeting the accuracy uses
+        none of those, so the width-1 window over the levels left (:func:`~distree.solver.kernels.narrowed_window`)
+        bounds the node: where a trained ResNet-110's lowest open nodes can reach their accuracy at all, it must
+        keep its early exits strict, and their bound goes from 1.44 ms to 1.56-2.10 against a 1.70 ms plan."""
+        p, t = self.p, self.tables
+        need = p.required_correct - node.fixed_right
         reach = reachable_right(node.packed, node.depth, self.passed_by_sample, self.correct_by_sample, self.final,
                                 self.max_level, *self.right_exits)
         if reach < need:
-            return False
-        return reach - need > RECOVERY_SLACK or bool(recovery_search(
-            node.packed, node.depth, self.passed_by_sample, self.correct_by_sample, self.final, self.max_level,
-            *self.right_exits, need, RECOVERY_BUDGET))
+            return None
+        limits = self.all_levels if node.limits is None else node.limits
+        lo, hi = limits[0].copy(), limits[1].copy()
+        if not narrow_levels(node.packed, node.depth, self.passed_by_sample, self.correct_by_sample, self.final,
+                             self.max_level, *self.right_exits, need,
+                             RECOVERY_BUDGET if reach - need <= RECOVERY_SLACK else 0, lo, hi, PROBE_BUDGET):
+            return None
+        if np.array_equal(lo, limits[0]) and np.array_equal(hi, limits[1]):
+            return node._replace(narrowed=True)
+        window, survivors = narrowed_window(node.packed, node.depth, self.lam, lo, hi, t.leave, t.head,
+                                            self.passed_by_sample, self.correct_by_sample, self.final, p.n_levels)
+        bound = node.fixed_ms + node.heads_ms * survivors - self.lam * (node.fixed_right - p.required_correct) + window
+        return node._replace(bound=max(node.bound, bound), limits=np.stack([lo, hi]), narrowed=True)
 
     def settle_leaf(self, node: _Node) -> None:
         """Price a full configuration exactly (or by a bound, where the placement DP is not exact)."""
@@ -297,7 +329,7 @@ class Tree:
         # run: :mod:`distree.solver.parallel`); how many were dropped
         self.dropped_bound, self.dropped = np.inf, 0
         self.pushed, self.nodes = len(self.open), 0
-        self.short = 0                      # nodes dropped by _Search.can_reach_accuracy
+        self.short = 0                      # nodes dropped by _Search.narrow
         self.wall_s = time.perf_counter() - t0
 
     def _search_of(self, c: StageClass) -> int:
@@ -389,9 +421,18 @@ class Tree:
             if node.bound >= self._cutoff():
                 continue
             s = self.searches[i]
-            if node.depth < p.n_exits and not s.can_reach_accuracy(node):
-                self.short += 1
-                continue
+            if node.depth < p.n_exits and not node.narrowed:
+                narrowed = s.narrow(node)
+                if narrowed is None:
+                    self.short += 1
+                    continue
+                if narrowed.bound > node.bound:             # back in line (or out) with its higher bound
+                    if narrowed.bound < self._cutoff():
+                        self.pushed += 1
+                        heapq.heappush(open_nodes, (narrowed.bound, self.pushed, i, narrowed)) if best_first else \
+                            open_nodes.append((narrowed.bound, self.pushed, i, narrowed))
+                    continue
+                node = narrowed
             s.best = self.best
             parts = classes.split(s.stage_class, node.depth) if classes is not None else []
             if parts:                         # the same node, bounded within each class that partitions its own
@@ -461,7 +502,7 @@ def warm_up() -> None:
         for node in search.root():
             for child in search.children(node):
                 search.rebound(child, None)
-                search.can_reach_accuracy(child)
+                search.narrow(child)
                 recovery_search(child.packed, child.depth, search.passed_by_sample, search.correct_by_sample,
                                 search.final, search.max_level, *search.right_exits, p.required_correct, 10)
     relaxed_lower_bound(p)

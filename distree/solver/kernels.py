@@ -468,9 +468,15 @@ def _count(bits):
     return total
 
 
+@njit(cache=True, inline="always")
+def _allowed(level, k, lo, hi):
+    """The level ``level`` passed at exit k comes to where only levels lo[k]..hi[k] may be chosen (0: none)."""
+    return 0 if level < lo[k] else min(level, hi[k])
+
+
 @njit(cache=True)
-def _net_gain(decided, covered, hit, covers, hits, rec_sample, right_start, right_exit, right_level, depth, fewest,
-              votes):
+def _net_gain(decided, covered, hit, covers, hits, rec_sample, right_start, right_exit, right_level, depth, lo, hi,
+              fewest, votes):
     """The count of :func:`reachable_right` in the search of :func:`recovery_search`: of the recoverable survivors
     not yet covered, with L(s) the fewest *new* sure losses of covering s at an exit not yet ``decided``, at most
     max_m (m - L_(m)) more net right answers. ``votes[k]``: how many survivors have their fewest at exit k."""
@@ -484,11 +490,12 @@ def _net_gain(decided, covered, hit, covers, hits, rec_sample, right_start, righ
         best, at = -1, -1
         for row in range(right_start[i], right_start[i + 1]):
             k = right_exit[row] - depth
-            if k < 0 or decided[k]:
+            level = _allowed(right_level[row], right_exit[row], lo, hi)
+            if k < 0 or level == 0 or decided[k]:
                 continue
             here = 0
             for w in range(hit.shape[0]):
-                here += _ones(hits[k, right_level[row], w] & ~hit[w])
+                here += _ones(hits[k, level, w] & ~hit[w])
             if best < 0 or here < best:
                 best, at = here, k
                 if best == 0:
@@ -506,8 +513,8 @@ def _net_gain(decided, covered, hit, covers, hits, rec_sample, right_start, righ
 
 @njit(cache=True)
 def _greedy_net(useful, covers, hits, covered, hit, max_level):
-    """|covered| - |hit| of levels chosen greedily (each step the exit and level that net the most), to settle at
-    once the nodes whose relaxation can reach their accuracy."""
+    """|covered| - |hit| added by levels chosen greedily (each step the exit and level that net the most), to settle
+    at once the nodes whose relaxation can reach their accuracy."""
     done = np.zeros(len(useful), dtype=np.bool_)
     value = 0
     while True:
@@ -536,64 +543,43 @@ def _greedy_net(useful, covers, hits, covered, hit, max_level):
 
 
 @njit(cache=True)
-def recovery_search(packed, depth, passed, correct, final, max_level, right_start, right_exit, right_level, need,
-                    budget):
-    """Whether the survivors may still give ``need`` right answers, by a search over the levels of the exits from
-    ``depth`` on that keeps only what accuracy depends on: 1 when some levels may reach it (or ``budget`` search
-    nodes did not settle it), 0 when none can.
-
-    The relaxation searched: a survivor the final classifier gets wrong counts as recovered when some exit it
-    answers right at has a level it passes (*covered*); a survivor right at the final classifier counts as lost
-    when some exit has a level it passes, answers wrong at, and every exit before it (from ``depth``) it passes it
-    answers wrong at as well (it is then surely taken wrongly there or earlier: *hit*); nothing else moves. So
-    the right answers are at most (right at the final classifier) + |covered| - |hit|, and the exits' order no
-    longer matters. :func:`reachable_right` bounds this without a search (recovering a set loses at least the
-    largest of its members' losses) and lets a trained ResNet-110's lowest open nodes net 23-41 where this
-    relaxation allows 5-14 (HiGHS, exactly) and they need 16-37. Covered and hit sets are bit sets; a greedy pass
-    first settles the nodes it can reach at once; the search then decides next the exit most of the count's
-    cheapest recoveries rely on (of 269 such nodes, 203 proven within 1,000 search nodes where chain order proves
-    171), tries an exit's level only where it covers someone new that the next level up does not (a higher level
-    hits no more), leaves exits that cover no one off, and stops a branch where :func:`_net_gain` says it cannot
-    reach ``need``."""
+def _recovery_sets(packed, depth, passed, correct, final, max_level, right_start, right_exit, right_level, lo, hi):
+    """What the search of :func:`recovery_search` works on, with only levels lo[k]..hi[k] (or off) at exit k: the
+    survivors right at the final classifier, the recoverable ones (indices), and per [exit from ``depth``, level]
+    the bit sets of those covered and hit passing that level or above; the exits that cover anyone."""
     n, n_exits = passed.shape
     width = n_exits - depth
-    if width <= 0:
-        return 1
     rec = np.empty(n, dtype=np.int64)
     lossy = np.empty(n, dtype=np.int64)
     n_rec, n_lossy, right_now = 0, 0, 0
     for i in _survivor_indices(packed, n):
         if not final[i]:
             for row in range(right_start[i], right_start[i + 1]):
-                if right_exit[row] >= depth:
+                if right_exit[row] >= depth and _allowed(right_level[row], right_exit[row], lo, hi):
                     rec[n_rec] = i
                     n_rec += 1
                     break
             continue
         right_now += 1
         for k in range(depth, n_exits):
-            if passed[i, k] >= 1:        # its first chance from here: a sure loss where it is wrong
+            if _allowed(passed[i, k], k, lo, hi) >= 1:     # its first chance from here: a sure loss where wrong
                 if not correct[i, k]:
                     lossy[n_lossy] = i
                     n_lossy += 1
                 break
-    want = need - right_now
-    if want <= 0:
-        return 1
-    if want > n_rec:
-        return 0
     wr, wt = max((n_rec + 63) >> 6, 1), max((n_lossy + 63) >> 6, 1)
-    covers = np.zeros((width, max_level + 2, wr), dtype=np.uint64)   # [exit, level]: covered at that level
-    hits = np.zeros((width, max_level + 2, wt), dtype=np.uint64)     # [exit, level]: hit at that level
+    covers = np.zeros((max(width, 0), max_level + 2, wr), dtype=np.uint64)   # [exit, level]: covered at that level
+    hits = np.zeros((max(width, 0), max_level + 2, wt), dtype=np.uint64)     # [exit, level]: hit at that level
     for a in range(n_rec):
         i = rec[a]
         for row in range(right_start[i], right_start[i + 1]):
-            if right_exit[row] >= depth:
-                covers[right_exit[row] - depth, right_level[row], a >> 6] |= np.uint64(1) << np.uint64(a & 63)
+            level = _allowed(right_level[row], right_exit[row], lo, hi)
+            if right_exit[row] >= depth and level:
+                covers[right_exit[row] - depth, level, a >> 6] |= np.uint64(1) << np.uint64(a & 63)
     for t in range(n_lossy):
         i = lossy[t]
         for k in range(depth, n_exits):
-            level = passed[i, k]
+            level = _allowed(passed[i, k], k, lo, hi)
             if level >= 1:
                 if correct[i, k]:
                     break
@@ -604,7 +590,7 @@ def recovery_search(packed, depth, passed, correct, final, max_level, right_star
                 covers[k, level, w] |= covers[k, level + 1, w]
             for w in range(wt):
                 hits[k, level, w] |= hits[k, level + 1, w]
-    useful = np.empty(width, dtype=np.int64)
+    useful = np.empty(max(width, 0), dtype=np.int64)
     n_useful = 0
     for k in range(width):
         for w in range(wr):
@@ -612,20 +598,41 @@ def recovery_search(packed, depth, passed, correct, final, max_level, right_star
                 useful[n_useful] = k
                 n_useful += 1
                 break
+    return right_now, rec[:n_rec], n_lossy, covers, hits, useful[:n_useful]
+
+
+@njit(cache=True)
+def _search_recoveries(covers, hits, useful, rec_sample, n_lossy, right_start, right_exit, right_level, depth, lo, hi,
+                       max_level, want, budget, forced, forced_level):
+    """The search of :func:`recovery_search` on :func:`_recovery_sets`, with exit ``forced`` (from ``depth``; -1:
+    none) on at ``forced_level``: 1 when ``want`` more right answers than the final classifier gives may be
+    reached (or ``budget`` search nodes did not settle it), 0 when not."""
+    width, wr, wt = covers.shape[0], covers.shape[2], hits.shape[2]
+    n_useful = len(useful)
     fewest = np.zeros(n_lossy + 2, dtype=np.int64)
-    votes = np.zeros(width, dtype=np.int64)
-    decided = np.zeros(width, dtype=np.bool_)
-    rec_sample = rec[:n_rec]
+    votes = np.zeros(max(width, 1), dtype=np.int64)
+    decided = np.zeros(max(width, 1), dtype=np.bool_)
     covered = np.zeros((n_useful + 1, wr), dtype=np.uint64)          # by search depth
     hit = np.zeros((n_useful + 1, wt), dtype=np.uint64)
-    if n_useful == 0 or _net_gain(decided, covered[0], hit[0], covers, hits, rec_sample, right_start, right_exit,
-                                  right_level, depth, fewest, votes) < want:
+    free = useful
+    if forced >= 0:
+        decided[forced] = True
+        covered[0, :] = covers[forced, forced_level]
+        hit[0, :] = hits[forced, forced_level]
+        free = useful[useful != forced]
+    n_free = len(free)
+    value = _count(covered[0]) - _count(hit[0])
+    if value >= want:
+        return 1
+    if n_free == 0 or value + _net_gain(decided, covered[0], hit[0], covers, hits, rec_sample, right_start, right_exit,
+                                        right_level, depth, lo, hi, fewest, votes) < want:
         return 0
-    if _greedy_net(useful[:n_useful], covers, hits, np.zeros(wr, dtype=np.uint64), np.zeros(wt, dtype=np.uint64),
-                   max_level) >= want:
+    if budget <= 0:
+        return 1                           # no search node to spend: only the count above could say "cannot"
+    if value + _greedy_net(free, covers, hits, covered[0].copy(), hit[0].copy(), max_level) >= want:
         return 1                           # levels that reach it, found at once (the search would take long)
-    exit_at = np.empty(n_useful + 1, dtype=np.int64)               # the exit decided at each depth
-    level_at = np.empty(n_useful + 1, dtype=np.int64)              # the next level to try there; -1: done
+    exit_at = np.empty(n_free + 1, dtype=np.int64)                 # the exit decided at each depth
+    level_at = np.empty(n_free + 1, dtype=np.int64)                # the next level to try there; -1: done
     exit_at[0] = np.argmax(votes)
     decided[exit_at[0]] = True
     level_at[0] = max_level
@@ -660,13 +667,111 @@ def recovery_search(packed, depth, passed, correct, final, max_level, right_star
         value = _count(covered[s + 1]) - _count(hit[s + 1])
         if value >= want:
             return 1
-        if s + 1 == n_useful:
+        if s + 1 == n_free:
             continue
         if value + _net_gain(decided, covered[s + 1], hit[s + 1], covers, hits, rec_sample, right_start, right_exit,
-                             right_level, depth, fewest, votes) < want:
+                             right_level, depth, lo, hi, fewest, votes) < want:
             continue
         s += 1
         exit_at[s] = np.argmax(votes)      # the exit most of the count's cheapest recoveries rely on
         decided[exit_at[s]] = True
         level_at[s] = max_level
     return 0
+
+
+@njit(cache=True)
+def recovery_search(packed, depth, passed, correct, final, max_level, right_start, right_exit, right_level, need,
+                    budget):
+    """Whether the survivors may still give ``need`` right answers, by a search over the levels of the exits from
+    ``depth`` on that keeps only what accuracy depends on: 1 when some levels may reach it (or ``budget`` search
+    nodes did not settle it), 0 when none can.
+
+    The relaxation searched: a survivor the final classifier gets wrong counts as recovered when some exit it
+    answers right at has a level it passes (*covered*); a survivor right at the final classifier counts as lost
+    when some exit has a level it passes, answers wrong at, and every exit before it (from ``depth``) it passes it
+    answers wrong at as well (it is then surely taken wrongly there or earlier: *hit*); nothing else moves. So
+    the right answers are at most (right at the final classifier) + |covered| - |hit|, and the exits' order no
+    longer matters. :func:`reachable_right` bounds this without a search (recovering a set loses at least the
+    largest of its members' losses) and lets a trained ResNet-110's lowest open nodes net 23-41 where this
+    relaxation allows 5-14 (HiGHS, exactly) and they need 16-37. Covered and hit sets are bit sets; a greedy pass
+    first settles the nodes it can reach at once; the search then decides next the exit most of the count's
+    cheapest recoveries rely on (of 269 such nodes, 203 proven within 1,000 search nodes where chain order proves
+    171), tries an exit's level only where it covers someone new that the next level up does not (a higher level
+    hits no more), leaves exits that cover no one off, and stops a branch where :func:`_net_gain` says it cannot
+    reach ``need``."""
+    n_exits = passed.shape[1]
+    lo, hi = np.ones(n_exits, dtype=np.int8), np.full(n_exits, max_level, dtype=np.int8)
+    return narrow_levels(packed, depth, passed, correct, final, max_level, right_start, right_exit, right_level, need,
+                         budget, lo, hi, -1)
+
+
+@njit(cache=True)
+def narrow_levels(packed, depth, passed, correct, final, max_level, right_start, right_exit, right_level, need,
+                  budget, lo, hi, probe_budget):
+    """:func:`recovery_search` with exit k's levels limited to lo[k]..hi[k] (or off); with ``probe_budget`` >= 0,
+    where the survivors may reach ``need``, each exit's range is then narrowed in place from both ends while that
+    end level, forced on, cannot (by the same search, ``probe_budget`` search nodes each, "unknown" keeping the
+    level; an exit whose every level is ruled out is left lo > hi: off). Levels
+    ruled out here stay ruled out below the node (a child's relaxation is this one with one more exit decided),
+    and a bound over only the levels left is a bound on every completion that meets the accuracy."""
+    n_exits = passed.shape[1]
+    if depth >= n_exits:
+        return 1
+    right_now, rec, n_lossy, covers, hits, useful = _recovery_sets(
+        packed, depth, passed, correct, final, max_level, right_start, right_exit, right_level, lo, hi)
+    want = need - right_now
+    if want <= 0:
+        return 1
+    if want > len(rec) or not _search_recoveries(covers, hits, useful, rec, n_lossy, right_start, right_exit,
+                                                 right_level, depth, lo, hi, max_level, want, budget, -1, 0):
+        return 0
+    if probe_budget >= 0:
+        for k in range(depth, n_exits):
+            for end in range(2):           # 0: from the lowest level up; 1: from the highest down
+                while lo[k] <= hi[k]:
+                    level = lo[k] if end == 0 else hi[k]
+                    if _search_recoveries(covers, hits, useful, rec, n_lossy, right_start, right_exit, right_level,
+                                          depth, lo, hi, max_level, want, probe_budget, k - depth, level):
+                        break
+                    if end == 0:
+                        lo[k] = level + 1
+                    else:
+                        hi[k] = level - 1
+    return 1
+
+
+@njit(cache=True)
+def narrowed_window(packed, depth, lam, lo, hi, leave, head, passed, correct, final, n_levels):
+    """The width-1 window (:func:`nested_window`) of one survivor set when exit k may only be off or at a level in
+    lo[k]..hi[k] (:func:`narrow_levels`), from ``depth``: each survivor's levels, first chance and free options
+    redone under those limits (a survivor passing only ruled-out levels of an exit cannot leave there); and how
+    many survivors there are."""
+    n, n_exits = passed.shape
+    rows = _survivor_indices(packed, n)
+    m = len(rows)
+    limited = np.zeros((m, n_exits), dtype=passed.dtype)
+    right = np.zeros((m, n_exits), dtype=np.float64)
+    right_final = np.zeros(m, dtype=np.float64)
+    after = np.full((m, n_exits + 2), np.inf)
+    after_right = np.full((m, n_exits + 2), np.inf)
+    chance = np.full(m, n_exits, dtype=np.int64)
+    for r in range(m):
+        i = rows[r]
+        right_final[r] = final[i]
+        after[r, n_exits] = leave[n_exits]
+        after_right[r, n_exits] = leave[n_exits] if final[i] else np.inf
+        for k in range(n_exits - 1, depth - 1, -1):
+            level = _allowed(passed[i, k], k, lo, hi)
+            limited[r, k] = level
+            right[r, k] = correct[i, k]
+            after[r, k] = after[r, k + 1]
+            after_right[r, k] = after_right[r, k + 1]
+            if level:
+                chance[r] = k
+                after[r, k] = min(after[r, k], leave[k])
+                if correct[i, k]:
+                    after_right[r, k] = min(after_right[r, k], leave[k])
+    acc, ends = _window_sums(1, depth, n_levels)
+    for r in range(m):
+        _window_add(acc, ends, r, 0, depth, lam, chance, leave, head, after, after_right, limited, right, right_final)
+    return _window_finish(acc, ends, 1 if m else 0, np.ones(1, dtype=np.int64), depth, head, n_levels)[0], m

@@ -927,6 +927,7 @@ def test_narrowed_levels_keep_every_completion_that_meets_the_accuracy(monkeypat
                     rest = meets[below, j:]
                     assert ((rest == 0) | ((rest >= lo) & (rest <= hi))).all(), node.levels
                     banned += bool((lo > 1).any() or (hi < problem.n_levels[j:]).any())
+                    _check_narrowed_window(problem, search, node, narrowed.limits)
                 assert narrowed.bound <= best * (1 + 1e-9) + 1e-9, node.levels
                 raised += narrowed.bound > node.bound * (1 + 1e-9) + 1e-9
                 kids = search.children(narrowed)
@@ -961,6 +962,26 @@ def test_narrowed_levels_keep_every_completion_that_meets_the_accuracy(monkeypat
                     spanning += 1
             stack.extend(kids)
     assert spanning >= 100, spanning
+
+
+def _check_narrowed_window(problem, search, node, limits) -> None:
+    """kernels.narrowed_window equals the width-1 window of the problem whose scores pass only the levels left
+    (a level below exit k's lowest passes none, one above its highest passes that), computed plainly; with every
+    level left it is the window of the problem itself."""
+    from distree.solver.bounds import BoundTables, first_chances
+    from distree.solver.costs import option_tables
+    from distree.solver.kernels import narrowed_window
+    t, j = search.tables, node.depth
+    alive = np.unpackbits(node.packed, count=problem.n_samples).astype(bool)
+    for lo, hi in (limits, search.all_levels):
+        passed = problem.passed_level.copy()
+        passed[:, j:] = np.where(passed[:, j:] >= lo[j:], np.minimum(passed[:, j:], hi[j:]), 0)
+        limited = problem.replace(passed_level=passed)
+        plain = window_bound(limited, BoundTables(t.leave, *option_tables(limited, t.leave), t.head,
+                                                  first_chances(limited)), search.lam, alive, j, 1)
+        window, count = narrowed_window(node.packed, j, search.lam, lo, hi, t.leave, t.head, search.passed_by_sample,
+                                        search.correct_by_sample, search.final, problem.n_levels)
+        assert window == pytest.approx(plain, rel=1e-9, abs=1e-9) and count == alive.sum(), node.levels
 
 
 def test_progress_tells_the_plan_and_a_gap_that_the_result_does_not_contradict(monkeypatch):

@@ -70,6 +70,7 @@ PREFIX_MIN_SHARE = 0.1
 RECOVERY_SLACK = 5
 RECOVERY_BUDGET = 5_000
 PROBE_BUDGET = 0
+NARROW_SLACK = 60
 PROGRESS_EVERY_S = 1.0          # best first: how often ``progress`` hears the plan and the proven bound
 
 Progress = Callable[[Optional[Candidate], float], None]     # (best plan known, proven bound in ms)
@@ -252,18 +253,23 @@ class _Search:
                                 self.max_level, *self.right_exits)
         if reach < need:
             return None
+        if reach - need > NARROW_SLACK and node.limits is None:
+            return node._replace(narrowed=True)
         limits = self.all_levels if node.limits is None else node.limits
         lo, hi = limits[0].copy(), limits[1].copy()
         if not narrow_levels(node.packed, node.depth, self.passed_by_sample, self.correct_by_sample, self.final,
                              self.max_level, *self.right_exits, need,
-                             RECOVERY_BUDGET if reach - need <= RECOVERY_SLACK else 0, lo, hi, PROBE_BUDGET):
+                             RECOVERY_BUDGET if reach - need <= RECOVERY_SLACK else 0, lo, hi,
+                             PROBE_BUDGET if reach - need <= NARROW_SLACK else -1):
             return None
-        if np.array_equal(lo, limits[0]) and np.array_equal(hi, limits[1]):
+        if node.limits is None and np.array_equal(lo, limits[0]) and np.array_equal(hi, limits[1]):
             return node._replace(narrowed=True)
         window, survivors = narrowed_window(node.packed, node.depth, self.lam, lo, hi, t.leave, t.head,
                                             self.passed_by_sample, self.correct_by_sample, self.final, p.n_levels)
         bound = node.fixed_ms + node.heads_ms * survivors - self.lam * (node.fixed_right - p.required_correct) + window
-        return node._replace(bound=max(node.bound, bound), limits=np.stack([lo, hi]), narrowed=True)
+        same = node.limits is not None and np.array_equal(lo, limits[0]) and np.array_equal(hi, limits[1])
+        return node._replace(bound=max(node.bound, bound), limits=node.limits if same else np.stack([lo, hi]),
+                             narrowed=True)
 
     def settle_leaf(self, node: _Node) -> None:
         """Price a full configuration exactly (or by a bound, where the placement DP is not exact)."""

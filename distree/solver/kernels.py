@@ -148,28 +148,17 @@ def upgrade_order(after: np.ndarray, after_right: np.ndarray) -> np.ndarray:
 @njit(cache=True)
 def _window_add(acc, ends, r, k, depth, lam, chance, leave, head, after, after_right, passed_level, correct_exit,
                 correct_final):
-    j = chance[r]
-    E = passed_level.shape[1]
-    if j == E:
-        _window_put(acc, ends, k, j, depth, 0, 0.0, correct_final[r], 0.0, 0.0, lam, leave, head)
-    else:
-        _window_put(acc, ends, k, j, depth, passed_level[r, j], correct_exit[r, j], correct_final[r],
-                    after[r, j + 1], after_right[r, j + 1], lam, leave, head)
-
-
-@njit(cache=True, inline="always")
-def _window_put(acc, ends, k, j, depth, level, right_here, right_final, after_next, after_right_next, lam, leave,
-                head):
-    """One survivor of key ``k`` whose first chance is exit ``j`` (len(head): none), passing ``level`` there, right
-    there or not, right at the final classifier or not, with these cheapest (correct) options past j."""
     Lv = (acc.shape[2] - 2) // 2
+    E = passed_level.shape[1]
     ends[k, 1] += 1.0
-    if j == len(head):
-        ends[k, 0] += leave[j] - lam * right_final     # no chance left: the final classifier, exactly
+    j = chance[r]
+    if j == E:
+        ends[k, 0] += leave[E] - lam * correct_final[r]     # no chance left: the final classifier, exactly
         return
-    free = min(after_next, after_right_next - lam)
+    free = min(after[r, j + 1], after_right[r, j + 1] - lam)
+    level = passed_level[r, j]
     cell = acc[k, j - depth]
-    cell[level] += leave[j] - lam * right_here
+    cell[level] += leave[j] - lam * correct_exit[r, j]
     cell[Lv + level] += head[j] + free
     cell[2 * Lv] += free
     cell[2 * Lv + 1] += 1.0
@@ -756,23 +745,29 @@ def narrowed_window(packed, depth, lam, lo, hi, leave, head, passed, correct, fi
     """The width-1 window (:func:`nested_window`) of one survivor set when exit k may only be off or at a level in
     lo[k]..hi[k] (:func:`narrow_levels`), from ``depth``: each survivor's first chance and cheapest options past it
     redone under those limits in one backward walk over its exits (a survivor passing only ruled-out levels of an
-    exit cannot leave there); and how many survivors there are."""
+    exit cannot leave there); and how many survivors there are. Rows of the survivors only, filled only where
+    :func:`_window_add` reads them (at the first chance)."""
     n, n_exits = passed.shape
+    rows = _survivor_indices(packed, n)
+    m = len(rows)
+    chance = np.full(m, n_exits, dtype=np.int64)
+    level = np.empty((m, n_exits), dtype=np.int64)
+    right = np.empty((m, n_exits))
+    right_final = np.empty(m)
+    after = np.empty((m, n_exits + 2))
+    after_right = np.empty((m, n_exits + 2))
     acc, ends = _window_sums(1, depth, n_levels)
-    m = 0
-    for i in _survivor_indices(packed, n):
-        m += 1
-        chance, level, right_here = n_exits, 0, 0.0
-        after_next, right_next = np.inf, np.inf        # past the first chance met so far (walking backwards)
-        options, right_options = leave[n_exits], leave[n_exits] if final[i] else np.inf
+    for r in range(m):
+        i = rows[r]
+        right_final[r] = 1.0 if final[i] else 0.0
+        options, right_options = leave[n_exits], leave[n_exits] if final[i] else np.inf   # past k, walking back
         for k in range(n_exits - 1, depth - 1, -1):
             here = _allowed(passed[i, k], k, lo, hi)
             if here:
-                chance, level, right_here = k, here, 1.0 if correct[i, k] else 0.0
-                after_next, right_next = options, right_options
+                chance[r], level[r, k], right[r, k] = k, here, 1.0 if correct[i, k] else 0.0
+                after[r, k + 1], after_right[r, k + 1] = options, right_options
                 options = min(options, leave[k])
                 if correct[i, k]:
                     right_options = min(right_options, leave[k])
-        _window_put(acc, ends, 0, chance, depth, level, right_here, 1.0 if final[i] else 0.0, after_next, right_next,
-                    lam, leave, head)
+        _window_add(acc, ends, r, 0, depth, lam, chance, leave, head, after, after_right, level, right, right_final)
     return _window_finish(acc, ends, 1 if m else 0, np.ones(1, dtype=np.int64), depth, head, n_levels)[0], m

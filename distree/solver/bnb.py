@@ -267,12 +267,12 @@ class _Search:
                              RECOVERY_BUDGET if reach - need <= RECOVERY_SLACK else 0, lo, hi,
                              PROBE_BUDGET if reach - need <= NARROW_SLACK else -1):
             return None
-        if node.limits is None and np.array_equal(lo, limits[0]) and np.array_equal(hi, limits[1]):
+        same = np.array_equal(lo, limits[0]) and np.array_equal(hi, limits[1])
+        if same and node.limits is None:
             return node._replace(narrowed=True)
         window, survivors = narrowed_window(node.packed, node.depth, self.lam, lo, hi, t.leave, t.head,
                                             self.passed_by_sample, self.correct_by_sample, self.final, p.n_levels)
         bound = node.fixed_ms + node.heads_ms * survivors - self.lam * (node.fixed_right - p.required_correct) + window
-        same = node.limits is not None and np.array_equal(lo, limits[0]) and np.array_equal(hi, limits[1])
         return node._replace(bound=max(node.bound, bound), limits=node.limits if same else np.stack([lo, hi]),
                              narrowed=True)
 
@@ -516,4 +516,6 @@ def warm_up() -> None:
                 search.narrow(child)
                 recovery_search(child.packed, child.depth, search.passed_by_sample, search.correct_by_sample,
                                 search.final, search.max_level, *search.right_exits, p.required_correct, 10)
+                narrowed_window(child.packed, child.depth, search.lam, *search.all_levels, tables.leave, tables.head,
+                                search.passed_by_sample, search.correct_by_sample, search.final, p.n_levels)
     relaxed_lower_bound(p)

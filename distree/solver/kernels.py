@@ -546,7 +546,8 @@ def _greedy_net(useful, covers, hits, covered, hit, max_level):
 def _recovery_sets(packed, depth, passed, correct, final, max_level, right_start, right_exit, right_level, lo, hi):
     """What the search of :func:`recovery_search` works on, with only levels lo[k]..hi[k] (or off) at exit k: the
     survivors right at the final classifier, the recoverable ones (indices), and per [exit from ``depth``, level]
-    the bit sets of those covered and hit passing that level or above; the exits that cover anyone."""
+    the bit sets of those covered and hit passing that level or above; the exits that cover anyone. ``depth`` is
+    below the last exit (:func:`narrow_levels` answers the rest)."""
     n, n_exits = passed.shape
     width = n_exits - depth
     rec = np.empty(n, dtype=np.int64)
@@ -568,8 +569,8 @@ def _recovery_sets(packed, depth, passed, correct, final, max_level, right_start
                     n_lossy += 1
                 break
     wr, wt = max((n_rec + 63) >> 6, 1), max((n_lossy + 63) >> 6, 1)
-    covers = np.zeros((max(width, 0), max_level + 2, wr), dtype=np.uint64)   # [exit, level]: covered at that level
-    hits = np.zeros((max(width, 0), max_level + 2, wt), dtype=np.uint64)     # [exit, level]: hit at that level
+    covers = np.zeros((width, max_level + 2, wr), dtype=np.uint64)   # [exit, level]: covered at that level
+    hits = np.zeros((width, max_level + 2, wt), dtype=np.uint64)     # [exit, level]: hit at that level
     for a in range(n_rec):
         i = rec[a]
         for row in range(right_start[i], right_start[i + 1]):
@@ -590,7 +591,7 @@ def _recovery_sets(packed, depth, passed, correct, final, max_level, right_start
                 covers[k, level, w] |= covers[k, level + 1, w]
             for w in range(wt):
                 hits[k, level, w] |= hits[k, level + 1, w]
-    useful = np.empty(max(width, 0), dtype=np.int64)
+    useful = np.empty(width, dtype=np.int64)
     n_useful = 0
     for k in range(width):
         for w in range(wr):
@@ -610,8 +611,8 @@ def _search_recoveries(covers, hits, useful, rec_sample, n_lossy, right_start, r
     width, wr, wt = covers.shape[0], covers.shape[2], hits.shape[2]
     n_useful = len(useful)
     fewest = np.zeros(n_lossy + 2, dtype=np.int64)
-    votes = np.zeros(max(width, 1), dtype=np.int64)
-    decided = np.zeros(max(width, 1), dtype=np.bool_)
+    votes = np.zeros(width, dtype=np.int64)
+    decided = np.zeros(width, dtype=np.bool_)
     covered = np.zeros((n_useful + 1, wr), dtype=np.uint64)          # by search depth
     hit = np.zeros((n_useful + 1, wt), dtype=np.uint64)
     free = useful
@@ -711,9 +712,9 @@ def narrow_levels(packed, depth, passed, correct, final, max_level, right_start,
     """:func:`recovery_search` with exit k's levels limited to lo[k]..hi[k] (or off); with ``probe_budget`` >= 0,
     where the survivors may reach ``need``, each exit's range is then narrowed in place from both ends while that
     end level, forced on, cannot (by the same search, ``probe_budget`` search nodes each, "unknown" keeping the
-    level; an exit whose every level is ruled out is left lo > hi: off). Levels
-    ruled out here stay ruled out below the node (a child's relaxation is this one with one more exit decided),
-    and a bound over only the levels left is a bound on every completion that meets the accuracy."""
+    level; an exit whose every level is ruled out is left lo > hi: off). Levels ruled out here stay ruled out
+    below the node (a child's relaxation is this one with one more exit decided), and a bound over only the levels
+    left is a bound on every completion that meets the accuracy."""
     n_exits = passed.shape[1]
     if depth >= n_exits:
         return 1

@@ -461,6 +461,14 @@ def _ones(x):
 
 
 @njit(cache=True)
+def _any(bits):
+    for w in range(len(bits)):
+        if bits[w]:
+            return True
+    return False
+
+
+@njit(cache=True)
 def _count(bits):
     total = 0
     for w in range(len(bits)):
@@ -714,7 +722,11 @@ def narrow_levels(packed, depth, passed, correct, final, max_level, right_start,
     end level, forced on, cannot (by the same search, ``probe_budget`` search nodes each, "unknown" keeping the
     level; an exit whose every level is ruled out is left lo > hi: off). Levels ruled out here stay ruled out
     below the node (a child's relaxation is this one with one more exit decided), and a bound over only the levels
-    left is a bound on every completion that meets the accuracy."""
+    left is a bound on every completion that meets the accuracy. A level that, forced on, surely loses no one is
+    not probed (nor any beyond it from that end): it can be ruled out only where the recoveries it closes (at the
+    exit's other levels) were needed, which on the trained ResNet-110's tree is 2% of the levels ruled out, and
+    skipping those probes saves 35% of the narrowing's time (the 20 s tree: 10% more nodes, bound 1.558-1.563 ->
+    1.563-1.572 ms over five and six runs)."""
     n_exits = passed.shape[1]
     if depth >= n_exits:
         return 1
@@ -731,6 +743,8 @@ def narrow_levels(packed, depth, passed, correct, final, max_level, right_start,
             for end in range(2):           # 0: from the lowest level up; 1: from the highest down
                 while lo[k] <= hi[k]:
                     level = lo[k] if end == 0 else hi[k]
+                    if not _any(hits[k - depth, level]):
+                        break              # it loses no one: seldom ruled out, and not worth a probe (see above)
                     if _search_recoveries(covers, hits, useful, rec, n_lossy, right_start, right_exit, right_level,
                                           depth, lo, hi, max_level, want, probe_budget, k - depth, level):
                         break

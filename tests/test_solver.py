@@ -1127,6 +1127,47 @@ def test_a_tree_run_in_pieces_searches_as_one_run_does():
         assert offered.run(60.0, incumbent=whole.best).best is whole.best    # nothing below it to find
 
 
+def test_a_retuned_multiplier_bounds_the_lowest_open_nodes_highest_and_the_tree_stays_exact(monkeypatch):
+    """Best first retunes the multiplier pricing accuracy (each search's root best times a factor) to the factor
+    under which the lowest open nodes bound highest: every search then prices at it, searches made later too, and
+    trees retuned early and often still bound below the brute-force optimum and prove it."""
+    monkeypatch.setattr(bnb, "RETUNE_AT", 10)
+    monkeypatch.setattr(bnb, "RETUNE_GROWTH", 2)
+    retuned, moved = 0, 0
+    real = Tree._retune
+
+    def checked(tree: Tree) -> None:
+        nonlocal retuned, moved
+        lowest = sorted(tree.open)[:bnb.RETUNE_NODES]
+        real(tree)
+        if not lowest:
+            return
+        cutoff = tree._cutoff()
+        score = {f: sum(min(tree.searches[i].bound_at(node, f), cutoff) for _, _, i, node in lowest)
+                 for f in bnb.MULTIPLIER_FACTORS}
+        assert score[tree.multiplier_factor] == max(score.values())
+        assert all(s.lam == tree.multiplier_factor * s.tables.lam for s in tree.searches)
+        retuned += 1
+        moved += tree.multiplier_factor != 1.0
+
+    monkeypatch.setattr(Tree, "_retune", checked)
+    for seed in range(40):
+        case, c, problem = _random_problem(seed)
+        ref = brute_force(problem).expected_ms
+        classes = PlacementClasses(problem) if seed % 2 else None
+        tree = Tree(problem, None, best_first=True, classes=classes)
+        result = tree.run(60.0)
+        assert result.bound <= ref * (1 + 1e-9) + 1e-12, seed
+        assert result.complete and (result.best is None) == (not np.isfinite(ref)), seed
+        if np.isfinite(ref):
+            assert result.best.expected_ms == pytest.approx(ref, rel=1e-9), seed
+        if classes is not None and tree.multiplier_factor != 1.0:
+            late = StageClass(device=0, first_end=0, last_end=problem.n_blocks - 1)
+            s = tree.searches[tree._search_of(late)]
+            assert s.lam == tree.multiplier_factor * s.tables.lam, seed
+    assert retuned >= 20 and moved >= 5, (retuned, moved)
+
+
 def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypatch):
     """run_tree with jobs > 1 grows the tree here until every worker can be dealt nodes, forks, and merges: it
     proves the optimum one process proves (from no plan at all: the workers find plans and share them), and

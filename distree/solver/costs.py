@@ -240,7 +240,9 @@ def cheapest_leave_ms(p: Problem, head_price: np.ndarray | None = None,
     (:mod:`distree.solver.classes`); inf where no allowed path reaches.
     """
     D, B, E = p.n_devices, p.n_blocks, p.n_exits
-    credit = np.zeros((D, E)) if head_price is None else np.minimum(0.0, p.head_ms - head_price[None, :])
+    # a head priced inf is one no allowed path evaluates (a class bans its block everywhere): no credit, no inf - inf
+    credit = np.zeros((D, E)) if head_price is None else \
+        np.where(np.isfinite(head_price), np.minimum(0.0, p.head_ms - head_price[None, :]), 0.0)
     block = p.block_ms.copy()
     np.add.at(block, (slice(None), p.exit_after), credit)          # heads after block a are passed on a's device
     c = np.concatenate([np.zeros((D, 1)), np.cumsum(block, axis=1)], axis=1)

@@ -325,7 +325,8 @@ class Tree:
     Search until proven or the run's time (depth first also stops at :func:`max_open_nodes` open; best first then
     drops its worst nodes, whose smallest bound caps the proven one); the bound is valid either way. ``prefix``:
     the root's wide window bound, which then bounds every node too. Best first tells ``progress`` the plan and
-    the proven bound every PROGRESS_EVERY_S.
+    the proven bound every PROGRESS_EVERY_S, and now and then retunes the multiplier that prices accuracy in the
+    bounds to what its lowest open nodes want (:meth:`_retune`).
 
     ``classes``: bound each node within a class of placements (:mod:`distree.solver.classes`), starting from
     one tree per first device and splitting a node into the classes that partition its own where the split rule

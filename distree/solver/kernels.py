@@ -461,14 +461,6 @@ def _ones(x):
 
 
 @njit(cache=True)
-def _any(bits):
-    for w in range(len(bits)):
-        if bits[w]:
-            return True
-    return False
-
-
-@njit(cache=True)
 def _count(bits):
     total = 0
     for w in range(len(bits)):
@@ -743,7 +735,7 @@ def narrow_levels(packed, depth, passed, correct, final, max_level, right_start,
             for end in range(2):           # 0: from the lowest level up; 1: from the highest down
                 while lo[k] <= hi[k]:
                     level = lo[k] if end == 0 else hi[k]
-                    if not _any(hits[k - depth, level]):
+                    if _count(hits[k - depth, level]) == 0:
                         break              # it loses no one: seldom ruled out, and not worth a probe (see above)
                     if _search_recoveries(covers, hits, useful, rec, n_lossy, right_start, right_exit, right_level,
                                           depth, lo, hi, max_level, want, probe_budget, k - depth, level):

@@ -11,6 +11,8 @@ def clopper_pearson_lower(successes: int, trials: int, confidence: float) -> flo
         raise DistreeError(f"confidence {confidence} must be strictly between 0 and 1, e.g. 0.95")
     if trials == 0 or successes <= 0:
         return 0.0
-    from scipy.stats import beta    # SciPy's import costs ~1 s: only planning and calibration reports need it
+    # the Beta quantile, as scipy.stats.beta.ppf computes it (equal to the last bit), without importing
+    # scipy.stats: 0.4-0.8 s, which a solve spent after its --time-limit reporting the plan's accuracy LCB
+    from scipy.special import betaincinv
 
-    return float(beta.ppf(1.0 - confidence, successes, trials - successes + 1))
+    return float(betaincinv(successes, trials - successes + 1, 1.0 - confidence))

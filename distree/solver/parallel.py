@@ -190,7 +190,9 @@ def _forked(work: Callable[[int], Any], jobs: int, time_limit_s: float, name: st
                 meanwhile()
             if time.monotonic() > give_up:
                 raise RuntimeError(f"{what} workers did not report within {EXIT_GRACE_S:g} s after the time limit")
-            multiprocessing.connection.wait([p for k, p in enumerate(pipes) if k not in results], timeout=POLL_S)
+            waiting = [p for k, p in enumerate(pipes) if k not in results]
+            if waiting:     # waiting on none would sleep POLL_S after the last result (0.2 s past every --time-limit)
+                multiprocessing.connection.wait(waiting, timeout=POLL_S)
     finally:
         for worker in workers:
             if worker.is_alive():

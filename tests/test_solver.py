@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import heapq
 import itertools
 import json
 import multiprocessing
@@ -1167,6 +1168,51 @@ def test_a_retuned_multiplier_bounds_the_lowest_open_nodes_highest_and_the_tree_
             s = tree.searches[tree._search_of(late)]
             assert s.lam == tree.multiplier_factor * s.tables.lam, seed
     assert retuned >= 20 and moved >= 5, (retuned, moved)
+
+
+def test_a_node_dropped_for_its_twin_has_no_completion_better_than_the_twins():
+    """Walking every node of the whole tree best first (nothing pruned by bound) and dropping each one ``twin_of``
+    names a twin for, as the tree does: no dropped node has a completion better than its twin's best, each completion
+    priced exactly (the configuration's best placement, memory and accuracy checked), and the leaves still reached
+    hold the optimum. Where returns do not obey the triangle, no node is dropped."""
+    pairs, violated = 0, 0
+    for seed in range(24):
+        rng = np.random.default_rng(seed)
+        case = synthetic_case(n_blocks=int(rng.integers(6, 10)), n_exits=int(rng.integers(5, 7)),
+                              n_levels=int(rng.integers(2, 4)), n_devices=int(rng.integers(1, 4)),
+                              n_samples=int(rng.integers(15, 40)), seed=seed,
+                              memory_slack=float(rng.uniform(0.9, 3.0)))
+        problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology,
+                                   Constraints(accuracy_drop=float(rng.choice([0.0, 0.03, 0.08]))))
+        dear_first = np.where(np.arange(problem.n_devices) == 0, 100.0, 0.0)     # breaks it where D > 1
+        problem = problem.replace(return_ms=dear_first if seed % 4 == 0 else np.zeros(problem.n_devices))
+        configs = list(itertools.product(*(range(int(k) + 1) for k in problem.n_levels)))
+        best_below: dict[tuple, float] = {}
+        for config in configs:
+            found = place(problem, np.array(config))
+            cost = found.expected_ms if found is not None and found.feasible else np.inf
+            for d in range(problem.n_exits + 1):
+                best_below[config[:d]] = min(best_below.get(config[:d], np.inf), cost)
+        search = _Search(problem, None, None, None)
+        order = itertools.count()
+        heap, reached = [(node.bound, next(order), node) for node in search.root()], np.inf
+        while heap:             # best first, as the tree: a twin that exits more samples earlier tends to come first
+            _, _, node = heapq.heappop(heap)
+            twin = search.twin_of(node)
+            if twin is not None:
+                pairs += 1
+                assert best_below[twin] <= best_below[node.levels] * (1 + 1e-9) + 1e-12, (seed, node.levels, twin)
+                continue
+            if node.depth == problem.n_exits:
+                reached = min(reached, best_below[node.levels])
+            else:
+                for child in search.children(node):
+                    heapq.heappush(heap, (child.bound, next(order), child))
+        assert reached == best_below[()], seed
+        if not bnb._returns_obey_triangle(problem):
+            violated += 1
+            assert search.twin_keys_left == 0 and not search.twins, seed
+    assert pairs >= 300 and violated >= 3, (pairs, violated)
 
 
 def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypatch):

@@ -393,6 +393,25 @@ def _survivor_indices(packed, n):
 
 
 @njit(cache=True)
+def gone_by(passed, levels, packed):
+    """[len(levels)]: how many samples have left by each exit of a decided prefix of ``levels`` (cumulative), the
+    survivors (``packed`` bits) being the ones none of them took: each other sample at the first exit whose level
+    it passes."""
+    n, d = passed.shape[0], len(levels)
+    gone = np.zeros(d, dtype=np.int64)
+    for i in range(n):
+        if (packed[i >> 3] >> (7 - (i & 7))) & 1:
+            continue
+        for j in range(d):
+            if levels[j] > 0 and passed[i, j] >= levels[j]:
+                gone[j] += 1
+                break
+    for j in range(1, d):
+        gone[j] += gone[j - 1]
+    return gone
+
+
+@njit(cache=True)
 def reachable_right(packed, depth, passed, correct, final, max_level, right_start, right_exit, right_level):
     """An upper bound on the right answers the survivors can still give, whatever the exits from ``depth`` on do: the
     survivors right at the final classifier, plus the most that *recovering* the others (answered right at an

@@ -86,8 +86,9 @@ PROGRESS_EVERY_S = 1.0          # best first: how often ``progress`` hears the p
 MULTIPLIER_FACTORS = (0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 # a node popped with the same survivors at the same depth (and class) as one popped before, which it cannot beat
 # (_Search.twin_of), is dropped: on the trained ResNet-110 a third of the open nodes after 20 s had such a twin, and
-# dropping them took the 20 s tree (one process) from 1.580-1.585 to 1.591-1.595 ms. The nodes remembered for it take
-# at most TWIN_BYTES a tree (or forked worker); past that, no new survivor set is remembered
+# dropping them took the 20 s tree (one process) from 1.589 to 1.597-1.600 ms, 10 s solves from 10.1-10.7% to
+# 9.6-9.9%. The nodes remembered for it take at most TWIN_BYTES a tree (or forked worker); past that, no new
+# survivor set is remembered
 TWIN_BYTES = 2 ** 28
 RETUNE_AT = 2_000
 RETUNE_GROWTH = 4

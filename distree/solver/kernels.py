@@ -400,7 +400,7 @@ def gone_by(passed, levels, packed):
     n, d = passed.shape[0], len(levels)
     gone = np.zeros(d, dtype=np.int64)
     for i in range(n):
-        if (packed[i >> 3] >> (7 - (i & 7))) & 1:
+        if _alive(packed, i):
             continue
         for j in range(d):
             if levels[j] > 0 and passed[i, j] >= levels[j]:

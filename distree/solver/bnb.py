@@ -84,15 +84,15 @@ PROGRESS_EVERY_S = 1.0          # best first: how often ``progress`` hears the p
 # it: on the trained ResNet-110 the lowest open nodes after 20 s bound highest at 0.5-0.75x (each factor is a valid
 # Lagrangian bound), and a tree held at 0.6x ends 0.02 ms higher (10 s solve: 11.5% -> 10.0%, 60 s: 4.2% -> 3.2%)
 MULTIPLIER_FACTORS = (0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
-# a node popped with the same survivors at the same depth (and class) as one popped before, which it cannot beat
-# (_Search.twin_of), is dropped: on the trained ResNet-110 a third of the open nodes after 20 s had such a twin, and
-# dropping them took the 20 s tree (one process) from 1.589 to 1.597-1.600 ms, 10 s solves from 10.1-10.7% to
-# 9.6-9.9%. The nodes remembered for it take at most TWIN_BYTES a tree (or forked worker); past that, no new
-# survivor set is remembered
-TWIN_BYTES = 2 ** 28
 RETUNE_AT = 2_000
 RETUNE_GROWTH = 4
 RETUNE_NODES = 64
+# a node popped with the same survivors at the same depth (and class) as one popped before, which it cannot beat
+# (_Search.twin_of), is dropped: on the trained ResNet-110 a third of the open nodes after 20 s had such a twin, and
+# dropping them took the 20 s tree (one process) from 1.589 to 1.597-1.600 ms, 10 s solves from 10.1-10.7% to
+# 9.6-9.9%. The nodes remembered for it take at most TWIN_BYTES a tree (all its placement classes; each forked
+# worker its own); past that, no new survivor set is remembered
+TWIN_BYTES = 2 ** 28
 
 Progress = Callable[[Optional[Candidate], float], None]     # (best plan known, proven bound in ms)
 
@@ -144,7 +144,8 @@ def _columns(p: Problem) -> tuple[np.ndarray, ...]:
 
 class _Search:
     def __init__(self, p: Problem, incumbent: Candidate | None, tables: BoundTables | None,
-                 prefix: PrefixBound | None, stage_class: StageClass | None = None, tol: float = OPTIMALITY_TOLERANCE):
+                 prefix: PrefixBound | None, stage_class: StageClass | None = None, tol: float = OPTIMALITY_TOLERANCE,
+                 twin_room: _TwinRoom | None = None):
         self.p = p
         self.tol = tol                      # relative: a node must bound below the incumbent by this much to stay
         self.stage_class = stage_class      # the placements its tables price (None: all)
@@ -165,14 +166,17 @@ class _Search:
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
         self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)
         self.twins: dict[tuple[int, bytes], list[list]] = {}     # (depth, survivors) -> nodes popped (twin_of)
-        self.twin_keys_left = TWIN_BYTES // (p.n_samples // 8 + 8 * p.n_exits + 300) if _returns_obey_triangle(p) \
-            else 0
+        self.twin_room = _TwinRoom(p) if twin_room is None else twin_room
 
     def incumbent_total(self) -> float:
         return min(np.inf if self.best is None else self.best.expected_ms * self.p.n_samples, self.ceiling)
 
     def cutoff(self) -> float:
         return self.incumbent_total() * (1 - self.tol)
+
+    @property
+    def twin_keys_left(self) -> int:
+        return self.twin_room.keys_left
 
     def root(self) -> list[_Node]:
         """The root, or nothing when its bound already meets the incumbent (or is infinite)."""
@@ -316,7 +320,7 @@ class _Search:
         (memory, deadline, stage load), so the twin's subtree holds a plan at least as good as any in ``node``'s."""
         key = (node.depth, node.packed.tobytes())
         known = self.twins.get(key)
-        if known is None and self.twin_keys_left <= 0:
+        if known is None and self.twin_room.keys_left <= 0:
             return None
         enabled = sum(1 << j for j, level in enumerate(node.levels) if level)
         gone = None
@@ -332,7 +336,7 @@ class _Search:
             if np.all(twin_gone >= gone):
                 return twin_levels
         if known is None:
-            self.twin_keys_left -= 1
+            self.twin_room.keys_left -= 1
             self.twins[key] = known = []
         known.append([enabled, gone, node.fixed_right, node.levels])
         return None
@@ -354,6 +358,14 @@ class _Search:
             floor = max(floor, min(costs, default=np.inf))
         if floor * p.n_samples < self.cutoff():
             self.open_leaf_bound = min(self.open_leaf_bound, floor * p.n_samples)
+
+
+class _TwinRoom:
+    """How many more survivor sets the searches of one tree (a search per placement class) may remember for
+    :meth:`_Search.twin_of`: TWIN_BYTES in all; none where returns do not obey the triangle."""
+
+    def __init__(self, p: Problem) -> None:
+        self.keys_left = TWIN_BYTES // (p.n_samples // 8 + 8 * p.n_exits + 300) if _returns_obey_triangle(p) else 0
 
 
 def _returns_obey_triangle(p: Problem) -> bool:
@@ -399,10 +411,11 @@ class Tree:
         self.cap_share = 1                  # the open-node cap is split among this many workers
         self.searches: list[_Search] = []
         self.index: dict[StageClass, int] = {}
+        self.twin_room = _TwinRoom(p)       # shared by the searches
         self.multiplier_factor = 1.0        # every search's multiplier: this times its root's best (_retune)
         self.retune_at = RETUNE_AT
         if classes is None:
-            self.searches.append(_Search(p, incumbent, tables, prefix, tol=self.tol))
+            self.searches.append(_Search(p, incumbent, tables, prefix, tol=self.tol, twin_room=self.twin_room))
             roots = [(0, root) for root in self.searches[0].root()]
         else:
             roots = [(i, root) for i in map(self._search_of, classes.roots()) for root in self.searches[i].root()]
@@ -420,7 +433,7 @@ class Tree:
         if c not in self.index:
             self.index[c] = len(self.searches)
             self.searches.append(_Search(self.p, self.best, self.classes.tables(c), None, stage_class=c,
-                                         tol=self.tol))
+                                         tol=self.tol, twin_room=self.twin_room))
             self.searches[-1].ceiling = self.ceiling
             self.searches[-1].lam = self.multiplier_factor * self.searches[-1].tables.lam
         return self.index[c]

@@ -7,6 +7,11 @@
 # holds 5,000 in all; the model never trained on test images). The training record goes to DIR/models.json (the
 # twenty-third session's: benchmarks/results/resnet110_model.json).
 #     benchmarks/resnet110_example.sh DIR   (needs examples/fashion_mnist/test.npz: make_data.py; ~15 min on 2 cores)
+# Its chain, calibration and profile are committed, gzip-compressed, in benchmarks/data/resnet110-trained/ (what
+# the benchmarks read by default, with models.json): PyTorch's kernels differ from one CPU to another, and so does
+# what this builds (twenty-ninth session, an Intel Xeon: test accuracy 91.14% where an AMD EPYC gave 91.11%, and the
+# best plan known 1.872 ms where the EPYC's instance had 1.702). To replace them:
+#     for f in chain calibration profile; do gzip -9n -c DIR/$f.json > benchmarks/data/resnet110-trained/$f.json.gz; done
 set -euo pipefail
 dir=${1:?usage: benchmarks/resnet110_example.sh DIR}
 M=examples/fashion_mnist

@@ -4,8 +4,8 @@
 
 The same instance solved under several --accuracy-drop values: the ResNet-110-scale chain of
 ``solver_scale.py`` (55 blocks, 54 exits, 8 levels, 5,000 samples, 3 devices) with 10 s and 60 s, and with
---example DIR (``benchmarks/solver_example.sh DIR``) the example's 22 trained exits on 3 devices with 60 s, and with
---resnet110 DIR (``benchmarks/resnet110_example.sh DIR``) a trained ResNet-110's 54 exits on 3 devices with 60 s.
+the example's 22 trained exits on 3 devices with 60 s, and a trained ResNet-110's 54 exits on 3 devices with 60 s
+(the files committed in benchmarks/data/, or --example / --resnet110 folders: see solver_scale.py).
 Without an accuracy bound every one of these is proven optimal in under a second; what stays open is the
 accuracy constraint, whose Lagrangian relaxation lets a sample past its exact window pick a later exit where it
 is right. ``--jobs``: the branch and bound's cores (default: every usable core, as ``distree plan``). Prints a table
@@ -25,7 +25,7 @@ from distree.solver.problem import Constraints
 from distree.solver.solve import solve
 from distree.solver.synthetic import synthetic_case
 from distree.targets import topology_for
-from solver_scale import load_case_files       # benchmarks/ is this script's folder, first on sys.path
+from solver_scale import EXAMPLE_DATA, RESNET110_DATA, load_case_files    # benchmarks/ is first on sys.path
 
 RESULTS = Path(__file__).parent / "results" / "solver_accuracy.json"
 DROPS = (0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.0)
@@ -38,21 +38,19 @@ def _real_case(folder: Path) -> tuple:
     return chain, calibration, profile, topology_for(devices[:3])
 
 
-def _cases(example: Path | None, resnet110: Path | None):
+def _cases(example: Path, resnet110: Path):
     case = synthetic_case(55, 54, 8, 3, 5000, seed=1, exit_every=True)
     inputs = (case.chain, case.calibration, case.profile, case.topology)
     yield "resnet110-3dev", inputs, 10, DROPS
     yield "resnet110-3dev", inputs, 60, LONG_DROPS
-    if example is not None:
-        yield "example-3dev", _real_case(example), 60, LONG_DROPS
-    if resnet110 is not None:
-        yield "resnet110-trained-3dev", _real_case(resnet110), 60, LONG_DROPS
+    yield "example-3dev", _real_case(example), 60, LONG_DROPS
+    yield "resnet110-trained-3dev", _real_case(resnet110), 60, LONG_DROPS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--example", type=Path, default=None, help="folder from benchmarks/solver_example.sh")
-    ap.add_argument("--resnet110", type=Path, default=None, help="folder from benchmarks/resnet110_example.sh")
+    ap.add_argument("--example", type=Path, default=EXAMPLE_DATA, help="folder from benchmarks/solver_example.sh")
+    ap.add_argument("--resnet110", type=Path, default=RESNET110_DATA, help="folder from benchmarks/resnet110_example.sh")
     ap.add_argument("--drops", type=float, nargs="*", default=None, help="accuracy drops (default: per case)")
     ap.add_argument("--jobs", type=int, default=usable_cores(), help="cores for the branch and bound")
     args = ap.parse_args()

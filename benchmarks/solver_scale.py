@@ -2,12 +2,13 @@
 
     .venv/bin/python benchmarks/solver_scale.py [--example DIR] [--resnet110 DIR] [--only NAME ...] [--jobs N ...]
 
-Cases (issue 6): the example model on 2 and 3 devices, and on 2 with 300 s (from DIR/chain.json, calibration.json and
-profile.json, written by ``benchmarks/solver_example.sh DIR``; without --example a synthetic stand-in of the
-same shape, labelled as such); a ResNet-110-scale
-chain (55 blocks, 54 candidate exits, 8 threshold levels, 5,000 calibration samples, 3 devices), synthetic, and with
---resnet110 DIR (``benchmarks/resnet110_example.sh DIR``) the same target on a trained ResNet-110's 54 exits; 200
-blocks on 8 devices; and a few mid-size cases that map where the MILP still proves optimality.
+Cases (issue 6): the example model's 22 trained exits on 2 and 3 devices, and on 2 with 300 s; a ResNet-110-scale
+chain (55 blocks, 54 candidate exits, 8 threshold levels, 5,000 calibration samples, 3 devices), synthetic, and
+the same target on a trained ResNet-110's 54 exits; 200 blocks on 8 devices; and a few mid-size cases that map
+where the MILP still proves optimality. The trained cases' chain, calibration and profile are committed
+(benchmarks/data/: written by ``benchmarks/solver_example.sh DIR`` and ``benchmarks/resnet110_example.sh DIR``,
+whose outputs differ from one CPU to another: PyTorch's kernels do); --example / --resnet110 take other folders
+of such files (``name.json`` or ``name.json.gz``).
 
 For each: wall time, solver status ("optimal" only when proven: by the branch and bound finishing, by
 HiGHS, or by a bound meeting the plan within 1e-9), proven gap (against the best of the branch-and-bound,
@@ -40,6 +41,8 @@ from distree.targets import topology_for
 from distree.targets.spec import Topology
 
 RESULTS = Path(__file__).parent / "results" / "solver_scale.json"
+EXAMPLE_DATA = Path(__file__).parent / "data" / "example-22-exits"      # solver_example.sh's files, committed
+RESNET110_DATA = Path(__file__).parent / "data" / "resnet110-trained"   # resnet110_example.sh's files, committed
 
 # name, (blocks, exits, levels, devices, samples), time limit (s), target
 SYNTHETIC = [
@@ -53,34 +56,31 @@ SYNTHETIC = [
 
 
 def load_case_files(folder: Path):
-    """A real-scores case's chain, calibration, profile and its devices in profiled order (also solver_accuracy's)."""
-    chain = Chain.load(folder / "chain.json")
-    cal = Calibration.load(folder / "calibration.json")
-    profile = Profile.load(folder / "profile.json")
+    """A real-scores case's chain, calibration, profile and its devices in profiled order (also solver_accuracy's):
+    ``name.json``, or ``name.json.gz`` where that is absent."""
+    def named(name: str) -> Path:
+        plain = folder / f"{name}.json"
+        return plain if plain.exists() else folder / f"{name}.json.gz"
+
+    chain = Chain.load(named("chain"))
+    cal = Calibration.load(named("calibration"))
+    profile = Profile.load(named("profile"))
     return chain, cal, profile, list(dict.fromkeys(m.device for m in profile.entries))
 
 
-def _example_cases(example: Path | None):
-    if example is not None:
-        chain, cal, profile, devices = load_case_files(example)
-        for k in (2, 3):
-            if len(devices) >= k:
-                yield f"example-{k}dev", "real files", chain, cal, profile, topology_for(devices[:k]), 60
-        # given the time, the tree proves the 2-device case (237 s in the nineteenth session)
-        yield ("example-2dev-300s", "real files, 300 s", chain, cal, profile, topology_for(devices[:2]), 300)
-        return
+def _example_cases(example: Path):
+    chain, cal, profile, devices = load_case_files(example)
     for k in (2, 3):
-        case = synthetic_case(12, 6, 8, k, 2500, seed=11)
-        yield (f"example-{k}dev", "synthetic stand-in (12 blocks, 6 exits, 8 levels, 2500 samples)",
-               case.chain, case.calibration, case.profile, case.topology, 60)
+        if len(devices) >= k:
+            yield f"example-{k}dev", "real files", chain, cal, profile, topology_for(devices[:k]), 60
+    # given the time, the tree proves the 2-device case (237 s in the nineteenth session)
+    yield ("example-2dev-300s", "real files, 300 s", chain, cal, profile, topology_for(devices[:2]), 300)
 
 
-def _resnet110_cases(folder: Path | None):
-    """The ResNet-110 target on trained exits (``benchmarks/resnet110_example.sh DIR``): 54 exits, 8 levels, 5,000
-    calibration samples, 3 devices, as the synthetic case, but with a real network's scores and 113 blocks (each
-    residual block's ReLU is a block of its own) where the synthetic chain has 55."""
-    if folder is None:
-        return
+def _resnet110_cases(folder: Path):
+    """The ResNet-110 target on trained exits: 54 exits, 8 levels, 5,000 calibration samples, 3 devices, as the
+    synthetic case, but with a real network's scores and 113 blocks (each residual block's ReLU is a block of its
+    own) where the synthetic chain has 55."""
     chain, cal, profile, devices = load_case_files(folder)
     what = (f"trained ResNet-110, {len(chain.blocks)} blocks, {len(cal.exits)} exits, "
             f"{len(cal.thresholds[0])} levels, {cal.num_samples} samples, 3 devices")
@@ -125,9 +125,10 @@ def run_case(name: str, what: str, chain: Chain, cal: Calibration, profile: Prof
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--example", type=Path, default=None, help="folder with chain/calibration/profile JSON")
-    ap.add_argument("--resnet110", type=Path, default=None,
-                    help="folder written by benchmarks/resnet110_example.sh: the ResNet-110 case on trained exits")
+    ap.add_argument("--example", type=Path, default=EXAMPLE_DATA,
+                    help="folder with the example's chain/calibration/profile JSON (benchmarks/solver_example.sh)")
+    ap.add_argument("--resnet110", type=Path, default=RESNET110_DATA,
+                    help="folder with a trained ResNet-110's files (benchmarks/resnet110_example.sh)")
     ap.add_argument("--only", nargs="*", default=None, help="case names to run")
     ap.add_argument("--accuracy-drop", type=float, default=0.01)
     ap.add_argument("--jobs", type=int, nargs="+", default=[usable_cores()], help="cores for the branch and bound")

@@ -8,6 +8,7 @@ Fields may be scalars, tuples, dicts, ``Optional``s and other ``JsonRecord``s (n
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import shutil
@@ -98,12 +99,17 @@ class JsonRecord:
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a JSON object, turning missing/corrupt files into one-line user errors."""
+    """Read a JSON object (gzip-compressed where the name ends in ``.gz``: a calibration of 5,000 samples and 54
+    exits is 10 MB of JSON, 2.4 MB compressed), turning missing/corrupt files into one-line user errors."""
     p = Path(path)
     if not p.is_file():
         raise DistreeError(f"{p}: no such file")
     try:
-        doc = json.loads(p.read_text())
+        data = p.read_bytes()
+        doc = json.loads(gzip.decompress(data) if p.suffix == ".gz" else data)
+    except (OSError, EOFError) as exc:        # gzip's BadGzipFile is an OSError
+        raise DistreeError(f"{p}: not a gzip file ({exc}); a name ending in .gz must hold gzip-compressed JSON") \
+            from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DistreeError(f"{p}: not valid JSON ({exc}); re-create the file") from exc
     if not isinstance(doc, dict):
@@ -112,9 +118,10 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_json_atomic(path: str | os.PathLike, doc: Any) -> Path:
-    """Write JSON through a temp file in the same folder, then rename: never a half-written file."""
-    text = json.dumps(_encode(doc), indent=2, sort_keys=False) + "\n"
-    return write_bytes_atomic(path, text.encode())
+    """Write JSON through a temp file in the same folder, then rename: never a half-written file; gzip-compressed
+    (with no timestamp, so equal documents give equal bytes) where the name ends in ``.gz``."""
+    data = (json.dumps(_encode(doc), indent=2, sort_keys=False) + "\n").encode()
+    return write_bytes_atomic(path, gzip.compress(data, mtime=0) if Path(path).suffix == ".gz" else data)
 
 
 def _umask() -> int:

@@ -240,6 +240,10 @@ def test_calibration_json_round_trip(trained, tmp_path):
     loaded = Calibration.load(cal.save(tmp_path / "cal.json"))
     assert loaded == cal
     np.testing.assert_array_equal(loaded.scores_array(), cal.scores_array())
+    packed = cal.save(tmp_path / "cal.json.gz")          # gzip where the name ends in .gz
+    assert packed.read_bytes()[:2] == b"\x1f\x8b" and packed.stat().st_size < (tmp_path / "cal.json").stat().st_size / 2
+    assert Calibration.load(packed) == cal
+    assert cal.save(tmp_path / "again.json.gz").read_bytes() == packed.read_bytes()   # no timestamp inside
 
 
 def test_declared_exits_by_convention_and_by_name(files):

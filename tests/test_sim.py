@@ -206,6 +206,7 @@ def test_cli_json_plot_and_what_ifs(case, plan, tmp_path):
 @pytest.mark.parametrize("breakage, message", [
     ("other-model", "plan is for model"),
     ("missing-file", "no such file"),
+    ("not-gzip", "not a gzip file"),
     ("bad-rate", "--rate"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(case, plan, tmp_path, breakage, message):
@@ -217,6 +218,8 @@ def test_cli_bad_input_is_one_line_exit_2(case, plan, tmp_path, breakage, messag
         paths["plan"].write_text(json.dumps(doc))
     if breakage == "missing-file":
         paths["profile"] = tmp_path / "nope.json"
+    if breakage == "not-gzip":               # a name ending in .gz holding plain JSON
+        paths["profile"] = paths["profile"].rename(tmp_path / "profile.json.gz")
     r = _simulate(paths, *extra)
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()

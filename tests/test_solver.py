@@ -386,7 +386,6 @@ def test_best_first_tree_past_its_open_node_cap_keeps_a_valid_bound(monkeypatch)
     optimum (the dropped nodes' smallest bound caps it), it claims completeness only when the dropped nodes
     could not have beaten the plan, and the plan's solver line says how many were dropped."""
     monkeypatch.setattr(bnb, "max_open_nodes", lambda p: 6)
-    monkeypatch.setattr(bnb, "DIVE_SHARE", 0.0)     # dives find the optimum early and leave few trees to cap
     capped = complete = 0
     for seed in range(60):
         case, c, problem = _random_problem(seed)
@@ -1136,7 +1135,6 @@ def test_a_retuned_multiplier_bounds_the_lowest_open_nodes_highest_and_the_tree_
     trees retuned early and often still bound below the brute-force optimum and prove it."""
     monkeypatch.setattr(bnb, "RETUNE_AT", 10)
     monkeypatch.setattr(bnb, "RETUNE_GROWTH", 2)
-    monkeypatch.setattr(bnb, "DIVE_SHARE", 0.0)     # trees grown from no plan, as long as they take
     retuned, moved = 0, 0
     real = Tree._retune
 
@@ -1219,49 +1217,65 @@ def test_a_node_dropped_for_its_twin_has_no_completion_better_than_the_twins():
 
 def test_dives_hand_the_tree_the_best_plan_a_local_search_finds_from_its_open_nodes(monkeypatch):
     """Tree.dive starts a local search from each of its lowest open nodes' levels with every later exit off, and
-    the best plan found, if better than the tree's, becomes its plan (feasible); a best-first run dives by itself
-    (DIVE_SHARE of its time, never from a prefix twice) and still proves the optimum the tree proves without."""
+    the best plan found, if better than the tree's, becomes its plan (feasible); it stops after DIVE_PATIENCE
+    fruitless dives in a row, and the tree goes on from there to the optimum it proves without diving."""
     def instance(size, seed):
         case = synthetic_case(*size, seed=seed, exit_every=True)
         problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology,
                                    Constraints(accuracy_drop=0.02))
         return problem, place(problem, np.zeros(problem.n_exits, dtype=int))        # no exit at all: a poor plan
 
+    def best_from(problem, prefixes):
+        """The best plan's latency of local searches from these prefixes, later exits off (what dives do)."""
+        found = [local_search(problem, starts=[np.array(lv + (0,) * (problem.n_exits - len(lv)), dtype=int)])
+                 for lv in prefixes]
+        return min((c.expected_ms for c in found if c is not None), default=np.inf)
+
     improved = 0
-    monkeypatch.setattr(bnb, "DIVE_SHARE", 0.0)
+    monkeypatch.setattr(bnb, "DIVE_PATIENCE", 100)
     monkeypatch.setattr(bnb, "DIVES_LISTED", 8)
     for seed in (0, 3, 4, 5, 6):
         problem, poor = instance((14, 10, 4, 2, 400), seed)
         tree = Tree(problem, poor, best_first=True)
         before = tree.run(0.05).best.expected_ms      # its own leaves may have found better already
-        assert tree.dives == 0 and len(tree.open) > 8, seed
+        assert len(tree.open) > 8, seed
         prefixes = {node.levels for _, _, _, node in heapq.nsmallest(8, tree.open)}
         tree.dive(60.0)
-        assert tree.dived == prefixes and tree.dives == len(prefixes)
-        found = [local_search(problem, starts=[np.array(lv + (0,) * (problem.n_exits - len(lv)), dtype=int)])
-                 for lv in tree.dived]
-        best = min((c.expected_ms for c in found if c is not None), default=np.inf)
-        assert tree.best.expected_ms == pytest.approx(min(best, before), rel=1e-12), seed
+        assert tree.dived == prefixes, seed
+        assert tree.best.expected_ms == pytest.approx(min(best_from(problem, tree.dived), before), rel=1e-12), seed
         assert evaluate(problem, tree.best.levels, tree.best.placement).feasible
         improved += tree.best.expected_ms < before - 1e-9
     assert improved >= 3
+    monkeypatch.setattr(bnb, "DIVE_PATIENCE", 2)
+    monkeypatch.setattr(bnb, "DIVES_LISTED", 256)
+    stopped = 0
     for seed in range(3):
         problem, poor = instance((12, 8, 4, 2, 300), seed)
-        monkeypatch.setattr(bnb, "DIVE_SHARE", 0.0)
         without = branch_and_bound(problem, poor, 60.0, best_first=True)
-        monkeypatch.setattr(bnb, "DIVE_SHARE", 0.5)
-        diving = Tree(problem, poor, best_first=True)
-        proof = diving.run(60.0)
-        assert diving.dives >= 1 and diving.dives == len(diving.dived), seed
+        tree = Tree(problem, poor, best_first=True)
+        best = tree.run(0.02).best.expected_ms
+        expected, fruitless = set(), 0        # the patience rule, replayed over the open nodes in bound order
+        for _, _, _, node in heapq.nsmallest(256, tree.open):
+            if fruitless >= 2:
+                break
+            if node.levels not in expected:
+                expected.add(node.levels)
+                found = best_from(problem, [node.levels])
+                fruitless = 0 if found < best - 1e-9 else fruitless + 1
+                best = min(best, found)
+        tree.dive(60.0)
+        assert tree.dived == expected and tree.best.expected_ms == pytest.approx(best, rel=1e-12), seed
+        stopped += len(expected) < len(tree.open)
+        proof = tree.run(60.0)
         assert without.complete and proof.complete
         assert proof.best.expected_ms == pytest.approx(without.best.expected_ms, rel=1e-9), seed
+    assert stopped >= 1
 
 
 def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypatch):
     """run_tree with jobs > 1 grows the tree here until every worker can be dealt nodes, forks, and merges: it
     proves the optimum one process proves (from no plan at all: the workers find plans and share them), and
     stopped early its bound stays below the optimum; nothing is left open in this process afterwards."""
-    monkeypatch.setattr(bnb, "DIVE_SHARE", 0.0)     # node counts that do not depend on when a dive found a plan
     forked = []
     original = parallel._run_forked
     monkeypatch.setattr(parallel, "_run_forked", lambda *a: forked.append(a[2]) or original(*a))

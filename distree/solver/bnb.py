@@ -93,12 +93,15 @@ RETUNE_NODES = 64
 # 9.6-9.9%. The nodes remembered for it take at most TWIN_BYTES a tree (all its placement classes; each forked
 # worker its own); past that, no new survivor set is remembered
 TWIN_BYTES = 2 ** 28
-# best first never reaches a leaf while its bound is far below the plan, so its plan would be only what the local
-# search and the kicks found before it. Every DIVE_SHARE of its time it *dives*: the node it pops (the lowest bound:
-# a promising prefix), with every later exit off, starts a local search (heuristic.local_search, which may change
-# any exit), and a better plan found is the tree's. On a trained ResNet-110 whose kicks stall at 2.076 ms (the Pi 4
-# running blocks 0-15), dives from the lowest open nodes found 1.872 ms (blocks 0-9) in 0.07 s each
-DIVE_SHARE = 0.1
+# best first never reaches a leaf while its bound is far below the plan, so its plan is what the local search and
+# the kicks found before it. Tree.dive *dives* first: its lowest open nodes (promising prefixes), each with every
+# later exit off, start local searches (heuristic.local_search, which may change any exit), and a better plan found
+# is the tree's; it stops after DIVE_PATIENCE dives in a row that found nothing better. On a trained ResNet-110
+# whose kicks stall at 2.076-2.127 ms (the Pi 4 running blocks 0-15), the second dive from a 0.5 s tree's open
+# nodes found 1.872 ms (blocks 0-9), 0.07 s a dive. Diving on as the tree goes (10% of its time, halved after
+# every 4 fruitless dives) found nothing more on it nor on the synthetic cases, and cost the 200-block case's
+# 60 s gap 0.04 points (0.44-0.45% -> 0.49%, interleaved runs): not kept
+DIVE_PATIENCE = 4
 DIVES_LISTED = 256      # Tree.dive: the open nodes it may start from, lowest bound first
 
 Progress = Callable[[Optional[Candidate], float], None]     # (best plan known, proven bound in ms)
@@ -435,8 +438,6 @@ class Tree:
         self.short = 0                      # nodes dropped by _Search.narrow
         self.twinned = 0                    # nodes dropped for a twin (_Search.twin_of)
         self.dived: set[tuple[int, ...]] = set()     # prefixes a dive started from (a dive is deterministic)
-        self.dive_s = 0.0                   # time spent diving (_dive), held to DIVE_SHARE of the tree's
-        self.dives = 0
         self.wall_s = time.perf_counter() - t0
 
     def _search_of(self, c: StageClass) -> int:
@@ -521,11 +522,9 @@ class Tree:
         self.offer(incumbent)
         cap = max_open_nodes(p) // self.cap_share
         told_at = t0
-        dive_due = False
         while open_nodes:
             if self.nodes % 64 == 0:
                 now = time.perf_counter()
-                dive_due = best_first and self.dive_s < DIVE_SHARE * (self.wall_s + now - t0)
                 if self.share is not None:
                     self._lower_ceiling(self.share.sync(self._proven_total(open_nodes[0][0])))
                 if now > stop_at or (best_first and open_nodes[0][0] >= self.dropped_bound):
@@ -564,9 +563,6 @@ class Tree:
                             open_nodes.append((narrowed.bound, self.pushed, i, narrowed))
                     continue
                 node = narrowed
-            if dive_due and node.levels not in self.dived:
-                dive_due = False
-                self._dive(node)
             s.best = self.best
             parts = classes.split(s.stage_class, node.depth) if classes is not None else []
             if parts:                         # the same node, bounded within each class that partitions its own
@@ -600,31 +596,23 @@ class Tree:
         return self.result()
 
     def dive(self, time_limit_s: float) -> None:
-        """Dive (:meth:`_dive`) from the open nodes in bound order, each prefix once, for ``time_limit_s``: a solve
-        does this before its kicks, from the short tree it grew first (on the trained ResNet-110 above, the second
-        dive from a 0.5 s tree's open nodes found the 1.872 ms plan)."""
+        """Local searches from the open nodes in bound order, each prefix once (a dive is deterministic), each
+        from the node's levels with every later exit off; a better plan becomes the tree's. For ``time_limit_s``
+        or until DIVE_PATIENCE dives in a row found nothing better."""
         stop_at = time.perf_counter() + time_limit_s
+        p, fruitless = self.p, 0
         for _, _, _, node in heapq.nsmallest(DIVES_LISTED, self.open):
-            if time.perf_counter() >= stop_at:
+            if time.perf_counter() >= stop_at or fruitless >= DIVE_PATIENCE:
                 break
-            if node.levels not in self.dived:
-                self._dive(node)
-
-    def _dive(self, node: _Node) -> None:
-        """A local search from ``node``'s levels with every later exit off (DIVE_SHARE); a better plan becomes the
-        tree's (and its siblings', when forked)."""
-        t0 = time.perf_counter()
-        self.dived.add(node.levels)
-        self.dives += 1
-        p = self.p
-        start = np.zeros(p.n_exits, dtype=int)
-        start[:node.depth] = node.levels
-        found = local_search(p, starts=[start])
-        if found is not None and found.expected_ms * p.n_samples < self.incumbent_total():
-            self.best = found
-            if self.share is not None:
-                self.share.found(found)
-        self.dive_s += time.perf_counter() - t0
+            if node.levels in self.dived:
+                continue
+            self.dived.add(node.levels)
+            start = np.zeros(p.n_exits, dtype=int)
+            start[:node.depth] = node.levels
+            found = local_search(p, starts=[start])
+            fruitless += 1
+            if found is not None and found.expected_ms * p.n_samples < self.incumbent_total():
+                self.best, fruitless = found, 0
 
     def result(self) -> BnbResult:
         N, cutoff = self.p.n_samples, self._cutoff()

@@ -1216,33 +1216,45 @@ def test_a_node_dropped_for_its_twin_has_no_completion_better_than_the_twins():
 
 
 def test_dives_hand_the_tree_the_best_plan_a_local_search_finds_from_its_open_nodes(monkeypatch):
-    """Tree.dive starts a local search from each of its lowest open nodes' levels with every later exit off, and
-    the best plan found, if better than the tree's, becomes its plan (feasible); it stops after DIVE_PATIENCE
-    fruitless dives in a row, and the tree goes on from there to the optimum it proves without diving."""
+    """Tree.dive starts a local search from each prefix of its lowest open nodes (trailing exits off dropped, every
+    later exit off), shortest prefixes first and in bound order within a length, each once; the best plan found, if
+    better than the tree's, becomes its plan (feasible); it stops after DIVE_PATIENCE fruitless dives in a row, and
+    the tree goes on from there to the optimum it proves without diving."""
     def instance(size, seed):
         case = synthetic_case(*size, seed=seed, exit_every=True)
         problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology,
                                    Constraints(accuracy_drop=0.02))
         return problem, place(problem, np.zeros(problem.n_exits, dtype=int))        # no exit at all: a poor plan
 
-    def best_from(problem, prefixes):
-        """The best plan's latency of local searches from these prefixes, later exits off (what dives do)."""
-        found = [local_search(problem, starts=[np.array(lv + (0,) * (problem.n_exits - len(lv)), dtype=int)])
-                 for lv in prefixes]
-        return min((c.expected_ms for c in found if c is not None), default=np.inf)
+    def searched(problem, start):
+        found = local_search(problem, starts=[np.array(start + (0,) * (problem.n_exits - len(start)), dtype=int)])
+        return np.inf if found is None else found.expected_ms
+
+    def starts(nodes):
+        """Each node's prefixes, shortest first, without their trailing zeros (the rest is off anyway), once."""
+        order = []
+        for length in range(1, 1 + max((n.depth for n in nodes), default=0)):
+            for n in nodes:
+                cut = list(n.levels[:length])
+                while cut and cut[-1] == 0:
+                    cut.pop()
+                if len(cut) == length and tuple(cut) not in order:
+                    order.append(tuple(cut))
+        return order
 
     improved = 0
-    monkeypatch.setattr(bnb, "DIVE_PATIENCE", 100)
+    monkeypatch.setattr(bnb, "DIVE_PATIENCE", 1000)
     monkeypatch.setattr(bnb, "DIVES_LISTED", 8)
     for seed in (0, 3, 4, 5, 6):
         problem, poor = instance((14, 10, 4, 2, 400), seed)
         tree = Tree(problem, poor, best_first=True)
         before = tree.run(0.05).best.expected_ms      # its own leaves may have found better already
-        assert len(tree.open) > 8, seed
-        prefixes = {node.levels for _, _, _, node in heapq.nsmallest(8, tree.open)}
+        lowest = [node for _, _, _, node in heapq.nsmallest(8, tree.open)]
+        assert len(lowest) == 8 and max(n.depth for n in lowest) >= 2, seed
         tree.dive(60.0)
-        assert tree.dived == prefixes, seed
-        assert tree.best.expected_ms == pytest.approx(min(best_from(problem, tree.dived), before), rel=1e-12), seed
+        assert list(tree.dived) == starts(lowest), seed
+        assert all(ms == searched(problem, start) for start, ms in tree.dived.items()), seed
+        assert tree.best.expected_ms == pytest.approx(min(min(tree.dived.values()), before), rel=1e-12), seed
         assert evaluate(problem, tree.best.levels, tree.best.placement).feasible
         improved += tree.best.expected_ms < before - 1e-9
     assert improved >= 3
@@ -1254,18 +1266,17 @@ def test_dives_hand_the_tree_the_best_plan_a_local_search_finds_from_its_open_no
         without = branch_and_bound(problem, poor, 60.0, best_first=True)
         tree = Tree(problem, poor, best_first=True)
         best = tree.run(0.02).best.expected_ms
-        expected, fruitless = set(), 0        # the patience rule, replayed over the open nodes in bound order
-        for _, _, _, node in heapq.nsmallest(256, tree.open):
+        expected, fruitless = [], 0           # the patience rule, replayed over the starts in order
+        for start in starts([node for _, _, _, node in heapq.nsmallest(256, tree.open)]):
             if fruitless >= 2:
                 break
-            if node.levels not in expected:
-                expected.add(node.levels)
-                found = best_from(problem, [node.levels])
-                fruitless = 0 if found < best - 1e-9 else fruitless + 1
-                best = min(best, found)
+            expected.append(start)
+            found = searched(problem, start)
+            fruitless = 0 if found < best - 1e-9 else fruitless + 1
+            best = min(best, found)
         tree.dive(60.0)
-        assert tree.dived == expected and tree.best.expected_ms == pytest.approx(best, rel=1e-12), seed
-        stopped += len(expected) < len(tree.open)
+        assert list(tree.dived) == expected and tree.best.expected_ms == pytest.approx(best, rel=1e-12), seed
+        stopped += len(expected) < len(starts([node for _, _, _, node in tree.open]))
         proof = tree.run(60.0)
         assert without.complete and proof.complete
         assert proof.best.expected_ms == pytest.approx(without.best.expected_ms, rel=1e-9), seed
@@ -1303,6 +1314,24 @@ def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypat
             assert stopped.bound < whole.best.expected_ms, seed
         assert stopped.best.expected_ms == pytest.approx(whole.best.expected_ms, rel=1e-9)
     assert forked == [2, 3, 2] * 2, forked
+
+
+def test_the_first_local_search_runs_beside_the_screen_in_a_worker(monkeypatch):
+    """local_search_beside: on two cores the local search runs in a forked worker while ``here`` runs in this
+    process, and both results come back, the search's as it finds alone; on one core both run here."""
+    case = synthetic_case(12, 8, 4, 2, 300, seed=1, exit_every=True)
+    problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
+    real = parallel.local_search
+    monkeypatch.setattr(parallel, "local_search",
+                        lambda p, time_limit_s: (os.getpid(), real(p, time_limit_s=time_limit_s)))
+    alone = real(problem)
+    for jobs in (1, 2):
+        here = []
+        (searched_in, found), screened = parallel.local_search_beside(
+            problem, 60.0, lambda: here.append(os.getpid()) or "screened", jobs)
+        assert screened == "screened" and here == [os.getpid()]
+        assert (searched_in == os.getpid()) == (jobs == 1), jobs
+        assert found.expected_ms == alone.expected_ms and np.array_equal(found.levels, alone.levels)
 
 
 def test_forked_workers_see_each_others_plans():

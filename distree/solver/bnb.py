@@ -94,14 +94,14 @@ RETUNE_NODES = 64
 # worker its own); past that, no new survivor set is remembered
 TWIN_BYTES = 2 ** 28
 # best first never reaches a leaf while its bound is far below the plan, so its plan is what the local search and
-# the kicks found before it. Tree.dive *dives* first: its lowest open nodes (promising prefixes), each with every
-# later exit off, start local searches (heuristic.local_search, which may change any exit), and a better plan found
-# is the tree's; it stops after DIVE_PATIENCE dives in a row that found nothing better. On a trained ResNet-110
-# whose kicks stall at 2.076-2.127 ms (the Pi 4 running blocks 0-15), the second dive from a 0.5 s tree's open
-# nodes found 1.872 ms (blocks 0-9), 0.07 s a dive. Diving on as the tree goes (10% of its time, halved after
-# every 4 fruitless dives) found nothing more on it nor on the synthetic cases, and cost the 200-block case's
-# 60 s gap 0.04 points (0.44-0.45% -> 0.49%, interleaved runs): not kept
-DIVE_PATIENCE = 4
+# the kicks found before it. Tree.dive *dives* first: prefixes of its lowest open nodes, each with every later exit
+# off, start local searches (heuristic.local_search, which may change any exit), and a better plan found is the
+# tree's; it stops after DIVE_PATIENCE dives in a row that found nothing better. On a trained ResNet-110 whose
+# kicks stall at 2.076-2.127 ms (the Pi 4 running blocks 0-15), exit 0 alone on leads to 1.872 ms (blocks 0-9),
+# 0.09 s a dive. Diving on as the tree goes (10% of its time, halved after every 4 fruitless dives) found nothing
+# more on it nor on the synthetic cases, and cost the 200-block case's 60 s gap 0.04 points (0.44-0.45% -> 0.49%,
+# interleaved runs): not kept
+DIVE_PATIENCE = 8
 DIVES_LISTED = 256      # Tree.dive: the open nodes it may start from, lowest bound first
 
 Progress = Callable[[Optional[Candidate], float], None]     # (best plan known, proven bound in ms)
@@ -386,6 +386,20 @@ def _returns_obey_triangle(p: Problem) -> bool:
     return bool(np.all(~other | (p.return_ms[:, None, None] <= p.cut_ms + p.return_ms[None, :, None] + 1e-12)))
 
 
+def _dive_starts(nodes: list) -> list[tuple[int, ...]]:
+    """The prefixes of ``nodes`` (open-list entries, lowest bound first) with their trailing exits off dropped (the
+    rest of a start is off anyway), shortest first, in the nodes' order within a length, each once."""
+    starts: dict[tuple[int, ...], None] = {}
+    for length in range(1, max((node.depth for _, _, _, node in nodes), default=0) + 1):
+        for _, _, _, node in nodes:
+            start = node.levels[:length]
+            while start and start[-1] == 0:
+                start = start[:-1]
+            if len(start) == length:
+                starts.setdefault(start)
+    return list(starts)
+
+
 def max_open_nodes(p: Problem) -> int:
     return int(MAX_OPEN_BYTES // (p.n_samples / 8 + 8 * p.n_exits + NODE_BYTES))
 
@@ -437,7 +451,7 @@ class Tree:
         self.pushed, self.nodes = len(self.open), 0
         self.short = 0                      # nodes dropped by _Search.narrow
         self.twinned = 0                    # nodes dropped for a twin (_Search.twin_of)
-        self.dived: set[tuple[int, ...]] = set()     # prefixes a dive started from (a dive is deterministic)
+        self.dived: dict[tuple[int, ...], float] = {}     # dive (a deterministic local search): start -> plan ms
         self.wall_s = time.perf_counter() - t0
 
     def _search_of(self, c: StageClass) -> int:
@@ -596,20 +610,23 @@ class Tree:
         return self.result()
 
     def dive(self, time_limit_s: float) -> None:
-        """Local searches from the open nodes in bound order, each prefix once (a dive is deterministic), each
-        from the node's levels with every later exit off; a better plan becomes the tree's. For ``time_limit_s``
-        or until DIVE_PATIENCE dives in a row found nothing better."""
+        """Local searches from the lowest open nodes' prefixes, each with every later exit off, shortest prefixes
+        first (exit 0's level alone, then two exits, ...; in bound order within a length), each start once; a better
+        plan becomes the tree's. For ``time_limit_s`` or until DIVE_PATIENCE dives in a row found nothing better.
+        Whole prefixes alone were not enough: the trial tree's lowest nodes often enable exit 2, and every dive
+        from there stalls at 2.024 ms on the trained ResNet-110 (3 of 6 solves), while exit 0 alone, at any of
+        levels 1-7, leads to 1.872. ``dived``: what each start found (ms; inf: nothing feasible)."""
         stop_at = time.perf_counter() + time_limit_s
         p, fruitless = self.p, 0
-        for _, _, _, node in heapq.nsmallest(DIVES_LISTED, self.open):
+        for start in _dive_starts(heapq.nsmallest(DIVES_LISTED, self.open)):
             if time.perf_counter() >= stop_at or fruitless >= DIVE_PATIENCE:
                 break
-            if node.levels in self.dived:
+            if start in self.dived:
                 continue
-            self.dived.add(node.levels)
-            start = np.zeros(p.n_exits, dtype=int)
-            start[:node.depth] = node.levels
-            found = local_search(p, starts=[start])
+            levels = np.zeros(p.n_exits, dtype=int)
+            levels[:len(start)] = start
+            found = local_search(p, starts=[levels])
+            self.dived[start] = np.inf if found is None else found.expected_ms
             fruitless += 1
             if found is not None and found.expected_ms * p.n_samples < self.incumbent_total():
                 self.best, fruitless = found, 0

@@ -15,12 +15,12 @@ from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.types import Profile
 from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, Tree, branch_and_bound
-from distree.solver.bounds import bound_tables, widest_window, widest_window_bound, window_prefix_bound
-from distree.solver.classes import placement_classes
+from distree.solver.bounds import BoundTables, bound_tables, widest_window, widest_window_bound, window_prefix_bound
+from distree.solver.classes import PlacementClasses, placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
-from distree.solver.heuristic import Candidate, local_search, no_exit_plan
+from distree.solver.heuristic import Candidate, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
-from distree.solver.parallel import kicks_on_cores, run_tree, usable_cores
+from distree.solver.parallel import kicks_on_cores, local_search_beside, run_tree, usable_cores
 from distree.solver.plan import WITHIN_GAP, ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, check_constraints
 from distree.targets.spec import Topology
@@ -64,7 +64,7 @@ WIDEN_MIN_SHARE = 0.95
 # 9.1% gap in 30 s; drop 0.01, 60 s: 11.7% (13.1% with the classes after the 10 s depth-first probe)
 CLASS_SHARE = 0.1
 CLASS_TRIAL_SHARE = 0.05
-DIVES_SHARE = 0.05             # then dives (bnb.Tree.dive) from that tree's open nodes, before the kicks
+DIVES_SHARE = 0.08             # then dives (bnb.Tree.dive) from that tree's open nodes, before the kicks
 CLASS_KICKS_SHARE = 0.3       # then kicks, for this share at most: the classes' bound keeps rising with the tree's
 #                               time. Measured (10 s, a trained ResNet-110, 3 devices): 0.1 -> plan 1.789 ms, gap
 #                               20.5%; 0.3 -> 1.711, 17.7%; 0.5 -> 1.711, 19.3%. The 22 trained exits' kicks stall
@@ -103,14 +103,19 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     tell(None, None, "local search")
     # what the report needs besides the plan, priced now so that it counts within the limit, not after it
     relaxed_ms, base = relaxed_lower_bound(p), no_exit_plan(p)
-    warm = local_search(p, time_limit_s=HEURISTIC_SHARE * constraints.time_limit_s)
     rows = estimated_rows(p)
-    tables = bound_tables(p)
     limit = constraints.time_limit_s
-    classes = forest = None
-    if rows > MILP_MAX_ROWS and warm is not None and not constraints.dump_lp:    # the tree's route in any case
-        tell(warm, None, "bounding placement classes")
-        classes = placement_classes(p, tables, CLASS_SHARE * limit)
+    tree_route = rows > MILP_MAX_ROWS and not constraints.dump_lp      # the tree's route in any case, given a plan
+
+    def screen() -> tuple[BoundTables, Optional[PlacementClasses]]:
+        tables = bound_tables(p)
+        return tables, placement_classes(p, tables, CLASS_SHARE * limit) if tree_route else None
+
+    # on the tree's route the placement classes are screened while the first plan is searched for (on two cores)
+    warm, (tables, classes) = local_search_beside(p, HEURISTIC_SHARE * limit, screen, jobs if tree_route else 1)
+    if warm is None:
+        classes = None
+    forest = None
     if classes is not None:
         # best first over the classes from the start: proves at once where only the placement kept the bound low
         tell(warm, None, "best-first search over placement classes")

@@ -1316,19 +1316,16 @@ def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypat
     assert forked == [2, 3, 2] * 2, forked
 
 
-def test_the_first_local_search_runs_beside_the_screen_in_a_worker(monkeypatch):
-    """local_search_beside: on two cores the local search runs in a forked worker while ``here`` runs in this
-    process, and both results come back, the search's as it finds alone; on one core both run here."""
+def test_side_by_side_runs_one_part_in_a_worker_and_returns_both():
+    """side_by_side: on two cores ``there`` runs in a forked worker while ``here`` runs in this process, and both
+    results come back (a local search's plan as it finds alone); on one core both run here."""
     case = synthetic_case(12, 8, 4, 2, 300, seed=1, exit_every=True)
     problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
-    real = parallel.local_search
-    monkeypatch.setattr(parallel, "local_search",
-                        lambda p, time_limit_s: (os.getpid(), real(p, time_limit_s=time_limit_s)))
-    alone = real(problem)
+    alone = local_search(problem)
     for jobs in (1, 2):
         here = []
-        (searched_in, found), screened = parallel.local_search_beside(
-            problem, 60.0, lambda: here.append(os.getpid()) or "screened", jobs)
+        (searched_in, found), screened = parallel.side_by_side(
+            lambda: (os.getpid(), local_search(problem)), lambda: here.append(os.getpid()) or "screened", 60.0, jobs)
         assert screened == "screened" and here == [os.getpid()]
         assert (searched_in == os.getpid()) == (jobs == 1), jobs
         assert found.expected_ms == alone.expected_ms and np.array_equal(found.levels, alone.levels)

@@ -18,9 +18,9 @@ from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, Tree, branch_and
 from distree.solver.bounds import BoundTables, bound_tables, widest_window, widest_window_bound, window_prefix_bound
 from distree.solver.classes import PlacementClasses, placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
-from distree.solver.heuristic import Candidate, no_exit_plan
+from distree.solver.heuristic import Candidate, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
-from distree.solver.parallel import kicks_on_cores, local_search_beside, run_tree, usable_cores
+from distree.solver.parallel import kicks_on_cores, run_tree, side_by_side, usable_cores
 from distree.solver.plan import WITHIN_GAP, ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, check_constraints
 from distree.targets.spec import Topology
@@ -101,18 +101,20 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
             progress(f"plan: {found}; {doing} ({time.perf_counter() - t0:.0f}/{constraints.time_limit_s:g} s)")
 
     tell(None, None, "local search")
-    # what the report needs besides the plan, priced now so that it counts within the limit, not after it
-    relaxed_ms, base = relaxed_lower_bound(p), no_exit_plan(p)
     rows = estimated_rows(p)
     limit = constraints.time_limit_s
     tree_route = rows > MILP_MAX_ROWS and not constraints.dump_lp      # the tree's route in any case, given a plan
+
+    def first_plan() -> tuple[Optional[Candidate], float, Optional[Candidate]]:
+        # what the report needs besides the plan, priced now so that it counts within the limit, not after it
+        return local_search(p, time_limit_s=HEURISTIC_SHARE * limit), relaxed_lower_bound(p), no_exit_plan(p)
 
     def screen() -> tuple[BoundTables, Optional[PlacementClasses]]:
         tables = bound_tables(p)
         return tables, placement_classes(p, tables, CLASS_SHARE * limit) if tree_route else None
 
     # on the tree's route the placement classes are screened while the first plan is searched for (on two cores)
-    warm, (tables, classes) = local_search_beside(p, HEURISTIC_SHARE * limit, screen, jobs if tree_route else 1)
+    (warm, relaxed_ms, base), (tables, classes) = side_by_side(first_plan, screen, limit, jobs if tree_route else 1)
     if warm is None:
         classes = None
     forest = None

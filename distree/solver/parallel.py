@@ -167,8 +167,8 @@ def side_by_side(there: Callable[[], Any], here: Callable[[], Any], time_limit_s
         if not done:
             done.append(here())
 
-    [result] = _forked(lambda k: there(), 1, time_limit_s, "search", "local-search", "it holds its own search state",
-                       meanwhile)
+    [result] = _forked(lambda k: there(), 1, time_limit_s, "beside", "side-by-side",
+                       "it holds its own copy of what it computes", meanwhile)
     return result, done[0]
 
 

@@ -866,6 +866,61 @@ def test_the_recovery_search_never_rules_out_an_accuracy_some_completion_reaches
     assert checked >= 1500 and tighter >= 120, (checked, tighter)
 
 
+def _relaxed_most_right(problem, depth, alive, with_spoils=True):
+    """The most right answers of the relaxation kernels.recovery_search explores, by enumerating every completion
+    from ``depth``: survivors right at the final classifier, plus those wrong there that some enabled exit they pass
+    answers right (covered), minus those right there that an enabled exit they pass answers wrong, wrong at every
+    exit before it (from ``depth``) they pass at any level (hit); ``with_spoils``: a survivor wrong at the final
+    classifier that such an exit answers wrong is not covered (spoiled: it leaves wrongly there or earlier)."""
+    passed, correct = problem.passed_level[alive, depth:], problem.correct_exit[alive, depth:]
+    final = problem.correct_final[alive]
+    tails = np.unique(all_configurations(problem.n_levels)[:, depth:], axis=0)
+    passes = passed >= 1
+    wrong_before = np.cumprod(np.concatenate([np.ones((len(passed), 1), bool), ~(passes & correct)[:, :-1]], 1),
+                              1).astype(bool)
+    recoverable = ~final & (passes & correct).any(1)
+    covering = recoverable[:, None] & correct
+    spoiling = recoverable[:, None] & ~correct & wrong_before
+    hitting = final[:, None] & ~correct & wrong_before
+    taken = (tails[:, None, :] > 0) & (passed[None] >= tails[:, None, :])              # [tail, survivor, exit]
+    covered = (taken & covering).any(2)
+    if with_spoils:
+        covered &= ~(taken & spoiling).any(2)
+    return int(final.sum()) + int((covered.sum(1) - (taken & hitting).any(2).sum(1)).max())
+
+
+def test_the_recovery_search_finds_the_exact_optimum_of_its_relaxation():
+    """kernels.recovery_search, given search nodes enough, answers 1 for exactly the right answers its relaxation
+    reaches (enumerated independently, every completion): at every prefix of random scores with a hard 40% of the
+    samples (right at an exit by chance, half of them wrong at the final classifier) the relaxed optimum is reached
+    and one more is not. The relaxation is valid (the optimum is at least the most right answers any completion
+    gives), and its spoils (a recovery the chain order rules out) lower it at many prefixes, where a search without
+    them answers 1 one answer too far."""
+    from types import SimpleNamespace
+    from distree.solver.kernels import recovery_search, right_exits
+    checked = spoiled = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        n, exits, levels = 80, 6, 2
+        hard = rng.random(n) < 0.4
+        final = ~(hard & (rng.random(n) < 0.5))
+        correct = np.where(hard[:, None], rng.random((n, exits)) < 0.5, rng.random((n, exits)) < 0.95)
+        passed = np.where(hard[:, None], rng.integers(0, 2, (n, exits)),
+                          rng.integers(0, levels + 1, (n, exits))).astype(np.int64)
+        scores = SimpleNamespace(passed_level=passed, correct_exit=correct, correct_final=final,
+                                 n_levels=np.full(exits, levels), n_exits=exits, n_samples=n)
+        columns = (passed, correct, final, levels, *right_exits(passed, correct))
+        for depth, alive, fixed_right, most in _prefixes_and_their_best_accuracy(scores):
+            relaxed = _relaxed_most_right(scores, depth, alive)
+            assert relaxed >= most - fixed_right, (seed, depth, relaxed, most - fixed_right)
+            node = (np.packbits(alive), depth, *columns)
+            assert recovery_search(*node, relaxed, 10 ** 6), (seed, depth, relaxed)
+            assert not recovery_search(*node, relaxed + 1, 10 ** 6), (seed, depth, relaxed)
+            spoiled += _relaxed_most_right(scores, depth, alive, with_spoils=False) > relaxed
+            checked += 1
+    assert checked >= 4000 and spoiled >= 100, (checked, spoiled)
+
+
 def test_the_recovery_search_answers_unknown_when_its_budget_runs_out():
     """On larger random scores (a hard third of the samples passing only the lowest level, half of them wrong
     at the final classifier) the search proves short what the count lets through, and with no search nodes it

@@ -1303,7 +1303,8 @@ def test_dives_hand_the_tree_the_best_plan_a_local_search_finds_from_its_open_no
     for seed in (0, 3, 4, 5, 6):
         problem, poor = instance((14, 10, 4, 2, 400), seed)
         tree = Tree(problem, poor, best_first=True)
-        before = tree.run(0.05).best.expected_ms      # its own leaves may have found better already
+        before = tree.run(1e-4).best.expected_ms      # 64 nodes (time is checked every 64); its leaves may have
+        #                                               found better already
         lowest = [node for _, _, _, node in heapq.nsmallest(8, tree.open)]
         assert len(lowest) == 8 and max(n.depth for n in lowest) >= 2, seed
         tree.dive(60.0)
@@ -1320,7 +1321,7 @@ def test_dives_hand_the_tree_the_best_plan_a_local_search_finds_from_its_open_no
         problem, poor = instance((12, 8, 4, 2, 300), seed)
         without = branch_and_bound(problem, poor, 60.0, best_first=True)
         tree = Tree(problem, poor, best_first=True)
-        best = tree.run(0.02).best.expected_ms
+        best = tree.run(1e-4).best.expected_ms
         expected, fruitless = [], 0           # the patience rule, replayed over the starts in order
         for start in starts([node for _, _, _, node in heapq.nsmallest(256, tree.open)]):
             if fruitless >= 2:
@@ -1447,6 +1448,50 @@ def test_kicks_on_cores_are_the_best_of_one_seed_a_core(monkeypatch):
     with pytest.raises(DistreeError, match=r"local-search worker distree-kicks-\d died, exit code 3, before "
                                            r"reporting; run with fewer --jobs"):
         kicks_on_cores(problem, start, 5.0, 2)
+
+
+def test_a_solve_on_two_cores_grows_its_tree_while_one_core_kicks(monkeypatch, tmp_path):
+    """Where the best-first tree follows the kicks, a solve on two cores kicks in a forked worker (seed 0) while the
+    same tree grows in this process for that time, and the kicked plan is the tree's from then on; on one core the
+    kicks run here with nothing beside them."""
+    import time
+    solve_module = importlib.import_module("distree.solver.solve")
+    case = synthetic_case(55, 54, 8, 3, 300, seed=1, exit_every=True)
+    log = tmp_path / "kicks.log"
+    real_kicks, real_run = iterated_local_search, Tree.run
+
+    def kicks(*args, **kwargs):
+        began = time.time()
+        found = real_kicks(*args, **kwargs)
+        with open(log, "a") as out:
+            out.write(f"{os.getpid()} {began} {time.time()} {found.expected_ms!r}\n")
+        return found
+
+    runs = []
+
+    def run(tree, *args, **kwargs):
+        began = time.time()
+        result = real_run(tree, *args, **kwargs)
+        runs.append((os.getpid(), began, time.time()))
+        return result
+
+    monkeypatch.setattr(solve_module, "iterated_local_search", kicks)
+    monkeypatch.setattr(parallel, "iterated_local_search", kicks)
+    monkeypatch.setattr(Tree, "run", run)
+    for jobs in (2, 1):
+        log.write_text("")
+        runs.clear()
+        plan = solve(case.chain, case.calibration, case.profile, case.topology,
+                     Constraints(accuracy_drop=0.01, time_limit_s=6.0, jobs=jobs))
+        [(pid, began, ended, kicked_ms)] = [(int(a), float(b), float(c), float(d))
+                                            for a, b, c, d in (line.split() for line in log.read_text().splitlines())]
+        beside = [max(0.0, min(ended, r_end) - max(began, r_began)) for r_pid, r_began, r_end in runs]
+        assert plan.expected_latency_ms <= kicked_ms * (1 + 1e-9), jobs
+        if jobs == 2:
+            assert pid != os.getpid() and all(r_pid == os.getpid() for r_pid, _, _ in runs)
+            assert max(beside) >= 0.8 * (ended - began), (beside, ended - began)
+        else:
+            assert pid == os.getpid() and max(beside) < 0.05, beside
 
 
 def test_forked_work_returns_as_soon_as_the_last_worker_reports(monkeypatch):

@@ -39,6 +39,7 @@ MIN_NODES_PER_JOB = 64          # open nodes a worker gets at least: a tree with
 OPENING_SLICE_S = 0.05          # in slices of this long
 PUBLISH_EVERY_S = 0.5           # how often a worker publishes its proven bound
 POLL_S = 0.2                    # how often the parent looks for plans found and tells progress
+FREE_S_PER_NODE = 2e-6          # what freeing an open node takes (measured: 434k nodes, 0.8 s)
 EXIT_GRACE_S = 30.0             # past the time limit, how long a worker may take to report before it counts as lost
 
 
@@ -119,6 +120,9 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
     n = tree.p.n_samples
     before = tree.result()
     dealt = sorted(tree.open)
+    # the workers stop in time for this process to free its open nodes after them (freed while they run, each
+    # page the workers share would be copied first); dealing them out counts too (434k nodes: 0.7 s, 0.8 s to free)
+    stop_at = t0 + time_limit_s - FREE_S_PER_NODE * len(dealt)
     share = Share(tree.incumbent_total(), tree.proven_total(), jobs, n)
     told_at = time.monotonic()
 
@@ -133,7 +137,7 @@ def _run_forked(tree: Tree, time_limit_s: float, jobs: int, progress: Optional[P
     def work(k: int) -> BnbResult:
         share.worker = k
         tree.work_on(dealt[k::jobs], share, jobs)
-        return tree.run(time_limit_s)
+        return tree.run(max(0.0, stop_at - time.perf_counter()))
 
     results = _forked(work, jobs, time_limit_s, "bnb", "branch-and-bound", "each worker holds its own open nodes",
                       meanwhile)

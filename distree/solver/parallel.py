@@ -152,8 +152,32 @@ def kicks_on_cores(p: Problem, start: Candidate, time_limit_s: float, jobs: int)
     _check_jobs(jobs)
     if jobs == 1 or time_limit_s <= 0:
         return iterated_local_search(p, start, time_limit_s=time_limit_s)
-    found = _forked(lambda k: iterated_local_search(p, start, time_limit_s=time_limit_s, seed=k), jobs,
-                    time_limit_s, "kicks", "local-search", "each worker holds its own search state", None)
+    return _kicks(p, start, time_limit_s, jobs, None)
+
+
+def kicks_beside(p: Problem, start: Candidate, time_limit_s: float, jobs: int, here: Callable[[], Any]
+                 ) -> tuple[Candidate, Any]:
+    """Kicks from ``start`` in ``jobs`` - 1 forked workers (seeds 0 .. jobs - 2; the best plan, as
+    :func:`kicks_on_cores` gives it) while ``here()`` runs in this process, for ``jobs`` >= 2. A solve grows its
+    best-first tree here meanwhile: on a trained ResNet-110 the kicks found nothing after the dives, and the tree's
+    3 s more on a core took a 10 s solve from 13.1% to 11.0-11.3%."""
+    _check_jobs(jobs)
+    if jobs < 2:
+        raise ValueError(f"kicks beside other work need 2 or more jobs, got {jobs}")
+    done: list = []
+
+    def meanwhile() -> None:
+        if not done:
+            done.append(here())
+
+    return _kicks(p, start, time_limit_s, jobs - 1, meanwhile), done[0]
+
+
+def _kicks(p: Problem, start: Candidate, time_limit_s: float, workers: int,
+           meanwhile: Optional[Callable[[], None]]) -> Candidate:
+    """Seeds 0 .. workers - 1 in forked workers; the best plan, the lowest seed's among equals."""
+    found = _forked(lambda k: iterated_local_search(p, start, time_limit_s=time_limit_s, seed=k), workers,
+                    time_limit_s, "kicks", "local-search", "each worker holds its own search state", meanwhile)
     return min(found, key=lambda c: c.expected_ms)
 
 

@@ -18,9 +18,9 @@ from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, Tree, branch_and
 from distree.solver.bounds import BoundTables, bound_tables, widest_window, widest_window_bound, window_prefix_bound
 from distree.solver.classes import PlacementClasses, placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
-from distree.solver.heuristic import Candidate, iterated_local_search, local_search, no_exit_plan
+from distree.solver.heuristic import Candidate, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
-from distree.solver.parallel import kicks_on_cores, run_tree, side_by_side, usable_cores
+from distree.solver.parallel import kicks_beside, kicks_on_cores, run_tree, side_by_side, usable_cores
 from distree.solver.plan import WITHIN_GAP, ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, check_constraints
 from distree.targets.spec import Topology
@@ -161,9 +161,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         else:       # the best-first tree follows: it grows here while one core kicks
             if forest is None:
                 forest = Tree(p, tree.best, best_first=True, tables=tables, prefix=wide, rel_gap=gap)
-            start = tree.best
-            kicked, _ = side_by_side(lambda: iterated_local_search(p, start, time_limit_s=kicks_s),
-                                     lambda: forest.run(kicks_s), kicks_s, jobs)
+            kicked, _ = kicks_beside(p, tree.best, kicks_s, jobs, lambda: forest.run(kicks_s))
             forest.offer(kicked)
             tree = dataclasses.replace(tree, best=forest.best)
     if not tree.complete and not run_milp and not constraints.dump_lp:

@@ -889,6 +889,19 @@ def _relaxed_most_right(problem, depth, alive, with_spoils=True):
     return int(final.sum()) + int((covered.sum(1) - (taken & hitting).any(2).sum(1)).max())
 
 
+def _hard_scores(seed: int, n: int, exits: int, levels: int, hard_share: float, easy_right: float):
+    """Random scores (passed levels, right at each exit, right at the final classifier) where a hard share of the
+    samples passes only the lowest level, is right at an exit by chance and half the time wrong at the final
+    classifier; the others pass any level and are right at an exit with probability ``easy_right``."""
+    rng = np.random.default_rng(seed)
+    hard = rng.random(n) < hard_share
+    final = ~(hard & (rng.random(n) < 0.5))
+    correct = np.where(hard[:, None], rng.random((n, exits)) < 0.5, rng.random((n, exits)) < easy_right)
+    passed = np.where(hard[:, None], rng.integers(0, 2, (n, exits)),
+                      rng.integers(0, levels + 1, (n, exits))).astype(np.int64)
+    return passed, correct, final
+
+
 def test_the_recovery_search_finds_the_exact_optimum_of_its_relaxation():
     """kernels.recovery_search, given search nodes enough, answers 1 for exactly the right answers its relaxation
     reaches (enumerated independently, every completion): at every prefix of random scores with a hard 40% of the
@@ -900,13 +913,8 @@ def test_the_recovery_search_finds_the_exact_optimum_of_its_relaxation():
     from distree.solver.kernels import recovery_search, right_exits
     checked = spoiled = 0
     for seed in range(12):
-        rng = np.random.default_rng(seed)
         n, exits, levels = 80, 6, 2
-        hard = rng.random(n) < 0.4
-        final = ~(hard & (rng.random(n) < 0.5))
-        correct = np.where(hard[:, None], rng.random((n, exits)) < 0.5, rng.random((n, exits)) < 0.95)
-        passed = np.where(hard[:, None], rng.integers(0, 2, (n, exits)),
-                          rng.integers(0, levels + 1, (n, exits))).astype(np.int64)
+        passed, correct, final = _hard_scores(seed, n, exits, levels, hard_share=0.4, easy_right=0.95)
         scores = SimpleNamespace(passed_level=passed, correct_exit=correct, correct_final=final,
                                  n_levels=np.full(exits, levels), n_exits=exits, n_samples=n)
         columns = (passed, correct, final, levels, *right_exits(passed, correct))
@@ -928,13 +936,8 @@ def test_the_recovery_search_answers_unknown_when_its_budget_runs_out():
     from distree.solver.kernels import reachable_right, recovery_search, right_exits
     proven = unsettled = 0
     for seed in range(12):
-        rng = np.random.default_rng(seed)
         n, exits, levels = 400, 16, 4
-        hard = rng.random(n) < 0.3
-        final = ~(hard & (rng.random(n) < 0.5))
-        correct = np.where(hard[:, None], rng.random((n, exits)) < 0.5, rng.random((n, exits)) < 0.97)
-        passed = np.where(hard[:, None], rng.integers(0, 2, (n, exits)),
-                          rng.integers(0, levels + 1, (n, exits))).astype(np.int64)
+        passed, correct, final = _hard_scores(seed, n, exits, levels, hard_share=0.3, easy_right=0.97)
         columns = (passed, correct, final, levels, *right_exits(passed, correct))
         packed = np.packbits(np.ones(n, dtype=bool))
         reach = reachable_right(packed, 0, *columns)
@@ -1487,11 +1490,11 @@ def test_a_solve_on_two_cores_grows_its_tree_while_one_core_kicks(monkeypatch, t
         assert plan.expected_latency_ms <= min(ms for _, _, _, ms in kicked) * (1 + 1e-9), jobs
         for pid, began, ended, _ in kicked:
             beside = [max(0.0, min(ended, r_end) - max(began, r_began)) for _, r_began, r_end in runs]
-            if jobs > 1:
+            if jobs > 1:        # a tree run here while the kicks ran (before, a tree ran only after them)
                 assert pid != os.getpid() and all(r_pid == os.getpid() for r_pid, _, _ in runs)
-                assert max(beside) >= 0.8 * (ended - began), (jobs, beside, ended - began)
+                assert max(beside) > 0, (jobs, beside, ended - began)
             else:
-                assert pid == os.getpid() and max(beside) < 0.05, beside
+                assert pid == os.getpid() and max(beside) == 0, beside
 
 
 def test_forked_work_returns_as_soon_as_the_last_worker_reports(monkeypatch):

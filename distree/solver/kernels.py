@@ -730,14 +730,14 @@ def recovery_search(packed, depth, passed, correct, final, max_level, right_star
     recovered); nothing else moves. So the right answers are at most (right at the final classifier) +
     |covered - spoiled| - |hit|, and the exits' order no longer matters. Spoils raised a trained ResNet-110's
     20 s tree from 1.648 to 1.694 ms: most levels an exit is probed at (:func:`narrow_levels`) spoil recoveries
-    the count of the others relied on. :func:`reachable_right` bounds this without a search (recovering a set loses at least the
-    largest of its members' losses) and lets a trained ResNet-110's lowest open nodes net 23-41 where this
-    relaxation allows 5-14 (HiGHS, exactly) and they need 16-37. Covered and hit sets are bit sets; a greedy pass
-    first settles the nodes it can reach at once; the search then decides next the exit most of the count's
-    cheapest recoveries rely on (of 269 such nodes, 203 proven within 1,000 search nodes where chain order proves
-    171), tries an exit's level only where it covers someone new that the next level up does not (a higher level
-    hits no more), leaves exits that cover no one off, and stops a branch where :func:`_net_gain` says it cannot
-    reach ``need``."""
+    the count of the others relied on. :func:`reachable_right` bounds this without a search (recovering a set
+    loses at least the largest of its members' losses) and lets a trained ResNet-110's lowest open nodes net
+    23-41 where this relaxation allows 5-14 (HiGHS, exactly) and they need 16-37. Covered, spoiled and hit sets
+    are bit sets; a greedy pass first settles the nodes it can reach at once; the search then decides next the
+    exit most of the count's cheapest recoveries rely on (of 269 such nodes, 203 proven within 1,000 search nodes
+    where chain order proves 171), tries an exit's level only where it covers someone new that the next level up
+    does not (a higher level hits and spoils no more), leaves exits that cover no one off, and stops a branch
+    where :func:`_net_gain` says it cannot reach ``need``."""
     n_exits = passed.shape[1]
     lo, hi = np.ones(n_exits, dtype=np.int8), np.full(n_exits, max_level, dtype=np.int8)
     return narrow_levels(packed, depth, passed, correct, final, max_level, right_start, right_exit, right_level, need,
@@ -775,8 +775,9 @@ def narrow_levels(packed, depth, passed, correct, final, max_level, right_start,
                     level = lo[k] if end == 0 else hi[k]
                     if _count(hits[k - depth, level]) == 0:
                         break              # it loses no one: seldom ruled out, and not worth a probe (see above)
-                    if _search_recoveries(covers, spoils, hits, useful, rec, n_lossy, right_start, right_exit, right_level,
-                                          depth, lo, hi, max_level, want, probe_budget, k - depth, level):
+                    if _search_recoveries(covers, spoils, hits, useful, rec, n_lossy, right_start, right_exit,
+                                          right_level, depth, lo, hi, max_level, want, probe_budget, k - depth,
+                                          level):
                         break
                     if end == 0:
                         lo[k] = level + 1

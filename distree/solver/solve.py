@@ -158,7 +158,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
                    t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter())
         if run_milp or jobs == 1:
             tree = dataclasses.replace(tree, best=kicks_on_cores(p, tree.best, kicks_s, jobs))
-        else:       # the best-first tree follows: it grows here while one core kicks
+        else:       # the best-first tree follows: it grows here while the other cores kick
             if forest is None:
                 forest = Tree(p, tree.best, best_first=True, tables=tables, prefix=wide, rel_gap=gap)
             kicked, _ = kicks_beside(p, tree.best, kicks_s, jobs, lambda: forest.run(kicks_s))

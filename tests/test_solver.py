@@ -1497,6 +1497,34 @@ def test_a_solve_on_two_cores_grows_its_tree_while_one_core_kicks(monkeypatch, t
                 assert pid == os.getpid() and max(beside) == 0, beside
 
 
+def test_the_tree_beside_the_kicks_goes_on_to_every_core_once_they_end(monkeypatch):
+    """Kicks that stall early (here: at once, as after 100 fruitless kicks) hand their core back: the tree beside
+    them stops within a slice and goes on in forked workers on both cores, long before the kicks' share of the
+    limit (here half of it) is over: it used to grow on one core for all of it."""
+    import time
+    solve_module = importlib.import_module("distree.solver.solve")
+    case = synthetic_case(55, 54, 8, 3, 300, seed=1, exit_every=True)
+    spans, forked = [], []
+    real_beside, real_forked = solve_module.kicks_beside, parallel._run_forked
+
+    def beside(p, start, time_limit_s, jobs, step):
+        began = time.perf_counter()
+        found = real_beside(p, start, time_limit_s, jobs, step)
+        spans.append((time_limit_s, time.perf_counter() - began))
+        return found
+
+    monkeypatch.setattr(parallel, "iterated_local_search", lambda p, start, **kwargs: start)
+    monkeypatch.setattr(solve_module, "kicks_beside", beside)
+    monkeypatch.setattr(solve_module, "CLASS_KICKS_SHARE", 0.5)        # this case's route: placement classes
+    monkeypatch.setattr(parallel, "_run_forked", lambda *a: forked.append(a[1]) or real_forked(*a))
+    plan = solve(case.chain, case.calibration, case.profile, case.topology,
+                 Constraints(accuracy_drop=0.01, time_limit_s=8.0, jobs=2))
+    [(share, took)] = spans
+    assert share > 3.0 and took < solve_module.TREE_SLICE_S + 0.5, (share, took)
+    assert len(forked) == 1 and forked[0] > share, (forked, share)     # the forked tree got the kicks' time
+    assert plan.bound_ms is not None and plan.expected_latency_ms > 0
+
+
 def test_forked_work_returns_as_soon_as_the_last_worker_reports(monkeypatch):
     """Once every worker has reported, the parent does not wait out another poll: it used to wait on an empty list
     of pipes, which sleeps POLL_S (0.2 s past the time limit at each forked phase of a solve: kicks, then tree)."""

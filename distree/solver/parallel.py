@@ -155,26 +155,23 @@ def kicks_on_cores(p: Problem, start: Candidate, time_limit_s: float, jobs: int)
     return _kicks(p, start, time_limit_s, jobs, None)
 
 
-def kicks_beside(p: Problem, start: Candidate, time_limit_s: float, jobs: int, here: Callable[[], Any]
-                 ) -> tuple[Candidate, Any]:
+def kicks_beside(p: Problem, start: Candidate, time_limit_s: float, jobs: int, step: Callable[[], bool]
+                 ) -> Candidate:
     """Kicks from ``start`` in ``jobs`` - 1 forked workers (seeds 0 .. jobs - 2; the best plan, as
-    :func:`kicks_on_cores` gives it) while ``here()`` runs in this process, for ``jobs`` >= 2. A solve grows its
-    best-first tree here meanwhile: on a trained ResNet-110 the kicks found nothing after the dives, and the tree's
-    3 s more on a core took a 10 s solve from 13.1% to 11.0-11.3%."""
+    :func:`kicks_on_cores` gives it), for ``jobs`` >= 2, while this process calls ``step()`` again and again, a
+    short slice of work each (until it returns False). A solve grows its best-first tree here meanwhile: on a
+    trained ResNet-110 the kicks found nothing after the dives, and the tree's 3 s more on a core took a 10 s solve
+    from 13.1% to 11.0-11.3%. In slices, the tree goes on to every core as soon as the kicks end: they stop after
+    100 kicks in a row without a gain, 4.3 s into that instance's 18 s share of a 60 s solve, whose tree then grew
+    on one core for the rest of it (4.03% -> 3.51%)."""
     _check_jobs(jobs)
     if jobs < 2:
         raise ValueError(f"kicks beside other work need 2 or more jobs, got {jobs}")
-    done: list = []
-
-    def meanwhile() -> None:
-        if not done:
-            done.append(here())
-
-    return _kicks(p, start, time_limit_s, jobs - 1, meanwhile), done[0]
+    return _kicks(p, start, time_limit_s, jobs - 1, step)
 
 
 def _kicks(p: Problem, start: Candidate, time_limit_s: float, workers: int,
-           meanwhile: Optional[Callable[[], None]]) -> Candidate:
+           meanwhile: Optional[Callable[[], Optional[bool]]]) -> Candidate:
     """Seeds 0 .. workers - 1 in forked workers; the best plan, the lowest seed's among equals."""
     found = _forked(lambda k: iterated_local_search(p, start, time_limit_s=time_limit_s, seed=k), workers,
                     time_limit_s, "kicks", "local-search", "each worker holds its own search state", meanwhile)
@@ -201,10 +198,10 @@ def side_by_side(there: Callable[[], Any], here: Callable[[], Any], time_limit_s
 
 
 def _forked(work: Callable[[int], Any], jobs: int, time_limit_s: float, name: str, what: str, memory: str,
-            meanwhile: Optional[Callable[[], None]]) -> list:
+            meanwhile: Optional[Callable[[], Optional[bool]]]) -> list:
     """``work(k)`` for k = 0 .. jobs - 1, each in a forked process named distree-``name``-k (it inherits
-    everything; only its result is sent back); their results in order of k. ``meanwhile`` runs every POLL_S while
-    they work. A worker that dies before reporting is a DistreeError naming what to do (``what`` and ``memory``
+    everything; only its result is sent back); their results in order of k. ``meanwhile`` runs while they work:
+    again at once while it returns True (it then keeps each call short), else every POLL_S. A worker that dies before reporting is a DistreeError naming what to do (``what`` and ``memory``
     word it)."""
     ctx = multiprocessing.get_context("fork")
     sys.stdout.flush()          # else a worker's exit flushes a copy of what this process had buffered
@@ -234,13 +231,12 @@ def _forked(work: Callable[[int], Any], jobs: int, time_limit_s: float, name: st
                     raise DistreeError(f"{what} worker {workers[k].name} died, exit code {code}{why}, before "
                                        f"reporting; run with fewer --jobs ({memory}), or --jobs 1 to see whether "
                                        f"it fails alone") from None
-            if meanwhile is not None:
-                meanwhile()
+            busy = meanwhile is not None and meanwhile()
             if time.monotonic() > give_up:
                 raise RuntimeError(f"{what} workers did not report within {EXIT_GRACE_S:g} s after the time limit")
             waiting = [p for k, p in enumerate(pipes) if k not in results]
             if waiting:     # waiting on none would sleep POLL_S after the last result (0.2 s past every --time-limit)
-                multiprocessing.connection.wait(waiting, timeout=POLL_S)
+                multiprocessing.connection.wait(waiting, timeout=0.0 if busy else POLL_S)
     finally:
         for worker in workers:
             if worker.is_alive():

@@ -65,10 +65,15 @@ WIDEN_MIN_SHARE = 0.95
 CLASS_SHARE = 0.1
 CLASS_TRIAL_SHARE = 0.05
 DIVES_SHARE = 0.08             # then dives (bnb.Tree.dive) from that tree's open nodes, before the kicks
-CLASS_KICKS_SHARE = 0.3       # then kicks, for this share at most: the classes' bound keeps rising with the tree's
+CLASS_KICKS_SHARE = 0.1       # then kicks, for this share at most: the classes' bound keeps rising with the tree's
 #                               time. Measured (10 s, a trained ResNet-110, 3 devices): 0.1 -> plan 1.789 ms, gap
 #                               20.5%; 0.3 -> 1.711, 17.7%; 0.5 -> 1.711, 19.3%. The 22 trained exits' kicks stall
-#                               (100 kicks without a gain) within either share: proven as fast
+#                               (100 kicks without a gain) within either share: proven as fast. Since the dives
+#                               find that plan (1.872 ms on the files rebuilt in the twenty-ninth session) and the
+#                               tree grows beside the kicks: 0.05 / 0.1 / 0.2 / 0.3 -> 10.20-10.30% / 10.33-10.66% /
+#                               10.49-10.61% / 10.79-11.14% (3-4 solves each, interleaved); 0.1 keeps a second
+#                               or more for instances whose dives miss
+TREE_SLICE_S = 0.2            # the best-first tree's slices beside the kicks (it goes on to every core when they end)
 REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this level unless --confidence says
 
 
@@ -161,8 +166,13 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         else:       # the best-first tree follows: it grows here while the other cores kick
             if forest is None:
                 forest = Tree(p, tree.best, best_first=True, tables=tables, prefix=wide, rel_gap=gap)
-            kicked, _ = kicks_beside(p, tree.best, kicks_s, jobs, lambda: forest.run(kicks_s))
-            forest.offer(kicked)
+            kicks_end = time.perf_counter() + kicks_s
+
+            def grow() -> bool:         # a slice of tree, none past the kicks' end
+                left = kicks_end - time.perf_counter()
+                return left > 0 and not forest.run(min(TREE_SLICE_S, left)).complete
+
+            forest.offer(kicks_beside(p, tree.best, kicks_s, jobs, grow))
             tree = dataclasses.replace(tree, best=forest.best)
     if not tree.complete and not run_milp and not constraints.dump_lp:
         probe_bound = tree.bound                          # valid whatever incumbent the probe had

@@ -1455,7 +1455,7 @@ def test_kicks_on_cores_are_the_best_of_one_seed_a_core(monkeypatch):
 
 def test_a_solve_on_two_cores_grows_its_tree_while_one_core_kicks(monkeypatch, tmp_path):
     """Where the best-first tree follows the kicks, a solve on N >= 2 cores kicks in N - 1 forked workers (seeds
-    0 .. N - 2) while the same tree grows in this process for that time, and the best kicked plan is the tree's
+    0 .. N - 2) while the same tree grows in this process as they run, and the best kicked plan is the tree's
     from then on; on one core the kicks run here with nothing beside them."""
     import time
     case = synthetic_case(55, 54, 8, 3, 300, seed=1, exit_every=True)

@@ -163,7 +163,7 @@ def kicks_beside(p: Problem, start: Candidate, time_limit_s: float, jobs: int, s
     trained ResNet-110 the kicks found nothing after the dives, and the tree's 3 s more on a core took a 10 s solve
     from 13.1% to 11.0-11.3%. In slices, the tree goes on to every core as soon as the kicks end: they stop after
     100 kicks in a row without a gain, 4.3 s into that instance's 18 s share of a 60 s solve, whose tree then grew
-    on one core for the rest of it (4.03% -> 3.51%)."""
+    on one core for the rest of it (4.03% -> 3.60%)."""
     _check_jobs(jobs)
     if jobs < 2:
         raise ValueError(f"kicks beside other work need 2 or more jobs, got {jobs}")
@@ -201,8 +201,8 @@ def _forked(work: Callable[[int], Any], jobs: int, time_limit_s: float, name: st
             meanwhile: Optional[Callable[[], Optional[bool]]]) -> list:
     """``work(k)`` for k = 0 .. jobs - 1, each in a forked process named distree-``name``-k (it inherits
     everything; only its result is sent back); their results in order of k. ``meanwhile`` runs while they work:
-    again at once while it returns True (it then keeps each call short), else every POLL_S. A worker that dies before reporting is a DistreeError naming what to do (``what`` and ``memory``
-    word it)."""
+    again at once while it returns True (it then keeps each call short), else every POLL_S. A worker that dies
+    before reporting is a DistreeError naming what to do (``what`` and ``memory`` word it)."""
     ctx = multiprocessing.get_context("fork")
     sys.stdout.flush()          # else a worker's exit flushes a copy of what this process had buffered
     sys.stderr.flush()

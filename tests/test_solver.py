@@ -813,6 +813,33 @@ def _prefixes_and_their_best_accuracy(problem):
             yield depth, ~gone, fixed_right, most
 
 
+def test_bit_sets_give_the_survivors_and_the_samples_gone_that_a_walk_over_the_samples_gives():
+    """Children's survivors and the samples gone by each exit (for twins) come from bit sets of the samples
+    passing each level (kernels.passing_sets); replayed sample by sample on random prefixes, including levels
+    that take no one and exits off."""
+    from distree.solver.kernels import gone_by, nested_survivors, passing_sets
+    rng = np.random.default_rng(7)
+    for n in (1, 7, 8, 9, 64, 203):
+        n_exits, max_level = 6, 4
+        passed = rng.integers(0, max_level + 1, size=(n, n_exits))
+        passing = passing_sets(passed, max_level)
+        for _ in range(20):
+            levels = rng.integers(0, max_level + 1, size=n_exits) * (rng.random(n_exits) < 0.6)
+            left = np.full(n, n_exits)                    # the exit each sample leaves at (n_exits: none)
+            for i in range(n):
+                taken = np.nonzero((levels > 0) & (passed[i] >= levels))[0]
+                left[i] = taken[0] if len(taken) else n_exits
+            expected = np.array([(left <= j).sum() for j in range(n_exits)])
+            assert np.array_equal(gone_by(passing, levels.astype(np.int64)), expected), (n, levels)
+            depth = int(rng.integers(0, n_exits))
+            alive = left >= depth                         # the survivors of the first ``depth`` exits
+            cuts = np.array(sorted(set(rng.integers(0, max_level + 2, size=4).tolist())), dtype=np.int64)
+            kids = nested_survivors(np.packbits(alive), passing[depth], cuts)
+            for c, cut in enumerate(cuts):
+                assert np.array_equal(np.unpackbits(kids[c])[:n].astype(bool), alive & (passed[:, depth] < cut))
+                assert not np.unpackbits(kids[c])[n:].any()   # the padding stays clear
+
+
 def test_reachable_right_answers_never_fall_below_the_best_completion():
     """kernels.reachable_right (the tree drops a node whose decided right answers plus it miss K): for every
     prefix of levels of random instances, and of correlated ones with more exits where recovering costs losses,

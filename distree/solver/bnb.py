@@ -42,7 +42,8 @@ from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, local_search, place
 from distree.solver.kernels import (children_bounds, gone_by, narrow_levels, narrowed_window, nested_bounds,
-                                    pack_nested, reachable_right, recovery_search, right_exits, survivor_sum,
+                                    nested_survivors, passing_sets, reachable_right, recovery_search, right_exits,
+                                    survivor_sum,
                                     upgrade_order)
 from distree.solver.problem import Constraints, Problem, build_problem
 
@@ -144,12 +145,14 @@ class _Node(NamedTuple):                # a tuple: made ~500,000 times a minute 
 def _columns(p: Problem) -> tuple[np.ndarray, ...]:
     """Per exit (or depth) the samples' levels passed, right answers and first chances, each a contiguous row for
     the kernels, an all-zero key (one set: everyone below cut 1), and per sample its levels passed and right
-    answers at each exit and at the final classifier, and its right exits (:func:`~distree.solver.kernels.right_exits`),
+    answers at each exit and at the final classifier, the bit sets passing each level at each exit
+    (:func:`~distree.solver.kernels.passing_sets`), and its right exits (:func:`~distree.solver.kernels.right_exits`),
     for :meth:`_Search.narrow`; one copy for all of a problem's searches (a search per placement class)."""
     return (np.ascontiguousarray(p.passed_level.T), np.ascontiguousarray(p.correct_exit.T.astype(float)),
             np.ascontiguousarray(first_chances(p).T), np.zeros(p.n_samples, dtype=np.int64),
             np.ascontiguousarray(p.passed_level), np.ascontiguousarray(p.correct_exit),
-            np.ascontiguousarray(p.correct_final), *right_exits(p.passed_level, p.correct_exit))
+            np.ascontiguousarray(p.correct_final), passing_sets(p.passed_level, int(p.n_levels.max(initial=0))),
+            *right_exits(p.passed_level, p.correct_exit))
 
 
 class _Search:
@@ -168,7 +171,7 @@ class _Search:
         self.lam = self.tables.lam
         self.order = upgrade_order(self.after, self.after_right)      # [E + 2, N] for the free choice
         (self.passed_by_exit, self.correct_by_exit, self.chance_by_depth, self.no_key, self.passed_by_sample,
-         self.correct_by_sample, self.final, *self.right_exits) = _columns(p)
+         self.correct_by_sample, self.final, self.passing, *self.right_exits) = _columns(p)
         self.max_level = int(p.n_levels.max(initial=0))
         self.all_levels = np.stack([np.ones(p.n_exits, dtype=np.int8), p.n_levels.astype(np.int8)])
         self.best = incumbent
@@ -203,7 +206,7 @@ class _Search:
         cuts, fixed_ms, fixed_right, heads_ms = np.array([1]), np.array([fixed_ms]), np.array([fixed_right]), \
             np.array([heads_ms])
         bound = self._bound(depth, packed, fixed_ms, fixed_right, heads_ms, self.lam)
-        return self._make(depth, [levels], packed, self.no_key, cuts, fixed_ms, fixed_right, heads_ms, bound, wide,
+        return self._make(depth, [levels], packed, None, cuts, fixed_ms, fixed_right, heads_ms, bound, wide,
                           parent)
 
     def _bound(self, depth, packed, fixed_ms, fixed_right, heads_ms, lam) -> np.ndarray:
@@ -219,9 +222,11 @@ class _Search:
         return float(self._bound(node.depth, node.packed, np.array([node.fixed_ms]), np.array([node.fixed_right]),
                                  np.array([node.heads_ms]), factor * self.tables.lam)[0])
 
-    def _make(self, depth, levels, packed, key, cuts, fixed_ms, fixed_right, heads_ms, bound,
+    def _make(self, depth, levels, packed, passing, cuts, fixed_ms, fixed_right, heads_ms, bound,
               wide: WideChildren | None, parent: _Node | None = None) -> list[_Node]:
-        """The nodes at ``depth`` whose survivors are {i in ``packed``: key[i] < cuts[c]}, with their ``bound``
+        """The nodes at ``depth`` whose survivors are those of ``packed`` passing below cuts[c] at the exit just
+        decided (``passing``: its rows of :func:`~distree.solver.kernels.passing_sets`; None: one node, all of
+        ``packed``), with their ``bound``
         (:mod:`~distree.solver.kernels`: the free choice and the width-1 window), or the root's wide window
         along their levels (``wide``, :class:`~distree.solver.bounds.PrefixBound`) when higher; only those that
         can still beat the incumbent. A ``parent``'s bound holds for each of them too (it bounds every completion
@@ -238,7 +243,8 @@ class _Search:
         if p.deadline_ms is not None:      # the no-exit path already misses the deadline with these heads
             bound[self.leave[-1] + heads_ms > p.deadline_ms + 1e-9] = np.inf
         keep = np.nonzero(bound < self.cutoff())[0]
-        kept = pack_nested(packed, key, cuts[keep])
+        kept = (np.tile(packed, (len(keep), 1)) if passing is None else
+                nested_survivors(packed, passing, cuts[keep]))
         n = len(keep)
         bounds, ms, right, heads = (a[keep].tolist() for a in (bound, fixed_ms, fixed_right, heads_ms))
         carried = ([0.0] * n, [0] * n, [0.0] * n) if wide is None else \
@@ -282,8 +288,8 @@ class _Search:
             lo, hi = node.limits[:, j]      # levels are all ruled out
             upto = np.append(levels[1:] - 1, p.n_levels[j])
             bound[(levels > 0) & ((upto < lo) | (levels > hi))] = np.inf
-        return self._make(j + 1, [node.levels + (lv,) for lv in levels.tolist()], node.packed, passed, cuts,
-                          fixed_ms, fixed_right, heads_ms, bound, wide, node)
+        return self._make(j + 1, [node.levels + (lv,) for lv in levels.tolist()], node.packed, self.passing[j],
+                          cuts, fixed_ms, fixed_right, heads_ms, bound, wide, node)
 
     def narrow(self, node: _Node) -> _Node | None:
         """``node`` with the levels the accuracy bound leaves its later exits, and its bound over those, or None
@@ -339,10 +345,9 @@ class _Search:
             if twin_enabled & ~enabled or twin_right < node.fixed_right:
                 continue
             if gone is None:
-                gone = gone_by(self.passed_by_sample, np.array(node.levels, dtype=np.int64), node.packed)
-            if twin_gone is None:          # the same survivors: node's bits stand for the twin's
-                twin[1] = twin_gone = gone_by(self.passed_by_sample, np.array(twin_levels, dtype=np.int64),
-                                              node.packed)
+                gone = gone_by(self.passing, np.array(node.levels, dtype=np.int64))
+            if twin_gone is None:          # counted when first compared
+                twin[1] = twin_gone = gone_by(self.passing, np.array(twin_levels, dtype=np.int64))
             if np.all(twin_gone >= gone):
                 return twin_levels
         if known is None:
@@ -669,7 +674,7 @@ def warm_up() -> None:
             for child in search.children(node):
                 search.rebound(child, None)
                 search.narrow(child)
-                gone_by(search.passed_by_sample, np.array(child.levels, dtype=np.int64), child.packed)
+                gone_by(search.passing, np.array(child.levels, dtype=np.int64))
                 recovery_search(child.packed, child.depth, search.passed_by_sample, search.correct_by_sample,
                                 search.final, search.max_level, *search.right_exits, p.required_correct, 10)
                 narrowed_window(child.packed, child.depth, search.lam, *search.all_levels, tables.leave, tables.head,

@@ -353,17 +353,44 @@ def prefix_children(packed, key, cuts, levels, j, decided, heads_before, closes,
     return out_decided, survivors
 
 
+def passing_sets(passed: np.ndarray, max_level: int) -> np.ndarray:
+    """[E, max_level + 2, bytes]: per exit j and level l, the samples passing l or above at j, packed as
+    ``np.packbits`` (l = 0: every sample; max_level + 1: none), so that a node's children's survivors and the
+    samples gone by each exit are a few bit operations (:func:`nested_survivors`, :func:`gone_by`) instead of a
+    walk over every sample (34 and 22 us a call on a trained ResNet-110, 5,000 samples)."""
+    levels = np.arange(max_level + 2)
+    return np.packbits(passed.T[:, None, :] >= levels[None, :, None], axis=2)
+
+
 @njit(cache=True)
-def pack_nested(packed, key, cuts):
-    """[len(cuts), bytes]: the survivor set key < cut of each cut, packed as ``np.packbits``."""
-    out = np.zeros((len(cuts), len(packed)), dtype=np.uint8)
-    for i in range(len(key)):
-        if _alive(packed, i):
-            bit = np.uint8(1 << (7 - (i & 7)))
-            for c in range(len(cuts)):
-                if key[i] < cuts[c]:
-                    out[c, i >> 3] |= bit
+def nested_survivors(packed, passing, cuts):
+    """[len(cuts), bytes]: the survivors passing below each cut at one exit (``passing``: its rows of
+    :func:`passing_sets`), packed as ``np.packbits``."""
+    out = np.empty((len(cuts), len(packed)), dtype=np.uint8)
+    for c in range(len(cuts)):
+        for b in range(len(packed)):
+            out[c, b] = packed[b] & ~passing[cuts[c], b]
     return out
+
+
+_BYTE_ONES = np.array([bin(b).count("1") for b in range(256)], dtype=np.int64)
+
+
+@njit(cache=True)
+def gone_by(passing, levels):
+    """[len(levels)]: how many samples have left by each exit of a decided prefix of ``levels`` (cumulative): each
+    at the first exit whose level it passes (``passing``: :func:`passing_sets`)."""
+    taken = np.zeros(passing.shape[2], dtype=np.uint8)
+    gone = np.zeros(len(levels), dtype=np.int64)
+    total = 0
+    for j in range(len(levels)):
+        if levels[j] > 0:
+            for b in range(len(taken)):
+                new = passing[j, levels[j], b] & ~taken[b]
+                total += _BYTE_ONES[new]
+                taken[b] |= new
+        gone[j] = total
+    return gone
 
 
 def right_exits(passed: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -390,25 +417,6 @@ def _survivor_indices(packed, n):
                 out[count] = i
                 count += 1
     return out[:count]
-
-
-@njit(cache=True)
-def gone_by(passed, levels, packed):
-    """[len(levels)]: how many samples have left by each exit of a decided prefix of ``levels`` (cumulative), the
-    survivors (``packed`` bits) being the ones none of them took: each other sample at the first exit whose level
-    it passes."""
-    n, d = passed.shape[0], len(levels)
-    gone = np.zeros(d, dtype=np.int64)
-    for i in range(n):
-        if _alive(packed, i):
-            continue
-        for j in range(d):
-            if levels[j] > 0 and passed[i, j] >= levels[j]:
-                gone[j] += 1
-                break
-    for j in range(1, d):
-        gone[j] += gone[j - 1]
-    return gone
 
 
 @njit(cache=True)

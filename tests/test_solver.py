@@ -855,7 +855,7 @@ def test_reachable_right_answers_never_fall_below_the_best_completion():
         columns = bnb._columns(problem)
         for depth, alive, fixed_right, most in _prefixes_and_their_best_accuracy(problem):
             bound = reachable_right(np.packbits(alive), depth, *columns[4:7], int(problem.n_levels.max()),
-                                    *columns[7:])
+                                    *columns[-3:])
             assert fixed_right + bound >= most, (depth, fixed_right, bound, most)
             free = int((alive & (final | (correct[:, depth:] & (passed[:, depth:] >= 1)).any(1))).sum())
             assert bound <= free
@@ -882,7 +882,7 @@ def test_the_recovery_search_never_rules_out_an_accuracy_some_completion_reaches
         columns = bnb._columns(problem)
         top = int(problem.n_levels.max())
         for depth, alive, fixed_right, most in _prefixes_and_their_best_accuracy(problem):
-            node = (np.packbits(alive), depth, *columns[4:7], top, *columns[7:])
+            node = (np.packbits(alive), depth, *columns[4:7], top, *columns[-3:])
             assert recovery_search(*node, most - fixed_right, 10 ** 6)
             beyond = most - fixed_right + 1
             if reachable_right(*node) >= beyond:

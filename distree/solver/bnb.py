@@ -43,8 +43,7 @@ from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, local_search, place
 from distree.solver.kernels import (children_bounds, gone_by, narrow_levels, narrowed_window, nested_bounds,
                                     nested_survivors, passing_sets, reachable_right, recovery_search, right_exits,
-                                    survivor_sum,
-                                    upgrade_order)
+                                    survivor_sum, upgrade_order)
 from distree.solver.problem import Constraints, Problem, build_problem
 
 if TYPE_CHECKING:

@@ -147,11 +147,12 @@ def _columns(p: Problem) -> tuple[np.ndarray, ...]:
     answers at each exit and at the final classifier, the bit sets passing each level at each exit
     (:func:`~distree.solver.kernels.passing_sets`), and its right exits (:func:`~distree.solver.kernels.right_exits`),
     for :meth:`_Search.narrow`; one copy for all of a problem's searches (a search per placement class)."""
-    return (np.ascontiguousarray(p.passed_level.T), np.ascontiguousarray(p.correct_exit.T.astype(float)),
+    passed = p.passed_level.astype(np.min_scalar_type(-int(p.n_levels.max(initial=0)) - 1))
+    return (np.ascontiguousarray(passed.T), np.ascontiguousarray(p.correct_exit.T.astype(float)),
             np.ascontiguousarray(first_chances(p).T), np.zeros(p.n_samples, dtype=np.int64),
-            np.ascontiguousarray(p.passed_level), np.ascontiguousarray(p.correct_exit),
+            np.ascontiguousarray(passed), np.ascontiguousarray(p.correct_exit),
             np.ascontiguousarray(p.correct_final), passing_sets(p.passed_level, int(p.n_levels.max(initial=0))),
-            *right_exits(p.passed_level, p.correct_exit))
+            *right_exits(passed, p.correct_exit))
 
 
 class _Search:
@@ -213,7 +214,7 @@ class _Search:
         p, t = self.p, self.tables
         return nested_bounds(packed, self.no_key, np.array([1]), fixed_ms, fixed_right, heads_ms, p.required_correct,
                              depth, lam, self.chance_by_depth[depth], self.order[depth], t.leave, t.head, t.after,
-                             t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
+                             t.after_right, self.passed_by_sample, p.correct_exit, p.correct_final, p.n_levels)
 
     def bound_at(self, node: _Node, factor: float) -> float:
         """``node``'s bound (levels ruled out aside) with accuracy priced at ``factor`` times the root's best
@@ -276,7 +277,7 @@ class _Search:
         levels, cuts, fixed_ms, fixed_right, heads_ms, bound = children_bounds(
             node.packed, j, passed, self.correct_by_exit[j], node.fixed_ms, node.fixed_right, node.heads_ms,
             p.required_correct, self.lam, self.chance_by_depth[j + 1], self.order[j + 1], t.leave, t.head, t.after,
-            t.after_right, p.passed_level, p.correct_exit, p.correct_final, p.n_levels)
+            t.after_right, self.passed_by_sample, p.correct_exit, p.correct_final, p.n_levels)
         if self.prefix is not None:
             heads_before = np.concatenate([[0.0], np.cumsum(self.head_price[:j] * (np.array(node.levels) > 0))])
             wide = self.prefix.children(p, self.tables, j, node.wide_prefix, node.wide_state, node.wide_decided,

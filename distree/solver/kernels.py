@@ -96,11 +96,11 @@ def _free_finish(sums, used, packed, key, cuts, need_right, base, right, order):
     for i in order:                             # the cheapest upgrades first, for every set at once
         if open_cuts == 0:
             break
+        if not _in_sets(packed, key, i, n_keys):
+            continue                            # (first: a bit and a byte, where base and right miss the cache)
         up = right[i] - base[i]
         if not up < np.inf:
             break                               # the rest are no upgrades (the open sets need none of them)
-        if not _in_sets(packed, key, i, n_keys):
-            continue
         for c in range(len(cuts)):
             if need[c] > 0 and cost[c] < np.inf and key[i] < cuts[c]:
                 cost[c] += up
@@ -401,7 +401,7 @@ def right_exits(passed: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np
     hit = (passed >= 1) & correct
     start = np.concatenate([[0], np.cumsum(hit.sum(axis=1))]).astype(np.int64)
     rows, exits = np.nonzero(hit)                # row-major: by sample, then exit
-    return start, exits.astype(np.int64), passed[rows, exits].astype(np.int64)
+    return start, exits.astype(np.min_scalar_type(-passed.shape[1])), passed[rows, exits]
 
 
 @njit(cache=True)

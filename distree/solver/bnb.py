@@ -150,11 +150,12 @@ def _columns(p: Problem) -> tuple[np.ndarray, ...]:
     passed are int8 (right exits' indices int16 past 127): at int64 these tables were 2.2 and 3.6 MB at 5,000 x 54,
     and the kernels reading them slow down ~3x when their data is out of cache (``children_bounds`` 204 against 68
     us a node; 158 against 44 at int8)."""
-    passed = p.passed_level.astype(np.min_scalar_type(-int(p.n_levels.max(initial=0)) - 1))
+    top = int(p.n_levels.max(initial=0))
+    passed = p.passed_level.astype(np.min_scalar_type(-top - 1))
     return (np.ascontiguousarray(passed.T), np.ascontiguousarray(p.correct_exit.T.astype(float)),
             np.ascontiguousarray(first_chances(p).T), np.zeros(p.n_samples, dtype=np.int64),
             np.ascontiguousarray(passed), np.ascontiguousarray(p.correct_exit),
-            np.ascontiguousarray(p.correct_final), passing_sets(p.passed_level, int(p.n_levels.max(initial=0))),
+            np.ascontiguousarray(p.correct_final), passing_sets(passed, top),
             *right_exits(passed, p.correct_exit))
 
 

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1134,6 +1135,56 @@ def _first_stage(placement: np.ndarray) -> tuple[int, int]:
     return int(placement[0]), int(changes[0]) if len(changes) else len(placement) - 1
 
 
+def _plans_by_first_stage(problem) -> dict[tuple[int, int], dict[tuple[int, ...], float]]:
+    """Every feasible plan's total (sum over samples) by (device, last block) of its first stage and levels: the
+    cheapest placement of each class for each configuration."""
+    by_stage: dict[tuple[int, int], dict[tuple[int, ...], float]] = {}
+    for pl in all_placements(problem.n_blocks, problem.n_devices, problem.free_order):
+        for levels in all_configurations(problem.n_levels):
+            ev = evaluate(problem, levels, pl)
+            if ev.feasible:
+                own = by_stage.setdefault(_first_stage(pl), {})
+                key = tuple(int(x) for x in levels)
+                own[key] = min(own.get(key, np.inf), ev.expected_ms * problem.n_samples)
+    return by_stage
+
+
+def _best_below(by_stage, cls: StageClass, levels: tuple[int, ...]) -> float:
+    """The best plan whose placement is in ``cls`` and whose levels start with ``levels`` (inf: none)."""
+    return min((v for (d, last), own in by_stage.items() for k, v in own.items()
+                if d == cls.device and cls.first_end <= last <= cls.last_end and k[:len(levels)] == levels),
+               default=np.inf)
+
+
+def _enumerable_class_problems(seeds):
+    """(seed, problem) of the random instances on several devices small enough to enumerate every configuration
+    times every placement."""
+    for seed in seeds:
+        _, _, problem = _random_problem(seed)
+        if problem.n_exits == 0 or problem.n_devices == 1:
+            continue
+        configs = all_configurations(problem.n_levels)
+        if len(configs) * len(all_placements(problem.n_blocks, problem.n_devices, problem.free_order)) <= 3000:
+            yield seed, problem
+
+
+def _every_class_node(problem):
+    """(search, node, split) for every node a search over placement classes can create: roots, children, and a
+    node split into the classes partitioning its own (``split``: this one is); nothing pruned."""
+    classes = PlacementClasses(problem)
+    searches: dict[StageClass, _Search] = {}
+    search = lambda cls: searches.setdefault(cls, _Search(problem, None, classes.tables(cls), None, cls))  # noqa: E731
+    stack = [(cls, node) for cls in classes.roots() for node in search(cls).root()]
+    while stack:
+        cls, node = stack.pop()
+        parts = classes.split(cls, node.depth)
+        yield search(cls), node, bool(parts)
+        if parts:
+            stack.extend((part, kid) for part in parts for kid in search(part).rebound(node, None))
+        elif node.depth < problem.n_exits:
+            stack.extend((cls, kid) for kid in search(cls).children(node))
+
+
 def test_placement_class_bounds_never_exceed_the_best_plan_of_their_class():
     """Every node a search over placement classes can create (roots, children, and a node split into the classes
     partitioning its own, nothing pruned) bounds at most the best feasible plan whose placement is in the node's
@@ -1154,39 +1205,41 @@ def test_placement_class_bounds_never_exceed_the_best_plan_of_their_class():
             assert forest.best is None
         stopped = branch_and_bound(problem, None, 0.002, best_first=True, classes=PlacementClasses(problem))
         assert stopped.bound <= ref.expected_ms * (1 + 1e-9) + 1e-12, seed
-        configs = all_configurations(problem.n_levels)
-        placements = all_placements(problem.n_blocks, problem.n_devices, problem.free_order)
-        if len(configs) * len(placements) > 3000:
-            continue
-        by_stage: dict[tuple[int, int], dict[tuple[int, ...], float]] = {}    # (device, last block) -> plans
-        for pl in placements:
-            for levels in configs:
-                ev = evaluate(problem, levels, pl)
-                if ev.feasible:
-                    own = by_stage.setdefault(_first_stage(pl), {})
-                    key = tuple(int(x) for x in levels)
-                    own[key] = min(own.get(key, np.inf), ev.expected_ms * problem.n_samples)
-
-        def best_below(cls: StageClass, levels: tuple[int, ...]) -> float:
-            return min((v for (d, last), own in by_stage.items() for k, v in own.items()
-                        if d == cls.device and cls.first_end <= last <= cls.last_end
-                        and k[:len(levels)] == levels), default=np.inf)
-
-        classes = PlacementClasses(problem)
-        searches = {}
-        search = lambda cls: searches.setdefault(cls, _Search(problem, None, classes.tables(cls), None, cls))  # noqa: E731
-        stack = [(cls, node) for cls in classes.roots() for node in search(cls).root()]
-        while stack:
-            cls, node = stack.pop()
-            assert node.bound <= best_below(cls, node.levels) * (1 + 1e-9) + 1e-9, (seed, cls, node.levels)
+    for seed, problem in _enumerable_class_problems(range(120)):
+        by_stage = _plans_by_first_stage(problem)
+        for search, node, parts in _every_class_node(problem):
+            cls = search.stage_class
+            assert node.bound <= _best_below(by_stage, cls, node.levels) * (1 + 1e-9) + 1e-9, (seed, cls, node.levels)
             checked += 1
-            parts = classes.split(cls, node.depth)
-            split += bool(parts)
-            if parts:
-                stack.extend((part, kid) for part in parts for kid in search(part).rebound(node, None))
-            elif node.depth < problem.n_exits:
-                stack.extend((cls, kid) for kid in search(cls).children(node))
+            split += parts
     assert exact >= 40 and split >= 300 and checked >= 3000, (exact, split, checked)
+
+
+def test_the_tied_relaxation_of_the_node_benchmark_never_exceeds_the_best_plan_below_a_node():
+    """``benchmarks/solver_node_relaxations.py`` argues from the value of its tied relaxation (shared levels, each
+    survivor leaving only where the chosen level admits it, the order-free accuracy relaxation on the same levels)
+    that the nodes holding the ResNet-110 bound are dead; that is only so if it is a valid bound. At every node of
+    every placement class of the small random instances, solved exactly by HiGHS, it is at most the best plan
+    below the node, and above the node's own bound at hundreds of them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from solver_node_relaxations import tied_relaxation
+
+    checked = tighter = 0
+    for seed, problem in _enumerable_class_problems(range(120)):
+        by_stage = _plans_by_first_stage(problem)
+        for search, node, _ in _every_class_node(problem):
+            if node.depth == problem.n_exits:
+                continue
+            model, const = tied_relaxation(problem, search, node, search.all_levels, integer=True)
+            model.h.run()
+            status = model.h.modelStatusToString(model.h.getModelStatus())
+            assert status in ("Optimal", "Infeasible"), (seed, status)
+            value = const + model.h.getInfo().objective_function_value if status == "Optimal" else np.inf
+            best = _best_below(by_stage, search.stage_class, node.levels)
+            assert value <= best * (1 + 1e-7) + 1e-7, (seed, search.stage_class, node.levels, value, best)
+            checked += 1
+            tighter += value > node.bound * (1 + 1e-7) + 1e-7
+    assert checked >= 2500 and tighter >= 200, (checked, tighter)
 
 
 def test_a_tree_run_in_pieces_searches_as_one_run_does():

@@ -1,0 +1,202 @@
+"""What a relaxation is worth at the open nodes that hold the ResNet-110 bound (the research question of issue 6).
+
+    .venv/bin/python benchmarks/solver_node_relaxations.py [--resnet110 DIR] [--tree-s 20] [--nodes 4]
+                                                           [--milp-s 120]
+
+The trained ResNet-110 (54 exits, 8 levels, 5,000 samples, pi4 + Orin + x86 server, accuracy drop 0.01): a plan
+as a solve finds it (local search, then dives from a short best-first tree over placement classes), that tree
+for ``--tree-s`` seconds in this one process, then, for its ``--nodes`` lowest open nodes (after the tree's own
+narrowing), the **tied relaxation** solved by HiGHS:
+
+- the levels ``y[k, l]`` of the exits left are shared, one level (or off) an exit, integer;
+- each survivor leaves at one exit whose chosen level it passes, or at the final classifier, at that exit's
+  cheapest cost in the node's placement class (``x[s, k] <= sum of y[k, l] over the levels l it passes``); it
+  may pass by an exit that would take it (that is the relaxation), and the heads on its way are not charged;
+- the right answers of those choices reach the need (the free choice's count), and so does the order-free
+  accuracy relaxation of ``kernels.recovery_search`` on the same levels: right at the final classifier, plus
+  the recoverable survivors some chosen level covers and none spoils, minus the survivors some chosen level
+  surely loses ("hits"), with spoils and hits summed over an exit's levels (one level an exit).
+
+Every completion of the node gives a solution of it at most as dear as its true latency (its survivors' true
+exits are admitted, their answers counted, the order-free count holds), so its value bounds the node. Reported
+per node: the tree's bound, the LP relaxation's value, the MILP's status, dual bound, best solution, HiGHS's
+branch-and-bound nodes and seconds, against the plan. The point: the LP is as weak as the tree's bounds, while
+the integer value lies far above the plan (the nodes are dead); a bound for the tree needs that integrality
+cheaply. Prints a table and writes benchmarks/results/solver_node_relaxations.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import os
+import platform
+import time
+from pathlib import Path
+
+import highspy
+import numpy as np
+
+from distree.serde import write_json_atomic
+from distree.solver.bnb import Tree
+from distree.solver.classes import PlacementClasses
+from distree.solver.heuristic import local_search
+from distree.solver.kernels import _recovery_sets
+from distree.solver.problem import Constraints, build_problem
+from distree.targets import topology_for
+from solver_scale import RESNET110_DATA, load_case_files    # benchmarks/ is first on sys.path
+
+RESULTS = Path(__file__).parent / "results" / "solver_node_relaxations.json"
+ACCURACY_DROP = 0.01
+OPENING_S = 2.0             # best-first tree before the dives
+DIVES_S = 3.0               # dives from its open nodes: where a solve finds its plan on this case
+
+
+def _members(words: np.ndarray, count: int) -> list[int]:
+    """The indices set in a bit set of ``count`` bits (uint64 words)."""
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:count]
+    return np.nonzero(bits)[0].tolist()
+
+
+class _Model:
+    """A HiGHS model built row by row."""
+
+    def __init__(self) -> None:
+        self.h = highspy.Highs()
+        self.h.setOptionValue("output_flag", False)
+        self.columns = 0
+
+    def var(self, cost: float = 0.0, integer: bool = False) -> int:
+        self.h.addVar(0.0, 1.0)
+        if cost:
+            self.h.changeColCost(self.columns, float(cost))
+        if integer:
+            self.h.changeColIntegrality(self.columns, highspy.HighsVarType.kInteger)
+        self.columns += 1
+        return self.columns - 1
+
+    def row(self, lower: float, upper: float, columns: list[int], values: list[float]) -> None:
+        self.h.addRow(lower, upper, len(columns), np.array(columns, dtype=np.int32),
+                      np.array(values, dtype=np.float64))
+
+
+def tied_relaxation(p, search, node, limits: np.ndarray, integer: bool) -> tuple[_Model, float]:
+    """The tied relaxation of ``node`` (module docstring) and the constant its objective adds (sums over
+    samples: the node's decided cost and the heads every survivor surely evaluates)."""
+    inf = highspy.kHighsInf
+    lo, hi = limits[0].astype(np.int8), limits[1].astype(np.int8)
+    depth, n_exits = node.depth, p.n_exits
+    leave = search.tables.leave
+    survivors = np.nonzero(np.unpackbits(node.packed)[:p.n_samples])[0]
+    need = p.required_correct - node.fixed_right
+    right_now, recoverable, n_lossy, covers, spoils, hits, _ = _recovery_sets(
+        node.packed, depth, search.passed_by_sample, search.correct_by_sample, search.final, search.max_level,
+        *search.right_exits, lo, hi)
+    m = _Model()
+    levels = {k: [lv for lv in range(max(1, int(lo[k])), int(hi[k]) + 1)] for k in range(depth, n_exits)}
+    y = {(k, lv): m.var(integer=integer) for k in levels for lv in levels[k]}
+    for k, options in levels.items():
+        if options:
+            m.row(-inf, 1, [y[k, lv] for lv in options], [1.0] * len(options))
+    right = []
+    for i in survivors:
+        choices = []
+        for k in range(depth, n_exits):
+            passes = min(int(p.passed_level[i, k]), int(hi[k]))
+            admitting = [y[k, lv] for lv in levels[k] if lv <= passes]
+            if not admitting:
+                continue
+            x = m.var(leave[k])
+            m.row(-inf, 0, [x] + admitting, [1.0] + [-1.0] * len(admitting))
+            choices.append(x)
+            if p.correct_exit[i, k]:
+                right.append(x)
+        final = m.var(leave[n_exits])
+        choices.append(final)
+        if p.correct_final[i]:
+            right.append(final)
+        m.row(1, 1, choices, [1.0] * len(choices))
+    m.row(need, inf, right, [1.0] * len(right))
+    covered = [m.var() for _ in recoverable]
+    lost = [m.var() for _ in range(n_lossy)]
+    covering: dict[int, list[int]] = {a: [] for a in range(len(recoverable))}
+    spoiling: dict[tuple[int, int], list[int]] = {}
+    hitting: dict[tuple[int, int], list[int]] = {}
+    for (k, lv), v in y.items():
+        for a in _members(covers[k - depth, lv], len(recoverable)):
+            covering[a].append(v)
+        for a in _members(spoils[k - depth, lv], len(recoverable)):
+            spoiling.setdefault((a, k), []).append(v)
+        for q in _members(hits[k - depth, lv], n_lossy):
+            hitting.setdefault((q, k), []).append(v)
+    for a, vs in covering.items():
+        m.row(-inf, 0, [covered[a]] + vs, [1.0] + [-1.0] * len(vs))
+    for (a, _), vs in spoiling.items():
+        m.row(-inf, 1, [covered[a]] + vs, [1.0] * (1 + len(vs)))
+    for (q, _), vs in hitting.items():
+        m.row(0, inf, [lost[q]] + vs, [1.0] + [-1.0] * len(vs))
+    m.row(need - right_now, inf, covered + lost, [1.0] * len(covered) + [-1.0] * len(lost))
+    return m, node.fixed_ms + node.heads_ms * len(survivors)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--resnet110", type=Path, default=RESNET110_DATA, help="folder from benchmarks/resnet110_example.sh")
+    ap.add_argument("--tree-s", type=float, default=20.0, help="seconds of best-first tree before the nodes are taken")
+    ap.add_argument("--nodes", type=int, default=4, help="how many of the lowest open nodes")
+    ap.add_argument("--milp-s", type=float, default=120.0, help="HiGHS's time limit a node")
+    args = ap.parse_args()
+    chain, calibration, profile, devices = load_case_files(args.resnet110)
+    p, _ = build_problem(chain, calibration, profile, topology_for(devices[:3]),
+                         Constraints(accuracy_drop=ACCURACY_DROP))
+    n = p.n_samples
+    t0 = time.perf_counter()
+    tree = Tree(p, local_search(p, time_limit_s=10.0), best_first=True, classes=PlacementClasses(p))
+    tree.run(OPENING_S)
+    tree.dive(DIVES_S)
+    plan_ms = tree.best.expected_ms
+    result = tree.run(args.tree_s)
+    print(f"plan {plan_ms:.4f} ms; tree bound {result.bound:.4f} after {result.nodes} nodes "
+          f"({time.perf_counter() - t0:.0f} s), {len(tree.open)} open")
+    rows = []
+    header = (f"{'bound':>7} {'depth':>5} {'class':>7} {'surv':>5} {'LP':>7} {'MILP':>10} {'dual':>7} {'primal':>7} "
+              f"{'nodes':>6} {'s':>6}")
+    print(header)
+    for bound, _, i, node in heapq.nsmallest(50 * args.nodes, tree.open):
+        if len(rows) == args.nodes:
+            break
+        search = tree.searches[i]
+        narrowed = search.narrow(node)
+        if narrowed is None:
+            continue
+        limits = search.all_levels if narrowed.limits is None else narrowed.limits
+        lp, const = tied_relaxation(p, search, narrowed, limits, integer=False)
+        lp.h.run()
+        lp_ms = (const + lp.h.getInfo().objective_function_value) / n
+        milp, _ = tied_relaxation(p, search, narrowed, limits, integer=True)
+        milp.h.setOptionValue("time_limit", args.milp_s)
+        t1 = time.perf_counter()
+        milp.h.run()
+        info = milp.h.getInfo()
+        row = {"bound_ms": narrowed.bound / n, "depth": node.depth,
+               "stage_class": f"{p.devices[search.stage_class.device]} ends {search.stage_class.first_end}-"
+                              f"{search.stage_class.last_end}",
+               "survivors": int(np.unpackbits(node.packed)[:n].sum()), "lp_ms": lp_ms,
+               "milp_status": milp.h.modelStatusToString(milp.h.getModelStatus()),
+               "milp_dual_ms": (const + info.mip_dual_bound) / n,
+               "milp_primal_ms": (const + info.objective_function_value) / n,
+               "milp_nodes": int(info.mip_node_count), "milp_s": time.perf_counter() - t1}
+        rows.append(row)
+        print(f"{row['bound_ms']:7.4f} {row['depth']:5d} {search.stage_class.first_end:3d}-"
+              f"{search.stage_class.last_end:<3d} {row['survivors']:5d} {lp_ms:7.4f} {row['milp_status'][:10]:>10} "
+              f"{row['milp_dual_ms']:7.4f} {row['milp_primal_ms']:7.4f} {row['milp_nodes']:6d} "
+              f"{row['milp_s']:6.1f}", flush=True)
+    write_json_atomic(RESULTS, {"machine": f"{platform.machine()} ({len(os.sched_getaffinity(0))} cores)",
+                                "case": "resnet110-trained-3dev", "accuracy_drop": ACCURACY_DROP,
+                                "plan_ms": plan_ms, "tree_s": args.tree_s, "tree_bound_ms": result.bound,
+                                "tree_nodes": result.nodes, "milp_time_limit_s": args.milp_s, "rows": rows})
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1215,13 +1215,13 @@ def test_placement_class_bounds_never_exceed_the_best_plan_of_their_class():
     assert exact >= 40 and split >= 300 and checked >= 3000, (exact, split, checked)
 
 
-def test_the_tied_relaxation_of_the_node_benchmark_never_exceeds_the_best_plan_below_a_node():
+def test_the_tied_relaxation_of_the_node_benchmark_never_exceeds_the_best_plan_below_a_node(monkeypatch):
     """``benchmarks/solver_node_relaxations.py`` argues from the value of its tied relaxation (shared levels, each
     survivor leaving only where the chosen level admits it, the order-free accuracy relaxation on the same levels)
     that the nodes holding the ResNet-110 bound are dead; that is only so if it is a valid bound. At every node of
     every placement class of the small random instances, solved exactly by HiGHS, it is at most the best plan
     below the node, and above the node's own bound at hundreds of them."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from solver_node_relaxations import tied_relaxation
 
     checked = tighter = 0
@@ -1230,7 +1230,7 @@ def test_the_tied_relaxation_of_the_node_benchmark_never_exceeds_the_best_plan_b
         for search, node, _ in _every_class_node(problem):
             if node.depth == problem.n_exits:
                 continue
-            model, const = tied_relaxation(problem, search, node, search.all_levels, integer=True)
+            model, const = tied_relaxation(problem, search, node, search.all_levels)
             model.h.run()
             status = model.h.modelStatusToString(model.h.getModelStatus())
             assert status in ("Optimal", "Infeasible"), (seed, status)

@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--resnet110", type=Path, default=RESNET110_DATA, help="folder from benchmarks/resnet110_example.sh")
     ap.add_argument("--tree-s", type=float, default=20.0, help="seconds of best-first tree before the nodes are taken")
     ap.add_argument("--nodes", type=int, default=4, help="how many of the lowest open nodes")
-    ap.add_argument("--milp-s", type=float, default=120.0, help="HiGHS's time limit a node (checked between its phases: a root LP may overrun it)")
+    ap.add_argument("--milp-s", type=float, default=120.0,
+                    help="HiGHS's time limit a node (checked between its phases: a root LP may overrun it)")
     args = ap.parse_args()
     chain, calibration, profile, devices = load_case_files(args.resnet110)
     p, _ = build_problem(chain, calibration, profile, topology_for(devices[:3]),

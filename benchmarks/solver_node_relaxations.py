@@ -83,8 +83,9 @@ def best_completion(p: Problem, prefix: tuple[int, ...], rest: np.ndarray):
                 trial = levels.copy()
                 trial[k] = level
                 found = None if level == levels[k] else place(p, trial)
-                if found is not None and _penalised(p, found.levels, found.placement) < score - 1e-12:
-                    levels, best, score, improved = trial, found, _penalised(p, found.levels, found.placement), True
+                found_score = np.inf if found is None else _penalised(p, found.levels, found.placement)
+                if found_score < score - 1e-12:
+                    levels, best, score, improved = trial, found, found_score, True
     return best
 
 

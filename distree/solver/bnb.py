@@ -541,7 +541,7 @@ class Tree:
         every run so far."""
         t0 = time.perf_counter()
         stop_at = t0 + time_limit_s
-        p, best_first, classes, open_nodes = self.p, self.best_first, self.classes, self.open
+        p, best_first, open_nodes = self.p, self.best_first, self.open
         self.offer(incumbent)
         cap = max_open_nodes(p) // self.cap_share
         told_at = t0
@@ -586,27 +586,14 @@ class Tree:
                             open_nodes.append((narrowed.bound, self.pushed, i, narrowed))
                     continue
                 node = narrowed
-            s.best = self.best
-            parts = classes.split(s.stage_class, node.depth) if classes is not None else []
-            if parts:                         # the same node, bounded within each class that partitions its own
-                kids = [(j, kid) for j in map(self._search_of, parts[:-1])
-                        for kid in self.searches[j].rebound(node, self.best)]
-                i = self._search_of(parts[-1])
-                s = self.searches[i]
-                if not parts[-1].exact:       # needs no split at this exit: its children at once (one bound less)
-                    s.best = self.best
-                    kids += [(i, kid) for kid in s.children(node)]
-                else:
-                    kids += [(i, kid) for kid in s.rebound(node, self.best)]
-            elif node.depth == p.n_exits:
+            kids = self.kids(i, node)
+            if kids is None:
                 s.settle_leaf(node)
                 if s.best is not self.best:
                     self.best = s.best
                     if self.share is not None:
                         self.share.found(self.best)
                 continue
-            else:
-                kids = [(i, kid) for kid in s.children(node)]
             if best_first:
                 for j, kid in kids:
                     self.pushed += 1
@@ -617,6 +604,26 @@ class Tree:
                     open_nodes.append((kid.bound, self.pushed, j, kid))
         self.wall_s += time.perf_counter() - t0
         return self.result()
+
+    def kids(self, i: int, node: _Node) -> list[tuple[int, _Node]] | None:
+        """The children of ``node`` (of search ``i``; narrowed already) with the searches they belong to: within each
+        placement class that partitions its own where its class splits at this exit, else its children; None for a
+        leaf (a full configuration, priced by :meth:`_Search.settle_leaf`)."""
+        s = self.searches[i]
+        s.best = self.best
+        parts = self.classes.split(s.stage_class, node.depth) if self.classes is not None else []
+        if parts:                             # the same node, bounded within each class that partitions its own
+            kids = [(j, kid) for j in map(self._search_of, parts[:-1])
+                    for kid in self.searches[j].rebound(node, self.best)]
+            i = self._search_of(parts[-1])
+            s = self.searches[i]
+            if not parts[-1].exact:           # needs no split at this exit: its children at once (one bound less)
+                s.best = self.best
+                return kids + [(i, kid) for kid in s.children(node)]
+            return kids + [(i, kid) for kid in s.rebound(node, self.best)]
+        if node.depth == self.p.n_exits:
+            return None
+        return [(i, kid) for kid in s.children(node)]
 
     def dive(self, time_limit_s: float) -> None:
         """Local searches from the lowest open nodes' prefixes, each with every later exit off, shortest prefixes

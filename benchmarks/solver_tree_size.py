@@ -120,9 +120,7 @@ def main() -> None:
           f"{'whole':>7} {'s':>5}")
     for name in args.case:
         tree, factor = build[name]()
-        tree.multiplier_factor = factor           # the multiplier the solve's tree retunes to
-        for s in tree.searches:
-            s.lam = factor * s.tables.lam
+        tree.price_accuracy_at(factor)            # the multiplier the solve's tree retunes to
         roots = [(i, node) for _, _, i, node in tree.open if node.bound < tree._cutoff()]
         row = {"case": name, "plan_ms": tree.best.expected_ms, "multiplier_factor": factor,
                **estimate(tree, roots, args.probes, np.random.default_rng(args.seed))}

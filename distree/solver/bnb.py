@@ -522,9 +522,13 @@ class Tree:
         cutoff = self._cutoff()
         score = [sum(min(self.searches[i].bound_at(node, f), cutoff) for _, _, i, node in lowest)
                  for f in MULTIPLIER_FACTORS]
-        self.multiplier_factor = MULTIPLIER_FACTORS[int(np.argmax(score))]
+        self.price_accuracy_at(MULTIPLIER_FACTORS[int(np.argmax(score))])
+
+    def price_accuracy_at(self, factor: float) -> None:
+        """Every search, and every one made later, prices accuracy at ``factor`` times its root's best multiplier."""
+        self.multiplier_factor = factor
         for s in self.searches:
-            s.lam = self.multiplier_factor * s.tables.lam
+            s.lam = factor * s.tables.lam
 
     def _proven_total(self, open_min: float) -> float:
         """The bound proven so far, given the smallest bound of an open node (sum over samples)."""

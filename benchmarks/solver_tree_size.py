@@ -11,6 +11,8 @@ narrowing, placement classes, children; twins, which only drop nodes, and the op
 sum over depths of the product of the branching factors met is an unbiased estimate of their number (Knuth,
 "Estimating the efficiency of backtrack programs", 1975). Its distribution is heavy-tailed: the mean converges
 slowly and mostly from below, so the median probe, the largest, and the means of the two halves are reported too.
+Where the proof lies is estimated the same way: its nodes by the number of exits they decide, and the share in
+open placement classes (a first stage whose end is not fixed yet), which says what a new bound must lift.
 
 Cases: ``example-22``, the example's 22 trained exits on pi4 + Orin (proven in ~1 s), whose tree is also walked
 whole with the same expansion, the true count to hold the estimate against; ``resnet110-trained``, the trained
@@ -90,21 +92,32 @@ def whole_tree(tree: Tree, roots: list) -> int:
 
 
 def estimate(tree: Tree, roots: list, probes: int, rng: np.random.Generator) -> dict:
+    """Knuth's estimate over ``probes`` probes, and where the proof lies: the estimated nodes by the number of exits
+    decided, and the share in open placement classes (a first stage whose end is not fixed yet), each the same
+    unbiased weighting restricted to the nodes with that property."""
     sizes, depths = np.empty(probes), np.empty(probes, dtype=int)
+    by_exits, in_open = np.zeros(tree.p.n_exits + 1), 0.0
     t0 = time.perf_counter()
     for n in range(probes):
         level, weight, total, depth = roots, 1.0, 0.0, 0
         while level:
             weight *= len(level)
             total += weight
-            level = expand(tree, *level[rng.integers(len(level))])
+            i, node = level[rng.integers(len(level))]
+            by_exits[node.depth] += weight
+            stage_class = tree.searches[i].stage_class
+            in_open += weight if stage_class is not None and not stage_class.exact else 0.0
+            level = expand(tree, i, node)
             depth += 1
         sizes[n], depths[n] = total, depth
     half = probes // 2
+    deepest = int(np.nonzero(by_exits)[0].max())
     return {"probes": probes, "probe_s": round(time.perf_counter() - t0, 1), "mean": float(sizes.mean()),
             "first_half_mean": float(sizes[:half].mean()), "second_half_mean": float(sizes[half:].mean()),
             "median": float(np.median(sizes)), "max": float(sizes.max()), "median_depth": float(np.median(depths)),
-            "max_depth": int(depths.max())}
+            "max_depth": int(depths.max()),
+            "by_exits_decided": [float(f"{x / probes:.3g}") for x in by_exits[:deepest + 1]],
+            "open_class_share": round(in_open / sizes.sum(), 3)}
 
 
 def main() -> None:
@@ -132,6 +145,10 @@ def main() -> None:
               f"{row.get('whole_tree', ''):>7} {row['probe_s']:5.0f}", flush=True)
     write_json_atomic(RESULTS, {"machine": f"{platform.machine()} ({len(os.sched_getaffinity(0))} cores)",
                                 "accuracy_drop": ACCURACY_DROP, "seed": args.seed, "rows": rows})
+    for row in rows:
+        counts = row["by_exits_decided"]
+        print(f"{row['case']}: nodes by exits decided {', '.join(f'{d}: {c:.3g}' for d, c in enumerate(counts))}; "
+              f"in open placement classes {row['open_class_share']:.1%}")
     print(f"wrote {RESULTS}")
 
 

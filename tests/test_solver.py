@@ -1242,6 +1242,68 @@ def test_the_tied_relaxation_of_the_node_benchmark_never_exceeds_the_best_plan_b
     assert checked >= 2500 and tighter >= 200, (checked, tighter)
 
 
+def test_the_frontier_benchmark_searches_the_node_it_walks_to_and_proves_only_true_multipliers(monkeypatch):
+    """``benchmarks/solver_node_frontier.py`` reads a node's latency-accuracy frontier off fresh trees walked down to
+    the node's levels and placement class and searched from it alone, with the need lowered, and from those values
+    the smallest multiplier at which the exact Lagrangian provably reaches the plan. On the small random instances,
+    at the open nodes of a short tree and with the need as given and lowered: each search ends at the best plan
+    below the node in its class (every configuration and placement enumerated), or finds the node short where none
+    exists; and wherever a multiplier is called proven, the node's Lagrangian at it, enumerated, reaches the plan."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from solver_node_frontier import in_class_ms, proven_lagrangian, restricted_tree
+
+    searched = proven = 0
+    for seed, problem in _enumerable_class_problems(range(60)):
+        n, need = problem.n_samples, problem.required_correct
+        optimum = branch_and_bound(problem, None, 60.0, best_first=True, classes=PlacementClasses(problem))
+        if optimum.best is None:
+            continue
+        grown = Tree(problem, None, best_first=True, classes=PlacementClasses(problem))
+        reached, stack = [], [(i, node) for _, _, i, node in grown.open]
+        while stack:                            # every node the tree's expansion makes, nothing pruned
+            i, node = stack.pop()
+            reached.append((grown.searches[i].stage_class, tuple(node.levels)))
+            narrowed = grown.searches[i].narrow(node)
+            if narrowed is not None and node.depth < problem.n_exits:
+                stack.extend(grown.kids(i, narrowed) or [])
+        rng = np.random.default_rng(seed)
+        nodes = [reached[k] for k in rng.choice(len(reached), size=min(6, len(reached)), replace=False)]
+        deficits = sorted({d for d in (-3, -1, 0, 1, 3, need) if 0 <= need - d <= n})
+        by_deficit = {d: _plans_by_first_stage(dataclasses.replace(problem, required_correct=need - d))
+                      for d in deficits}
+        for cls, levels in nodes:
+            values = {}
+            for d, by_stage in by_deficit.items():
+                walked = restricted_tree(dataclasses.replace(problem, required_correct=need - d), levels, cls)
+                best = _best_below(by_stage, cls, levels) / n
+                if walked is None:
+                    assert best == np.inf, (seed, cls, levels, d)
+                    values[d] = np.inf
+                    continue
+                result = walked[0].run(60.0)
+                assert result.complete, (seed, cls, levels, d)
+                values[d] = in_class_ms(problem, result.bound)
+                assert values[d] == pytest.approx(best, rel=1e-9), (seed, cls, levels, d)
+                searched += 1
+            lam = proven_lagrangian(optimum.best.expected_ms, values, need, n)
+            if lam is None:
+                continue
+            free = dataclasses.replace(problem, required_correct=0)
+            for pl in all_placements(problem.n_blocks, problem.n_devices, problem.free_order):
+                device, last = _first_stage(pl)
+                if device != cls.device or not cls.first_end <= last <= cls.last_end:
+                    continue
+                for config in all_configurations(problem.n_levels):
+                    if tuple(int(x) for x in config[:len(levels)]) != levels:
+                        continue
+                    ev = evaluate(free, config, pl)
+                    if ev.feasible:
+                        assert ev.expected_ms - lam * (ev.correct - need) / n >= optimum.best.expected_ms - 1e-9, \
+                            (seed, cls, levels, lam)
+            proven += 1
+    assert searched >= 700 and proven >= 100, (searched, proven)
+
+
 def test_a_tree_run_in_pieces_searches_as_one_run_does():
     """A solve runs its tree over placement classes briefly, kicks the plan, then lets the same tree go on
     (Tree): run in slices of ~64 nodes (run afresh, each slice would search the same first nodes again and never

@@ -1,7 +1,7 @@
 """How big a proof is: Knuth's estimate of how many nodes the best-first tree expands to prove a plan optimal.
 
     .venv/bin/python benchmarks/solver_tree_size.py [--case example-22 resnet110-trained resnet110-synthetic]
-                                                    [--probes 30000] [--seed 1]
+                                                    [--probes 30000] [--seed 1] [--chain]
 
 A solve's proven gap after 10 s moves with the host's speed and load; the size of the tree a proof needs does
 not, so this is the measure to judge a new bound by (issue 6: the ResNet-110 target asks for a proof within 10 s).
@@ -19,7 +19,9 @@ whole with the same expansion, the true count to hold the estimate against; ``re
 ResNet-110 on 3 devices with the plan and multiplier of ``solver_node_relaxations.py``'s harness (placement
 classes); ``resnet110-synthetic``, the synthetic ResNet-110 scale with its plan from a local search and kicks and
 the width-5 wide window a 10 s solve carries (no placement classes: its solve's screen finds none worth searching).
-Accuracy drop 0.01 throughout. Prints a table and writes benchmarks/results/solver_tree_size.json.
+Accuracy drop 0.01 throughout. ``--chain``: the trees over placement classes also bound each node by the chain
+bound (``Tree(chain=True)``, :mod:`distree.solver.chain`; the synthetic case has no classes, so it is left out).
+Prints a table and writes benchmarks/results/solver_tree_size.json (``--chain``: solver_tree_size_chain.json).
 """
 
 from __future__ import annotations
@@ -42,27 +44,27 @@ from distree.targets import topology_for
 from solver_node_relaxations import ACCURACY_DROP, _synthetic, _trained   # benchmarks/ is first on sys.path
 from solver_scale import EXAMPLE_DATA, RESNET110_DATA, load_case_files
 
-RESULTS = Path(__file__).parent / "results" / "solver_tree_size.json"
+RESULTS = Path(__file__).parent / "results"
 CASES = ("example-22", "resnet110-trained", "resnet110-synthetic")
 SYNTHETIC_WIDTH = 5         # the wide window a 10 s solve of the synthetic case carries along its tree
 EXAMPLE_PROOF_S = 120.0     # the example's tree, run to its proof for the plan the estimate starts from
 
 
-def _example() -> tuple[Tree, float]:
+def _example(chain: bool) -> tuple[Tree, float]:
     chain, cal, profile, devices = load_case_files(EXAMPLE_DATA)
     p, _ = build_problem(chain, cal, profile, topology_for(devices[:2]), Constraints(accuracy_drop=ACCURACY_DROP))
     proof = Tree(p, local_search(p), best_first=True, classes=PlacementClasses(p))
     if not proof.run(EXAMPLE_PROOF_S).complete:
         raise SystemExit(f"example-22: not proven within {EXAMPLE_PROOF_S:.0f} s: no optimal plan to start from")
-    return Tree(p, proof.best, best_first=True, classes=PlacementClasses(p)), 1.0
+    return Tree(p, proof.best, best_first=True, classes=PlacementClasses(p), chain=chain), 1.0
 
 
-def _resnet110_trained() -> tuple[Tree, float]:
+def _resnet110_trained(chain: bool) -> tuple[Tree, float]:
     p, plan, tree, _ = _trained(RESNET110_DATA, 5.0)
-    return Tree(p, plan, best_first=True, classes=PlacementClasses(p)), tree.multiplier_factor
+    return Tree(p, plan, best_first=True, classes=PlacementClasses(p), chain=chain), tree.multiplier_factor
 
 
-def _resnet110_synthetic() -> tuple[Tree, float]:
+def _resnet110_synthetic(chain: bool) -> tuple[Tree, float]:
     p, plan, tree, _ = _synthetic(0.5)
     tables = bound_tables(p)
     prefix = window_prefix_bound(p, tables, SYNTHETIC_WIDTH)
@@ -125,14 +127,17 @@ def main() -> None:
     ap.add_argument("--case", nargs="+", choices=CASES, default=list(CASES))
     ap.add_argument("--probes", type=int, default=30_000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--chain", action="store_true", help="bound by the chain bound too (the trees over classes)")
     args = ap.parse_args()
+    cases = [c for c in args.case if not (args.chain and c == "resnet110-synthetic")]
+    out = RESULTS / ("solver_tree_size_chain.json" if args.chain else "solver_tree_size.json")
     build = {"example-22": _example, "resnet110-trained": _resnet110_trained,
              "resnet110-synthetic": _resnet110_synthetic}
     rows = []
     print(f"{'case':<20} {'plan ms':>8} {'mean':>9} {'halves':>19} {'median':>9} {'max':>9} {'depth':>5} "
           f"{'whole':>7} {'s':>5}")
-    for name in args.case:
-        tree, factor = build[name]()
+    for name in cases:
+        tree, factor = build[name](args.chain)
         tree.price_accuracy_at(factor)            # the multiplier the solve's tree retunes to
         roots = [(i, node) for _, _, i, node in tree.open if node.bound < tree._cutoff()]
         row = {"case": name, "plan_ms": tree.best.expected_ms, "multiplier_factor": factor,
@@ -143,13 +148,13 @@ def main() -> None:
         print(f"{name:<20} {row['plan_ms']:8.4f} {row['mean']:9.3g} {row['first_half_mean']:9.3g}/"
               f"{row['second_half_mean']:<9.3g} {row['median']:9.3g} {row['max']:9.3g} {row['median_depth']:5.0f} "
               f"{row.get('whole_tree', ''):>7} {row['probe_s']:5.0f}", flush=True)
-    write_json_atomic(RESULTS, {"machine": f"{platform.machine()} ({len(os.sched_getaffinity(0))} cores)",
-                                "accuracy_drop": ACCURACY_DROP, "seed": args.seed, "rows": rows})
+    write_json_atomic(out, {"machine": f"{platform.machine()} ({len(os.sched_getaffinity(0))} cores)",
+                            "accuracy_drop": ACCURACY_DROP, "seed": args.seed, "chain": args.chain, "rows": rows})
     for row in rows:
         counts = row["by_exits_decided"]
         print(f"{row['case']}: nodes by exits decided {', '.join(f'{d}: {c:.3g}' for d, c in enumerate(counts))}; "
               f"in open placement classes {row['open_class_share']:.1%}")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import numpy as np
 
 from distree.solver.bounds import (BoundTables, PrefixBound, WideChildren, bound_tables, first_chances,
                                    window_prefix_bound)
+from distree.solver.chain import chain_bound, chain_tables
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, local_search, place
@@ -77,6 +78,9 @@ RECOVERY_BUDGET = 5_000
 # cost 1.6 s of a 10 s solve)
 PROBE_BUDGET = 0
 NARROW_SLACK = 60
+# the chain bound (Tree(chain=True)), accuracy priced at this times the class's root multiplier (the best of 0.5 /
+# 1 / 1.5 / 2 at the trained ResNet-110's lowest open nodes: docs/solver.md, thirty-seventh session)
+CHAIN_MULTIPLIER = 1.0
 PROGRESS_EVERY_S = 1.0          # best first: how often ``progress`` hears the plan and the proven bound
 # best first: the multiplier pricing accuracy in the bounds (each class's best at the root) is retuned to the
 # factor of it that bounds the RETUNE_NODES lowest open nodes highest, after RETUNE_AT expanded nodes and again
@@ -162,7 +166,7 @@ def _columns(p: Problem) -> tuple[np.ndarray, ...]:
 class _Search:
     def __init__(self, p: Problem, incumbent: Candidate | None, tables: BoundTables | None,
                  prefix: PrefixBound | None, stage_class: StageClass | None = None, tol: float = OPTIMALITY_TOLERANCE,
-                 twin_room: _TwinRoom | None = None):
+                 twin_room: _TwinRoom | None = None, chain: bool = False):
         self.p = p
         self.tol = tol                      # relative: a node must bound below the incumbent by this much to stay
         self.stage_class = stage_class      # the placements its tables price (None: all)
@@ -177,10 +181,14 @@ class _Search:
         (self.passed_by_exit, self.correct_by_exit, self.chance_by_depth, self.no_key, self.passed_by_sample,
          self.correct_by_sample, self.final, self.passing, *self.right_exits) = _columns(p)
         self.max_level = int(p.n_levels.max(initial=0))
+        self.exit_after = p.exit_after.astype(np.int64)
         self.all_levels = np.stack([np.ones(p.n_exits, dtype=np.int8), p.n_levels.astype(np.int8)])
         self.best = incumbent
         self.ceiling = np.inf               # a plan this good (a sum over samples) is known elsewhere: prune by it
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
+        # the chain bound (distree.solver.chain): within a placement class, where each stage is a later device
+        self.chain = (chain_tables(p, stage_class) if chain and stage_class is not None and not p.free_order
+                      and _returns_obey_triangle(p) else None)
         self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)
         self.twins: dict[tuple[int, bytes], list[list]] = {}     # (depth, survivors) -> nodes popped (twin_of)
         self.twin_room = _TwinRoom(p) if twin_room is None else twin_room
@@ -313,7 +321,7 @@ class _Search:
         if reach < need:
             return None
         if reach - need > NARROW_SLACK and node.limits is None:
-            return node._replace(narrowed=True)
+            return self._chained(node._replace(narrowed=True), self.all_levels)
         limits = self.all_levels if node.limits is None else node.limits
         lo, hi = limits[0].copy(), limits[1].copy()
         if not narrow_levels(node.packed, node.depth, self.passed_by_sample, self.correct_by_sample, self.final,
@@ -323,12 +331,25 @@ class _Search:
             return None
         same = np.array_equal(lo, limits[0]) and np.array_equal(hi, limits[1])
         if same and node.limits is None:
-            return node._replace(narrowed=True)
+            return self._chained(node._replace(narrowed=True), self.all_levels)
         window, survivors = narrowed_window(node.packed, node.depth, self.lam, lo, hi, t.leave, t.head,
                                             self.passed_by_sample, self.correct_by_sample, self.final, p.n_levels)
         bound = node.fixed_ms + node.heads_ms * survivors - self.lam * (node.fixed_right - p.required_correct) + window
-        return node._replace(bound=max(node.bound, bound), limits=node.limits if same else np.stack([lo, hi]),
-                             narrowed=True)
+        limits = node.limits if same else np.stack([lo, hi])
+        return self._chained(node._replace(bound=max(node.bound, bound), limits=limits, narrowed=True), limits)
+
+    def _chained(self, node: _Node, limits: np.ndarray) -> _Node:
+        """``node`` bounded also by the chain bound over the levels ``limits`` leaves it (where it applies): the
+        placement, the heads and the answers of the exits it enables shared, which the window bound relaxes."""
+        if self.chain is None or node.depth >= self.p.n_exits:
+            return node
+        p, c = self.p, self.chain
+        bound = chain_bound(node.packed, np.asarray(node.levels, dtype=np.int64), limits[0], limits[1],
+                            self.tables.lam * CHAIN_MULTIPLIER, self.passed_by_sample, self.correct_by_sample,
+                            self.final, p.n_levels, p.block_ms, p.head_ms, p.cut_ms, p.return_ms, self.exit_after,
+                            p.source, self.stage_class.device, c.allowed, c.to_exit_after, c.to_final,
+                            p.required_correct)
+        return node._replace(bound=bound) if bound > node.bound else node
 
     def twin_of(self, node: _Node) -> tuple[int, ...] | None:
         """The levels of a node popped before in this search with ``node``'s survivors at its depth that ``node``
@@ -430,15 +451,20 @@ class Tree:
     ``rel_gap``: nodes that cannot beat the incumbent by this share are dropped (as MIP solvers' relative gap):
     ``complete`` then means the plan is within ``rel_gap`` of the optimum, and the bound says no more.
 
+    ``chain``: bound each node of a class search, when narrowed, also by the chain bound (:mod:`distree.solver.chain`).
+    Not a solve's default: on the trained ResNet-110 it shrinks the proof's estimated size 2-17x, but costs ~1-2 ms
+    a node, 4-6x a node's other work, and a 10 s or 60 s solve ends lower with it (docs/solver.md).
+
     On several cores (:func:`distree.solver.parallel.run_tree`) a best-first tree's open nodes are dealt to forked
     copies of it (:meth:`work_on`), and what they found comes back (:meth:`absorb`)."""
 
     def __init__(self, p: Problem, incumbent: Candidate | None, best_first: bool = False,
                  tables: BoundTables | None = None, prefix: PrefixBound | None = None,
-                 classes: PlacementClasses | None = None, rel_gap: float = 0.0):
+                 classes: PlacementClasses | None = None, rel_gap: float = 0.0, chain: bool = False):
         t0 = time.perf_counter()
         self.p, self.best, self.best_first, self.classes = p, incumbent, best_first, classes
         self.tol = max(OPTIMALITY_TOLERANCE, rel_gap)
+        self.chain = chain                  # each class's searches bound by the chain bound too (not a solve's default)
         self.ceiling = np.inf               # a plan this good (sum over samples) was found elsewhere (a sibling worker)
         self.share: Optional[Share] = None  # what a forked worker shares with its siblings
         self.cap_share = 1                  # the open-node cap is split among this many workers
@@ -467,7 +493,7 @@ class Tree:
         if c not in self.index:
             self.index[c] = len(self.searches)
             self.searches.append(_Search(self.p, self.best, self.classes.tables(c), None, stage_class=c,
-                                         tol=self.tol, twin_room=self.twin_room))
+                                         tol=self.tol, twin_room=self.twin_room, chain=self.chain))
             self.searches[-1].ceiling = self.ceiling
             self.searches[-1].lam = self.multiplier_factor * self.searches[-1].tables.lam
         return self.index[c]
@@ -694,4 +720,11 @@ def warm_up() -> None:
                                 search.final, search.max_level, *search.right_exits, p.required_correct, 10)
                 narrowed_window(child.packed, child.depth, search.lam, *search.all_levels, tables.leave, tables.head,
                                 search.passed_by_sample, search.correct_by_sample, search.final, p.n_levels)
+    whole = StageClass(0, 0, p.n_blocks - 1)          # the chain bound, whether or not this instance uses it
+    search, chained = _Search(p, None, tables, None), chain_tables(p, whole)
+    root = search.root()[0]
+    chain_bound(root.packed, np.asarray(root.levels, dtype=np.int64), search.all_levels[0], search.all_levels[1],
+                1.0, search.passed_by_sample, search.correct_by_sample, search.final, p.n_levels, p.block_ms,
+                p.head_ms, p.cut_ms, p.return_ms, search.exit_after, p.source, 0, chained.allowed,
+                chained.to_exit_after, chained.to_final, p.required_correct)
     relaxed_lower_bound(p)

@@ -47,14 +47,21 @@ class StageClass:
         return self.first_end == self.last_end
 
 
-def class_tables(p: Problem, c: StageClass, first_chance: np.ndarray | None = None) -> BoundTables:
-    """Bound tables priced within the class. Each head is priced at its cheapest device allowed to run its
-    block: the first stage's heads are then exact, so the prices of one device with paths elsewhere credited
-    (:func:`~distree.solver.bounds.bound_tables`) add little for 4x the time."""
+def class_placements(p: Problem, c: StageClass) -> np.ndarray:
+    """[D, B]: whether device d may run block b in a placement of class ``c``: the first stage's blocks only on its
+    device, and that device nothing past the stage's last possible end."""
     allowed = np.ones((p.n_devices, p.n_blocks), dtype=bool)
     allowed[:, :c.first_end + 1] = False
     allowed[c.device, :c.first_end + 1] = True
     allowed[c.device, c.last_end + 1:] = False
+    return allowed
+
+
+def class_tables(p: Problem, c: StageClass, first_chance: np.ndarray | None = None) -> BoundTables:
+    """Bound tables priced within the class. Each head is priced at its cheapest device allowed to run its
+    block: the first stage's heads are then exact, so the prices of one device with paths elsewhere credited
+    (:func:`~distree.solver.bounds.bound_tables`) add little for 4x the time."""
+    allowed = class_placements(p, c)
     price = np.where(allowed[:, p.exit_after], p.head_ms, np.inf).min(axis=0)
     return bound_tables(p, head_price=price, allowed=allowed, first_chance=first_chance)
 

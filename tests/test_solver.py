@@ -1249,7 +1249,7 @@ def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beat
                                         search.final, problem.n_levels, problem.block_ms, problem.head_ms,
                                         problem.cut_ms, problem.return_ms, search.exit_after, problem.source,
                                         search.stage_class.device, chained.allowed, chained.to_exit_after,
-                                        chained.to_final, problem.required_correct)
+                                        problem.required_correct)
                     assert value <= best * (1 + 1e-9) + 1e-9, (seed, search.stage_class, node.levels, factor)
                     checked += 1
                     tighter += value > node.bound * (1 + 1e-9) + 1e-9

@@ -347,8 +347,7 @@ class _Search:
         bound = chain_bound(node.packed, np.asarray(node.levels, dtype=np.int64), limits[0], limits[1],
                             self.tables.lam * CHAIN_MULTIPLIER, self.passed_by_sample, self.correct_by_sample,
                             self.final, p.n_levels, p.block_ms, p.head_ms, p.cut_ms, p.return_ms, self.exit_after,
-                            p.source, self.stage_class.device, c.allowed, c.to_exit_after, c.to_final,
-                            p.required_correct)
+                            p.source, self.stage_class.device, c.allowed, c.to_exit_after, p.required_correct)
         return node._replace(bound=bound) if bound > node.bound else node
 
     def twin_of(self, node: _Node) -> tuple[int, ...] | None:

@@ -451,9 +451,9 @@ class Tree:
     ``complete`` then means the plan is within ``rel_gap`` of the optimum, and the bound says no more.
 
     ``chain``: bound each node of a class search, when narrowed, also by the chain bound (:mod:`distree.solver.chain`).
-    Not a solve's default: on the trained ResNet-110 it lifts the lowest open nodes by 0.12-0.16 ms and makes the
-    proof's median probe 1.4-5x smaller, but costs 1-2 ms a node, 4-6x a node's other work, and a 10 s or 60 s
-    solve ends lower with it (docs/solver.md, thirty-seventh session).
+    A solve's default since the thirty-eighth session: on the trained ResNet-110 it lifts the lowest open nodes by
+    0.12-0.16 ms and costs ~1-1.9 ms a node, 3-5x a node's other work; a 60 s solve ends higher with it (1.803-1.808
+    against 1.793 ms), a 10 s one a little lower (1.650-1.657 against 1.658-1.663; docs/solver.md).
 
     On several cores (:func:`distree.solver.parallel.run_tree`) a best-first tree's open nodes are dealt to forked
     copies of it (:meth:`work_on`), and what they found comes back (:meth:`absorb`)."""
@@ -464,7 +464,7 @@ class Tree:
         t0 = time.perf_counter()
         self.p, self.best, self.best_first, self.classes = p, incumbent, best_first, classes
         self.tol = max(OPTIMALITY_TOLERANCE, rel_gap)
-        self.chain = chain                  # each class's searches bound by the chain bound too (not a solve's default)
+        self.chain = chain                  # each class's searches bound by the chain bound too
         self.ceiling = np.inf               # a plan this good (sum over samples) was found elsewhere (a sibling worker)
         self.share: Optional[Share] = None  # what a forked worker shares with its siblings
         self.cap_share = 1                  # the open-node cap is split among this many workers
@@ -720,4 +720,11 @@ def warm_up() -> None:
                                 search.final, search.max_level, *search.right_exits, p.required_correct, 10)
                 narrowed_window(child.packed, child.depth, search.lam, *search.all_levels, tables.leave, tables.head,
                                 search.passed_by_sample, search.correct_by_sample, search.final, p.n_levels)
+    whole = StageClass(0, 0, p.n_blocks - 1)          # the chain bound (a solve's class searches use it)
+    search, chained = _Search(p, None, tables, None), chain_tables(p, whole)
+    root = search.root()[0]
+    chain_bound(root.packed, np.asarray(root.levels, dtype=np.int64), search.all_levels[0], search.all_levels[1],
+                1.0, search.passed_by_sample, search.correct_by_sample, search.final, p.n_levels, p.block_ms,
+                p.head_ms, p.cut_ms, p.return_ms, search.exit_after, p.source, 0, chained.allowed,
+                chained.to_exit_after, p.required_correct)
     relaxed_lower_bound(p)

@@ -124,9 +124,10 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         classes = None
     forest = None
     if classes is not None:
-        # best first over the classes from the start: proves at once where only the placement kept the bound low
+        # best first over the classes from the start: proves at once where only the placement kept the bound low;
+        # each class's nodes also bounded by the chain bound (dearer nodes, a higher bound within a minute)
         tell(warm, None, "best-first search over placement classes")
-        forest = Tree(p, warm, best_first=True, classes=classes, rel_gap=gap)     # goes on after the kicks
+        forest = Tree(p, warm, best_first=True, classes=classes, rel_gap=gap, chain=True)   # goes on after the kicks
         tree = forest.run(CLASS_TRIAL_SHARE * limit)
     else:
         tell(warm, None, "depth-first search")

@@ -452,8 +452,8 @@ class Tree:
 
     ``chain``: bound each node of a class search, when narrowed, also by the chain bound (:mod:`distree.solver.chain`).
     A solve's default since the thirty-eighth session: on the trained ResNet-110 it lifts the lowest open nodes by
-    0.12-0.16 ms and costs ~1-1.9 ms a node, 3-5x a node's other work; a 60 s solve ends higher with it (1.803-1.808
-    against 1.793 ms), a 10 s one a little lower (1.650-1.657 against 1.658-1.663; docs/solver.md).
+    0.12-0.16 ms and costs ~1-1.9 ms a node, 3-5x a node's other work; a 60 s solve ends higher with it (mean
+    1.799 ms against 1.790 over nine runs), a 10 s one the same within noise (docs/solver.md).
 
     On several cores (:func:`distree.solver.parallel.run_tree`) a best-first tree's open nodes are dealt to forked
     copies of it (:meth:`work_on`), and what they found comes back (:meth:`absorb`)."""

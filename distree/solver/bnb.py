@@ -188,7 +188,7 @@ class _Search:
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
         # the chain bound (distree.solver.chain): within a placement class, where each stage is a later device
         self.chain = (chain_tables(p, stage_class) if chain and stage_class is not None and not p.free_order
-                      and _returns_obey_triangle(p) else None)
+                      else None)
         self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)
         self.twins: dict[tuple[int, bytes], list[list]] = {}     # (depth, survivors) -> nodes popped (twin_of)
         self.twin_room = _TwinRoom(p) if twin_room is None else twin_room

@@ -1775,14 +1775,16 @@ def test_solve_searches_placement_classes_where_they_raise_the_bound(monkeypatch
     assert original(problem, whole, 10.0) is None
 
 
-def test_a_screen_short_of_time_samples_the_classes_coarse_to_fine(monkeypatch):
-    """When the exact classes do not all fit the screen's time, every k-th last block is screened (coarse
-    spacing first, so a failing screen fails early): classes are still found to help where each sampled one
-    does; a class as low as the whole problem is seen only if sampled (the screen only decides whether classes
-    are worth searching: the search stays exact either way)."""
-    assert _coarse_to_fine(112, 4)[:7] == [0, 64, 32, 96, 16, 48, 80]
-    for n, stride in ((112, 4), (17, 1), (200, 3), (5, 10)):
-        assert sorted(_coarse_to_fine(n, stride)) == list(range(0, n, stride))
+def test_a_screen_short_of_time_goes_device_by_device_coarse_to_fine(monkeypatch):
+    """When the exact classes do not all fit the screen's time, it goes device by device (the one whose "runs
+    everything" class bounds lowest first), every last block coarse to fine (so a failing screen fails early),
+    until the time is spent: classes are still found to help where each one screened does; a class as low as the
+    whole problem is seen where it comes within the time, whatever the time (no stride that a slower host would
+    set to skip it), and not where it comes after (the screen only decides whether classes are worth searching:
+    the search stays exact either way)."""
+    assert _coarse_to_fine(112)[:7] == [0, 64, 32, 96, 16, 48, 80]
+    for n in (112, 17, 200, 5, 1):
+        assert sorted(_coarse_to_fine(n)) == list(range(n))
     case = synthetic_case(30, 8, 4, 3, 500, seed=2)
     problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology,
                                Constraints(accuracy_drop=0.01))
@@ -1790,7 +1792,7 @@ def test_a_screen_short_of_time_samples_the_classes_coarse_to_fine(monkeypatch):
     classes_module = importlib.import_module("distree.solver.classes")
     tables, clock, screened = classes_module.PlacementClasses.tables, [0.0], []
 
-    def timed(self, c):                       # each class takes 10 ms: 90 classes, 0.3 s allowed -> stride 3
+    def timed(self, c):                       # each class takes 10 ms: 3 + 87 classes, 0.3 s allowed
         if c not in self._tables:
             screened.append(c)
             clock[0] += 0.01
@@ -1799,15 +1801,25 @@ def test_a_screen_short_of_time_samples_the_classes_coarse_to_fine(monkeypatch):
     monkeypatch.setattr(classes_module.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(classes_module.PlacementClasses, "tables", timed)
     assert classes_module.placement_classes(problem, whole, 0.3) is not None
-    assert sorted({c.last_end for c in screened}) == [*range(0, 29, 3), 29]
-    assert len(screened) == len(set(screened)) == 3 * 11
-    low = StageClass(1, 10, 10)               # not sampled (stride 3)
+    ends = [c for c in screened if c.first_end < problem.n_blocks - 1]
+    everything = {c.device: tables(classes_module.PlacementClasses(problem), c).root
+                  for c in screened if c.first_end == problem.n_blocks - 1}
+    closest = min(everything, key=everything.get)
+    assert 25 <= len(ends) <= 29 and len(screened) == len(set(screened))
+    assert [c.last_end for c in ends] == _coarse_to_fine(problem.n_blocks - 1)[:len(ends)]
+    assert {c.device for c in ends} == {closest}
+    early = StageClass(closest, 7, 7)         # the closest device, 19th of its ends: within the 0.3 s
+    late = StageClass(max(everything, key=everything.get), 28, 28)   # the last device: after 2 x 29 classes
 
-    def one_low(self, c):
-        found = timed(self, c)
-        return dataclasses.replace(found, root=whole.root) if c == low else found
+    def one_low(low):
+        def low_there(self, c):
+            found = timed(self, c)
+            return dataclasses.replace(found, root=whole.root) if c == low else found
+        return low_there
 
-    monkeypatch.setattr(classes_module.PlacementClasses, "tables", one_low)
+    monkeypatch.setattr(classes_module.PlacementClasses, "tables", one_low(early))
+    assert classes_module.placement_classes(problem, whole, 0.3) is None
+    monkeypatch.setattr(classes_module.PlacementClasses, "tables", one_low(late))
     assert classes_module.placement_classes(problem, whole, 0.3) is not None
     assert classes_module.placement_classes(problem, whole, 10.0) is None       # every class screened: seen
 

@@ -122,8 +122,9 @@ def placement_classes(p: Problem, whole: BoundTables, seconds: float) -> Placeme
     if any(classes.tables(c).root <= floor for c in everything[1:]):
         return None
     closest = sorted(range(p.n_devices), key=lambda d: classes.tables(everything[d]).root)
+    ends = _coarse_to_fine(p.n_blocks - 1)
     for d in closest:
-        for b in _coarse_to_fine(p.n_blocks - 1):
+        for b in ends:
             if time.perf_counter() - t0 > seconds:
                 return classes
             if classes.tables(StageClass(d, b, b)).root <= floor:

@@ -1231,7 +1231,8 @@ def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beat
     (returns breaking the triangle, as the synthetic benchmark's links do), over all levels and over the node's
     narrowed ones, with accuracy priced at several multipliers (0 to 4x the class's root one): never above the
     best plan below the node in its class (every configuration and placement enumerated), and above the node's
-    own bound at thousands of them; a tree using it proves the enumerated optimum."""
+    own bound at thousands of them; over every placement (a tree not split into classes), never above the best
+    plan below the node nor the class's value; a tree using it, split into classes or not, proves the optimum."""
     checked = tighter = broken = 0
     rng = np.random.default_rng(0)
     for seed, drawn in _enumerable_class_problems(range(120)):
@@ -1242,11 +1243,18 @@ def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beat
         for problem in (drawn, dear) if dear is not None else (drawn,):
             by_stage = _plans_by_first_stage(problem)
             n = problem.n_samples
-            chained_tree = Tree(problem, None, best_first=True, classes=PlacementClasses(problem), chain=True).run(60.0)
             optimum = min((v for own in by_stage.values() for v in own.values()), default=np.inf) / n
-            assert chained_tree.complete and chained_tree.bound == pytest.approx(optimum, rel=1e-9), seed
-            assert chained_tree.best is None if optimum == np.inf else \
-                chained_tree.best.expected_ms == pytest.approx(optimum, rel=1e-9), seed
+            for classes in (PlacementClasses(problem), None):
+                chained_tree = Tree(problem, None, best_first=True, classes=classes, chain=True).run(60.0)
+                assert chained_tree.bound <= optimum * (1 + 1e-9) + 1e-12, seed
+                if classes is None and problem.deadline_ms is not None:
+                    continue                    # leaves priced by a bound only: the undivided tree cannot finish
+                assert chained_tree.complete and chained_tree.bound == pytest.approx(optimum, rel=1e-9), seed
+                assert chained_tree.best is None if optimum == np.inf else \
+                    chained_tree.best.expected_ms == pytest.approx(optimum, rel=1e-9), seed
+            everywhere = chain_tables(problem, None)          # a tree not split into classes
+            best_anywhere = lambda levels: min((v for own in by_stage.values() for k, v in own.items()  # noqa: E731
+                                                if k[:len(levels)] == tuple(levels)), default=np.inf)
             for search, node, _ in _every_class_node(problem):
                 if node.depth == problem.n_exits:
                     continue
@@ -1267,6 +1275,13 @@ def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beat
                         assert value <= best * (1 + 1e-9) + 1e-9, (seed, search.stage_class, node.levels, factor)
                         checked += 1
                         tighter += value > node.bound * (1 + 1e-9) + 1e-9
+                        anywhere = chain_bound(node.packed, np.asarray(node.levels, dtype=np.int64), limits[0],
+                                               limits[1], factor * search.tables.lam, search.passed_by_sample,
+                                               search.correct_by_sample, search.final, problem.n_levels,
+                                               problem.block_ms, problem.head_ms, problem.cut_ms,
+                                               problem.return_ms, search.exit_after, problem.source, -1,
+                                               everywhere.allowed, everywhere.to_exit_after, problem.required_correct)
+                        assert anywhere <= min(value, best_anywhere(node.levels)) * (1 + 1e-9) + 1e-9, seed
     assert broken >= 30 and checked >= 15000 and tighter >= 5000, (broken, checked, tighter)
 
 

@@ -186,9 +186,8 @@ class _Search:
         self.best = incumbent
         self.ceiling = np.inf               # a plan this good (a sum over samples) is known elsewhere: prune by it
         self.exact_leaves = p.deadline_ms is None and (not p.free_order or p.n_devices <= 4)
-        # the chain bound (distree.solver.chain): within a placement class, where each stage is a later device
-        self.chain = (chain_tables(p, stage_class) if chain and stage_class is not None and not p.free_order
-                      else None)
+        # the chain bound (distree.solver.chain), within the class or over every placement: each stage a later device
+        self.chain = chain_tables(p, stage_class) if chain and not p.free_order else None
         self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)
         self.twins: dict[tuple[int, bytes], list[list]] = {}     # (depth, survivors) -> nodes popped (twin_of)
         self.twin_room = _TwinRoom(p) if twin_room is None else twin_room
@@ -347,7 +346,8 @@ class _Search:
         bound = chain_bound(node.packed, np.asarray(node.levels, dtype=np.int64), limits[0], limits[1],
                             self.tables.lam * CHAIN_MULTIPLIER, self.passed_by_sample, self.correct_by_sample,
                             self.final, p.n_levels, p.block_ms, p.head_ms, p.cut_ms, p.return_ms, self.exit_after,
-                            p.source, self.stage_class.device, c.allowed, c.to_exit_after, p.required_correct)
+                            p.source, -1 if self.stage_class is None else self.stage_class.device, c.allowed,
+                            c.to_exit_after, p.required_correct)
         return node._replace(bound=bound) if bound > node.bound else node
 
     def twin_of(self, node: _Node) -> tuple[int, ...] | None:
@@ -450,7 +450,8 @@ class Tree:
     ``rel_gap``: nodes that cannot beat the incumbent by this share are dropped (as MIP solvers' relative gap):
     ``complete`` then means the plan is within ``rel_gap`` of the optimum, and the bound says no more.
 
-    ``chain``: bound each node of a class search, when narrowed, also by the chain bound (:mod:`distree.solver.chain`).
+    ``chain``: bound each node, when narrowed, also by the chain bound (:mod:`distree.solver.chain`), over its class's
+    placements (or every placement where the tree is not split into classes).
     A solve's default since the thirty-eighth session: on the trained ResNet-110 it lifts the lowest open nodes by
     0.12-0.16 ms and costs ~1-1.9 ms a node, 3-5x a node's other work; a 60 s solve ends higher with it (mean
     1.799 ms against 1.790 over nine runs), a 10 s one the same within noise (docs/solver.md).
@@ -474,7 +475,8 @@ class Tree:
         self.multiplier_factor = 1.0        # every search's multiplier: this times its root's best (_retune)
         self.retune_at = RETUNE_AT
         if classes is None:
-            self.searches.append(_Search(p, incumbent, tables, prefix, tol=self.tol, twin_room=self.twin_room))
+            self.searches.append(_Search(p, incumbent, tables, prefix, tol=self.tol, twin_room=self.twin_room,
+                                         chain=chain))
             roots = [(0, root) for root in self.searches[0].root()]
         else:
             roots = [(i, root) for i in map(self._search_of, classes.roots()) for root in self.searches[i].root()]

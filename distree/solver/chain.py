@@ -48,10 +48,14 @@ class ChainTables:
     to_exit_after: np.ndarray    # [B, D, E + 1]: least cost to leave at exit t or any later one (t = E: the final)
 
 
-def chain_tables(p: Problem, c: StageClass) -> ChainTables:
-    """Class ``c``'s tables, built once per class search (~0.3 ms on the trained ResNet-110)."""
-    allowed = class_placements(p, c)
-    allowed[:c.device] = False          # pipeline order: no device before the first stage's runs at all
+def chain_tables(p: Problem, c: StageClass | None) -> ChainTables:
+    """Class ``c``'s tables (None: every placement, the first stage on any device), built once per search (~0.3 ms
+    on the trained ResNet-110)."""
+    if c is None:
+        allowed = np.ones((p.n_devices, p.n_blocks), dtype=bool)
+    else:
+        allowed = class_placements(p, c)
+        allowed[:c.device] = False      # pipeline order: no device before the first stage's runs at all
     to_exit = cost_to_exits(p.block_ms, p.head_ms, p.cut_ms, p.return_ms, p.exit_after.astype(np.int64), allowed)
     after = to_exit.copy()
     for t in range(p.n_exits - 1, -1, -1):
@@ -89,8 +93,9 @@ def chain_bound(packed, levels, lo, hi, lam, passed, correct, final, n_levels, b
     """A lower bound (summed over samples, ms) on every completion of the node with prefix ``levels`` and survivors
     ``packed`` in the class of ``allowed`` (first stage on ``device``) whose levels lie in [``lo``, ``hi``] (the
     node's narrowing; ``lo > hi``: the exit stays off), accuracy priced at ``lam`` per right answer against
-    ``required`` (module docstring). ``passed``/``correct``: [N, E] per sample; ``to_exit_after``: [B, D, E + 1]
-    (:class:`ChainTables`, transposed for the reads here).
+    ``required`` (module docstring); ``device`` -1: the first stage on any device ``allowed`` lets run block 0.
+    ``passed``/``correct``: [N, E] per sample; ``to_exit_after``: [B, D, E + 1] (:class:`ChainTables`, transposed
+    for the reads here).
 
     Samples are read row by row and the survivors taken group by group of first chance, each group's sums over
     the later exits a block small enough to stay in cache: ~1.1 ms a node on the trained ResNet-110 (~1,200
@@ -172,7 +177,9 @@ def chain_bound(packed, levels, lo, hi, lam, passed, correct, final, n_levels, b
         in_flight[s] = total_alive
         right_at_end[s] = total_final
     value = np.full((W + 1, D), np.inf)
-    value[0, device] = cut_ms[source, device, 0] * N
+    for d in range(D):
+        if d == device or (device < 0 and allowed[d, 0]):
+            value[0, d] = cut_ms[source, d, 0] * N
     in_prefix = N * 1.0
     step = np.empty((W + 1, D))
     best_from = np.empty((D, W + 1))

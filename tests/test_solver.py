@@ -28,7 +28,7 @@ from distree.solver.bnb import Tree, _Search, branch_and_bound
 from distree.solver.bounds import (WindowTerms, best_multiplier, bound_tables, nested_window_bounds,
                                    widest_window_bound, window_bound)
 from distree.solver.brute import all_configurations, all_placements
-from distree.solver.chain import chain_bound, chain_tables
+from distree.solver.chain import chain_tables
 from distree.solver.classes import PlacementClasses, StageClass, _coarse_to_fine
 from distree.solver.costs import best_placement, evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, _MoveScorer, _penalised, iterated_local_search, local_search, place
@@ -1266,21 +1266,12 @@ def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beat
                     continue
                 for limits in {id(x): x for x in (search.all_levels, narrowed.limits) if x is not None}.values():
                     for factor in (0.0, 0.5, 1.0, 2.0, 4.0):
-                        value = chain_bound(node.packed, np.asarray(node.levels, dtype=np.int64), limits[0],
-                                            limits[1], factor * search.tables.lam, search.passed_by_sample,
-                                            search.correct_by_sample, search.final, problem.n_levels,
-                                            problem.block_ms, problem.head_ms, problem.cut_ms, problem.return_ms,
-                                            search.exit_after, problem.source, search.stage_class.device,
-                                            chained.allowed, chained.to_exit_after, problem.required_correct)
+                        lam = factor * search.tables.lam
+                        value = search.chain_value(node, limits, lam, chained, search.stage_class.device)
                         assert value <= best * (1 + 1e-9) + 1e-9, (seed, search.stage_class, node.levels, factor)
                         checked += 1
                         tighter += value > node.bound * (1 + 1e-9) + 1e-9
-                        anywhere = chain_bound(node.packed, np.asarray(node.levels, dtype=np.int64), limits[0],
-                                               limits[1], factor * search.tables.lam, search.passed_by_sample,
-                                               search.correct_by_sample, search.final, problem.n_levels,
-                                               problem.block_ms, problem.head_ms, problem.cut_ms,
-                                               problem.return_ms, search.exit_after, problem.source, -1,
-                                               everywhere.allowed, everywhere.to_exit_after, problem.required_correct)
+                        anywhere = search.chain_value(node, limits, lam, everywhere, -1)
                         assert anywhere <= min(value, best_anywhere(node.levels)) * (1 + 1e-9) + 1e-9, seed
     assert broken >= 30 and checked >= 15000 and tighter >= 5000, (broken, checked, tighter)
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from distree.solver.bounds import (BoundTables, PrefixBound, WideChildren, bound_tables, first_chances,
                                    window_prefix_bound)
-from distree.solver.chain import chain_bound, chain_tables
+from distree.solver.chain import ChainTables, chain_bound, chain_tables
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, local_search, place
@@ -342,13 +342,18 @@ class _Search:
         placement, the heads and the answers of the exits it enables shared, which the window bound relaxes."""
         if self.chain is None or node.depth >= self.p.n_exits:
             return node
-        p, c = self.p, self.chain
-        bound = chain_bound(node.packed, np.asarray(node.levels, dtype=np.int64), limits[0], limits[1],
-                            self.tables.lam * CHAIN_MULTIPLIER, self.passed_by_sample, self.correct_by_sample,
-                            self.final, p.n_levels, p.block_ms, p.head_ms, p.cut_ms, p.return_ms, self.exit_after,
-                            p.source, -1 if self.stage_class is None else self.stage_class.device, c.allowed,
-                            c.to_exit_after, p.required_correct)
+        bound = self.chain_value(node, limits, self.tables.lam * CHAIN_MULTIPLIER, self.chain,
+                                 -1 if self.stage_class is None else self.stage_class.device)
         return node._replace(bound=bound) if bound > node.bound else node
+
+    def chain_value(self, node: _Node, limits: np.ndarray, lam: float, tables: ChainTables, device: int) -> float:
+        """The chain bound (summed over samples) of ``node`` over the levels ``limits`` leaves it, accuracy priced
+        at ``lam``, on the placements of ``tables`` with the first stage on ``device`` (-1: any)."""
+        p = self.p
+        return chain_bound(node.packed, np.asarray(node.levels, dtype=np.int64), limits[0], limits[1], lam,
+                           self.passed_by_sample, self.correct_by_sample, self.final, p.n_levels, p.block_ms,
+                           p.head_ms, p.cut_ms, p.return_ms, self.exit_after, p.source, device, tables.allowed,
+                           tables.to_exit_after, p.required_correct)
 
     def twin_of(self, node: _Node) -> tuple[int, ...] | None:
         """The levels of a node popped before in this search with ``node``'s survivors at its depth that ``node``
@@ -723,10 +728,6 @@ def warm_up() -> None:
                 narrowed_window(child.packed, child.depth, search.lam, *search.all_levels, tables.leave, tables.head,
                                 search.passed_by_sample, search.correct_by_sample, search.final, p.n_levels)
     whole = StageClass(0, 0, p.n_blocks - 1)          # the chain bound (a solve's class searches use it)
-    search, chained = _Search(p, None, tables, None), chain_tables(p, whole)
-    root = search.root()[0]
-    chain_bound(root.packed, np.asarray(root.levels, dtype=np.int64), search.all_levels[0], search.all_levels[1],
-                1.0, search.passed_by_sample, search.correct_by_sample, search.final, p.n_levels, p.block_ms,
-                p.head_ms, p.cut_ms, p.return_ms, search.exit_after, p.source, 0, chained.allowed,
-                chained.to_exit_after, p.required_correct)
+    search = _Search(p, None, tables, None)
+    search.chain_value(search.root()[0], search.all_levels, 1.0, chain_tables(p, whole), 0)
     relaxed_lower_bound(p)

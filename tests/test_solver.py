@@ -1225,15 +1225,17 @@ def _with_a_dear_return(problem, rng):
     return None if bnb._returns_obey_triangle(dear) else dear
 
 
-def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beats_the_windows():
+def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beats_the_windows(monkeypatch):
     """The chain bound (:mod:`distree.solver.chain`) at every node of every placement class of the small random
     instances where it applies (each stage a later device), as drawn and with one device's return made dear
     (returns breaking the triangle, as the synthetic benchmark's links do), over all levels and over the node's
     narrowed ones, with accuracy priced at several multipliers (0 to 4x the class's root one): never above the
     best plan below the node in its class (every configuration and placement enumerated), and above the node's
     own bound at thousands of them; over every placement (a tree not split into classes), never above the best
-    plan below the node nor the class's value; a tree using it, split into classes or not, proves the optimum."""
-    checked = tighter = broken = 0
+    plan below the node nor the class's value; looking fewer exits ahead (``horizon``), never above its value
+    looking at all (and below it at thousands); a tree using it, split into classes or not, looking at every later
+    exit or only the next, proves the optimum."""
+    checked = tighter = broken = cut = 0
     rng = np.random.default_rng(0)
     for seed, drawn in _enumerable_class_problems(range(120)):
         if drawn.free_order:
@@ -1244,7 +1246,8 @@ def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beat
             by_stage = _plans_by_first_stage(problem)
             n = problem.n_samples
             optimum = min((v for own in by_stage.values() for v in own.values()), default=np.inf) / n
-            for classes in (PlacementClasses(problem), None):
+            for horizon, classes in itertools.product((99, 1), (PlacementClasses(problem), None)):
+                monkeypatch.setattr(bnb, "CHAIN_HORIZON", horizon)
                 chained_tree = Tree(problem, None, best_first=True, classes=classes, chain=True).run(60.0)
                 assert chained_tree.bound <= optimum * (1 + 1e-9) + 1e-12, seed
                 if classes is None and problem.deadline_ms is not None:
@@ -1267,13 +1270,18 @@ def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beat
                 for limits in {id(x): x for x in (search.all_levels, narrowed.limits) if x is not None}.values():
                     for factor in (0.0, 0.5, 1.0, 2.0, 4.0):
                         lam = factor * search.tables.lam
-                        value = search.chain_value(node, limits, lam, chained, search.stage_class.device)
+                        value = search.chain_value(node, limits, lam, chained, search.stage_class.device, 99)
                         assert value <= best * (1 + 1e-9) + 1e-9, (seed, search.stage_class, node.levels, factor)
                         checked += 1
                         tighter += value > node.bound * (1 + 1e-9) + 1e-9
-                        anywhere = search.chain_value(node, limits, lam, everywhere, -1)
+                        anywhere = search.chain_value(node, limits, lam, everywhere, -1, 99)
                         assert anywhere <= min(value, best_anywhere(node.levels)) * (1 + 1e-9) + 1e-9, seed
-    assert broken >= 30 and checked >= 15000 and tighter >= 5000, (broken, checked, tighter)
+                        for horizon in (1, 2):      # nearer horizons: a weaker bound, never a stronger one
+                            near = search.chain_value(node, limits, lam, chained, search.stage_class.device,
+                                                      horizon)
+                            assert near <= value * (1 + 1e-9) + 1e-9, (seed, node.levels, factor, horizon)
+                            cut += near < value * (1 - 1e-9) - 1e-9
+    assert broken >= 30 and checked >= 15000 and tighter >= 5000 and cut >= 3000, (broken, checked, tighter, cut)
 
 
 def test_the_tied_relaxation_of_the_node_benchmark_never_exceeds_the_best_plan_below_a_node(monkeypatch):
@@ -1580,15 +1588,21 @@ def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypat
 
 def test_side_by_side_runs_one_part_in_a_worker_and_returns_both():
     """side_by_side: on two cores ``there`` runs in a forked worker while ``here`` runs in this process, and both
-    results come back (a local search's plan as it finds alone); on one core both run here."""
+    results come back (a local search's plan as it finds alone); then, while the worker still runs, ``then`` is
+    called on what ``here`` returned until it says it is done (a solve grows its tree so); on one core both run
+    here, one after the other, and ``then`` is not called."""
+    import time
     case = synthetic_case(12, 8, 4, 2, 300, seed=1, exit_every=True)
     problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
     alone = local_search(problem)
     for jobs in (1, 2):
-        here = []
+        here, slices = [], []
         (searched_in, found), screened = parallel.side_by_side(
-            lambda: (os.getpid(), local_search(problem)), lambda: here.append(os.getpid()) or "screened", 60.0, jobs)
+            lambda: (time.sleep(0.5), os.getpid(), local_search(problem))[1:],
+            lambda: here.append(os.getpid()) or "screened", 60.0, jobs,
+            then=lambda screened: slices.append(screened) or len(slices) < 3)
         assert screened == "screened" and here == [os.getpid()]
+        assert slices == (["screened"] * 3 if jobs == 2 else []), jobs
         assert (searched_in == os.getpid()) == (jobs == 1), jobs
         assert found.expected_ms == alone.expected_ms and np.array_equal(found.levels, alone.levels)
 
@@ -1702,17 +1716,17 @@ def test_a_solve_on_two_cores_grows_its_tree_while_one_core_kicks(monkeypatch, t
 
 def test_the_tree_beside_the_kicks_goes_on_to_every_core_once_they_end(monkeypatch):
     """Kicks that stall early (here: at once, as after 100 fruitless kicks) hand their core back: the tree beside
-    them stops within a slice and goes on in forked workers on both cores, long before the kicks' share of the
-    limit (here half of it) is over: it used to grow on one core for all of it."""
+    them (and the dives before them) stops within a slice and goes on in forked workers on both cores, long before
+    the kicks' share of the limit (here half of it) is over: it used to grow on one core for all of it."""
     import time
     solve_module = importlib.import_module("distree.solver.solve")
     case = synthetic_case(55, 54, 8, 3, 300, seed=1, exit_every=True)
     spans, forked = [], []
     real_beside, real_forked = solve_module.kicks_beside, parallel._run_forked
 
-    def beside(p, start, time_limit_s, jobs, step):
+    def beside(p, start, time_limit_s, jobs, step, dive=None):
         began = time.perf_counter()
-        found = real_beside(p, start, time_limit_s, jobs, step)
+        found = real_beside(p, start, time_limit_s, jobs, step, dive)
         spans.append((time_limit_s, time.perf_counter() - began))
         return found
 
@@ -1723,7 +1737,8 @@ def test_the_tree_beside_the_kicks_goes_on_to_every_core_once_they_end(monkeypat
     plan = solve(case.chain, case.calibration, case.profile, case.topology,
                  Constraints(accuracy_drop=0.01, time_limit_s=8.0, jobs=2))
     [(share, took)] = spans
-    assert share > 3.0 and took < solve_module.TREE_SLICE_S + 0.5, (share, took)
+    dives_s = solve_module.DIVES_SHARE * 8.0           # the kicks worker dives first, then kicks
+    assert share > 3.0 + dives_s and took < dives_s + solve_module.TREE_SLICE_S + 0.5, (share, took)
     assert len(forked) == 1 and forked[0] > share, (forked, share)     # the forked tree got the kicks' time
     assert plan.bound_ms is not None and plan.expected_latency_ms > 0
 

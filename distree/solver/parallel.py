@@ -155,11 +155,13 @@ def kicks_on_cores(p: Problem, start: Candidate, time_limit_s: float, jobs: int)
     return _kicks(p, start, time_limit_s, jobs, None)
 
 
-def kicks_beside(p: Problem, start: Candidate, time_limit_s: float, jobs: int, step: Callable[[], bool]
-                 ) -> Candidate:
+def kicks_beside(p: Problem, start: Candidate, time_limit_s: float, jobs: int, step: Callable[[], bool],
+                 dive: Optional[Callable[[], Candidate]] = None) -> Candidate:
     """Kicks from ``start`` in ``jobs`` - 1 forked workers (seeds 0 .. jobs - 2; the best plan, as
     :func:`kicks_on_cores` gives it), for ``jobs`` >= 2, while this process calls ``step()`` again and again, a
-    short slice of work each (until it returns False). A solve grows its best-first tree here meanwhile: on a
+    short slice of work each (until it returns False). ``dive``: worker 0 first calls it (on its copy of what this
+    process holds: a solve's dives from its tree's open nodes), and kicks from the better of its plan and ``start``
+    for the rest of ``time_limit_s``. A solve grows its best-first tree here meanwhile: on a
     trained ResNet-110 the kicks found nothing after the dives, and the tree's 3 s more on a core took a 10 s solve
     from 13.1% to 11.0-11.3%. In slices, the tree goes on to every core as soon as the kicks end: they stop after
     100 kicks in a row without a gain, 4.3 s into that instance's 18 s share of a 60 s solve, whose tree then grew
@@ -167,34 +169,48 @@ def kicks_beside(p: Problem, start: Candidate, time_limit_s: float, jobs: int, s
     _check_jobs(jobs)
     if jobs < 2:
         raise ValueError(f"kicks beside other work need 2 or more jobs, got {jobs}")
-    return _kicks(p, start, time_limit_s, jobs - 1, step)
+    return _kicks(p, start, time_limit_s, jobs - 1, step, dive)
 
 
 def _kicks(p: Problem, start: Candidate, time_limit_s: float, workers: int,
-           meanwhile: Optional[Callable[[], Optional[bool]]]) -> Candidate:
-    """Seeds 0 .. workers - 1 in forked workers; the best plan, the lowest seed's among equals."""
-    found = _forked(lambda k: iterated_local_search(p, start, time_limit_s=time_limit_s, seed=k), workers,
-                    time_limit_s, "kicks", "local-search", "each worker holds its own search state", meanwhile)
+           meanwhile: Optional[Callable[[], Optional[bool]]], dive: Optional[Callable[[], Candidate]] = None
+           ) -> Candidate:
+    """Seeds 0 .. workers - 1 in forked workers (seed 0 after ``dive``, see :func:`kicks_beside`); the best plan,
+    the lowest seed's among equals."""
+    def work(k: int) -> Candidate:
+        stop_at, begin = time.perf_counter() + time_limit_s, start
+        if k == 0 and dive is not None:
+            begin = min((dive(), start), key=lambda c: c.expected_ms)
+        return iterated_local_search(p, begin, time_limit_s=max(0.0, stop_at - time.perf_counter()), seed=k)
+
+    found = _forked(work, workers, time_limit_s, "kicks", "local-search", "each worker holds its own search state",
+                    meanwhile)
     return min(found, key=lambda c: c.expected_ms)
 
 
-def side_by_side(there: Callable[[], Any], here: Callable[[], Any], time_limit_s: float, jobs: int
-                 ) -> tuple[Any, Any]:
+def side_by_side(there: Callable[[], Any], here: Callable[[], Any], time_limit_s: float, jobs: int,
+                 then: Optional[Callable[[Any], bool]] = None) -> tuple[Any, Any]:
     """``there()`` (done within ``time_limit_s``; its result picklable) and ``here()``, side by side where ``jobs``
     > 1: ``there`` in a forked worker. A solve's first plan (with what its report needs) and its placement
-    classes' screen need nothing of each other: 0.58 + 0.73 s and 1.2 s of a 10 s solve of a trained ResNet-110."""
+    classes' screen need nothing of each other: 0.58 + 0.73 s and 1.2 s of a 10 s solve of a trained ResNet-110.
+    ``then``: once ``here()`` is done, while ``there`` still runs, ``then(what here() returned)`` again and again, a
+    short slice of work each, until it returns False (a solve grows its tree there: the core would idle)."""
     _check_jobs(jobs)
     if jobs == 1:
         return there(), here()
     done: list = []
+    going = [then is not None]
 
-    def meanwhile() -> None:            # _forked calls it once the worker runs: here() goes on meanwhile
+    def meanwhile() -> bool:            # _forked calls it once the worker runs: here() goes on meanwhile
         if not done:
             done.append(here())
+        elif going[0]:
+            going[0] = then(done[0])
+        return going[0]
 
     [result] = _forked(lambda k: there(), 1, time_limit_s, "beside", "side-by-side",
                        "it holds its own copy of what it computes", meanwhile)
-    return result, done[0]
+    return result, done[0] if done else here()
 
 
 def _forked(work: Callable[[int], Any], jobs: int, time_limit_s: float, name: str, what: str, memory: str,

@@ -118,8 +118,19 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         tables = bound_tables(p)
         return tables, placement_classes(p, tables, CLASS_SHARE * limit) if tree_route else None
 
+    early: list[Tree] = []
+
+    def grow_early(screened: tuple[BoundTables, Optional[PlacementClasses]]) -> bool:
+        # the screen done before the first plan: the classes' tree grows meanwhile (its bound needs no plan)
+        if screened[1] is None:
+            return False
+        if not early:
+            early.append(Tree(p, None, best_first=True, classes=screened[1], rel_gap=gap, chain=True))
+        return not early[0].run(TREE_SLICE_S).complete
+
     # on the tree's route the placement classes are screened while the first plan is searched for (on two cores)
-    (warm, relaxed_ms, base), (tables, classes) = side_by_side(first_plan, screen, limit, jobs if tree_route else 1)
+    (warm, relaxed_ms, base), (tables, classes) = side_by_side(first_plan, screen, limit, jobs if tree_route else 1,
+                                                               then=grow_early)
     if warm is None:
         classes = None
     forest = None
@@ -127,8 +138,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         # best first over the classes from the start: proves at once where only the placement kept the bound low;
         # each class's nodes also bounded by the chain bound (dearer nodes, a higher bound within a minute)
         tell(warm, None, "best-first search over placement classes")
-        forest = Tree(p, warm, best_first=True, classes=classes, rel_gap=gap, chain=True)   # goes on after the kicks
-        tree = forest.run(CLASS_TRIAL_SHARE * limit)
+        forest = early[0] if early else Tree(p, None, best_first=True, classes=classes, rel_gap=gap, chain=True)
+        tree = forest.run(max(0.0, CLASS_TRIAL_SHARE * limit - forest.wall_s), incumbent=warm)  # on after the kicks
     else:
         tell(warm, None, "depth-first search")
         tree = branch_and_bound(p, warm, min(PROBE_MAX_S, PROBE_SHARE * max(0.0, deadline - time.perf_counter())),
@@ -154,26 +165,32 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     wide_bound = wide.total / p.n_samples if wide is not None else 0.0
     if not tree.complete and tree.best is not None and not constraints.dump_lp:
         tell(tree.best, max(tree.bound, wide_bound), "improving the plan")
-        if forest is not None:          # local searches from the best-first tree's lowest open nodes first
-            forest.dive(DIVES_SHARE * limit)
-            tree = dataclasses.replace(tree, best=forest.best)
-        # kicks: until KICKS_UNTIL of the limit when the best-first tree follows (its bound settles within
-        # seconds), or for KICKS_BEFORE_MILP of the time left, so that HiGHS starts from a better plan
-        kicks_s = (KICKS_BEFORE_MILP * (deadline - time.perf_counter()) if run_milp else
+        # dives (local searches from the best-first tree's lowest open nodes), then kicks: until KICKS_UNTIL of
+        # the limit when the best-first tree follows (its bound settles within seconds), or for KICKS_BEFORE_MILP
+        # of the time left, so that HiGHS starts from a better plan
+        dives_s = DIVES_SHARE * limit if forest is not None else 0.0
+        kicks_s = (KICKS_BEFORE_MILP * (deadline - time.perf_counter() - dives_s) if run_milp else
                    CLASS_KICKS_SHARE * limit if classes is not None else
-                   t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter())
+                   t0 + KICKS_UNTIL * constraints.time_limit_s - time.perf_counter() - dives_s)
         if run_milp or jobs == 1:
+            if forest is not None:
+                forest.dive(dives_s)
+                tree = dataclasses.replace(tree, best=forest.best)
             tree = dataclasses.replace(tree, best=kicks_on_cores(p, tree.best, kicks_s, jobs))
-        else:       # the best-first tree follows: it grows here while the other cores kick
+        else:       # the best-first tree follows: it grows here while the other cores dive and kick
             if forest is None:
                 forest = Tree(p, tree.best, best_first=True, tables=tables, prefix=wide, rel_gap=gap)
-            kicks_end = time.perf_counter() + kicks_s
+            kicks_end = time.perf_counter() + dives_s + kicks_s
 
             def grow() -> bool:         # a slice of tree, none past the kicks' end
                 left = kicks_end - time.perf_counter()
                 return left > 0 and not forest.run(min(TREE_SLICE_S, left)).complete
 
-            forest.offer(kicks_beside(p, tree.best, kicks_s, jobs, grow))
+            def dive() -> Candidate:    # in a kicks worker, on its copy of the tree
+                forest.dive(dives_s)
+                return forest.best
+
+            forest.offer(kicks_beside(p, tree.best, dives_s + kicks_s, jobs, grow, dive if dives_s else None))
             tree = dataclasses.replace(tree, best=forest.best)
     if not tree.complete and not run_milp and not constraints.dump_lp:
         probe_bound = tree.bound                          # valid whatever incumbent the probe had

@@ -1443,8 +1443,9 @@ def test_a_node_dropped_for_its_twin_has_no_completion_better_than_the_twins():
     """Walking every node of the whole tree best first (nothing pruned by bound) and dropping each one ``twin_of``
     names a twin for, as the tree does: no dropped node has a completion better than its twin's best, each completion
     priced exactly (the configuration's best placement, memory and accuracy checked), and the leaves still reached
-    hold the optimum. Where returns do not obey the triangle, no node is dropped."""
-    pairs, violated = 0, 0
+    hold the optimum; many twins have fewer survivors than the node they drop. Where returns do not obey the
+    triangle, no node is dropped."""
+    pairs = fewer = violated = 0
     for seed in range(24):
         rng = np.random.default_rng(seed)
         case = synthetic_case(n_blocks=int(rng.integers(6, 10)), n_exits=int(rng.integers(5, 7)),
@@ -1465,13 +1466,16 @@ def test_a_node_dropped_for_its_twin_has_no_completion_better_than_the_twins():
         search = _Search(problem, None, None, None)
         order = itertools.count()
         heap, reached = [(node.bound, next(order), node) for node in search.root()], np.inf
+        survivors: dict[tuple, bytes] = {}
         while heap:             # best first, as the tree: a twin that exits more samples earlier tends to come first
             _, _, node = heapq.heappop(heap)
             twin = search.twin_of(node)
             if twin is not None:
                 pairs += 1
+                fewer += survivors[twin] != node.packed.tobytes()
                 assert best_below[twin] <= best_below[node.levels] * (1 + 1e-9) + 1e-12, (seed, node.levels, twin)
                 continue
+            survivors[node.levels] = node.packed.tobytes()
             if node.depth == problem.n_exits:
                 reached = min(reached, best_below[node.levels])
             else:
@@ -1480,8 +1484,8 @@ def test_a_node_dropped_for_its_twin_has_no_completion_better_than_the_twins():
         assert reached == best_below[()], seed
         if not bnb._returns_obey_triangle(problem):
             violated += 1
-            assert search.twin_keys_left == 0 and not search.twins, seed
-    assert pairs >= 300 and violated >= 3, (pairs, violated)
+            assert search.twin_keys_left == 0 and not search.popped, seed
+    assert pairs >= 600 and fewer >= 500 and violated >= 3, (pairs, fewer, violated)
 
 
 def test_dives_hand_the_tree_the_best_plan_a_local_search_finds_from_its_open_nodes(monkeypatch):
@@ -1561,10 +1565,10 @@ def test_a_tree_dealt_to_forked_workers_proves_what_one_process_proves(monkeypat
     original = parallel._run_forked
     monkeypatch.setattr(parallel, "_run_forked", lambda *a: forked.append(a[2]) or original(*a))
     for seed in (1, 2):
-        case = synthetic_case(16, 15, 4, 3, 800, seed=seed, exit_every=True)     # 40-50k nodes, 2 s alone
+        case = synthetic_case(16, 15, 4, 3, 800, seed=seed, exit_every=True)     # 25-50k nodes, 2 s alone
         problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
         whole = branch_and_bound(problem, None, 60.0, best_first=True, classes=PlacementClasses(problem))
-        assert whole.complete and whole.nodes > 30_000, seed
+        assert whole.complete and whole.nodes > 20_000, (seed, whole.nodes)
         for jobs in (2, 3):
             tree = Tree(problem, None, best_first=True, classes=PlacementClasses(problem))
             dealt = run_tree(tree, 60.0, jobs=jobs)

@@ -42,9 +42,9 @@ from distree.solver.chain import ChainTables, chain_bound, chain_tables
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, local_search, place
-from distree.solver.kernels import (children_bounds, gone_by, narrow_levels, narrowed_window, nested_bounds,
-                                    nested_survivors, passing_sets, reachable_right, recovery_search, right_exits,
-                                    survivor_sum, upgrade_order)
+from distree.solver.kernels import (children_bounds, dominating_row, gone_by, narrow_levels, narrowed_window,
+                                    nested_bounds, nested_survivors, passing_sets, reachable_right, recovery_search,
+                                    right_exits, survivor_sum, upgrade_order)
 from distree.solver.problem import Constraints, Problem, build_problem
 
 if TYPE_CHECKING:
@@ -96,11 +96,13 @@ MULTIPLIER_FACTORS = (0.4, 0.5, 0.6, 0.75, 0.9, 1.0)
 RETUNE_AT = 2_000
 RETUNE_GROWTH = 4
 RETUNE_NODES = 64
-# a node popped with the same survivors at the same depth (and class) as one popped before, which it cannot beat
-# (_Search.twin_of), is dropped: on the trained ResNet-110 a third of the open nodes after 20 s had such a twin, and
+# a node popped at the same depth (and class) as one popped before that it cannot beat, a twin (_Search.twin_of),
+# is dropped: on the trained ResNet-110 a third of the open nodes after 20 s had a twin with the same survivors, and
 # dropping them took the 20 s tree (one process) from 1.589 to 1.597-1.600 ms, 10 s solves from 10.1-10.7% to
-# 9.6-9.9%. The nodes remembered for it take at most TWIN_BYTES a tree (all its placement classes; each forked
-# worker its own); past that, no new survivor set is remembered
+# 9.6-9.9%; twins with fewer survivors (thirty-ninth session) drop twice as many nodes (~20% of those popped) and
+# lift that tree's bound ~0.02 ms at the same CPU time (30 s: 1.740-1.753 against 1.720-1.728). The nodes
+# remembered for it take at most TWIN_BYTES a tree (all its placement classes; each forked worker its own); past
+# that, no new node is remembered
 TWIN_BYTES = 2 ** 28
 # best first never reaches a leaf while its bound is far below the plan, so its plan is what the local search and
 # the kicks found before it. Tree.dive *dives* first: prefixes of its lowest open nodes, each with every later exit
@@ -194,7 +196,7 @@ class _Search:
         # the chain bound (distree.solver.chain), within the class or over every placement: each stage a later device
         self.chain = chain_tables(p, stage_class) if chain and not p.free_order else None
         self.open_leaf_bound = np.inf                     # leaves priced only by a bound (deadline, many orders)
-        self.twins: dict[tuple[int, bytes], list[list]] = {}     # (depth, survivors) -> nodes popped (twin_of)
+        self.popped: dict[int, _Popped] = {}               # depth -> nodes popped there (twin_of)
         self.twin_room = _TwinRoom(p) if twin_room is None else twin_room
 
     def incumbent_total(self) -> float:
@@ -363,33 +365,32 @@ class _Search:
                            tables.to_exit_after, p.required_correct, horizon)
 
     def twin_of(self, node: _Node) -> tuple[int, ...] | None:
-        """The levels of a node popped before in this search with ``node``'s survivors at its depth that ``node``
-        cannot beat, or None (``node`` is then remembered, while TWIN_BYTES last). Such a twin enabled no head
-        ``node`` did not, has at least as many samples gone by each exit and at least as many right: the same
-        completion of the twin is then, on every placement, no slower (blocks, transfers and heads are paid by those
-        still in flight; a sample gone earlier returns from an earlier device, which costs no more than carrying it
-        on where returns obey the triangle, :func:`_returns_obey_triangle`), no less accurate and no harder to fit
-        (memory, deadline, stage load), so the twin's subtree holds a plan at least as good as any in ``node``'s."""
-        key = (node.depth, node.packed.tobytes())
-        known = self.twins.get(key)
-        if known is None and self.twin_room.keys_left <= 0:
+        """The levels of a node popped before in this search at ``node``'s depth that ``node`` cannot beat (its
+        *twin*), or None (``node`` is then remembered, while TWIN_BYTES last). Such a twin's survivors are among
+        ``node``'s, it enabled no head ``node`` did not, has at least as many samples gone by each exit, and at least
+        as many right as ``node`` plus those of ``node``'s extra survivors that could still be answered right
+        (:func:`~distree.solver.kernels.dominating_row`): the same completion of the twin is then, on every
+        placement, no slower (blocks, transfers and heads are paid by those still in flight; a sample gone earlier,
+        matched to one gone later or still in flight, returns from an earlier device, which costs no more than
+        carrying it on where returns obey the triangle, :func:`_returns_obey_triangle`), no less accurate and no
+        harder to fit (memory, deadline, stage load), so the twin's subtree holds a plan at least as good as any in
+        ``node``'s. Until the thirty-ninth session a twin had to have the very same survivors."""
+        room, popped = self.twin_room, self.popped.get(node.depth)
+        if popped is None and room.keys_left <= 0:
             return None
-        enabled = sum(1 << j for j, level in enumerate(node.levels) if level)
-        gone = None
-        for twin in known or ():
-            twin_enabled, twin_gone, twin_right, twin_levels = twin
-            if twin_enabled & ~enabled or twin_right < node.fixed_right:
-                continue
-            if gone is None:
-                gone = gone_by(self.passing, np.array(node.levels, dtype=np.int64))
-            if twin_gone is None:          # counted when first compared
-                twin[1] = twin_gone = gone_by(self.passing, np.array(twin_levels, dtype=np.int64))
-            if np.all(twin_gone >= gone):
-                return twin_levels
-        if known is None:
-            self.twin_room.keys_left -= 1
-            self.twins[key] = known = []
-        known.append([enabled, gone, node.fixed_right, node.levels])
+        levels = np.array(node.levels, dtype=np.int64)
+        enabled = np.packbits(levels > 0)
+        gone = gone_by(self.passing, levels)
+        if popped is not None:
+            row = dominating_row(popped.packed, popped.enabled, popped.right, popped.gone, popped.n, node.packed,
+                                 enabled, node.fixed_right, gone, room.could_right[node.depth])
+            if row >= 0:
+                return popped.levels[row]
+        if room.keys_left > 0:
+            room.keys_left -= 1
+            if popped is None:
+                self.popped[node.depth] = popped = _Popped(len(node.packed), len(enabled), node.depth)
+            popped.add(node.packed, enabled, node.fixed_right, gone, node.levels)
         return None
 
     def settle_leaf(self, node: _Node) -> None:
@@ -412,11 +413,42 @@ class _Search:
 
 
 class _TwinRoom:
-    """How many more survivor sets the searches of one tree (a search per placement class) may remember for
-    :meth:`_Search.twin_of`: TWIN_BYTES in all; none where returns do not obey the triangle."""
+    """How many more nodes the searches of one tree (a search per placement class) may remember for
+    :meth:`_Search.twin_of`: TWIN_BYTES in all; none where returns do not obey the triangle. And, as bit sets by
+    depth, the samples that could still be answered right from each exit on (at some later exit they pass at a
+    level, or at the final classifier)."""
 
     def __init__(self, p: Problem) -> None:
         self.keys_left = TWIN_BYTES // (p.n_samples // 8 + 8 * p.n_exits + 300) if _returns_obey_triangle(p) else 0
+        could = p.correct_final.astype(bool)
+        right_later = np.empty((p.n_exits + 1, p.n_samples), dtype=bool)
+        right_later[p.n_exits] = could
+        for k in range(p.n_exits - 1, -1, -1):
+            could = could | ((p.passed_level[:, k] >= 1) & p.correct_exit[:, k])
+            right_later[k] = could
+        self.could_right = np.packbits(right_later, axis=1)
+
+
+class _Popped:
+    """The nodes a search remembered at one depth for :meth:`_Search.twin_of`, as
+    :func:`~distree.solver.kernels.dominating_row` reads them (arrays grown by doubling)."""
+
+    def __init__(self, n_bytes: int, n_enabled_bytes: int, depth: int) -> None:
+        self.n = 0
+        self.packed = np.empty((8, n_bytes), dtype=np.uint8)
+        self.enabled = np.empty((8, n_enabled_bytes), dtype=np.uint8)
+        self.right = np.empty(8, dtype=np.int64)
+        self.gone = np.empty((8, depth), dtype=np.int64)
+        self.levels: list[tuple[int, ...]] = []
+
+    def add(self, packed: np.ndarray, enabled: np.ndarray, right: int, gone: np.ndarray,
+            levels: tuple[int, ...]) -> None:
+        if self.n == len(self.right):
+            self.packed, self.enabled, self.right, self.gone = (
+                np.concatenate([a, np.empty_like(a)]) for a in (self.packed, self.enabled, self.right, self.gone))
+        self.packed[self.n], self.enabled[self.n], self.right[self.n], self.gone[self.n] = packed, enabled, right, gone
+        self.levels.append(levels)
+        self.n += 1
 
 
 def _returns_obey_triangle(p: Problem) -> bool:
@@ -729,7 +761,8 @@ def warm_up() -> None:
             for child in search.children(node):
                 search.rebound(child, None)
                 search.narrow(child)
-                gone_by(search.passing, np.array(child.levels, dtype=np.int64))
+                search.twin_of(child)         # remembered (gone_by), then its own twin (dominating_row)
+                search.twin_of(child)
                 recovery_search(child.packed, child.depth, search.passed_by_sample, search.correct_by_sample,
                                 search.final, search.max_level, *search.right_exits, p.required_correct, 10)
                 narrowed_window(child.packed, child.depth, search.lam, *search.all_levels, tables.leave, tables.head,

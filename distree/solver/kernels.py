@@ -393,6 +393,43 @@ def gone_by(passing, levels):
     return gone
 
 
+@njit(cache=True)
+def dominating_row(packed, enabled, right, gone, n, node_packed, node_enabled, node_right, node_gone, could_right):
+    """The first of the ``n`` nodes popped before (rows of ``packed`` survivors, ``enabled`` exits as bit sets,
+    ``right`` answers decided, ``gone`` samples gone by each exit, all at the node's depth) that dominates the node
+    (``node_*``), or -1: its survivors a subset of the node's, its enabled exits too, at least as many gone by each
+    exit, and at least as many right as the node has plus those of the node's extra survivors that could still be
+    answered right (``could_right``, a bit set). A row failing a test is left at its first byte that fails it."""
+    for r in range(n):
+        if right[r] < node_right:
+            continue
+        ok = True
+        for w in range(enabled.shape[1]):
+            if enabled[r, w] & ~node_enabled[w]:
+                ok = False
+                break
+        if not ok:
+            continue
+        for b in range(packed.shape[1]):
+            if packed[r, b] & ~node_packed[b]:
+                ok = False
+                break
+        if not ok:
+            continue
+        for j in range(len(node_gone)):
+            if gone[r, j] < node_gone[j]:
+                ok = False
+                break
+        if not ok:
+            continue
+        extra = 0
+        for b in range(packed.shape[1]):
+            extra += _BYTE_ONES[node_packed[b] & ~packed[r, b] & could_right[b]]
+        if right[r] >= node_right + extra:
+            return r
+    return -1
+
+
 def right_exits(passed: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per sample, the exits it passes at some level and answers right there, in chain order, as compressed rows
     (:func:`reachable_right` walks only these for a survivor the final classifier gets wrong, not every exit

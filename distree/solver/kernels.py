@@ -394,6 +394,15 @@ def gone_by(passing, levels):
 
 
 @njit(cache=True)
+def _within(row, of):
+    """Whether the bit set ``row`` lies within ``of`` (read up to its first byte that says not)."""
+    for b in range(len(row)):
+        if row[b] & ~of[b]:
+            return False
+    return True
+
+
+@njit(cache=True)
 def dominating_row(packed, enabled, right, gone, n, node_packed, node_enabled, node_right, node_gone, could_right):
     """The first of the ``n`` nodes popped before (rows of ``packed`` survivors, ``enabled`` exits as bit sets,
     ``right`` answers decided, ``gone`` samples gone by each exit, all at the node's depth) that dominates the node
@@ -401,26 +410,9 @@ def dominating_row(packed, enabled, right, gone, n, node_packed, node_enabled, n
     exit, and at least as many right as the node has plus those of the node's extra survivors that could still be
     answered right (``could_right``, a bit set). A row failing a test is left at its first byte that fails it."""
     for r in range(n):
-        if right[r] < node_right:
+        if right[r] < node_right or not _within(enabled[r], node_enabled) or not _within(packed[r], node_packed):
             continue
-        ok = True
-        for w in range(enabled.shape[1]):
-            if enabled[r, w] & ~node_enabled[w]:
-                ok = False
-                break
-        if not ok:
-            continue
-        for b in range(packed.shape[1]):
-            if packed[r, b] & ~node_packed[b]:
-                ok = False
-                break
-        if not ok:
-            continue
-        for j in range(len(node_gone)):
-            if gone[r, j] < node_gone[j]:
-                ok = False
-                break
-        if not ok:
+        if np.any(gone[r] < node_gone):
             continue
         extra = 0
         for b in range(packed.shape[1]):

@@ -165,8 +165,7 @@ def chain_bound(packed, levels, lo, hi, lam, passed, correct, final, n_levels, b
             if past < E:
                 paid = lam if next_right < E or final[i] else 0.0
                 for d in range(D):
-                    beyond[c, d] += min(to_exit_after[last_block, next_right, d] - paid,
-                                        to_exit_after[last_block, next_wrong, d])
+                    beyond[c, d] += _rest(to_exit_after, last_block, d, next_right, next_wrong, paid)
             for j in range(past - 1, k + c - 1, -1):
                 if lo[j] > hi[j]:
                     continue
@@ -174,11 +173,9 @@ def chain_bound(packed, levels, lo, hi, lam, passed, correct, final, n_levels, b
                 jj, lv, b = j - k, min(passes, n_levels[j]), exit_after[j]
                 count[c, jj, lv] += 1.0
                 count_right[c, jj, lv] += answer
-                # to_exit_after rises with the exit, so the rest is the cheaper of the two (module docstring)
                 paid = lam if next_right < E or final[i] else 0.0
                 for d in range(D):
-                    rest_sum[c, jj, lv, d] += min(to_exit_after[b, next_right, d] - paid,
-                                                  to_exit_after[b, next_wrong, d])
+                    rest_sum[c, jj, lv, d] += _rest(to_exit_after, b, d, next_right, next_wrong, paid)
                 if passes >= lo[j]:
                     if answer:
                         next_right = j
@@ -270,6 +267,14 @@ def chain_bound(packed, levels, lo, hi, lam, passed, correct, final, n_levels, b
                 final_ms = left if past < E else return_ms[d] * in_flight[s] - lam * right_at_end[s]
                 end = min(end, value[s, d] + final_ms)
     return end + lam * required
+
+
+@njit(cache=True)
+def _rest(to_exit_after, b, d, next_right, next_wrong, paid):
+    """A survivor's rest bound from device ``d`` with block ``b`` done: the least cost to leave at an exit rises with
+    the exit, so it is the cheaper of the path to its next exit passed and answered right (or the final classifier),
+    less ``paid`` where that answer is right, and to its next one answered wrong (module docstring)."""
+    return min(to_exit_after[b, next_right, d] - paid, to_exit_after[b, next_wrong, d])
 
 
 @njit(cache=True)

@@ -36,6 +36,8 @@ from distree.solver.milp import solve_milp
 from distree.solver.parallel import kicks_on_cores, run_tree
 from distree.solver.plan import WITHIN_GAP
 from distree.solver.problem import check_constraints, clopper_pearson_lower, required_correct
+from distree.solver.solve import sweep_accuracy_drop
+from distree.solver.start import start_levels
 from distree.solver.synthetic import synthetic_case
 from solver_reference import replay
 
@@ -515,6 +517,70 @@ def test_cli_sweep_frontier_and_errors(tmp_path):
         bad = CliRunner().invoke(cli, ["plan", *args, "--jobs", jobs, "-o", str(tmp_path / "t.json")])
         assert bad.exit_code == 2 and bad.output.startswith(f"error: --jobs {jobs} must be at least 1"), bad.output
     assert not (tmp_path / "t.json").exists()
+
+
+def test_cli_plan_starts_from_an_earlier_plan_and_sweeps_seed_each_drop_with_the_last(tmp_path, monkeypatch):
+    """--start: the earlier plan's exits and thresholds, read onto this calibration's grids, seed the local search
+    (its cost here reported), the solve ends no worse than it; a plan of another model or with unknown exits is a
+    one-line error. A sweep solves its drops from the smallest up, each seeded with the plan before, and answers
+    in the order asked."""
+    case = synthetic_case(10, 4, 3, 3, 400, seed=8)
+    args = _write_inputs(tmp_path, case)
+    first = CliRunner().invoke(cli, ["plan", *args, "--accuracy-drop", "0.02", "-o", str(tmp_path / "plan.json")])
+    assert first.exit_code == 0, first.output
+    earlier = Plan.load(tmp_path / "plan.json")
+    assert sum(len(s.exits) for s in earlier.stages) >= 2, "the case no longer enables exits"
+    # the mapping is exact: placed afresh, the plan's own configuration costs what the plan says
+    p, index = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints(accuracy_drop=0.02))
+    levels = start_levels(earlier, case.chain, case.calibration, index)
+    assert place(p, levels).expected_ms == pytest.approx(earlier.expected_latency_ms, rel=1e-12)
+    # a threshold a little off the grid (a calibration made again) reads as the nearest level
+    shifted = dataclasses.replace(earlier, stages=tuple(
+        dataclasses.replace(s, exits=tuple(dataclasses.replace(e, threshold=e.threshold + 1e-6) for e in s.exits))
+        for s in earlier.stages))
+    assert np.array_equal(start_levels(shifted, case.chain, case.calibration, index), levels)
+    res = CliRunner().invoke(cli, ["plan", *args, "--accuracy-drop", "0.05", "--start", str(tmp_path / "plan.json"),
+                                   "-o", str(tmp_path / "again.json")])
+    assert res.exit_code == 0, res.output
+    assert f"started from a plan of {earlier.expected_latency_ms:.3f} ms here" in res.output, res.output
+    again = Plan.load(tmp_path / "again.json")
+    assert again.expected_latency_ms <= earlier.expected_latency_ms + 1e-9
+    assert again.model_stats["start_feasible"] == 1.0
+    # the seed reaches the local search, beside its own starts
+    seen = []
+
+    def spy(problem, **kw):
+        seen.append([tuple(s) for s in kw.get("starts") or []])
+        return local_search(problem, **kw)
+
+    monkeypatch.setattr(importlib.import_module("distree.solver.solve"), "local_search", spy)
+    solve(case.chain, case.calibration, case.profile, case.topology, Constraints(accuracy_drop=0.05, jobs=1),
+          start=earlier)
+    assert tuple(levels) in seen[0] and len(seen[0]) > 1
+    # errors: one line, exit status 2, no output written
+    wrong = tmp_path / "wrong.json"
+    for broken, message in ((dataclasses.replace(earlier, model_sha256="f" * 64), "error: --start: the plan is for "
+                             "model ffffffffffff"),
+                            (dataclasses.replace(earlier, stages=tuple(
+                                dataclasses.replace(s, exits=tuple(dataclasses.replace(e, name="nope")
+                                                                   for e in s.exits)) for s in earlier.stages)),
+                             "error: --start: the plan's exit nope")):
+        broken.save(wrong)
+        for sweep in ([], ["--sweep", "accuracy-drop=0.01,0.02"]):
+            bad = CliRunner().invoke(cli, ["plan", *args, "--start", str(wrong), *sweep, "-o", str(tmp_path / "x.json")])
+            assert bad.exit_code == 2 and bad.output.startswith(message) and bad.output.count("\n") == 1, bad.output
+    bad = CliRunner().invoke(cli, ["plan", *args, "--start", str(tmp_path / "none.json"), "-o", str(tmp_path / "x.json")])
+    assert bad.exit_code == 2 and "no such plan file" in bad.output, bad.output
+    assert not (tmp_path / "x.json").exists()
+    # a sweep: from the smallest drop up, each seeded with the plan before; rows in the order asked
+    drops = [0.05, 0.0, 0.01]
+    points = sweep_accuracy_drop(case.chain, case.calibration, case.profile, case.topology, Constraints(), drops)
+    assert [pt.accuracy_drop for pt in points] == drops and all(pt.plan is not None for pt in points)
+    looser, none, tight = (pt.plan for pt in points)
+    assert "start_ms" not in none.model_stats
+    assert tight.model_stats["start_ms"] <= none.expected_latency_ms + 1e-9
+    assert looser.model_stats["start_ms"] <= tight.expected_latency_ms + 1e-9
+    assert looser.expected_latency_ms <= tight.expected_latency_ms <= none.expected_latency_ms
 
 
 def test_window_bound_never_exceeds_any_completion():

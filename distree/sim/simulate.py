@@ -78,7 +78,7 @@ def choose_plan(plan: Plan, inputs: Inputs, replan: bool, time_limit_s: float) -
     why = (f"plan device(s) {', '.join(dict.fromkeys(missing))} not in the topology" if missing else "--replan")
     constraints = plan_constraints(plan, inputs.calibration.num_samples, time_limit_s,
                                    free_order=not missing and not in_pipeline_order(plan, inputs.topology))
-    fresh = solve(inputs.chain, inputs.calibration, inputs.profile, inputs.topology, constraints)
+    fresh = solve(inputs.chain, inputs.calibration, inputs.profile, inputs.topology, constraints, start=plan)
     return configuration_from_plan(fresh, inputs, name="plan (re-planned)"), f"re-planned: {why}"
 
 

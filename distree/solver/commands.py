@@ -15,7 +15,7 @@ from distree.profiler import Profile, cost_sources
 from distree.serde import write_json_atomic
 from distree.solver.problem import Constraints
 from distree.sim.baselines import idle_device_costs, idle_device_lines
-from distree.sim.inputs import Inputs
+from distree.sim.inputs import Inputs, load_plan
 from distree.solver.report import plot_sweep, print_plan, print_sweep, sweep_rows
 from distree.solver.solve import solve, sweep_accuracy_drop
 from distree.targets.topology import topology_from_flags
@@ -68,19 +68,25 @@ def _parse_sweep(spec: str) -> list[float]:
               help="Solve for several accuracy drops; print the latency-accuracy frontier.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --sweep: write the frontier as PNG.")
+@click.option("--start", "start_path", type=click.Path(path_type=Path), default=None,
+              help="An earlier plan of this model (Plan JSON from `distree plan -o`, or a bundle directory) to start "
+                   "from: its exits and thresholds seed the search, the placement is chosen afresh (a re-plan after "
+                   "re-profiling, for other devices or another accuracy drop starts near it). A seed, not a "
+                   "constraint.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the Plan JSON (with --sweep: the frontier JSON).")
 def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devices: Optional[str],
              topology_path: Optional[Path], accuracy_drop: float, confidence: Optional[float],
              deadline_ms: Optional[float], min_throughput: Optional[float], free_order: bool, time_limit: float,
              gap: float, jobs: Optional[int], solver: str, dump_lp: Optional[Path], sweep: Optional[str],
-             plot_path: Optional[Path], output: Optional[Path]) -> None:
+             plot_path: Optional[Path], start_path: Optional[Path], output: Optional[Path]) -> None:
     """Choose exits, thresholds and cut points of minimal expected latency (a MILP, proven optimal or
     reported with its gap)."""
     chain = Chain.load(chain_path)
     calibration = Calibration.load(calibration_path)
     profile = Profile.load(profile_path)
     topology = topology_from_flags(devices, topology_path)
+    start = load_plan(start_path) if start_path else None
     constraints = Constraints(accuracy_drop=accuracy_drop, confidence=confidence, deadline_ms=deadline_ms,
                               min_throughput=min_throughput, free_order=free_order, time_limit_s=time_limit,
                               gap=gap, jobs=jobs, solver=solver, dump_lp=str(dump_lp) if dump_lp else None)
@@ -89,7 +95,7 @@ def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devic
     if sweep:
         with _status() as status:
             points = sweep_accuracy_drop(chain, calibration, profile, topology, constraints, _parse_sweep(sweep),
-                                         progress=status.update)
+                                         progress=status.update, start=start)
         print_sweep(points)
         if plot_path:
             plot_sweep(points, plot_path)
@@ -98,7 +104,7 @@ def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devic
                                        "plans": [pt.plan.to_dict() if pt.plan else None for pt in points]})
         return
     with _status() as status:
-        plan = solve(chain, calibration, profile, topology, constraints, progress=status.update)
+        plan = solve(chain, calibration, profile, topology, constraints, progress=status.update, start=start)
     print_plan(plan)
     costs = cost_sources(profile)
     click.echo("costs: " + "; ".join(f"{d.name} {costs[d.name]}" for d in topology.devices if d.name in costs))

@@ -252,7 +252,7 @@ def _penalised(p: Problem, levels: np.ndarray, placement: np.ndarray) -> float:
     return ev.expected_ms + 1e6 * max(0, p.required_correct - ev.correct) / p.n_samples
 
 
-def _starts(p: Problem) -> list[np.ndarray]:
+def default_starts(p: Problem) -> list[np.ndarray]:
     """All exits off, and every exit at one common level (a cheap spread of starting points)."""
     top = int(p.n_levels.max()) if p.n_exits else 0
     return [np.minimum(g, p.n_levels) for g in range(top + 1)]
@@ -281,7 +281,7 @@ def local_search(p: Problem, max_rounds: int = 200, time_limit_s: float = np.inf
     """
     stop_at = time.perf_counter() + time_limit_s
     cur, cur_score = None, np.inf
-    for levels in _starts(p) if starts is None else starts:
+    for levels in default_starts(p) if starts is None else starts:
         c = place(p, levels)
         if c is not None and _penalised(p, c.levels, c.placement) < cur_score:
             cur, cur_score = c, _penalised(p, c.levels, c.placement)

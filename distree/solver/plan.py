@@ -56,4 +56,5 @@ class Plan(JsonRecord):
     final_rate: float = 0.0         # share of samples answered by the final classifier
     required_correct: int = 0       # calibration samples the plan had to answer right (the accuracy promise)
     n_samples: int = 0              # calibration samples behind every rate above
-    model_stats: dict[str, float] = field(default_factory=dict)   # MILP size and solve time
+    model_stats: dict[str, float] = field(default_factory=dict)   # MILP size and solve time; with a start
+    #                                 plan (--start, a sweep's previous point): start_ms, start_feasible

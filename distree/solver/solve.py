@@ -18,11 +18,12 @@ from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, Tree, branch_and
 from distree.solver.bounds import BoundTables, bound_tables, widest_window, widest_window_bound, window_prefix_bound
 from distree.solver.classes import PlacementClasses, placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
-from distree.solver.heuristic import Candidate, local_search, no_exit_plan
+from distree.solver.heuristic import Candidate, default_starts, local_search, no_exit_plan, place
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.parallel import kicks_beside, kicks_on_cores, run_tree, side_by_side, usable_cores
 from distree.solver.plan import WITHIN_GAP, ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, check_constraints
+from distree.solver.start import check_start, start_levels
 from distree.targets.spec import Topology
 
 # measured on the loaded 2-core x86 VM: the example's MILP (~144k rows) took 51.8 s to build, load and reach
@@ -78,19 +79,25 @@ REPORT_CONFIDENCE = 0.95      # the accuracy LCB is always reported; at this lev
 
 
 def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
-          constraints: Constraints, progress: Optional[Callable[[str], None]] = None) -> Plan:
+          constraints: Constraints, progress: Optional[Callable[[str], None]] = None,
+          start: Optional[Plan] = None) -> Plan:
     """The plan of minimal expected latency under ``constraints`` (DistreeError if none exists); ``progress``
-    hears one line at a time how far the solve is (for a status line: a solve may take all of --time-limit)."""
+    hears one line at a time how far the solve is (for a status line: a solve may take all of --time-limit);
+    ``start``: an earlier plan of the same model whose exits and thresholds seed the search
+    (:mod:`distree.solver.start`)."""
     problem, index = build_problem(chain, calibration, profile, topology, constraints)
-    return solve_problem(problem, index, chain, calibration, constraints, progress)
+    seed = None if start is None else start_levels(start, chain, calibration, index)
+    return solve_problem(problem, index, chain, calibration, constraints, progress, seed)
 
 
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
-                  constraints: Constraints, progress: Optional[Callable[[str], None]] = None) -> Plan:
+                  constraints: Constraints, progress: Optional[Callable[[str], None]] = None,
+                  seed: Optional[np.ndarray] = None) -> Plan:
     """Local search -> a probing branch and bound (depth first) -> kicks (iterated local search) -> the MILP
     with the time left, when it can be built in time and is small enough to help (MILP_MAX_ROWS); else a
     best-first branch and bound with the time left, carrying the widest window bound that fits (widened first
-    where a short trial of that tree shows the window deciding its bounds).
+    where a short trial of that tree shows the window deciding its bounds). ``seed``: levels the local search
+    also starts from (the plan records what they cost here as ``model_stats["start_ms"]``).
 
     Every stage runs against one deadline, t0 + time_limit_s; building and loading the MILP count too.
     """
@@ -106,13 +113,18 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
             progress(f"plan: {found}; {doing} ({time.perf_counter() - t0:.0f}/{constraints.time_limit_s:g} s)")
 
     tell(None, None, "local search")
+    seeded = None if seed is None else place(p, seed)
     rows = estimated_rows(p)
     limit = constraints.time_limit_s
     tree_route = rows > MILP_MAX_ROWS and not constraints.dump_lp      # the tree's route in any case, given a plan
 
     def first_plan() -> tuple[Optional[Candidate], float, Optional[Candidate]]:
         # what the report needs besides the plan, priced now so that it counts within the limit, not after it
-        return local_search(p, time_limit_s=HEURISTIC_SHARE * limit), relaxed_lower_bound(p), no_exit_plan(p)
+        found = local_search(p, time_limit_s=HEURISTIC_SHARE * limit,
+                             starts=None if seed is None else [seed, *default_starts(p)])
+        if seeded is not None and seeded.feasible and (found is None or seeded.expected_ms < found.expected_ms):
+            found = seeded              # the search may wander off from an infeasible start it scored lower
+        return found, relaxed_lower_bound(p), no_exit_plan(p)
 
     def screen() -> tuple[BoundTables, Optional[PlacementClasses]]:
         tables = bound_tables(p)
@@ -259,10 +271,16 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     else:
         gap = _gap(ev.expected_ms, bound)
     status = "optimal" if result.status == "optimal" or gap <= OPTIMALITY_TOLERANCE else result.status
-    return make_plan(p, index, chain, calibration, constraints, engine, levels, placement, ev,
+    plan = make_plan(p, index, chain, calibration, constraints, engine, levels, placement, ev,
                      no_exit_ms=base.expected_ms if base is not None else float("nan"),
                      result=dataclasses.replace(result, bound=bound, status=status), gap=gap,
                      wall_s=time.perf_counter() - t0)
+    if seed is None:
+        return plan
+    # what the seed's configuration costs here, placed afresh (none: no placement of it fits the memory)
+    start = {"start_feasible": 0.0} if seeded is None else {"start_ms": seeded.expected_ms,
+                                                            "start_feasible": float(seeded.feasible)}
+    return dataclasses.replace(plan, model_stats={**plan.model_stats, **start})
 
 
 def _over(tree: BnbResult) -> str:
@@ -399,20 +417,26 @@ class SweepPoint:
 
 def sweep_accuracy_drop(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
                         constraints: Constraints, drops: list[float],
-                        progress: Optional[Callable[[str], None]] = None) -> list[SweepPoint]:
-    """The latency-accuracy frontier: one solve per allowed drop (the MILP for each is independent). A drop
-    that no plan meets is a row that says why; a drop that is no drop at all (say -0.1) is an error, before
-    any solve."""
+                        progress: Optional[Callable[[str], None]] = None,
+                        start: Optional[Plan] = None) -> list[SweepPoint]:
+    """The latency-accuracy frontier: one solve per allowed drop, in the order given. They run from the smallest
+    drop up, each seeded with the plan of the one before (``start`` seeds the first): a plan that keeps within a
+    drop keeps within every larger one, so each solve starts from a feasible plan. A drop that no plan meets is a
+    row that says why; a drop that is no drop at all (say -0.1) is an error, before any solve."""
     if not drops:
         raise DistreeError("the sweep has no accuracy drops; give some, e.g. accuracy-drop=0,0.01,0.02")
     swept = [dataclasses.replace(constraints, accuracy_drop=drop, dump_lp=None) for drop in drops]
     for c in swept:
         check_constraints(c)
-    points = []
-    for drop, c in zip(drops, swept):
+    if start is not None:
+        check_start(start, chain, calibration)
+    points: dict[int, SweepPoint] = {}
+    for k in sorted(range(len(drops)), key=lambda k: drops[k]):
+        drop = drops[k]
         try:
             told = None if progress is None else (lambda msg, drop=drop: progress(f"accuracy drop {drop:g}: {msg}"))
-            points.append(SweepPoint(drop, solve(chain, calibration, profile, topology, c, told)))
+            plan = solve(chain, calibration, profile, topology, swept[k], told, start)
+            points[k], start = SweepPoint(drop, plan), plan
         except DistreeError as exc:
-            points.append(SweepPoint(drop, None, str(exc)))
-    return points
+            points[k] = SweepPoint(drop, None, str(exc))
+    return [points[k] for k in range(len(drops))]

@@ -37,7 +37,7 @@ from distree.solver.parallel import kicks_on_cores, run_tree
 from distree.solver.plan import WITHIN_GAP
 from distree.solver.problem import check_constraints, clopper_pearson_lower, required_correct
 from distree.solver.solve import sweep_accuracy_drop
-from distree.solver.start import start_levels
+from distree.solver.start import start_levels, start_placement
 from distree.solver.synthetic import synthetic_case
 from solver_reference import replay
 
@@ -534,6 +534,9 @@ def test_cli_plan_starts_from_an_earlier_plan_and_sweeps_seed_each_drop_with_the
     p, index = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints(accuracy_drop=0.02))
     levels = start_levels(earlier, case.chain, case.calibration, index)
     assert place(p, levels).expected_ms == pytest.approx(earlier.expected_latency_ms, rel=1e-12)
+    own = start_placement(earlier, p.devices)          # and its own placement, where its devices are all here
+    assert evaluate(p, levels, own).expected_ms == pytest.approx(earlier.expected_latency_ms, rel=1e-12)
+    assert start_placement(earlier, tuple(d + "x" for d in p.devices)) is None
     # a threshold a little off the grid (a calibration made again) reads as the nearest level
     shifted = dataclasses.replace(earlier, stages=tuple(
         dataclasses.replace(s, exits=tuple(dataclasses.replace(e, threshold=e.threshold + 1e-6) for e in s.exits))

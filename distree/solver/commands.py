@@ -70,9 +70,9 @@ def _parse_sweep(spec: str) -> list[float]:
               help="With --sweep: write the frontier as PNG.")
 @click.option("--start", "start_path", type=click.Path(path_type=Path), default=None,
               help="An earlier plan of this model (Plan JSON from `distree plan -o`, or a bundle directory) to start "
-                   "from: its exits and thresholds seed the search, the placement is chosen afresh (a re-plan after "
-                   "re-profiling, for other devices or another accuracy drop starts near it). A seed, not a "
-                   "constraint.")
+                   "from: its exits and thresholds seed the search, on its own placement where its devices are all "
+                   "here and on the best one for them (a re-plan after re-profiling, for other devices or another "
+                   "accuracy drop starts near it and ends no worse where it is feasible). A seed, not a constraint.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the Plan JSON (with --sweep: the frontier JSON).")
 def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devices: Optional[str],

@@ -18,12 +18,12 @@ from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, Tree, branch_and
 from distree.solver.bounds import BoundTables, bound_tables, widest_window, widest_window_bound, window_prefix_bound
 from distree.solver.classes import PlacementClasses, placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
-from distree.solver.heuristic import Candidate, default_starts, local_search, no_exit_plan, place
+from distree.solver.heuristic import Candidate, default_starts, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.parallel import kicks_beside, kicks_on_cores, run_tree, side_by_side, usable_cores
 from distree.solver.plan import WITHIN_GAP, ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, check_constraints
-from distree.solver.start import check_start, start_levels
+from distree.solver.start import check_start, seed_candidate, start_levels, start_placement
 from distree.targets.spec import Topology
 
 # measured on the loaded 2-core x86 VM: the example's MILP (~144k rows) took 51.8 s to build, load and reach
@@ -86,18 +86,20 @@ def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: To
     ``start``: an earlier plan of the same model whose exits and thresholds seed the search
     (:mod:`distree.solver.start`)."""
     problem, index = build_problem(chain, calibration, profile, topology, constraints)
-    seed = None if start is None else start_levels(start, chain, calibration, index)
+    seed = None if start is None else (start_levels(start, chain, calibration, index),
+                                       start_placement(start, problem.devices))
     return solve_problem(problem, index, chain, calibration, constraints, progress, seed)
 
 
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
                   constraints: Constraints, progress: Optional[Callable[[str], None]] = None,
-                  seed: Optional[np.ndarray] = None) -> Plan:
+                  seed: Optional[tuple[np.ndarray, Optional[np.ndarray]]] = None) -> Plan:
     """Local search -> a probing branch and bound (depth first) -> kicks (iterated local search) -> the MILP
     with the time left, when it can be built in time and is small enough to help (MILP_MAX_ROWS); else a
     best-first branch and bound with the time left, carrying the widest window bound that fits (widened first
     where a short trial of that tree shows the window deciding its bounds). ``seed``: levels the local search
-    also starts from (the plan records what they cost here as ``model_stats["start_ms"]``).
+    also starts from, and their placement where known (the plan records what the seed costs here as
+    ``model_stats["start_ms"]``).
 
     Every stage runs against one deadline, t0 + time_limit_s; building and loading the MILP count too.
     """
@@ -113,7 +115,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
             progress(f"plan: {found}; {doing} ({time.perf_counter() - t0:.0f}/{constraints.time_limit_s:g} s)")
 
     tell(None, None, "local search")
-    seeded = None if seed is None else place(p, seed)
+    seeded = None if seed is None else seed_candidate(p, *seed)
     rows = estimated_rows(p)
     limit = constraints.time_limit_s
     tree_route = rows > MILP_MAX_ROWS and not constraints.dump_lp      # the tree's route in any case, given a plan
@@ -121,7 +123,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     def first_plan() -> tuple[Optional[Candidate], float, Optional[Candidate]]:
         # what the report needs besides the plan, priced now so that it counts within the limit, not after it
         found = local_search(p, time_limit_s=HEURISTIC_SHARE * limit,
-                             starts=None if seed is None else [seed, *default_starts(p)])
+                             starts=None if seed is None else [seed[0], *default_starts(p)])
         if seeded is not None and seeded.feasible and (found is None or seeded.expected_ms < found.expected_ms):
             found = seeded              # the search may wander off from an infeasible start it scored lower
         return found, relaxed_lower_bound(p), no_exit_plan(p)
@@ -277,7 +279,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
                      wall_s=time.perf_counter() - t0)
     if seed is None:
         return plan
-    # what the seed's configuration costs here, placed afresh (none: no placement of it fits the memory)
+    # what the seed costs here (none: no placement of its configuration fits the memory)
     start = {"start_feasible": 0.0} if seeded is None else {"start_ms": seeded.expected_ms,
                                                             "start_feasible": float(seeded.feasible)}
     return dataclasses.replace(plan, model_stats={**plan.model_stats, **start})

@@ -429,7 +429,7 @@ def test_infeasible_accuracy_names_the_smallest_drop():
               dataclasses.replace(c, accuracy_drop=max(0.0, drop - 0.002)))
 
 
-def test_infeasible_memory_and_deadline_are_explained():
+def test_infeasible_memory_deadline_and_throughput_are_explained():
     case = synthetic_case(6, 2, 2, 2, 100, seed=4, memory_slack=0.05)
     small = dataclasses.replace(case.topology, devices=tuple(
         dataclasses.replace(d, memory_bytes=d.runtime_overhead_bytes + 1000) for d in case.topology.devices))
@@ -441,6 +441,16 @@ def test_infeasible_memory_and_deadline_are_explained():
     needed = float(re.search(r"use --deadline-ms ([0-9.]+)", str(err.value)).group(1))
     c = Constraints(deadline_ms=needed)
     _check_plan(solve(roomy.chain, roomy.calibration, roomy.profile, roomy.topology, c), roomy, c)
+    # a rate no plan sustains names the highest that one does (proven: a little more fails, there for want of the
+    # accuracy that the exits lowering the busiest stage's time cost), which then works
+    with pytest.raises(DistreeError, match="throughput") as err:
+        solve(roomy.chain, roomy.calibration, roomy.profile, roomy.topology, Constraints(min_throughput=1e6))
+    rate = float(re.search(r"the most any plan sustains is ([0-9.]+) requests/s .* use --min-throughput \1 or less",
+                           str(err.value)).group(1))
+    c = Constraints(min_throughput=rate)
+    _check_plan(solve(roomy.chain, roomy.calibration, roomy.profile, roomy.topology, c), roomy, c)
+    with pytest.raises(DistreeError, match="infeasible plan"):
+        solve(roomy.chain, roomy.calibration, roomy.profile, roomy.topology, Constraints(min_throughput=rate * 1.02))
 
 
 def test_missing_profile_entry_is_a_user_error():

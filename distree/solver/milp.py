@@ -42,6 +42,7 @@ LE, GE, EQ = pulp.LpConstraintLE, pulp.LpConstraintGE, pulp.LpConstraintEQ
 # (measured: 12-block, 6-exit, 8-level, 2,500-sample case on 3 devices, 26 s -> 10-12 s to optimality).
 HIGHS_OPTIONS = {"mip_pool_soft_limit": 100, "mip_lp_age_limit": 5}
 PROVEN_GAP = 1e-6                 # the relative MIP gap at which a plan counts as proven optimal
+OBJECTIVES = ("latency", "correct", "bottleneck")    # what a Model minimises (solve_milp)
 
 
 @dataclass(frozen=True)
@@ -170,9 +171,11 @@ def _stdout_to_devnull():
 class Model:
     """The PuLP model and the variables needed to read a solution back."""
 
-    def __init__(self, p: Problem, r: Reduced, maximize_correct: bool = False):
+    def __init__(self, p: Problem, r: Reduced, objective: str = "latency"):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective {objective!r}: one of {OBJECTIVES}")
         self.p, self.r = p, r
-        self.maximize_correct = maximize_correct
+        self.objective = objective
         self.lp = pulp.LpProblem("distree_plan", pulp.LpMinimize)
         self._build()
 
@@ -294,8 +297,13 @@ class Model:
         for (b, d, e), v in f.items():
             if d != e:
                 obj.append(p.cut_ms[d, e, b + 1] * v)
-        # (the diagnostic variant asks instead for the most correct answers any plan can give)
-        self.lp += -self.correct if self.maximize_correct else lin(obj)
+        # (the diagnostic variants ask instead for the most correct answers any plan can give, or for the least
+        # expected busy time of its busiest stage: the highest request rate it sustains)
+        if self.objective == "bottleneck":
+            self.busiest = self.lp.add_variable("busiest_stage_ms", lowBound=0)
+            self.lp += self.busiest
+        else:
+            self.lp += -self.correct if self.objective == "correct" else lin(obj)
 
         # --- memory per device --------------------------------------------------------------------------
         # rows are in units of the device's capacity: byte counts (1e6..1e9) would wreck the scaling
@@ -329,11 +337,14 @@ class Model:
             self._add(worst <= p.deadline_ms, "deadline")
 
         # --- throughput: expected busy time per stage -----------------------------------------------------
-        if p.busy_cap_ms is not None:
+        if p.busy_cap_ms is not None or self.objective == "bottleneck":
             for d in range(D):
                 busy = lin(p.block_ms[d, b] * y[b, d] for b in range(B)) + lin(
                     p.head_ms[d, r.exits[j]] * hy[j, d] for j in range(E))
-                self._add(busy <= p.busy_cap_ms, f"throughput_d{d}")
+                if p.busy_cap_ms is not None:
+                    self._add(busy <= p.busy_cap_ms, f"throughput_d{d}")
+                if self.objective == "bottleneck":
+                    self._add(busy <= self.busiest, f"busiest_d{d}")
 
     def start_values(self, levels: np.ndarray, placement: np.ndarray) -> dict[str, float]:
         """Values of the integer variables for a known plan (a warm start)."""
@@ -361,13 +372,15 @@ class Model:
 
 def solve_milp(p: Problem, time_limit_s: float = 60.0, solver: str = "highs",
                start: tuple[np.ndarray, np.ndarray] | None = None, dump_lp: str | None = None,
-               msg: bool = False, maximize_correct: bool = False, rel_gap: float = 0.0) -> MilpResult:
+               msg: bool = False, objective: str = "latency", rel_gap: float = 0.0) -> MilpResult:
     """``rel_gap``: stop once the plan is proven within this share of the optimum (``--gap``; the solver's
-    relative MIP gap), status ``within-gap`` when it stops above 1e-6."""
+    relative MIP gap), status ``within-gap`` when it stops above 1e-6. ``objective`` (OBJECTIVES): the expected
+    latency; or, to explain an infeasible problem, the most right answers (minimised as their negative) or the
+    busiest stage's expected busy time per request; the result's objective and bound are in those terms."""
     t0 = time.perf_counter()
     gap_rel = max(PROVEN_GAP, rel_gap)
     r = reduce(p)
-    model = Model(p, r, maximize_correct=maximize_correct)
+    model = Model(p, r, objective=objective)
     if dump_lp:
         model.lp.writeLP(dump_lp)
     warm = model.start_values(*start) if start is not None else None

@@ -355,8 +355,7 @@ def explain_infeasible(p: Problem, index: ProblemIndex, c: Constraints) -> str:
     n = p.n_samples
     if best_correct is None:
         if p.busy_cap_ms is not None:
-            return (f"infeasible plan: throughput: no plan keeps every stage under {p.busy_cap_ms:.3f} ms of "
-                    f"expected compute per request; lower --min-throughput or add a device")
+            return _throughput_reason(p, c)
         return "infeasible plan: deadline and memory together leave no plan; relax --deadline-ms or add memory"
     acc = best_correct / n
     reach = clopper_pearson_lower(best_correct, n, c.confidence) if c.confidence else acc
@@ -365,6 +364,29 @@ def explain_infeasible(p: Problem, index: ProblemIndex, c: Constraints) -> str:
     return (f"infeasible plan: accuracy: the best reachable accuracy is {acc:.4f} ({best_correct}/{n}){conf}, "
             f"below full-model accuracy {index.full_accuracy:.4f} - --accuracy-drop {c.accuracy_drop:g}; "
             f"the smallest --accuracy-drop that works is {np.ceil(drop * 1e4) / 1e4:.4f}")
+
+
+def _throughput_reason(p: Problem, c: Constraints) -> str:
+    """The highest --min-throughput a plan meeting the other constraints sustains: the least expected busy time of
+    its busiest stage (a MILP; with the accuracy bound where some plan meets it, else at any accuracy)."""
+    head = (f"infeasible plan: throughput: no plan keeps every stage under {p.busy_cap_ms:.3f} ms of expected "
+            f"compute per request")
+    free = p.replace(busy_cap_ms=None)
+    for problem, accuracy in ((free, ""), (free.replace(required_correct=0), " at any accuracy")):
+        r = solve_milp(problem, time_limit_s=c.time_limit_s, solver=c.solver, objective="bottleneck")
+        if r.levels is not None:
+            break
+    else:
+        return f"{head}; deadline and memory leave no plan either: relax --deadline-ms or add memory"
+    busiest = float(evaluate(problem, r.levels, r.placement).busy_ms.max())
+    rate = np.floor(1000.0 / busiest * 10) / 10            # rounded down: that setting works
+    if r.status == "optimal":
+        return (f"{head}; the most any plan sustains{accuracy} is {rate:g} requests/s (its busiest stage "
+                f"{busiest:.3f} ms); use --min-throughput {rate:g} or less, or add a device")
+    most = f", none more than {1000.0 / r.bound:.1f}" if r.bound > 0 else ""
+    return (f"{head}; a plan found within --time-limit {c.time_limit_s:g} s sustains {rate:g} requests/s"
+            f"{accuracy} (its busiest stage {busiest:.3f} ms{most}); use --min-throughput {rate:g} or less, or "
+            f"add a device")
 
 
 def _placement_reasons(p: Problem) -> list[str]:
@@ -402,7 +424,7 @@ def _fastest_no_exit_path(p: Problem, levels: np.ndarray) -> float:
 def _max_correct(p: Problem, c: Constraints) -> Optional[int]:
     """Most correct answers any plan meeting the other constraints gives (a MILP with that objective)."""
     r = solve_milp(p.replace(required_correct=0), time_limit_s=c.time_limit_s, solver=c.solver,
-                   maximize_correct=True)
+                   objective="correct")
     if r.levels is None:
         return None
     return evaluate(p, r.levels, r.placement).correct

@@ -200,6 +200,7 @@ def test_cli_json_plot_and_what_ifs(case, plan, tmp_path):
     assert r.exit_code == 0, r.output
     re_doc = json.loads(r.output)
     assert re_doc["mode"].startswith("re-planned") and gone in re_doc["mode"]
+    assert re_doc["mode"].endswith("seeded with the plan"), re_doc["mode"]
     assert gone not in re_doc["configurations"][0]["description"]
 
 

@@ -74,12 +74,18 @@ def choose_plan(plan: Plan, inputs: Inputs, replan: bool, time_limit_s: float) -
     if not replan and not missing:
         return configuration_from_plan(plan, inputs), "same plan"
     from distree.solver.solve import solve
+    from distree.solver.start import check_start
 
     why = (f"plan device(s) {', '.join(dict.fromkeys(missing))} not in the topology" if missing else "--replan")
     constraints = plan_constraints(plan, inputs.calibration.num_samples, time_limit_s,
                                    free_order=not missing and not in_pipeline_order(plan, inputs.topology))
-    fresh = solve(inputs.chain, inputs.calibration, inputs.profile, inputs.topology, constraints, start=plan)
-    return configuration_from_plan(fresh, inputs, name="plan (re-planned)"), f"re-planned: {why}"
+    try:                            # the plan seeds the solve where its model and exits are these
+        check_start(plan, inputs.chain, inputs.calibration)
+        start, seeded = plan, "seeded with the plan"
+    except DistreeError:
+        start, seeded = None, "not seeded: the plan's model or exits are not these inputs'"
+    fresh = solve(inputs.chain, inputs.calibration, inputs.profile, inputs.topology, constraints, start=start)
+    return configuration_from_plan(fresh, inputs, name="plan (re-planned)"), f"re-planned: {why}; {seeded}"
 
 
 def simulate(plan: Plan, inputs: Inputs, loads: Optional[Sequence[Load]] = None, requests: Optional[int] = None,

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import compiler_fixtures as cf
 from distree.cli import cli
 from distree.compiler.pipeline import CompileOptions, compile_model
+from distree.compiler.summary import summary_dict
 from distree.profiler import Profile, TimingSettings, profile_model
 from distree.runtime.executor import remaining_ms
 from distree.targets import host_device, load_topology
@@ -114,6 +115,20 @@ def test_deadline_estimates_for_a_device_not_at_hand_come_from_its_profile(setup
     assert remaining_ms(result.manifest).on_entry[0] == pytest.approx(sum(s.expected_ms for s in segments))
 
 
+def test_a_compile_starts_from_an_earlier_bundles_plan(setup):
+    """`compile --start BUNDLE` (the one -o replaces, say): its plan seeds the solve, which ends no slower; the
+    plan stage is not answered from the cache of an unseeded one."""
+    tmp, tiny, topology, _, path = setup
+    first = _compile(tmp, tiny, topology, [path], "bundle_first")
+    options = CompileOptions(topology=topology, backend="ort", time_limit_s=10, accuracy_drop=0.05, profiles=(path,),
+                             start=first.bundle)
+    again = compile_model(tiny.path, tmp / "calib.npz", first.bundle, options, cache_dir=tmp / "cache")
+    assert "plan" not in again.cached and "profile" in again.cached
+    assert again.plan.model_stats["start_ms"] == pytest.approx(first.plan.expected_latency_ms, rel=1e-9)
+    assert again.plan.expected_latency_ms <= first.plan.expected_latency_ms + 1e-9
+    assert summary_dict(again)["solver"]["start_ms"] == again.plan.model_stats["start_ms"]
+
+
 def _cli_error(tmp, tiny, *args: str) -> str:
     res = CliRunner().invoke(cli, ["compile", str(tiny.path), "--data", str(tmp / "calib.npz"), "-o",
                                    str(tmp / "refused"), "--cache-dir", str(tmp / "cache"), "--backend", "ort", *args])
@@ -124,6 +139,14 @@ def _cli_error(tmp, tiny, *args: str) -> str:
 
 def test_profiles_that_cannot_stand_for_the_compile_are_refused(setup):
     tmp, tiny, topology, measured, path = setup
+    # so is a start plan that is none, or one of another model
+    out = _cli_error(tmp, tiny, "--topology", str(topology), "--start", str(tmp / "none.json"))
+    assert out.startswith("error: ") and "no such plan file" in out and "\n" not in out, out
+    _cli_error(tmp, tiny, "--topology", str(topology), "--start", str(path))      # a Profile, not a Plan
+    first = _compile(tmp, tiny, topology, [path], "bundle_other")
+    dataclasses.replace(first.plan, model_sha256="f" * 64).save(tmp / "other.json")
+    out = _cli_error(tmp, tiny, "--topology", str(topology), "--profile", str(path), "--start", str(tmp / "other.json"))
+    assert out.splitlines()[-1].startswith("error: --start: the plan is for model ffffffffffff"), out
     with_topology = ("--topology", str(topology))
     out = _cli_error(tmp, tiny, "--devices", "pi4,host", "--profile", str(path))
     assert "profiles edge, which is not among the devices (pi4, host)" in out

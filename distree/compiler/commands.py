@@ -84,13 +84,16 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 @click.option("--input-shape", multiple=True, help="Fix an input's shape: name=1,1,28,28.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="Threads for host measurements.")
 @click.option("--require-aot-cuda", is_flag=True, help="Fail instead of shipping CUDA source when nvcc is missing.")
+@click.option("--start", "start", default=None, type=click.Path(),
+              help="An earlier plan of this model (a bundle, e.g. the one -o replaces, or a Plan JSON) seeding the "
+                   "solve: the new plan is no slower wherever that one still fits (`distree plan --start`).")
 @click.option("--cache-dir", default=".distree-cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, output: str, accuracy_drop: float,
                 confidence: Optional[float], score_kind: str, backend: str, tune_minutes: float, time_limit: float,
                 gap: float, jobs: Optional[int], rpc: tuple[str, ...], profiles: tuple[str, ...],
                 input_shape: tuple[str, ...], threads: int,
-                require_aot_cuda: bool, cache_dir: str, as_json: bool) -> None:
+                require_aot_cuda: bool, start: Optional[str], cache_dir: str, as_json: bool) -> None:
     """Compile MODEL into a bundle: inspect, exits, calibrate, profile, plan, build (each stage cached)."""
     from distree.compiler.pipeline import CompileOptions, compile_model
     from distree.compiler.summary import print_summary, summary_dict
@@ -100,7 +103,7 @@ def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, ou
         accuracy_drop=accuracy_drop, confidence=confidence, score_kind=score_kind, backend=backend,
         tune_minutes=tune_minutes, time_limit_s=time_limit, gap=gap, jobs=jobs, rpc=_parse_rpc(rpc),
         profiles=tuple(map(Path, profiles)), input_shapes=_parse_shapes(input_shape), threads=threads,
-        require_aot_cuda=require_aot_cuda)
+        require_aot_cuda=require_aot_cuda, start=Path(start) if start else None)
     console = _console()
     with console.status("compiling ...") as status, _stdout_to_stderr():
         def log(msg: str) -> None:

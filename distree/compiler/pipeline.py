@@ -27,8 +27,9 @@ from distree.graph import Chain, build_chain, load_model, model_sha256
 from distree.profiler import Profile, cost_sources, device_part, merge_profiles, planning_items, profile_model
 from distree.serde import write_bytes_atomic, write_json_atomic
 from distree.sim.baselines import idle_device_costs
-from distree.sim.inputs import Inputs
+from distree.sim.inputs import Inputs, load_plan
 from distree.solver import Constraints, Plan, check_constraints, solve
+from distree.solver.start import check_start
 from distree.targets import load_topology, topology_for
 from distree.targets.spec import Topology
 
@@ -54,6 +55,7 @@ class CompileOptions:
     threads: int = 1
     seed: int = 0
     require_aot_cuda: bool = False
+    start: Optional[Path] = None        # an earlier plan (Plan JSON or bundle) seeding the solve (`plan --start`)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     check_bundle_target(out_dir)           # an -o folder that is not a bundle (it would be replaced),
     topology = _topology(options)          # unknown devices
     given = _given_profiles(options, topology)     # profiles of other devices or models, unreadable ones
+    start = load_plan(options.start) if options.start else None     # a start plan that is not one
     if options.backend != "ort":
         for dev in topology.devices:
             cross_compiler(dev)                # so does a missing cross compiler
@@ -114,10 +117,12 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
                         compute=lambda: _profile(model, chain, exits, topology, options, given, cache.root, log,
                                                  progress))
 
+    if start is not None:
+        check_start(start, chain, calibration)     # of another model, or with exits these are not
     plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s, options.gap,
-                    constraints.jobs)
-    plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints, progress),
-                     record=Plan)
+                    constraints.jobs, start.to_dict() if start is not None else None)
+    plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints, progress,
+                                                     start), record=Plan)
 
     bundle = cache.timed("build", lambda: build_bundle(
         model, chain, plan, topology, calibration, out_dir, backend=options.backend,

@@ -8,6 +8,7 @@ from typing import Any
 from distree.compiler.manifest import Manifest
 from distree.sim.baselines import idle_device_lines
 from distree.solver.plan import WITHIN_GAP
+from distree.solver.report import start_note
 
 
 def device_sizes(bundle: Path, manifest: Manifest) -> dict[str, dict[str, int]]:
@@ -31,7 +32,7 @@ def summary_dict(result) -> dict[str, Any]:
         "no_exit_latency_ms": plan.no_exit_latency_ms, "accuracy": plan.accuracy, "accuracy_lcb": plan.accuracy_lcb,
         "full_model_accuracy": plan.full_model_accuracy,
         "solver": {"engine": plan.solver, "status": plan.status, "gap": plan.gap, "bound_ms": plan.bound_ms,
-                   "wall_s": plan.wall_s},
+                   "wall_s": plan.wall_s, "start_ms": plan.model_stats.get("start_ms")},
         "stages": [{"device": st.name, "blocks": [st.first_block, st.last_block],
                     "segments": [{"file": s.file, "backend": s.backend, "ratio": s.ratio, "exit": s.exit,
                                   "reason": s.backend_reason} for s in st.segments]} for st in m.stages],
@@ -70,6 +71,8 @@ def print_summary(result, console) -> None:
     elif plan.status != "optimal":
         console.print(f"[yellow]plan not proven optimal[/yellow] in {plan.wall_s:.0f} s: no plan is faster than "
                       f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%}); a longer --time-limit searches further")
+    if start_note(plan):
+        console.print(start_note(plan))
     console.print("costs: " + "; ".join(f"{device} {how}" for device, how in result.costs.items()))
     for line in idle_device_lines(result.idle_ms, plan.expected_latency_ms, f"`distree simulate {result.bundle}`"):
         console.print(line, highlight=False)

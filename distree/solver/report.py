@@ -47,11 +47,19 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     stats = plan.model_stats
     milp = (f"; MILP {stats['variables']:.0f} variables, {stats['constraints']:.0f} rows, "
             f"{stats['sample_classes']:.0f} sample classes" if stats.get("variables") else "")
-    seeded = ("" if "start_feasible" not in stats else
-              "; started from a plan whose configuration fits no device here" if "start_ms" not in stats else
-              f"; started from a plan of {stats['start_ms']:.3f} ms here"
-              + ("" if stats["start_feasible"] else " (infeasible here)"))
-    console.print(f"  ({plan.sol_status}{milp}{seeded})", style="dim")
+    seeded = start_note(plan)
+    console.print(f"  ({plan.sol_status}{milp}{'; ' + seeded if seeded else ''})", style="dim")
+
+
+def start_note(plan: Plan) -> str:
+    """What the plan a solve started from (``--start``) cost in it; "" when it started from none."""
+    stats = plan.model_stats
+    if "start_feasible" not in stats:
+        return ""
+    if "start_ms" not in stats:
+        return "started from a plan whose configuration fits no device here"
+    return (f"started from a plan of {stats['start_ms']:.3f} ms here"
+            + ("" if stats["start_feasible"] else " (infeasible here)"))
 
 
 def sweep_rows(points) -> list[dict]:

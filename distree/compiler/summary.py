@@ -71,8 +71,9 @@ def print_summary(result, console) -> None:
     elif plan.status != "optimal":
         console.print(f"[yellow]plan not proven optimal[/yellow] in {plan.wall_s:.0f} s: no plan is faster than "
                       f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%}); a longer --time-limit searches further")
-    if start_note(plan):
-        console.print(start_note(plan))
+    started = start_note(plan)
+    if started:
+        console.print(started)
     console.print("costs: " + "; ".join(f"{device} {how}" for device, how in result.costs.items()))
     for line in idle_device_lines(result.idle_ms, plan.expected_latency_ms, f"`distree simulate {result.bundle}`"):
         console.print(line, highlight=False)

@@ -455,12 +455,13 @@ def sweep_accuracy_drop(chain: Chain, calibration: Calibration, profile: Profile
     if start is not None:
         check_start(start, chain, calibration)
     points: dict[int, SweepPoint] = {}
+    seed = start                        # the plan of the last drop solved (a plan within it is within the next)
     for k in sorted(range(len(drops)), key=lambda k: drops[k]):
         drop = drops[k]
         try:
             told = None if progress is None else (lambda msg, drop=drop: progress(f"accuracy drop {drop:g}: {msg}"))
-            plan = solve(chain, calibration, profile, topology, swept[k], told, start)
-            points[k], start = SweepPoint(drop, plan), plan
+            plan = solve(chain, calibration, profile, topology, swept[k], told, seed)
+            points[k], seed = SweepPoint(drop, plan), plan
         except DistreeError as exc:
             points[k] = SweepPoint(drop, None, str(exc))
     return [points[k] for k in range(len(drops))]

@@ -51,6 +51,27 @@ def _pipeline(bundle: Path) -> tuple[StageProcess, StageProcess]:
     return _served(bundle, "host", pi4.address), pi4
 
 
+def _stop_every_thread(proc: subprocess.Popen) -> None:
+    """SIGSTOP, and wait until the kernel has stopped every thread: it is delivered to one thread, which stops
+    the rest when next scheduled, so on a loaded machine the others may serve one more request before that."""
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while not all(state in "tT" for state in _thread_states(proc.pid)):
+        assert time.monotonic() < deadline, f"pid {proc.pid} did not stop within 10 s of SIGSTOP"
+        time.sleep(0.001)
+
+
+def _thread_states(pid: int) -> list[str]:
+    """Each live thread's state letter from /proc (a thread may end while we read)."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            states.append(stat.read_text().rpartition(")")[2].split()[0])
+        except FileNotFoundError:
+            continue
+    return states
+
+
 @pytest.fixture(scope="module")
 def served(bundle):
     host, pi4 = _pipeline(bundle)
@@ -151,7 +172,7 @@ def test_dead_or_stuck_next_stage_is_a_clear_error_not_a_hang(bundle):
     try:
         with InferenceClient(host.address, timeout_s=3.0) as client:
             assert client.infer(data.x[index]).exit == FINAL
-            pi4.proc.send_signal(signal.SIGSTOP)            # alive but not answering
+            _stop_every_thread(pi4.proc)                    # alive but not answering
             t0 = time.monotonic()
             with pytest.raises(ServeError, match=f"next stage pi4 at {pi4.address} did not answer within"):
                 client.infer(data.x[index])

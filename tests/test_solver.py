@@ -28,7 +28,7 @@ from distree.solver.bnb import Tree, _Search, branch_and_bound
 from distree.solver.bounds import (WindowTerms, best_multiplier, bound_tables, nested_window_bounds,
                                    widest_window_bound, window_bound)
 from distree.solver.brute import all_configurations, all_placements
-from distree.solver.chain import chain_tables
+from distree.solver.chain import chain_bound, chain_bounds_by_level, chain_tables
 from distree.solver.classes import PlacementClasses, StageClass, _coarse_to_fine
 from distree.solver.costs import best_placement, evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, _MoveScorer, _penalised, iterated_local_search, local_search, place
@@ -1312,9 +1312,10 @@ def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beat
     best plan below the node in its class (every configuration and placement enumerated), and above the node's
     own bound at thousands of them; over every placement (a tree not split into classes), never above the best
     plan below the node nor the class's value; looking fewer exits ahead (``horizon``), never above its value
-    looking at all (and below it at thousands); a tree using it, split into classes or not, looking at every later
-    exit or only the next, proves the optimum."""
-    checked = tighter = broken = cut = 0
+    looking at all (and below it at thousands); the children's values in one pass (``chain_bounds_by_level``, what
+    a tree's children get) each equal to its own; a tree using it, split into classes or not, looking at every
+    later exit or only the next, proves the optimum."""
+    checked = tighter = broken = cut = by_level = 0
     rng = np.random.default_rng(0)
     for seed, drawn in _enumerable_class_problems(range(120)):
         if drawn.free_order:
@@ -1346,7 +1347,18 @@ def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beat
                 if narrowed is None:                # short of right answers: nothing below it
                     assert best == np.inf, (seed, search.stage_class, node.levels)
                     continue
+                kids = search.children(node) if node.depth + 1 < problem.n_exits else []
                 for limits in {id(x): x for x in (search.all_levels, narrowed.limits) if x is not None}.values():
+                    for horizon in (99, 1):     # the children's in one pass: each child's own value, exactly
+                        args = search._chain_args(limits, search.tables.lam, chained, search.stage_class.device,
+                                                  horizon)
+                        together = chain_bounds_by_level(node.packed, np.asarray(node.levels, dtype=np.int64),
+                                                         np.array([k.levels[-1] for k in kids], dtype=np.int64),
+                                                         *args) if kids else []
+                        for kid, value in zip(kids, together):
+                            alone = chain_bound(kid.packed, np.asarray(kid.levels, dtype=np.int64), *args)
+                            assert value == pytest.approx(alone, rel=1e-12, abs=1e-9), (seed, kid.levels)
+                            by_level += 1
                     for factor in (0.0, 0.5, 1.0, 2.0, 4.0):
                         lam = factor * search.tables.lam
                         value = search.chain_value(node, limits, lam, chained, search.stage_class.device, 99)
@@ -1360,7 +1372,8 @@ def test_the_chain_bound_never_exceeds_the_best_plan_below_a_node_and_often_beat
                                                       horizon)
                             assert near <= value * (1 + 1e-9) + 1e-9, (seed, node.levels, factor, horizon)
                             cut += near < value * (1 - 1e-9) - 1e-9
-    assert broken >= 30 and checked >= 15000 and tighter >= 5000 and cut >= 3000, (broken, checked, tighter, cut)
+    assert broken >= 30 and checked >= 15000 and tighter >= 5000 and cut >= 3000 and by_level >= 5000, \
+        (broken, checked, tighter, cut, by_level)
 
 
 def test_the_tied_relaxation_of_the_node_benchmark_never_exceeds_the_best_plan_below_a_node(monkeypatch):

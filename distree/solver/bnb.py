@@ -38,7 +38,7 @@ import numpy as np
 
 from distree.solver.bounds import (BoundTables, PrefixBound, WideChildren, bound_tables, first_chances,
                                    window_prefix_bound)
-from distree.solver.chain import ChainTables, chain_bound, chain_tables
+from distree.solver.chain import ChainTables, chain_bound, chain_bounds_by_level, chain_tables
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, local_search, place
@@ -149,6 +149,7 @@ class _Node(NamedTuple):                # a tuple: made ~500,000 times a minute 
     #                                       accuracy bound ruled out others (kernels.narrow_levels); shared with
     #                                       the children (read only); None: every level
     narrowed: bool = False      # its bound already counts its own narrowed levels (_Search.narrow)
+    chained: bool = False       # its bound already counts the chain bound over the levels ``limits`` leaves it
 
 
 @functools.lru_cache(maxsize=2)
@@ -306,8 +307,26 @@ class _Search:
             lo, hi = node.limits[:, j]      # levels are all ruled out
             upto = np.append(levels[1:] - 1, p.n_levels[j])
             bound[(levels > 0) & ((upto < lo) | (levels > hi))] = np.inf
-        return self._make(j + 1, [node.levels + (lv,) for lv in levels.tolist()], node.packed, self.passing[j],
+        kids = self._make(j + 1, [node.levels + (lv,) for lv in levels.tolist()], node.packed, self.passing[j],
                           cuts, fixed_ms, fixed_right, heads_ms, bound, wide, node)
+        return self._chained_children(node, kids)
+
+    def _chained_children(self, node: _Node, kids: list[_Node]) -> list[_Node]:
+        """``node``'s children bounded also by the chain bound over the levels ``node``'s narrowing leaves them, all
+        in one pass (:func:`~distree.solver.chain.chain_bounds_by_level`: ~0.35 ms a child against ~1.1 for one
+        call each on the trained ResNet-110), and only those that can still beat the incumbent. Four in five
+        children were popped once only to be chained and pushed back (forty-first session); a child whose own
+        narrowing then leaves the same levels needs no second call (:meth:`_chained`)."""
+        if self.chain is None or node.depth + 1 >= self.p.n_exits or not kids:
+            return kids
+        limits = self.all_levels if node.limits is None else node.limits
+        values = chain_bounds_by_level(node.packed, np.asarray(node.levels, dtype=np.int64),
+                                       np.array([kid.levels[-1] for kid in kids], dtype=np.int64),
+                                       *self._chain_args(limits, self.tables.lam * CHAIN_MULTIPLIER, self.chain,
+                                                         self._chain_device(), CHAIN_HORIZON))
+        cutoff = self.cutoff()
+        return [kid._replace(bound=b, chained=True) for kid, b in
+                zip(kids, np.maximum([kid.bound for kid in kids], values).tolist()) if b < cutoff]
 
     def narrow(self, node: _Node) -> _Node | None:
         """``node`` with the levels the accuracy bound leaves its later exits, and its bound over those, or None
@@ -342,27 +361,35 @@ class _Search:
                                             self.passed_by_sample, self.correct_by_sample, self.final, p.n_levels)
         bound = node.fixed_ms + node.heads_ms * survivors - self.lam * (node.fixed_right - p.required_correct) + window
         limits = node.limits if same else np.stack([lo, hi])
-        return self._chained(node._replace(bound=max(node.bound, bound), limits=limits, narrowed=True), limits)
+        return self._chained(node._replace(bound=max(node.bound, bound), limits=limits, narrowed=True,
+                                           chained=node.chained and same), limits)
 
     def _chained(self, node: _Node, limits: np.ndarray) -> _Node:
         """``node`` bounded also by the chain bound over the levels ``limits`` leaves it (where it applies): the
         placement, the heads and the answers of the exits it enables shared, which the window bound relaxes."""
-        if self.chain is None or node.depth >= self.p.n_exits:
+        if self.chain is None or node.depth >= self.p.n_exits or node.chained:
             return node
-        bound = self.chain_value(node, limits, self.tables.lam * CHAIN_MULTIPLIER, self.chain,
-                                 -1 if self.stage_class is None else self.stage_class.device, CHAIN_HORIZON)
-        return node._replace(bound=bound) if bound > node.bound else node
+        bound = self.chain_value(node, limits, self.tables.lam * CHAIN_MULTIPLIER, self.chain, self._chain_device(),
+                                 CHAIN_HORIZON)
+        return node._replace(bound=max(bound, node.bound), chained=True)
+
+    def _chain_device(self) -> int:
+        return -1 if self.stage_class is None else self.stage_class.device
 
     def chain_value(self, node: _Node, limits: np.ndarray, lam: float, tables: ChainTables, device: int,
                     horizon: int) -> float:
         """The chain bound (summed over samples) of ``node`` over the levels ``limits`` leaves it, accuracy priced
         at ``lam``, on the placements of ``tables`` with the first stage on ``device`` (-1: any), looking
         ``horizon`` exits ahead."""
+        return chain_bound(node.packed, np.asarray(node.levels, dtype=np.int64),
+                           *self._chain_args(limits, lam, tables, device, horizon))
+
+    def _chain_args(self, limits: np.ndarray, lam: float, tables: ChainTables, device: int, horizon: int) -> tuple:
+        """What the chain kernels take after the node's own survivors and levels."""
         p = self.p
-        return chain_bound(node.packed, np.asarray(node.levels, dtype=np.int64), limits[0], limits[1], lam,
-                           self.passed_by_sample, self.correct_by_sample, self.final, p.n_levels, p.block_ms,
-                           p.head_ms, p.cut_ms, p.return_ms, self.exit_after, p.source, device, tables.allowed,
-                           tables.to_exit_after, p.required_correct, horizon)
+        return (limits[0], limits[1], lam, self.passed_by_sample, self.correct_by_sample, self.final, p.n_levels,
+                p.block_ms, p.head_ms, p.cut_ms, p.return_ms, self.exit_after, p.source, device, tables.allowed,
+                tables.to_exit_after, p.required_correct, horizon)
 
     def twin_of(self, node: _Node) -> tuple[int, ...] | None:
         """The levels of a node popped before in this search at ``node``'s depth that ``node`` cannot beat (its
@@ -494,11 +521,12 @@ class Tree:
     ``rel_gap``: nodes that cannot beat the incumbent by this share are dropped (as MIP solvers' relative gap):
     ``complete`` then means the plan is within ``rel_gap`` of the optimum, and the bound says no more.
 
-    ``chain``: bound each node, when narrowed, also by the chain bound (:mod:`distree.solver.chain`), over its class's
-    placements (or every placement where the tree is not split into classes).
+    ``chain``: bound each node also by the chain bound (:mod:`distree.solver.chain`), over its class's placements (or
+    every placement where the tree is not split into classes): a node's children all at once, over the levels its
+    narrowing leaves them, as they are made; a node again when its own narrowing leaves it fewer.
     A solve's default since the thirty-eighth session: on the trained ResNet-110 it lifts the lowest open nodes by
-    0.12-0.16 ms and costs ~1-1.9 ms a node, 3-5x a node's other work; a 60 s solve ends higher with it (mean
-    1.799 ms against 1.790 over nine runs), a 10 s one the same within noise (docs/solver.md).
+    0.12-0.16 ms; one call a node cost ~0.8-1.1 ms, 3-5x a node's other work, the children's one pass ~0.35 ms a
+    child (docs/solver.md, forty-first session).
 
     On several cores (:func:`distree.solver.parallel.run_tree`) a best-first tree's open nodes are dealt to forked
     copies of it (:meth:`work_on`), and what they found comes back (:meth:`absorb`)."""
@@ -767,7 +795,7 @@ def warm_up() -> None:
                                 search.final, search.max_level, *search.right_exits, p.required_correct, 10)
                 narrowed_window(child.packed, child.depth, search.lam, *search.all_levels, tables.leave, tables.head,
                                 search.passed_by_sample, search.correct_by_sample, search.final, p.n_levels)
-    whole = StageClass(0, 0, p.n_blocks - 1)          # the chain bound (a solve's class searches use it)
-    search = _Search(p, None, tables, None)
-    search.chain_value(search.root()[0], search.all_levels, 1.0, chain_tables(p, whole), 0, CHAIN_HORIZON)
+    whole = StageClass(0, 0, p.n_blocks - 1)          # the chain bounds (a solve's class searches use them)
+    search = _Search(p, None, tables, None, stage_class=whole, chain=True)
+    search.children(search.narrow(search.root()[0]))
     relaxed_lower_bound(p)

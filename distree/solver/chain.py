@@ -107,12 +107,80 @@ def chain_bound(packed, levels, lo, hi, lam, passed, correct, final, n_levels, b
     survivors, ~55,000 (survivor, later exit) pairs), half a pass exit by exit over all survivors (2.1 ms); 0.8 ms
     with a horizon of 32 exits."""
     N, E = passed.shape
-    D, B = block_ms.shape
     k = len(levels)
     W = min(E - k, horizon)                     # the exits looked at; state s: the last enabled is k - 1 + s (0: none)
-    past = k + W                                # the first exit past the horizon (E: none is)
-    last_block = B - 1 if past == E else exit_after[past - 1]
-    # the prefix, exact: at each enabled exit, how many were in flight, left, left right
+    before, gone, right = _prefix_counts(levels, passed, correct, k)
+    first = np.full(N, -1)
+    for i in range(N):
+        if (packed[i >> 3] >> (7 - (i & 7))) & 1:
+            first[i] = _first_chance(i, k, W, lo, hi, passed)
+    t = _group_sums(W, n_levels.max(), block_ms.shape[0])
+    _add_survivors(t, _by_first(first, W), first, k, W, lam, lo, hi, passed, correct, final, n_levels, exit_after,
+                   to_exit_after)
+    return _programme(t, levels, before, gone, right, k, W, lam, lo, hi, n_levels, block_ms, head_ms, cut_ms,
+                      return_ms, exit_after, source, device, allowed, N, required)
+
+
+@njit(cache=True)
+def chain_bounds_by_level(packed, levels, child_levels, lo, hi, lam, passed, correct, final, n_levels, block_ms,
+                          head_ms, cut_ms, return_ms, exit_after, source, device, allowed, to_exit_after, required,
+                          horizon):
+    """:func:`chain_bound` of each child of the node (prefix ``levels``, survivors ``packed``) that sets its next
+    exit k to a level of ``child_levels`` (0: off), all over the same ``lo``/``hi``, in one pass: a
+    level l child keeps the survivors passing below l at exit k, so the children's survivors are nested by level,
+    and the group sums of one are those of the one below plus the survivors passing exactly at its level."""
+    N, E = passed.shape
+    k = len(levels)
+    kc = k + 1                                  # the children's depth
+    W = min(E - kc, horizon)
+    top_k = n_levels[k]
+    child = np.empty(kc, dtype=levels.dtype)
+    child[:k] = levels
+    before = np.zeros(kc)
+    gone = np.zeros(kc)
+    right = np.zeros(kc)
+    before[:k], gone[:k], right[:k] = _prefix_counts(levels, passed, correct, k)
+    first = np.full(N, -1)
+    at_level = np.zeros(top_k + 2, dtype=np.int64)      # survivors by the level they pass at exit k
+    right_at = np.zeros(top_k + 1)
+    for i in range(N):
+        if (packed[i >> 3] >> (7 - (i & 7))) & 1:
+            first[i] = _first_chance(i, kc, W, lo, hi, passed)
+            g = min(passed[i, k], top_k)
+            at_level[g + 1] += 1
+            right_at[g] += correct[i, k]
+    for g in range(top_k + 1):
+        at_level[g + 1] += at_level[g]
+    by_level = np.empty(at_level[top_k + 1], dtype=np.int64)
+    fill = at_level[:top_k + 1].copy()
+    for i in range(N):
+        if first[i] >= 0:
+            g = min(passed[i, k], top_k)
+            by_level[fill[g]] = i
+            fill[g] += 1
+    t = _group_sums(W, n_levels.max(), block_ms.shape[0])
+    values = np.full(len(child_levels), np.inf)
+    added = 0                                   # survivors passing below this level are in the sums
+    for c in np.argsort(np.where(child_levels == 0, top_k + 1, child_levels)):     # ascending, off (all stay) last
+        lv = child_levels[c]
+        upto = top_k + 1 if lv == 0 else lv
+        if upto > added:
+            _add_survivors(t, by_level[at_level[added]:at_level[upto]], first, kc, W, lam, lo, hi, passed, correct,
+                           final, n_levels, exit_after, to_exit_after)
+            added = upto
+        child[k] = lv
+        before[k] = at_level[top_k + 1] if lv > 0 else 0.0
+        gone[k] = at_level[top_k + 1] - at_level[lv] if lv > 0 else 0.0
+        right[k] = right_at[lv:].sum() if lv > 0 else 0.0
+        values[c] = _programme(t, child, before, gone, right, kc, W, lam, lo, hi, n_levels, block_ms, head_ms, cut_ms,
+                               return_ms, exit_after, source, device, allowed, N, required)
+    return values
+
+
+@njit(cache=True)
+def _prefix_counts(levels, passed, correct, k):
+    """The prefix, exact: at each enabled exit, how many were in flight, left, left right."""
+    N = passed.shape[0]
     before, gone, right = np.zeros(k), np.zeros(k), np.zeros(k)
     for i in range(N):
         for j in range(k):
@@ -122,65 +190,100 @@ def chain_bound(packed, levels, lo, hi, lam, passed, correct, final, n_levels, b
                     gone[j] += 1
                     right[j] += correct[i, j]
                     break
-    # the survivors by first chance k + c (c = W: none before the horizon), a counting sort
-    alive_from = np.zeros(W + 1)
-    final_from = np.zeros(W + 1)
-    first = np.full(N, -1)
-    for i in range(N):
-        if (packed[i >> 3] >> (7 - (i & 7))) & 1:
-            c = W
-            for j in range(k, past):
-                if lo[j] <= hi[j] and passed[i, j] >= lo[j]:
-                    c = j - k
-                    break
-            first[i] = c
-            alive_from[c] += 1
-            final_from[c] += final[i]
+    return before, gone, right
+
+
+@njit(cache=True)
+def _first_chance(i, k, W, lo, hi, passed):
+    """Survivor ``i``'s first chance, as exits past ``k`` (W: none before the horizon)."""
+    for j in range(k, k + W):
+        if lo[j] <= hi[j] and passed[i, j] >= lo[j]:
+            return j - k
+    return W
+
+
+@njit(cache=True)
+def _by_first(first, W):
+    """The survivors (``first`` >= 0) ordered by first chance, a counting sort."""
     start = np.zeros(W + 2, dtype=np.int64)
-    for c in range(W + 1):
-        start[c + 1] = start[c] + int(alive_from[c])
-    fill = start.copy()
-    by_first = np.empty(start[W + 1], dtype=np.int64)
-    for i in range(N):
+    for i in range(len(first)):
         if first[i] >= 0:
-            by_first[fill[first[i]]] = i
-            fill[first[i]] += 1
-    # what group c's survivors bring to each exit j from their first chance on, by the level they pass there: how
-    # many, how many right, and the sum of their rests' lower bounds (the cheapest path to the next exit they pass
-    # and answer right, less the multiplier; or wrong; walking back from the horizon keeps both at hand); and
-    # what each group's survivors in flight at the horizon's block leave the programme with (group W: all there)
-    top = n_levels.max()
-    count = np.empty((W, W, top + 1))
-    count_right = np.empty((W, W, top + 1))
-    rest_sum = np.empty((W, W, top + 1, D))
-    beyond = np.zeros((W + 1, D))
+            start[first[i] + 1] += 1
     for c in range(W + 1):
-        if c < W:
-            count[c, c:] = 0.0
-            count_right[c, c:] = 0.0
-            rest_sum[c, c:] = 0.0
-        for y in range(start[c], start[c + 1]):
-            i = by_first[y]
-            next_right, next_wrong = _next_passed(i, past, lo, hi, passed, correct)
-            if past < E:
-                paid = lam if next_right < E or final[i] else 0.0
-                for d in range(D):
-                    beyond[c, d] += _rest(to_exit_after, last_block, d, next_right, next_wrong, paid)
-            for j in range(past - 1, k + c - 1, -1):
-                if lo[j] > hi[j]:
-                    continue
-                passes, answer = passed[i, j], correct[i, j]
-                jj, lv, b = j - k, min(passes, n_levels[j]), exit_after[j]
-                count[c, jj, lv] += 1.0
-                count_right[c, jj, lv] += answer
-                paid = lam if next_right < E or final[i] else 0.0
-                for d in range(D):
-                    rest_sum[c, jj, lv, d] += _rest(to_exit_after, b, d, next_right, next_wrong, paid)
-                if passes >= lo[j]:
-                    if answer:
-                        next_right = j
-                    else:
-                        next_wrong = j
+        start[c + 1] += start[c]
+    order = np.empty(start[W + 1], dtype=np.int64)
+    for i in range(len(first)):
+        if first[i] >= 0:
+            order[start[first[i]]] = i
+            start[first[i]] += 1
+    return order
+
+
+@njit(cache=True)
+def _group_sums(W, top, D):
+    """Empty sums of what each group of survivors (by first chance c, as exits past the node's) brings to each exit
+    from c on, by the level passed there: how many, how many right, their rests' lower bounds per device (the
+    cheapest path to the next exit passed and answered right, less the multiplier; or wrong); what each group
+    leaves the programme with at the horizon's block (group W: no chance before it); each group's size and the
+    final classifier's right answers among it."""
+    return (np.zeros((W, W, top + 1)), np.zeros((W, W, top + 1)), np.zeros((W, W, top + 1, D)), np.zeros((W + 1, D)),
+            np.zeros(W + 1), np.zeros(W + 1))
+
+
+@njit(cache=True)
+def _last_block(k, W, E, B, exit_after):
+    """The block where the programme stops: that of the last exit before the horizon (the last block: none)."""
+    return B - 1 if k + W == E else exit_after[k + W - 1]
+
+
+@njit(cache=True)
+def _add_survivors(sums, order, first, k, W, lam, lo, hi, passed, correct, final, n_levels, exit_after,
+                   to_exit_after):
+    """Add the survivors ``order`` (first chances ``first``) to ``sums`` (:func:`_group_sums`), each one's row read
+    once backward from the horizon, its next exits passed right and wrong kept at hand."""
+    count, count_right, rest_sum, beyond, alive_from, final_from = sums
+    E = passed.shape[1]
+    D = rest_sum.shape[3]
+    past = k + W
+    last_block = _last_block(k, W, E, to_exit_after.shape[0], exit_after)
+    for y in range(len(order)):
+        i = order[y]
+        c = first[i]
+        alive_from[c] += 1
+        final_from[c] += final[i]
+        next_right, next_wrong = _next_passed(i, past, lo, hi, passed, correct)
+        if past < E:
+            paid = lam if next_right < E or final[i] else 0.0
+            for d in range(D):
+                beyond[c, d] += _rest(to_exit_after, last_block, d, next_right, next_wrong, paid)
+        for j in range(past - 1, k + c - 1, -1):
+            if lo[j] > hi[j]:
+                continue
+            passes, answer = passed[i, j], correct[i, j]
+            jj, lv, b = j - k, min(passes, n_levels[j]), exit_after[j]
+            count[c, jj, lv] += 1.0
+            count_right[c, jj, lv] += answer
+            paid = lam if next_right < E or final[i] else 0.0
+            for d in range(D):
+                rest_sum[c, jj, lv, d] += _rest(to_exit_after, b, d, next_right, next_wrong, paid)
+            if passes >= lo[j]:
+                if answer:
+                    next_right = j
+                else:
+                    next_wrong = j
+
+
+@njit(cache=True)
+def _programme(sums, levels, before, gone, right, k, W, lam, lo, hi, n_levels, block_ms, head_ms, cut_ms, return_ms,
+               exit_after, source, device, allowed, N, required):
+    """The programme over (last exit enabled, device) along the blocks, from the prefix's exact counts and the
+    survivors' group sums (read only: the children of one node share them)."""
+    count, count_right, rest_sum, beyond, alive_from, final_from = sums
+    D, B = block_ms.shape
+    E = len(n_levels)
+    top = count.shape[2] - 1
+    past = k + W
+    last_block = _last_block(k, W, E, B, exit_after)
     in_flight = np.zeros(W + 1)                # alive in state s: first chance after exit k - 1 + s
     right_at_end = np.zeros(W + 1)             # ... of whom the final classifier answers right
     total_alive, total_final = 0.0, 0.0

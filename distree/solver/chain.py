@@ -115,8 +115,8 @@ def chain_bound(packed, levels, lo, hi, lam, passed, correct, final, n_levels, b
         if (packed[i >> 3] >> (7 - (i & 7))) & 1:
             first[i] = _first_chance(i, k, W, lo, hi, passed)
     t = _group_sums(W, n_levels.max(), block_ms.shape[0])
-    _add_survivors(t, _by_first(first, W), first, k, W, lam, lo, hi, passed, correct, final, n_levels, exit_after,
-                   to_exit_after)
+    _add_survivors(t, _counting_sort(first, W + 1)[0], first, k, W, lam, lo, hi, passed, correct, final, n_levels,
+                   exit_after, to_exit_after)
     return _programme(t, levels, before, gone, right, k, W, lam, lo, hi, n_levels, block_ms, head_ms, cut_ms,
                       return_ms, exit_after, source, device, allowed, N, required)
 
@@ -141,23 +141,14 @@ def chain_bounds_by_level(packed, levels, child_levels, lo, hi, lam, passed, cor
     right = np.zeros(kc)
     before[:k], gone[:k], right[:k] = _prefix_counts(levels, passed, correct, k)
     first = np.full(N, -1)
-    at_level = np.zeros(top_k + 2, dtype=np.int64)      # survivors by the level they pass at exit k
+    passes_k = np.full(N, -1)                   # the level each survivor passes at exit k
     right_at = np.zeros(top_k + 1)
     for i in range(N):
         if (packed[i >> 3] >> (7 - (i & 7))) & 1:
             first[i] = _first_chance(i, kc, W, lo, hi, passed)
-            g = min(passed[i, k], top_k)
-            at_level[g + 1] += 1
-            right_at[g] += correct[i, k]
-    for g in range(top_k + 1):
-        at_level[g + 1] += at_level[g]
-    by_level = np.empty(at_level[top_k + 1], dtype=np.int64)
-    fill = at_level[:top_k + 1].copy()
-    for i in range(N):
-        if first[i] >= 0:
-            g = min(passed[i, k], top_k)
-            by_level[fill[g]] = i
-            fill[g] += 1
+            passes_k[i] = min(passed[i, k], top_k)
+            right_at[passes_k[i]] += correct[i, k]
+    by_level, at_level = _counting_sort(passes_k, top_k + 1)     # at_level[l]: how many pass below level l
     t = _group_sums(W, n_levels.max(), block_ms.shape[0])
     values = np.full(len(child_levels), np.inf)
     added = 0                                   # survivors passing below this level are in the sums
@@ -203,20 +194,22 @@ def _first_chance(i, k, W, lo, hi, passed):
 
 
 @njit(cache=True)
-def _by_first(first, W):
-    """The survivors (``first`` >= 0) ordered by first chance, a counting sort."""
-    start = np.zeros(W + 2, dtype=np.int64)
-    for i in range(len(first)):
-        if first[i] >= 0:
-            start[first[i] + 1] += 1
-    for c in range(W + 1):
+def _counting_sort(key, n_keys):
+    """The samples whose ``key`` is >= 0 (the survivors), ordered by it, and where each key's run starts
+    ([n_keys + 1]: the last is how many)."""
+    start = np.zeros(n_keys + 1, dtype=np.int64)
+    for i in range(len(key)):
+        if key[i] >= 0:
+            start[key[i] + 1] += 1
+    for c in range(n_keys):
         start[c + 1] += start[c]
-    order = np.empty(start[W + 1], dtype=np.int64)
-    for i in range(len(first)):
-        if first[i] >= 0:
-            order[start[first[i]]] = i
-            start[first[i]] += 1
-    return order
+    order = np.empty(start[n_keys], dtype=np.int64)
+    fill = start[:n_keys].copy()
+    for i in range(len(key)):
+        if key[i] >= 0:
+            order[fill[key[i]]] = i
+            fill[key[i]] += 1
+    return order, start
 
 
 @njit(cache=True)

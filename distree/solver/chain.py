@@ -270,7 +270,8 @@ def _add_survivors(sums, order, first, k, W, lam, lo, hi, passed, correct, final
 def _programme(sums, levels, before, gone, right, k, W, lam, lo, hi, n_levels, block_ms, head_ms, cut_ms, return_ms,
                exit_after, source, device, allowed, N, required):
     """The programme over (last exit enabled, device) along the blocks, from the prefix's exact counts and the
-    survivors' group sums (read only: the children of one node share them)."""
+    survivors' group sums (read only: the children of one node share them). A block's step walks only the states
+    an exit passed so far makes reachable, and the exits read there only (forty-second session: 15% of a node)."""
     count, count_right, rest_sum, beyond, alive_from, final_from = sums
     D, B = block_ms.shape
     E = len(n_levels)
@@ -295,8 +296,10 @@ def _programme(sums, levels, before, gone, right, k, W, lam, lo, hi, n_levels, b
     hist = np.empty((top + 1, D, W + 1))
     base = np.empty((D, W + 1))
     last_prefix = exit_after[k - 1] if k > 0 else -1
+    reach = 0                                    # states 0 .. reach can hold a value (state s: exit k - 1 + s passed)
+    j_next = 0                                   # the first exit at this block or later (exit_after non-decreasing)
     for b in range(last_block + 1):
-        for s in range(W + 1):
+        for s in range(reach + 1):
             m = in_flight[s] if b > last_prefix else (in_prefix if s == 0 else 0.0)
             for d in range(D):
                 if not allowed[d, b]:
@@ -308,10 +311,12 @@ def _programme(sums, levels, before, gone, right, k, W, lam, lo, hi, n_levels, b
                         if value[s, d0] < np.inf:
                             v = min(v, value[s, d0] + cut_ms[d0, d, b] * m)
                 step[s, d] = v + block_ms[d, b] * m
-        value[:, :] = step
-        for j in range(past):
+        value[:reach + 1, :] = step[:reach + 1, :]
+        while j_next < past and exit_after[j_next] < b:
+            j_next += 1
+        for j in range(j_next, past):
             if exit_after[j] != b:
-                continue
+                break
             if j < k:                            # a prefix exit: fixed, exact
                 if levels[j] > 0:
                     for d in range(D):
@@ -348,6 +353,7 @@ def _programme(sums, levels, before, gone, right, k, W, lam, lo, hi, n_levels, b
                         if suffix < best_from[d, s]:
                             best_from[d, s] = suffix
             target = jj + 1
+            reach = max(reach, target)
             for d in range(D):
                 for s in range(span):
                     if value[s, d] < np.inf:

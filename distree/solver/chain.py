@@ -271,7 +271,7 @@ def _programme(sums, levels, before, gone, right, k, W, lam, lo, hi, n_levels, b
                exit_after, source, device, allowed, N, required):
     """The programme over (last exit enabled, device) along the blocks, from the prefix's exact counts and the
     survivors' group sums (read only: the children of one node share them). A block's step walks only the states
-    an exit passed so far makes reachable, and the exits read there only (forty-second session: 15% of a node)."""
+    an exit passed so far makes reachable, and the exits read there only (forty-second session: 15% of a chain pass)."""
     count, count_right, rest_sum, beyond, alive_from, final_from = sums
     D, B = block_ms.shape
     E = len(n_levels)

@@ -71,7 +71,9 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
               help="auto: TVM where it beats ONNX Runtime on this host (proxy), else ONNX Runtime.")
 @click.option("--tune-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
               help="MetaSchedule budget per device: host here, other CPUs on the device (needs --rpc); CUDA is not tuned.")
-@click.option("--time-limit", default=60.0, show_default=True, type=float, help="Solver time limit (s).")
+@click.option("--time-limit", default=60.0, show_default=True, type=float,
+              help="Solver time limit (s). Ctrl-C during the plan stage ends the search and builds its best plan "
+                   "(not cached); a second Ctrl-C aborts.")
 @click.option("--gap", default=0.0, show_default=True, type=float,
               help="Stop once the plan is proven within this share of the optimum (0.02: 2%; 0: prove it optimal).")
 @click.option("--jobs", default=None, type=int,

@@ -29,6 +29,7 @@ from distree.serde import write_bytes_atomic, write_json_atomic
 from distree.sim.baselines import idle_device_costs
 from distree.sim.inputs import Inputs, load_plan
 from distree.solver import Constraints, Plan, check_constraints, solve
+from distree.solver.plan import INTERRUPTED
 from distree.solver.start import check_start
 from distree.targets import load_topology, topology_for
 from distree.targets.spec import Topology
@@ -122,7 +123,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s, options.gap,
                     constraints.jobs, start.to_dict() if start is not None else None)
     plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints, progress,
-                                                     start), record=Plan)
+                                                     start), record=Plan,
+                     unfinished=lambda plan: "Ctrl-C ended its search" if plan.status == INTERRUPTED else "")
 
     bundle = cache.timed("build", lambda: build_bundle(
         model, chain, plan, topology, calibration, out_dir, backend=options.backend,
@@ -252,7 +254,10 @@ class _Cache:
         return value
 
     def get(self, stage: str, key: str, compute: Callable[[], T], record=None,
-            save: Optional[Callable[[Path, T], None]] = None, load: Optional[Callable[[Path], T]] = None) -> T:
+            save: Optional[Callable[[Path, T], None]] = None, load: Optional[Callable[[Path], T]] = None,
+            unfinished: Callable[[T], str] = lambda value: "") -> T:
+        """The stage's stored result for ``key``, or ``compute()`` stored; not stored where ``unfinished(value)`` says
+        why (a plan whose search Ctrl-C ended is not the answer for these inputs)."""
         folder = self.root / stage / key
         done = folder / "done"
         t0 = time.perf_counter()
@@ -263,10 +268,14 @@ class _Cache:
         else:
             self.log(f"{stage} ...")
             value = compute()
-            if record:
-                value.save(folder / "value.json")
+            why = unfinished(value)
+            if why:
+                self.log(f"{stage}: not cached ({why})")
             else:
-                save(folder, value)
-            write_bytes_atomic(done, b"")
+                if record:
+                    value.save(folder / "value.json")
+                else:
+                    save(folder, value)
+                write_bytes_atomic(done, b"")
         self.seconds[stage] = time.perf_counter() - t0
         return value

@@ -7,7 +7,7 @@ from typing import Any
 
 from distree.compiler.manifest import Manifest
 from distree.sim.baselines import idle_device_lines
-from distree.solver.plan import WITHIN_GAP
+from distree.solver.plan import INTERRUPTED, WITHIN_GAP
 from distree.solver.report import start_note
 
 
@@ -69,8 +69,10 @@ def print_summary(result, console) -> None:
         console.print(f"plan proven within --gap in {plan.wall_s:.0f} s: no plan is faster than "
                       f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%})")
     elif plan.status != "optimal":
+        further = ("Ctrl-C ended the search" if plan.status == INTERRUPTED else
+                   "a longer --time-limit searches further")
         console.print(f"[yellow]plan not proven optimal[/yellow] in {plan.wall_s:.0f} s: no plan is faster than "
-                      f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%}); a longer --time-limit searches further")
+                      f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%}); {further}")
     started = start_note(plan)
     if started:
         console.print(started)

@@ -42,6 +42,7 @@ from distree.solver.chain import ChainTables, chain_bound, chain_bounds_by_level
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, local_search, place
+from distree.solver.interrupt import requested
 from distree.solver.kernels import (children_bounds, dominating_row, gone_by, narrow_levels, narrowed_window,
                                     nested_bounds, nested_survivors, passing_sets, reachable_right, recovery_search,
                                     right_exits, survivor_sum, upgrade_order)
@@ -654,8 +655,8 @@ class Tree:
                 now = time.perf_counter()
                 if self.share is not None:
                     self._lower_ceiling(self.share.sync(self._proven_total(open_nodes[0][0])))
-                if now > stop_at or (best_first and open_nodes[0][0] >= self.dropped_bound):
-                    break                     # out of time, or nothing left to prove below the dropped nodes
+                if now > stop_at or requested() or (best_first and open_nodes[0][0] >= self.dropped_bound):
+                    break                     # out of time, Ctrl-C, or nothing left to prove below the dropped nodes
                 if progress is not None and best_first and now - told_at >= PROGRESS_EVERY_S:
                     told_at = now
                     progress(self.best, self._proven_total(open_nodes[0][0]) / p.n_samples)
@@ -739,7 +740,7 @@ class Tree:
         stop_at = time.perf_counter() + time_limit_s
         p, fruitless = self.p, 0
         for start in _dive_starts(heapq.nsmallest(DIVES_LISTED, self.open)):
-            if time.perf_counter() >= stop_at or fruitless >= DIVE_PATIENCE:
+            if time.perf_counter() >= stop_at or fruitless >= DIVE_PATIENCE or requested():
                 break
             if start in self.dived:
                 continue

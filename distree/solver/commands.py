@@ -56,7 +56,9 @@ def _parse_sweep(spec: str) -> list[float]:
 @click.option("--min-throughput", type=float, default=None,
               help="Requests/s the pipeline must sustain (each stage's expected busy time <= 1/rate).")
 @click.option("--free-order", is_flag=True, help="Let the solver choose the order of the devices too.")
-@click.option("--time-limit", type=float, default=60.0, show_default=True, help="Solver time limit (s).")
+@click.option("--time-limit", type=float, default=60.0, show_default=True,
+              help="Solver time limit (s). Ctrl-C ends the search sooner and keeps its best plan (status "
+                   "interrupted, with its proven gap); a second Ctrl-C aborts.")
 @click.option("--gap", type=float, default=0.0, show_default=True,
               help="Stop once the plan is proven within this share of the optimum (0.02: 2%; 0: prove it optimal).")
 @click.option("--jobs", type=int, default=None,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distree.solver.costs import best_placement, evaluate, reach_blocks
+from distree.solver.interrupt import requested
 from distree.solver.problem import Problem
 
 DEADLINE_WEIGHTS = (0.0, 0.01, 0.1, 1.0, 10.0, 1000.0)
@@ -288,7 +289,7 @@ def local_search(p: Problem, max_rounds: int = 200, time_limit_s: float = np.inf
     if cur is None:
         return None
     for _ in range(max_rounds):
-        if time.perf_counter() > stop_at:
+        if time.perf_counter() > stop_at or (requested() and cur.feasible):
             break
         scorer = _MoveScorer(p, cur.levels, cur.placement)
         for width in widths:
@@ -317,7 +318,7 @@ def iterated_local_search(p: Problem, start: Candidate, time_limit_s: float, sta
     stop_at = time.perf_counter() + time_limit_s
     rng = np.random.default_rng(seed)
     best, stall = start, 0
-    while p.n_exits and stall < stall_rounds and time.perf_counter() < stop_at:
+    while p.n_exits and stall < stall_rounds and time.perf_counter() < stop_at and not requested():
         levels = best.levels.copy()
         kicked = rng.choice(p.n_exits, size=min(p.n_exits, int(rng.integers(2, 6))), replace=False)
         levels[kicked] = rng.integers(0, p.n_levels[kicked] + 1)

@@ -34,6 +34,7 @@ import numpy as np
 import pulp
 from pulp.apis.coin_api import pulp_cbc_path
 
+from distree.solver.interrupt import listening, requested
 from distree.solver.plan import WITHIN_GAP
 from distree.solver.problem import Problem
 
@@ -151,7 +152,15 @@ class _WarmHiGHS(pulp.HiGHS):
             lp.solverModel.setSolution(len(idx), np.array(idx, dtype=np.int32), np.array(val, dtype=float))
         if self.deadline is not None:
             lp.solverModel.setOptionValue("time_limit", max(0.5, self.deadline - time.perf_counter()))
+        if listening():             # Ctrl-C: HiGHS stops at its next check, with its best solution
+            lp.solverModel.cbSimplexInterrupt += _stop_if_requested
+            lp.solverModel.cbMipInterrupt += _stop_if_requested
         lp.solverModel.run()
+
+
+def _stop_if_requested(event) -> None:
+    if requested():
+        event.interrupt()
 
 
 @contextlib.contextmanager

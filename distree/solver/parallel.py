@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from distree.errors import DistreeError
 from distree.solver.bnb import PROGRESS_EVERY_S
 from distree.solver.heuristic import Candidate, iterated_local_search
+from distree.solver.interrupt import requested
 
 if TYPE_CHECKING:
     from distree.solver.bnb import BnbResult, Progress, Tree
@@ -102,7 +103,7 @@ def run_tree(tree: Tree, time_limit_s: float, jobs: int = 1, incumbent: Optional
         return tree.run(time_limit_s, progress=progress)
     while len(tree.open) < MIN_NODES_PER_JOB * jobs:      # a tree from its root: open enough nodes to deal out
         result = tree.run(min(OPENING_SLICE_S, max(0.0, stop_at - time.perf_counter())), progress=progress)
-        if result.complete or time.perf_counter() >= stop_at:
+        if result.complete or time.perf_counter() >= stop_at or requested():
             return result
     return _run_forked(tree, max(0.0, stop_at - time.perf_counter()), jobs, progress)
 

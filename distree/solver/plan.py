@@ -8,6 +8,7 @@ from distree.serde import JsonRecord
 
 
 WITHIN_GAP = "within-gap"           # a plan's status when the solver stopped at the --gap asked for
+INTERRUPTED = "interrupted"         # ... when Ctrl-C ended its search before a proof (distree.solver.interrupt)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Plan(JsonRecord):
     breakdown_ms: dict[str, float]  # compute / heads / transfers / return
     solver: str                     # what produced it: "highs" / "cbc" (the MILP ran) or "branch-and-bound"
     status: str                     # "optimal", WITHIN_GAP (proven within --gap), or "time-limit" / "feasible"
-    #                                 with a gap
+    #                                 / INTERRUPTED with a gap
     gap: float
     wall_s: float
     sol_status: str = ""            # the MILP solver's own solution status (PuLP's name)

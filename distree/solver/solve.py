@@ -19,9 +19,10 @@ from distree.solver.bounds import BoundTables, bound_tables, widest_window, wide
 from distree.solver.classes import PlacementClasses, placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, default_starts, local_search, no_exit_plan
+from distree.solver.interrupt import ctrl_c_ends_search, requested
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.parallel import kicks_beside, kicks_on_cores, run_tree, side_by_side, usable_cores
-from distree.solver.plan import WITHIN_GAP, ExitChoice, Plan, Stage
+from distree.solver.plan import INTERRUPTED, WITHIN_GAP, ExitChoice, Plan, Stage
 from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, check_constraints
 from distree.solver.start import check_start, seed_candidate, start_levels, start_placement
 from distree.targets.spec import Topology
@@ -84,11 +85,13 @@ def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: To
     """The plan of minimal expected latency under ``constraints`` (DistreeError if none exists); ``progress``
     hears one line at a time how far the solve is (for a status line: a solve may take all of --time-limit);
     ``start``: an earlier plan of the same model whose exits and thresholds seed the search
-    (:mod:`distree.solver.start`)."""
+    (:mod:`distree.solver.start`). Ctrl-C ends the search with the best plan so far, status ``interrupted``
+    (:mod:`distree.solver.interrupt`)."""
     problem, index = build_problem(chain, calibration, profile, topology, constraints)
     seed = None if start is None else (start_levels(start, chain, calibration, index),
                                        start_placement(start, problem.devices))
-    return solve_problem(problem, index, chain, calibration, constraints, progress, seed)
+    with ctrl_c_ends_search():
+        return solve_problem(problem, index, chain, calibration, constraints, progress, seed)
 
 
 def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibration,
@@ -159,10 +162,11 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         tree = branch_and_bound(p, warm, min(PROBE_MAX_S, PROBE_SHARE * max(0.0, deadline - time.perf_counter())),
                                 tables=tables, rel_gap=gap)
     too_big = rows > MILP_MAX_ROWS and tree.best is not None    # with no plan yet, the MILP may still find one
-    run_milp = not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
+    run_milp = (not too_big and rows * BUILD_S_PER_ROW <= 0.5 * (deadline - time.perf_counter())
+                and not requested())
     wide_s = max(WIDE_BOUND_SHARE * limit, min(WIDE_BOUND_MIN_S, 2 * WIDE_BOUND_SHARE * limit))
     wide = None
-    if not tree.complete and classes is None:
+    if not tree.complete and classes is None and not requested():
         tell(tree.best, tree.bound, "bounding")
         wide = widest_window_bound(p, tables, wide_s)
     if wide is not None and not run_milp and tree.best is not None and not constraints.dump_lp:
@@ -177,7 +181,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
             if not trial.complete and trial.wide_share >= WIDEN_MIN_SHARE:
                 wide, forest = window_prefix_bound(p, tables, wider), None
     wide_bound = wide.total / p.n_samples if wide is not None else 0.0
-    if not tree.complete and tree.best is not None and not constraints.dump_lp:
+    if not tree.complete and tree.best is not None and not constraints.dump_lp and not requested():
         tell(tree.best, max(tree.bound, wide_bound), "improving the plan")
         # dives (local searches from the best-first tree's lowest open nodes), then kicks: until KICKS_UNTIL of
         # the limit when the best-first tree follows (its bound settles within seconds), or for KICKS_BEFORE_MILP
@@ -206,7 +210,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
 
             forest.offer(kicks_beside(p, tree.best, dives_s + kicks_s, jobs, grow, dive if dives_s else None))
             tree = dataclasses.replace(tree, best=forest.best)
-    if not tree.complete and not run_milp and not constraints.dump_lp:
+    if not tree.complete and not run_milp and not constraints.dump_lp and not requested():
         probe_bound = tree.bound                          # valid whatever incumbent the probe had
         tell(tree.best, max(probe_bound, wide_bound), "best-first search")
 
@@ -230,6 +234,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
                             WITHIN_GAP if within else "optimal", how,
                             _gap(best.expected_ms, tree.bound) if within else 0.0, 0.0, 0, 0, 0)
     elif not run_milp and not constraints.dump_lp:
+        if best is None and requested():
+            raise KeyboardInterrupt         # stopped before any plan: nothing to keep
         if best is None:
             cheap = _placement_reasons(p)
             if cheap:
@@ -237,10 +243,11 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
             raise DistreeError(f"the MILP (~{rows} rows) cannot be built within --time-limit "
                                f"{constraints.time_limit_s:g} s and the heuristic found no feasible plan; "
                                f"raise --time-limit (about {rows * BUILD_S_PER_ROW * 4:.0f} s)")
-        why = (f"over {MILP_MAX_ROWS}, where HiGHS bounds less than the tree" if too_big else
-               f"need ~{rows * BUILD_S_PER_ROW:.0f} s to build, over half of the time left")
+        why = (f" over {MILP_MAX_ROWS}, where HiGHS bounds less than the tree" if too_big else
+               ", Ctrl-C came first" if requested() else
+               f" need ~{rows * BUILD_S_PER_ROW:.0f} s to build, over half of the time left")
         result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound, "feasible",
-                            f"MILP not run: ~{rows} rows {why}; branch and bound{_over(tree)} stopped after "
+                            f"MILP not run: ~{rows} rows{why}; branch and bound{_over(tree)} stopped after "
                             f"{_nodes(tree)}",
                             float("inf"), 0.0, 0, rows, 0)
     else:
@@ -253,6 +260,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
             raise RuntimeError("MILP reports infeasible but the heuristic found a feasible plan (solver bug)")
         raise DistreeError(explain_infeasible(p, index, constraints))
     if result.levels is None and best is None:
+        if requested():
+            raise KeyboardInterrupt
         raise DistreeError(f"no feasible plan found within --time-limit {constraints.time_limit_s:g} s "
                            f"(solver status {result.status}); raise --time-limit")
     levels, placement = (result.levels, result.placement) if result.levels is not None else start
@@ -273,6 +282,10 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     else:
         gap = _gap(ev.expected_ms, bound)
     status = "optimal" if result.status == "optimal" or gap <= OPTIMALITY_TOLERANCE else result.status
+    if status not in ("optimal", WITHIN_GAP) and requested():
+        status = INTERRUPTED
+        result = dataclasses.replace(result, sol_status=f"stopped by Ctrl-C after {time.perf_counter() - t0:.1f} "
+                                                        f"s; {result.sol_status}")
     plan = make_plan(p, index, chain, calibration, constraints, engine, levels, placement, ev,
                      no_exit_ms=base.expected_ms if base is not None else float("nan"),
                      result=dataclasses.replace(result, bound=bound, status=status), gap=gap,
@@ -446,7 +459,8 @@ def sweep_accuracy_drop(chain: Chain, calibration: Calibration, profile: Profile
     """The latency-accuracy frontier: one solve per allowed drop, in the order given. They run from the smallest
     drop up, each seeded with the plan of the one before (``start`` seeds the first): a plan that keeps within a
     drop keeps within every larger one, so each solve starts from a feasible plan. A drop that no plan meets is a
-    row that says why; a drop that is no drop at all (say -0.1) is an error, before any solve."""
+    row that says why; a drop that is no drop at all (say -0.1) is an error, before any solve. Ctrl-C ends the
+    solve under way with its best plan and leaves the drops after it unsolved (rows that say so)."""
     if not drops:
         raise DistreeError("the sweep has no accuracy drops; give some, e.g. accuracy-drop=0,0.01,0.02")
     swept = [dataclasses.replace(constraints, accuracy_drop=drop, dump_lp=None) for drop in drops]
@@ -456,12 +470,16 @@ def sweep_accuracy_drop(chain: Chain, calibration: Calibration, profile: Profile
         check_start(start, chain, calibration)
     points: dict[int, SweepPoint] = {}
     seed = start                        # the plan of the last drop solved (a plan within it is within the next)
-    for k in sorted(range(len(drops)), key=lambda k: drops[k]):
-        drop = drops[k]
-        try:
-            told = None if progress is None else (lambda msg, drop=drop: progress(f"accuracy drop {drop:g}: {msg}"))
-            plan = solve(chain, calibration, profile, topology, swept[k], told, seed)
-            points[k], seed = SweepPoint(drop, plan), plan
-        except DistreeError as exc:
-            points[k] = SweepPoint(drop, None, str(exc))
+    with ctrl_c_ends_search("the sweep"):
+        for k in sorted(range(len(drops)), key=lambda k: drops[k]):
+            drop = drops[k]
+            if requested():
+                points[k] = SweepPoint(drop, None, "not solved: Ctrl-C ended the sweep")
+                continue
+            try:
+                told = None if progress is None else (lambda msg, drop=drop: progress(f"accuracy drop {drop:g}: {msg}"))
+                plan = solve(chain, calibration, profile, topology, swept[k], told, seed)
+                points[k], seed = SweepPoint(drop, plan), plan
+            except DistreeError as exc:
+                points[k] = SweepPoint(drop, None, str(exc))
     return [points[k] for k in range(len(drops))]

@@ -1,0 +1,127 @@
+"""Ctrl-C ends a solve's search and keeps its best plan (``distree.solver.interrupt``): `distree plan` as a user runs
+it, in its own process group, SIGINT sent to the whole group as a terminal sends it; the sweep; HiGHS's callback;
+and the compile cache, which must not keep such a plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from distree.compiler.pipeline import _Cache
+from distree.solver.interrupt import ctrl_c_ends_search, listening, requested
+from distree.solver.milp import solve_milp
+from distree.solver.plan import INTERRUPTED, Plan
+from distree.solver.problem import Constraints, build_problem
+from distree.solver.synthetic import synthetic_case
+
+ROOT = Path(__file__).resolve().parents[1]
+RESNET110 = ROOT / "benchmarks" / "data" / "resnet110-trained"      # no proof within minutes: always interrupted
+DISTREE = [sys.executable, "-m", "distree"]
+FILES = ["--chain", str(RESNET110 / "chain.json.gz"), "--calibration", str(RESNET110 / "calibration.json.gz"),
+         "--profile", str(RESNET110 / "profile.json.gz"), "--devices", "pi4,jetson-orin-nano,x86-server"]
+LIMIT_S = 300
+
+
+def _ctrl_c(args: list[str], after_s: list[float]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run distree in a process group of its own, SIGINT at default (a background shell ignores it), and send the
+    group SIGINT at each of ``after_s``; what it printed and how long it ran after the first."""
+    def preexec() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.setpgid(0, 0)
+    proc = subprocess.Popen([*DISTREE, *args], preexec_fn=preexec, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    start = time.monotonic()
+    for at in after_s:
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=LIMIT_S)
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind in the group: {left}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.monotonic() - sent
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_search_and_keeps_its_best_plan(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    run, after = _ctrl_c(["plan", *FILES, "--time-limit", str(LIMIT_S), "-o", str(out)], [8.0])
+    assert run.returncode == 0, run.stderr
+    assert "Ctrl-C" in run.stderr and "status interrupted" in run.stdout
+    assert after < 30, f"the solve went on {after:.0f} s after Ctrl-C"
+    plan = Plan.load(out)
+    assert plan.status == INTERRUPTED and plan.gap > 0 and plan.wall_s < LIMIT_S / 2
+    assert plan.sol_status.startswith("stopped by Ctrl-C")
+    assert round(plan.accuracy * plan.n_samples) >= plan.required_correct     # a feasible plan, not a guess
+
+
+def test_the_first_ctrl_c_asks_the_second_aborts_and_the_handler_is_restored() -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_ends_search():
+            assert listening() and not requested()
+            os.kill(os.getpid(), signal.SIGINT)
+            _wait_for(requested)
+            os.kill(os.getpid(), signal.SIGINT)         # raises here, in this (the main) thread
+            _wait_for(lambda: False)
+    assert not listening() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _wait_for(condition, seconds: float = 5.0) -> None:
+    """Python runs a signal's handler between bytecodes of the main thread: give it some."""
+    until = time.monotonic() + seconds
+    while not condition() and time.monotonic() < until:
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_leaves_the_later_drops_unsolved(tmp_path: Path) -> None:
+    out = tmp_path / "frontier.json"
+    run, _ = _ctrl_c(["plan", *FILES, "--time-limit", str(LIMIT_S), "--sweep", "accuracy-drop=0.02,0.01",
+                      "-o", str(out)], [8.0])
+    assert run.returncode == 0, run.stderr
+    points = json.loads(out.read_text())["plans"]
+    first, second = points                      # in the order given; 0.01 is solved first
+    assert second is not None and second["status"] == INTERRUPTED
+    assert first is None and "Ctrl-C ended the sweep" in run.stdout
+
+
+def test_highs_stops_at_ctrl_c() -> None:
+    """The MILP (which the tree's route skips once Ctrl-C came) stops through HiGHS's interrupt callback: this
+    model leaves a 9.9% gap after 60 s of HiGHS, so it would run to its limit."""
+    case = synthetic_case(55, 54, 8, 3, 300, seed=1, exit_every=True)
+    p, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
+    t0 = time.perf_counter()
+    with ctrl_c_ends_search():
+        timer = threading.Timer(2.0, lambda: listening() and os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            result = solve_milp(p, time_limit_s=LIMIT_S)
+        finally:
+            timer.cancel()
+        assert requested()
+    assert not requested() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert result.status != "optimal" and time.perf_counter() - t0 < 60
+
+
+def test_the_compile_cache_keeps_no_unfinished_result(tmp_path: Path) -> None:
+    logged: list[str] = []
+    cache = _Cache(tmp_path, logged.append)
+    calls: list[int] = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"status": "interrupted"}
+
+    saved: list[Path] = []
+    for _ in range(2):
+        cache.get("plan", "k", compute, save=lambda folder, value: saved.append(folder), load=lambda folder: {},
+                  unfinished=lambda value: "Ctrl-C ended its search" if value["status"] == "interrupted" else "")
+    assert len(calls) == 2 and not saved and not (tmp_path / "plan" / "k" / "done").exists()
+    assert "plan: not cached (Ctrl-C ended its search)" in logged

@@ -62,7 +62,25 @@ def test_ctrl_c_ends_the_search_and_keeps_its_best_plan(tmp_path: Path) -> None:
     assert round(plan.accuracy * plan.n_samples) >= plan.required_correct     # a feasible plan, not a guess
 
 
-def test_the_first_ctrl_c_asks_the_second_aborts_and_the_handler_is_restored() -> None:
+@pytest.fixture
+def python_handles_sigint():
+    """SIGINT as Python sets it at start: where pytest runs as a background job, SIGINT is ignored and a solve
+    rightly leaves it so (the in-process tests need it on)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_is_left_alone_where_it_is_ignored() -> None:
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with ctrl_c_ends_search():
+            assert not listening() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_the_first_ctrl_c_asks_the_second_aborts_and_the_handler_is_restored(python_handles_sigint) -> None:
     with pytest.raises(KeyboardInterrupt):
         with ctrl_c_ends_search():
             assert listening() and not requested()
@@ -92,7 +110,7 @@ def test_ctrl_c_in_a_sweep_leaves_the_later_drops_unsolved(tmp_path: Path) -> No
     assert first is None and "Ctrl-C ended the sweep" in run.stdout
 
 
-def test_highs_stops_at_ctrl_c() -> None:
+def test_highs_stops_at_ctrl_c(python_handles_sigint) -> None:
     """The MILP (which the tree's route skips once Ctrl-C came) stops through HiGHS's interrupt callback: this
     model leaves a 9.9% gap after 60 s of HiGHS, so it would run to its limit."""
     case = synthetic_case(55, 54, 8, 3, 300, seed=1, exit_every=True)

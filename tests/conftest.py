@@ -1,7 +1,9 @@
-"""Fixtures shared by test files: the example's data files, the tiny multi-exit CNN and its compiled bundle."""
+"""Fixtures shared by test files: the example's data files, the tiny multi-exit CNN and its compiled bundle, and
+SIGINT handled as Python sets it (the Ctrl-C tests)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +40,13 @@ def tiny_bundle(tiny, tmp_path_factory) -> Path:
     plan, topology = cf.two_stage_plan(tiny)
     out = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
     return build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, out, backend="tvm")
+
+
+@pytest.fixture
+def python_handles_sigint():
+    """SIGINT as Python sets it at start: where pytest runs as a background job, SIGINT is ignored and distree
+    rightly leaves it so (``distree.interrupt``); the in-process Ctrl-C tests need it on."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+

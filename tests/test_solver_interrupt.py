@@ -1,4 +1,4 @@
-"""Ctrl-C ends a solve's search and keeps its best plan (``distree.solver.interrupt``): `distree plan` as a user runs
+"""Ctrl-C ends a solve's search and keeps its best plan (``distree.interrupt``): `distree plan` as a user runs
 it, in its own process group, SIGINT sent to the whole group as a terminal sends it; the sweep; HiGHS's callback;
 and the compile cache, which must not keep such a plan."""
 
@@ -9,14 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from distree.compiler.pipeline import _Cache
-from distree.solver.interrupt import ctrl_c_ends_search, listening, requested
+from ctrl_c import ctrl_c_once_listening, wait_for
+from distree.interrupt import ctrl_c_ends, listening, requested
 from distree.solver.milp import solve_milp
 from distree.solver.plan import INTERRUPTED, Plan
 from distree.solver.problem import Constraints, build_problem
@@ -62,19 +62,10 @@ def test_ctrl_c_ends_the_search_and_keeps_its_best_plan(tmp_path: Path) -> None:
     assert round(plan.accuracy * plan.n_samples) >= plan.required_correct     # a feasible plan, not a guess
 
 
-@pytest.fixture
-def python_handles_sigint():
-    """SIGINT as Python sets it at start: where pytest runs as a background job, SIGINT is ignored and a solve
-    rightly leaves it so (the in-process tests need it on)."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, before)
-
-
 def test_ctrl_c_is_left_alone_where_it_is_ignored() -> None:
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with ctrl_c_ends_search():
+        with ctrl_c_ends("the search", "its best plan so far"):
             assert not listening() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
@@ -82,20 +73,13 @@ def test_ctrl_c_is_left_alone_where_it_is_ignored() -> None:
 
 def test_the_first_ctrl_c_asks_the_second_aborts_and_the_handler_is_restored(python_handles_sigint) -> None:
     with pytest.raises(KeyboardInterrupt):
-        with ctrl_c_ends_search():
+        with ctrl_c_ends("the search", "its best plan so far"):
             assert listening() and not requested()
             os.kill(os.getpid(), signal.SIGINT)
-            _wait_for(requested)
+            wait_for(requested)
             os.kill(os.getpid(), signal.SIGINT)         # raises here, in this (the main) thread
-            _wait_for(lambda: False)
+            wait_for(lambda: False)
     assert not listening() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def _wait_for(condition, seconds: float = 5.0) -> None:
-    """Python runs a signal's handler between bytecodes of the main thread: give it some."""
-    until = time.monotonic() + seconds
-    while not condition() and time.monotonic() < until:
-        time.sleep(0.01)
 
 
 @pytest.mark.slow
@@ -116,13 +100,9 @@ def test_highs_stops_at_ctrl_c(python_handles_sigint) -> None:
     case = synthetic_case(55, 54, 8, 3, 300, seed=1, exit_every=True)
     p, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
     t0 = time.perf_counter()
-    with ctrl_c_ends_search():
-        timer = threading.Timer(2.0, lambda: listening() and os.kill(os.getpid(), signal.SIGINT))
-        timer.start()
-        try:
-            result = solve_milp(p, time_limit_s=LIMIT_S)
-        finally:
-            timer.cancel()
+    with ctrl_c_ends("the search", "its best plan so far"):
+        ctrl_c_once_listening(2.0)
+        result = solve_milp(p, time_limit_s=LIMIT_S)
         assert requested()
     assert not requested() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert result.status != "optimal" and time.perf_counter() - t0 < 60

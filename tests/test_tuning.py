@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import numpy as np
 import onnx
@@ -12,6 +14,7 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
+from ctrl_c import ctrl_c_once_listening
 from distree.compiler import tuning
 from distree.errors import DistreeError
 
@@ -84,6 +87,19 @@ def tuned(tmp_path_factory):
     second = tuning.tune(model, HOST, minutes=10, db_dir=db_dir, trials_per_round=TRIALS_PER_ROUND,
                          max_trials=TRIALS_PER_ROUND)
     return model, db_dir, first, after_first, second
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_tuning_and_keeps_its_records(tmp_path, python_handles_sigint):
+    """As a user's Ctrl-C: the round under way ends, no other starts, and what was measured is kept."""
+    started = time.monotonic()
+    ctrl_c_once_listening(3.0)            # within the first round: it always runs, and runs for seconds
+    result = tuning.tune(_two_conv_model(), HOST, minutes=10, db_dir=tmp_path, trials_per_round=TRIALS_PER_ROUND)
+    assert result.stopped == "Ctrl-C"
+    assert time.monotonic() - started < 300, "tuning went on after Ctrl-C"
+    assert result.trials >= TRIALS_PER_ROUND
+    assert result.trials - 2 <= len(_record_lines(tmp_path)) <= result.trials   # a candidate may fail to build
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.slow

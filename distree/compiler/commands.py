@@ -70,7 +70,9 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "tvm", "ort"]),
               help="auto: TVM where it beats ONNX Runtime on this host (proxy), else ONNX Runtime.")
 @click.option("--tune-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="MetaSchedule budget per device: host here, other CPUs on the device (needs --rpc); CUDA is not tuned.")
+              help="MetaSchedule budget per device: host here, other CPUs on the device (needs --rpc); CUDA is not "
+                   "tuned. Ctrl-C ends tuning after the round under way and builds with the records measured "
+                   "(they are kept for the next run); a second Ctrl-C aborts.")
 @click.option("--time-limit", default=60.0, show_default=True, type=float,
               help="Solver time limit (s). Ctrl-C during the plan stage ends the search and builds its best plan "
                    "(not cached); a second Ctrl-C aborts.")

@@ -4,7 +4,8 @@ Why a scheduler of our own: TVM's ``tune_relax`` has no time limit and its gradi
 small tasks; untuned TVM CPU code is 6-60x slower than ONNX Runtime (per block, measured here). :func:`tune` therefore drives
 MetaSchedule's ``tune_tasks`` with :class:`_BudgetScheduler`, which
 
-* stops at the deadline (it predicts whether one more round still fits),
+* stops at the deadline (it predicts whether one more round still fits), or at Ctrl-C once the round under way
+  ends (:mod:`distree.interrupt`: what was measured is kept, as at the deadline),
 * gives every task without records a first round (most expensive first), then shares trials so that
   each task's trials (earlier runs included) follow its share of the model's latency (calls x best
   time so far): small tasks get their round, the expensive convolutions get the rest, and
@@ -14,7 +15,8 @@ Records live in a MetaSchedule JSON database under ``db_dir/<target key>/``. Wor
 the structure of each fused TIR function's anchor block (MetaSchedule's "anchor-block" equality: the conv
 of conv+add+relu and of conv+add+add+relu is one task, its schedule applied to both), so a second run
 extends the same records and a database tuned on a whole model applies to every segment cut from it.
-The database files are replaced atomically at the end of a run; a killed run leaves the old ones.
+The database files are replaced atomically at the end of a run; a killed run (or a second Ctrl-C) leaves the old
+ones.
 
 Where candidates run: on this machine for targets of its architecture; for a remote CPU (a Raspberry Pi)
 they are built here, linked with the target's cross compiler, and timed on the device's TVM RPC server
@@ -52,6 +54,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from distree.targets.toolchain import host_arch, import_onnx
 from distree.errors import DistreeError
+from distree.interrupt import ctrl_c_ends, requested
 
 _log = logging.getLogger(__name__)
 
@@ -553,7 +556,7 @@ def tune(
     A round measures ``trials_per_round`` candidates of one task; the first round always runs, later
     ones only if they are predicted to end before the deadline, and none once ``max_trials`` (if
     given) have been measured. A device that stops answering ends the run: the records measured so far
-    are kept and a DistreeError says so.
+    are kept and a DistreeError says so. Ctrl-C ends it too, keeping them (``stopped``: "Ctrl-C").
     """
     started = time.monotonic()
     if not minutes > 0:
@@ -587,8 +590,11 @@ def tune(
             stats.append(_TaskStats(weight=int(x.weight), flops=_flops(x), earlier=earlier, best_s=best_s))
         _import_tensor_intrin_quickly()
         builder = _PooledBuilder(_BUILD_TIMEOUT_S, _shared_library_export(cc) if remote is not None else None)
-        scheduler = _BudgetScheduler(stats, [x.task_name for x in tasks], deadline, max_trials,
-                                     remote.lost if remote is not None else lambda: None)
+
+        def halted() -> str | None:         # a reason to stop before the next round
+            return "Ctrl-C" if requested() else remote.lost() if remote is not None else None
+
+        scheduler = _BudgetScheduler(stats, [x.task_name for x in tasks], deadline, max_trials, halted)
         _quiet_meta_schedule_logger()
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks,
@@ -598,20 +604,21 @@ def tune(
             ),
             seed=seed,
         )
-        ms.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=str(scratch / "logs"),
-            max_trials_global=1 << 30,
-            num_trials_per_iter=trials_per_round,
-            builder=builder,
-            runner=remote or ms.runner.LocalRunner(timeout_sec=_RUN_TIMEOUT_S, evaluator_config=evaluator,
-                                                   initializer=_single_thread_runtime),
-            database=database,
-            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _StatsCallback(stats)],
-            task_scheduler=scheduler,
-            module_equality=_MODULE_EQUALITY,
-        )
+        with ctrl_c_ends("tuning", "the records measured so far"):    # a round under way ends first
+            ms.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=str(scratch / "logs"),
+                max_trials_global=1 << 30,
+                num_trials_per_iter=trials_per_round,
+                builder=builder,
+                runner=remote or ms.runner.LocalRunner(timeout_sec=_RUN_TIMEOUT_S, evaluator_config=evaluator,
+                                                       initializer=_single_thread_runtime),
+                database=database,
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _StatsCallback(stats)],
+                task_scheduler=scheduler,
+                module_equality=_MODULE_EQUALITY,
+            )
         reports = tuple(
             TaskReport(name=x.task_name, weight=s.weight, flops=s.flops, trials=s.trials, earlier=s.earlier,
                        best_us=None if not math.isfinite(b := _earlier_records(database, x)[1]) else b * 1e6)

@@ -42,7 +42,7 @@ from distree.solver.chain import ChainTables, chain_bound, chain_bounds_by_level
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, local_search, place
-from distree.solver.interrupt import requested
+from distree.interrupt import requested
 from distree.solver.kernels import (children_bounds, dominating_row, gone_by, narrow_levels, narrowed_window,
                                     nested_bounds, nested_survivors, passing_sets, reachable_right, recovery_search,
                                     right_exits, survivor_sum, upgrade_order)

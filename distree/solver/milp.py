@@ -34,7 +34,7 @@ import numpy as np
 import pulp
 from pulp.apis.coin_api import pulp_cbc_path
 
-from distree.solver.interrupt import listening, requested
+from distree.interrupt import listening, requested
 from distree.solver.plan import WITHIN_GAP
 from distree.solver.problem import Problem
 

@@ -8,7 +8,7 @@ from distree.serde import JsonRecord
 
 
 WITHIN_GAP = "within-gap"           # a plan's status when the solver stopped at the --gap asked for
-INTERRUPTED = "interrupted"         # ... when Ctrl-C ended its search before a proof (distree.solver.interrupt)
+INTERRUPTED = "interrupted"         # ... when Ctrl-C ended its search before a proof (distree.interrupt)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from distree.solver.bounds import BoundTables, bound_tables, widest_window, wide
 from distree.solver.classes import PlacementClasses, placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, default_starts, local_search, no_exit_plan
-from distree.solver.interrupt import ctrl_c_ends_search, requested
+from distree.interrupt import ctrl_c_ends, requested
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.parallel import kicks_beside, kicks_on_cores, run_tree, side_by_side, usable_cores
 from distree.solver.plan import INTERRUPTED, WITHIN_GAP, ExitChoice, Plan, Stage
@@ -86,11 +86,11 @@ def solve(chain: Chain, calibration: Calibration, profile: Profile, topology: To
     hears one line at a time how far the solve is (for a status line: a solve may take all of --time-limit);
     ``start``: an earlier plan of the same model whose exits and thresholds seed the search
     (:mod:`distree.solver.start`). Ctrl-C ends the search with the best plan so far, status ``interrupted``
-    (:mod:`distree.solver.interrupt`)."""
+    (:mod:`distree.interrupt`)."""
     problem, index = build_problem(chain, calibration, profile, topology, constraints)
     seed = None if start is None else (start_levels(start, chain, calibration, index),
                                        start_placement(start, problem.devices))
-    with ctrl_c_ends_search():
+    with ctrl_c_ends("the search", "its best plan so far"):
         return solve_problem(problem, index, chain, calibration, constraints, progress, seed)
 
 
@@ -470,7 +470,7 @@ def sweep_accuracy_drop(chain: Chain, calibration: Calibration, profile: Profile
         check_start(start, chain, calibration)
     points: dict[int, SweepPoint] = {}
     seed = start                        # the plan of the last drop solved (a plan within it is within the next)
-    with ctrl_c_ends_search("the sweep"):
+    with ctrl_c_ends("the sweep", "its plans so far"):
         for k in sorted(range(len(drops)), key=lambda k: drops[k]):
             drop = drops[k]
             if requested():

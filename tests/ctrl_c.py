@@ -18,13 +18,13 @@ def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
     return condition()
 
 
-def ctrl_c_once_listening(after_s: float) -> threading.Thread:
+def ctrl_c_once_listening(after_s: float, also: Callable[[], bool] = lambda: True) -> threading.Thread:
     """A thread that sends this process SIGINT ``after_s`` seconds after a search starts listening for it
-    (``distree.interrupt.listening``), as a user's Ctrl-C; it gives up after 10 minutes."""
+    (``distree.interrupt.listening``) and ``also()`` holds, as a user's Ctrl-C; it gives up after 10 minutes."""
     from distree.interrupt import listening
 
     def send() -> None:
-        if wait_for(listening, 600.0):
+        if wait_for(lambda: listening() and also(), 600.0):
             time.sleep(after_s)
             if listening():
                 os.kill(os.getpid(), signal.SIGINT)

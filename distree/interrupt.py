@@ -5,8 +5,8 @@ the records it has measured and the build goes on with them. A second Ctrl-C abo
 A proof may take far longer than a user wants to wait (the trained ResNet-110: still 1.3% open after 600 s), and so
 may tuning (minutes a device); what they hold by then is what the user wants. While :func:`ctrl_c_ends` is on,
 SIGINT sets a flag in shared memory, made before any worker is forked; the search looks at :func:`requested` where
-it looks at its clock (the tree every 64 nodes, the kicks and dives every step, HiGHS through its interrupt
-callback, tuning before each round), in this process and in its forked workers (which ignore SIGINT themselves),
+it looks at its clock (the tree every 64 nodes, the local searches of the kicks and dives every step, HiGHS
+through its interrupt callback, tuning before each round), in this process and in its forked workers (which ignore SIGINT themselves),
 and ends as if its time were up.
 """
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distree.interrupt import requested
 from distree.solver.bounds import BoundTables, bound_tables, first_chances
 from distree.solver.problem import Problem
 
@@ -125,7 +126,7 @@ def placement_classes(p: Problem, whole: BoundTables, seconds: float) -> Placeme
     ends = _coarse_to_fine(p.n_blocks - 1)
     for d in closest:
         for b in ends:
-            if time.perf_counter() - t0 > seconds:
+            if time.perf_counter() - t0 > seconds or requested():
                 return classes
             if classes.tables(StageClass(d, b, b)).root <= floor:
                 return None

@@ -289,7 +289,7 @@ def local_search(p: Problem, max_rounds: int = 200, time_limit_s: float = np.inf
     if cur is None:
         return None
     for _ in range(max_rounds):
-        if time.perf_counter() > stop_at or (requested() and cur.feasible):
+        if time.perf_counter() > stop_at or requested():
             break
         scorer = _MoveScorer(p, cur.levels, cur.placement)
         for width in widths:

@@ -6,8 +6,8 @@ A proof may take far longer than a user wants to wait (the trained ResNet-110: s
 may tuning (minutes a device); what they hold by then is what the user wants. While :func:`ctrl_c_ends` is on,
 SIGINT sets a flag in shared memory, made before any worker is forked; the search looks at :func:`requested` where
 it looks at its clock (the tree every 64 nodes, the local searches of the kicks and dives every step, HiGHS
-through its interrupt callback, tuning before each round), in this process and in its forked workers (which ignore SIGINT themselves),
-and ends as if its time were up.
+through its interrupt callback, tuning before each round), in this process and in its forked workers (which
+ignore SIGINT themselves), and ends as if its time were up.
 """
 
 from __future__ import annotations

@@ -553,8 +553,8 @@ def tune(
     Candidates are built here. Without ``rpc`` they are timed here (targets of this machine's
     architecture only); with ``rpc`` (``host:port`` of the device's TVM RPC server) they are linked by
     ``cc`` (the target's cross compiler; None for this architecture) and timed on the device.
-    A round measures ``trials_per_round`` candidates of one task; the first round always runs, later
-    ones only if they are predicted to end before the deadline, and none once ``max_trials`` (if
+    A round measures ``trials_per_round`` candidates of one task; the first round runs (unless Ctrl-C came
+    first), later ones only if they are predicted to end before the deadline, and none once ``max_trials`` (if
     given) have been measured. A device that stops answering ends the run: the records measured so far
     are kept and a DistreeError says so. Ctrl-C ends it too, keeping them (``stopped``: "Ctrl-C").
     """

@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import numpy as np
 
+from distree.interrupt import requested
 from distree.solver.bounds import (BoundTables, PrefixBound, WideChildren, bound_tables, first_chances,
                                    window_prefix_bound)
 from distree.solver.chain import ChainTables, chain_bound, chain_bounds_by_level, chain_tables
 from distree.solver.classes import PlacementClasses, StageClass
 from distree.solver.costs import best_placement, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, local_search, place
-from distree.interrupt import requested
 from distree.solver.kernels import (children_bounds, dominating_row, gone_by, narrow_levels, narrowed_window,
                                     nested_bounds, nested_survivors, passing_sets, reachable_right, recovery_search,
                                     right_exits, survivor_sum, upgrade_order)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distree.solver.costs import best_placement, evaluate, reach_blocks
 from distree.interrupt import requested
+from distree.solver.costs import best_placement, evaluate, reach_blocks
 from distree.solver.problem import Problem
 
 DEADLINE_WEIGHTS = (0.0, 0.01, 0.1, 1.0, 10.0, 1000.0)

@@ -28,9 +28,9 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from distree.errors import DistreeError
+from distree.interrupt import requested
 from distree.solver.bnb import PROGRESS_EVERY_S
 from distree.solver.heuristic import Candidate, iterated_local_search
-from distree.interrupt import requested
 
 if TYPE_CHECKING:
     from distree.solver.bnb import BnbResult, Progress, Tree

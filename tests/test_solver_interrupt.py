@@ -55,7 +55,7 @@ def test_ctrl_c_ends_the_search_and_keeps_its_best_plan(tmp_path: Path) -> None:
     run, after = _ctrl_c(["plan", *FILES, "--time-limit", str(LIMIT_S), "-o", str(out)], [8.0])
     assert run.returncode == 0, run.stderr
     assert "Ctrl-C" in run.stderr and "status interrupted" in run.stdout
-    assert after < 30, f"the solve went on {after:.0f} s after Ctrl-C"
+    assert after < LIMIT_S / 3, f"the solve went on {after:.0f} s after Ctrl-C"    # not to its limit
     plan = Plan.load(out)
     assert plan.status == INTERRUPTED and plan.gap > 0 and plan.wall_s < LIMIT_S / 2
     assert plan.sol_status.startswith("stopped by Ctrl-C")
@@ -105,7 +105,7 @@ def test_highs_stops_at_ctrl_c(python_handles_sigint) -> None:
         result = solve_milp(p, time_limit_s=LIMIT_S)
         assert requested()
     assert not requested() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert result.status != "optimal" and time.perf_counter() - t0 < 60
+    assert result.status != "optimal" and time.perf_counter() - t0 < LIMIT_S / 3       # not to its limit
 
 
 def test_the_compile_cache_keeps_no_unfinished_result(tmp_path: Path) -> None:

@@ -234,7 +234,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     engine = "branch-and-bound"                  # what produced the answer, for the plan's `solver` field
     if tree.complete and not constraints.dump_lp:
         if best is None:
-            raise DistreeError(explain_infeasible(p, index, constraints))
+            raise _infeasible(p, index, constraints)
         within = f"within --gap {gap:g} " if gap > OPTIMALITY_TOLERANCE else ""
         how = f"proven {within}by branch and bound{_over(tree)} ({_nodes(tree)}, {tree.wall_s:.2f} s)"
         result = MilpResult(best.levels, best.placement, best.expected_ms, tree.bound,
@@ -265,7 +265,7 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     if result.status == "infeasible":
         if best is not None:
             raise RuntimeError("MILP reports infeasible but the heuristic found a feasible plan (solver bug)")
-        raise DistreeError(explain_infeasible(p, index, constraints))
+        raise _infeasible(p, index, constraints)
     if result.levels is None and best is None:
         if requested():
             raise KeyboardInterrupt
@@ -303,6 +303,15 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
     start = {"start_feasible": 0.0} if seeded is None else {"start_ms": seeded.expected_ms,
                                                             "start_feasible": float(seeded.feasible)}
     return dataclasses.replace(plan, model_stats={**plan.model_stats, **start})
+
+
+def _infeasible(p: Problem, index: ProblemIndex, c: Constraints) -> DistreeError:
+    """The error that says why no plan exists; a Ctrl-C during the MILPs that look for the nearest setting aborts
+    instead (what they found by then is not the nearest)."""
+    why = explain_infeasible(p, index, c)
+    if requested():
+        raise KeyboardInterrupt
+    return DistreeError(why)
 
 
 def _over(tree: BnbResult) -> str:

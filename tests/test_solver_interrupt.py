@@ -1,6 +1,6 @@
 """Ctrl-C ends a solve's search and keeps its best plan (``distree.interrupt``): `distree plan` as a user runs
 it, in its own process group, SIGINT sent to the whole group as a terminal sends it; the sweep; HiGHS's callback;
-and the compile cache, which must not keep such a plan."""
+and the compile cache, which must not keep such a plan. And a solve killed outright leaves no worker behind."""
 
 from __future__ import annotations
 
@@ -69,6 +69,36 @@ def test_ctrl_c_is_left_alone_where_it_is_ignored() -> None:
             assert not listening() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.slow
+def test_no_worker_outlives_a_killed_solve() -> None:
+    """Killed (a cancelled CI job, `timeout`, the OOM killer), a solve leaves no worker computing on to its limit."""
+    proc = subprocess.Popen([*DISTREE, "plan", *FILES, "--time-limit", str(LIMIT_S), "--jobs", "2"], cwd=ROOT,
+                            preexec_fn=lambda: os.setpgid(0, 0),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # three processes: the tree's two workers, which would go on to the limit (the earlier ones end sooner)
+        assert wait_for(lambda: len(_running(proc.pid)) >= 3, 120.0), "the tree's workers were not forked"
+        proc.kill()                     # SIGKILL: the parent runs no handler of its own
+        proc.wait()
+        assert wait_for(lambda: not _running(proc.pid), 10.0), f"workers left running: {_running(proc.pid)}"
+    finally:
+        subprocess.run(["pkill", "-KILL", "-g", str(proc.pid)])
+
+
+def _running(group: int) -> list[str]:
+    """Processes of ``group`` not yet dead (a killed one may stay a zombie until its new parent reaps it)."""
+    pids = subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            alive.append(pid)
+    return alive
 
 
 def test_the_first_ctrl_c_asks_the_second_aborts_and_the_handler_is_restored(python_handles_sigint) -> None:

@@ -13,13 +13,13 @@ from distree.errors import DistreeError
 from distree.exits.confidence import clopper_pearson_lower
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
+from distree.interrupt import ctrl_c_ends, requested
 from distree.profiler.types import Profile
 from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, Tree, branch_and_bound
 from distree.solver.bounds import BoundTables, bound_tables, widest_window, widest_window_bound, window_prefix_bound
 from distree.solver.classes import PlacementClasses, placement_classes
 from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
 from distree.solver.heuristic import Candidate, default_starts, local_search, no_exit_plan
-from distree.interrupt import ctrl_c_ends, requested
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.parallel import kicks_beside, kicks_on_cores, run_tree, side_by_side, usable_cores
 from distree.solver.plan import INTERRUPTED, WITHIN_GAP, ExitChoice, Plan, Stage

@@ -4,7 +4,8 @@ Each subcommand lives next to the code it drives (``distree/<part>/commands.py``
 below; its module is imported only when the subcommand runs (or ``--help`` lists it), so a device that
 installed distree without the build machine's packages still serves, runs, verifies, benches and profiles.
 A :class:`~distree.errors.DistreeError` becomes one ``error: ...`` line and exit status 2; ``--debug``
-shows the traceback instead.
+shows the traceback instead. Work that Ctrl-C stops and a rerun resumes (profiling) says so on one ``stopped: ...``
+line, exit status 130 (the shell's for SIGINT).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ COMMANDS = {
     "simulate": "distree.sim.commands:simulate_cmd",
     "verify": "distree.compiler.commands:verify_cmd",
 }
+STOPPED_EXIT_CODE = 130     # 128 + SIGINT, as a shell reports a process Ctrl-C ended
 BUILD_EXTRA = "compile"     # pyproject's extra with what only the build machine needs (solver, SciPy, plots, tuning)
 
 
@@ -83,6 +85,11 @@ class _Group(click.Group):
                 exc = missing_package_error(ctx.invoked_subcommand or "", package)
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            if not exc.args or (ctx.obj and ctx.obj.get("debug")):
+                raise               # click says "Aborted!"
+            click.echo(f"\nstopped: {exc.args[0]}", err=True)      # work that a rerun resumes (the profiler's)
+            ctx.exit(STOPPED_EXIT_CODE)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -160,6 +160,91 @@ def test_cache_reuses_profile_and_compiled_units_force_remeasures(tiny, local_pr
     assert [p.stat().st_mtime_ns for p in libs] == stamps
 
 
+def _counting_measure(monkeypatch, after=None) -> list[str]:
+    """The items the profiler measures from now on (not those it keeps); ``after(n)`` runs after the n-th."""
+    import distree.profiler.profile as profiling
+
+    measured: list[str] = []
+    real = profiling.measure_unit
+
+    def measure_unit(unit, *args, **kwargs):
+        out = real(unit, *args, **kwargs)
+        measured.append(unit.item)
+        if after is not None:
+            after(len(measured))
+        return out
+    monkeypatch.setattr(profiling, "measure_unit", measure_unit)
+    return measured
+
+
+def test_a_stopped_profile_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
+    _, model, chain, exits = tiny
+    cache = tmp_path / "cache"
+    items = [u.item for u in profile_units(model, chain, exits)]
+
+    def abort(done: int, total: int, item: str) -> None:     # as a second Ctrl-C, or a kill, before unit 3
+        if done == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST, progress=abort)
+    partial, = (cache / "profiles").glob("*.partial.jsonl")
+    first = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert [doc["item"] for doc in first] == items[:3] and not list((cache / "profiles").glob("*[0-9a-f].json"))
+    with partial.open("a") as f:
+        f.write('{"item": "' + items[3] + '", "entr')       # killed while writing unit 3
+    measured = _counting_measure(monkeypatch)
+    profile = profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST)
+    assert measured == items[3:]
+    assert profile.settings["host"]["resumed_units"] == 3
+    for doc in first:       # the kept units' own samples, not new ones
+        assert [m.samples_ms for m in profile.entries if m.item == doc["item"]] == \
+            [tuple(e["samples_ms"]) for e in doc["entries"]]
+    assert {m.item for m in profile.entries} >= set(items) and not partial.exists()
+    again = profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST)
+    assert again == profile and measured == items[3:]       # the whole profile is cached now
+
+
+def test_force_measures_everything_again_and_a_stopped_forced_run_resumes_without_it(tiny, tmp_path,
+                                                                                      monkeypatch):
+    _, model, chain, exits = tiny
+    cache = tmp_path / "cache"
+    items = [u.item for u in profile_units(model, chain, exits)]
+    profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST)
+
+    def abort(done: int, total: int, item: str) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST, force=True,
+                      progress=abort)
+    measured = _counting_measure(monkeypatch)
+    resumed = profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST)
+    assert measured == items[2:] and resumed.settings["host"]["resumed_units"] == 2     # not the old profile
+    profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST, force=True)
+    assert measured == items[2:] + items
+
+
+def test_ctrl_c_stops_profiling_after_the_unit_under_way_and_the_same_command_resumes(
+        tiny, tmp_path, monkeypatch, python_handles_sigint):
+    import os
+    import signal
+
+    path, model, chain, exits = tiny
+    total = len(profile_units(model, chain, exits))
+    args = ["profile", str(path), "--device", "host", "--warmup", "1", "--repeats", "3", "--min-repeat-ms", "1",
+            "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "p.json")]
+    measured = _counting_measure(monkeypatch, after=lambda n: n == 1 and os.kill(os.getpid(), signal.SIGINT))
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 130, res.output
+    assert f"stopped: profiling host stopped; 1 of {total} units are measured and kept: run the same command " \
+           "again to resume" in res.output
+    assert len(measured) == 1 and not (tmp_path / "p.json").exists()
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert f"note: host: 1 of {total} units were measured by an earlier run" in res.output
+    assert len(measured) == total and len(set(measured)) == total
+
+
 def test_estimate_mode_scales_by_device_figures(tiny, tmp_path):
     _, model, chain, exits = tiny
     prof = {d: profile_model(model, chain, exits, get_device(d), mode="estimate", cache_dir=tmp_path)

@@ -220,6 +220,9 @@ def _profile(model: onnx.ModelProto, chain: Chain, exits: tuple[ExitPoint, ...],
         log(f"profile {dev.name} ({mode}) ...")
         parts.append(profile_model(model, chain, exits, dev, mode=mode, rpc=rpc, backends=backends,
                                    cache_dir=cache_root, progress=on_item))
+        resumed = parts[-1].settings[dev.name].get("resumed_units")
+        if resumed:
+            log(f"profile {dev.name}: {resumed} units kept from an earlier run that stopped, the rest measured")
     return merge_profiles(parts)
 
 

@@ -123,3 +123,7 @@ def _print(profile, console) -> None:
     notes = {m.note for m in profile.entries if m.note}
     for note in sorted(notes):
         console.print(f"note: {note}")
+    for device, settings in profile.settings.items():
+        if settings.get("resumed_units"):
+            console.print(f"note: {device}: {settings['resumed_units']} of {len(settings['items'])} units were "
+                          "measured by an earlier run that stopped; this one measured the rest")

@@ -8,7 +8,9 @@ Modes (each Measurement's provenance says which):
 - ``estimate``: from FLOPs and bytes and the device's figures (see :mod:`distree.profiler.estimate`).
 
 Profiles are cached under ``<cache>/profiles/`` by a key over the model, chain, exits, device, mode, settings,
-tool versions and distree's own source; ``force=True`` measures again.
+tool versions and distree's own source; ``force=True`` measures again. A run that stops before the end (Ctrl-C, a
+lost device, a crash) keeps every unit it measured in ``<key>.partial.jsonl`` beside, one line a unit, and the
+same request picks up where it stopped: on a Pi over TVM RPC a large model takes minutes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import onnx
 from distree import __version__
 from distree.errors import DistreeError
 from distree.fingerprint import code_fingerprint
+from distree.interrupt import ctrl_c_ends, requested
 from distree.exits.types import SCORE_KINDS, ExitPoint
 from distree.graph import Chain, model_sha256
 from distree.profiler import estimate as est
@@ -38,12 +41,14 @@ from distree.profiler.timing import TimingSettings, summarize
 from distree.profiler.types import Measurement, Profile
 from distree.profiler.items import CALL_ITEM, RPC_ITEM, block_item, decide_item, entry_item, exit_item
 from distree.profiler.units import Unit, profile_units
+from distree.serde import write_bytes_atomic
 from distree.targets.emulation import default_cache_dir
 from distree.targets.spec import DeviceSpec
 from distree.targets.toolchain import host_arch, host_cpu, import_onnx, missing_cpu_features, \
     target_arch, tvm_device_here, tvm_gap, tvm_target
 
 MODES = ("local", "rpc", "qemu", "estimate")
+PARTIAL_SUFFIX = ".partial.jsonl"
 ORT_ONLY_MEMORY = "graph-workspace-estimate (ONNX Runtime only: no TVM memory plan)"
 QEMU_NOTE = "emulated under qemu-user on an x86 machine: proves the aarch64 artifact runs; NOT a device timing"
 Progress = Callable[[int, int, str], None]
@@ -77,28 +82,105 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     cached = cache_dir / "profiles" / f"{key}.json"
     if cached.is_file() and not force:
         return Profile.load(cached)
-    with _measurer(device, mode, rpc, timing, cache_dir, aarch64_root) as (measure, provenance, note):
-        entries: list[Measurement] = []
-        for done, unit in enumerate(units):
-            if progress:
-                progress(done, len(units), unit.item)
-            entries.extend(measure(unit, unit_backends[unit.item], provenance, note))
-        entries.extend(decide_entries(device, int(chain.blocks[-1].output_shape[-1]), timing,
-                                      measured_here=mode == "local", score_kinds=decide_kinds))
-        if with_rpc:
-            entries.append(rpc_entry(device, timing, measured_here=mode == "local"))
-        if progress:
-            progress(len(units), len(units), "done")
+    partial = cached.with_suffix(PARTIAL_SUFFIX)
+    if force:       # what it replaces goes first: stopped, a run without --force resumes this one
+        cached.unlink(missing_ok=True)
+    kept = {} if force else kept_units(partial, units)
+    resumed = len(kept)
+    _write_kept(partial, kept)      # drops a line torn by a kill, so that the next one starts a line of its own
+
+    def kept_note() -> str:
+        again = "the same command again without --force" if force else "the same command again"
+        return f"{len(kept)} of {len(units)} units are measured and kept: run {again} to resume"
+
+    with ctrl_c_ends(f"profiling {device.name}", "every unit it measured"):
+        try:
+            with _measurer(device, mode, rpc, timing, cache_dir, aarch64_root) as (measure, provenance, note):
+                entries: list[Measurement] = []
+                for done, unit in enumerate(units):
+                    if requested():
+                        raise KeyboardInterrupt(f"profiling {device.name} stopped; {kept_note()}")
+                    if progress:
+                        progress(done, len(units), unit.item + (" (measured by an earlier run)" if unit.item in kept
+                                                                else ""))
+                    if unit.item not in kept:
+                        kept[unit.item] = _measure_remote(measure, unit, unit_backends[unit.item], provenance, note,
+                                                          device, mode, kept_note)
+                        _keep(partial, unit.item, kept[unit.item])
+                    entries.extend(kept[unit.item])
+                entries.extend(decide_entries(device, int(chain.blocks[-1].output_shape[-1]), timing,
+                                              measured_here=mode == "local", score_kinds=decide_kinds))
+                if with_rpc:
+                    entries.append(rpc_entry(device, timing, measured_here=mode == "local"))
+        except Exception as exc:
+            if requested():     # the Ctrl-C reached the processes the profiler starts as well (an emulated device's
+                #                 server, the gRPC peer): they failed
+                raise KeyboardInterrupt(f"profiling {device.name} stopped; {kept_note()}") from exc
+            raise
+    if progress:
+        progress(len(units), len(units), "done")
     settings = {device.name: {"mode": mode, "provenance": provenance, "backends": list(backends),
                               **({"ort_only": gaps} if gaps else {}),
                               "timing": timing.to_dict(), "items": [u.item for u in units],
                               "tvm_build": "tvm.compile, default pipeline, untuned", "cache_key": key,
                               **({"measured_on": _measured_on(device)} if mode == "local" else {}),
+                              **({"resumed_units": resumed} if resumed else {}),
                               **({"estimate_calibration": _calibration_summary()} if mode == "estimate" else {})}}
     profile = Profile(model_sha256=versions["model_sha256"], entries=tuple(entries), versions=versions,
                       settings=settings)
     profile.save(cached)
+    partial.unlink(missing_ok=True)
     return profile
+
+
+def kept_units(path: Path, units: Sequence[Unit]) -> dict[str, list[Measurement]]:
+    """item -> its measurements, for the ``units`` an earlier run of the same request measured before it stopped
+    (``path``: its ``.partial.jsonl``); a line it did not finish (killed while writing) is measured again."""
+    wanted = {u.item for u in units}
+    kept: dict[str, list[Measurement]] = {}
+    if not path.is_file():
+        return kept
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            doc = json.loads(line)
+            entries = [Measurement.from_dict(m) for m in doc["entries"]]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if doc["item"] in wanted:
+            kept[doc["item"]] = entries
+    return kept
+
+
+def _measure_remote(measure: Measure, unit: Unit, backends: tuple[str, ...], provenance: str, note: str,
+                    device: DeviceSpec, mode: str, kept_note: Callable[[], str]) -> list[Measurement]:
+    """``measure(unit)``; over TVM RPC a failure (most often a device lost) is a one-line error that says what
+    is kept."""
+    try:
+        return measure(unit, backends, provenance, note)
+    except Exception as exc:
+        if mode not in ("rpc", "qemu") or requested():
+            raise
+        said = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise DistreeError(f"timing {unit.item} on {device.name} over TVM RPC ({provenance}) failed: "
+                           f"{said[-1][:200]}; {kept_note()} once its RPC server is up again") from exc
+
+
+def _keep(path: Path, item: str, entries: Sequence[Measurement]) -> None:
+    """Append one unit's measurements as one line, flushed before the next unit starts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(_kept_line(item, entries))
+
+
+def _write_kept(path: Path, kept: dict[str, list[Measurement]]) -> None:
+    if not kept:
+        path.unlink(missing_ok=True)
+        return
+    write_bytes_atomic(path, "".join(_kept_line(item, entries) for item, entries in kept.items()).encode())
+
+
+def _kept_line(item: str, entries: Sequence[Measurement]) -> str:
+    return json.dumps({"item": item, "entries": [m.to_dict() for m in entries]}) + "\n"
 
 
 def tvm_gaps(units: Sequence[Unit]) -> dict[str, str]:

@@ -1,6 +1,8 @@
 """Ctrl-C ends a long search, not the program: a solve returns the best plan it holds, with its proven gap and the
 status ``interrupted`` (:data:`~distree.solver.plan.INTERRUPTED`), as HiGHS, Gurobi and CPLEX do; tuning keeps
-the records it has measured and the build goes on with them. A second Ctrl-C aborts as usual.
+the records it has measured and the build goes on with them; profiling stops after the unit under way, every unit
+measured kept for the same command to resume (a profile with units missing plans nothing). A second Ctrl-C aborts as
+usual.
 
 A proof may take far longer than a user wants to wait (the trained ResNet-110: still 1.3% open after 600 s), and so
 may tuning (minutes a device); what they hold by then is what the user wants. While :func:`ctrl_c_ends` is on,

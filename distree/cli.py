@@ -11,11 +11,13 @@ line, exit status 130 (the shell's for SIGINT).
 from __future__ import annotations
 
 from importlib import import_module
+from pathlib import Path
 
 import click
 
 from distree import __version__
 from distree.errors import DistreeError
+from distree.serde import unwritable
 
 # name: "module:attribute" (keep sorted)
 COMMANDS = {
@@ -48,6 +50,26 @@ def missing_package_error(command: str, package: str) -> DistreeError:
                         f"installed here; on the build machine install distree with `pip install "
                         f"'distree[{BUILD_EXTRA}]'` (a device that only serves, runs, verifies, benches or profiles "
                         f"needs just `pip install distree`)")
+
+
+class OutputPath(click.ParamType):
+    """Where a command writes a file (or, with ``directory``, a folder), checked when the command line is read: a
+    path it cannot write is a one-line error before the work, not a traceback after minutes of it."""
+
+    name = "path"
+
+    def __init__(self, directory: bool = False) -> None:
+        self.directory = directory
+
+    def convert(self, value, param, ctx) -> Path:
+        why = unwritable(value, self.directory)
+        if why:
+            raise DistreeError(f"{param.opts[-1] if param else 'output'} {value}: {why}")
+        return Path(value)
+
+
+OUTPUT_FILE = OutputPath()
+OUTPUT_DIR = OutputPath(directory=True)
 
 
 class _Group(click.Group):

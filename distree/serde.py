@@ -8,6 +8,7 @@ Fields may be scalars, tuples, dicts, ``Optional``s and other ``JsonRecord``s (n
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import gzip
 import json
@@ -152,20 +153,52 @@ def _umask() -> int:
     return mask
 
 
+def unwritable(path: str | os.PathLike, directory: bool = False) -> str | None:
+    """Why an output at ``path`` (a directory where ``directory``) cannot be written, or None: checked before the
+    work that makes it, by creating a temp file in the nearest directory that exists (as the atomic writers below
+    will), so that a long compile does not end in "permission denied"."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != directory:
+        return f"{p} is {'a file' if directory else 'a directory'}; give {'a directory' if directory else 'a file'} path"
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a directory; give a path in a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".distree-probe.", dir=folder)
+    except OSError as exc:
+        return f"cannot create a file in {folder} ({exc.strerror or exc}); give a path in a directory you can write to"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _cannot_write(path: Path, exc: OSError) -> DistreeError:
+    fix = "free some space there or give another path" if exc.errno == errno.ENOSPC else \
+        "give a path in a directory you can write to"
+    return DistreeError(f"cannot write {path}: {exc.strerror or exc}; {fix}")
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write through a temp file, then rename; the file gets the usual mode (mkstemp's is 0600)."""
+    """Write through a temp file, then rename; the file gets the usual mode (mkstemp's is 0600). A file system that
+    refuses (a read-only folder, a full disk) is a one-line error; nothing is left behind."""
     p = Path(path)
     if p.is_dir():
         raise DistreeError(f"{p} is a directory; give a file path to write to")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    tmp = None
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _cannot_write(p, exc) from exc
         raise
     return p
 
@@ -174,8 +207,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory beside ``path``; on success it replaces ``path``, on failure it is removed."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as exc:
+        raise _cannot_write(final, exc) from exc
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700
     try:
         yield tmp

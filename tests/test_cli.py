@@ -2,7 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from distree import __version__
@@ -55,22 +57,62 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback" in proc.stderr and "DistreeError" in proc.stderr
 
 
+def _output_options(out: str, missing: str) -> list[list[str]]:
+    """Every command line that writes a file, writing it to ``out`` (its inputs ``missing``)."""
+    return [["inspect", missing, "--json", out],
+            ["plan", "--chain", missing, "--calibration", missing, "--profile", missing, "-o", out],
+            ["plan", "--chain", missing, "--calibration", missing, "--profile", missing, "--dump-lp", out],
+            ["plan", "--chain", missing, "--calibration", missing, "--profile", missing, "--plot", out],
+            ["profile", missing, "--device", "pi4", "-o", out],
+            ["calibrate", missing, "--data", missing, "-o", out],
+            ["calibrate", missing, "--data", missing, "--plot", out],
+            ["exits", missing, "--data", missing, "-o", out],
+            ["run", missing, "--input", missing, "-o", out],
+            ["infer", "127.0.0.1:1", "--input", missing, "--json", out],
+            ["simulate", missing, "-o", out],
+            ["simulate", missing, "--plot", out],
+            ["bench", missing, "--out", out]]
+
+
 def test_a_directory_given_as_an_output_file_is_refused_up_front(tmp_path):
     """Before any work (plan -o DIR used to solve for a minute, then fail with a traceback)."""
-    missing = str(tmp_path / "missing")
-    out = str(tmp_path)
-    for argv in (["inspect", missing, "--json", out],
-                 ["plan", "--chain", missing, "--calibration", missing, "--profile", missing, "-o", out],
-                 ["plan", "--chain", missing, "--calibration", missing, "--profile", missing, "--dump-lp", out],
-                 ["profile", missing, "--device", "pi4", "-o", out],
-                 ["calibrate", missing, "--data", missing, "-o", out],
-                 ["exits", missing, "--data", missing, "-o", out],
-                 ["run", missing, "--input", missing, "-o", out],
-                 ["simulate", missing, "-o", out],
-                 ["bench", missing, "--out", out]):
+    for argv in _output_options(str(tmp_path), str(tmp_path / "missing")):
         result = CliRunner().invoke(cli, argv)
         assert result.exit_code == 2, (argv, result.output)
         assert "is a directory" in result.output and "Traceback" not in result.output, (argv, result.output)
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """compile -o under a file, or where nothing can be created, used to compute for minutes and then die in
+    mkdtemp with a traceback; the same for every other output."""
+    (tmp_path / "notes.txt").write_text("")
+    missing = str(tmp_path / "missing")
+    for out, why in ((str(tmp_path / "notes.txt" / "sub" / "out"), "notes.txt is a file, not a directory"),
+                     ("/proc/distree-out", "cannot create a file in /proc")):
+        compile_argv = ["compile", missing, "--devices", "pi4", "--data", missing, "-o", out]
+        for argv in [compile_argv, *_output_options(out, missing)]:
+            result = CliRunner().invoke(cli, argv)
+            assert result.exit_code == 2, (argv, result.output)
+            lines = result.output.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: ") and why in lines[0], (argv, result.output)
+    result = CliRunner().invoke(cli, ["compile", missing, "--devices", "pi4", "--data", missing,
+                                      "-o", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2 and "notes.txt is a file; give a directory path" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]      # the probes leave nothing
+
+
+def test_a_write_the_file_system_refuses_is_one_line_and_leaves_nothing(tmp_path):
+    from distree.errors import DistreeError
+    from distree.serde import atomic_directory, write_json_atomic
+
+    (tmp_path / "notes.txt").write_text("")
+    for target in (tmp_path / "notes.txt" / "x.json", Path("/proc/distree-out.json")):
+        with pytest.raises(DistreeError, match=f"cannot write {target}: .*; give a path in a directory you can"):
+            write_json_atomic(target, {"a": 1})
+    with pytest.raises(DistreeError, match="cannot write /proc/distree-bundle: "):
+        with atomic_directory("/proc/distree-bundle"):
+            raise AssertionError("no directory can be made there")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_atomic_writer_refuses_a_directory(tmp_path):

@@ -9,6 +9,7 @@ from typing import Optional
 
 import click
 
+from distree.cli import OUTPUT_FILE
 from distree.errors import DistreeError
 
 
@@ -16,7 +17,7 @@ from distree.errors import DistreeError
 @click.argument("bundle", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--baseline", "baseline_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="An earlier `distree bench --out` of this bundle's model: compare, exit 1 on a regression.")
-@click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--out", "out_path", type=OUTPUT_FILE, default=None,
               help="Write this measurement (JSON, atomically): the next run's --baseline.")
 @click.option("--tolerance", type=float, default=0.15, show_default=True,
               help="Relative slowdown of a segment's median that counts as a regression.")

@@ -11,6 +11,7 @@ from typing import Optional
 
 import click
 
+from distree.cli import OUTPUT_DIR
 from distree.errors import DistreeError
 
 
@@ -62,7 +63,7 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 @click.option("--devices", default="", help="Comma-separated catalog devices in pipeline order, e.g. pi4,jetson-orin-nano.")
 @click.option("--topology", type=click.Path(dir_okay=False), help="Topology file (devices + links) instead of --devices.")
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration .npz (x, y).")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("-o", "--output", required=True, type=OUTPUT_DIR, help="Bundle directory to write.")
 @click.option("--accuracy-drop", default=0.01, show_default=True, type=float, help="Allowed accuracy loss vs the full model.")
 @click.option("--confidence", default=None, type=float, help="Hold the accuracy bound at this one-sided confidence.")
 @click.option("--score", "score_kind", default="max_softmax", show_default=True,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from distree.cli import OUTPUT_FILE
 from distree.errors import DistreeError
 from distree.exits.types import DEFAULT_CONFIDENCE, DEFAULT_LEVELS, HEAD_KINDS, SCORE_KINDS, Calibration
 
@@ -46,7 +47,7 @@ def _blocks(text: str | None) -> list[int] | None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the fit/threshold split.")
 @click.option("--head", type=click.Choice(HEAD_KINDS), default="auto", show_default=True,
               help="linear: global pool + linear; conv: 4x4 pool + 1x1 conv + linear; auto: conv on maps >= 8x8.")
-@click.option("-o", "--output", required=True, type=_MODEL, help="Write the multi-exit model here.")
+@click.option("-o", "--output", required=True, type=OUTPUT_FILE, help="Write the multi-exit model here.")
 def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outputs: str | None,
               fit_fraction: float, seed: int, head: str, output: Path) -> None:
     """Find MODEL's exits or train light exit heads on its frozen features, and attach them.
@@ -97,9 +98,9 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
 @click.option("--report", is_flag=True, help="Print per-exit accuracy and exit-rate curves.")
 @click.option("--test", "test_path", type=_MODEL, default=None, help="Test .npz, used only in the report / plot.")
 @click.option("--confidence", default=DEFAULT_CONFIDENCE, show_default=True, help="Of the accuracy lower bounds.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--plot", "plot_path", type=OUTPUT_FILE, default=None,
               help="Draw the curves to this PNG.")
-@click.option("-o", "--output", type=_MODEL, default=None, help="Write the Calibration JSON here.")
+@click.option("-o", "--output", type=OUTPUT_FILE, default=None, help="Write the Calibration JSON here.")
 def calibrate_cmd(model_path: Path, data_path: Path, score_kind: str, exit_outputs: str | None, levels: int,
                   fit_fraction: float | None, seed: int | None, report: bool, test_path: Path | None, confidence: float,
                   plot_path: Path | None, output: Path | None) -> None:

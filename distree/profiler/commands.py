@@ -7,6 +7,7 @@ from typing import Optional
 
 import click
 
+from distree.cli import OUTPUT_FILE
 from distree.errors import DistreeError
 
 
@@ -37,7 +38,7 @@ from distree.errors import DistreeError
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Profile and compiled-artifact cache (default: $DISTREE_CACHE or .distree-cache).")
 @click.option("--force", is_flag=True, help="Measure again even if a cached profile matches.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Where to write profile.json.")
+@click.option("-o", "--output", type=OUTPUT_FILE, required=True, help="Where to write profile.json.")
 def profile_cmd(model_path: Path, devices: tuple[str, ...], topology_path: Optional[Path], rpc: Optional[str],
                 estimate: bool, qemu: bool, backends: tuple[str, ...], exit_outputs: Optional[str],
                 input_shapes: tuple[str, ...], items: tuple[str, ...], warmup: int, repeats: int,

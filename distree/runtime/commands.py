@@ -8,6 +8,8 @@ from typing import Optional
 
 import click
 
+from distree.cli import OUTPUT_FILE
+
 
 def tls_options(command):
     """--tls-cert/--tls-key/--tls-ca: mutual TLS (distree.runtime.tls), the same three flags on serve and infer."""
@@ -26,7 +28,7 @@ def tls_options(command):
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Threads per segment runtime.")
 @click.option("--deadline-ms", type=click.FloatRange(0, min_open=True), default=None,
               help="Answer early when the rest would miss this deadline.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the full report (JSON) here.")
+@click.option("-o", "--output", type=OUTPUT_FILE, help="Write the full report (JSON) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def run_cmd(bundle: str, input_path: str, limit: Optional[int], threads: int, deadline_ms: Optional[float],
             output: Optional[str], as_json: bool) -> None:
@@ -102,7 +104,7 @@ def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str]
 @click.option("--deadline-ms", type=click.FloatRange(0, min_open=True), default=None,
               help="Per-request deadline: stages answer from an exit when the rest would miss it.")
 @click.option("--timeout-s", type=float, default=10.0, show_default=True, help="Longest wait for one answer.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_path", type=OUTPUT_FILE, default=None,
               help="Write the full report (per-sample answers, exits, reasons, timings) here.")
 @tls_options
 def infer_cmd(address: str, input_path: str, limit: Optional[int], deadline_ms: Optional[float], timeout_s: float,

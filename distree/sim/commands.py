@@ -8,6 +8,7 @@ from typing import Optional
 
 import click
 
+from distree.cli import OUTPUT_FILE
 from distree.errors import DistreeError
 from distree.targets.topology import topology_from_flags
 
@@ -64,9 +65,9 @@ def _rates(text: str) -> list[float]:
 @click.option("--samples", "samples_path", type=click.Path(path_type=Path), default=None,
               help="Replay these samples (.npz, e.g. the test set) instead of the calibration's; needs --model.")
 @click.option("--no-baselines", is_flag=True, help="Simulate the plan only.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--plot", "plot_path", type=OUTPUT_FILE, default=None,
               help="Write latency vs rate curves (PNG).")
-@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("-o", "--output", type=OUTPUT_FILE, default=None,
               help="Write the report JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON instead of tables.")
 def simulate_cmd(plan_path: Path, chain_path: Optional[Path], calibration_path: Optional[Path],

@@ -8,6 +8,7 @@ from typing import Optional
 import click
 from rich.console import Console
 
+from distree.cli import OUTPUT_FILE
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
@@ -64,18 +65,18 @@ def _parse_sweep(spec: str) -> list[float]:
 @click.option("--jobs", type=int, default=None,
               help="Cores for the branch and bound's best-first search (default: every core this process may use).")
 @click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True)
-@click.option("--dump-lp", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--dump-lp", type=OUTPUT_FILE, default=None,
               help="Write the MILP (LP format) here.")
 @click.option("--sweep", default=None, metavar="accuracy-drop=V1,V2,...",
               help="Solve for several accuracy drops; print the latency-accuracy frontier.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--plot", "plot_path", type=OUTPUT_FILE, default=None,
               help="With --sweep: write the frontier as PNG.")
 @click.option("--start", "start_path", type=click.Path(path_type=Path), default=None,
               help="An earlier plan of this model (Plan JSON from `distree plan -o`, or a bundle directory) to start "
                    "from: its exits and thresholds seed the search, on its own placement where its devices are all "
                    "here and on the best one for them (a re-plan after re-profiling, for other devices or another "
                    "accuracy drop starts near it and ends no worse where it is feasible). A seed, not a constraint.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("-o", "--output", type=OUTPUT_FILE, default=None,
               help="Write the Plan JSON (with --sweep: the frontier JSON).")
 def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devices: Optional[str],
              topology_path: Optional[Path], accuracy_drop: float, confidence: Optional[float],

@@ -24,6 +24,7 @@ import numpy as np
 
 from distree.errors import DistreeError
 from distree.exits.types import SCORE_KINDS
+from distree.lifetime import dies_with_this_process
 from distree.profiler.estimate import per_core_gflops
 from distree.profiler.timing import TimingSettings, summarize, time_callable
 from distree.profiler.types import Measurement
@@ -98,8 +99,8 @@ def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
     from distree.runtime.server import CHANNEL_OPTIONS
     from distree.runtime.wire import Request, decode_reply, encode_request
 
-    peer = subprocess.Popen([sys.executable, "-c", "from distree.profiler.dispatch import serve_echo; serve_echo()"],
-                            stdout=subprocess.PIPE, text=True)
+    peer = subprocess.Popen(dies_with_this_process([sys.executable, "-c", "from distree.profiler.dispatch import "
+                                                    "serve_echo; serve_echo()"]), stdout=subprocess.PIPE, text=True)
     try:
         port = peer.stdout.readline().strip()
         if not port.isdigit() or port == "0":

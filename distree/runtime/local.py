@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from distree.lifetime import dies_with_this_process
+
 
 class StageProcess:
     """``python -m distree serve`` in its own process; ``address`` is the one it printed it bound."""
@@ -20,7 +22,8 @@ class StageProcess:
         cmd = [*prefix, sys.executable, "-u", "-m", "distree", "serve", str(bundle), "--device", device,
                "--listen", listen, *extra_args] + (["--next", next_address] if next_address else [])
         self.device = device
-        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(dies_with_this_process(cmd), cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
         self.address = self._wait_for_address(start_timeout_s)
 
     def _wait_for_address(self, timeout_s: float) -> str:

@@ -18,7 +18,6 @@ forked run is a solve's last.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import multiprocessing
 import multiprocessing.connection
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from distree.errors import DistreeError
 from distree.interrupt import requested
+from distree.lifetime import die_with
 from distree.solver.bnb import PROGRESS_EVERY_S
 from distree.solver.heuristic import Candidate, iterated_local_search
 
@@ -43,7 +43,6 @@ PUBLISH_EVERY_S = 0.5           # how often a worker publishes its proven bound
 POLL_S = 0.2                    # how often the parent looks for plans found and tells progress
 FREE_S_PER_NODE = 2e-6          # what freeing an open node takes (measured: 434k nodes, 0.8 s)
 EXIT_GRACE_S = 30.0             # past the time limit, how long a worker may take to report before it counts as lost
-PR_SET_PDEATHSIG = 1            # prctl(2): the signal a process gets when the thread that forked it ends (Linux)
 
 
 def usable_cores() -> int:
@@ -268,27 +267,13 @@ def _forked(work: Callable[[int], Any], jobs: int, time_limit_s: float, name: st
 
 def _work(work: Callable[[int], Any], k: int, send: multiprocessing.connection.Connection, parent: int) -> None:
     """In a forked worker: ``work(k)``, and send its result."""
-    _die_with(parent)
+    die_with(parent)
     # fresh stream objects: the inherited ones may hold what another thread of the parent (a status line)
     # buffered after the flush before the fork, and a worker's exit would write it again
     sys.stdout, sys.stderr = _fresh_stream(1), _fresh_stream(2)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle: it ends the workers
     send.send(work(k))
     send.close()
-
-
-def _die_with(parent: int) -> None:
-    """A worker must not outlive the solve that forked it: where that process is killed (SIGTERM from a cancelled CI
-    job or `timeout`, SIGKILL from the OOM killer) its workers went on to their time limit, on every core (a
-    60 s solve's tree workers, its parent killed 25 s in, ran 35 s more). On Linux the kernel kills them with it;
-    elsewhere they still outlive it."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):   # not Linux
-        return
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:          # it died before the call: nothing would signal this one
-        os._exit(1)
 
 
 def _fresh_stream(fd: int):

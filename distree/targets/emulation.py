@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from distree.errors import DistreeError
+from distree.lifetime import dies_with_this_process
 from distree.serde import atomic_directory
 
 QEMU = "qemu-aarch64-static"
@@ -125,10 +126,11 @@ def aarch64_rpc_server(root: Path, host: str = "127.0.0.1", start_timeout_s: flo
     """An in-process TVM RPC server run by the emulated aarch64 Python; yields ``host:port``.
 
     Importing TVM under qemu takes 20-45 s (more on a loaded machine), hence the long start timeout.
-    The server is one qemu process; it is killed on exit.
+    The server is one qemu process; it is killed on exit, and with this process if that is killed.
     """
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(aarch64_command([str(RPC_SERVER_SCRIPT), "--host", host, "--port", "0"], root),
+    proc = subprocess.Popen(dies_with_this_process(aarch64_command([str(RPC_SERVER_SCRIPT), "--host", host, "--port",
+                                                                    "0"], root)),
                             env=aarch64_env(root), stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], start_timeout_s)

@@ -52,6 +52,16 @@ def test_compile_verify_run(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     cached = json.loads(again.stdout)["cached_stages"]
     assert cached == ["exits", "calibrate", "profile", "plan"]
+    # a cache entry damaged on disk is a miss, said and computed again, not an error the user must clear
+    plan_value, = (tmp_path / "cache" / "plan").glob("*/value.json")
+    exits_model, = (tmp_path / "cache" / "exits").glob("*/model.onnx")
+    for damaged in (plan_value, exits_model):
+        damaged.write_bytes(damaged.read_bytes()[:100])
+    mended = _cli(*args)
+    assert mended.returncode == 0, mended.stderr[-3000:]
+    assert json.loads(mended.stdout)["cached_stages"] == ["calibrate", "profile"]
+    assert mended.stderr.count("is unreadable") == 2 and "computing it again" in mended.stderr
+    assert json.loads(plan_value.read_text())["kind"] == "Plan"
 
     verify = _cli("verify", str(tmp_path / "bundle"))
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr

@@ -224,6 +224,20 @@ def test_force_measures_everything_again_and_a_stopped_forced_run_resumes_withou
     assert measured == items[2:] + items
 
 
+def test_a_cached_profile_damaged_on_disk_is_measured_again_and_said(tiny, tmp_path, monkeypatch, caplog):
+    _, model, chain, exits = tiny
+    cache = tmp_path / "cache"
+    items = [u.item for u in profile_units(model, chain, exits)]
+    profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST)
+    cached, = (cache / "profiles").glob("*.json")
+    cached.write_text(cached.read_text()[:200])
+    measured = _counting_measure(monkeypatch)
+    again = profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST)
+    assert measured == items and {m.item for m in again.entries} >= set(items)
+    assert f"{cached}: not valid JSON" in caplog.text and "measuring host again" in caplog.text
+    assert Profile.load(cached) == again
+
+
 def test_ctrl_c_stops_profiling_after_the_unit_under_way_and_the_same_command_resumes(
         tiny, tmp_path, monkeypatch, python_handles_sigint):
     import os

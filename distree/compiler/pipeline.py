@@ -237,6 +237,11 @@ def _load_exits(folder: Path) -> tuple[onnx.ModelProto, tuple[ExitPoint, ...]]:
     return onnx.load(str(folder / "model.onnx")), exits
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -264,8 +269,16 @@ class _Cache:
         folder = self.root / stage / key
         done = folder / "done"
         t0 = time.perf_counter()
-        if done.is_file():
-            value = record.load(folder / "value.json") if record else load(folder)
+        value, cached = None, done.is_file()
+        if cached:
+            try:
+                value = record.load(folder / "value.json") if record else load(folder)
+            except Exception as exc:    # a cache entry damaged on disk is a miss, not the user's error
+                self.log(f"{stage}: the cached result in {folder} is unreadable ({_first_line(exc)}); computing it "
+                         "again")
+                cached = False
+                done.unlink(missing_ok=True)
+        if cached:
             self.hits.append(stage)
             self.log(f"{stage}: cached ({folder})")
         else:

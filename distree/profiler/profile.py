@@ -19,6 +19,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import logging
 import os
 import platform
 import sys
@@ -81,7 +82,10 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
                                [*map(decide_item, decide_kinds), *([RPC_ITEM] if with_rpc else [])])
     cached = cache_dir / "profiles" / f"{key}.json"
     if cached.is_file() and not force:
-        return Profile.load(cached)
+        try:
+            return Profile.load(cached)
+        except DistreeError as exc:     # damaged on disk: a miss, measured again, not the user's error
+            logging.getLogger(__name__).warning("%s; measuring %s again", exc, device.name)
     partial = cached.with_suffix(PARTIAL_SUFFIX)
     if force:       # what it replaces goes first: stopped, a run without --force resumes this one
         cached.unlink(missing_ok=True)

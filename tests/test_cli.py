@@ -90,7 +90,10 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     for out, why in ((str(tmp_path / "notes.txt" / "sub" / "out"), "notes.txt is a file, not a directory"),
                      ("/proc/distree-out", "cannot create a file in /proc")):
         compile_argv = ["compile", missing, "--devices", "pi4", "--data", missing, "-o", out]
-        for argv in [compile_argv, *_output_options(out, missing)]:
+        caches = [["compile", missing, "--devices", "pi4", "--data", missing, "-o", str(tmp_path / "bundle"),
+                   "--cache-dir", out],
+                  ["profile", missing, "--device", "pi4", "-o", str(tmp_path / "p.json"), "--cache-dir", out]]
+        for argv in [compile_argv, *caches, *_output_options(out, missing)]:
             result = CliRunner().invoke(cli, argv)
             assert result.exit_code == 2, (argv, result.output)
             lines = result.output.strip().splitlines()

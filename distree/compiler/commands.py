@@ -92,13 +92,13 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 @click.option("--start", "start", default=None, type=click.Path(),
               help="An earlier plan of this model (a bundle, e.g. the one -o replaces, or a Plan JSON) seeding the "
                    "solve: the new plan is no slower wherever that one still fits (`distree plan --start`).")
-@click.option("--cache-dir", default=".distree-cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--cache-dir", default=".distree-cache", show_default=True, type=OUTPUT_DIR)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, output: str, accuracy_drop: float,
                 confidence: Optional[float], score_kind: str, backend: str, tune_minutes: float, time_limit: float,
                 gap: float, jobs: Optional[int], rpc: tuple[str, ...], profiles: tuple[str, ...],
                 input_shape: tuple[str, ...], threads: int,
-                require_aot_cuda: bool, start: Optional[str], cache_dir: str, as_json: bool) -> None:
+                require_aot_cuda: bool, start: Optional[str], cache_dir: Path, as_json: bool) -> None:
     """Compile MODEL into a bundle: inspect, exits, calibrate, profile, plan, build (each stage cached)."""
     from distree.compiler.pipeline import CompileOptions, compile_model
     from distree.compiler.summary import print_summary, summary_dict

@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from distree.cli import OUTPUT_FILE
+from distree.cli import OUTPUT_DIR, OUTPUT_FILE
 from distree.errors import DistreeError
 
 
@@ -35,7 +35,7 @@ from distree.errors import DistreeError
 @click.option("--min-repeat-ms", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Each sample averages as many runs as fill this time.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--cache-dir", type=OUTPUT_DIR, default=None,
               help="Profile and compiled-artifact cache (default: $DISTREE_CACHE or .distree-cache).")
 @click.option("--force", is_flag=True, help="Measure again even if a cached profile matches.")
 @click.option("-o", "--output", type=OUTPUT_FILE, required=True, help="Where to write profile.json.")

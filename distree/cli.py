@@ -58,10 +58,12 @@ class OutputPath(click.ParamType):
 
     name = "path"
 
-    def __init__(self, directory: bool = False) -> None:
-        self.directory = directory
+    def __init__(self, directory: bool = False, dash_is_stdout: bool = False) -> None:
+        self.directory, self.dash_is_stdout = directory, dash_is_stdout
 
     def convert(self, value, param, ctx) -> Path:
+        if self.dash_is_stdout and str(value) == "-":
+            return Path("-")
         why = unwritable(value, self.directory)
         if why:
             raise DistreeError(f"{param.opts[-1] if param else 'output'} {value}: {why}")
@@ -69,6 +71,7 @@ class OutputPath(click.ParamType):
 
 
 OUTPUT_FILE = OutputPath()
+OUTPUT_FILE_OR_STDOUT = OutputPath(dash_is_stdout=True)     # "-": standard output
 OUTPUT_DIR = OutputPath(directory=True)
 
 

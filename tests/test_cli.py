@@ -104,6 +104,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]      # the probes leave nothing
 
 
+def test_json_to_standard_output_needs_no_writable_directory(tmp_path, monkeypatch):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    monkeypatch.chdir("/proc")          # nothing can be created here
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "empty.onnx"), "--json", "-"])
+    assert result.exit_code == 2 and "not an ONNX model" in result.output, result.output    # past the options
+
+
 def test_a_write_the_file_system_refuses_is_one_line_and_leaves_nothing(tmp_path):
     from distree.errors import DistreeError
     from distree.serde import atomic_directory, write_json_atomic

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from distree.cli import OUTPUT_FILE
+from distree.cli import OUTPUT_FILE_OR_STDOUT
 from distree.graph.chain import Chain
 from distree.serde import write_json_atomic
 
@@ -22,7 +22,7 @@ from distree.serde import write_json_atomic
               help="Merge into at most N blocks, keeping the cuts with the smallest activations.")
 @click.option("--final-output", default=None, metavar="NAME",
               help="The final classifier's output (default: the first graph output; others are exits).")
-@click.option("--json", "json_path", type=OUTPUT_FILE, default=None, metavar="PATH",
+@click.option("--json", "json_path", type=OUTPUT_FILE_OR_STDOUT, default=None, metavar="PATH",
               help="Also write the chain as JSON to PATH ('-' for stdout, instead of the table).")
 def inspect_cmd(model_path: Path, input_shapes: tuple[str, ...], max_blocks: int | None, final_output: str | None,
                 json_path: Path | None) -> None:

@@ -311,6 +311,21 @@ def test_bad_serve_arguments_are_one_line_errors(bundle, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_address_that_cannot_be_listened_on_is_one_line_before_the_stage_loads(tmp_path, capfd):
+    """A port in use was refused only after the bundle was verified and loaded, and gRPC logged its own
+    "Failed to add port" line in C before distree's."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        listen = f"127.0.0.1:{holder.getsockname()[1]}"
+        for address, why in ((listen, "Address already in use"), ("192.0.2.1:50051", "Cannot assign requested")):
+            with pytest.raises(DistreeError, match=f"cannot listen on {address}: {why}.*; pick another --listen"):
+                serve_stage(tmp_path / "no-bundle-needed", "pi4", address)
+    assert "Failed to add port" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["run", "infer"])
 @pytest.mark.parametrize("flag, value, allowed", [("--limit", "0", "x>=1"), ("--limit", "-3", "x>=1"),
                                                   ("--deadline-ms", "-1", "x>0")])

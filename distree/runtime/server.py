@@ -13,6 +13,7 @@ gRPC without generated code: generic method handlers over bytes, framed by :mod:
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent import futures
@@ -285,13 +286,29 @@ def grpc_server(workers: int = WORKERS) -> grpc.Server:
                        options=[*CHANNEL_OPTIONS[:2], ("grpc.so_reuseport", 0)])
 
 
+def _unbindable(host: str, port: int) -> Optional[str]:
+    """Why ``host:port`` cannot be listened on (in use, not this machine's address), or None; asked before the
+    stage loads, and before gRPC, which would log its own failure in C before distree's line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as gRPC: a TIME_WAIT port is free
+            probe.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Optional[str] = None, *,
                 threads: int = 1, forward_timeout_s: float = 10.0, workers: int = WORKERS,
                 tls: Optional[Tls] = None) -> StageServer:
     """Verify ``device``'s files of the bundle (other devices' folders need not be there), load its stage
     and start serving it on ``listen`` (returns at once); with ``tls``, mutual TLS both ways."""
     bundle = Path(bundle)
-    parse_host_port(listen, "--listen")
+    busy = _unbindable(*parse_host_port(listen, "--listen"))
+    if busy:
+        raise DistreeError(f"cannot listen on {listen}: {busy}; pick another --listen")
     if next_address is not None:
         parse_host_port(next_address, "--next")
     manifest = read_manifest(bundle)

@@ -398,7 +398,7 @@ def explain_infeasible(p: Problem, index: ProblemIndex, c: Constraints) -> str:
 def _throughput_reason(p: Problem, c: Constraints) -> str:
     """The highest --min-throughput a plan meeting the other constraints sustains: the least expected busy time of
     its busiest stage (a MILP; with the accuracy bound where some plan meets it, else at any accuracy)."""
-    head = (f"infeasible plan: throughput: no plan keeps every stage under {p.busy_cap_ms:.3f} ms of expected "
+    head = (f"infeasible plan: throughput: no plan keeps every stage under {p.busy_cap_ms:.3g} ms of expected "
             f"compute per request")
     free = p.replace(busy_cap_ms=None)
     for problem, accuracy in ((free, ""), (free.replace(required_correct=0), " at any accuracy")):

@@ -231,11 +231,13 @@ def test_a_cached_profile_damaged_on_disk_is_measured_again_and_said(tiny, tmp_p
     profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST)
     cached, = (cache / "profiles").glob("*.json")
     cached.write_text(cached.read_text()[:200])
+    compiled = next((cache / "tvm").glob("*.json"))         # a compiled unit's memory figures, likewise
+    compiled.write_text("{")
     measured = _counting_measure(monkeypatch)
     again = profile_model(model, chain, exits, get_device("host"), cache_dir=cache, timing=FAST)
     assert measured == items and {m.item for m in again.entries} >= set(items)
     assert f"{cached}: not valid JSON" in caplog.text and "measuring host again" in caplog.text
-    assert Profile.load(cached) == again
+    assert Profile.load(cached) == again and json.loads(compiled.read_text())["activation_bytes"] >= 0
 
 
 def test_ctrl_c_stops_profiling_after_the_unit_under_way_and_the_same_command_resumes(

@@ -45,8 +45,11 @@ def compile_unit(unit: Unit, device: DeviceSpec, cache_dir: Path) -> CompiledUni
     so = Path(cache_dir) / "tvm" / f"{key}.so"
     meta = so.with_suffix(".json")
     if so.is_file() and meta.is_file():
-        doc = json.loads(meta.read_text())
-        return CompiledUnit(so, int(doc["activation_bytes"]), doc["memory_source"])
+        try:
+            doc = json.loads(meta.read_text())
+            return CompiledUnit(so, int(doc["activation_bytes"]), doc["memory_source"])
+        except (ValueError, KeyError, TypeError):
+            pass                # damaged on disk: built again below
     import tvm
 
     mod = import_onnx(unit.model)

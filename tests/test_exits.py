@@ -36,6 +36,7 @@ from distree.exits import (
     train_exits,
 )
 from distree.exits.heads import candidate_blocks, fit_heads
+from distree.exits.types import MAX_LEVELS
 from distree.graph import build_chain, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,6 +302,10 @@ def test_threshold_grid_is_ascending_quantiles():
     rates = [(scores >= t).mean() for t in grid]
     np.testing.assert_allclose(rates, [0.8, 0.6, 0.4, 0.2], atol=0.002)
     assert threshold_grid(np.ones(50), 8) == (1.0,)   # saturated scores merge levels
+    assert len(threshold_grid(scores, MAX_LEVELS)) == MAX_LEVELS
+    for levels in (0, MAX_LEVELS + 1, 100_000):   # 100,000 once gave 2,499 levels a solve could not handle
+        with pytest.raises(DistreeError, match=f"--levels {levels}: give 1 to {MAX_LEVELS} threshold levels"):
+            threshold_grid(scores, levels)
 
 
 def _toy_calibration() -> Calibration:

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from distree.cli import cli
 from distree.errors import DistreeError
+from distree.exits.types import MAX_LEVELS
 from distree.solver import Constraints, Plan, brute_force, build_problem, solve
 from distree.solver import bnb, parallel
 from distree.solver.bnb import Tree, _Search, branch_and_bound
@@ -1168,6 +1169,38 @@ def test_progress_tells_the_plan_and_a_gap_that_the_result_does_not_contradict(m
     best, gap = (float(v) for v in pattern.match(in_tree[-1]).groups())
     assert plan.expected_latency_ms <= best + 5e-4
     assert plan.gap <= gap / 100 + 5e-4
+
+
+def test_more_threshold_levels_than_the_solver_takes_are_refused_by_name():
+    case = synthetic_case(4, 2, 3, 2, 100, seed=3)
+    grids = list(case.calibration.thresholds)
+    grids[1] = tuple(np.linspace(0.0, 1.0, MAX_LEVELS + 1))
+    cal = dataclasses.replace(case.calibration, thresholds=tuple(grids))
+    name = cal.exits[1].name
+    with pytest.raises(DistreeError, match=f"exit {name} has {MAX_LEVELS + 1} threshold levels, the solver takes "
+                                           f"at most {MAX_LEVELS}; re-run `distree calibrate --levels 8`"):
+        build_problem(case.chain, cal, case.profile, case.topology, Constraints())
+
+
+def test_with_many_levels_the_local_search_scores_window_by_window_and_stops_on_time(monkeypatch):
+    """At 64 levels every pair of exits has 4,225 level combinations: all windows at once took 7.4 s and 0.4 GB
+    (30 exits), and a descent checked its clock only between rounds (37 s a descent; a 10 s solve of the trained
+    ResNet-110 at 64 levels died: "workers did not report within 30 s after the time limit")."""
+    from distree.solver import heuristic
+
+    case = synthetic_case(8, 7, MAX_LEVELS, 2, 300, seed=5, exit_every=True)
+    p, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints())
+    start = place(p, np.minimum(4, p.n_levels))
+    scorer = _MoveScorer(p, start.levels, start.placement)
+    assert scorer.moves(1) is not None and scorer.moves(2) is None
+    scored: list[int] = []
+    real = _MoveScorer.window
+    monkeypatch.setattr(_MoveScorer, "window", lambda self, a, w: scored.append(a) or real(self, a, w))
+    heuristic._best_window_move(p, scorer, start.levels, 2, np.inf)
+    assert scored == list(range(p.n_exits - 1))
+    scored.clear()
+    move, score = heuristic._best_window_move(p, scorer, start.levels, 2, np.inf, stop_at=0.0)     # time is up
+    assert scored == [] and move is None and score == np.inf
 
 
 def test_dispatch_costs_are_charged_and_an_older_profile_is_refused():

@@ -21,7 +21,7 @@ from distree.exits.heads import data_digest, fit_split_metadata, num_classes
 from distree.exits.progress import progress_bar
 from distree.exits.runner import make_runner
 from distree.exits.scores import check_score_kind, exit_scores, predictions
-from distree.exits.types import DEFAULT_CONFIDENCE, DEFAULT_LEVELS, Calibration, ExitPoint
+from distree.exits.types import DEFAULT_CONFIDENCE, DEFAULT_LEVELS, MAX_LEVELS, Calibration, ExitPoint
 from distree.graph import Chain
 
 FINAL = "final"     # key of the final classifier in exit rates
@@ -69,8 +69,9 @@ def threshold_grid(scores: np.ndarray, levels: int = DEFAULT_LEVELS) -> tuple[fl
 
     Level k lets about 1 - k/(levels+1) of the samples leave; ties (saturated scores) merge levels.
     """
-    if levels < 1:
-        raise DistreeError(f"--levels {levels}: need at least 1 threshold level per exit, e.g. 8")
+    if not 1 <= levels <= MAX_LEVELS:
+        raise DistreeError(f"--levels {levels}: give 1 to {MAX_LEVELS} threshold levels per exit, e.g. "
+                           f"{DEFAULT_LEVELS} (the solver's work grows with their square)")
     q = np.arange(1, levels + 1) / (levels + 1)
     return tuple(float(t) for t in np.unique(np.quantile(scores, q, method="lower")))
 

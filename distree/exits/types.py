@@ -11,6 +11,9 @@ from distree.serde import JsonRecord
 SCORE_KINDS = ("max_softmax", "entropy", "stability")
 HEAD_KINDS = ("auto", "linear", "conv")   # trained heads: auto picks conv heads for wide maps, else linear
 DEFAULT_LEVELS = 8                         # threshold levels per exit
+MAX_LEVELS = 64                            # the most the solver takes: its local search scores every level pair of two
+#                                            exits at once (65^2 = 4,225 a window; at 128 levels a 10 s plan of the
+#                                            example took 34 s and 11 GB)
 DEFAULT_CONFIDENCE = 0.95                  # of the accuracy lower bounds (Clopper-Pearson)
 
 

@@ -114,6 +114,8 @@ TWIN_BYTES = 2 ** 28
 # more on it nor on the synthetic cases, and cost the 200-block case's 60 s gap 0.04 points (0.44-0.45% -> 0.49%,
 # interleaved runs): not kept
 DIVE_PATIENCE = 8
+DIVE_DESCENT_MIN_S = 1.0       # a dive's descent may finish past the dives' time, by this much at most: at 8 levels
+#                                one takes ~0.07 s on the trained ResNet-110; at 64, ~45 s (4,225 combinations a window)
 DIVES_LISTED = 256      # Tree.dive: the open nodes it may start from, lowest bound first
 
 Progress = Callable[[Optional[Candidate], float], None]     # (best plan known, proven bound in ms)
@@ -746,7 +748,8 @@ class Tree:
                 continue
             levels = np.zeros(p.n_exits, dtype=int)
             levels[:len(start)] = start
-            found = local_search(p, starts=[levels])
+            found = local_search(p, starts=[levels],
+                                 time_limit_s=max(stop_at - time.perf_counter(), DIVE_DESCENT_MIN_S))
             self.dived[start] = np.inf if found is None else found.expected_ms
             fruitless += 1
             if found is not None and found.expected_ms * p.n_samples < self.incumbent_total():

@@ -163,15 +163,15 @@ class _MoveScorer:
         [E - w + 1, V] by window start (inf where a level does not exist or a constraint other than accuracy
         breaks): what :meth:`window` gives one window at a time, from one pass over the (sample, window) pairs
         (measured: a descent on the ResNet-110-scale case 1.9 -> 0.65 s). None under a throughput bound (it needs
-        each window's exit rates) or where the constraint check of every candidate at once would pass
-        MOVES_MAX_CELLS: :meth:`window` then."""
+        each window's exit rates) or where the constraint check of every candidate at once, or its table of slots,
+        would pass MOVES_MAX_CELLS: :meth:`window` then."""
         p, E, N, w = self.p, self.p.n_exits, self.p.n_samples, width
         if p.busy_cap_ms is not None or E < w:
             return None
         Lv = int(p.n_levels.max()) + 1
         A = E - w + 1
-        if A * Lv ** w * len(self.used_idx) * E > MOVES_MAX_CELLS:
-            return None
+        if A * Lv ** w * len(self.used_idx) * E > MOVES_MAX_CELLS or Lv ** (2 * w) * (w + 1) > MOVES_MAX_CELLS:
+            return None             # the second: its (combination, cell, slot) table; 64 levels, pairs: 54 M cells
         combos = np.array(list(itertools.product(range(Lv), repeat=w)), dtype=int)       # [V, w]; cells alike
         V = len(combos)
         on = combos > 0
@@ -260,11 +260,15 @@ def default_starts(p: Problem) -> list[np.ndarray]:
 
 
 def _best_window_move(p: Problem, scorer: _MoveScorer, levels: np.ndarray, width: int,
-                      to_beat: float) -> tuple[tuple[int, np.ndarray] | None, float]:
-    """The best level change of ``width`` consecutive exits scoring below ``to_beat`` (None: there is none)."""
+                      to_beat: float, stop_at: float = np.inf) -> tuple[tuple[int, np.ndarray] | None, float]:
+    """The best level change of ``width`` consecutive exits scoring below ``to_beat`` (None: there is none); past
+    ``stop_at`` (or on Ctrl-C), the best among the windows scored so far: with many levels one round of windows
+    can take many seconds (64 levels: 4,225 combinations a window, ~45 s for a descent on the ResNet-110 scale)."""
     best, best_score = None, to_beat
     every = scorer.moves(width)
     for a in range(p.n_exits - width + 1):
+        if every is None and (time.perf_counter() > stop_at or requested()):
+            break
         combos, scores = (every[0], every[1][a].copy()) if every is not None else scorer.window(a, width)
         scores[(combos == levels[a:a + width]).all(axis=1)] = np.inf
         v = int(np.argmin(scores))
@@ -293,7 +297,7 @@ def local_search(p: Problem, max_rounds: int = 200, time_limit_s: float = np.inf
             break
         scorer = _MoveScorer(p, cur.levels, cur.placement)
         for width in widths:
-            move, _ = _best_window_move(p, scorer, cur.levels, width, cur_score)
+            move, _ = _best_window_move(p, scorer, cur.levels, width, cur_score, stop_at)
             if move is not None:
                 break
         if move is None:

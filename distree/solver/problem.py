@@ -19,7 +19,7 @@ import numpy as np
 
 from distree.errors import DistreeError
 from distree.exits.confidence import clopper_pearson_lower
-from distree.exits.types import Calibration
+from distree.exits.types import DEFAULT_LEVELS, MAX_LEVELS, Calibration
 from distree.graph.chain import Chain
 from distree.profiler.items import CALL_ITEM, RPC_ITEM, decide_item
 from distree.profiler.types import Profile
@@ -288,6 +288,9 @@ def _validate(chain: Chain, calibration: Calibration, topology: Topology, c: Con
                                f"blocks 0..{B - 2} of this {B}-block chain; re-run `distree calibrate`")
         if any(b < a for a, b in zip(grid, grid[1:])):
             raise DistreeError(f"the threshold grid of exit {ex.name} is not ascending; re-run `distree calibrate`")
+        if len(grid) > MAX_LEVELS:
+            raise DistreeError(f"exit {ex.name} has {len(grid)} threshold levels, the solver takes at most "
+                               f"{MAX_LEVELS}; re-run `distree calibrate --levels {DEFAULT_LEVELS}`")
     check_constraints(c)
 
 

@@ -89,7 +89,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     partial = cached.with_suffix(PARTIAL_SUFFIX)
     if force:       # what it replaces goes first: stopped, a run without --force resumes this one
         cached.unlink(missing_ok=True)
-    kept = {} if force else kept_units(partial, units)
+    kept = {} if force else _kept_units(partial, units)
     resumed = len(kept)
     _write_kept(partial, kept)      # drops a line torn by a kill, so that the next one starts a line of its own
 
@@ -137,7 +137,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     return profile
 
 
-def kept_units(path: Path, units: Sequence[Unit]) -> dict[str, list[Measurement]]:
+def _kept_units(path: Path, units: Sequence[Unit]) -> dict[str, list[Measurement]]:
     """item -> its measurements, for the ``units`` an earlier run of the same request measured before it stopped
     (``path``: its ``.partial.jsonl``); a line it did not finish (killed while writing) is measured again."""
     wanted = {u.item for u in units}

@@ -3,6 +3,7 @@ loopback (host stage = TVM, pi4 stage = its ONNX under ONNX Runtime), against `r
 
 from __future__ import annotations
 
+import json
 import queue
 import shutil
 import signal
@@ -28,6 +29,7 @@ from distree.runtime.local import StageProcess
 from distree.runtime.policy import ExitPolicy
 from distree.runtime.server import INFER_STREAM, UNARY_RESERVE, serve_stage
 from distree.solver.plan import Stage
+from distree.workload import Load, arrival_times_ms
 from distree.runtime.wire import Hop, Reply, Request, WireError, decode_reply, decode_request, encode_reply, \
     encode_request
 
@@ -104,6 +106,66 @@ def test_infer_command_reports_on_the_served_pipeline(served, tmp_path):
     result = CliRunner().invoke(cli, ["infer", served.address, "--input", str(tmp_path / "data.npz")])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("20 samples via host -> pi4, accuracy ")
+
+
+@pytest.mark.parametrize("load", [Load(clients=4), Load(clients=UNARY_RESERVE + 12), Load(rate=400.0)],
+                         ids=["4 clients", "more clients than stream slots", "Poisson 400 req/s"])
+def test_under_a_load_every_request_is_answered_as_when_sent_one_at_a_time(served, bundle, load):
+    """Closed loop (several requesters: past a stage's 12 stream slots some are answered unary) and open loop
+    (Poisson arrivals, answered or not): the same answers, in sample order, as `run_bundle`."""
+    data = cf.dataset(120, seed=9)
+    want = run_bundle(bundle, data)
+    with InferenceClient(served.address) as client:
+        got = infer_dataset(client, data, load=load, seed=3)
+    assert got.predictions == want.predictions and got.exits == want.exits
+    assert got.workload == load.label and (got.rate_rps, got.clients) == (load.rate, load.clients)
+    assert got.end_to_end["count"] == got.client_wait_ms["count"] == 120
+    if load.rate is not None:       # requests were sent at their arrivals, not as fast as answers came back
+        last_arrival_s = arrival_times_ms(load.rate, 120, np.random.default_rng(3))[-1] / 1e3
+        assert got.throughput_rps <= 120 / last_arrival_s
+        assert got.client_wait_ms["mean_ms"] >= 0.0 and min(got.latency_ms) > 0.0
+    else:
+        assert got.client_wait_ms["p99_ms"] == 0.0
+
+
+def test_infer_under_a_load_reports_it_and_refuses_two_loads(served, tmp_path):
+    data = cf.dataset(40, seed=6)
+    np.savez(tmp_path / "data.npz", x=data.x, y=data.y)
+    base = ["infer", served.address, "--input", str(tmp_path / "data.npz")]
+    result = CliRunner().invoke(cli, [*base, "--rate", "300", "--seed", "2", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "load 300 req/s (seed 2): answered " in result.output and "arrival to send" in result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["workload"] == "300 req/s" and doc["rate_rps"] == 300.0 and len(doc["latency_ms"]) == 40
+    result = CliRunner().invoke(cli, [*base, "--clients", "3"])
+    assert result.exit_code == 0 and "load 3 client(s): answered " in result.output, result.output
+    for extra, message in ((["--rate", "300", "--clients", "3"], "give --rate (open loop) or --clients"),
+                           (["--rate", "0"], "'--rate'"), (["--clients", "65"], "'--clients'")):
+        result = CliRunner().invoke(cli, [*base, *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("load", [Load(clients=4), Load(rate=200.0)], ids=["4 clients", "Poisson"])
+def test_a_stage_lost_under_load_is_one_error_and_the_other_requesters_stop(bundle, tmp_path, load):
+    """The first failed request ends the run with its stage's error; the requests not yet sent are not sent
+    (each would wait for its own failure)."""
+    data = cf.dataset(400, seed=5)
+    np.savez(tmp_path / "data.npz", x=data.x)
+    host, pi4 = _pipeline(bundle)
+    try:
+        pi4.stop()
+        flag = ["--rate", str(load.rate)] if load.rate else ["--clients", str(load.clients)]
+        t0 = time.monotonic()
+        result = CliRunner().invoke(cli, ["infer", host.address, "--input", str(tmp_path / "data.npz"),
+                                          "--timeout-s", "3", *flag])
+        elapsed = time.monotonic() - t0
+    finally:
+        host.stop()
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.strip()]
+    assert line.startswith("error: ") and f"next stage pi4 at {pi4.address} is unreachable" in line, line
+    assert elapsed < 400 / 200.0, elapsed     # stopped at the first failure, not after every arrival
 
 
 def test_data_of_the_wrong_layout_or_size_is_refused_with_the_fix(served, bundle, tmp_path):

@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from distree.cli import cli
-from distree.sim.engine import Load, build_routes, run, summarize
+from distree.sim.engine import build_routes, run, summarize
 from distree.sim.baselines import idle_device_costs
 from distree.sim.inputs import Configuration, Inputs, configuration_from_plan, problem_for
 from distree.sim.simulate import simulate
@@ -21,6 +21,7 @@ from distree.solver import Constraints, solve
 from distree.solver.brute import all_placements
 from distree.solver.costs import evaluate, outcome
 from distree.solver.synthetic import synthetic_case
+from distree.workload import Load
 
 DEVICES = ("pi4", "jetson-orin-nano", "host")
 

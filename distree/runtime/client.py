@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grpc
 import numpy as np
@@ -22,6 +25,7 @@ from distree.runtime.server import CHANNEL_OPTIONS, INFER, INFER_STREAM, INFO, O
 from distree.targets.topology import parse_host_port
 from distree.runtime.wire import Reply, Request, WireError, decode_reply, encode_request
 from distree.serde import JsonRecord
+from distree.workload import Load, arrival_times_ms
 
 
 class ServeError(DistreeError):
@@ -129,7 +133,7 @@ class InferReport(JsonRecord):
     predictions: tuple[int, ...]
     exits: tuple[str, ...]
     reasons: tuple[str, ...]        # "threshold", "deadline" or "final" per sample
-    latency_ms: tuple[float, ...]   # end to end, measured by this client
+    latency_ms: tuple[float, ...]   # end to end, measured by this client (under --rate: from the request's arrival)
     exit_rates: dict[str, float]
     accuracy: Optional[float]
     deadline_ms: Optional[float]
@@ -138,19 +142,43 @@ class InferReport(JsonRecord):
     end_to_end: dict[str, float]
     client_link: dict[str, float]   # this client to the source server and back, minus the server's time
     hops: tuple[HopStats, ...]
+    workload: str                   # Load.label: "1 client(s)" when sent one at a time
+    rate_rps: Optional[float]       # Poisson arrivals (open loop), or None
+    clients: Optional[int]          # back-to-back requesters (closed loop), or None
+    throughput_rps: float           # answers per second, first arrival to last answer
+    client_wait_ms: dict[str, float]    # open loop: arrival to send, every sender busy (0 in a closed loop)
+
+
+OPEN_LOOP_SENDERS = 8   # requests in flight at most under a rate; later arrivals wait in the client, counted
+
+
+@dataclass(frozen=True)
+class _Driven:
+    """What a load did: per request its reply, arrival -> answer, send -> answer, arrival -> send (ms)."""
+
+    replies: list[Reply]
+    latency_ms: list[float]
+    service_ms: list[float]
+    wait_ms: list[float]
+    span_s: float
 
 
 def infer_dataset(client: InferenceClient, data: Dataset, deadline_ms: Optional[float] = None,
-                  limit: Optional[int] = None) -> InferReport:
-    """Send every sample of ``data`` (one at a time) and collect answers, exits and timings."""
+                  limit: Optional[int] = None, load: Optional[Load] = None, seed: int = 0) -> InferReport:
+    """Send every sample of ``data`` under ``load`` (default: one at a time) and collect answers, exits and
+    timings. Under a rate (open loop, ``seed`` draws the arrivals) a request's latency runs from its arrival,
+    so a pipeline that falls behind shows it as the simulator's queue does (no coordinated omission)."""
+    load = load or Load(clients=1)
     info = client.info()
     check_input(TensorSpec.from_dict(info["input"]), data.x, "the served bundle")
     x = data.x if limit is None else data.x[:limit]
-    replies, latency = [], []
-    for i in range(len(x)):
-        t0 = time.perf_counter()
-        replies.append(client.infer(x[i:i + 1], deadline_ms=deadline_ms, request_id=f"{i}"))
-        latency.append((time.perf_counter() - t0) * 1e3)
+
+    def send(i: int) -> Reply:
+        return client.infer(x[i:i + 1], deadline_ms=deadline_ms, request_id=f"{i}")
+
+    driven = (_open_loop(send, len(x), load.rate, seed) if load.rate is not None
+              else _closed_loop(send, len(x), load.clients))
+    replies, latency = driven.replies, driven.latency_ms
     n = len(replies)
     predictions = [r.prediction for r in replies]
     exits = [r.exit for r in replies]
@@ -161,8 +189,88 @@ def infer_dataset(client: InferenceClient, data: Dataset, deadline_ms: Optional[
         exit_rates={name: exits.count(name) / max(n, 1) for name in [*info["exits"], FINAL]}, accuracy=accuracy,
         deadline_ms=deadline_ms, deadline_exits=sum(r.reason == "deadline" for r in replies),
         deadline_missed=sum(r.deadline_missed for r in replies), end_to_end=percentiles_ms(latency),
-        client_link=percentiles_ms([ms - r.hops[0].total_ms for ms, r in zip(latency, replies)]),
-        hops=_hop_stats(replies))
+        client_link=percentiles_ms([ms - r.hops[0].total_ms for ms, r in zip(driven.service_ms, replies)]),
+        hops=_hop_stats(replies), workload=load.label, rate_rps=load.rate, clients=load.clients,
+        throughput_rps=n / driven.span_s if driven.span_s > 0 else float("inf"),
+        client_wait_ms=percentiles_ms(driven.wait_ms))
+
+
+def _closed_loop(send: Callable[[int], Reply], n: int, clients: int) -> _Driven:
+    """``clients`` threads, each sending its next request as soon as its last one is answered."""
+    replies: list[Optional[Reply]] = [None] * n
+    latency = [0.0] * n
+    order = itertools.count()           # next() on a count is atomic: each request is sent once
+    stop = threading.Event()            # a request failed, or Ctrl-C: the others send no more
+
+    def requester() -> None:
+        while not stop.is_set():
+            i = next(order)
+            if i >= n:
+                return
+            t0 = time.perf_counter()
+            replies[i] = _or_stop(send, i, stop)
+            latency[i] = (time.perf_counter() - t0) * 1e3
+
+    started = time.perf_counter()
+    if clients == 1:
+        requester()
+    else:
+        with ThreadPoolExecutor(clients, thread_name_prefix="distree-client") as pool:
+            _wait_all([pool.submit(requester) for _ in range(clients)], stop)
+    return _Driven(replies, latency, latency, [0.0] * n, time.perf_counter() - started)
+
+
+def _open_loop(send: Callable[[int], Reply], n: int, rate: float, seed: int) -> _Driven:
+    """Requests arrive at Poisson times whatever the answers do; up to OPEN_LOOP_SENDERS are in flight."""
+    arrive_s = arrival_times_ms(rate, n, np.random.default_rng(seed)) / 1e3
+    replies: list[Optional[Reply]] = [None] * n
+    latency, service, wait, answered = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    stop = threading.Event()
+
+    def request(i: int, arrival: float) -> None:
+        if stop.is_set():
+            return
+        sent = time.perf_counter()
+        replies[i] = _or_stop(send, i, stop)
+        answered[i] = time.perf_counter()
+        latency[i], service[i], wait[i] = [(answered[i] - arrival) * 1e3, (answered[i] - sent) * 1e3,
+                                           (sent - arrival) * 1e3]
+
+    with ThreadPoolExecutor(OPEN_LOOP_SENDERS, thread_name_prefix="distree-sender") as pool:
+        start = time.perf_counter()
+        pending = []
+        try:
+            for i in range(n):
+                arrival = start + arrive_s[i]
+                ahead = arrival - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
+                if stop.is_set():
+                    break
+                pending.append(pool.submit(request, i, arrival))
+        except BaseException:
+            stop.set()
+            raise
+        _wait_all(pending, stop)
+    return _Driven(replies, latency, service, wait, max(answered) - start)
+
+
+def _or_stop(send: Callable[[int], Reply], i: int, stop: threading.Event) -> Reply:
+    try:
+        return send(i)
+    except BaseException:
+        stop.set()
+        raise
+
+
+def _wait_all(futures: list, stop: threading.Event) -> None:
+    """Every future's end; the first error raised (the others stop sending as soon as ``stop`` is set)."""
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        stop.set()
+        raise
 
 
 def _hop_stats(replies: list[Reply]) -> tuple[HopStats, ...]:

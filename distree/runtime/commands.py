@@ -104,19 +104,34 @@ def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str]
 @click.option("--deadline-ms", type=click.FloatRange(0, min_open=True), default=None,
               help="Per-request deadline: stages answer from an exit when the rest would miss it.")
 @click.option("--timeout-s", type=float, default=10.0, show_default=True, help="Longest wait for one answer.")
+@click.option("--rate", type=click.FloatRange(0, min_open=True), default=None,
+              help="Open loop: requests arrive at Poisson times at this many per second, answered or not "
+                   "(as `distree simulate --rate`); latency counts from each arrival.")
+@click.option("--clients", type=click.IntRange(1, 64), default=None,
+              help="Closed loop: this many requesters, each sending as soon as its last answer is back "
+                   "(as `distree simulate --clients`). Default: one at a time.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --rate arrivals.")
 @click.option("--json", "json_path", type=OUTPUT_FILE, default=None,
               help="Write the full report (per-sample answers, exits, reasons, timings) here.")
 @tls_options
 def infer_cmd(address: str, input_path: str, limit: Optional[int], deadline_ms: Optional[float], timeout_s: float,
-              json_path: Optional[str], tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str]) -> None:
-    """Send every sample of --input to the pipeline served at ADDRESS (its source device), one at a time."""
+              rate: Optional[float], clients: Optional[int], seed: int, json_path: Optional[str],
+              tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str]) -> None:
+    """Send every sample of --input to the pipeline served at ADDRESS (its source device): one at a time, or
+    under a load (--rate, --clients) to set beside `distree simulate`'s."""
+    from distree.errors import DistreeError
     from distree.runtime.client import InferenceClient, infer_dataset
     from distree.runtime.data import load_inputs
     from distree.runtime.tls import load_tls
     from distree.serde import write_json_atomic
+    from distree.workload import Load
 
+    if rate is not None and clients is not None:
+        raise DistreeError("give --rate (open loop) or --clients (closed loop), not both")
+    load = Load(rate=rate) if rate is not None else Load(clients=clients or 1)
     with InferenceClient(address, timeout_s=timeout_s, tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
-        report = infer_dataset(client, load_inputs(input_path), deadline_ms=deadline_ms, limit=limit)
+        report = infer_dataset(client, load_inputs(input_path), deadline_ms=deadline_ms, limit=limit, load=load,
+                               seed=seed)
     if json_path:
         write_json_atomic(json_path, report.to_dict())
     acc = f", accuracy {report.accuracy:.4f}" if report.accuracy is not None else ""
@@ -124,6 +139,11 @@ def infer_cmd(address: str, input_path: str, limit: Optional[int], deadline_ms: 
     click.echo(f"{report.samples} samples via {' -> '.join(h.device for h in report.hops)}{acc}; end-to-end median "
                f"{e2e['median_ms']:.3f} ms, p90 {e2e['p90_ms']:.3f} ms, p99 {e2e['p99_ms']:.3f} ms")
     click.echo("exits: " + ", ".join(f"{k} {v:.1%}" for k, v in report.exit_rates.items()))
+    if rate is not None or clients is not None:
+        waited = (f"; arrival to send (every sender busy) mean {report.client_wait_ms['mean_ms']:.3f} ms, "
+                  f"p99 {report.client_wait_ms['p99_ms']:.3f} ms" if rate is not None else "")
+        click.echo(f"load {report.workload}{f' (seed {seed})' if rate is not None else ''}: answered "
+                   f"{report.throughput_rps:.0f} req/s, mean {e2e['mean_ms']:.3f} ms{waited}")
     if deadline_ms is not None:
         click.echo(f"deadline {deadline_ms:g} ms: {report.deadline_exits} answered early from an exit, "
                    f"{report.deadline_missed} missed it")

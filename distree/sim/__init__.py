@@ -3,5 +3,5 @@
 from distree.lazy import lazy_exports
 
 __all__ = lazy_exports(__name__, {
-    "Load": "engine", "Configuration": "inputs", "Inputs": "inputs", "held_out_samples": "inputs",
+    "Configuration": "inputs", "Inputs": "inputs", "held_out_samples": "inputs",
     "load_plan": "inputs", "SimReport": "simulate", "simulate": "simulate"})

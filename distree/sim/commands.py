@@ -81,11 +81,11 @@ def simulate_cmd(plan_path: Path, chain_path: Optional[Path], calibration_path: 
     from distree.exits.types import Calibration
     from distree.graph.chain import Chain
     from distree.profiler.types import Profile
-    from distree.sim.engine import Load
     from distree.targets.spec import Topology
     from distree.sim.inputs import Inputs, held_out_samples, load_plan
     from distree.sim.report import plot_report, print_report
     from distree.sim.simulate import simulate
+    from distree.workload import Load
 
     if rate_text and clients is not None:
         raise DistreeError("give --rate or --clients, not both")

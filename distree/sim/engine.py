@@ -23,6 +23,7 @@ import numpy as np
 from distree.solver.costs import first_true
 from distree.solver.problem import Problem
 from distree.targets.spec import Topology
+from distree.workload import Load, arrival_times_ms
 
 
 @dataclass(frozen=True)
@@ -111,22 +112,6 @@ def build_routes(p: Problem, topology: Topology, levels: np.ndarray, placement: 
 
 
 @dataclass(frozen=True)
-class Load:
-    """Open loop (Poisson arrivals at ``rate`` req/s) or closed loop (``clients`` back-to-back requesters)."""
-
-    rate: Optional[float] = None
-    clients: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if (self.rate is None) == (self.clients is None):
-            raise ValueError("give exactly one of rate or clients")
-
-    @property
-    def label(self) -> str:
-        return f"{self.rate:.4g} req/s" if self.rate is not None else f"{self.clients} client(s)"
-
-
-@dataclass(frozen=True)
 class Trace:
     """What happened to every request of one run."""
 
@@ -160,7 +145,7 @@ def run(routes: Routes, load: Load, n_requests: int, seed: int = 0, jitter: bool
     arrive = [0.0] * n_requests
     done = [0.0] * n_requests
     if load.rate is not None:       # the same seed scales the same draws: runs at two rates are comparable
-        arrive = np.cumsum(rng.exponential(1000.0 / load.rate, n_requests)).tolist()
+        arrive = arrival_times_ms(load.rate, n_requests, rng).tolist()
     first = n_requests if load.rate is not None else min(load.clients, n_requests)
     heap = [(arrive[r], r, r, 0) for r in range(first)]     # (time, tie-break, request, step)
     heapq.heapify(heap)

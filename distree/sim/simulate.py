@@ -10,11 +10,12 @@ import numpy as np
 from distree.errors import DistreeError
 from distree.serde import JsonRecord
 from distree.sim.baselines import NO_PLACEMENT_THROUGH, baseline_configurations, through_idle_devices
-from distree.sim.engine import Load, Routes, build_routes, run, summarize
+from distree.sim.engine import Routes, build_routes, run, summarize
 from distree.sim.inputs import (Configuration, Inputs, Instance, configuration_from_plan, in_pipeline_order,
                                 missing_devices, plan_constraints, problem_for, selection_problem)
 from distree.solver.costs import Evaluation, evaluate
 from distree.solver.plan import Plan
+from distree.workload import Load
 
 DEFAULT_LOAD_FRACTIONS = (0.05, 0.5, 0.8, 0.95)   # of the plan's saturation rate, when no --rate is given
 FINAL = "final"

@@ -146,7 +146,8 @@ class InferReport(JsonRecord):
     rate_rps: Optional[float]       # Poisson arrivals (open loop), or None
     clients: Optional[int]          # back-to-back requesters (closed loop), or None
     throughput_rps: float           # answers per second, first arrival to last answer
-    client_wait_ms: dict[str, float]    # open loop: arrival to send, every sender busy (0 in a closed loop)
+    client_wait_ms: dict[str, float]    # open loop: arrival to send (timer overshoot; a queue when every sender
+    #                                     is busy); 0 in a closed loop
 
 
 OPEN_LOOP_SENDERS = 8   # requests in flight at most under a rate; later arrivals wait in the client, counted
@@ -221,38 +222,34 @@ def _closed_loop(send: Callable[[int], Reply], n: int, clients: int) -> _Driven:
 
 
 def _open_loop(send: Callable[[int], Reply], n: int, rate: float, seed: int) -> _Driven:
-    """Requests arrive at Poisson times whatever the answers do; up to OPEN_LOOP_SENDERS are in flight."""
+    """Requests arrive at Poisson times whatever the answers do. Each of OPEN_LOOP_SENDERS threads takes the
+    next arrival, sleeps until it and sends (a dispatcher handing arrivals to senders added a thread wake-up to
+    each); when all are busy, an arrival waits for the first one free, and that wait is part of its latency."""
     arrive_s = arrival_times_ms(rate, n, np.random.default_rng(seed)) / 1e3
     replies: list[Optional[Reply]] = [None] * n
     latency, service, wait, answered = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    order = itertools.count()
     stop = threading.Event()
+    start = time.perf_counter() + 0.01         # the senders' threads start before the first arrival
 
-    def request(i: int, arrival: float) -> None:
-        if stop.is_set():
-            return
-        sent = time.perf_counter()
-        replies[i] = _or_stop(send, i, stop)
-        answered[i] = time.perf_counter()
-        latency[i], service[i], wait[i] = [(answered[i] - arrival) * 1e3, (answered[i] - sent) * 1e3,
-                                           (sent - arrival) * 1e3]
+    def sender() -> None:
+        while not stop.is_set():
+            i = next(order)
+            if i >= n:
+                return
+            arrival = start + arrive_s[i]
+            ahead = arrival - time.perf_counter()
+            if ahead > 0 and stop.wait(ahead):
+                return
+            sent = time.perf_counter()
+            replies[i] = _or_stop(send, i, stop)
+            answered[i] = time.perf_counter()
+            latency[i], service[i], wait[i] = [(answered[i] - arrival) * 1e3, (answered[i] - sent) * 1e3,
+                                               (sent - arrival) * 1e3]
 
     with ThreadPoolExecutor(OPEN_LOOP_SENDERS, thread_name_prefix="distree-sender") as pool:
-        start = time.perf_counter()
-        pending = []
-        try:
-            for i in range(n):
-                arrival = start + arrive_s[i]
-                ahead = arrival - time.perf_counter()
-                if ahead > 0:
-                    time.sleep(ahead)
-                if stop.is_set():
-                    break
-                pending.append(pool.submit(request, i, arrival))
-        except BaseException:
-            stop.set()
-            raise
-        _wait_all(pending, stop)
-    return _Driven(replies, latency, service, wait, max(answered) - start)
+        _wait_all([pool.submit(sender) for _ in range(OPEN_LOOP_SENDERS)], stop)
+    return _Driven(replies, latency, service, wait, max(answered, default=start) - start)
 
 
 def _or_stop(send: Callable[[int], Reply], i: int, stop: threading.Event) -> Reply:

@@ -28,19 +28,20 @@ class Replay:
 
 
 def _dispatch(profile: Profile, device: str, n_blocks: int, score_kind: str):
-    """(item -> time inside a segment, call cost of a sub-segment, decision cost, gRPC round trip) on ``device``, as
-    distree.solver.problem.build_problem states them."""
+    """(item -> time inside a segment, call cost of a sub-segment, decision cost, gRPC round trip, the stage's CPU
+    per request received and handed on) on ``device``, as distree.solver.problem.build_problem states them."""
     per_backend = {m.backend for m in profile.entries if m.device == device and m.item == "block:0"}
     totals = {b: sum(profile.get(device, f"block:{k}", b).median_ms for k in range(n_blocks)) for b in per_backend}
     favourite = min(sorted(totals), key=lambda b: totals[b])      # the backend with the least time over all blocks
     call = profile.get(device, "call", favourite).median_ms
     decide = profile.get(device, f"decide:{score_kind}").median_ms
     rpc = profile.get(device, "rpc").median_ms
+    handled = {m.item: m.median_ms for m in profile.entries if m.device == device and m.item.startswith("serve:")}
 
     def inside(item: str) -> float:
         m = profile.get(device, item)
         return max(0.0, m.median_ms - profile.get(device, "call", m.backend).median_ms)
-    return inside, call, decide, rpc
+    return inside, call, decide, rpc, (handled.get("serve:receive", 0.0), handled.get("serve:forward", 0.0))
 
 
 def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: Topology) -> Replay:
@@ -63,8 +64,9 @@ def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: T
         t = 0.0
         here = source
         answer = None
-        for stage in plan.stages:
-            inside, call, decide, _ = cost[stage.device]
+        for k, stage in enumerate(plan.stages):
+            inside, call, decide, _, (received, handed_on) = cost[stage.device]
+            busy[stage.device] += received / n
             t += topo.link(here, stage.device).transfer_ms(
                 chain.input_bytes if stage.first_block == 0 else chain.blocks[stage.first_block - 1].out_bytes)
             t += hop(here, stage.device)
@@ -86,6 +88,8 @@ def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: T
                     break
             if answer is not None:
                 break
+            if k + 1 < len(plan.stages):
+                busy[here] += handed_on / n
         if answer is None:
             answer = cal.correct[i][-1]
         t += topo.link(here, source).transfer_ms(classes_bytes)
@@ -95,7 +99,7 @@ def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: T
     here = source
     memory = {}
     for stage in plan.stages:
-        inside, call, decide, _ = cost[stage.device]
+        inside, call, decide, _, _ = cost[stage.device]
         worst += topo.link(here, stage.device).transfer_ms(
             chain.input_bytes if stage.first_block == 0 else chain.blocks[stage.first_block - 1].out_bytes)
         worst += hop(here, stage.device)

@@ -19,6 +19,8 @@ from distree.exits.types import SCORE_KINDS
 from distree.profiler import Profile, TimingSettings, merge_profiles, profile_model, profile_units
 from distree.profiler import estimate as est
 from distree.targets import get_device
+from distree.profiler.dispatch import HANDLING_ROUNDS
+from distree.profiler.items import HANDLING_ITEMS
 
 FAST = TimingSettings(warmup=1, repeats=3, min_repeat_ms=1.0)
 
@@ -121,10 +123,13 @@ def test_local_profile_measures_every_item_with_both_backends(tiny, local_profil
     _, model, chain, exits = tiny
     _, profile = local_profile
     items = [f"block:{b.index}" for b in chain.blocks] + ["exit:exit_1", "call"]
-    timed = {(f"decide:{k}", "python") for k in SCORE_KINDS} | {("rpc", "grpc")}
+    timed = {(f"decide:{k}", "python") for k in SCORE_KINDS} | {(i, "grpc") for i in ("rpc", *HANDLING_ITEMS)}
     assert {(m.item, m.backend) for m in profile.entries} == {(i, b) for i in items for b in ("tvm", "ort")} | timed
     for m in profile.entries:
         assert m.device == "host" and m.provenance == "local" and m.threads == 1
+        if m.item in HANDLING_ITEMS:        # CPU per request of a stage and of its sender, round by round
+            assert len(m.samples_ms) == HANDLING_ROUNDS and 0 < m.median_ms <= m.p90_ms
+            continue
         if m.backend in ("python", "grpc"):
             assert len(m.samples_ms) == FAST.repeats and 0 < m.median_ms <= m.p90_ms
             continue
@@ -373,7 +378,7 @@ def test_a_device_of_this_cpu_family_is_profiled_here_and_says_it_stood_in(tiny,
     device = _same_isa_device("edge", generic)
     p = profile_model(model, chain, exits, device, mode="local", cache_dir=tmp_path, timing=FAST,
                       items=("block:0", "call", "decide:max_softmax", "rpc"))
-    assert {m.item for m in p.entries} == {"block:0", "call", "decide:max_softmax", "rpc"}
+    assert {m.item for m in p.entries} == {"block:0", "call", "decide:max_softmax", "rpc", *HANDLING_ITEMS}
     assert all(m.device == "edge" and m.provenance == "local" and m.samples_ms for m in p.entries)
     kernels = [m for m in p.entries if m.item in ("block:0", "call")]
     assert all("standing in for edge (" + generic + ")" in m.note for m in kernels)

@@ -128,6 +128,34 @@ def test_throughput_saturates_at_the_busiest_resource(case, inputs):
     assert light.throughput_rps == pytest.approx(0.3 * capacity, rel=0.1)
 
 
+def test_a_stage_s_request_handling_occupies_its_device_without_delaying_the_request():
+    """With the profile's serve:receive / serve:forward figures a device is busy that much longer per request it
+    receives and hands on (what a served stage spends in gRPC and Python): latency alone unchanged, busy time the
+    cost model's, and the capacity it leaves is what saturation shows."""
+    kwargs = dict(n_blocks=8, n_exits=3, n_levels=4, n_devices=3, n_samples=400, seed=1, device_names=DEVICES,
+                  dispatch_ms=(0.01, 0.02, 0.3))
+    cases = [synthetic_case(**kwargs), synthetic_case(**kwargs, handling_ms=(0.2, 0.05))]
+    instances = [problem_for(Inputs(c.chain, c.calibration, c.profile, c.topology, c.calibration), three_stage(c))
+                 for c in cases]
+    plain, handled = [build_routes(i.problem, c.topology, i.levels, i.placement) for i, c in zip(instances, cases)]
+    assert handled.base_ms == pytest.approx(plain.base_ms, rel=1e-12)
+    p, inst = instances[1].problem, instances[1]
+    ev = evaluate(p, inst.levels, inst.placement)
+    assert handled.mean_service_ms[:3] == pytest.approx(ev.busy_ms, rel=1e-9)
+    o = outcome(p, inst.levels)
+    first_blocks = [0, 2, 5]                                    # pi4 0..1, jetson 2..4, host 5..7
+    extra = [p.handling[d, 0] * o.reach_block[b] + p.handling[d, 1] * (o.reach_block[b + n] if d < 2 else 0.0)
+             for d, (b, n) in enumerate(zip(first_blocks, (2, 3, 3)))]
+    assert handled.mean_service_ms[:3] - plain.mean_service_ms[:3] == pytest.approx(extra, rel=1e-9)
+    assert min(extra) > 0
+    capacity = 1000.0 / handled.mean_service_ms.max()
+    s = summarize(handled, run(handled, Load(clients=16), 4 * p.n_samples, seed=5))
+    assert s.throughput_rps == pytest.approx(capacity, rel=0.03)
+    assert capacity < 1000.0 / plain.mean_service_ms.max()
+    alone = run(handled, Load(rate=1e-6), p.n_samples, jitter=False)
+    assert alone.wait_ms.max() == 0.0 and alone.latency_ms.mean() == pytest.approx(ev.expected_ms, rel=1e-9)
+
+
 def test_jitter_is_seeded_and_mean_preserving(case, inputs):
     links = tuple(dataclasses.replace(ln, jitter_ms=0.5 * ln.latency_ms) for ln in case.topology.links)
     topology = dataclasses.replace(case.topology, links=links)

@@ -45,15 +45,16 @@ from solver_reference import replay
 
 def _random_instance(seed: int):
     rng = np.random.default_rng(seed)
-    case = synthetic_case(n_blocks=int(rng.integers(2, 13)), n_exits=int(rng.integers(1, 6)),
-                          n_levels=int(rng.integers(1, 5)), n_devices=int(rng.integers(1, 4)),
-                          n_samples=int(rng.integers(30, 120)), seed=seed,
-                          memory_slack=float(rng.uniform(0.9, 3.0)),
-                          dispatch_ms=(0.0, 0.0, 0.0) if seed % 2 else  # own stream: same instances as without
-                          tuple(np.random.default_rng(seed + 1000).uniform(0.05, 0.5, 3)))
+    case_args = dict(n_blocks=int(rng.integers(2, 13)), n_exits=int(rng.integers(1, 6)),
+                     n_levels=int(rng.integers(1, 5)), n_devices=int(rng.integers(1, 4)),
+                     n_samples=int(rng.integers(30, 120)), seed=seed, memory_slack=float(rng.uniform(0.9, 3.0)),
+                     dispatch_ms=(0.0, 0.0, 0.0) if seed % 2 else  # own stream: same instances as without
+                     tuple(np.random.default_rng(seed + 1000).uniform(0.05, 0.5, 3)))
+    case = synthetic_case(**case_args)
     if rng.random() < 0.3:      # requests arriving at another device than the first
         src = case.topology.devices[int(rng.integers(len(case.topology.devices)))].name
         case = dataclasses.replace(case, topology=dataclasses.replace(case.topology, source=src))
+    topology = case.topology
     kind = rng.random()
     c = Constraints(accuracy_drop=float(rng.choice([0.0, 0.01, 0.03, 0.08])),
                     confidence=0.9 if rng.random() < 0.15 else None,
@@ -63,7 +64,10 @@ def _random_instance(seed: int):
         fastest = min(evaluate(problem, np.zeros(problem.n_exits, int), np.full(problem.n_blocks, d)).worst_ms
                       for d in range(problem.n_devices))
         c = dataclasses.replace(c, deadline_ms=float(fastest * rng.uniform(0.7, 1.2)))
-    elif kind < 0.35:   # a throughput near what a single device gives
+    elif kind < 0.35:   # a throughput near what a single device gives, stages' request handling charged or not
+        if seed % 3:
+            handling = tuple(np.random.default_rng(seed + 2000).uniform(0.02, 0.3, 2))     # own stream, as above
+            case = dataclasses.replace(synthetic_case(**case_args, handling_ms=handling), topology=topology)
         busiest = problem.block_ms.sum(axis=1).min()
         c = dataclasses.replace(c, min_throughput=float(1000.0 / (busiest * rng.uniform(0.4, 1.1))))
     return case, c
@@ -263,6 +267,28 @@ def test_shared_exit_positions_and_no_exits():
         plan = solve(cs.chain, cs.calibration, cs.profile, cs.topology, c)
         assert plan.expected_latency_ms == pytest.approx(brute_force(problem).expected_ms, rel=1e-7)
         _check_plan(plan, cs, c)
+
+
+def test_the_milp_matches_brute_force_where_a_stage_s_request_handling_counts_toward_throughput():
+    """A stage is busy with the requests it receives and hands on, not only with its compute: the MILP's flow into
+    and out of each device against the exhaustive optimum and the evaluator, on the random instances that bound
+    throughput with those figures in their profile."""
+    checked = feasible = 0
+    for seed in range(240):
+        case, c, problem = _random_problem(seed)
+        if problem.busy_cap_ms is None or problem.handling_ms is None:
+            continue
+        checked += 1
+        ref = brute_force(problem)
+        r = solve_milp(problem, solver="highs")
+        if not np.isfinite(ref.expected_ms):
+            assert r.status == "infeasible", f"seed {seed}"
+            continue
+        feasible += 1
+        assert r.status == "optimal" and r.objective == pytest.approx(ref.expected_ms, rel=1e-6), f"seed {seed}"
+        ev = evaluate(problem, r.levels, r.placement)
+        assert ev.feasible and ev.busy_ms.max() <= problem.busy_cap_ms + 1e-9, f"seed {seed}"
+    assert checked >= 15 and feasible >= 5, (checked, feasible)
 
 
 def test_cbc_agrees_with_highs():

@@ -10,14 +10,19 @@ dearer (``benchmarks/predicted_vs_measured.py``), and a hop cost only its link's
   fixed cost that every other entry of the same device and backend includes;
 - ``decide:<score kind>``: ``ExitPolicy.decide`` on one sample's logits;
 - ``rpc``: a request to a stage that only answers, in another process: distree's gRPC server setup, frames
-  and turn-taking, no model: what a hop costs in software beyond its link and its compute.
-The last two run Python, which TVM RPC cannot run on a device: ``decide`` is timed here and scaled by per-core
-speed for another device, ``rpc`` is the floor timed here (see :func:`rpc_entry`); each entry says so.
+  and turn-taking, no model: what a hop costs in software beyond its link and its compute;
+- ``serve:receive`` / ``serve:forward``: the CPU that stage, and the process sending to it, spend per request
+  when requests keep coming: what occupies a served device beyond its compute (on loopback a stage spent
+  0.4-0.76 ms of CPU a request around 0.1 ms of compute, ``benchmarks/served_vs_simulated.py``).
+All but ``call`` run Python, which TVM RPC cannot run on a device: ``decide`` is timed here and scaled by
+per-core speed for another device, ``rpc`` and ``serve:*`` are the floor timed here (see :func:`hop_entries`);
+each entry says so.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -28,7 +33,7 @@ from distree.lifetime import dies_with_this_process
 from distree.profiler.estimate import per_core_gflops
 from distree.profiler.timing import TimingSettings, summarize, time_callable
 from distree.profiler.types import Measurement
-from distree.profiler.items import RPC_ITEM, decide_item
+from distree.profiler.items import HANDLING_ITEMS, RPC_ITEM, decide_item
 from distree.targets.catalog import host_device
 from distree.targets.spec import DeviceSpec
 
@@ -37,6 +42,10 @@ RPC_BACKEND = "grpc"
 ECHO_SERVICE = "distree.Echo"
 RPC_FRAME_BYTES = 4096      # a cut tensor of the example's size; bytes over the link are the link's own cost
 RPC_CLASSES = 10
+HANDLING_SENDERS = 4        # requesters back to back while a stage's CPU per request is measured
+HANDLING_WARMUP = 20        # requests each before the rounds (streams opened, threads warm)
+HANDLING_REQUESTS = 60      # per sender and round
+HANDLING_ROUNDS = 5
 
 
 def time_decide(score_kind: str, classes: int, timing: TimingSettings) -> tuple[float, ...]:
@@ -67,8 +76,9 @@ def _reply_to(data: bytes, turn) -> bytes:
 
 def serve_echo() -> None:
     """A stage that only answers (``python -c``: the profiler's peer for ``rpc``): distree's server setup, frames
-    and turn-taking, no model. Prints its port."""
+    and turn-taking, no model; ``Cpu`` answers the CPU seconds it has used. Prints its port."""
     import threading
+    import time
 
     import grpc
 
@@ -79,19 +89,34 @@ def serve_echo() -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ECHO_SERVICE, {
         "Echo": grpc.unary_unary_rpc_method_handler(lambda data, _context: _reply_to(data, turn)),
         "EchoStream": grpc.stream_stream_rpc_method_handler(
-            lambda frames, _context: (_reply_to(data, turn) for data in frames))}),))
+            lambda frames, _context: (_reply_to(data, turn) for data in frames)),
+        "Cpu": grpc.unary_unary_rpc_method_handler(lambda _data, _context: repr(time.process_time()).encode())}),))
     print(server.add_insecure_port("127.0.0.1:0"), flush=True)
     server.start()
     server.wait_for_termination()
 
 
+@dataclass(frozen=True)
+class HopTiming:
+    """What a hop costs in software on this machine (ms): its round trip as a caller waits for it, and the CPU
+    each end spends per request when requests keep coming (the receiving stage's, the stage handing it on)."""
+
+    round_trip: tuple[float, ...]
+    receive_cpu: tuple[float, ...]
+    forward_cpu: tuple[float, ...]
+
+
 @functools.lru_cache(maxsize=4)
-def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
-    """Samples (ms) of one request to a stage that only answers, in another process on this machine: what a hop
-    between two stages costs in software (gRPC, frames, turn-taking), beyond the link's latency and bandwidth and
-    the stage's own compute. Once per process and settings: every device's entry is this machine's figure."""
+def time_hop(timing: TimingSettings) -> HopTiming:
+    """One request at a time to a stage that only answers, in another process on this machine: what a hop between
+    two stages costs in software (gRPC, frames, turn-taking), beyond the link's latency and bandwidth and the
+    stage's own compute. Then HANDLING_SENDERS requesters back to back, in HANDLING_ROUNDS rounds: the CPU time
+    of both processes per request, which occupies a served stage's device under load (a round trip alone is
+    mostly waiting). Once per process and settings: every device's entries are this machine's figures."""
     import subprocess
     import sys
+    import threading
+    import time
 
     import grpc
 
@@ -109,13 +134,31 @@ def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
         x = np.zeros((1, RPC_FRAME_BYTES // 4), np.float32)
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
             link = Link(channel, f"/{ECHO_SERVICE}/Echo", f"/{ECHO_SERVICE}/EchoStream")
+            peer_cpu = channel.unary_unary(f"/{ECHO_SERVICE}/Cpu")
 
             def hop() -> None:
                 frame = encode_request(Request(id="rpc", bundle="rpc", tensor="x", deadline_ms=None, elapsed_ms=0.0,
                                                x=x, timeout_s=10.0))
                 decode_reply(link.call(frame, 10.0))
+
+            def senders(count: int) -> None:
+                threads = [threading.Thread(target=lambda: [hop() for _ in range(count)])
+                           for _ in range(HANDLING_SENDERS)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
             try:
-                return time_callable(hop, timing)
+                round_trip = time_callable(hop, timing)
+                senders(HANDLING_WARMUP)
+                receive, forward = [], []
+                for _ in range(HANDLING_ROUNDS):
+                    theirs, ours = float(peer_cpu(b"", timeout=10.0)), time.process_time()
+                    senders(HANDLING_REQUESTS)
+                    requests = HANDLING_SENDERS * HANDLING_REQUESTS
+                    receive.append((float(peer_cpu(b"", timeout=10.0)) - theirs) * 1e3 / requests)
+                    forward.append((time.process_time() - ours) * 1e3 / requests)
+                return HopTiming(round_trip, tuple(receive), tuple(forward))
             finally:
                 link.close()
     finally:
@@ -123,13 +166,18 @@ def time_rpc(timing: TimingSettings) -> tuple[float, ...]:
         peer.wait()
 
 
-def rpc_entry(device: DeviceSpec, timing: TimingSettings, measured_here: bool) -> Measurement:
-    """The ``rpc`` entry: one hop's software round trip (gRPC, Python). For another device it is the floor
-    timed here, not scaled: per-core peak FLOP/s would charge a Pi 4 ~10 ms per hop, far above what its gRPC
-    is reported to take, and nothing here can measure it; a floor keeps hops honest without forbidding them."""
-    note = f"gRPC round trip timed on this machine, not on {device.name}: a lower bound for a slower CPU"
-    return _timed_here(device, RPC_ITEM, RPC_BACKEND, time_rpc(timing), timing, measured_here, 1.0, note,
-                       "none: no model")
+def hop_entries(device: DeviceSpec, timing: TimingSettings, measured_here: bool) -> list[Measurement]:
+    """The ``rpc`` entry (one hop's software round trip) and the ``serve:receive`` / ``serve:forward`` entries
+    (a stage's CPU per request it receives / hands on). For another device they are the floor timed here, not
+    scaled: per-core peak FLOP/s would charge a Pi 4 ~10 ms per hop, far above what its gRPC is reported to take,
+    and nothing here can measure it; a floor keeps hops honest without forbidding them."""
+    hop = time_hop(timing)
+    note = f"timed on this machine, not on {device.name}: a lower bound for a slower CPU"
+    return [_timed_here(device, item, RPC_BACKEND, samples, timing, measured_here, 1.0, f"{what} {note}",
+                        "none: no model")
+            for item, samples, what in ((RPC_ITEM, hop.round_trip, "gRPC round trip"),
+                                        (HANDLING_ITEMS[0], hop.receive_cpu, "a stage's CPU per request received,"),
+                                        (HANDLING_ITEMS[1], hop.forward_cpu, "a stage's CPU per request handed on,"))]
 
 
 def decide_entries(device: DeviceSpec, classes: int, timing: TimingSettings, measured_here: bool,

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 CALL_ITEM = "call"
 RPC_ITEM = "rpc"            # a hop's gRPC round trip (timed by the profiler itself, no model)
+# a stage's CPU per request it receives and answers, and per request it hands on (gRPC, framing, Python; its
+# compute not included): what occupies a device beyond its compute under load, measured with the rpc entry
+HANDLING_ITEMS = ("serve:receive", "serve:forward")
 
 
 def block_item(index: int) -> str:

@@ -36,11 +36,11 @@ from distree.exits.types import SCORE_KINDS, ExitPoint
 from distree.graph import Chain, model_sha256
 from distree.profiler import estimate as est
 from distree.profiler import tvm_backend
-from distree.profiler.dispatch import decide_entries, rpc_entry
+from distree.profiler.dispatch import decide_entries, hop_entries
 from distree.profiler.ort_backend import time_ort
 from distree.profiler.timing import TimingSettings, summarize
 from distree.profiler.types import Measurement, Profile
-from distree.profiler.items import CALL_ITEM, RPC_ITEM, block_item, decide_item, entry_item, exit_item
+from distree.profiler.items import CALL_ITEM, HANDLING_ITEMS, RPC_ITEM, block_item, decide_item, entry_item, exit_item
 from distree.profiler.units import Unit, profile_units
 from distree.serde import write_bytes_atomic
 from distree.targets.emulation import default_cache_dir
@@ -74,7 +74,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     check_request(device, mode, rpc, backends)
     decide_kinds = [k for k in SCORE_KINDS if items is None or decide_item(k) in items]
-    with_rpc = items is None or RPC_ITEM in items
+    with_rpc = items is None or bool({RPC_ITEM, *HANDLING_ITEMS} & set(items))     # timed together
     units = profile_units(model, chain, exits, items)
     gaps = tvm_gaps(units) if "tvm" in backends else {}
     unit_backends = backends_per_unit(units, backends, gaps, device, mode)
@@ -115,7 +115,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
                 entries.extend(decide_entries(device, int(chain.blocks[-1].output_shape[-1]), timing,
                                               measured_here=mode == "local", score_kinds=decide_kinds))
                 if with_rpc:
-                    entries.append(rpc_entry(device, timing, measured_here=mode == "local"))
+                    entries.extend(hop_entries(device, timing, measured_here=mode == "local"))
         except Exception as exc:
             if requested():     # the Ctrl-C reached the processes the profiler starts as well (an emulated device's
                 #                 server, the gRPC peer): they failed
@@ -252,7 +252,7 @@ def device_part(profile: Profile, source: str, device: str, model_sha: str, item
                            f"{model_sha[:12]} (with its exit heads): profile on {device} the .onnx you compile, one "
                            "with exits declared (`distree exits MODEL --data DATA -o MODEL_EXITS.onnx` writes one)")
     keep = tuple(m for m in profile.entries if m.device == device
-                 and (m.backend in backends or m.item == RPC_ITEM or m.item.startswith("decide:")))
+                 and (m.backend in backends or m.item in (RPC_ITEM, *HANDLING_ITEMS) or m.item.startswith("decide:")))
     have = {m.item for m in keep}
     missing = [item for item in items if item not in have]
     if missing:

@@ -4,7 +4,8 @@ The numbers come from the solver's :class:`~distree.solver.problem.Problem`, so 
 exactly what :func:`distree.solver.costs.evaluate` charges it: blocks reached on their device, enabled heads
 reached, every transfer, the return to the source. On top of that the simulator adds what the cost model
 leaves out: contention. Every device is one FIFO server (one request at a time, a stage held for its whole
-compute); every directed link is one FIFO serializer, busy for the bytes/bandwidth + serialization part of a
+compute, and busy a while longer with the requests it receives and hands on, where the profile measured
+that); every directed link is one FIFO serializer, busy for the bytes/bandwidth + serialization part of a
 transfer, after which the propagation latency (plus optional jitter) elapses without holding the link. The
 two directions of a link are separate serializers (full duplex).
 
@@ -32,6 +33,8 @@ class Step:
     service_ms: float       # time the resource is held
     delay_ms: float         # after release, before the next step (link propagation)
     jitter_ms: float        # half-width of the uniform propagation jitter
+    hold_ms: float = 0.0    # the resource stays busy this much longer without delaying the request: a stage's
+    #                         handling of the request it received and handed on (its latency is in the hop)
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Routes:
         total = np.zeros(len(self.resource_names))
         for steps in self.steps:
             for s in steps:
-                total[s.resource] += s.service_ms
+                total[s.resource] += s.service_ms + s.hold_ms
         return total / len(self.steps)
 
 
@@ -78,6 +81,7 @@ def build_routes(p: Problem, topology: Topology, levels: np.ndarray, placement: 
     stages = list(zip(bounds, bounds[1:]))
 
     software = p.hop_ms if p.hop_ms is not None else np.zeros((p.n_devices, p.n_devices))
+    handling = p.handling
 
     def transfer(a: int, b: int, total_ms: float, forward: bool = True) -> list[Step]:
         """The link is busy for the bytes; its latency and a forward hop's software (call, gRPC) only delay
@@ -98,7 +102,9 @@ def build_routes(p: Problem, topology: Topology, levels: np.ndarray, placement: 
                 steps += transfer(int(pl[first - 1]), d, p.cut_ms[pl[first - 1], d, first])
             last = min(end - 1, last_block)
             on_here = heads[(p.exit_after[heads] >= first) & (p.exit_after[heads] <= last)]
-            steps.append(Step(d, float(p.block_ms[d, first:last + 1].sum() + p.head_ms[d, on_here].sum()), 0.0, 0.0))
+            handled = handling[d, 0] + (handling[d, 1] if last_block >= end else 0.0)
+            steps.append(Step(d, float(p.block_ms[d, first:last + 1].sum() + p.head_ms[d, on_here].sum()), 0.0, 0.0,
+                              float(handled)))
             if last_block < end:
                 break
         exit_device = int(pl[last_block])
@@ -165,8 +171,8 @@ def run(routes: Routes, load: Load, n_requests: int, seed: int = 0, jitter: bool
         start = free[step.resource] if free[step.resource] > t else t
         wait[r] += start - t
         end = start + step.service_ms
-        free[step.resource] = end
-        busy[step.resource] += step.service_ms
+        free[step.resource] = end + step.hold_ms
+        busy[step.resource] += step.service_ms + step.hold_ms
         delay = step.delay_ms
         if jitter and step.jitter_ms > 0:
             delay = max(0.0, delay + jitter_rng.uniform(-step.jitter_ms, step.jitter_ms))

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from distree.errors import DistreeError
+from distree.profiler.items import HANDLING_ITEMS
 from distree.serde import JsonRecord
 from distree.sim.baselines import NO_PLACEMENT_THROUGH, baseline_configurations, through_idle_devices
 from distree.sim.engine import Routes, build_routes, run, summarize
@@ -111,6 +112,10 @@ def simulate(plan: Plan, inputs: Inputs, loads: Optional[Sequence[Load]] = None,
         notes = [*notes, f"the plan was solved with requests arriving at {plan.source}; here they arrive at "
                          f"{inputs.topology.source_device} (the topology's source)"]
     prepared = [_prepare(c, inputs) for c in configs]
+    if prepared[0].instance.problem.handling_ms is None:
+        notes = [*notes, f"the profile has no {' / '.join(HANDLING_ITEMS)} entries for every device (profiled before "
+                         "distree measured a stage's request handling): devices are charged their compute only, so "
+                         "capacities are upper bounds; profile again for them"]
     if loads is None:
         capacity = prepared[0].saturation_rps
         loads = [Load(rate=f * capacity) for f in DEFAULT_LOAD_FRACTIONS]

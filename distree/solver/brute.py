@@ -75,6 +75,7 @@ def brute_force(p: Problem) -> BruteResult:
     for j in range(E):
         left_before[:, p.exit_after[j] + 1] += rate[:, j]
     reach = 1.0 - np.cumsum(left_before, axis=1)[:, :B]                 # [C, B]
+    reach_next = np.concatenate([reach[:, 1:], np.zeros((len(C), 1))], axis=1)   # handed on after each block
     reach_exit = 1.0 - (np.cumsum(rate, axis=1) - rate)                 # [C, E]
     head_w = reach_exit * en
     expected = (reach @ (MS + CUT).T + head_w @ HM.T + rate @ RET_E.T
@@ -95,7 +96,9 @@ def brute_force(p: Problem) -> BruteResult:
         need = param + np.maximum(act_b[None, :], act_h)
         feasible &= ~used[None, :] | (need <= p.capacity_bytes[d])
         if p.busy_cap_ms is not None:
-            busy = reach @ (MS * on_b).T + head_w @ (HM * on_h).T
+            first, last = on_b.argmax(axis=1), B - 1 - on_b[:, ::-1].argmax(axis=1)             # [P]
+            busy = (reach @ (MS * on_b).T + head_w @ (HM * on_h).T
+                    + p.handling[d, 0] * reach[:, first] + p.handling[d, 1] * reach_next[:, last])
             feasible &= ~used[None, :] | (busy <= p.busy_cap_ms + 1e-9)
     masked = np.where(feasible, expected, np.inf)
     c, k = np.unravel_index(np.argmin(masked), masked.shape)

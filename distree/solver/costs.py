@@ -94,6 +94,7 @@ def evaluate(p: Problem, levels: np.ndarray, placement: np.ndarray) -> Evaluatio
     worst = float(blocks.sum() + heads.sum() + cuts.sum() + ret_final)
     memory = np.zeros(p.n_devices)
     busy = np.zeros(p.n_devices)
+    reach_next = forwarded(o.reach_block)
     for d in range(p.n_devices):
         on_b = pl == d
         if not on_b.any():
@@ -101,7 +102,9 @@ def evaluate(p: Problem, levels: np.ndarray, placement: np.ndarray) -> Evaluatio
         on_h = (head_dev == d) & en
         act = max(p.block_act[d, on_b].max(), p.head_act[d, on_h].max(initial=0.0))
         memory[d] = p.block_param[d, on_b].sum() + p.head_param[d, on_h].sum() + act
-        busy[d] = blocks[on_b] @ o.reach_block[on_b] + heads[on_h] @ o.reach_exit[on_h]
+        first, last = np.flatnonzero(on_b)[[0, -1]]
+        busy[d] = (blocks[on_b] @ o.reach_block[on_b] + heads[on_h] @ o.reach_exit[on_h]
+                   + p.handling[d] @ (o.reach_block[first], reach_next[last]))
     violations = []
     if o.correct < p.required_correct:
         violations.append("accuracy")
@@ -116,6 +119,11 @@ def evaluate(p: Problem, levels: np.ndarray, placement: np.ndarray) -> Evaluatio
         violations.append("placement")
     return Evaluation(expected_ms=sum(breakdown.values()), worst_ms=worst, correct=o.correct, memory=memory,
                       busy_ms=busy, breakdown=breakdown, feasible=not violations, violations=tuple(violations))
+
+
+def forwarded(reach_block: np.ndarray) -> np.ndarray:
+    """[..., B] the share handed on after each block: the next block's reach (0 after the last)."""
+    return np.concatenate([reach_block[..., 1:], np.zeros_like(reach_block[..., :1])], axis=-1)
 
 
 def valid_placement(p: Problem, pl: np.ndarray) -> bool:
@@ -163,7 +171,10 @@ def segments(p: Problem, levels: np.ndarray, o: Outcome) -> Segments:
     mem_ok = range_sums(param_item) + act <= p.capacity_bytes[:, None, None]
     ok = upper[None] & mem_ok
     if p.busy_cap_ms is not None:
-        ok &= range_sums(busy_item) <= p.busy_cap_ms + 1e-9
+        h = p.handling
+        handling = (h[:, 0, None, None] * o.reach_block[None, :, None]
+                    + h[:, 1, None, None] * forwarded(o.reach_block)[None, None, :])     # [D, s, e]
+        ok &= range_sums(busy_item) + handling <= p.busy_cap_ms + 1e-9
     return Segments(cost=range_sums(exp_item), worst=range_sums(worst_item), ok=ok)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distree.interrupt import requested
-from distree.solver.costs import best_placement, evaluate, reach_blocks
+from distree.solver.costs import best_placement, evaluate, forwarded, reach_blocks
 from distree.solver.problem import Problem
 
 DEADLINE_WEIGHTS = (0.0, 0.01, 0.1, 1.0, 10.0, 1000.0)
@@ -239,9 +239,12 @@ class _MoveScorer:
             for v in np.nonzero(ok)[0]:
                 reach_b = reach_blocks(p, rates[v, :-1])
                 reach_x = 1.0 - (np.cumsum(rates[v, :-1]) - rates[v, :-1])
+                reach_next = forwarded(reach_b)
                 for u, d in enumerate(self.used_idx):
                     on_b = self.on_device[d]
-                    busy = self.blocks[on_b] @ reach_b[on_b] + self.hm[on[v, u]] @ reach_x[on[v, u]]
+                    first, last = np.flatnonzero(on_b)[[0, -1]]
+                    busy = (self.blocks[on_b] @ reach_b[on_b] + self.hm[on[v, u]] @ reach_x[on[v, u]]
+                            + p.handling[d] @ (reach_b[first], reach_next[last]))
                     ok[v] &= busy <= p.busy_cap_ms + 1e-9
         return ok
 

@@ -18,7 +18,8 @@ Formulation (why it is exact and why it is tighter than a survival/McCormick mod
   reach, transfers and returns exact with no big-M on the expected cost. Heads cost
   ``hy[j,d] >= reach_on_d(j) - (1 - enabled_j)``.
 * Memory, deadline (no-exit path) and throughput (expected busy time per stage) are linear in z, the
-  head indicators ``hz[j,d] >= enabled_j + z[a_j,d] - 1`` and ``y``.
+  head indicators ``hz[j,d] >= enabled_j + z[a_j,d] - 1``, ``y`` and ``f`` (a stage's handling of the requests
+  it receives, ``y[0,d]`` plus the flow into d, and of those it hands on, the flow out of d).
 """
 
 from __future__ import annotations
@@ -347,9 +348,13 @@ class Model:
 
         # --- throughput: expected busy time per stage -----------------------------------------------------
         if p.busy_cap_ms is not None or self.objective == "bottleneck":
+            h = p.handling
             for d in range(D):
+                # requests that enter d (at block 0, or across a cut from another device) and that leave it
+                received = y[0, d] + lin(v for (b, e, k), v in f.items() if k == d and e != d)
+                handed_on = lin(v for (b, e, k), v in f.items() if e == d and k != d)
                 busy = lin(p.block_ms[d, b] * y[b, d] for b in range(B)) + lin(
-                    p.head_ms[d, r.exits[j]] * hy[j, d] for j in range(E))
+                    p.head_ms[d, r.exits[j]] * hy[j, d] for j in range(E)) + h[d, 0] * received + h[d, 1] * handed_on
                 if p.busy_cap_ms is not None:
                     self._add(busy <= p.busy_cap_ms, f"throughput_d{d}")
                 if self.objective == "bottleneck":

@@ -11,6 +11,7 @@ Because the grid is ascending, a sample passes level ``l`` iff ``l <= passed_lev
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -21,7 +22,7 @@ from distree.errors import DistreeError
 from distree.exits.confidence import clopper_pearson_lower
 from distree.exits.types import DEFAULT_LEVELS, MAX_LEVELS, Calibration
 from distree.graph.chain import Chain
-from distree.profiler.items import CALL_ITEM, RPC_ITEM, decide_item
+from distree.profiler.items import CALL_ITEM, HANDLING_ITEMS, RPC_ITEM, decide_item
 from distree.profiler.types import Profile
 from distree.targets.spec import DeviceSpec, Topology
 
@@ -75,6 +76,8 @@ class Problem:
     busy_cap_ms: Optional[float] = None   # 1000 / min_throughput
     free_order: bool = False
     hop_ms: Optional[np.ndarray] = None   # [D, D] part of cut_ms that does not occupy the link (None: 0)
+    handling_ms: Optional[np.ndarray] = None  # [D, 2] a stage's CPU per request it receives / forwards (gRPC,
+    #                                           framing, Python): busy time only, its latency is in cut_ms (None: 0)
 
     @property
     def n_blocks(self) -> int:
@@ -91,6 +94,11 @@ class Problem:
     @property
     def n_samples(self) -> int:
         return len(self.correct_final)
+
+    @property
+    def handling(self) -> np.ndarray:
+        """[D, 2] ``handling_ms``, zeros where the profile has no such entries."""
+        return self.handling_ms if self.handling_ms is not None else np.zeros((self.n_devices, 2))
 
     def replace(self, **changes) -> "Problem":
         fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -160,6 +168,21 @@ def gpu_handovers(profile: Profile, device: DeviceSpec, blocks: int) -> dict[int
     timed = {m.item for m in profile.entries if m.device == device.name and m.backend == "tvm"}
     lacks = [f"block:{b}" not in timed for b in range(blocks)]
     return {b: lacks[b] for b in range(1, blocks) if lacks[b] != lacks[b - 1]}
+
+
+def _handling_ms(profile: Profile, names: tuple[str, ...], constraints: Constraints) -> Optional[np.ndarray]:
+    """[D, 2] each device's ``serve:receive`` / ``serve:forward`` CPU, or None where a device's profile predates
+    them (a throughput bound then counts that device's compute only, and says so)."""
+    have = {(m.device, m.item): m.median_ms for m in profile.entries if m.item in HANDLING_ITEMS}
+    lacking = [dev for dev in names if any((dev, item) not in have for item in HANDLING_ITEMS)]
+    if lacking:
+        if constraints.min_throughput is not None:
+            logging.getLogger(__name__).warning(
+                "the profile has no %s entries for %s (profiled before distree measured a stage's request handling): "
+                "--min-throughput counts compute only, which overstates the rate a served stage sustains; profile "
+                "again for them", " / ".join(HANDLING_ITEMS), ", ".join(lacking))
+        return None
+    return np.array([[have[dev, item] for item in HANDLING_ITEMS] for dev in names])
 
 
 def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
@@ -256,6 +279,7 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
         deadline_ms=constraints.deadline_ms,
         busy_cap_ms=None if constraints.min_throughput is None else 1000.0 / constraints.min_throughput,
         free_order=constraints.free_order, hop_ms=hop_ms * (1 - np.eye(len(names))),
+        handling_ms=_handling_ms(profile, names, constraints),
     )
     index = ProblemIndex(exit_columns=tuple(order),
                          thresholds=tuple(tuple(calibration.thresholds[j]) for j in order),

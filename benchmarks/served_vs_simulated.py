@@ -10,9 +10,10 @@ goes through `distree simulate --samples` replaying the same test images at the 
 latency starts at the source device; a served request also pays the client's own hop to it, so the predicted
 figure adds the plan's client hop (the source's `rpc` entry), as `predicted_vs_measured.py` does.
 
-Caveat measured, not hidden: on loopback the client and both stages share this machine's cores, while the
-simulator gives every device its own; and a stage's gRPC handling holds its CPU (the simulator charges a hop's
-software as a delay that occupies nothing). Both make the served capacity lower than simulated.
+Each stage process's CPU time per request it received is read from /proc: what the profile's serve:receive /
+serve:forward entries stand for, which the simulator charges as busy time on top of the compute. Caveat,
+measured, not hidden: on loopback the client and both stages share this machine's cores, while the simulator
+gives every device its own.
 Prints a table; writes benchmarks/results/served_vs_simulated.json.
 """
 

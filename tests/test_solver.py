@@ -478,6 +478,22 @@ def test_infeasible_memory_deadline_and_throughput_are_explained():
     _check_plan(solve(roomy.chain, roomy.calibration, roomy.profile, roomy.topology, c), roomy, c)
     with pytest.raises(DistreeError, match="infeasible plan"):
         solve(roomy.chain, roomy.calibration, roomy.profile, roomy.topology, Constraints(min_throughput=rate * 1.02))
+    # with the stages' request handling in the profile the same devices sustain less, and the message says why
+    handled = synthetic_case(6, 2, 2, 2, 100, seed=4, handling_ms=(0.3, 0.1))
+    with pytest.raises(DistreeError, match=r"ms of expected busy time \(compute and request handling\)") as err:
+        solve(handled.chain, handled.calibration, handled.profile, handled.topology, Constraints(min_throughput=1e6))
+    slower = float(re.search(r"the most any plan sustains is ([0-9.]+) requests/s", str(err.value)).group(1))
+    assert slower < rate
+    c = Constraints(min_throughput=slower)
+    _check_plan(solve(handled.chain, handled.calibration, handled.profile, handled.topology, c), handled, c)
+
+
+def test_a_profile_without_request_handling_says_that_a_throughput_bound_counts_compute_only(caplog):
+    case = synthetic_case(6, 2, 2, 2, 100, seed=4)
+    build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints(min_throughput=10.0))
+    (record,) = [r for r in caplog.records if "serve:receive" in r.getMessage()]
+    assert record.levelname == "WARNING" and "counts compute only" in record.getMessage()
+    assert "dev0, dev1" in record.getMessage()
 
 
 def test_missing_profile_entry_is_a_user_error():

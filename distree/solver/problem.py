@@ -35,8 +35,9 @@ class Constraints:
     confidence: Optional[float] = None      # one-sided Clopper-Pearson level for the accuracy promise; the
     #                                         no-exit plan itself may then miss a tiny drop (its bound < its accuracy)
     deadline_ms: Optional[float] = None     # bound on the latency of the path where no exit is taken
-    min_throughput: Optional[float] = None  # requests/s; each stage's expected compute (blocks + heads,
-    #                                         weighted by reach) must fit 1/rate; transfers overlap compute
+    min_throughput: Optional[float] = None  # requests/s; each stage's expected busy time (blocks + heads,
+    #                                         weighted by reach, + request handling) must fit 1/rate; transfers
+    #                                         overlap it
     free_order: bool = False                # let the solver choose the device order too
     time_limit_s: float = 60.0
     gap: float = 0.0                        # stop once the plan is proven within this relative gap (0: optimal)

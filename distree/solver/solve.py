@@ -399,7 +399,7 @@ def _throughput_reason(p: Problem, c: Constraints) -> str:
     """The highest --min-throughput a plan meeting the other constraints sustains: the least expected busy time of
     its busiest stage (a MILP; with the accuracy bound where some plan meets it, else at any accuracy)."""
     head = (f"infeasible plan: throughput: no plan keeps every stage under {p.busy_cap_ms:.3g} ms of expected "
-            f"compute per request")
+            f"{'busy time (compute and request handling)' if p.handling_ms is not None else 'compute'} per request")
     free = p.replace(busy_cap_ms=None)
     for problem, accuracy in ((free, ""), (free.replace(required_correct=0), " at any accuracy")):
         r = solve_milp(problem, time_limit_s=c.time_limit_s, solver=c.solver, objective="bottleneck")

@@ -29,7 +29,8 @@ from distree.exits import calibrate, declared_exits, load_dataset  # noqa: E402
 from distree.graph import build_chain, load_model  # noqa: E402
 from distree.profiler import merge_profiles, profile_model  # noqa: E402
 from distree.serde import write_json_atomic  # noqa: E402
-from distree.sim import Inputs, Load, held_out_samples, simulate  # noqa: E402
+from distree.sim import Inputs, held_out_samples, simulate  # noqa: E402
+from distree.workload import Load  # noqa: E402
 from distree.sim.report import print_report  # noqa: E402
 from distree.solver import Constraints, solve  # noqa: E402
 from distree.targets import load_topology, topology_from_dict  # noqa: E402

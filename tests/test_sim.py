@@ -154,6 +154,15 @@ def test_a_stage_s_request_handling_occupies_its_device_without_delaying_the_req
     assert capacity < 1000.0 / plain.mean_service_ms.max()
     alone = run(handled, Load(rate=1e-6), p.n_samples, jitter=False)
     assert alone.wait_ms.max() == 0.0 and alone.latency_ms.mean() == pytest.approx(ev.expected_ms, rel=1e-9)
+    # a source that runs no stage relays every request: busy with receiving and handing each on, nothing else
+    relayed = Configuration("relay", placement=("jetson-orin-nano",) * 5 + ("host",) * 3,
+                            thresholds=three_stage(cases[1]).thresholds)
+    inputs = Inputs(cases[1].chain, cases[1].calibration, cases[1].profile, cases[1].topology, cases[1].calibration)
+    inst = problem_for(inputs, relayed)
+    routes = build_routes(inst.problem, cases[1].topology, inst.levels, inst.placement)
+    assert cases[1].topology.source_device == "pi4" and routes.mean_service_ms[0] == pytest.approx(0.2 + 0.05)
+    ev = evaluate(inst.problem, inst.levels, inst.placement)
+    assert routes.base_ms.mean() == pytest.approx(ev.expected_ms, rel=1e-9)
 
 
 def test_jitter_is_seeded_and_mean_preserving(case, inputs):

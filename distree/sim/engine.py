@@ -5,7 +5,7 @@ exactly what :func:`distree.solver.costs.evaluate` charges it: blocks reached on
 reached, every transfer, the return to the source. On top of that the simulator adds what the cost model
 leaves out: contention. Every device is one FIFO server (one request at a time, a stage held for its whole
 compute, and busy a while longer with the requests it receives and hands on, where the profile measured
-that); every directed link is one FIFO serializer, busy for the bytes/bandwidth + serialization part of a
+that; a source without a stage only that, as the relay it is); every directed link is one FIFO serializer, busy for the bytes/bandwidth + serialization part of a
 transfer, after which the propagation latency (plus optional jitter) elapses without holding the link. The
 two directions of a link are separate serializers (full duplex).
 
@@ -95,7 +95,9 @@ def build_routes(p: Problem, topology: Topology, levels: np.ndarray, placement: 
     for k in np.unique(leave):          # the route depends only on where the sample leaves
         last_block = int(p.exit_after[k]) if k < E else B - 1
         heads = np.nonzero(enabled & (np.arange(E) <= k))[0]
-        steps = transfer(src, int(pl[0]), p.cut_ms[src, pl[0], 0])
+        # a source without a stage relays: it receives the request and hands it on (busy, no delay of its own)
+        relay = [Step(src, 0.0, 0.0, 0.0, float(handling[src].sum()))] if src not in pl and handling[src].any() else []
+        steps = relay + transfer(src, int(pl[0]), p.cut_ms[src, pl[0], 0])
         for first, end in stages:
             d = int(pl[first])
             if first > 0:

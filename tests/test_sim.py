@@ -163,6 +163,12 @@ def test_a_stage_s_request_handling_occupies_its_device_without_delaying_the_req
     assert cases[1].topology.source_device == "pi4" and routes.mean_service_ms[0] == pytest.approx(0.2 + 0.05)
     ev = evaluate(inst.problem, inst.levels, inst.placement)
     assert routes.base_ms.mean() == pytest.approx(ev.expected_ms, rel=1e-9)
+    # a report says when the profile lacks these figures (devices then charged their compute only)
+    for c, lacking in zip(cases, (True, False)):
+        plan = solve(c.chain, c.calibration, c.profile, c.topology, Constraints(accuracy_drop=0.02, time_limit_s=20))
+        report = simulate(plan, Inputs(c.chain, c.calibration, c.profile, c.topology, c.calibration),
+                          loads=[Load(rate=1.0)], requests=50, baselines=False)
+        assert any("serve:receive / serve:forward" in note for note in report.notes) == lacking
 
 
 def test_jitter_is_seeded_and_mean_preserving(case, inputs):

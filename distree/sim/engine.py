@@ -5,9 +5,10 @@ exactly what :func:`distree.solver.costs.evaluate` charges it: blocks reached on
 reached, every transfer, the return to the source. On top of that the simulator adds what the cost model
 leaves out: contention. Every device is one FIFO server (one request at a time, a stage held for its whole
 compute, and busy a while longer with the requests it receives and hands on, where the profile measured
-that; a source without a stage only that, as the relay it is); every directed link is one FIFO serializer, busy for the bytes/bandwidth + serialization part of a
-transfer, after which the propagation latency (plus optional jitter) elapses without holding the link. The
-two directions of a link are separate serializers (full duplex).
+that; a source without a stage only that, as the relay it is); every directed link is one FIFO serializer,
+busy for the bytes/bandwidth + serialization part of a transfer, after which the propagation latency (plus
+optional jitter) elapses without holding the link. The two directions of a link are separate serializers
+(full duplex).
 
 Jitter follows Linux netem's ``delay L J``: the propagation delay of each transfer is uniform in
 [L - J, L + J] (clipped at 0), so its mean is L whenever J <= L and the cost model's expectation still holds.

@@ -60,6 +60,8 @@ def replay(plan: Plan, chain: Chain, cal: Calibration, profile: Profile, topo: T
     correct = 0
     rates = {e.name: 0 for s in plan.stages for e in s.exits}
     busy = {s.device: 0.0 for s in plan.stages}
+    if source not in busy:          # it runs no stage: it relays every request (receives it, hands it on)
+        busy[source] = sum(cost[source][4])
     for i in range(n):
         t = 0.0
         here = source

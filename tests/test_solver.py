@@ -31,7 +31,8 @@ from distree.solver.bounds import (WindowTerms, best_multiplier, bound_tables, n
 from distree.solver.brute import all_configurations, all_placements
 from distree.solver.chain import chain_bound, chain_bounds_by_level, chain_tables
 from distree.solver.classes import PlacementClasses, StageClass, _coarse_to_fine
-from distree.solver.costs import best_placement, evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound
+from distree.solver.costs import (best_placement, evaluate, first_true, nested_free_choice_ms, relaxed_lower_bound,
+                                  relay_ms)
 from distree.solver.heuristic import Candidate, _MoveScorer, _penalised, iterated_local_search, local_search, place
 from distree.solver.milp import solve_milp
 from distree.solver.parallel import kicks_on_cores, run_tree
@@ -289,6 +290,28 @@ def test_the_milp_matches_brute_force_where_a_stage_s_request_handling_counts_to
         ev = evaluate(problem, r.levels, r.placement)
         assert ev.feasible and ev.busy_ms.max() <= problem.busy_cap_ms + 1e-9, f"seed {seed}"
     assert checked >= 15 and feasible >= 5, (checked, feasible)
+
+
+@pytest.mark.parametrize("seed, handling", [(29, (0.05, 5.0)), (38, (0.05, 5.0)), (2, (0.01, 20.0)),
+                                           (13, (0.01, 20.0))])
+def test_a_source_that_cannot_afford_to_relay_under_a_throughput_bound_runs_a_stage(seed, handling):
+    """A source that runs no stage still receives every request and hands it on: where that alone breaks the
+    throughput bound, every engine must place a stage there (cases where the unbounded optimum relays)."""
+    case = synthetic_case(6, 2, 3, 2, 80, seed=seed, handling_ms=handling)
+    free, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, Constraints(accuracy_drop=0.05))
+    relaying = brute_force(free)
+    assert free.source not in relaying.placement, "the case no longer relays when unbounded"
+    c = Constraints(accuracy_drop=0.05, min_throughput=1000.0 / (0.95 * relay_ms(free)))
+    problem, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+    assert "throughput" in evaluate(problem, relaying.levels, relaying.placement).violations
+    ref = brute_force(problem)
+    assert np.isfinite(ref.expected_ms) and problem.source in ref.placement
+    r = solve_milp(problem, solver="highs")
+    assert r.status == "optimal" and r.objective == pytest.approx(ref.expected_ms, rel=1e-6)
+    plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
+    assert plan.expected_latency_ms == pytest.approx(ref.expected_ms, rel=1e-7)
+    assert case.topology.source_device in {s.device for s in plan.stages}
+    _check_plan(plan, case, c)
 
 
 def test_cbc_agrees_with_highs():

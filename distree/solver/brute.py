@@ -100,6 +100,9 @@ def brute_force(p: Problem) -> BruteResult:
             busy = (reach @ (MS * on_b).T + head_w @ (HM * on_h).T
                     + p.handling[d, 0] * reach[:, first] + p.handling[d, 1] * reach_next[:, last])
             feasible &= ~used[None, :] | (busy <= p.busy_cap_ms + 1e-9)
+    if p.busy_cap_ms is not None:       # a source without a stage relays every request
+        relays = ~(P == p.source).any(axis=1)
+        feasible &= ~relays[None, :] | (p.handling[p.source].sum() <= p.busy_cap_ms + 1e-9)
     masked = np.where(feasible, expected, np.inf)
     c, k = np.unravel_index(np.argmin(masked), masked.shape)
     if not np.isfinite(masked[c, k]):

@@ -105,6 +105,8 @@ def evaluate(p: Problem, levels: np.ndarray, placement: np.ndarray) -> Evaluatio
         first, last = np.flatnonzero(on_b)[[0, -1]]
         busy[d] = (blocks[on_b] @ o.reach_block[on_b] + heads[on_h] @ o.reach_exit[on_h]
                    + p.handling[d] @ (o.reach_block[first], reach_next[last]))
+    if p.source not in pl:
+        busy[p.source] = relay_ms(p)
     violations = []
     if o.correct < p.required_correct:
         violations.append("accuracy")
@@ -119,6 +121,16 @@ def evaluate(p: Problem, levels: np.ndarray, placement: np.ndarray) -> Evaluatio
         violations.append("placement")
     return Evaluation(expected_ms=sum(breakdown.values()), worst_ms=worst, correct=o.correct, memory=memory,
                       busy_ms=busy, breakdown=breakdown, feasible=not violations, violations=tuple(violations))
+
+
+def relay_ms(p: Problem) -> float:
+    """What a source that runs no stage is busy with per request: receiving it and handing it on (every one)."""
+    return float(p.handling[p.source].sum())
+
+
+def relay_fits(p: Problem) -> bool:
+    """Whether the source may relay under the throughput bound; if not, every placement runs a stage on it."""
+    return p.busy_cap_ms is None or relay_ms(p) <= p.busy_cap_ms + 1e-9
 
 
 def forwarded(reach_block: np.ndarray) -> np.ndarray:
@@ -186,11 +198,14 @@ def best_placement(p: Problem, levels: np.ndarray, deadline_weight: float = 0.0,
     Dynamic programme over (last block of a stage, device), devices in ``order`` (default: pipeline
     order). ``deadline_weight`` adds that multiple of the no-exit latency to the objective (a Lagrangian
     knob the heuristic turns when the deadline is violated). ``through``: only placements that run a stage on
-    that device (what using a device the plan leaves idle would cost). None when no placement fits.
+    that device (what using a device the plan leaves idle would cost; the source, where relaying would break the
+    throughput bound). None when no placement fits.
     """
     o = outcome(p, levels)
     seg = segments(p, levels, o)
     order = tuple(range(p.n_devices)) if order is None else order
+    if through is None and not relay_fits(p):
+        through = p.source
     if through is not None and through not in order:
         return None
     # with ``through``, a stage after it may only follow a path that ran a stage on it

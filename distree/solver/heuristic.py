@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distree.interrupt import requested
-from distree.solver.costs import best_placement, evaluate, forwarded, reach_blocks
+from distree.solver.costs import best_placement, evaluate, forwarded, reach_blocks, relay_fits
 from distree.solver.problem import Problem
 
 DEADLINE_WEIGHTS = (0.0, 0.01, 0.1, 1.0, 10.0, 1000.0)
@@ -235,6 +235,8 @@ class _MoveScorer:
         if p.deadline_ms is not None:
             ok &= self.fixed_worst + (self.hm * en).sum(axis=1) <= p.deadline_ms + 1e-9
         if p.busy_cap_ms is not None:
+            if p.source not in self.used_idx and not relay_fits(p):
+                return np.zeros(len(en), dtype=bool)
             rates = rates()
             for v in np.nonzero(ok)[0]:
                 reach_b = reach_blocks(p, rates[v, :-1])

@@ -355,6 +355,10 @@ class Model:
                 handed_on = lin(v for (b, e, k), v in f.items() if e == d and k != d)
                 busy = lin(p.block_ms[d, b] * y[b, d] for b in range(B)) + lin(
                     p.head_ms[d, r.exits[j]] * hy[j, d] for j in range(E)) + h[d, 0] * received + h[d, 1] * handed_on
+                if d == p.source and h[d].any():        # relaying every request when it runs no stage
+                    relay = self.lp.add_variable("relay", lowBound=0, upBound=1)
+                    self._add(relay >= 1 - lin(self.z[b, d] for b in range(B)), "relay_when_no_stage")
+                    busy = busy + h[d].sum() * relay
                 if p.busy_cap_ms is not None:
                     self._add(busy <= p.busy_cap_ms, f"throughput_d{d}")
                 if self.objective == "bottleneck":

@@ -115,8 +115,8 @@ def time_hop(timing: TimingSettings) -> HopTiming:
     mostly waiting). Once per process and settings: every device's entries are this machine's figures."""
     import subprocess
     import sys
-    import threading
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     import grpc
 
@@ -141,23 +141,22 @@ def time_hop(timing: TimingSettings) -> HopTiming:
                                                x=x, timeout_s=10.0))
                 decode_reply(link.call(frame, 10.0))
 
-            def senders(count: int) -> None:
-                threads = [threading.Thread(target=lambda: [hop() for _ in range(count)])
-                           for _ in range(HANDLING_SENDERS)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
             try:
                 round_trip = time_callable(hop, timing)
-                senders(HANDLING_WARMUP)
-                receive, forward = [], []
-                for _ in range(HANDLING_ROUNDS):
-                    theirs, ours = float(peer_cpu(b"", timeout=10.0)), time.process_time()
-                    senders(HANDLING_REQUESTS)
-                    requests = HANDLING_SENDERS * HANDLING_REQUESTS
-                    receive.append((float(peer_cpu(b"", timeout=10.0)) - theirs) * 1e3 / requests)
-                    forward.append((time.process_time() - ours) * 1e3 / requests)
+                with ThreadPoolExecutor(HANDLING_SENDERS) as pool:     # the same threads, so the same streams
+
+                    def senders(count: int) -> None:
+                        for done in [pool.submit(lambda: [hop() for _ in range(count)])
+                                     for _ in range(HANDLING_SENDERS)]:
+                            done.result()           # a failed request is the profiler's error, not a lost thread
+                    senders(HANDLING_WARMUP)
+                    receive, forward = [], []
+                    for _ in range(HANDLING_ROUNDS):
+                        theirs, ours = float(peer_cpu(b"", timeout=10.0)), time.process_time()
+                        senders(HANDLING_REQUESTS)
+                        requests = HANDLING_SENDERS * HANDLING_REQUESTS
+                        receive.append((float(peer_cpu(b"", timeout=10.0)) - theirs) * 1e3 / requests)
+                        forward.append((time.process_time() - ours) * 1e3 / requests)
                 return HopTiming(round_trip, tuple(receive), tuple(forward))
             finally:
                 link.close()

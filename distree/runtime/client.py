@@ -177,8 +177,11 @@ def infer_dataset(client: InferenceClient, data: Dataset, deadline_ms: Optional[
     def send(i: int) -> Reply:
         return client.infer(x[i:i + 1], deadline_ms=deadline_ms, request_id=f"{i}")
 
-    driven = (_open_loop(send, len(x), load.rate, seed) if load.rate is not None
-              else _closed_loop(send, len(x), load.clients))
+    if load.rate is None:
+        driven = _drive(send, len(x), load.clients)
+    else:
+        arrive_s = arrival_times_ms(load.rate, len(x), np.random.default_rng(seed)) / 1e3
+        driven = _drive(send, len(x), OPEN_LOOP_SENDERS, arrive_s)
     replies, latency = driven.replies, driven.latency_ms
     n = len(replies)
     predictions = [r.prediction for r in replies]
@@ -196,78 +199,49 @@ def infer_dataset(client: InferenceClient, data: Dataset, deadline_ms: Optional[
         client_wait_ms=percentiles_ms(driven.wait_ms))
 
 
-def _closed_loop(send: Callable[[int], Reply], n: int, clients: int) -> _Driven:
-    """``clients`` threads, each sending its next request as soon as its last one is answered."""
-    replies: list[Optional[Reply]] = [None] * n
-    latency = [0.0] * n
-    order = itertools.count()           # next() on a count is atomic: each request is sent once
-    stop = threading.Event()            # a request failed, or Ctrl-C: the others send no more
-
-    def requester() -> None:
-        while not stop.is_set():
-            i = next(order)
-            if i >= n:
-                return
-            t0 = time.perf_counter()
-            replies[i] = _or_stop(send, i, stop)
-            latency[i] = (time.perf_counter() - t0) * 1e3
-
-    started = time.perf_counter()
-    if clients == 1:
-        requester()
-    else:
-        with ThreadPoolExecutor(clients, thread_name_prefix="distree-client") as pool:
-            _wait_all([pool.submit(requester) for _ in range(clients)], stop)
-    return _Driven(replies, latency, latency, [0.0] * n, time.perf_counter() - started)
-
-
-def _open_loop(send: Callable[[int], Reply], n: int, rate: float, seed: int) -> _Driven:
-    """Requests arrive at Poisson times whatever the answers do. Each of OPEN_LOOP_SENDERS threads takes the
-    next arrival, sleeps until it and sends (a dispatcher handing arrivals to senders added a thread wake-up to
-    each); when all are busy, an arrival waits for the first one free, and that wait is part of its latency."""
-    arrive_s = arrival_times_ms(rate, n, np.random.default_rng(seed)) / 1e3
+def _drive(send: Callable[[int], Reply], n: int, senders: int, arrive_s: Optional[np.ndarray] = None) -> _Driven:
+    """Requests 0..n-1 by ``senders`` threads, each taking the next one in turn. Closed loop (``arrive_s`` None):
+    a sender sends as soon as its last answer is back (one sender: in this thread). Open loop: request i arrives
+    ``arrive_s[i]`` s after the start whatever the answers do; its sender sleeps until then (a dispatcher handing
+    arrivals to senders added a thread wake-up to each), and when every sender is busy it waits for the first one
+    free, a wait that is part of its latency."""
     replies: list[Optional[Reply]] = [None] * n
     latency, service, wait, answered = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
-    order = itertools.count()
-    stop = threading.Event()
-    start = time.perf_counter() + 0.01         # the senders' threads start before the first arrival
+    order = itertools.count()           # next() on a count is atomic: each request is sent once
+    stop = threading.Event()            # a request failed, or Ctrl-C: the others send no more
+    start = time.perf_counter() + (0.0 if arrive_s is None else 0.01)   # the senders start before the first arrival
 
     def sender() -> None:
         while not stop.is_set():
             i = next(order)
             if i >= n:
                 return
-            arrival = start + arrive_s[i]
-            ahead = arrival - time.perf_counter()
-            if ahead > 0 and stop.wait(ahead):
+            arrival = None if arrive_s is None else start + arrive_s[i]
+            if arrival is not None and arrival > time.perf_counter() and stop.wait(arrival - time.perf_counter()):
                 return
             sent = time.perf_counter()
-            replies[i] = _or_stop(send, i, stop)
+            try:
+                replies[i] = send(i)
+            except BaseException:
+                stop.set()
+                raise
             answered[i] = time.perf_counter()
-            latency[i], service[i], wait[i] = [(answered[i] - arrival) * 1e3, (answered[i] - sent) * 1e3,
-                                               (sent - arrival) * 1e3]
+            service[i] = (answered[i] - sent) * 1e3
+            wait[i] = 0.0 if arrival is None else (sent - arrival) * 1e3
+            latency[i] = service[i] + wait[i]
 
-    with ThreadPoolExecutor(OPEN_LOOP_SENDERS, thread_name_prefix="distree-sender") as pool:
-        _wait_all([pool.submit(sender) for _ in range(OPEN_LOOP_SENDERS)], stop)
+    if senders == 1 and arrive_s is None:
+        sender()
+    else:
+        with ThreadPoolExecutor(senders, thread_name_prefix="distree-sender") as pool:
+            futures = [pool.submit(sender) for _ in range(senders)]
+            try:
+                for future in futures:
+                    future.result()         # the first error is raised; the others stop sending
+            except BaseException:
+                stop.set()
+                raise
     return _Driven(replies, latency, service, wait, max(answered, default=start) - start)
-
-
-def _or_stop(send: Callable[[int], Reply], i: int, stop: threading.Event) -> Reply:
-    try:
-        return send(i)
-    except BaseException:
-        stop.set()
-        raise
-
-
-def _wait_all(futures: list, stop: threading.Event) -> None:
-    """Every future's end; the first error raised (the others stop sending as soon as ``stop`` is set)."""
-    try:
-        for future in futures:
-            future.result()
-    except BaseException:
-        stop.set()
-        raise
 
 
 def _hop_stats(replies: list[Reply]) -> tuple[HopStats, ...]:

@@ -519,6 +519,26 @@ def test_a_profile_without_request_handling_says_that_a_throughput_bound_counts_
     assert "dev0, dev1" in record.getMessage()
 
 
+def test_a_plan_records_each_device_s_busy_time_and_the_rate_it_sustains():
+    """What `distree plan` and `distree compile` print as the capacity: the busiest device's busy time per request
+    (request handling included where the profile measured it), the cost model's own; a plan file from before has
+    none and prints none."""
+    for handling in (None, (0.2, 0.1)):
+        case = synthetic_case(6, 2, 2, 2, 100, seed=4, handling_ms=handling)
+        c = Constraints(accuracy_drop=0.02)
+        plan = solve(case.chain, case.calibration, case.profile, case.topology, c)
+        problem, index = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        ev = evaluate(problem, start_levels(plan, case.chain, case.calibration, index),
+                      start_placement(plan, problem.devices))
+        assert plan.busy_ms == pytest.approx({problem.devices[d]: ms for d, ms in enumerate(ev.busy_ms) if ms > 0})
+        assert plan.handling_measured == (handling is not None)
+        device, rate = plan.capacity()
+        assert rate == pytest.approx(1000.0 / max(ev.busy_ms)) and plan.busy_ms[device] == max(ev.busy_ms)
+        assert ("request handling)" in plan.capacity_line()) == (handling is not None)
+        old = Plan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("busy_ms", "handling_measured")})
+        assert old.capacity() is None and old.capacity_line() == ""
+
+
 def test_missing_profile_entry_is_a_user_error():
     case = synthetic_case(4, 1, 2, 1, 20, seed=1)
     partial = dataclasses.replace(case.profile, entries=case.profile.entries[1:])

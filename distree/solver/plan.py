@@ -59,3 +59,25 @@ class Plan(JsonRecord):
     n_samples: int = 0              # calibration samples behind every rate above
     model_stats: dict[str, float] = field(default_factory=dict)   # MILP size and solve time; with a start
     #                                 plan (--start, a sweep's previous point): start_ms, start_feasible
+    busy_ms: dict[str, float] = field(default_factory=dict)   # per device in use: expected time it is busy per
+    #                                 request (compute, heads, and its request handling if handling_measured)
+    handling_measured: bool = False   # the profile had serve:receive / serve:forward for every device
+
+    def capacity(self) -> tuple[str, float] | None:
+        """(busiest device, the requests/s it sustains), what pipelining allows at most; None for old plans."""
+        if not self.busy_ms:
+            return None
+        device = max(self.busy_ms, key=self.busy_ms.get)
+        busy = self.busy_ms[device]
+        return device, (1000.0 / busy if busy > 0 else float("inf"))
+
+    def capacity_line(self) -> str:
+        """"capacity ~N req/s (busiest ...)", or "" for a plan made before busy times were recorded."""
+        found = self.capacity()
+        if found is None:
+            return ""
+        device, rps = found
+        what = ("compute, heads and request handling" if self.handling_measured else
+                "compute and heads only: the profile predates request handling, so this is an upper bound")
+        return (f"capacity ~{rps:,.0f} req/s (busiest: {device}, {self.busy_ms[device]:.3f} ms a request: "
+                f"{what})")

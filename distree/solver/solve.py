@@ -370,6 +370,8 @@ def make_plan(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibr
         required_correct=p.required_correct, n_samples=n,
         model_stats={"variables": result.n_vars, "constraints": result.n_constraints,
                      "sample_classes": result.n_classes, "milp_wall_s": round(result.wall_s, 3)},
+        busy_ms={p.devices[d]: float(ms) for d, ms in enumerate(ev.busy_ms) if ms > 0},
+        handling_measured=p.handling_ms is not None,
     )
 
 

@@ -113,7 +113,7 @@ def simulate(plan: Plan, inputs: Inputs, loads: Optional[Sequence[Load]] = None,
                          f"{inputs.topology.source_device} (the topology's source)"]
     prepared = [_prepare(c, inputs) for c in configs]
     if prepared[0].instance.problem.handling_ms is None:
-        notes = [*notes, f"the profile has no {' / '.join(HANDLING_ITEMS)} entries for every device (profiled before "
+        notes = [*notes, f"the profile lacks {' / '.join(HANDLING_ITEMS)} entries for some device (profiled before "
                          "distree measured a stage's request handling): devices are charged their compute only, so "
                          "capacities are upper bounds; profile again for them"]
     if loads is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -143,6 +144,25 @@ def test_infer_under_a_load_reports_it_and_refuses_two_loads(served, tmp_path):
                            (["--rate", "0"], "'--rate'"), (["--clients", "65"], "'--clients'")):
         result = CliRunner().invoke(cli, [*base, *extra])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize("flags", [[], ["--clients", "3"], ["--rate", "5"]], ids=["one at a time", "clients", "rate"])
+def test_ctrl_c_ends_infer_at_once_saying_how_far_it_got(served, tmp_path, flags):
+    data = cf.dataset(20, seed=6)
+    np.savez(tmp_path / "data.npz", x=np.repeat(data.x, 2000 if flags[:1] != ["--rate"] else 10, axis=0))
+    proc = subprocess.Popen([sys.executable, "-m", "distree", "infer", served.address, "--input",
+                             str(tmp_path / "data.npz"), "--json", str(tmp_path / "r.json"), *flags],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 5 and proc.returncode == 130, (out, err)
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert re.fullmatch(r"stopped: Ctrl-C: \d+ of \d+ requests answered, no report written; --limit sends fewer",
+                        line), line
+    assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.slow

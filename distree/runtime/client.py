@@ -230,17 +230,22 @@ def _drive(send: Callable[[int], Reply], n: int, senders: int, arrive_s: Optiona
             wait[i] = 0.0 if arrival is None else (sent - arrival) * 1e3
             latency[i] = service[i] + wait[i]
 
-    if senders == 1 and arrive_s is None:
-        sender()
-    else:
-        with ThreadPoolExecutor(senders, thread_name_prefix="distree-sender") as pool:
-            futures = [pool.submit(sender) for _ in range(senders)]
-            try:
-                for future in futures:
-                    future.result()         # the first error is raised; the others stop sending
-            except BaseException:
-                stop.set()
-                raise
+    try:
+        if senders == 1 and arrive_s is None:
+            sender()
+        else:
+            with ThreadPoolExecutor(senders, thread_name_prefix="distree-sender") as pool:
+                futures = [pool.submit(sender) for _ in range(senders)]
+                try:
+                    for future in futures:
+                        future.result()         # the first error is raised; the others stop sending
+                except BaseException:
+                    stop.set()
+                    raise
+    except KeyboardInterrupt:
+        got = sum(r is not None for r in replies)
+        raise KeyboardInterrupt(f"Ctrl-C: {got} of {n} requests answered, no report written; --limit sends "
+                                "fewer") from None
     return _Driven(replies, latency, service, wait, max(answered, default=start) - start)
 
 

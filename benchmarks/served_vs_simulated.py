@@ -95,17 +95,18 @@ def served(bundle: Path, loads: list[Load], requests: int) -> list[dict]:
 
 
 def simulated(bundle: Path, loads: list[Load], requests: int, work: Path) -> dict:
-    """`distree simulate` of the bundle's plan replaying the test images, at every load (one call per kind)."""
+    """`distree simulate` of the bundle's plan replaying the test images, at every load: the rates in one call
+    (the CLI sweeps them), each closed loop in its own."""
+    rates = ",".join(f"{ld.rate:g}" for ld in loads if ld.rate is not None)
+    runs = ([["--rate", rates]] if rates else []) + [["--clients", str(ld.clients)] for ld in loads if ld.clients]
     points = []
-    for flag, values in (("--rate", [ld.rate for ld in loads if ld.rate]),
-                         ("--clients", [ld.clients for ld in loads if ld.clients])):
-        for chunk in ([",".join(f"{v:g}" for v in values)] if flag == "--rate" else [str(v) for v in values]):
-            out = work / "sim.json"
-            distree("simulate", str(bundle), "--samples", str(EXAMPLE / "test.npz"), "--model",
-                    str(EXAMPLE / "resnet_exits.onnx"), "--no-baselines", "--requests", str(requests),
-                    flag, chunk, "-o", str(out))
-            (plan,) = [c for c in json.loads(out.read_text())["configurations"] if c["name"] == "plan"]
-            points += plan["points"]
+    for flags in runs:
+        out = work / "sim.json"
+        distree("simulate", str(bundle), "--samples", str(EXAMPLE / "test.npz"), "--model",
+                str(EXAMPLE / "resnet_exits.onnx"), "--no-baselines", "--requests", str(requests), *flags,
+                "-o", str(out))
+        (plan,) = [c for c in json.loads(out.read_text())["configurations"] if c["name"] == "plan"]
+        points += plan["points"]
     return {"alone_mean_ms": plan["alone_mean_ms"], "saturation_rps": plan["saturation_rps"],
             "bottleneck": plan["bottleneck"], "busy_ms": plan["busy_ms"], "points": points}
 

@@ -65,8 +65,9 @@ def print_summary(result, console) -> None:
                   f"{plan.worst_case_latency_ms:.3f} ms (no exits: {plan.no_exit_latency_ms:.3f} ms)")
     console.print(f"predicted accuracy: {plan.accuracy:.4f} (lower bound {plan.accuracy_lcb:.4f}; full model "
                   f"{plan.full_model_accuracy:.4f}, allowed drop {plan.accuracy_drop})")
-    if plan.capacity_line():
-        console.print(f"predicted {plan.capacity_line()}; `distree simulate` shows latency under load")
+    capacity = plan.capacity_line()
+    if capacity:
+        console.print(f"predicted {capacity}; `distree simulate` shows latency under load")
     if plan.status == WITHIN_GAP:
         console.print(f"plan proven within --gap in {plan.wall_s:.0f} s: no plan is faster than "
                       f"{plan.bound_ms:.3f} ms (proven gap {plan.gap:.1%})")

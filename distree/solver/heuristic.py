@@ -95,6 +95,8 @@ class _MoveScorer:
         self.first = self.next[:, 0]
         self.corr = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1).astype(int)
         self.on_device = [placement == d for d in range(p.n_devices)]
+        # each used device's first and last block: its stage receives at one and hands on after the other
+        self.stage_ends = {d: tuple(np.flatnonzero(on)[[0, -1]]) for d, on in enumerate(self.on_device) if on.any()}
         self.used = np.array([m.any() for m in self.on_device])
         # memory of a candidate = the blocks' (fixed) + the enabled heads' on each device: precomputed parts
         used = np.nonzero(self.used)[0]
@@ -244,7 +246,7 @@ class _MoveScorer:
                 reach_next = forwarded(reach_b)
                 for u, d in enumerate(self.used_idx):
                     on_b = self.on_device[d]
-                    first, last = np.flatnonzero(on_b)[[0, -1]]
+                    first, last = self.stage_ends[d]
                     busy = (self.blocks[on_b] @ reach_b[on_b] + self.hm[on[v, u]] @ reach_x[on[v, u]]
                             + p.handling[d] @ (reach_b[first], reach_next[last]))
                     ok[v] &= busy <= p.busy_cap_ms + 1e-9

@@ -91,8 +91,10 @@ source: front
 
 def measure_served(samples: int, time_limit: float, work: Path) -> dict:
     """`resnet_exits` planned over two host processes and served with `distree serve` on loopback; measured by
-    `distree infer` (a client process). The plan's latency starts at the source, so the client's own request to
-    it (one hop's software, the source's ``rpc`` entry) is added to the prediction."""
+    `distree infer` (a client process), requests back to back, so planned with ``--traffic steady`` (hops at
+    their back-to-back round trip; `served_vs_simulated.py` covers lone requests). The plan's latency starts at
+    the source, so the client's own request to it (one hop's software, the source's ``rpc`` entry) is added to
+    the prediction."""
     from distree.compiler.manifest import read_manifest
     from distree.profiler.types import Profile
     from distree.runtime.client import InferenceClient, infer_dataset
@@ -103,7 +105,7 @@ def measure_served(samples: int, time_limit: float, work: Path) -> dict:
     topology.write_text(TWO_STAGE_TOPOLOGY)
     bundle = work / "served"
     distree("compile", str(EXAMPLE / "resnet_exits.onnx"), "--topology", str(topology), "--data",
-            str(EXAMPLE / "calib.npz"), "-o", str(bundle), "--time-limit", str(time_limit))
+            str(EXAMPLE / "calib.npz"), "-o", str(bundle), "--time-limit", str(time_limit), "--traffic", "steady")
     plan = read_manifest(bundle).plan
     stages = [s.device for s in plan.stages]
     if stages != ["front", "back"]:

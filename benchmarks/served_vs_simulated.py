@@ -8,7 +8,10 @@ model, so the plan must hop; profile measured here, as in `predicted_vs_measured
 a request's latency counts from its arrival) and by back-to-back requesters (closed loop). The same bundle
 goes through `distree simulate --samples` replaying the same test images at the same loads. The simulator's
 latency starts at the source device; a served request also pays the client's own hop to it, so the predicted
-figure adds the plan's client hop (the source's `rpc` entry), as `predicted_vs_measured.py` does.
+figure adds the client's hop as the profile has it for the load's gaps between requests (the source's `rpc`
+round trip back to back for closed loops; for a rate, its `rpc:idle` curve averaged over the Poisson gaps), as
+the simulator charges every other hop. The loads: 10-90% of the pipeline's closed-loop rate, and 20 req/s,
+where nearly every request finds the pipeline idle (what `distree plan` charges by default, `--traffic sporadic`).
 
 Each stage process's CPU time per request it received is read from /proc: what the profile's serve:receive /
 serve:forward entries stand for, which the simulator charges as busy time on top of the compute. Caveat,
@@ -27,12 +30,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
 
 from predicted_vs_measured import EXAMPLE, ROOT, TWO_STAGE_TOPOLOGY, distree  # noqa: E402
 
 from distree.compiler.manifest import read_manifest  # noqa: E402
+from distree.profiler.items import IDLE_GAPS_MS, IDLE_RPC_ITEMS, RPC_ITEM  # noqa: E402
 from distree.profiler.types import Profile  # noqa: E402
 from distree.runtime.client import InferenceClient, infer_dataset  # noqa: E402
 from distree.runtime.data import load_inputs  # noqa: E402
@@ -42,6 +48,7 @@ from distree.workload import Load  # noqa: E402
 
 RESULTS = BENCHMARKS / "results" / "served_vs_simulated.json"
 RATE_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)     # of the served closed-loop throughput with CLIENTS requesters
+LONE_RATE = 20.0                                # req/s: 50 ms apart on average, a lone request nearly every time
 CLIENTS = 4
 
 
@@ -111,6 +118,18 @@ def simulated(bundle: Path, loads: list[Load], requests: int, work: Path) -> dic
             "bottleneck": plan["bottleneck"], "busy_ms": plan["busy_ms"], "points": points}
 
 
+def client_hop_ms(profile: Profile, device: str, load: Load) -> float:
+    """The client's own hop to ``device`` as the profile prices it under ``load``: back to back for a closed loop,
+    else its round trip after idle time (linear between the measured gaps, as the simulator charges each hop)
+    averaged over Poisson gaps at the rate."""
+    warm = profile.get(device, RPC_ITEM).median_ms
+    if load.rate is None:
+        return warm
+    curve = [warm, *(profile.get(device, item).median_ms for item in IDLE_RPC_ITEMS)]
+    gaps = np.random.default_rng(0).exponential(1000.0 / load.rate, 100_000)
+    return float(np.interp(gaps, (0.0, *IDLE_GAPS_MS), curve).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1500)
@@ -122,19 +141,22 @@ def main() -> None:
         work = Path(tmp)
         bundle = build(work, args.time_limit)
         plan = read_manifest(bundle).plan
-        client_hop = Profile.load(bundle / "planning" / "profile.json").get("front", "rpc").median_ms
+        profile = Profile.load(bundle / "planning" / "profile.json")
         (probe,) = served(bundle, [Load(clients=CLIENTS)], args.requests)
-        loads = [Load(rate=round(f * probe["throughput_rps"])) for f in RATE_FRACTIONS]
+        loads = [Load(rate=LONE_RATE)] + [Load(rate=round(f * probe["throughput_rps"])) for f in RATE_FRACTIONS]
         loads += [Load(clients=1), Load(clients=CLIENTS)]
         measured = served(bundle, loads, args.requests)
         model = simulated(bundle, loads, args.requests, work)
     by_label = {p["label"]: p for p in model["points"]}
     rows = []
-    for m in measured:
+    for m, load in zip(measured, loads):
         s = by_label[m["load"]]
-        rows.append({"load": m["load"], "served": m, "simulated": s,
-                     "predicted_mean_ms": s["mean_ms"] + client_hop, "predicted_p99_ms": s["p99_ms"] + client_hop})
-    print(f"\nplan: {plan.expected_latency_ms:.3f} ms from the source + the client's hop {client_hop:.3f} ms; "
+        hop = client_hop_ms(profile, "front", load)
+        rows.append({"load": m["load"], "served": m, "simulated": s, "client_hop_ms": hop,
+                     "predicted_mean_ms": s["mean_ms"] + hop, "predicted_p99_ms": s["p99_ms"] + hop})
+    client_hop = client_hop_ms(profile, "front", Load(rate=1e-3))
+    print(f"\nplan: {plan.expected_latency_ms:.3f} ms from the source ({plan.traffic or 'steady'} traffic) + the "
+          f"client's hop, {client_hop:.3f} ms for a lone request; "
           f"simulated saturation {model['saturation_rps']:.0f} req/s (busiest: {model['bottleneck']}, "
           f"{model['busy_ms'][model['bottleneck']]:.3f} ms a request)")
     print(f"{'Poisson load':>14} | {'predicted mean':>14} {'served mean':>11} {'ratio':>6} | {'pred. p99':>9} "

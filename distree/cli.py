@@ -74,6 +74,12 @@ OUTPUT_FILE = OutputPath()
 OUTPUT_FILE_OR_STDOUT = OutputPath(dash_is_stdout=True)     # "-": standard output
 OUTPUT_DIR = OutputPath(directory=True)
 
+TRAFFIC_OPTION = click.option(
+    "--traffic", type=click.Choice(["sporadic", "steady"]), default="sporadic", show_default=True,
+    help="What a hop between devices costs: sporadic, a request that finds the pipeline idle (a camera's frames; "
+         "gRPC's threads asleep at both ends, its profile's rpc:idle round trip); steady, requests back to back "
+         "(its rpc round trip).")
+
 
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -19,8 +19,8 @@ from distree.exits.types import SCORE_KINDS
 from distree.profiler import Profile, TimingSettings, merge_profiles, profile_model, profile_units
 from distree.profiler import estimate as est
 from distree.targets import get_device
-from distree.profiler.dispatch import HANDLING_ROUNDS
-from distree.profiler.items import HANDLING_ITEMS
+from distree.profiler.dispatch import HANDLING_ROUNDS, IDLE_SAMPLES
+from distree.profiler.items import HANDLING_ITEMS, HOP_ITEMS, IDLE_RPC_ITEMS
 
 FAST = TimingSettings(warmup=1, repeats=3, min_repeat_ms=1.0)
 
@@ -123,12 +123,15 @@ def test_local_profile_measures_every_item_with_both_backends(tiny, local_profil
     _, model, chain, exits = tiny
     _, profile = local_profile
     items = [f"block:{b.index}" for b in chain.blocks] + ["exit:exit_1", "call"]
-    timed = {(f"decide:{k}", "python") for k in SCORE_KINDS} | {(i, "grpc") for i in ("rpc", *HANDLING_ITEMS)}
+    timed = {(f"decide:{k}", "python") for k in SCORE_KINDS} | {(i, "grpc") for i in HOP_ITEMS}
     assert {(m.item, m.backend) for m in profile.entries} == {(i, b) for i in items for b in ("tvm", "ort")} | timed
     for m in profile.entries:
         assert m.device == "host" and m.provenance == "local" and m.threads == 1
         if m.item in HANDLING_ITEMS:        # CPU per request of a stage and of its sender, round by round
             assert len(m.samples_ms) == HANDLING_ROUNDS and 0 < m.median_ms <= m.p90_ms
+            continue
+        if m.item in IDLE_RPC_ITEMS:        # one round trip after each idle gap
+            assert len(m.samples_ms) == IDLE_SAMPLES and 0 < m.median_ms <= m.p90_ms
             continue
         if m.backend in ("python", "grpc"):
             assert len(m.samples_ms) == FAST.repeats and 0 < m.median_ms <= m.p90_ms
@@ -136,6 +139,8 @@ def test_local_profile_measures_every_item_with_both_backends(tiny, local_profil
         assert m.median_ms > 0.5 * profile.get("host", "call", m.backend).median_ms  # the call: no work inside
         assert len(m.samples_ms) == FAST.repeats and 0 < m.median_ms <= m.p90_ms
         assert m.memory_source.startswith("tvm-static-plan")
+    # a hop after idle time wakes gRPC's sleeping threads on both ends: dearer than back to back
+    assert profile.get("host", IDLE_RPC_ITEMS[-1]).median_ms > profile.get("host", "rpc").median_ms
     conv = next(b for b in chain.blocks if "Conv" in b.ops)
     m = profile.get("host", f"block:{conv.index}", "tvm")
     assert m.param_bytes > 0 and m.flops == conv.flops
@@ -378,7 +383,7 @@ def test_a_device_of_this_cpu_family_is_profiled_here_and_says_it_stood_in(tiny,
     device = _same_isa_device("edge", generic)
     p = profile_model(model, chain, exits, device, mode="local", cache_dir=tmp_path, timing=FAST,
                       items=("block:0", "call", "decide:max_softmax", "rpc"))
-    assert {m.item for m in p.entries} == {"block:0", "call", "decide:max_softmax", "rpc", *HANDLING_ITEMS}
+    assert {m.item for m in p.entries} == {"block:0", "call", "decide:max_softmax", *HOP_ITEMS}
     assert all(m.device == "edge" and m.provenance == "local" and m.samples_ms for m in p.entries)
     kernels = [m for m in p.entries if m.item in ("block:0", "call")]
     assert all("standing in for edge (" + generic + ")" in m.note for m in kernels)

@@ -18,6 +18,7 @@ from distree.sim.baselines import idle_device_costs
 from distree.sim.inputs import Configuration, Inputs, configuration_from_plan, problem_for
 from distree.sim.simulate import simulate
 from distree.solver import Constraints, solve
+from distree.solver.problem import build_problem
 from distree.solver.brute import all_placements
 from distree.solver.costs import evaluate, outcome
 from distree.solver.synthetic import synthetic_case
@@ -169,6 +170,65 @@ def test_a_stage_s_request_handling_occupies_its_device_without_delaying_the_req
         report = simulate(plan, Inputs(c.chain, c.calibration, c.profile, c.topology, c.calibration),
                           loads=[Load(rate=1.0)], requests=50, baselines=False)
         assert any("serve:receive / serve:forward" in note for note in report.notes) == lacking
+
+
+def test_a_hop_costs_its_round_trip_after_the_time_it_sat_idle():
+    """With the profile's rpc:idle entries a hop's software follows how long it sat idle (gRPC's threads asleep):
+    a lone request pays the longest gap's round trip whatever the plan was charged for, the cost model's
+    sporadic figure; requests one after another find a hop idle only for the rest of the previous request, and
+    pay what the measured curve says for that gap."""
+    kwargs = dict(n_blocks=8, n_exits=3, n_levels=4, n_devices=3, n_samples=400, seed=1, device_names=DEVICES,
+                  dispatch_ms=(0.01, 0.02, 0.3))
+    c = synthetic_case(**kwargs, idle_rpc_ms=(0.4, 0.6, 0.9, 1.1, 1.2))
+    inputs = Inputs(c.chain, c.calibration, c.profile, c.topology, c.calibration)
+    inst = problem_for(inputs, three_stage(c))
+    sporadic, levels, placement = inst.problem, inst.levels, inst.placement
+    assert list(sporadic.hop_gaps_ms) == [0, 1, 2, 4, 8, 32]
+    steady, _ = build_problem(c.chain, dataclasses.replace(c.calibration, thresholds=tuple(
+        (t,) for t in three_stage(c).thresholds.values())), c.profile, c.topology, Constraints(traffic="steady"))
+    # the round trip of a hop between devices a and b: the mean of theirs (x 1 + index), plus a call there
+    assert sporadic.hop_ms[0, 1] == pytest.approx((1.2 * 1 + 1.2 * 2) / 2 + 0.01)
+    assert steady.hop_ms[0, 1] == pytest.approx((0.3 * 1 + 0.3 * 2) / 2 + 0.01)
+    alone, back_to_back = (evaluate(p, levels, placement).expected_ms for p in (sporadic, steady))
+    reach = outcome(sporadic, levels).reach_block
+    idle_extra = 0.9 * ((1 + 2) / 2 * reach[2] + (2 + 3) / 2 * reach[5])     # pi4 -> orin at 2, orin -> host at 5
+    assert alone - back_to_back == pytest.approx(idle_extra, rel=1e-9)
+    for p in (sporadic, steady):        # a lone request finds every hop idle, whatever the route was charged
+        routes = build_routes(p, c.topology, levels, placement)
+        trace = run(routes, Load(rate=1e-6), p.n_samples, jitter=False)
+        assert trace.latency_ms.mean() == pytest.approx(alone, rel=1e-9)
+    # one client: the first request finds the hops idle; each later one the gap since its hop's last use
+    routes = build_routes(sporadic, c.topology, levels, placement)
+    one = run(routes, Load(clients=1), 200, jitter=False, seed=3)
+    first = one.samples[0]
+    assert one.latency_ms[0] == pytest.approx(routes.base_ms[first], rel=1e-12)
+    assert (one.latency_ms <= routes.base_ms[one.samples] + 1e-9).all()
+    hops = {s.hop: s for steps in routes.steps for s in steps if s.hop >= 0}
+    assert set(hops) == {0 * 3 + 1, 1 * 3 + 2}
+    last_done = {h: -np.inf for h in hops}
+    for r in range(len(one.samples)):       # replay: each hop's delay from its own idle gap, by hand
+        clock, paid = one.arrive_ms[r], 0.0
+        for s in routes.steps[one.samples[r]]:
+            clock += s.service_ms
+            if s.hop >= 0:
+                a, b = divmod(s.hop, 3)
+                idle = clock - s.service_ms - last_done[s.hop]
+                curve = sporadic.hop_by_gap_ms[a, b]
+                extra = float(np.interp(idle, sporadic.hop_gaps_ms, curve)) - sporadic.hop_ms[a, b]
+                paid += extra
+                last_done[s.hop] = clock + s.delay_ms + extra
+                clock += extra
+            clock += s.delay_ms
+        assert one.latency_ms[r] == pytest.approx(routes.base_ms[one.samples[r]] + paid, rel=1e-9)
+        assert paid < 0 or r == 0 or not any(s.hop >= 0 for s in routes.steps[one.samples[r]])
+    # a report says when the profile lacks these figures
+    old = synthetic_case(**kwargs)
+    for case_, lacking in ((old, True), (c, False)):
+        plan = solve(case_.chain, case_.calibration, case_.profile, case_.topology,
+                     Constraints(accuracy_drop=0.02, time_limit_s=20))
+        report = simulate(plan, Inputs(case_.chain, case_.calibration, case_.profile, case_.topology,
+                                       case_.calibration), loads=[Load(rate=1.0)], requests=50, baselines=False)
+        assert any("rpc:idle" in note for note in report.notes) == lacking
 
 
 def test_jitter_is_seeded_and_mean_preserving(case, inputs):

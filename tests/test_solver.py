@@ -539,6 +539,43 @@ def test_a_plan_records_each_device_s_busy_time_and_the_rate_it_sustains():
         assert old.capacity() is None and old.capacity_line() == ""
 
 
+def test_sporadic_traffic_charges_each_hop_its_round_trip_after_idle_time(tmp_path):
+    """`--traffic sporadic` (the default) charges a hop the profile's rpc:idle round trip after the longest gap, a
+    lone request's; `steady` the back-to-back one. Each plan is the best one for what it was charged, and the
+    steady plan is not the best for sporadic requests; the plan says how hops were charged,
+    and that a profile without the idle entries charged them back to back."""
+    dispatch = (0.01, 0.02, 0.3)
+    case = synthetic_case(8, 3, 3, 3, 300, seed=2, dispatch_ms=dispatch, idle_rpc_ms=(1.0, 2.0, 4.0, 8.0, 12.0))
+    plans, problems = {}, {}
+    for traffic in ("sporadic", "steady"):
+        c = Constraints(accuracy_drop=0.02, traffic=traffic)
+        plans[traffic] = solve(case.chain, case.calibration, case.profile, case.topology, c)
+        problems[traffic], index = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+        assert plans[traffic].status == "optimal" and plans[traffic].traffic == traffic
+        assert plans[traffic].idle_hops_measured
+    assert problems["sporadic"].hop_ms[0, 1] == pytest.approx((12.0 + 24.0) / 2 + dispatch[0])
+    assert problems["steady"].hop_ms[0, 1] == pytest.approx((0.3 + 0.6) / 2 + dispatch[0])
+
+    def cost(plan, traffic):
+        return evaluate(problems[traffic], start_levels(plan, case.chain, case.calibration, index),
+                        start_placement(plan, problems[traffic].devices)).expected_ms
+
+    for own, other in (("sporadic", "steady"), ("steady", "sporadic")):
+        assert cost(plans[own], own) == pytest.approx(plans[own].expected_latency_ms, rel=1e-9)
+        assert cost(plans[own], own) <= cost(plans[other], own) + 1e-9
+    assert cost(plans["steady"], "sporadic") > cost(plans["sporadic"], "sporadic") + 0.01     # the choice matters
+    assert "sporadic requests" in plans["sporadic"].hops_line() and "back to back" in plans["steady"].hops_line()
+    old = synthetic_case(8, 3, 3, 3, 300, seed=2, dispatch_ms=dispatch)
+    plan = solve(old.chain, old.calibration, old.profile, old.topology, Constraints(accuracy_drop=0.02))
+    assert not plan.idle_hops_measured and len(plan.stages) > 1 and "predates rpc:idle" in plan.hops_line()
+    args = _write_inputs(tmp_path, case)
+    for traffic in ("sporadic", "steady"):
+        res = CliRunner().invoke(cli, ["plan", *args, "--accuracy-drop", "0.02", "--traffic", traffic])
+        assert res.exit_code == 0 and f"expected latency {plans[traffic].expected_latency_ms:.3f} ms" in res.output
+    res = CliRunner().invoke(cli, ["plan", *args, "--traffic", "bursty"])
+    assert res.exit_code == 2 and "'bursty' is not one of 'sporadic', 'steady'" in res.output
+
+
 def test_missing_profile_entry_is_a_user_error():
     case = synthetic_case(4, 1, 2, 1, 20, seed=1)
     partial = dataclasses.replace(case.profile, entries=case.profile.entries[1:])

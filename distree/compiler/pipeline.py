@@ -44,6 +44,7 @@ class CompileOptions:
     topology: Optional[Path] = None
     accuracy_drop: float = 0.01
     confidence: Optional[float] = None
+    traffic: str = "sporadic"           # Constraints.traffic: what a hop costs in the plan
     score_kind: str = "max_softmax"
     backend: str = "auto"
     tune_minutes: float = 0.0
@@ -82,7 +83,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     started = time.perf_counter()
     cache = _Cache(Path(cache_dir), log)
     constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
-                              time_limit_s=options.time_limit_s, gap=options.gap, jobs=options.jobs)
+                              traffic=options.traffic, time_limit_s=options.time_limit_s, gap=options.gap,
+                              jobs=options.jobs)
     check_constraints(constraints)         # these fail before any work: bad flags,
     check_bundle_target(out_dir)           # an -o folder that is not a bundle (it would be replaced),
     topology = _topology(options)          # unknown devices
@@ -120,8 +122,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
 
     if start is not None:
         check_start(start, chain, calibration)     # of another model, or with exits these are not
-    plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.time_limit_s, options.gap,
-                    constraints.jobs, start.to_dict() if start is not None else None)
+    plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.traffic, options.time_limit_s,
+                    options.gap, constraints.jobs, start.to_dict() if start is not None else None)
     plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints, progress,
                                                      start), record=Plan,
                      unfinished=lambda plan: "Ctrl-C ended its search" if plan.status == INTERRUPTED else "")

@@ -29,7 +29,8 @@ def summary_dict(result) -> dict[str, Any]:
         "bundle": str(result.bundle), "wall_s": result.wall_s, "stage_seconds": result.stage_seconds,
         "cached_stages": list(result.cached),
         "expected_latency_ms": plan.expected_latency_ms, "worst_case_latency_ms": plan.worst_case_latency_ms,
-        "no_exit_latency_ms": plan.no_exit_latency_ms, "accuracy": plan.accuracy, "accuracy_lcb": plan.accuracy_lcb,
+        "no_exit_latency_ms": plan.no_exit_latency_ms, "traffic": plan.traffic,
+        "idle_hops_measured": plan.idle_hops_measured, "accuracy": plan.accuracy, "accuracy_lcb": plan.accuracy_lcb,
         "full_model_accuracy": plan.full_model_accuracy,
         "solver": {"engine": plan.solver, "status": plan.status, "gap": plan.gap, "bound_ms": plan.bound_ms,
                    "wall_s": plan.wall_s, "start_ms": plan.model_stats.get("start_ms")},
@@ -65,6 +66,9 @@ def print_summary(result, console) -> None:
                   f"{plan.worst_case_latency_ms:.3f} ms (no exits: {plan.no_exit_latency_ms:.3f} ms)")
     console.print(f"predicted accuracy: {plan.accuracy:.4f} (lower bound {plan.accuracy_lcb:.4f}; full model "
                   f"{plan.full_model_accuracy:.4f}, allowed drop {plan.accuracy_drop})")
+    hops = plan.hops_line()
+    if hops:
+        console.print(hops)
     capacity = plan.capacity_line()
     if capacity:
         console.print(f"predicted {capacity}; `distree simulate` shows latency under load")

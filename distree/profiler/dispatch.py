@@ -14,8 +14,12 @@ dearer (``benchmarks/predicted_vs_measured.py``), and a hop cost only its link's
 - ``serve:receive`` / ``serve:forward``: the CPU that stage, and the process sending to it, spend per request
   when requests keep coming: what occupies a served device beyond its compute (on loopback a stage spent
   0.4-0.76 ms of CPU a request around 0.1 ms of compute, ``benchmarks/served_vs_simulated.py``).
+- ``rpc:idle:<gap>ms``: the same round trip for a request that follows the previous one by that gap: back to
+  back, gRPC's threads on both ends are awake; after a few idle milliseconds each hand-off pays for waking one
+  (0.47 -> 1.47 ms on this VM's loopback after 8 ms or more; a raw socket pays 0.03 -> 0.12): what a lone
+  request pays per hop, which the served pipeline showed as latencies 3-4x the prediction under random arrivals.
 All but ``call`` run Python, which TVM RPC cannot run on a device: ``decide`` is timed here and scaled by
-per-core speed for another device, ``rpc`` and ``serve:*`` are the floor timed here (see :func:`hop_entries`);
+per-core speed for another device, ``rpc*`` and ``serve:*`` are the floor timed here (see :func:`hop_entries`);
 each entry says so.
 """
 
@@ -33,7 +37,7 @@ from distree.lifetime import dies_with_this_process
 from distree.profiler.estimate import per_core_gflops
 from distree.profiler.timing import TimingSettings, summarize, time_callable
 from distree.profiler.types import Measurement
-from distree.profiler.items import HANDLING_ITEMS, RPC_ITEM, decide_item
+from distree.profiler.items import HANDLING_ITEMS, IDLE_GAPS_MS, IDLE_RPC_ITEMS, RPC_ITEM, decide_item
 from distree.targets.catalog import host_device
 from distree.targets.spec import DeviceSpec
 
@@ -46,6 +50,7 @@ HANDLING_SENDERS = 4        # requesters back to back while a stage's CPU per re
 HANDLING_WARMUP = 20        # requests each before the rounds (streams opened, threads warm)
 HANDLING_REQUESTS = 60      # per sender and round
 HANDLING_ROUNDS = 5
+IDLE_SAMPLES = 15           # round trips per idle gap (~0.8 s for the gaps together)
 
 
 def time_decide(score_kind: str, classes: int, timing: TimingSettings) -> tuple[float, ...]:
@@ -98,21 +103,24 @@ def serve_echo() -> None:
 
 @dataclass(frozen=True)
 class HopTiming:
-    """What a hop costs in software on this machine (ms): its round trip as a caller waits for it, and the CPU
-    each end spends per request when requests keep coming (the receiving stage's, the stage handing it on)."""
+    """What a hop costs in software on this machine (ms): its round trip as a caller waits for it, back to back
+    and after each of IDLE_GAPS_MS idle, and the CPU each end spends per request when requests keep coming (the
+    receiving stage's, the stage handing it on)."""
 
     round_trip: tuple[float, ...]
     receive_cpu: tuple[float, ...]
     forward_cpu: tuple[float, ...]
+    after_idle: tuple[tuple[float, ...], ...]       # one tuple of round trips per gap of IDLE_GAPS_MS
 
 
 @functools.lru_cache(maxsize=4)
 def time_hop(timing: TimingSettings) -> HopTiming:
     """One request at a time to a stage that only answers, in another process on this machine: what a hop between
     two stages costs in software (gRPC, frames, turn-taking), beyond the link's latency and bandwidth and the
-    stage's own compute. Then HANDLING_SENDERS requesters back to back, in HANDLING_ROUNDS rounds: the CPU time
-    of both processes per request, which occupies a served stage's device under load (a round trip alone is
-    mostly waiting). Once per process and settings: every device's entries are this machine's figures."""
+    stage's own compute; back to back, then each request after an idle gap. Then HANDLING_SENDERS requesters
+    back to back, in HANDLING_ROUNDS rounds: the CPU time of both processes per request, which occupies a served
+    stage's device under load (a round trip alone is mostly waiting). Once per process and settings: every
+    device's entries are this machine's figures."""
     import subprocess
     import sys
     import time
@@ -141,8 +149,15 @@ def time_hop(timing: TimingSettings) -> HopTiming:
                                                x=x, timeout_s=10.0))
                 decode_reply(link.call(frame, 10.0))
 
+            def after(gap_ms: int) -> float:
+                time.sleep(gap_ms / 1e3)
+                started = time.perf_counter()
+                hop()
+                return (time.perf_counter() - started) * 1e3
+
             try:
                 round_trip = time_callable(hop, timing)
+                after_idle = tuple(tuple(after(gap) for _ in range(IDLE_SAMPLES)) for gap in IDLE_GAPS_MS)
                 with ThreadPoolExecutor(HANDLING_SENDERS) as pool:     # the same threads, so the same streams
 
                     def senders(count: int) -> None:
@@ -157,7 +172,7 @@ def time_hop(timing: TimingSettings) -> HopTiming:
                         requests = HANDLING_SENDERS * HANDLING_REQUESTS
                         receive.append((float(peer_cpu(b"", timeout=10.0)) - theirs) * 1e3 / requests)
                         forward.append((time.process_time() - ours) * 1e3 / requests)
-                return HopTiming(round_trip, tuple(receive), tuple(forward))
+                return HopTiming(round_trip, tuple(receive), tuple(forward), after_idle)
             finally:
                 link.close()
     finally:
@@ -166,17 +181,21 @@ def time_hop(timing: TimingSettings) -> HopTiming:
 
 
 def hop_entries(device: DeviceSpec, timing: TimingSettings, measured_here: bool) -> list[Measurement]:
-    """The ``rpc`` entry (one hop's software round trip) and the ``serve:receive`` / ``serve:forward`` entries
-    (a stage's CPU per request it receives / hands on). For another device they are the floor timed here, not
-    scaled: per-core peak FLOP/s would charge a Pi 4 ~10 ms per hop, far above what its gRPC is reported to take,
-    and nothing here can measure it; a floor keeps hops honest without forbidding them."""
+    """The ``rpc`` entry (one hop's software round trip), its ``rpc:idle:<gap>ms`` entries (the same after an idle
+    gap) and the ``serve:receive`` / ``serve:forward`` entries (a stage's CPU per request it receives / hands on).
+    For another device they are the floor timed here, not scaled: per-core peak FLOP/s would charge a Pi 4 ~10 ms
+    per hop, far above what its gRPC is reported to take, and nothing here can measure it; a floor keeps hops
+    honest without forbidding them."""
     hop = time_hop(timing)
     note = f"timed on this machine, not on {device.name}: a lower bound for a slower CPU"
     return [_timed_here(device, item, RPC_BACKEND, samples, timing, measured_here, 1.0, f"{what} {note}",
                         "none: no model")
             for item, samples, what in ((RPC_ITEM, hop.round_trip, "gRPC round trip"),
                                         (HANDLING_ITEMS[0], hop.receive_cpu, "a stage's CPU per request received,"),
-                                        (HANDLING_ITEMS[1], hop.forward_cpu, "a stage's CPU per request handed on,"))]
+                                        (HANDLING_ITEMS[1], hop.forward_cpu, "a stage's CPU per request handed on,"),
+                                        *((item, samples, f"gRPC round trip {gap} ms after the previous one,")
+                                          for item, samples, gap in zip(IDLE_RPC_ITEMS, hop.after_idle,
+                                                                        IDLE_GAPS_MS)))]
 
 
 def decide_entries(device: DeviceSpec, classes: int, timing: TimingSettings, measured_here: bool,

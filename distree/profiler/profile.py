@@ -40,7 +40,7 @@ from distree.profiler.dispatch import decide_entries, hop_entries
 from distree.profiler.ort_backend import time_ort
 from distree.profiler.timing import TimingSettings, summarize
 from distree.profiler.types import Measurement, Profile
-from distree.profiler.items import CALL_ITEM, HANDLING_ITEMS, RPC_ITEM, block_item, decide_item, entry_item, exit_item
+from distree.profiler.items import CALL_ITEM, HOP_ITEMS, RPC_ITEM, block_item, decide_item, entry_item, exit_item
 from distree.profiler.units import Unit, profile_units
 from distree.serde import write_bytes_atomic
 from distree.targets.emulation import default_cache_dir
@@ -74,12 +74,12 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     check_request(device, mode, rpc, backends)
     decide_kinds = [k for k in SCORE_KINDS if items is None or decide_item(k) in items]
-    with_rpc = items is None or bool({RPC_ITEM, *HANDLING_ITEMS} & set(items))     # timed together
+    with_rpc = items is None or bool(set(HOP_ITEMS) & set(items))     # timed together
     units = profile_units(model, chain, exits, items)
     gaps = tvm_gaps(units) if "tvm" in backends else {}
     unit_backends = backends_per_unit(units, backends, gaps, device, mode)
     key, versions = _cache_key(model, chain, exits, device, mode, rpc, backends, timing, units,
-                               [*map(decide_item, decide_kinds), *([RPC_ITEM] if with_rpc else [])])
+                               [*map(decide_item, decide_kinds), *(HOP_ITEMS if with_rpc else ())])
     cached = cache_dir / "profiles" / f"{key}.json"
     if cached.is_file() and not force:
         try:
@@ -252,7 +252,7 @@ def device_part(profile: Profile, source: str, device: str, model_sha: str, item
                            f"{model_sha[:12]} (with its exit heads): profile on {device} the .onnx you compile, one "
                            "with exits declared (`distree exits MODEL --data DATA -o MODEL_EXITS.onnx` writes one)")
     keep = tuple(m for m in profile.entries if m.device == device
-                 and (m.backend in backends or m.item in (RPC_ITEM, *HANDLING_ITEMS) or m.item.startswith("decide:")))
+                 and (m.backend in backends or m.item in HOP_ITEMS or m.item.startswith("decide:")))
     have = {m.item for m in keep}
     missing = [item for item in items if item not in have]
     if missing:

@@ -16,7 +16,7 @@ from distree.errors import DistreeError
 from distree.exits.types import SCORE_KINDS, ExitPoint
 from distree.graph import Chain, extract_segment
 from distree.graph.cost import node_flops, tensor_infos
-from distree.profiler.items import CALL_ITEM, HANDLING_ITEMS, RPC_ITEM, block_item, decide_item, entry_item, exit_item
+from distree.profiler.items import CALL_ITEM, HOP_ITEMS, RPC_ITEM, block_item, decide_item, entry_item, exit_item
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def profile_units(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     wanted = None if items is None else set(items)
     with_entry = [e for e in exits if e.entry_output]
     known = ([block_item(b.index) for b in chain.blocks] + [exit_item(e.name) for e in exits]
-             + [entry_item(e.name) for e in with_entry] + [CALL_ITEM, RPC_ITEM, *HANDLING_ITEMS]
+             + [entry_item(e.name) for e in with_entry] + [CALL_ITEM, *HOP_ITEMS]
              + [decide_item(k) for k in SCORE_KINDS])
     if wanted is not None and wanted - set(known):
         bad = sorted(wanted - set(known))[0]

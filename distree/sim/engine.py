@@ -17,7 +17,7 @@ Jitter follows Linux netem's ``delay L J``: the propagation delay of each transf
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class Step:
     jitter_ms: float        # half-width of the uniform propagation jitter
     hold_ms: float = 0.0    # the resource stays busy this much longer without delaying the request: a stage's
     #                         handling of the request it received and handed on (its latency is in the hop)
+    hop: int = -1           # a forward hop (a * D + b) whose software delay depends on how long it sat idle
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Routes:
     correct: np.ndarray             # [N] bool, the answer it returns is right
     resource_names: tuple[str, ...]  # devices first, then every directed link "a->b"
     n_devices: int
+    hop_gaps_ms: np.ndarray = field(default_factory=lambda: np.zeros(1))   # [G] idle gaps measured, from 0
+    hop_extra_ms: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))  # [D * D, G] a hop's delay
+    #                                 beyond the route's after each gap (none measured: one column of zeros)
 
     @property
     def mean_service_ms(self) -> np.ndarray:
@@ -89,7 +93,8 @@ def build_routes(p: Problem, topology: Topology, levels: np.ndarray, placement: 
         if a == b:
             return []
         delay = latency[a, b] + (software[a, b] if forward else 0.0)
-        return [Step(link_resource(p, a, b), total_ms - delay, delay, jitter[a, b])]
+        return [Step(link_resource(p, a, b), total_ms - delay, delay, jitter[a, b], hop=a * p.n_devices + b
+                     if forward else -1)]
 
     cache: dict[int, tuple[Step, ...]] = {}
     for k in np.unique(leave):          # the route depends only on where the sample leaves
@@ -115,8 +120,12 @@ def build_routes(p: Problem, topology: Topology, levels: np.ndarray, placement: 
     steps_per_sample = tuple(cache[int(k)] for k in leave)
     base = np.array([sum(s.service_ms + s.delay_ms for s in steps) for steps in steps_per_sample])
     answers = np.concatenate([p.correct_exit, p.correct_final[:, None]], axis=1)
+    gaps, extra = np.zeros(1), np.zeros((p.n_devices ** 2, 1))
+    if p.hop_by_gap_ms is not None:     # what a hop costs after idle time, against what the route charges
+        gaps = p.hop_gaps_ms
+        extra = (p.hop_by_gap_ms - software[..., None]).reshape(p.n_devices ** 2, -1)
     return Routes(steps=steps_per_sample, base_ms=base, leave=leave, correct=answers[np.arange(p.n_samples), leave],
-                  resource_names=resource_names(p), n_devices=p.n_devices)
+                  resource_names=resource_names(p), n_devices=p.n_devices, hop_gaps_ms=gaps, hop_extra_ms=extra)
 
 
 @dataclass(frozen=True)
@@ -138,10 +147,13 @@ def request_order(n_samples: int, n_requests: int, rng: np.random.Generator) -> 
 
 
 def run(routes: Routes, load: Load, n_requests: int, seed: int = 0, jitter: bool = True) -> Trace:
-    """Event-driven: each request walks its route; a resource serves arrivals in time order (FIFO).
+    """Event-driven: each request walks its route; a resource serves arrivals in time order (FIFO). A forward
+    hop's software delay follows how long that hop sat idle before it (gRPC's threads fall asleep; the profile's
+    ``rpc:idle`` entries), from the end of its previous use; the first use of a hop finds it idle.
 
-    Latency is accumulated per request as (alone-in-the-system latency + waits + jitter offsets) instead
-    of subtracting absolute clock times, so it stays exact at vanishing rates where clocks grow huge.
+    Latency is accumulated per request as (alone-in-the-system latency + waits + jitter offsets + hop delay
+    against the route's) instead of subtracting absolute clock times, so it stays exact at vanishing rates where
+    clocks grow huge.
     """
     rng = np.random.default_rng(seed)
     samples = request_order(len(routes.steps), n_requests, rng)
@@ -154,6 +166,8 @@ def run(routes: Routes, load: Load, n_requests: int, seed: int = 0, jitter: bool
     done = [0.0] * n_requests
     if load.rate is not None:       # the same seed scales the same draws: runs at two rates are comparable
         arrive = arrival_times_ms(load.rate, n_requests, rng).tolist()
+    gaps, extra = routes.hop_gaps_ms, routes.hop_extra_ms
+    idle_since = [-np.inf] * len(extra)     # per hop: when its last request was through
     first = n_requests if load.rate is not None else min(load.clients, n_requests)
     heap = [(arrive[r], r, r, 0) for r in range(first)]     # (time, tie-break, request, step)
     heapq.heapify(heap)
@@ -178,7 +192,10 @@ def run(routes: Routes, load: Load, n_requests: int, seed: int = 0, jitter: bool
         delay = step.delay_ms
         if jitter and step.jitter_ms > 0:
             delay = max(0.0, delay + jitter_rng.uniform(-step.jitter_ms, step.jitter_ms))
-            shift[r] += delay - step.delay_ms
+        if step.hop >= 0 and len(gaps) > 1:
+            delay += float(np.interp(start - idle_since[step.hop], gaps, extra[step.hop]))
+            idle_since[step.hop] = end + delay
+        shift[r] += delay - step.delay_ms
         heapq.heappush(heap, (end + delay, seq, r, k + 1))
         seq += 1
     wait_arr = np.asarray(wait)

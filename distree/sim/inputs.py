@@ -21,7 +21,7 @@ from distree.exits.types import Calibration
 from distree.graph.chain import Chain
 from distree.profiler.types import Profile
 from distree.solver.plan import Plan
-from distree.solver.problem import Constraints, Problem, ProblemIndex, build_problem, required_correct
+from distree.solver.problem import SPORADIC, Constraints, Problem, ProblemIndex, build_problem, required_correct
 from distree.targets.spec import Topology
 
 
@@ -138,7 +138,8 @@ def selection_problem(inputs: Inputs, plan: Optional[Plan], free_order: bool) ->
     """The solver's Problem on the calibration grid, with the plan's accuracy promise (for baselines)."""
     drop = plan.accuracy_drop if plan else 0.01
     problem, index = build_problem(inputs.chain, inputs.calibration, inputs.profile, inputs.topology,
-                                   Constraints(accuracy_drop=drop, free_order=free_order))
+                                   Constraints(accuracy_drop=drop, free_order=free_order,
+                                               traffic=plan.traffic if plan and plan.traffic else SPORADIC))
     if plan and plan.n_samples == problem.n_samples and plan.required_correct > 0:
         problem = problem.replace(required_correct=plan.required_correct)   # e.g. made with --confidence
     return problem, index
@@ -149,7 +150,7 @@ def plan_constraints(plan: Plan, n_samples: int, time_limit_s: float, free_order
     plain = required_correct(n_samples, plan.full_model_accuracy - plan.accuracy_drop, None)
     confidence = plan.confidence if plan.n_samples == n_samples and plan.required_correct > plain else None
     return Constraints(accuracy_drop=plan.accuracy_drop, confidence=confidence, time_limit_s=time_limit_s,
-                       free_order=free_order)
+                       free_order=free_order, traffic=plan.traffic or SPORADIC)
 
 
 def configuration_from_levels(problem: Problem, index: ProblemIndex, calibration: Calibration, name: str,

@@ -116,6 +116,10 @@ def simulate(plan: Plan, inputs: Inputs, loads: Optional[Sequence[Load]] = None,
         notes = [*notes, f"the profile lacks {' / '.join(HANDLING_ITEMS)} entries for some device (profiled before "
                          "distree measured a stage's request handling): devices are charged their compute only, so "
                          "capacities are upper bounds; profile again for them"]
+    if prepared[0].instance.problem.hop_by_gap_ms is None and len(inputs.topology.devices) > 1:
+        notes = [*notes, "the profile lacks rpc:idle entries for some device (profiled before distree measured a hop "
+                         "after idle time): every hop costs its back-to-back round trip whatever the gaps between "
+                         "requests, which at low rates under-charges each hop; profile again for them"]
     if loads is None:
         capacity = prepared[0].saturation_rps
         loads = [Load(rate=f * capacity) for f in DEFAULT_LOAD_FRACTIONS]

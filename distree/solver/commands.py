@@ -8,7 +8,7 @@ from typing import Optional
 import click
 from rich.console import Console
 
-from distree.cli import OUTPUT_FILE
+from distree.cli import OUTPUT_FILE, TRAFFIC_OPTION
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
@@ -57,6 +57,7 @@ def _parse_sweep(spec: str) -> list[float]:
 @click.option("--min-throughput", type=float, default=None,
               help="Requests/s the pipeline must sustain (each stage's expected busy time <= 1/rate).")
 @click.option("--free-order", is_flag=True, help="Let the solver choose the order of the devices too.")
+@TRAFFIC_OPTION
 @click.option("--time-limit", type=float, default=60.0, show_default=True,
               help="Solver time limit (s). Ctrl-C ends the search sooner and keeps its best plan (status "
                    "interrupted, with its proven gap); a second Ctrl-C aborts.")
@@ -80,7 +81,8 @@ def _parse_sweep(spec: str) -> list[float]:
               help="Write the Plan JSON (with --sweep: the frontier JSON).")
 def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devices: Optional[str],
              topology_path: Optional[Path], accuracy_drop: float, confidence: Optional[float],
-             deadline_ms: Optional[float], min_throughput: Optional[float], free_order: bool, time_limit: float,
+             deadline_ms: Optional[float], min_throughput: Optional[float], free_order: bool, traffic: str,
+             time_limit: float,
              gap: float, jobs: Optional[int], solver: str, dump_lp: Optional[Path], sweep: Optional[str],
              plot_path: Optional[Path], start_path: Optional[Path], output: Optional[Path]) -> None:
     """Choose exits, thresholds and cut points of minimal expected latency (a MILP, proven optimal or
@@ -91,7 +93,8 @@ def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devic
     topology = topology_from_flags(devices, topology_path)
     start = load_plan(start_path) if start_path else None
     constraints = Constraints(accuracy_drop=accuracy_drop, confidence=confidence, deadline_ms=deadline_ms,
-                              min_throughput=min_throughput, free_order=free_order, time_limit_s=time_limit,
+                              min_throughput=min_throughput, free_order=free_order, traffic=traffic,
+                              time_limit_s=time_limit,
                               gap=gap, jobs=jobs, solver=solver, dump_lp=str(dump_lp) if dump_lp else None)
     if plot_path and not sweep:
         raise DistreeError("--plot needs --sweep accuracy-drop=...")

@@ -62,6 +62,8 @@ class Plan(JsonRecord):
     busy_ms: dict[str, float] = field(default_factory=dict)   # per device in use: expected time it is busy per
     #                                 request (compute, heads, and its request handling if handling_measured)
     handling_measured: bool = False   # the profile had serve:receive / serve:forward for every device
+    traffic: str = ""               # what hops were charged for (Constraints.traffic); "" for old plans
+    idle_hops_measured: bool = False  # the profile had rpc:idle entries for every device (else hops back to back)
 
     def capacity(self) -> tuple[str, float] | None:
         """(busiest device, the requests/s it sustains), what pipelining allows at most; None for old plans."""
@@ -81,3 +83,14 @@ class Plan(JsonRecord):
                 "compute and heads only: the profile predates request handling, so this is an upper bound")
         return (f"capacity ~{rps:,.0f} req/s (busiest: {device}, {self.busy_ms[device]:.3f} ms a request: "
                 f"{what})")
+
+    def hops_line(self) -> str:
+        """How its hops were charged, for a plan with any ("" otherwise, and for plans made before it was said)."""
+        if not self.traffic or all(s.device == self.source for s in self.stages):
+            return ""
+        if not self.idle_hops_measured:
+            return ("hops charged back to back: the profile predates rpc:idle, and a lone request pays more per hop; "
+                    "profile again")
+        return ("hops charged for sporadic requests (each after the pipeline idled; --traffic steady: back to back)"
+                if self.traffic == "sporadic" else
+                "hops charged for requests back to back (--traffic steady; a lone request pays more per hop)")

@@ -22,10 +22,13 @@ from distree.errors import DistreeError
 from distree.exits.confidence import clopper_pearson_lower
 from distree.exits.types import DEFAULT_LEVELS, MAX_LEVELS, Calibration
 from distree.graph.chain import Chain
-from distree.profiler.items import CALL_ITEM, HANDLING_ITEMS, RPC_ITEM, decide_item
+from distree.profiler.items import CALL_ITEM, HANDLING_ITEMS, IDLE_GAPS_MS, IDLE_RPC_ITEMS, RPC_ITEM, decide_item
 from distree.profiler.types import Profile
 from distree.targets.spec import DeviceSpec, Topology
 
+SPORADIC = "sporadic"       # each request finds the pipeline idle: a hop costs its round trip after idle time
+STEADY = "steady"           # requests back to back: a hop costs its round trip with gRPC's threads awake
+TRAFFIC = (SPORADIC, STEADY)
 
 @dataclass(frozen=True)
 class Constraints:
@@ -39,6 +42,8 @@ class Constraints:
     #                                         weighted by reach, + request handling) must fit 1/rate; transfers
     #                                         overlap it
     free_order: bool = False                # let the solver choose the device order too
+    traffic: str = "sporadic"               # what a hop's software costs: SPORADIC, each request after the pipeline
+    #                                         idled (a camera's frames); STEADY, requests back to back
     time_limit_s: float = 60.0
     gap: float = 0.0                        # stop once the plan is proven within this relative gap (0: optimal)
     solver: str = "highs"                   # "highs" (highspy) or "cbc"
@@ -79,6 +84,10 @@ class Problem:
     hop_ms: Optional[np.ndarray] = None   # [D, D] part of cut_ms that does not occupy the link (None: 0)
     handling_ms: Optional[np.ndarray] = None  # [D, 2] a stage's CPU per request it receives / forwards (gRPC,
     #                                           framing, Python): busy time only, its latency is in cut_ms (None: 0)
+    hop_by_gap_ms: Optional[np.ndarray] = None  # [D, D, G] a hop's software when the hop sat idle for each of
+    #                                             hop_gaps_ms before (the first gap 0: back to back); hop_ms is
+    #                                             one of its ends, by traffic (None: not measured, hop_ms alone)
+    hop_gaps_ms: Optional[np.ndarray] = None    # [G] increasing, from 0
 
     @property
     def n_blocks(self) -> int:
@@ -186,6 +195,17 @@ def _handling_ms(profile: Profile, names: tuple[str, ...], constraints: Constrai
     return np.array([[have[dev, item] for item in HANDLING_ITEMS] for dev in names])
 
 
+def _rpc_by_gap_ms(profile: Profile, names: tuple[str, ...], entry) -> np.ndarray:
+    """[D, G] each device's ``rpc`` round trip back to back, then after each idle gap of IDLE_GAPS_MS; [D, 1]
+    (back to back alone) where a device's profile predates the idle entries (the plan says so: Plan.hops_line,
+    and so does the simulator's report)."""
+    have = {(m.device, m.item): m.median_ms for m in profile.entries if m.item in IDLE_RPC_ITEMS}
+    warm = np.array([[entry(dev, RPC_ITEM).median_ms] for dev in names])
+    if any((dev, item) not in have for dev in names for item in IDLE_RPC_ITEMS):
+        return warm
+    return np.concatenate([warm, [[have[dev, item] for item in IDLE_RPC_ITEMS] for dev in names]], axis=1)
+
+
 def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topology: Topology,
                   constraints: Constraints) -> tuple[Problem, ProblemIndex]:
     """Turn the typed inputs into a :class:`Problem`, failing early with a fix-it message.
@@ -194,9 +214,10 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
     after an exit head decides in Python whether the sample leaves. Blocks and heads are charged without the call
     their standalone measurement paid; every exit head evaluated is charged the decision and one call (the one that
     carries on if the sample stays); reaching the final classifier is charged one call, and every hop to another
-    device one call there plus its gRPC round trip (the mean of the two devices' ``rpc`` entries; the link's latency
-    and bandwidth come on top). That is one call per sub-segment run, except that an exit at the end of a stage, and
-    a source device without a stage, count one call too many per hop (microseconds against the hop's milliseconds).
+    device one call there plus its gRPC round trip (the mean of the two devices' ``rpc`` entries, back to back
+    for STEADY traffic, after the longest idle gap for SPORADIC; the link's latency and bandwidth come on top).
+    That is one call per sub-segment run, except that an exit at the end of a stage, and a source device without a
+    stage, count one call too many per hop (microseconds against the hop's milliseconds).
     """
     _validate(chain, calibration, topology, constraints)
     names = tuple(d.name for d in topology.devices)
@@ -228,7 +249,7 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
     head_param = np.zeros((len(names), len(exits)))
     head_act = np.zeros((len(names), len(exits)))
     call_ms = np.zeros(len(names))
-    rpc_ms = np.array([entry(dev, RPC_ITEM).median_ms for dev in names])
+    rpc_ms = _rpc_by_gap_ms(profile, names, entry)
     for d, dev in enumerate(names):
         blocks = [entry(dev, f"block:{b}") for b in range(B)]
         favourite = favourite_backend(profile, dev, B)
@@ -256,7 +277,8 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
     cut_bytes = [chain.input_bytes] + [blk.out_bytes for blk in chain.blocks[:-1]]
     return_bytes = int(chain.blocks[-1].output_shape[-1]) * 4
     src = names.index(topology.source_device)
-    hop_ms = (rpc_ms[:, None] + rpc_ms[None, :]) / 2 + call_ms[None, :]
+    hop_by_gap = (rpc_ms[:, None] + rpc_ms[None, :]) / 2 + call_ms[None, :, None]    # [D, D, G]
+    hop_ms = hop_by_gap[..., -1 if constraints.traffic == SPORADIC else 0]
     cut_ms = np.array([[[topology.link(a, b).transfer_ms(n) + (hop_ms[i, j] if i != j else 0.0) for n in cut_bytes]
                         for j, b in enumerate(names)] for i, a in enumerate(names)])
     return_ms = np.array([topology.link(a, names[src]).transfer_ms(return_bytes) for a in names])
@@ -281,6 +303,8 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
         busy_cap_ms=None if constraints.min_throughput is None else 1000.0 / constraints.min_throughput,
         free_order=constraints.free_order, hop_ms=hop_ms * (1 - np.eye(len(names))),
         handling_ms=_handling_ms(profile, names, constraints),
+        hop_by_gap_ms=hop_by_gap * (1 - np.eye(len(names)))[..., None] if rpc_ms.shape[1] > 1 else None,
+        hop_gaps_ms=np.array((0.0, *IDLE_GAPS_MS)) if rpc_ms.shape[1] > 1 else None,
     )
     index = ProblemIndex(exit_columns=tuple(order),
                          thresholds=tuple(tuple(calibration.thresholds[j]) for j in order),
@@ -337,5 +361,7 @@ def check_constraints(c: Constraints) -> None:
                            "(0.02: within 2%)")
     if c.jobs is not None and not c.jobs >= 1:
         raise DistreeError(f"--jobs {c.jobs} must be at least 1 (leave it out to use every core)")
+    if c.traffic not in TRAFFIC:
+        raise DistreeError(f"--traffic {c.traffic!r}: choose {' or '.join(TRAFFIC)}")
     if c.solver not in ("highs", "cbc"):
         raise DistreeError(f"--solver {c.solver!r}: choose highs or cbc")

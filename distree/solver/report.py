@@ -35,9 +35,9 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         f"worst case (no exit) {plan.worst_case_latency_ms:.3f} ms")
     console.print(f"best plan without exits {plan.no_exit_latency_ms:.3f} ms -> ratio {ratio:.3f}; "
                   f"answered by the final classifier: {plan.final_rate:.1%}")
-    capacity = plan.capacity_line()
-    if capacity:
-        console.print(capacity)
+    for line in (plan.hops_line(), plan.capacity_line()):
+        if line:
+            console.print(line)
     console.print(
         f"accuracy {plan.accuracy:.4f} (lower bound {plan.accuracy_lcb:.4f} at {plan.confidence:g}), full model "
         f"{plan.full_model_accuracy:.4f}, allowed drop {plan.accuracy_drop:g} "

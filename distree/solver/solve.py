@@ -372,6 +372,7 @@ def make_plan(p: Problem, index: ProblemIndex, chain: Chain, calibration: Calibr
                      "sample_classes": result.n_classes, "milp_wall_s": round(result.wall_s, 3)},
         busy_ms={p.devices[d]: float(ms) for d, ms in enumerate(ev.busy_ms) if ms > 0},
         handling_measured=p.handling_ms is not None,
+        traffic=c.traffic, idle_hops_measured=p.hop_by_gap_ms is not None,
     )
 
 

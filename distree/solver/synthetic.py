@@ -14,7 +14,7 @@ from distree.exits.types import Calibration, ExitPoint
 from distree.graph.chain import Block, Chain
 from distree.profiler.dispatch import DECIDE_BACKEND, RPC_BACKEND
 from distree.profiler.types import Measurement, Profile
-from distree.profiler.items import CALL_ITEM, HANDLING_ITEMS, RPC_ITEM, decide_item
+from distree.profiler.items import CALL_ITEM, HANDLING_ITEMS, IDLE_RPC_ITEMS, RPC_ITEM, decide_item
 from distree.targets.spec import DeviceSpec, LinkSpec, Topology
 
 
@@ -30,12 +30,14 @@ def synthetic_case(n_blocks: int, n_exits: int, n_levels: int, n_devices: int, n
                    seed: int = 0, memory_slack: float = 2.0, exit_every: bool = False,
                    num_classes: int = 10, device_names: tuple[str, ...] | None = None,
                    dispatch_ms: tuple[float, float, float] = (0.0, 0.0, 0.0),
-                   handling_ms: tuple[float, float] | None = None) -> Case:
+                   handling_ms: tuple[float, float] | None = None,
+                   idle_rpc_ms: tuple[float, ...] | None = None) -> Case:
     """A random but realistic instance. ``memory_slack`` < ~1 makes memory bind on small devices;
     ``dispatch_ms``: the cost of a call, of an exit decision, and of a hop's round trip (times 1 + the
     device's index: devices differ) on every device (none by default); ``handling_ms``: a stage's CPU per request
     it receives and per request it hands on (times 1 + the device's index; None: entries absent, as in profiles
-    made before distree measured them)."""
+    made before distree measured them); ``idle_rpc_ms``: the hop's round trip after each idle gap of
+    IDLE_GAPS_MS (times 1 + the device's index; None: entries absent)."""
     rng = np.random.default_rng(seed)
     sha = f"synthetic-{seed}"
     flops = rng.uniform(1.0, 3.0, n_blocks) * 1e7
@@ -95,7 +97,8 @@ def synthetic_case(n_blocks: int, n_exits: int, n_levels: int, n_devices: int, n
                                               (RPC_ITEM, RPC_BACKEND, dispatch_ms[2] * (1 + d)))]
         entries += [Measurement(device=dev.name, item=item, backend=RPC_BACKEND, provenance="estimate", samples_ms=(),
                                 median_ms=ms * (1 + d), p90_ms=ms * (1 + d), param_bytes=0, activation_bytes=0)
-                    for item, ms in zip(HANDLING_ITEMS, handling_ms or ())]
+                    for item, ms in [*zip(HANDLING_ITEMS, handling_ms or ()),
+                                     *zip(IDLE_RPC_ITEMS, idle_rpc_ms or ())]]
     profile = Profile(model_sha256=sha, entries=tuple(entries), versions={"synthetic": str(seed)})
     links = tuple(LinkSpec(src=a.name, dst=b.name, bandwidth_mbps=float(rng.uniform(20, 500)),
                            latency_ms=float(rng.uniform(0.2, 3.0)))

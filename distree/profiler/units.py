@@ -16,7 +16,7 @@ from distree.errors import DistreeError
 from distree.exits.types import SCORE_KINDS, ExitPoint
 from distree.graph import Chain, extract_segment
 from distree.graph.cost import node_flops, tensor_infos
-from distree.profiler.items import CALL_ITEM, HOP_ITEMS, RPC_ITEM, block_item, decide_item, entry_item, exit_item
+from distree.profiler.items import CALL_ITEM, HOP_ITEMS, block_item, decide_item, entry_item, exit_item
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class Constraints:
     #                                         weighted by reach, + request handling) must fit 1/rate; transfers
     #                                         overlap it
     free_order: bool = False                # let the solver choose the device order too
-    traffic: str = "sporadic"               # what a hop's software costs: SPORADIC, each request after the pipeline
+    traffic: str = SPORADIC                 # what a hop's software costs: SPORADIC, each request after the pipeline
     #                                         idled (a camera's frames); STEADY, requests back to back
     time_limit_s: float = 60.0
     gap: float = 0.0                        # stop once the plan is proven within this relative gap (0: optimal)

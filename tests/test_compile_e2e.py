@@ -34,6 +34,7 @@ def test_compile_verify_run(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout)          # stdout holds only the JSON summary
     assert summary["cached_stages"] == []
+    assert summary["traffic"] == "sporadic" and summary["idle_hops_measured"]     # hops as a lone request pays
     assert summary["accuracy"] >= summary["full_model_accuracy"] - 0.05 - 1e-9
     for stage in summary["stages"]:
         for seg in stage["segments"]:

@@ -157,7 +157,7 @@ def time_hop(timing: TimingSettings) -> HopTiming:
 
             try:
                 round_trip = time_callable(hop, timing)
-                after_idle = tuple(tuple(after(gap) for _ in range(IDLE_SAMPLES)) for gap in IDLE_GAPS_MS)
+                after_idle = _after_idle_gaps(after)
                 with ThreadPoolExecutor(HANDLING_SENDERS) as pool:     # the same threads, so the same streams
 
                     def senders(count: int) -> None:
@@ -178,6 +178,18 @@ def time_hop(timing: TimingSettings) -> HopTiming:
     finally:
         peer.kill()
         peer.wait()
+
+
+def _after_idle_gaps(after) -> tuple[tuple[float, ...], ...]:
+    """IDLE_SAMPLES round trips ``after(gap)`` per gap of IDLE_GAPS_MS, the gaps in a seeded random order each
+    round: gaps mixed as random arrivals mix them (a 1 ms gap costs more after a 32 ms one than in a run of 1 ms
+    gaps), and a busy spell here shifts every gap alike."""
+    rng = np.random.default_rng(0)
+    samples: list[list[float]] = [[] for _ in IDLE_GAPS_MS]
+    for _ in range(IDLE_SAMPLES):
+        for k in rng.permutation(len(IDLE_GAPS_MS)):
+            samples[k].append(after(IDLE_GAPS_MS[k]))
+    return tuple(map(tuple, samples))
 
 
 def hop_entries(device: DeviceSpec, timing: TimingSettings, measured_here: bool) -> list[Measurement]:

@@ -10,6 +10,7 @@ line, exit status 130 (the shell's for SIGINT).
 
 from __future__ import annotations
 
+import math
 from importlib import import_module
 from pathlib import Path
 
@@ -70,6 +71,25 @@ class OutputPath(click.ParamType):
         return Path(value)
 
 
+class FiniteFloat(click.FloatRange):
+    """A number option, optionally within a range, that refuses nan and inf: click's FloatRange lets both through
+    (nan compares false to every bound), and a nan rate or timeout would run on to a traceback or a silent hang."""
+
+    name = "float"
+
+    def _describe_range(self) -> str:
+        return super()._describe_range() if (self.min, self.max) != (None, None) else ""    # help: no "[x<=None]"
+
+    def convert(self, value, param, ctx) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+NUMBER = FiniteFloat()
+POSITIVE = FiniteFloat(0, min_open=True)
+NON_NEGATIVE = FiniteFloat(0)
 OUTPUT_FILE = OutputPath()
 OUTPUT_FILE_OR_STDOUT = OutputPath(dash_is_stdout=True)     # "-": standard output
 OUTPUT_DIR = OutputPath(directory=True)

@@ -6,6 +6,7 @@ so that a simulated load point and a measured one mean the same thing and can be
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,8 +23,8 @@ class Load:
     def __post_init__(self) -> None:
         if (self.rate is None) == (self.clients is None):
             raise ValueError("give exactly one of rate or clients")
-        if self.rate is not None and not self.rate > 0:
-            raise ValueError(f"rate must be > 0 requests/s, got {self.rate}")
+        if self.rate is not None and not 0 < self.rate < math.inf:
+            raise ValueError(f"rate must be a finite number of requests/s > 0, got {self.rate}")
         if self.clients is not None and self.clients < 1:
             raise ValueError(f"clients must be >= 1, got {self.clients}")
 

@@ -1,5 +1,6 @@
 """The CLI skeleton: help, version, and the error contract (one line, exit 2, traceback only with --debug)."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from click.testing import CliRunner
 
 from distree import __version__
 from distree.cli import cli
+from distree.errors import DistreeError
 
 
 def test_help_lists_the_pipeline_commands():
@@ -112,7 +114,6 @@ def test_json_to_standard_output_needs_no_writable_directory(tmp_path, monkeypat
 
 
 def test_a_write_the_file_system_refuses_is_one_line_and_leaves_nothing(tmp_path):
-    from distree.errors import DistreeError
     from distree.serde import atomic_directory, write_json_atomic
 
     (tmp_path / "notes.txt").write_text("")
@@ -135,3 +136,31 @@ def test_atomic_writer_refuses_a_directory(tmp_path):
     else:
         raise AssertionError("a directory was accepted as a file to write")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["infer", "--rate", "nan", "127.0.0.1:1", "--input", "x.npz"],
+    ["infer", "--timeout-s", "inf", "127.0.0.1:1", "--input", "x.npz"],
+    ["serve", "--forward-timeout-s", "nan", "bundle", "--device", "pi4"],
+    ["bench", "--min-delta-ms", "nan", "bundle"],
+    ["profile", "--min-repeat-ms", "inf", "model.onnx", "--device", "host"],
+    ["plan", "--deadline-ms", "inf", "--chain", "c.json"],
+    ["compile", "--time-limit", "nan", "model.onnx"],
+], ids=lambda args: " ".join(args[:3]))
+def test_a_number_that_is_not_finite_is_refused_before_any_work(args):
+    """click's FloatRange lets nan and inf through (nan compares false to every bound): a nan rate was a
+    traceback, a nan --min-delta-ms a bench that could never fail, a nan forward timeout a server that started."""
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert f"{args[2]!r} is not a finite number" in result.output and result.exception.__class__ is SystemExit
+
+
+def test_a_load_or_client_timeout_that_is_not_finite_is_refused_by_the_api():
+    from distree.runtime.client import InferenceClient
+    from distree.workload import Load
+
+    for rate in (math.inf, math.nan, 0.0):
+        with pytest.raises(ValueError, match="finite number of requests/s"):
+            Load(rate=rate)
+    with pytest.raises(DistreeError, match="--timeout-s must be a finite number of seconds"):
+        InferenceClient("127.0.0.1:1", timeout_s=math.nan)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import click
 
-from distree.cli import OUTPUT_FILE
+from distree.cli import NON_NEGATIVE, OUTPUT_FILE, POSITIVE
 from distree.errors import DistreeError
 
 
@@ -19,9 +19,9 @@ from distree.errors import DistreeError
               help="An earlier `distree bench --out` of this bundle's model: compare, exit 1 on a regression.")
 @click.option("--out", "out_path", type=OUTPUT_FILE, default=None,
               help="Write this measurement (JSON, atomically): the next run's --baseline.")
-@click.option("--tolerance", type=float, default=0.15, show_default=True,
+@click.option("--tolerance", type=POSITIVE, default=0.15, show_default=True,
               help="Relative slowdown of a segment's median that counts as a regression.")
-@click.option("--min-delta-ms", type=float, default=0.01, show_default=True,
+@click.option("--min-delta-ms", type=NON_NEGATIVE, default=0.01, show_default=True,
               help="...and it must also be this much slower in absolute terms (tiny segments are noisy).")
 @click.option("--repeats", type=int, default=50, show_default=True, help="Timed rounds (after the warm-up).")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed rounds first.")
@@ -40,8 +40,6 @@ def bench_cmd(bundle: Path, baseline_path: Optional[Path], out_path: Optional[Pa
 
     if repeats < 3 or warmup < 0 or threads < 1:
         raise DistreeError("--repeats must be >= 3, --warmup >= 0 and --threads >= 1")
-    if not tolerance > 0 or min_delta_ms < 0:
-        raise DistreeError("--tolerance must be > 0 and --min-delta-ms >= 0")
     baseline = BenchResult.load(baseline_path) if baseline_path else None   # a bad file fails before measuring
     now = measure_bundle(bundle, repeats=repeats, warmup=warmup, threads=threads)
     if out_path:

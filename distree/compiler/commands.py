@@ -11,7 +11,7 @@ from typing import Optional
 
 import click
 
-from distree.cli import OUTPUT_DIR, TRAFFIC_OPTION
+from distree.cli import NON_NEGATIVE, NUMBER, OUTPUT_DIR, TRAFFIC_OPTION
 from distree.errors import DistreeError
 
 
@@ -64,21 +64,21 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 @click.option("--topology", type=click.Path(dir_okay=False), help="Topology file (devices + links) instead of --devices.")
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration .npz (x, y).")
 @click.option("-o", "--output", required=True, type=OUTPUT_DIR, help="Bundle directory to write.")
-@click.option("--accuracy-drop", default=0.01, show_default=True, type=float, help="Allowed accuracy loss vs the full model.")
-@click.option("--confidence", default=None, type=float, help="Hold the accuracy bound at this one-sided confidence.")
+@click.option("--accuracy-drop", default=0.01, show_default=True, type=NUMBER, help="Allowed accuracy loss vs the full model.")
+@click.option("--confidence", default=None, type=NUMBER, help="Hold the accuracy bound at this one-sided confidence.")
 @TRAFFIC_OPTION
 @click.option("--score", "score_kind", default="max_softmax", show_default=True,
               type=click.Choice(["max_softmax", "entropy", "stability"]), help="Exit score.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "tvm", "ort"]),
               help="auto: TVM where it beats ONNX Runtime on this host (proxy), else ONNX Runtime.")
-@click.option("--tune-minutes", default=0.0, show_default=True, type=click.FloatRange(0),
+@click.option("--tune-minutes", default=0.0, show_default=True, type=NON_NEGATIVE,
               help="MetaSchedule budget per device: host here, other CPUs on the device (needs --rpc); CUDA is not "
                    "tuned. Ctrl-C ends tuning after the round under way and builds with the records measured "
                    "(they are kept for the next run); a second Ctrl-C aborts.")
-@click.option("--time-limit", default=60.0, show_default=True, type=float,
+@click.option("--time-limit", default=60.0, show_default=True, type=NUMBER,
               help="Solver time limit (s). Ctrl-C during the plan stage ends the search and builds its best plan "
                    "(not cached); a second Ctrl-C aborts.")
-@click.option("--gap", default=0.0, show_default=True, type=float,
+@click.option("--gap", default=0.0, show_default=True, type=NUMBER,
               help="Stop once the plan is proven within this share of the optimum (0.02: 2%; 0: prove it optimal).")
 @click.option("--jobs", default=None, type=int,
               help="Cores for the solver's branch and bound (default: every core this process may use).")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from distree.cli import OUTPUT_FILE
+from distree.cli import NUMBER, OUTPUT_FILE
 from distree.errors import DistreeError
 from distree.exits.types import DEFAULT_CONFIDENCE, DEFAULT_LEVELS, HEAD_KINDS, SCORE_KINDS, Calibration
 
@@ -92,7 +92,7 @@ def exits_cmd(model_path: Path, data_path: Path, at_text: str | None, exit_outpu
 @click.option("--exit-outputs", "exit_outputs", default=None, metavar="A,B,...",
               help="Exits to calibrate (default: those `distree exits` recorded, else outputs named exit*).")
 @click.option("--levels", default=DEFAULT_LEVELS, show_default=True, help="Threshold levels per exit.")
-@click.option("--fit-fraction", type=float, default=None,
+@click.option("--fit-fraction", type=NUMBER, default=None,
               help="As given to `distree exits` (default: what it recorded in the model, else 0.5).")
 @click.option("--seed", type=int, default=None, help="As given to `distree exits` (default: as recorded, else 0).")
 @click.option("--report", is_flag=True, help="Print per-exit accuracy and exit-rate curves.")

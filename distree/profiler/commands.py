@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from distree.cli import OUTPUT_DIR, OUTPUT_FILE
+from distree.cli import NON_NEGATIVE, OUTPUT_DIR, OUTPUT_FILE
 from distree.errors import DistreeError
 
 
@@ -32,7 +32,7 @@ from distree.errors import DistreeError
               help="Only these items, e.g. block:0, exit:exit_1, call, decide:max_softmax, rpc.")
 @click.option("--warmup", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=15, show_default=True)
-@click.option("--min-repeat-ms", type=click.FloatRange(0), default=5.0, show_default=True,
+@click.option("--min-repeat-ms", type=NON_NEGATIVE, default=5.0, show_default=True,
               help="Each sample averages as many runs as fill this time.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--cache-dir", type=OUTPUT_DIR, default=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import time
 import uuid
@@ -41,8 +42,8 @@ class InferenceClient:
     def __init__(self, address: str, timeout_s: float = 10.0, tls: Optional[Tls] = None) -> None:
         parse_host_port(address, "address")
         self.address = address
-        if timeout_s <= 0:
-            raise DistreeError("--timeout-s must be > 0")
+        if not 0 < timeout_s < math.inf:     # nan fails too
+            raise DistreeError(f"--timeout-s must be a finite number of seconds > 0, got {timeout_s}")
         self.timeout_s = timeout_s
         self._channel = open_channel(address, tls, CHANNEL_OPTIONS)
         self._link = Link(self._channel, INFER, INFER_STREAM)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from distree.cli import OUTPUT_FILE
+from distree.cli import OUTPUT_FILE, POSITIVE
 
 
 def tls_options(command):
@@ -26,7 +26,7 @@ def tls_options(command):
               help=".npz with x (N,C,H,W float32) and optionally y (labels) for accuracy.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Threads per segment runtime.")
-@click.option("--deadline-ms", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--deadline-ms", type=POSITIVE, default=None,
               help="Answer early when the rest would miss this deadline.")
 @click.option("-o", "--output", type=OUTPUT_FILE, help="Write the full report (JSON) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
@@ -69,7 +69,7 @@ def run_cmd(bundle: str, input_path: str, limit: Optional[int], threads: int, de
 @click.option("--listen", required=True, help="HOST:PORT to serve on (port 0: any free port, printed on start).")
 @click.option("--next", "next_address", default=None, help="HOST:PORT of the next stage's server.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Threads per segment runtime.")
-@click.option("--forward-timeout-s", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
+@click.option("--forward-timeout-s", type=POSITIVE, default=10.0, show_default=True,
               help="Longest wait for the next stage's answer.")
 @tls_options
 def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str], threads: int,
@@ -101,10 +101,10 @@ def serve_cmd(bundle: str, device: str, listen: str, next_address: Optional[str]
 @click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help=".npz with x (N,C,H,W float32) and optionally y (labels) for accuracy.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples.")
-@click.option("--deadline-ms", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--deadline-ms", type=POSITIVE, default=None,
               help="Per-request deadline: stages answer from an exit when the rest would miss it.")
-@click.option("--timeout-s", type=float, default=10.0, show_default=True, help="Longest wait for one answer.")
-@click.option("--rate", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--timeout-s", type=POSITIVE, default=10.0, show_default=True, help="Longest wait for one answer.")
+@click.option("--rate", type=POSITIVE, default=None,
               help="Open loop: requests arrive at Poisson times at this many per second, answered or not "
                    "(as `distree simulate --rate`); latency counts from each arrival.")
 @click.option("--clients", type=click.IntRange(1, 64), default=None,

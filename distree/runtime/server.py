@@ -13,6 +13,7 @@ gRPC without generated code: generic method handlers over bytes, framed by :mod:
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -318,8 +319,8 @@ def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Opti
                            f"--device {role.next_device} --listen HOST:PORT` there and pass --next HOST:PORT")
     if role.next_device is None and next_address is not None:
         raise DistreeError(f"{device} runs the last stage and answers every request itself; drop --next")
-    if forward_timeout_s <= 0:
-        raise DistreeError("--forward-timeout-s must be > 0")
+    if not 0 < forward_timeout_s < math.inf:
+        raise DistreeError(f"--forward-timeout-s must be a finite number of seconds > 0, got {forward_timeout_s}")
     verify_bundle(bundle, devices=(device,))
     if workers <= UNARY_RESERVE:
         raise DistreeError(f"a stage server needs more than {UNARY_RESERVE} worker threads, got {workers}")

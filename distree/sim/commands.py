@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from distree.cli import OUTPUT_FILE
+from distree.cli import NUMBER, OUTPUT_FILE
 from distree.errors import DistreeError
 from distree.targets.topology import topology_from_flags
 
@@ -31,8 +32,8 @@ def _rates(text: str) -> list[float]:
         rates = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise DistreeError(f"--rate {text!r}: give requests/s as numbers, e.g. --rate 10,50,100") from None
-    if not rates or any(not r > 0 for r in rates):
-        raise DistreeError(f"--rate {text!r}: every rate must be > 0 requests/s")
+    if not rates or any(not 0 < r < math.inf for r in rates):
+        raise DistreeError(f"--rate {text!r}: every rate must be a finite number of requests/s > 0")
     return rates
 
 
@@ -59,7 +60,7 @@ def _rates(text: str) -> list[float]:
 @click.option("--replan", is_flag=True,
               help="Solve again on this topology instead of evaluating the same plan (automatic when a plan "
                    "device is missing).")
-@click.option("--time-limit", type=float, default=60.0, show_default=True, help="Solver time limit for re-planning.")
+@click.option("--time-limit", type=NUMBER, default=60.0, show_default=True, help="Solver time limit for re-planning.")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="With --samples: the multi-exit ONNX model the calibration was made on.")
 @click.option("--samples", "samples_path", type=click.Path(path_type=Path), default=None,

@@ -8,7 +8,7 @@ from typing import Optional
 import click
 from rich.console import Console
 
-from distree.cli import OUTPUT_FILE, TRAFFIC_OPTION
+from distree.cli import NUMBER, OUTPUT_FILE, TRAFFIC_OPTION
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
@@ -47,21 +47,21 @@ def _parse_sweep(spec: str) -> list[float]:
 @click.option("--devices", default=None, help="Catalog devices in pipeline order, e.g. pi4,jetson-orin-nano.")
 @click.option("--topology", "topology_path", type=click.Path(path_type=Path), default=None,
               help="Topology file (devices, links, source) instead of --devices.")
-@click.option("--accuracy-drop", type=float, default=0.01, show_default=True,
+@click.option("--accuracy-drop", type=NUMBER, default=0.01, show_default=True,
               help="Allowed accuracy loss against the full model, on calibration data.")
-@click.option("--confidence", type=float, default=None,
+@click.option("--confidence", type=NUMBER, default=None,
               help="Promise the accuracy at this one-sided confidence (Clopper-Pearson), e.g. 0.95. Even "
                    "the no-exit plan may then miss a very small --accuracy-drop; the error names the smallest "
                    "drop that works.")
-@click.option("--deadline-ms", type=float, default=None, help="Latency bound for the path where no exit is taken.")
-@click.option("--min-throughput", type=float, default=None,
+@click.option("--deadline-ms", type=NUMBER, default=None, help="Latency bound for the path where no exit is taken.")
+@click.option("--min-throughput", type=NUMBER, default=None,
               help="Requests/s the pipeline must sustain (each stage's expected busy time <= 1/rate).")
 @click.option("--free-order", is_flag=True, help="Let the solver choose the order of the devices too.")
 @TRAFFIC_OPTION
-@click.option("--time-limit", type=float, default=60.0, show_default=True,
+@click.option("--time-limit", type=NUMBER, default=60.0, show_default=True,
               help="Solver time limit (s). Ctrl-C ends the search sooner and keeps its best plan (status "
                    "interrupted, with its proven gap); a second Ctrl-C aborts.")
-@click.option("--gap", type=float, default=0.0, show_default=True,
+@click.option("--gap", type=NUMBER, default=0.0, show_default=True,
               help="Stop once the plan is proven within this share of the optimum (0.02: 2%; 0: prove it optimal).")
 @click.option("--jobs", type=int, default=None,
               help="Cores for the branch and bound's best-first search (default: every core this process may use).")

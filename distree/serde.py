@@ -109,7 +109,8 @@ class JsonRecord:
         kind = doc.pop("kind", None)
         version = doc.pop("schema_version", None)
         if kind != cls.__name__:
-            raise DistreeError(f"{path}: is a {kind or 'unknown'} file, expected a {cls.__name__} file")
+            what = f"is a {kind} file" if kind else "is not a file distree wrote (it has no \"kind\")"
+            raise DistreeError(f"{path}: {what}, expected a {cls.__name__} file")
         if version != SCHEMA_VERSION:
             raise DistreeError(
                 f"{path}: schema_version {version} is not supported (this distree reads {SCHEMA_VERSION}); "

@@ -23,6 +23,7 @@ from distree.cli import cli
 from distree.compiler.bundle import build_bundle
 from distree.compiler.manifest import read_manifest, read_thresholds
 from distree.errors import DistreeError
+from distree.graph.chain import Chain
 from distree.runtime.client import InferenceClient, ServeError, infer_dataset
 from distree.runtime.executor import FINAL, StageExecutor, run_bundle
 from distree.runtime.link import NO_FREE_STREAM
@@ -202,6 +203,17 @@ def test_data_of_the_wrong_layout_or_size_is_refused_with_the_fix(served, bundle
             (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
             assert fix in line and "expects (1, 16, 16) float32" in line, line
 
+
+
+def test_labels_outside_the_models_classes_are_refused_by_run(bundle, tmp_path):
+    """1-based labels (or another dataset's) once ran to an accuracy that counted right answers wrong."""
+    data = cf.dataset(4, seed=7)
+    classes = Chain.load(bundle / "planning" / "chain.json").blocks[-1].output_shape[-1]
+    np.savez(tmp_path / "shifted.npz", x=data.x, y=np.arange(4) + classes - 3)
+    result = CliRunner().invoke(cli, ["run", str(bundle), "--input", str(tmp_path / "shifted.npz")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: --input: labels span {classes - 3}..{classes}, the model has {classes} "
+                                     f"classes; labels must be class indices in 0..{classes - 1}")
 
 def test_reply_carries_the_answering_logits_and_hops(served, bundle):
     data = cf.dataset(20, seed=5)

@@ -11,6 +11,7 @@ from distree.cli import cli
 from distree.errors import DistreeError
 from distree.targets import (DEFAULT_LINK, LinkSpec, device_names, get_device, list_devices, load_topology,
                              topology_for)
+from distree.targets.spec import Topology
 from distree.targets.toolchain import host_arch, tvm_device_here
 
 
@@ -118,6 +119,9 @@ def test_a_topology_distree_saved_reads_back_as_a_topology_file(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({**doc, "kind": "Profile"}))
     with pytest.raises(DistreeError, match="is a Profile file, expected a Topology file"):
         load_topology(tmp_path / "other.json")
+    (tmp_path / "foreign.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "kind"}))
+    with pytest.raises(DistreeError, match='is not a file distree wrote \\(it has no "kind"\\), expected a Topology'):
+        Topology.load(tmp_path / "foreign.json")     # load_topology reads it as a topology a user wrote
 
 
 def test_topology_json_matrix_links_are_directional(tmp_path):

@@ -78,7 +78,13 @@ def check_dataset(data: Dataset, where: str, input_shape: tuple[int, ...] | None
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape[1:]):
         raise DistreeError(f"{where}: images have shape {tuple(x.shape[1:])}, the model expects "
                            f"{tuple(input_shape[1:])}; {layout_fix(x.shape, tuple(input_shape))}")
-    if num_classes is not None and (y.min() < 0 or y.max() >= num_classes):
+    if num_classes is not None:
+        check_labels(y, num_classes, where)
+
+
+def check_labels(y: np.ndarray, num_classes: int, where: str) -> None:
+    """Labels must index the model's classes: 1-based labels would count every right answer wrong."""
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise DistreeError(f"{where}: labels span {int(y.min())}..{int(y.max())}, the model has {num_classes} "
                            f"classes; labels must be class indices in 0..{num_classes - 1}")
 

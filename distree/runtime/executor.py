@@ -14,13 +14,14 @@ from typing import Optional
 
 import numpy as np
 
-from distree.compiler.manifest import DeviceArtifact, Manifest, SegmentArtifact, TensorSpec, read_manifest, \
-    read_thresholds
+from distree.compiler.manifest import PLANNING, DeviceArtifact, Manifest, SegmentArtifact, TensorSpec, \
+    read_manifest, read_thresholds
 from distree.targets.catalog import host_device
 from distree.targets.toolchain import target_arch, tvm_device_here
 from distree.errors import DistreeError
 from distree.exits import Dataset
-from distree.exits.data import layout_fix
+from distree.exits.data import check_labels, layout_fix
+from distree.graph.chain import Chain
 from distree.runtime.backends import Runner, ort_runner, percentiles_ms, set_tvm_threads, tvm_runner
 from distree.runtime.policy import ExitPolicy
 from distree.serde import JsonRecord
@@ -221,7 +222,7 @@ def run_bundle(path: str | Path, data: Dataset, threads: int = 1, limit: Optiona
     bundle = Path(path)
     manifest = read_manifest(bundle)
     policy = ExitPolicy(read_thresholds(bundle))
-    _check_data(manifest, data)
+    _check_data(bundle, manifest, data)
     x = data.x if limit is None else data.x[:limit]
     set_tvm_threads(threads)
     stages = [StageExecutor(bundle, manifest, i, policy, threads) for i in range(len(manifest.stages))]
@@ -290,8 +291,13 @@ def check_input(want: TensorSpec, x: np.ndarray, what: str = "the bundle") -> No
                            f"{tuple(want.shape[1:])} {want.dtype}; {fix}")
 
 
-def _check_data(manifest: Manifest, data: Dataset) -> None:
+def _check_data(bundle: Path, manifest: Manifest, data: Dataset) -> None:
+    """The samples fit the bundle's input, and the labels (when given) its classes, as its planning chain has them
+    (a bundle copied without ``planning/`` skips that check)."""
     check_input(manifest.input, data.x)
+    chain = bundle / PLANNING / "chain.json"
+    if data.y is not None and chain.is_file():
+        check_labels(data.y, Chain.load(chain).blocks[-1].output_shape[-1], "--input")
 
 
 def _segment_timing(device: str, loaded: _Loaded) -> SegmentTiming:

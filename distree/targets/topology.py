@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -228,6 +229,8 @@ def _link_figures(where: str, path: str, item: Mapping, defaults: dict[str, floa
 def _number(where: str, path: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Bad(where, path, f"must be a number, got {value!r}")
+    if not math.isfinite(value):      # YAML's .inf and .nan: an infinite memory would reach int() as a traceback
+        raise _Bad(where, path, f"must be a finite number, got {value!r}")
     return float(value)
 
 

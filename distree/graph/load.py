@@ -294,7 +294,8 @@ def _fix_input_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], 
                 f"--input-shape {value.name}={','.join(str(c or 1) if i == 0 else str(c or 'D') for i, c in enumerate(current))}"
             )
         if current and current[0] is None:
-            log.warning(f"note: batch dimension of input {value.name!r} set to 1 (use --input-shape to change it)")
+            log.warning(f"note: batch dimension of input {value.name!r} set to 1 (distree answers one sample per "
+                        "request)")
         elif current and current[0] != 1:
             raise DistreeError(
                 f"{p}: input {value.name!r} has a fixed batch of {current[0]} {_fmt(current)}; distree serves one "

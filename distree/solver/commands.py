@@ -12,14 +12,16 @@ from distree.cli import NUMBER, OUTPUT_FILE, TRAFFIC_OPTION
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
+from distree.lazy import require_installed
 from distree.profiler import Profile, cost_sources
 from distree.serde import write_json_atomic
 from distree.solver.problem import Constraints
 from distree.sim.baselines import idle_device_costs, idle_device_lines
 from distree.sim.inputs import Inputs, load_plan
 from distree.solver.report import plot_sweep, print_plan, print_sweep, sweep_rows
-from distree.solver.solve import solve, sweep_accuracy_drop
 from distree.targets.topology import topology_from_flags
+
+require_installed("numba", "pulp", "highspy")     # the solver's, imported when `plan` runs
 
 
 def _status():
@@ -87,6 +89,8 @@ def plan_cmd(chain_path: Path, calibration_path: Path, profile_path: Path, devic
              plot_path: Optional[Path], start_path: Optional[Path], output: Optional[Path]) -> None:
     """Choose exits, thresholds and cut points of minimal expected latency (a MILP, proven optimal or
     reported with its gap)."""
+    from distree.solver.solve import solve, sweep_accuracy_drop
+
     chain = Chain.load(chain_path)
     calibration = Calibration.load(calibration_path)
     profile = Profile.load(profile_path)

@@ -112,3 +112,42 @@ def test_exits_model_declares_an_exit_per_head():
     record = MODELS["exits"]
     exits = [n for n in record["outputs"] if n.startswith("exit_")]
     assert len(exits) == len(record["architecture"]["exit_after_blocks"]) >= 2
+
+
+def _walkthrough() -> list[str]:
+    """The README walkthrough's command lines, $M expanded, without the optional ``[...]`` parts and comments."""
+    text = (EXAMPLE.parent.parent / "README.md").read_text()
+    block = text.split("    M=examples/fashion_mnist\n", 1)[1].split("\n\n", 1)[0]
+    lines = []
+    for raw in block.splitlines():
+        line = raw.strip().split("#", 1)[0]
+        while "[" in line:
+            line = line[:line.index("[")] + line[line.index("]") + 1:]
+        line = line.replace("$M", str(EXAMPLE.relative_to(EXAMPLE.parent.parent))).strip().rstrip("&").strip()
+        if line.startswith("distree "):
+            lines.append(line)
+    return lines
+
+
+def test_the_walkthrough_serves_the_devices_its_compile_line_plans(tmp_path):
+    """The walkthrough compiles with the wired topology and serves the Orin, the Pi 4 relaying to it: when hops came
+    to be charged after idle time the plan stayed on the Pi 4 alone and `serve --device jetson-orin-nano` refused
+    (the bundle had no stage there) until the compile line said --traffic steady. Its own compile line, run here."""
+    commands = _walkthrough()
+    compile_line, = [c for c in commands if c.startswith("distree compile ")]
+    args = compile_line.split()[1:]
+    assert args[args.index("-o") + 1] == "bundle/"
+    args[args.index("-o") + 1] = str(tmp_path / "bundle")
+    done = subprocess.run([sys.executable, "-m", "distree", *args, "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=900, cwd=EXAMPLE.parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    stages = [st["name"] for st in manifest["stages"]]
+    served = [c.split() for c in commands if c.startswith("distree serve ")]
+    assert served, "the walkthrough serves no device"
+    for words in served:
+        device = words[words.index("--device") + 1]
+        assert device in stages or device == manifest["source"], (device, stages, manifest["source"])
+        forwards = "--next" in words
+        last = device == stages[-1]
+        assert forwards != last, f"{device}: --next given {forwards}, last stage {last} (stages {stages})"

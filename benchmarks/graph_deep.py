@@ -1,13 +1,14 @@
 """How long graph analysis takes on deep models (ResNet-110-like, a 1000-layer plain chain, a 24-layer ViT).
 
-    .venv/bin/python benchmarks/graph_deep.py
+    .venv/bin/python benchmarks/graph_deep.py [--out FILE]
 
 Prints a table (model, nodes, blocks, seconds for load / build_chain / coarsen / extracting every block)
-and writes benchmarks/results/graph_deep.json.
+and writes benchmarks/results/graph_deep.json (or FILE).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -107,7 +108,13 @@ def measure(name: str, model: onnx.ModelProto, workdir: Path) -> dict:
             "load_s": t1 - t0, "build_chain_s": t2 - t1, "coarsen_s": t3 - t2, "extract_all_s": t4 - t3}
 
 
+RESULTS = Path(__file__).resolve().parent / "results" / "graph_deep.json"
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    out = parser.parse_args().out
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name, build in [("resnet110_like", resnet_like), ("plain_chain_1000", plain_chain), ("vit24_like", vit_like)]:
@@ -117,7 +124,6 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:18} {r['nodes']:6d} {r['blocks']:6d} {r['load_s']:8.3f} {r['build_chain_s']:8.3f} "
               f"{r['coarsen_s']:9.4f} {r['extract_all_s']:13.2f}")
-    out = Path(__file__).resolve().parent / "results" / "graph_deep.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.machine(), "python": platform.python_version(), "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -34,6 +34,7 @@ COMMANDS = {
     "run": "distree.runtime.commands:run_cmd",
     "serve": "distree.runtime.commands:serve_cmd",
     "simulate": "distree.sim.commands:simulate_cmd",
+    "stats": "distree.runtime.commands:stats_cmd",
     "verify": "distree.compiler.commands:verify_cmd",
 }
 STOPPED_EXIT_CODE = 130     # 128 + SIGINT, as a shell reports a process Ctrl-C ended

@@ -22,7 +22,8 @@ from distree.compiler.manifest import TensorSpec
 from distree.runtime.executor import FINAL, check_input
 from distree.runtime.link import Link
 from distree.runtime.tls import Tls, open_channel
-from distree.runtime.server import CHANNEL_OPTIONS, INFER, INFER_STREAM, INFO, ORIGIN_KEY
+from distree.runtime.server import CHANNEL_OPTIONS, INFER, INFER_STREAM, INFO, ORIGIN_KEY, STATS
+from distree.runtime.stats import PipelineStats, pipeline_stats
 from distree.targets.topology import parse_host_port
 from distree.runtime.wire import Reply, Request, WireError, decode_reply, encode_request
 from distree.serde import JsonRecord
@@ -48,6 +49,7 @@ class InferenceClient:
         self._channel = open_channel(address, tls, CHANNEL_OPTIONS)
         self._link = Link(self._channel, INFER, INFER_STREAM)
         self._info = self._channel.unary_unary(INFO)
+        self._stats = self._channel.unary_unary(STATS)
         self._server_info: Optional[dict[str, Any]] = None
 
     def __enter__(self) -> "InferenceClient":
@@ -63,6 +65,17 @@ class InferenceClient:
     def info(self) -> dict[str, Any]:
         """What the server runs: its device, stage, the pipeline's stages and the tensor it accepts."""
         return json.loads(self._call(self._info, b"").decode())
+
+    def stats(self) -> PipelineStats:
+        """The counters of every stage from this server on (the source's: the whole pipeline), drift tested."""
+        try:
+            snapshots = json.loads(self._stats(b"", timeout=self.timeout_s).decode())
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise ServeError(f"{self.address} runs a distree from before `distree stats`: restart its "
+                                 "`distree serve` with this version") from None
+            raise ServeError(_client_error(self.address, exc, self.timeout_s)) from None
+        return pipeline_stats(self.address, snapshots)
 
     def infer(self, x: np.ndarray, deadline_ms: Optional[float] = None, request_id: Optional[str] = None) -> Reply:
         """The pipeline's answer for one sample ``x`` (with or without its batch axis of 1)."""

@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from distree.cli import OUTPUT_FILE, POSITIVE
+from distree.cli import OUTPUT_FILE, OUTPUT_FILE_OR_STDOUT, POSITIVE
 
 
 def tls_options(command):
@@ -152,3 +152,69 @@ def infer_cmd(address: str, input_path: str, limit: Optional[int], deadline_ms: 
         link = f", link to next median {hop.link['median_ms']:.3f} ms" if hop.link["count"] else ""
         click.echo(f"  {hop.device}: reached by {hop.reached}, compute median {hop.compute['median_ms']:.3f} ms, "
                    f"total median {hop.total['median_ms']:.3f} ms{link}")
+
+
+@click.command("stats")
+@click.argument("address")
+@click.option("--timeout-s", type=POSITIVE, default=10.0, show_default=True, help="Longest wait for the counters.")
+@click.option("--fail-on-drift", is_flag=True,
+              help="Exit 1 when an exit's served share has drifted from the plan's, or a stage did not answer "
+                   "(for a cron job or a monitor).")
+@click.option("--json", "json_path", type=OUTPUT_FILE_OR_STDOUT, default=None,
+              help="Write every stage's counters and the drift test as JSON here ('-': standard output).")
+@tls_options
+def stats_cmd(address: str, timeout_s: float, fail_on_drift: bool, json_path: Optional[str],
+              tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str]) -> None:
+    """What the pipeline served at ADDRESS (its source device) has done since its stages started, every stage's
+    timings, and whether the exits its requests take still match the plan's shares (drift)."""
+    from distree.runtime.client import InferenceClient
+    from distree.runtime.tls import load_tls
+    from distree.serde import write_json_atomic
+
+    with InferenceClient(address, timeout_s=timeout_s, tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
+        report = client.stats()
+    if json_path is not None and str(json_path) == "-":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        if json_path:
+            write_json_atomic(json_path, report.to_dict())
+        _print_stats(report)
+    if fail_on_drift and (report.drifted or report.unreachable):      # a stage not asked is not vouched for
+        sys.exit(1)
+
+
+def _print_stats(report) -> None:
+    from distree.runtime.stats import FAILED, FORWARD, RECENT
+
+    stages = report.stages
+    click.echo(f"pipeline at {report.address}: {' -> '.join(s['device'] for s in stages)}; the plan expects "
+               f"{stages[0].get('expected_latency_ms', 0.0):.3f} ms a request")
+    for snap in stages:
+        if "unreachable" in snap:
+            click.echo(f"  {snap['device']} at {snap['address']}: did not answer ({snap['unreachable']})")
+            continue
+        totals = snap["totals"]
+        role = "relays for the source" if snap["stage"] is None else f"stage {snap['stage'] + 1}"
+        handled = sum(totals.values())
+        here = handled - totals.get(FORWARD, 0) - totals.get(FAILED, 0)
+        compute, total = snap["compute_ms"], snap["total_ms"]
+        computed = ("" if snap["stage"] is None else
+                    f"compute median {compute['median_ms']:.3f} ms, p99 {compute['p99_ms']:.3f}; ")
+        click.echo(f"  {snap['device']} ({role}, up {snap['uptime_s']:.0f} s): {handled} requests, {here} answered "
+                   f"here, {totals.get(FORWARD, 0)} handed on, {totals.get(FAILED, 0)} failed; newest "
+                   f"{total['count']}: {computed}receipt to reply median {total['median_ms']:.3f} ms, p99 "
+                   f"{total['p99_ms']:.3f}")
+    if not report.drift:
+        return
+    click.echo(f"exits: share of the requests that reached the stage and were decided by the thresholds "
+               f"(newest {RECENT} per stage), against the plan's (calibration data)")
+    for d in report.drift:
+        said = {"drift": f"DRIFT (z {d.z:+.1f})", "ok": "ok", "too few requests": "too few requests to tell"}
+        click.echo(f"  {d.device} {d.exit}: plan {d.planned:.1%}, served {d.served:.1%} [{d.low:.1%}-{d.high:.1%}] "
+                   f"of {d.requests}: {said[d.verdict]}")
+    for device in dict.fromkeys(d.device for d in report.drifted):
+        shares = ", ".join(f"{d.exit} {d.served:.1%} (plan {d.planned:.1%})" for d in report.drifted
+                           if d.device == device)
+        click.echo(f"drift on {device}: {shares}: these requests do not resemble the calibration data the plan was "
+                   "made for, so latency and accuracy differ from its promise; label recent requests and compile "
+                   "again with them as --data (`--start BUNDLE` starts the search from this plan)")

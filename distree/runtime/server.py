@@ -31,6 +31,7 @@ from distree.runtime.backends import set_tvm_threads
 from distree.runtime.executor import StageExecutor, StageOutcome, transfer_in_ms
 from distree.runtime.link import NO_FREE_STREAM, Link
 from distree.runtime.policy import ExitPolicy
+from distree.runtime.stats import DEADLINE, FAILED, FORWARD, StageCounters, planned_shares
 from distree.runtime.tls import Tls, add_port, open_channel
 from distree.runtime.wire import Hop, Reply, Request, WireError, decode_reply, decode_request, encode_reply, \
     encode_request
@@ -40,6 +41,8 @@ SERVICE = "distree.Stage"
 INFER = f"/{SERVICE}/Infer"
 INFER_STREAM = f"/{SERVICE}/InferStream"     # the same requests on a persistent stream (distree.runtime.link)
 INFO = f"/{SERVICE}/Info"
+STATS = f"/{SERVICE}/Stats"      # this stage's counters, then the next stage's (distree.runtime.stats)
+STATS_TIMEOUT_S = 5.0             # how long a stage waits for the next one's counters
 ORIGIN_KEY = "distree-origin"       # trailing metadata on errors a stage raised itself (vs transport errors)
 MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = [
@@ -111,6 +114,9 @@ class _StageService:
         self.forward_timeout_s = forward_timeout_s
         self._channel = open_channel(next_address, tls, CHANNEL_OPTIONS) if next_address else None
         self._link = Link(self._channel, INFER, INFER_STREAM) if self._channel else None
+        self._next_stats = self._channel.unary_unary(STATS) if self._channel else None
+        shares = {} if role.index is None else planned_shares(manifest.plan, role.index)
+        self.counters = StageCounters(role.device, role.index, shares, manifest.plan.expected_latency_ms)
         self._stream_slots = threading.BoundedSemaphore(stream_slots)
 
     def close(self) -> None:
@@ -126,6 +132,17 @@ class _StageService:
             "exits": list(self.exit_names), "next": self.next_address,
             "model_sha256": m.model_sha256, "bundle": self.bundle_id,
         }).encode()
+
+    def stats(self, _request: bytes, _context: grpc.ServicerContext) -> bytes:
+        """This stage's counters, then those of every later stage (one that does not answer says why)."""
+        later: list[dict] = []
+        if self._next_stats is not None:
+            try:
+                later = json.loads(self._next_stats(b"", timeout=STATS_TIMEOUT_S).decode())
+            except grpc.RpcError as exc:
+                later = [{"device": self.role.next_device, "address": self.next_address,
+                          "unreachable": f"{exc.code().name}: {exc.details()}"}]
+        return json.dumps([self.counters.snapshot(), *later]).encode()
 
     def infer_stream(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         """Requests on one caller's persistent stream, answered in order; while open it holds a worker thread,
@@ -162,6 +179,9 @@ class _StageService:
             down = self._forward(req, outcome, elapsed_in + (sent - received) * 1e3, received, context)
             forward_ms = (time.perf_counter() - sent) * 1e3
         total_ms = (time.perf_counter() - received) * 1e3
+        answered = outcome.answer
+        taken = FORWARD if answered is None else DEADLINE if answered.reason == "deadline" else answered.exit
+        self.counters.record(taken, queued, compute_ms, total_ms)
         hop = Hop(self.role.device, queued, compute_ms, forward_ms, total_ms)
         over = req.deadline_ms is not None and elapsed_in + total_ms > req.deadline_ms
         late_at = self.role.device if outcome.late else down.late_at
@@ -252,6 +272,7 @@ class _StageService:
         return f"{self._next} failed: {exc.code().name}: {exc.details()}"
 
     def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+        self.counters.record(FAILED)
         context.set_trailing_metadata(((ORIGIN_KEY, self.role.device),))
         context.abort(code, f"{self.role.device}: {message}")
 
@@ -331,6 +352,7 @@ def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Opti
         "Infer": grpc.unary_unary_rpc_method_handler(service.infer),
         "InferStream": grpc.stream_stream_rpc_method_handler(service.infer_stream),
         "Info": grpc.unary_unary_rpc_method_handler(service.info),
+        "Stats": grpc.unary_unary_rpc_method_handler(service.stats),
     }),))
     try:
         port = add_port(server, listen, tls)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,13 @@ def test_stats_relays_every_stages_counters_and_flags_requests_unlike_the_calibr
         assert doc["stages"][0]["totals"][FORWARD] + sum(doc["stages"][0]["totals"].get(e, 0)
                                                          for e in ("exit_1", "exit_2")) == 2 * len(tiny.data.x)
         assert {d["verdict"] for d in doc["drift"] if d["device"] == "host"} == {"drift"}
+        result = CliRunner().invoke(cli, ["stats", host.address, "--prometheus", str(tmp_path / "distree.prom")])
+        assert result.exit_code == 0, result.output
+        metrics = _prometheus(tmp_path / "distree.prom")
+        assert metrics['distree_exit_drift{device="host",exit="exit_1"}'] == 1.0
+        assert metrics['distree_stage_requests_total{device="pi4",outcome="final"}'] == doc["stages"][1]["totals"][FINAL]
+        assert metrics['distree_exit_share{device="host",exit="exit_2",kind="planned"}'] == pytest.approx(
+            planned_shares_of(doc, "host", "exit_2"), rel=1e-5)
 
         pi4.stop()                      # a stage that does not answer is named by the one before it
         with InferenceClient(host.address) as client:
@@ -118,8 +126,27 @@ def test_stats_relays_every_stages_counters_and_flags_requests_unlike_the_calibr
                 for x in tiny.data.x:       # a request the host hands on, now to no one: it fails, and is counted
                     client.infer(x)
             assert client.stats().stages[0]["totals"][FAILED] == 1
-        result = CliRunner().invoke(cli, ["stats", host.address, "--fail-on-drift"])
+        result = CliRunner().invoke(cli, ["stats", host.address, "--fail-on-drift", "--prometheus",
+                                          str(tmp_path / "distree.prom")])
         assert result.exit_code == 1 and f"pi4 at {pi4.address}: did not answer (UNAVAILABLE" in result.output
+        assert _prometheus(tmp_path / "distree.prom")['distree_stage_up{device="pi4"}'] == 0.0
     finally:
         host.stop()
         pi4.stop()
+
+
+def planned_shares_of(doc: dict, device: str, exit_name: str) -> float:
+    return next(st["planned_shares"][exit_name] for st in doc["stages"] if st["device"] == device)
+
+
+def _prometheus(path: Path) -> dict[str, float]:
+    """Series -> value of a text exposition file, each line checked against the format."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("# "):
+            assert re.fullmatch(r"# (HELP distree_[a-z_]+ .+|TYPE distree_[a-z_]+ (counter|gauge))", line), line
+            continue
+        match = re.fullmatch(r'(distree_[a-z_]+\{[a-z_]+="[^"]*"(?:,[a-z_]+="[^"]*")*\}) (\S+)', line)
+        assert match, line
+        values[match.group(1)] = float(match.group(2))
+    return values

@@ -162,17 +162,22 @@ def infer_cmd(address: str, input_path: str, limit: Optional[int], deadline_ms: 
                    "(for a cron job or a monitor).")
 @click.option("--json", "json_path", type=OUTPUT_FILE_OR_STDOUT, default=None,
               help="Write every stage's counters and the drift test as JSON here ('-': standard output).")
+@click.option("--prometheus", "prometheus_path", type=OUTPUT_FILE, default=None,
+              help="Write them in Prometheus' text format here, atomically (node_exporter's textfile collector).")
 @tls_options
 def stats_cmd(address: str, timeout_s: float, fail_on_drift: bool, json_path: Optional[str],
-              tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str]) -> None:
+              prometheus_path: Optional[str], tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str]) -> None:
     """What the pipeline served at ADDRESS (its source device) has done since its stages started, every stage's
     timings, and whether the exits its requests take still match the plan's shares (drift)."""
     from distree.runtime.client import InferenceClient
+    from distree.runtime.stats import prometheus_text
     from distree.runtime.tls import load_tls
-    from distree.serde import write_json_atomic
+    from distree.serde import write_bytes_atomic, write_json_atomic
 
     with InferenceClient(address, timeout_s=timeout_s, tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
         report = client.stats()
+    if prometheus_path:
+        write_bytes_atomic(prometheus_path, prometheus_text(report).encode())
     if json_path is not None and str(json_path) == "-":
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -139,3 +139,38 @@ class PipelineStats(JsonRecord):
 def pipeline_stats(address: str, snapshots: list[dict[str, Any]]) -> PipelineStats:
     drift = [row for snap in snapshots if "unreachable" not in snap for row in exit_drift(snap)]
     return PipelineStats(address, tuple(snapshots), tuple(drift))
+
+
+def prometheus_text(report: PipelineStats) -> str:
+    """The report in Prometheus' text exposition format, for node_exporter's textfile collector (a cron job runs
+    ``distree stats SOURCE --prometheus /var/lib/node_exporter/distree.prom``): counters since each stage started,
+    the newest outcomes' timing quantiles, and each exit's served and planned share with its drift verdict."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, what: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        lines.extend((f"# HELP distree_{name} {what}", f"# TYPE distree_{name} {kind}"))
+        for labels, value in samples:
+            text = ",".join(f'{k}="{_escaped(v)}"' for k, v in labels.items())
+            lines.append(f"distree_{name}{{{text}}} {value:.6g}")
+
+    answered = [snap for snap in report.stages if "unreachable" not in snap]
+    metric("stage_up", "gauge", "1 when the stage answered the stats request, 0 when its predecessor could not "
+           "reach it", [({"device": s["device"]}, 0.0 if "unreachable" in s else 1.0) for s in report.stages])
+    metric("stage_requests_total", "counter", "requests a stage ended, by outcome (an exit, forward, deadline, "
+           "failed), since it started", [({"device": s["device"], "outcome": outcome}, float(n))
+                                         for s in answered for outcome, n in sorted(s["totals"].items())])
+    for series in ("compute_ms", "total_ms"):
+        metric(f"stage_{series}", "gauge", f"{series[:-3]} time of the stage's newest requests (ms), by quantile",
+               [({"device": s["device"], "quantile": q}, s[series][key]) for s in answered
+                for q, key in (("0.5", "median_ms"), ("0.9", "p90_ms"), ("0.99", "p99_ms"))])
+    metric("exit_share", "gauge", "share of the requests reaching the exit's stage that left there by its "
+           "threshold: served (newest requests) and planned (calibration data)",
+           [({"device": d.device, "exit": d.exit, "kind": kind}, value) for d in report.drift
+            for kind, value in (("served", d.served), ("planned", d.planned))])
+    metric("exit_drift", "gauge", "1 when the exit's served share drifted from the plan's (binomial test), else 0",
+           [({"device": d.device, "exit": d.exit}, float(d.verdict == "drift")) for d in report.drift])
+    return "\n".join(lines) + "\n"
+
+
+def _escaped(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,8 +1,10 @@
-"""Cross targets: the pi4 library runs under qemu-user and matches the host build; the Jetson library
-carries its CUDA kernels as an nvcc-built sm_87 fatbin (no NVRTC needed at load)."""
+"""Cross targets: the pi4 library runs under qemu-user, matches the host build and serves its stage in a
+pipeline there; the Jetson library carries its CUDA kernels as an nvcc-built sm_87 fatbin (no NVRTC needed at
+load)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -21,8 +23,14 @@ from distree.compiler.segments import plan_segments, segment_model
 from distree.compiler.tvm_build import compile_segment
 from distree.compiler.verify import LIBRARY_SYMBOL, verify_bundle
 from distree.runtime.backends import ort_runner, tvm_runner
-from distree.runtime.executor import run_bundle
+from distree.runtime.client import InferenceClient, infer_dataset
+from distree.runtime.executor import FINAL, run_bundle
+from distree.runtime.local import StageProcess
 from distree.targets import get_device
+from distree.targets.emulation import SITE, aarch64_command, aarch64_env, ensure_aarch64_root
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.mark.slow
 def test_pi4_library_runs_under_qemu_and_matches_host_build(tiny, tmp_path):
@@ -75,6 +83,31 @@ def test_verify_emulate_runs_the_pi4_library(tiny, tmp_path):
     bundle = build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, tmp_path / "b", backend="tvm")
     status = {c.file: (c.status, c.detail) for c in verify_bundle(bundle, emulate=True).checks}
     assert status["pi4/s1_seg0_b6-10.so"][0] == "ran" and "qemu" in status["pi4/s1_seg0_b6-10.so"][1]
+
+
+@pytest.mark.slow
+def test_a_pi4_stage_served_under_qemu_answers_in_the_pipeline_like_run(tiny_bundle):
+    """The aarch64 library a Pi 4 serves, served by distree's own server in the emulated aarch64 Python (its root
+    holds grpcio, click and PyYAML for it), behind the host's stage: every answer equals `distree run`'s, which runs
+    that stage as its ONNX here. Under qemu-user ONNX Runtime's aarch64 wheel dies on import, so the stage ran its
+    TVM library (a server checks that library on start without ONNX Runtime), and the stage's counters say so."""
+    root = ensure_aarch64_root()
+    env = aarch64_env(root, {"PYTHONPATH": os.pathsep.join((str(Path(root).resolve() / SITE), str(REPO)))})
+    pi4 = StageProcess(tiny_bundle, "pi4", python=aarch64_command([], root), env=env, start_timeout_s=900, cwd=REPO)
+    host = StageProcess(tiny_bundle, "host", next_address=pi4.address, cwd=REPO)
+    data = cf.dataset(40, seed=5)
+    try:
+        with InferenceClient(host.address, timeout_s=120) as client:
+            served = infer_dataset(client, data)
+            stats = client.stats()
+    finally:
+        host.stop()
+        pi4.stop()
+    want = run_bundle(tiny_bundle, data)
+    assert (served.predictions, served.exits) == (want.predictions, want.exits)
+    assert FINAL in served.exits                                    # some requests crossed to the emulated stage
+    (second,) = [s for s in stats.stages if s["device"] == "pi4"]
+    assert second["totals"] == {FINAL: served.exits.count(FINAL)} and second["compute_ms"]["median_ms"] > 0
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed: ahead-of-time CUDA untestable")

@@ -18,12 +18,14 @@ class StageProcess:
 
     def __init__(self, bundle: Path, device: str, listen: str = "127.0.0.1:0", next_address: Optional[str] = None,
                  extra_args: Sequence[str] = (), prefix: Sequence[str] = (), start_timeout_s: float = 180,
-                 cwd: Optional[Path] = None) -> None:
-        cmd = [*prefix, sys.executable, "-u", "-m", "distree", "serve", str(bundle), "--device", device,
+                 cwd: Optional[Path] = None, python: Sequence[str] = (sys.executable,),
+                 env: Optional[dict] = None) -> None:
+        """``python``: the interpreter's command line (an emulated aarch64 one: ``aarch64_command([], root)``)."""
+        cmd = [*prefix, *python, "-u", "-m", "distree", "serve", str(bundle), "--device", device,
                "--listen", listen, *extra_args] + (["--next", next_address] if next_address else [])
         self.device = device
         self.proc = subprocess.Popen(dies_with_this_process(cmd), cwd=cwd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, env=env)
         self.address = self._wait_for_address(start_timeout_s)
 
     def _wait_for_address(self, timeout_s: float) -> str:

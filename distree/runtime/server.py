@@ -342,7 +342,7 @@ def serve_stage(bundle: str | Path, device: str, listen: str, next_address: Opti
         raise DistreeError(f"{device} runs the last stage and answers every request itself; drop --next")
     if not 0 < forward_timeout_s < math.inf:
         raise DistreeError(f"--forward-timeout-s must be a finite number of seconds > 0, got {forward_timeout_s}")
-    verify_bundle(bundle, devices=(device,))
+    verify_bundle(bundle, devices=(device,), against_onnx=False)
     if workers <= UNARY_RESERVE:
         raise DistreeError(f"a stage server needs more than {UNARY_RESERVE} worker threads, got {workers}")
     service = _StageService(bundle, manifest, role, next_address, threads, forward_timeout_s,

@@ -1,7 +1,9 @@
 """Run aarch64 code on this x86 machine: an aarch64 Debian root + Python + TVM, under qemu-user.
 
-Why: proves that artifacts cross-compiled for a Raspberry Pi 4 load and run, and gives the profiler an
-emulated aarch64 "device" behind TVM RPC. Emulated timings are NOT Pi timings; whoever uses them says so.
+Why: proves that artifacts cross-compiled for a Raspberry Pi 4 load and run, gives the profiler an emulated
+aarch64 "device" behind TVM RPC, and lets a test serve a Pi's stage with distree's own server in a pipeline (the
+root holds grpcio, click and PyYAML for that; ONNX Runtime's aarch64 wheel dies on import under qemu-user, so only
+TVM stages). Emulated timings are NOT Pi timings; whoever uses them says so.
 
 The root is built once and cached (default ``<cache>/aarch64-root``, cache = ``$DISTREE_CACHE`` or
 ``.distree-cache``): ``debootstrap --foreign`` fetches the arm64 packages of this machine's Debian
@@ -37,7 +39,8 @@ SITE = "opt/distree/site-packages"
 DEBIAN_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6", "libgcc-s1", "zlib1g",
                    "libffi8")
 WHEELS = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy==2.4.6", "ml_dtypes",
-          "typing_extensions", "psutil", "cloudpickle", "tornado", "packaging")
+          "typing_extensions", "psutil", "cloudpickle", "tornado", "packaging",
+          "grpcio==1.85.3", "click==8.5.1", "pyyaml==6.0.4")    # the last three: a distree stage served there
 _MARKER = ".distree-aarch64-root.json"
 
 

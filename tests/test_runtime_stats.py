@@ -20,7 +20,7 @@ from distree.runtime.client import InferenceClient, ServeError, infer_dataset
 from distree.runtime.executor import FINAL
 from distree.runtime.local import StageProcess
 from distree.runtime.stats import DEADLINE, DRIFT_MIN_REQUESTS, FAILED, FORWARD, RECENT, StageCounters, exit_drift, \
-    planned_shares
+    pipeline_stats, planned_shares
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +49,19 @@ def test_a_share_far_from_the_plan_is_drift_and_one_within_noise_is_not():
     # a stage that hands requests on decides them too: its forwarded share is what its exits did not take
     relay = {d.exit: d for d in exit_drift(_snapshot({"exit_1": 0.3}, {"exit_1": 150, FORWARD: 350}))}
     assert relay["exit_1"].requests == 500 and relay["exit_1"].verdict == "ok"
+
+
+def test_a_requests_cost_follows_the_shares_of_the_exits_it_takes():
+    """A request leaving at e1 costs its path to e1; one passing through pays the whole first stage and then its
+    path in the second: at the plan's shares 0.5*1 + 0.5*(2 + 3) = 3.0 ms; at served shares of 0.2, 0.2*1 + 0.8*5."""
+    first = {"device": "a", "planned_shares": {"e1": 0.5}, "exit_ms": {"e1": 1.0}, "through_ms": 2.0,
+             "recent": {"e1": 200, FORWARD: 800}}
+    last = {"device": "b", "planned_shares": {FINAL: 1.0}, "exit_ms": {FINAL: 3.0}, "through_ms": 3.0,
+            "recent": {FINAL: 800}}
+    report = pipeline_stats("x:1", [first, last])
+    assert report.planned_ms == pytest.approx(3.0) and report.served_ms == pytest.approx(0.2 + 0.8 * 5.0)
+    quiet = pipeline_stats("x:1", [{**first, "recent": {"e1": 2, FORWARD: 8}}, {**last, "recent": {FINAL: 8}}])
+    assert quiet.served_ms == pytest.approx(3.0)        # too few requests to say: the plan's shares stand in
 
 
 def test_a_stage_keeps_its_newest_outcomes_and_counts_them_all():
@@ -99,6 +112,7 @@ def test_stats_relays_every_stages_counters_and_flags_requests_unlike_the_calibr
         host_rows, (last,) = stats.drift[:2], stats.drift[2:]
         assert all(d.verdict == "ok" and abs(d.z) < 1e-6 for d in host_rows), host_rows      # exactly as planned
         assert last.requests == answered[FINAL] < DRIFT_MIN_REQUESTS and last.verdict == "too few requests"
+        assert stats.served_ms == pytest.approx(stats.planned_ms) and stats.planned_ms > 0
 
         np.savez(tmp_path / "dark.npz", x=np.full_like(tiny.data.x, -3.0))      # every request the same image
         with InferenceClient(host.address) as client:
@@ -106,6 +120,9 @@ def test_stats_relays_every_stages_counters_and_flags_requests_unlike_the_calibr
         result = CliRunner().invoke(cli, ["stats", host.address, "--fail-on-drift"])
         assert result.exit_code == 1, result.output
         assert "DRIFT" in result.output and "drift on host: exit_1" in result.output
+        cost = r"a request costs ([0-9.]+) ms at the served shares and ([0-9.]+) ms at the plan's \(([+-][0-9.]+)%\)"
+        served_ms, planned_ms, change = map(float, re.search(cost, result.output).groups())
+        assert served_ms != planned_ms and change == pytest.approx(100 * (served_ms / planned_ms - 1), abs=0.2)
         as_json = CliRunner().invoke(cli, ["stats", host.address, "--json", "-"])
         assert as_json.exit_code == 0, as_json.output
         doc = json.loads(as_json.output)

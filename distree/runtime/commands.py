@@ -217,6 +217,11 @@ def _print_stats(report) -> None:
         said = {"drift": f"DRIFT (z {d.z:+.1f})", "ok": "ok", "too few requests": "too few requests to tell"}
         click.echo(f"  {d.device} {d.exit}: plan {d.planned:.1%}, served {d.served:.1%} [{d.low:.1%}-{d.high:.1%}] "
                    f"of {d.requests}: {said[d.verdict]}")
+    if report.served_ms is not None:
+        change = report.served_ms / report.planned_ms - 1 if report.planned_ms else 0.0
+        click.echo(f"by the bundle's figures (compute and transfers, no gRPC), a request costs "
+                   f"{report.served_ms:.3f} ms at the served shares and {report.planned_ms:.3f} ms at the plan's "
+                   f"({change:+.1%})")
     for device in dict.fromkeys(d.device for d in report.drifted):
         shares = ", ".join(f"{d.exit} {d.served:.1%} (plan {d.planned:.1%})" for d in report.drifted
                            if d.device == device)

@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from distree.runtime.backends import percentiles_ms
-from distree.runtime.executor import FINAL
+from distree.compiler.manifest import Manifest
+from distree.runtime.executor import FINAL, expected_segment_ms, transfer_in_ms
 from distree.serde import JsonRecord
 from distree.solver.plan import Plan
 
@@ -29,6 +30,20 @@ DRIFT_Z = 4.0               # |z| of the binomial test from which a share is cal
 DRIFT_MIN_SHARE = 0.02      # ... when it is also this far from the plan's (a real difference, not noise at large n)
 DRIFT_MIN_REQUESTS = 100    # fewer requests decided by the thresholds at a stage: no verdict
 FORWARD, DEADLINE, FAILED = "forward", "deadline", "failed"      # outcomes that are not a threshold's answer
+
+
+def path_ms(manifest: Manifest, stage: int) -> tuple[dict[str, float], float]:
+    """(exit -> ms a request spends in ``stage`` when it leaves there, ms when it passes through), by the bundle's
+    figures: the transfer into the stage and its sub-segments up to that exit (the last stage's FINAL: all)."""
+    seg_ms, transfer = expected_segment_ms(manifest)[stage], transfer_in_ms(manifest)[stage]
+    exits, spent = {}, transfer
+    for seg, ms in zip(manifest.stages[stage].segments, seg_ms):
+        spent += ms
+        if seg.exit:
+            exits[seg.exit] = spent
+    if stage == len(manifest.stages) - 1:
+        exits[FINAL] = spent
+    return exits, spent
 
 
 def planned_shares(plan: Plan, stage: int) -> dict[str, float]:
@@ -45,10 +60,11 @@ def planned_shares(plan: Plan, stage: int) -> dict[str, float]:
 class StageCounters:
     """What one stage did with its requests: totals since it started, and its newest outcomes with timings."""
 
-    def __init__(self, device: str, stage: Optional[int], shares: dict[str, float],
-                 expected_latency_ms: float) -> None:
+    def __init__(self, device: str, stage: Optional[int], shares: dict[str, float], expected_latency_ms: float,
+                 exit_ms: Optional[dict[str, float]] = None, through_ms: float = 0.0) -> None:
         self.device, self.stage, self.shares = device, stage, dict(shares)
         self.expected_latency_ms = expected_latency_ms
+        self.exit_ms, self.through_ms = dict(exit_ms or {}), through_ms     # see :func:`path_ms`
         self._lock = threading.Lock()
         self._totals: Counter[str] = Counter()
         self._recent: deque[tuple[str, float, float, float]] = deque(maxlen=RECENT)
@@ -68,7 +84,7 @@ class StageCounters:
             "device": self.device, "stage": self.stage,
             "started_utc": datetime.fromtimestamp(self._started, timezone.utc).isoformat(timespec="seconds"),
             "uptime_s": round(time.time() - self._started, 1), "expected_latency_ms": self.expected_latency_ms,
-            "planned_shares": self.shares, "totals": totals, "recent": dict(Counter(r[0] for r in recent)),
+            "planned_shares": self.shares, "exit_ms": self.exit_ms, "through_ms": self.through_ms, "totals": totals, "recent": dict(Counter(r[0] for r in recent)),
             "queued_ms": percentiles_ms([r[1] for r in done]), "compute_ms": percentiles_ms([r[2] for r in done]),
             "total_ms": percentiles_ms([r[3] for r in done]),
         }
@@ -125,6 +141,8 @@ class PipelineStats(JsonRecord):
     address: str
     stages: tuple[dict[str, Any], ...]
     drift: tuple[ExitDrift, ...]
+    planned_ms: Optional[float] = None    # a request's compute and transfers by the bundle's figures at the plan's
+    served_ms: Optional[float] = None     # shares, and at the served ones (None: a stage did not answer)
 
     @property
     def drifted(self) -> tuple[ExitDrift, ...]:
@@ -138,7 +156,24 @@ class PipelineStats(JsonRecord):
 
 def pipeline_stats(address: str, snapshots: list[dict[str, Any]]) -> PipelineStats:
     drift = [row for snap in snapshots if "unreachable" not in snap for row in exit_drift(snap)]
-    return PipelineStats(address, tuple(snapshots), tuple(drift))
+    if any("unreachable" in snap for snap in snapshots):
+        return PipelineStats(address, tuple(snapshots), tuple(drift))
+    served = {(d.device, d.exit): d.served for d in drift if d.verdict != "too few requests"}
+    return PipelineStats(address, tuple(snapshots), tuple(drift), _expected_ms(snapshots, lambda s, e: None),
+                         _expected_ms(snapshots, lambda s, e: served.get((s["device"], e))))
+
+
+def _expected_ms(snapshots: list[dict[str, Any]], share) -> float:
+    """A request's expected ms over the stages' paths (:func:`path_ms`), each exit's share of its stage's requests
+    ``share(snapshot, exit)``, or the plan's where that is None (a stage with too few requests to say)."""
+    reach, total = 1.0, 0.0
+    for snap in snapshots:
+        shares = {e: share(snap, e) for e in snap["planned_shares"]}
+        shares = {e: planned if shares[e] is None else shares[e] for e, planned in snap["planned_shares"].items()}
+        leave = sum(shares.values())
+        total += reach * (sum(shares[e] * snap["exit_ms"][e] for e in shares) + (1 - leave) * snap["through_ms"])
+        reach *= max(1 - leave, 0.0)
+    return total
 
 
 def prometheus_text(report: PipelineStats) -> str:

@@ -133,6 +133,7 @@ def test_stats_relays_every_stages_counters_and_flags_requests_unlike_the_calibr
         assert result.exit_code == 0, result.output
         metrics = _prometheus(tmp_path / "distree.prom")
         assert metrics['distree_exit_drift{device="host",exit="exit_1"}'] == 1.0
+        assert metrics['distree_request_cost_ms{shares="planned"}'] == pytest.approx(doc["planned_ms"], rel=1e-5)
         assert metrics['distree_stage_requests_total{device="pi4",outcome="final"}'] == doc["stages"][1]["totals"][FINAL]
         assert metrics['distree_exit_share{device="host",exit="exit_2",kind="planned"}'] == pytest.approx(
             planned_shares_of(doc, "host", "exit_2"), rel=1e-5)

@@ -159,17 +159,16 @@ def pipeline_stats(address: str, snapshots: list[dict[str, Any]]) -> PipelineSta
     if any("unreachable" in snap for snap in snapshots):
         return PipelineStats(address, tuple(snapshots), tuple(drift))
     served = {(d.device, d.exit): d.served for d in drift if d.verdict != "too few requests"}
-    return PipelineStats(address, tuple(snapshots), tuple(drift), _expected_ms(snapshots, lambda s, e: None),
-                         _expected_ms(snapshots, lambda s, e: served.get((s["device"], e))))
+    return PipelineStats(address, tuple(snapshots), tuple(drift), _expected_ms(snapshots, {}),
+                         _expected_ms(snapshots, served))
 
 
-def _expected_ms(snapshots: list[dict[str, Any]], share) -> float:
-    """A request's expected ms over the stages' paths (:func:`path_ms`), each exit's share of its stage's requests
-    ``share(snapshot, exit)``, or the plan's where that is None (a stage with too few requests to say)."""
+def _expected_ms(snapshots: list[dict[str, Any]], served: dict[tuple[str, str], float]) -> float:
+    """A request's expected ms over the stages' paths (:func:`path_ms`), each exit taking its share of its stage's
+    requests from ``served`` (device, exit), else the plan's (a stage with too few requests to say)."""
     reach, total = 1.0, 0.0
     for snap in snapshots:
-        shares = {e: share(snap, e) for e in snap["planned_shares"]}
-        shares = {e: planned if shares[e] is None else shares[e] for e, planned in snap["planned_shares"].items()}
+        shares = {e: served.get((snap["device"], e), planned) for e, planned in snap["planned_shares"].items()}
         leave = sum(shares.values())
         total += reach * (sum(shares[e] * snap["exit_ms"][e] for e in shares) + (1 - leave) * snap["through_ms"])
         reach *= max(1 - leave, 0.0)
@@ -202,6 +201,10 @@ def prometheus_text(report: PipelineStats) -> str:
            "threshold: served (newest requests) and planned (calibration data)",
            [({"device": d.device, "exit": d.exit, "kind": kind}, value) for d in report.drift
             for kind, value in (("served", d.served), ("planned", d.planned))])
+    if report.served_ms is not None:
+        metric("request_cost_ms", "gauge", "a request's compute and transfers by the bundle's figures, at the served "
+               "exit shares and at the plan's", [({"shares": "served"}, report.served_ms),
+                                                 ({"shares": "planned"}, report.planned_ms)])
     metric("exit_drift", "gauge", "1 when the exit's served share drifted from the plan's (binomial test), else 0",
            [({"device": d.device, "exit": d.exit}, float(d.verdict == "drift")) for d in report.drift])
     return "\n".join(lines) + "\n"

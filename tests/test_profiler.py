@@ -157,6 +157,24 @@ def test_profile_json_round_trip(local_profile, tmp_path):
     assert Profile.load(tmp_path / "p.json") == profile
 
 
+
+@pytest.mark.parametrize("field, value", [("median_ms", "nan"), ("p90_ms", -1.0), ("median_ms", "fast"),
+                                          ("samples_ms", [0.1, "inf"]), ("param_bytes", -5)])
+def test_a_profile_edited_by_hand_with_an_impossible_time_is_refused_naming_the_entry(local_profile, tmp_path,
+                                                                                      field, value):
+    """A NaN median once made the faster-backend pick arbitrary and changed the plan without a word."""
+    _, profile = local_profile
+    profile.save(tmp_path / "p.json")
+    doc = json.loads((tmp_path / "p.json").read_text())
+    entry = doc["entries"][3]
+    entry[field] = [float(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else \
+        (float(value) if value in ("nan", "inf") else value)
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(DistreeError, match=rf"malformed Profile file \({entry['device']} {entry['item']} "
+                                           rf"\({entry['backend']}\): {field}(\[1\])? .* is not a "):
+        Profile.load(tmp_path / "p.json")
+
+
 def test_cache_reuses_profile_and_compiled_units_force_remeasures(tiny, local_profile):
     _, model, chain, exits = tiny
     cache, first = local_profile

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +28,30 @@ class Measurement(JsonRecord):
     flops: int = 0                  # of the item, from the graph
     note: str = ""                  # e.g. "emulated: not a Pi timing"
 
+    def __post_init__(self) -> None:
+        """A profile may be made by hand (a Pi's, say), and a time that is not a finite number >= 0 would steer the
+        solver without a word: a NaN made ``Profile.get``'s faster-backend pick arbitrary, a negative block a bonus."""
+        times = (("median_ms", self.median_ms), ("p90_ms", self.p90_ms),
+                 *((f"samples_ms[{k}]", v) for k, v in enumerate(self.samples_ms)))
+        sizes = (("param_bytes", self.param_bytes), ("activation_bytes", self.activation_bytes))
+        for name, value in times:
+            if not _in_range(value):
+                raise ValueError(f"{self.device} {self.item} ({self.backend}): {name} {value!r} is not a time in ms "
+                                 "(a finite number >= 0)")
+        for name, value in sizes:
+            if not _in_range(value):
+                raise ValueError(f"{self.device} {self.item} ({self.backend}): {name} {value!r} is not a size in "
+                                 "bytes (>= 0)")
+
     @property
     def memory_bytes(self) -> int:
         """What the item needs resident on its device: weights + planned activations."""
         return self.param_bytes + self.activation_bytes
+
+
+def _in_range(value: Any) -> bool:
+    """A finite number >= 0 (not a string, not a bool, not NaN)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < math.inf   # numpy too
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from distree.runtime.backends import percentiles_ms
 from distree.compiler.manifest import Manifest
+from distree.runtime.backends import percentiles_ms
 from distree.runtime.executor import FINAL, expected_segment_ms, transfer_in_ms
 from distree.serde import JsonRecord
 from distree.solver.plan import Plan

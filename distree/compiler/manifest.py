@@ -113,8 +113,13 @@ def sha256_file(path: Path) -> str:
 
 
 def versions() -> dict[str, str]:
-    return {"distree_version": __version__, "tvm_version": _installed_version("tvm", ("apache-tvm",)),
-            "ort_version": _installed_version("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))}
+    return {**_versions_checked(), "ort_version": _installed_version("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))}
+
+
+def _versions_checked() -> dict[str, str]:
+    """What a bundle must have been made with to be read here; not ONNX Runtime's: a stage that runs TVM code never
+    loads it (under qemu-user its aarch64 wheel dies on import)."""
+    return {"distree_version": __version__, "tvm_version": _installed_version("tvm", ("apache-tvm",))}
 
 
 def _installed_version(module: str, distributions: tuple[str, ...]) -> str:
@@ -155,8 +160,7 @@ def read_manifest(bundle: Path) -> Manifest:
         raise DistreeError(f"{bundle / MANIFEST}: not a distree bundle manifest; rebuild with `distree compile`")
     made_by = f"distree {doc.get('distree_version', '?')} (TVM {doc.get('tvm_version', '?')}, " \
               f"schema {doc.get('schema_version', '?')})"
-    here = {"distree_version": __version__, "tvm_version": _installed_version("tvm", ("apache-tvm",))}  # not ORT's:
-    #    a stage that runs TVM code never loads ONNX Runtime (under qemu-user its aarch64 wheel dies on import)
+    here = _versions_checked()
     if doc.get("schema_version") != SCHEMA_VERSION or doc.get("distree_version") != here["distree_version"] \
             or doc.get("tvm_version") != here["tvm_version"]:
         raise DistreeError(

@@ -31,7 +31,7 @@ from distree.runtime.backends import set_tvm_threads
 from distree.runtime.executor import StageExecutor, StageOutcome, transfer_in_ms
 from distree.runtime.link import NO_FREE_STREAM, Link
 from distree.runtime.policy import ExitPolicy
-from distree.runtime.stats import DEADLINE, FAILED, FORWARD, StageCounters, path_ms, planned_shares
+from distree.runtime.stats import DEADLINE, FAILED, FORWARD, StageCounters
 from distree.runtime.tls import Tls, add_port, open_channel
 from distree.runtime.wire import Hop, Reply, Request, WireError, decode_reply, decode_request, encode_reply, \
     encode_request
@@ -115,10 +115,7 @@ class _StageService:
         self._channel = open_channel(next_address, tls, CHANNEL_OPTIONS) if next_address else None
         self._link = Link(self._channel, INFER, INFER_STREAM) if self._channel else None
         self._next_stats = self._channel.unary_unary(STATS) if self._channel else None
-        shares = {} if role.index is None else planned_shares(manifest.plan, role.index)
-        exit_ms, through_ms = ({}, 0.0) if role.index is None else path_ms(manifest, role.index)
-        self.counters = StageCounters(role.device, role.index, shares, manifest.plan.expected_latency_ms, exit_ms,
-                                      through_ms)
+        self.counters = StageCounters.for_stage(manifest, role.device, role.index)
         self._stream_slots = threading.BoundedSemaphore(stream_slots)
 
     def close(self) -> None:

@@ -70,6 +70,14 @@ class StageCounters:
         self._recent: deque[tuple[str, float, float, float]] = deque(maxlen=RECENT)
         self._started = time.time()
 
+    @classmethod
+    def for_stage(cls, manifest: Manifest, device: str, stage: Optional[int]) -> "StageCounters":
+        """The counters of ``device``, which runs ``stage`` of the bundle (None: it relays for the source)."""
+        if stage is None:
+            return cls(device, None, {}, manifest.plan.expected_latency_ms)
+        return cls(device, stage, planned_shares(manifest.plan, stage), manifest.plan.expected_latency_ms,
+                   *path_ms(manifest, stage))
+
     def record(self, outcome: str, queued_ms: float = 0.0, compute_ms: float = 0.0, total_ms: float = 0.0) -> None:
         """``outcome``: the exit that answered by its threshold (or ``final``), or FORWARD, DEADLINE, FAILED."""
         with self._lock:
@@ -84,7 +92,8 @@ class StageCounters:
             "device": self.device, "stage": self.stage,
             "started_utc": datetime.fromtimestamp(self._started, timezone.utc).isoformat(timespec="seconds"),
             "uptime_s": round(time.time() - self._started, 1), "expected_latency_ms": self.expected_latency_ms,
-            "planned_shares": self.shares, "exit_ms": self.exit_ms, "through_ms": self.through_ms, "totals": totals, "recent": dict(Counter(r[0] for r in recent)),
+            "planned_shares": self.shares, "exit_ms": self.exit_ms, "through_ms": self.through_ms,
+            "totals": totals, "recent": dict(Counter(r[0] for r in recent)),
             "queued_ms": percentiles_ms([r[1] for r in done]), "compute_ms": percentiles_ms([r[2] for r in done]),
             "total_ms": percentiles_ms([r[3] for r in done]),
         }

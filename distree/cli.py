@@ -31,6 +31,7 @@ COMMANDS = {
     "inspect": "distree.graph.commands:inspect_cmd",
     "plan": "distree.solver.commands:plan_cmd",
     "profile": "distree.profiler.commands:profile_cmd",
+    "retune": "distree.compiler.commands:retune_cmd",
     "run": "distree.runtime.commands:run_cmd",
     "serve": "distree.runtime.commands:serve_cmd",
     "simulate": "distree.sim.commands:simulate_cmd",

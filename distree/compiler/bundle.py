@@ -86,7 +86,7 @@ def build_bundle(model: onnx.ModelProto, chain: Chain, plan: Plan, topology: Top
             if times is not None and not artifact.tuned:       # chosen by the device's own times
                 on_device[dev.name] = times
             artifacts.setdefault(spec.stage_index, []).append(artifact)
-        table = _threshold_table(plan, calibration)
+        table = threshold_table(plan, calibration)
         table.save(tmp / THRESHOLDS)
         (tmp / PLANNING).mkdir()
         for name, record in (("chain", chain), ("calibration", calibration), ("topology", topology),
@@ -295,7 +295,7 @@ def _choose(backend: str, ratio: float, where: str) -> tuple[str, str]:
     return "ort", f"auto: TVM/ORT = {ratio:.2f} > 1 {where}, so ONNX Runtime ships"
 
 
-def _threshold_table(plan: Plan, calibration: Calibration) -> ThresholdTable:
+def threshold_table(plan: Plan, calibration: Calibration) -> ThresholdTable:
     entry_of = {e.name: e.entry_output for e in calibration.exits}
     exits = tuple(
         ThresholdEntry(name=c.name, after_block=c.after_block, device=stage.device, threshold=c.threshold,

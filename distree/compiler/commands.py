@@ -11,7 +11,7 @@ from typing import Optional
 
 import click
 
-from distree.cli import NON_NEGATIVE, NUMBER, OUTPUT_DIR, TRAFFIC_OPTION
+from distree.cli import NON_NEGATIVE, NUMBER, OUTPUT_DIR, OUTPUT_FILE_OR_STDOUT, TRAFFIC_OPTION
 from distree.errors import DistreeError
 
 
@@ -122,6 +122,55 @@ def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, ou
         click.echo(json.dumps(summary_dict(result), indent=2))
     else:
         print_summary(result, console)
+
+
+@click.command("retune")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="Labelled .npz (x, y) of what the devices see now, e.g. a labelled sample of recent requests.")
+@click.option("-o", "--output", required=True, type=OUTPUT_DIR,
+              help="Bundle directory to write; BUNDLE itself to replace it (atomically).")
+@click.option("--accuracy-drop", type=NUMBER, default=None,
+              help="Allowed accuracy loss against the full model on --data [default: the bundle's].")
+@click.option("--confidence", type=NUMBER, default=None,
+              help="Hold the accuracy bound at this one-sided confidence [default: the bundle's].")
+@click.option("--min-throughput", type=NUMBER, default=None,
+              help="Requests/s each stage must sustain (expected busy time <= 1/rate).")
+@click.option("--traffic", type=click.Choice(["sporadic", "steady"]), default=None,
+              help="What a hop costs (as `distree compile --traffic`) [default: the bundle's].")
+@click.option("--levels", type=click.IntRange(1, 63), default=8, show_default=True,
+              help="Threshold levels per exit (quantiles of its new scores), besides its current threshold.")
+@click.option("--time-limit", type=NUMBER, default=60.0, show_default=True,
+              help="Solver time limit (s); Ctrl-C ends the search and writes its best table.")
+@click.option("--jobs", type=int, default=None, help="Cores for the solver's branch and bound.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+              help="Threads per segment runtime while scoring --data.")
+@click.option("--json", "json_path", type=OUTPUT_FILE_OR_STDOUT, default=None,
+              help="Write the report (JSON) here; - for standard output.")
+def retune_cmd(bundle: str, data: str, output: Path, accuracy_drop: Optional[float], confidence: Optional[float],
+               min_throughput: Optional[float], traffic: Optional[str], levels: int, time_limit: float,
+               jobs: Optional[int], threads: int, json_path: Optional[Path]) -> None:
+    """Choose BUNDLE's exit thresholds again on new labelled data: same placement, same compiled exits, no
+    compiling; only manifest.json, thresholds.json and planning/calibration.json change."""
+    from distree.compiler.manifest import read_manifest
+    from distree.compiler.retune import bundle_constraints, retune
+    from distree.compiler.summary import print_retuned
+    from distree.exits.data import load_dataset
+    from distree.serde import write_json_atomic
+
+    constraints = bundle_constraints(read_manifest(Path(bundle)).plan, accuracy_drop=accuracy_drop,
+                                     confidence=confidence, min_throughput=min_throughput, traffic=traffic,
+                                     time_limit_s=time_limit, jobs=jobs)
+    dataset = load_dataset(data)
+    console = _console()
+    with console.status("retune ...") as status, _stdout_to_stderr():
+        result = retune(bundle, dataset, output, constraints, levels=levels, threads=threads, progress=status.update)
+    if json_path is not None and str(json_path) == "-":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    print_retuned(result)
+    if json_path:
+        write_json_atomic(json_path, result.to_dict())
 
 
 @click.command("verify")

@@ -90,3 +90,44 @@ def print_summary(result, console) -> None:
         console.print(f"[yellow]note:[/yellow] {note}")
     cached = f" (cached: {', '.join(result.cached)})" if result.cached else ""
     console.print(f"bundle: {result.bundle} in {result.wall_s:.1f} s{cached}")
+
+
+def print_retuned(result) -> None:
+    """``distree retune``'s report: each exit's threshold and share before and after, on the new data."""
+    import click
+
+    from distree.exits.scores import never_threshold
+
+    plan, before, after = result.plan, result.before, result.after
+    never = never_threshold(plan.score_kind)
+    device_of = {c.name: (stage.device, c.after_block) for stage in plan.stages for c in stage.exits}
+
+    def threshold(value: float) -> str:
+        return "off" if value >= never else f"{value:.4f}"
+
+    click.echo(f"on {result.samples} samples of --data: full model {result.full_model_accuracy:.4f}; a table must "
+               f"answer {result.required_correct} right (accuracy drop {plan.accuracy_drop:g}"
+               + (f" at confidence {result.confidence:g}" if result.confidence else "") + ")")
+    rows = [("exit", "device", "after block", "threshold: current -> retuned", "leaves there")]
+    for name, (device, block) in device_of.items():
+        rows.append((name, device, str(block), f"{threshold(before.thresholds[name])} -> "
+                     f"{threshold(after.thresholds[name])}",
+                     f"{before.exit_rates[name]:.1%} -> {after.exit_rates[name]:.1%}"))
+    rows.append(("final", "", "", "", f"{before.exit_rates['final']:.1%} -> {after.exit_rates['final']:.1%}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    verdict = "meets the bound" if before.meets_bound else "MISSES the bound"
+    click.echo(f"current table on --data: expected {before.expected_ms:.3f} ms, accuracy {before.accuracy:.4f}: "
+               f"{verdict}")
+    proof = ("proven optimal for this placement and these exits" if plan.status == "optimal" else
+             f"{plan.status}, proven gap {plan.gap:.1%}: a longer --time-limit searches further")
+    click.echo(f"retuned table: expected {after.expected_ms:.3f} ms, accuracy {after.accuracy:.4f} ({proof})")
+    off = [name for name in device_of if after.thresholds[name] >= never]
+    if off:
+        click.echo(f"off: {', '.join(off)} (no score reaches the threshold; the head is compiled into its segment "
+                   "and still runs: `distree compile` again to drop it)")
+    for note in result.substitutions:
+        click.echo(f"note: scored with {note}")
+    click.echo(f"bundle: {result.bundle}; copy {', '.join(result.changed_files)} to every device and restart its "
+               "`distree serve` (the compiled files are unchanged)")

@@ -23,6 +23,17 @@ from distree.errors import DistreeError
 from distree.exits.types import SCORE_KINDS
 
 
+# the highest score of each kind; a threshold above it lets no sample leave: an exit kept "off" in a bundle whose
+# segment still computes its head (`distree retune`)
+HIGHEST_SCORE = {"max_softmax": 1.0, "entropy": 0.0, "stability": 1.0}
+
+
+def never_threshold(score_kind: str) -> float:
+    """A threshold no score of ``score_kind`` reaches."""
+    check_score_kind(score_kind)
+    return HIGHEST_SCORE[score_kind] + 1.0
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 (stable: max subtracted)."""
     z = np.asarray(logits, dtype=np.float64)

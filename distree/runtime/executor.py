@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -74,6 +74,11 @@ class Answer:
     @property
     def prediction(self) -> int:
         return int(np.argmax(self.logits.reshape(-1)))
+
+
+class ExitLogits(NamedTuple):
+    logits: np.ndarray              # (1, K) of the exit head
+    entry: Optional[np.ndarray]     # (1, K) of its entry head (stability score only)
 
 
 @dataclass(frozen=True)
@@ -149,14 +154,9 @@ class StageExecutor:
         started = time.perf_counter()
         late = (deadline_ms is not None and not self._has_exit
                 and elapsed_ms + self._remaining_on_entry > deadline_ms)
-        act, ran = x, []
-        for k, loaded in enumerate(self._segments):
-            t0 = time.perf_counter()
-            outs = loaded.run(act)
-            ran.append((time.perf_counter() - t0) * 1e3)
-            loaded.times.append(ran[-1])
-            act = outs[0]
-            seg = loaded.segment
+        ran = []
+        for k, seg, outs in self._sub_segments(x):
+            ran.append(self._segments[k].times[-1])
             if seg.is_final:
                 return StageOutcome(Answer(outs[0], FINAL, "final"), None, late, tuple(ran))
             if seg.exit is not None:
@@ -166,7 +166,27 @@ class StageExecutor:
                     remaining_ms=self._remaining_after[k], deadline_ms=deadline_ms)
                 if decision.leave:
                     return StageOutcome(Answer(outs[1], seg.exit, decision.reason), None, late, tuple(ran))
-        return StageOutcome(None, act, late, tuple(ran))
+        return StageOutcome(None, outs[0], late, tuple(ran))
+
+    def every_exit(self, x: np.ndarray) -> tuple[dict[str, ExitLogits], np.ndarray]:
+        """Run ``x`` through every sub-segment whatever the thresholds say: each exit's logits (and its entry
+        head's, for the stability score) and the stage's output (what a calibration on the bundle itself reads)."""
+        heads = {}
+        for _k, seg, outs in self._sub_segments(x):
+            if seg.exit is not None:
+                heads[seg.exit] = ExitLogits(outs[1], outs[2] if seg.entry_output else None)
+        return heads, outs[0]
+
+    def _sub_segments(self, x: np.ndarray) -> Iterator[tuple[int, SegmentArtifact, list]]:
+        """Each sub-segment in order on the previous one's output, timed into its ``times``; a caller that has
+        its answer stops iterating."""
+        act = x
+        for k, loaded in enumerate(self._segments):
+            t0 = time.perf_counter()
+            outs = loaded.run(act)
+            loaded.times.append((time.perf_counter() - t0) * 1e3)
+            yield k, loaded.segment, outs
+            act = outs[0]
 
     def segment_timings(self) -> tuple[SegmentTiming, ...]:
         return tuple(_segment_timing(self.stage.name, loaded) for loaded in self._segments)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distree.compiler.manifest import Manifest
+from distree.compiler.manifest import MANIFEST, THRESHOLDS, Manifest
 from distree.sim.baselines import idle_device_lines
 from distree.solver.plan import INTERRUPTED, WITHIN_GAP
 from distree.solver.report import start_note
@@ -129,5 +129,5 @@ def print_retuned(result) -> None:
                    "and still runs: `distree compile` again to drop it)")
     for note in result.substitutions:
         click.echo(f"note: scored with {note}")
-    click.echo(f"bundle: {result.bundle}; copy {', '.join(result.changed_files)} to every device and restart its "
-               "`distree serve` (the compiled files are unchanged)")
+    click.echo(f"bundle: {result.bundle}; copy its {MANIFEST} and {THRESHOLDS} to every device and restart each "
+               "`distree serve` (every device's folder is unchanged)")

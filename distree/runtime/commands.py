@@ -226,5 +226,6 @@ def _print_stats(report) -> None:
         shares = ", ".join(f"{d.exit} {d.served:.1%} (plan {d.planned:.1%})" for d in report.drifted
                            if d.device == device)
         click.echo(f"drift on {device}: {shares}: these requests do not resemble the calibration data the plan was "
-                   "made for, so latency and accuracy differ from its promise; label recent requests and compile "
-                   "again with them as --data (`--start BUNDLE` starts the search from this plan)")
+                   "made for, so latency and accuracy differ from its promise; label a sample of recent requests "
+                   "and choose the thresholds again on it (`distree retune BUNDLE --data recent.npz -o BUNDLE`: no "
+                   "compiling, two small files to copy), or compile again with it as --data")

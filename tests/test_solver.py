@@ -89,6 +89,8 @@ def _check_plan(plan: Plan, case, c: Constraints) -> None:
     for stage in plan.stages:
         for e in stage.exits:
             assert r.exit_rates[e.name] == pytest.approx(e.exit_rate)
+    shares = [e.exit_rate for stage in plan.stages for e in sorted(stage.exits, key=lambda e: e.after_block)]
+    assert all(sum(shares[:k]) < 1 - 1e-9 for k in range(len(shares))), shares     # none on that no one reaches
     n = len(case.calibration.scores)
     full = sum(row[-1] for row in case.calibration.correct) / n
     promised = clopper_pearson_lower(r.correct, n, c.confidence) if c.confidence else r.accuracy

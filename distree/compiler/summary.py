@@ -125,8 +125,8 @@ def print_retuned(result) -> None:
     click.echo(f"retuned table: expected {after.expected_ms:.3f} ms, accuracy {after.accuracy:.4f} ({proof})")
     off = [name for name in device_of if after.thresholds[name] >= never]
     if off:
-        click.echo(f"off: {', '.join(off)} (no score reaches the threshold; the head is compiled into its segment "
-                   "and still runs: `distree compile` again to drop it)")
+        click.echo(f"off: {', '.join(off)} (a threshold above any score: it answers no one, but its head is "
+                   "compiled into its segment and still runs; `distree compile` again drops it)")
     for note in result.substitutions:
         click.echo(f"note: scored with {note}")
     click.echo(f"bundle: {result.bundle}; copy its {MANIFEST} and {THRESHOLDS} to every device and restart each "

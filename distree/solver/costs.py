@@ -45,6 +45,17 @@ def outcome(p: Problem, levels: np.ndarray) -> Outcome:
                    reach_exit=1.0 - (np.cumsum(rate) - rate), final_rate=counts[E] / N)
 
 
+def unreached_exits_off(p: Problem, levels: np.ndarray) -> np.ndarray:
+    """``levels`` with every enabled exit that no sample reaches turned off (an earlier one lets all that are left
+    leave, as a grid's lowest level does): the same answers and expected latency, but the path on which no exit is
+    taken (the worst case, a deadline) no longer runs their heads, nor does a bundle ship their segments. For the
+    search the two tie, and it may leave them on."""
+    levels = np.asarray(levels, dtype=int)
+    left = np.round(outcome(p, levels).exit_rate * p.n_samples)       # samples leaving at each exit
+    reached = p.n_samples - (np.cumsum(left) - left)
+    return np.where((levels > 0) & (reached == 0), 0, levels)
+
+
 def first_true(mask: np.ndarray) -> np.ndarray:
     """Column of the first True in each row; the column count where a row has none."""
     if mask.shape[1] == 0:

@@ -18,7 +18,8 @@ from distree.profiler.types import Profile
 from distree.solver.bnb import OPTIMALITY_TOLERANCE, BnbResult, Tree, branch_and_bound
 from distree.solver.bounds import BoundTables, bound_tables, widest_window, widest_window_bound, window_prefix_bound
 from distree.solver.classes import PlacementClasses, placement_classes
-from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound
+from distree.solver.costs import Evaluation, best_placement, evaluate, outcome, relaxed_lower_bound, \
+    unreached_exits_off
 from distree.solver.heuristic import Candidate, default_starts, local_search, no_exit_plan
 from distree.solver.milp import MilpResult, estimated_rows, solve_milp
 from distree.solver.parallel import kicks_beside, kicks_on_cores, run_tree, side_by_side, usable_cores
@@ -277,7 +278,8 @@ def solve_problem(p: Problem, index: ProblemIndex, chain: Chain, calibration: Ca
         if result.status == "optimal":
             raise RuntimeError("proven optimum is worse than a heuristic plan (solver bug)")
         levels, placement = best.levels, best.placement
-        ev = evaluate(p, levels, placement)
+    levels = unreached_exits_off(p, levels)
+    ev = evaluate(p, levels, placement)
     if not ev.feasible:
         raise RuntimeError(f"solver returned a plan that violates {ev.violations} (solver bug)")
     bound = max(result.bound, tree.bound, relaxed_ms, wide_bound)

@@ -65,17 +65,14 @@ def run_exits(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoint], 
 
 
 def threshold_grid(scores: np.ndarray, levels: int = DEFAULT_LEVELS) -> tuple[float, ...]:
-    """Ascending distinct thresholds at the quantiles k/levels, k = 0..levels-1, of one exit's scores.
+    """Ascending distinct thresholds at the quantiles k/(levels+1), k = 1..levels, of one exit's scores.
 
-    Level 1, the lowest score, lets every calibration sample leave: the model cut short at this exit, where it
-    answers as well as the rest would (at the quantiles k/(levels+1), k >= 1, as before the forty-eighth session,
-    no level let more than levels/(levels+1) leave: the example's plan had exit_1 at that edge, 88.9%, and is 2.7%
-    faster now). Level k lets about 1 - (k-1)/levels leave; ties (saturated scores) merge levels.
+    Level k lets about 1 - k/(levels+1) of the samples leave; ties (saturated scores) merge levels.
     """
     if not 1 <= levels <= MAX_LEVELS:
         raise DistreeError(f"--levels {levels}: give 1 to {MAX_LEVELS} threshold levels per exit, e.g. "
                            f"{DEFAULT_LEVELS} (the solver's work grows with their square)")
-    q = np.arange(levels) / levels
+    q = np.arange(1, levels + 1) / (levels + 1)
     return tuple(float(t) for t in np.unique(np.quantile(scores, q, method="lower")))
 
 

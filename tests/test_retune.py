@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,8 @@ from distree.solver.costs import evaluate
 from distree.solver.problem import Constraints, build_problem
 from distree.solver.solve import solve_problem
 from distree.solver.synthetic import synthetic_case
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _fixed_placement_optimum(p, placement) -> float:
@@ -199,3 +202,28 @@ def test_retune_refuses_bad_input_in_one_line_and_writes_nothing(compiled, tiny_
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
     assert not out.exists()
+
+
+def test_a_retuned_pipeline_served_its_new_data_takes_each_exit_exactly_as_often_as_its_plan_says(compiled, tmp_path):
+    """The loop `distree stats` opens and retune closes: served in two processes, the retuned bundle answers the
+    data it was retuned on at the new plan's shares, which `stats` compares against (z = 0 at every exit)."""
+    from distree.runtime.client import InferenceClient, infer_dataset
+    from distree.runtime.local import StageProcess
+
+    bundle, data_path, data = compiled
+    out = tmp_path / "retuned"
+    assert _retune(str(bundle), "--data", str(data_path), "-o", str(out), "--accuracy-drop", "0.02").exit_code == 0
+    pi4 = StageProcess(out, "pi4", start_timeout_s=120, cwd=REPO)
+    host = StageProcess(out, "host", next_address=pi4.address, start_timeout_s=120, cwd=REPO)
+    try:
+        with InferenceClient(host.address) as client:
+            served = infer_dataset(client, data)
+            stats = client.stats()
+    finally:
+        host.stop()
+        pi4.stop()
+    run = run_bundle(out, data)
+    assert list(served.exits) == list(run.exits)
+    rows = [d for d in stats.drift if d.device == "host"]
+    assert [d.exit for d in rows] == ["exit_1", "exit_2"]
+    assert all(abs(d.z) < 1e-6 and d.verdict in ("ok", "too few requests") for d in rows), rows

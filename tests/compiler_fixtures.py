@@ -106,6 +106,19 @@ def two_stage_plan(tiny: Tiny, devices: tuple[str, str] = ("host", "pi4")) -> tu
     return plan, topology
 
 
+def served_and_stats(host, last, data: Dataset, timeout_s: float = 10.0):
+    """Send ``data`` through the pipeline served at ``host`` (a ``StageProcess`` handing on to ``last``), ask its
+    counters, and stop both stages: (the InferReport, the PipelineStats)."""
+    from distree.runtime.client import InferenceClient, infer_dataset
+
+    try:
+        with InferenceClient(host.address, timeout_s=timeout_s) as client:
+            return infer_dataset(client, data), client.stats()
+    finally:
+        host.stop()
+        last.stop()
+
+
 def ort_reference(tiny: Tiny, x: np.ndarray, thresholds: dict[str, float]) -> tuple[np.ndarray, list[str]]:
     """ONNX Runtime on the whole multi-exit model, same score function and thresholds, first exit passed."""
     session = ort.InferenceSession(tiny.model.SerializeToString(), providers=["CPUExecutionProvider"])

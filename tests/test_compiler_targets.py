@@ -23,7 +23,6 @@ from distree.compiler.segments import plan_segments, segment_model
 from distree.compiler.tvm_build import compile_segment
 from distree.compiler.verify import LIBRARY_SYMBOL, verify_bundle
 from distree.runtime.backends import ort_runner, tvm_runner
-from distree.runtime.client import InferenceClient, infer_dataset
 from distree.runtime.executor import FINAL, run_bundle
 from distree.runtime.local import StageProcess
 from distree.targets import get_device
@@ -96,13 +95,7 @@ def test_a_pi4_stage_served_under_qemu_answers_in_the_pipeline_like_run(tiny_bun
     pi4 = StageProcess(tiny_bundle, "pi4", python=aarch64_command([], root), env=env, start_timeout_s=900, cwd=REPO)
     host = StageProcess(tiny_bundle, "host", next_address=pi4.address, cwd=REPO)
     data = cf.dataset(40, seed=5)
-    try:
-        with InferenceClient(host.address, timeout_s=120) as client:
-            served = infer_dataset(client, data)
-            stats = client.stats()
-    finally:
-        host.stop()
-        pi4.stop()
+    served, stats = cf.served_and_stats(host, pi4, data, timeout_s=120)
     want = run_bundle(tiny_bundle, data)
     assert (served.predictions, served.exits) == (want.predictions, want.exits)
     assert FINAL in served.exits                                    # some requests crossed to the emulated stage

@@ -207,7 +207,6 @@ def test_retune_refuses_bad_input_in_one_line_and_writes_nothing(compiled, tiny_
 def test_a_retuned_pipeline_served_its_new_data_takes_each_exit_exactly_as_often_as_its_plan_says(compiled, tmp_path):
     """The loop `distree stats` opens and retune closes: served in two processes, the retuned bundle answers the
     data it was retuned on at the new plan's shares, which `stats` compares against (z = 0 at every exit)."""
-    from distree.runtime.client import InferenceClient, infer_dataset
     from distree.runtime.local import StageProcess
 
     bundle, data_path, data = compiled
@@ -215,13 +214,7 @@ def test_a_retuned_pipeline_served_its_new_data_takes_each_exit_exactly_as_often
     assert _retune(str(bundle), "--data", str(data_path), "-o", str(out), "--accuracy-drop", "0.02").exit_code == 0
     pi4 = StageProcess(out, "pi4", start_timeout_s=120, cwd=REPO)
     host = StageProcess(out, "host", next_address=pi4.address, start_timeout_s=120, cwd=REPO)
-    try:
-        with InferenceClient(host.address) as client:
-            served = infer_dataset(client, data)
-            stats = client.stats()
-    finally:
-        host.stop()
-        pi4.stop()
+    served, stats = cf.served_and_stats(host, pi4, data)
     run = run_bundle(out, data)
     assert list(served.exits) == list(run.exits)
     rows = [d for d in stats.drift if d.device == "host"]

@@ -138,7 +138,7 @@ def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, ou
               help="Requests/s each stage must sustain (expected busy time <= 1/rate).")
 @click.option("--traffic", type=click.Choice(["sporadic", "steady"]), default=None,
               help="What a hop costs (as `distree compile --traffic`) [default: the bundle's].")
-@click.option("--levels", type=click.IntRange(1, 63), default=8, show_default=True,
+@click.option("--levels", type=click.IntRange(1, 62), default=8, show_default=True,
               help="Threshold levels per exit (quantiles of its new scores), besides its current threshold.")
 @click.option("--time-limit", type=NUMBER, default=60.0, show_default=True,
               help="Solver time limit (s); Ctrl-C ends the search and writes its best table.")

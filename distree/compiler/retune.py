@@ -50,6 +50,7 @@ from distree.targets.spec import Topology
 CALIBRATION_FILE = f"{PLANNING}/calibration.json"
 CHANGED = (MANIFEST, THRESHOLDS, CALIBRATION_FILE)     # what every device needs again after a retune
 RETUNED = "thresholds retuned"                          # the manifest note's start (one note: the latest retune)
+MAX_RETUNE_LEVELS = MAX_LEVELS - 2                      # each grid also holds the current threshold and "off"
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,8 @@ def retune(bundle: str | Path, data: Dataset, out: str | Path, constraints: Cons
     (its placement and compiled exits kept; ``out`` may be ``bundle`` itself, replaced atomically)."""
     bundle, out = Path(bundle), Path(out)
     check_constraints(constraints)
-    if not 1 <= levels < MAX_LEVELS:
-        raise DistreeError(f"--levels {levels}: give 1 to {MAX_LEVELS - 1} threshold levels per exit, e.g. "
+    if not 1 <= levels <= MAX_RETUNE_LEVELS:
+        raise DistreeError(f"--levels {levels}: give 1 to {MAX_RETUNE_LEVELS} threshold levels per exit, e.g. "
                            f"{DEFAULT_LEVELS}")
     manifest = read_manifest(bundle)
     verify_bundle(bundle, against_onnx=False)       # every file as compiled: they are copied as they are
@@ -109,7 +110,8 @@ def retune(bundle: str | Path, data: Dataset, out: str | Path, constraints: Cons
     plan = _bundle_plan(solved, p, index, calibration, chosen, placement, manifest.plan)
     _write(bundle, out, manifest, plan, calibration, len(data))
     return Retuned(bundle=str(out), samples=len(data), full_model_accuracy=index.full_accuracy,
-                   required_correct=p.required_correct, confidence=constraints.confidence, before=_on_data(p, index, calibration, current, placement),
+                   required_correct=p.required_correct, confidence=constraints.confidence,
+                   before=_on_data(p, index, calibration, current, placement),
                    after=_on_data(p, index, calibration, chosen, placement), plan=plan, changed_files=CHANGED,
                    substitutions=substitutions)
 

@@ -24,7 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from distree.compiler.manifest import read_manifest  # noqa: E402
-from distree.compiler.retune import bundle_constraints, retune  # noqa: E402
+from distree.compiler.retune import bundle_calibration, bundle_constraints, retune  # noqa: E402
+from distree.exits.types import Calibration  # noqa: E402
 from distree.exits.data import Dataset  # noqa: E402
 from distree.runtime.executor import run_bundle  # noqa: E402
 
@@ -46,21 +47,11 @@ DRIFTS = {
 
 
 def full_model_accuracy(bundle: Path, data: Dataset) -> float:
-    """The final classifier's, whatever the exits would do: the bundle run with every threshold out of reach."""
-    from distree.runtime.executor import StageExecutor
-    from distree.compiler.manifest import read_thresholds
-    from distree.runtime.policy import ExitPolicy
-
+    """The final classifier's on ``data``, as the bundle's own segments compute it."""
     manifest = read_manifest(bundle)
-    stages = [StageExecutor(bundle, manifest, i, ExitPolicy(read_thresholds(bundle)))
-              for i in range(len(manifest.stages))]
-    right = 0
-    for i in range(len(data.y)):
-        act = data.x[i:i + 1]
-        for stage in stages:
-            _, act = stage.every_exit(act)
-        right += int(np.argmax(act) == data.y[i])
-    return right / len(data.y)
+    planned = Calibration.load(bundle / "planning" / "calibration.json")
+    calibration, _ = bundle_calibration(bundle, manifest, planned, data, levels=1)
+    return calibration.final_accuracy()
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from distree.compiler.bundle import threshold_table
 from distree.compiler.manifest import MANIFEST, PLANNING, THRESHOLDS, Manifest, check_bundle_target, read_manifest, \
     read_thresholds, sha256_file
-from distree.compiler.verify import verify_bundle
+from distree.compiler.verify import check_files
 from distree.errors import DistreeError
 from distree.exits.calibrate import threshold_grid
 from distree.exits.data import Dataset, check_labels
@@ -89,7 +89,7 @@ def retune(bundle: str | Path, data: Dataset, out: str | Path, constraints: Cons
         raise DistreeError(f"--levels {levels}: give 1 to {MAX_RETUNE_LEVELS} threshold levels per exit, e.g. "
                            f"{DEFAULT_LEVELS}")
     manifest = read_manifest(bundle)
-    verify_bundle(bundle, against_onnx=False)       # every file as compiled: they are copied as they are
+    check_files(bundle, manifest.files)             # every file as compiled: they are copied as they are
     chain, planned, profile, topology = _planning(bundle)
     check_bundle_target(out)
     check_input(manifest.input, data.x, "the bundle")
@@ -172,16 +172,14 @@ def heads_with_blocks(p: Problem, placement: np.ndarray) -> Problem:
     (elsewhere it needs more memory than the device has), and each head's time and memory count with the block it
     follows, since its segment computes it for every sample that gets there. An exit off then costs what it costs
     on, which is what a compiled bundle does (exits after distinct blocks: :func:`_check_one_exit_per_block`)."""
-    blocks = np.arange(p.n_blocks)
-    elsewhere = np.ones_like(p.block_param, dtype=bool)
-    elsewhere[placement, blocks] = False
     block_ms, block_param = p.block_ms.copy(), p.block_param.copy()
     for j, b in enumerate(p.exit_after):
         block_ms[:, b] += p.head_ms[:, j]
         block_param[:, b] += p.head_param[:, j]
-    block_param[elsewhere] = np.maximum(p.capacity_bytes, 0)[np.nonzero(elsewhere)[0]] + 1
-    return p.replace(block_ms=block_ms, block_param=block_param, head_ms=np.zeros_like(p.head_ms),
-                     head_param=np.zeros_like(p.head_param))
+    elsewhere = np.arange(p.n_devices)[:, None] != np.asarray(placement)[None, :]
+    too_big = np.maximum(p.capacity_bytes, 0)[:, None] + 1
+    return p.replace(block_ms=block_ms, block_param=np.where(elsewhere, too_big, block_param),
+                     head_ms=np.zeros_like(p.head_ms), head_param=np.zeros_like(p.head_param))
 
 
 def _check_one_exit_per_block(plan: Plan) -> None:
@@ -245,4 +243,3 @@ def _write(bundle: Path, out: Path, manifest: Manifest, plan: Plan, calibration:
         note = f"{RETUNED} {now} on {samples} labelled samples (`distree retune`); compiled {manifest.created_utc}"
         notes = (*(n for n in manifest.notes if not n.startswith(RETUNED)), note)
         dataclasses.replace(manifest, plan=plan, files=files, notes=notes).save(tmp / MANIFEST)
-

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import click
+
 from distree.compiler.manifest import MANIFEST, THRESHOLDS, Manifest
+from distree.exits.scores import never_threshold
 from distree.sim.baselines import idle_device_lines
 from distree.solver.plan import INTERRUPTED, WITHIN_GAP
 from distree.solver.report import start_note
@@ -94,9 +97,6 @@ def print_summary(result, console) -> None:
 
 def print_retuned(result) -> None:
     """``distree retune``'s report: each exit's threshold and share before and after, on the new data."""
-    import click
-
-    from distree.exits.scores import never_threshold
 
     plan, before, after = result.plan, result.before, result.after
     never = never_threshold(plan.score_kind)

@@ -53,7 +53,7 @@ def verify_bundle(path: str | Path, emulate: bool = False, devices: Optional[Seq
     """
     bundle = Path(path)
     manifest = read_manifest(bundle)
-    _check_files(bundle, manifest.files, None if devices is None else set(devices))
+    check_files(bundle, manifest.files, None if devices is None else set(devices))
     table = read_thresholds(bundle)
     known = {e.name for e in table.exits}
     checks: list[FileCheck] = []
@@ -72,7 +72,9 @@ def verify_bundle(path: str | Path, emulate: bool = False, devices: Optional[Seq
                         files=len(manifest.files), checks=tuple(checks))
 
 
-def _check_files(bundle: Path, files: dict[str, str], devices: Optional[set[str]] = None) -> None:
+def check_files(bundle: Path, files: dict[str, str], devices: Optional[set[str]] = None) -> None:
+    """Every file the manifest lists is there with its SHA-256, and no other (``devices``: only theirs and the
+    shared top-level files)."""
     present = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {MANIFEST}
     if devices is not None:
         def wanted(rel: str) -> bool:

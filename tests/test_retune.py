@@ -169,6 +169,23 @@ def test_exits_that_would_answer_wrong_are_turned_off_and_the_bundle_still_answe
     assert set(planned) == {"exit_1", "exit_2"} and all(planned[name].exit_rate == 0.0 for name in off)
 
 
+def test_a_bundle_whose_devices_run_out_of_pipeline_order_is_retuned_on_that_order(tiny, tmp_path):
+    """`compile --free-order` may put the topology's second device first: retune keeps that order, not the list's."""
+    from distree.profiler import merge_profiles, profile_model
+
+    plan, topology = cf.two_stage_plan(tiny, devices=("pi4", "host"))           # pi4 first ...
+    topology = dataclasses.replace(topology, devices=topology.devices[::-1], source="pi4")     # ... listed second
+    profile = merge_profiles([profile_model(tiny.model, tiny.chain, tiny.calibration.exits, d, mode="estimate")
+                              for d in topology.devices])
+    bundle = build_bundle(tiny.model, tiny.chain, plan, topology, tiny.calibration, tmp_path / "bundle",
+                          backend="ort", profile=profile)
+    np.savez(tmp_path / "data.npz", x=tiny.data.x, y=tiny.data.y)
+    r = _retune(str(bundle), "--data", str(tmp_path / "data.npz"), "-o", str(tmp_path / "out"), "--accuracy-drop",
+                "0.05")
+    assert r.exit_code == 0, r.output
+    assert [s.device for s in read_manifest(tmp_path / "out").plan.stages] == ["pi4", "host"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("shape", "expects (1, 16, 16)"),
     ("labels", "--data"),

@@ -95,12 +95,16 @@ def retune(bundle: str | Path, data: Dataset, out: str | Path, constraints: Cons
     check_input(manifest.input, data.x, "the bundle")
     check_labels(data.y, chain.blocks[-1].output_shape[-1], "--data")
     _check_one_exit_per_block(manifest.plan)
+    names = [d.name for d in topology.devices]
+    if any(stage.device not in names for stage in manifest.plan.stages):
+        raise DistreeError(f"{bundle / PLANNING / 'topology.json'} lacks a device the bundle runs on; the bundle's "
+                           "planning/ folder was edited: compile the bundle again")
+    ranks = [names.index(stage.device) for stage in manifest.plan.stages]
+    if ranks != sorted(ranks):          # compiled with --free-order into another order: that order is the pinned one
+        constraints = dataclasses.replace(constraints, free_order=True)
     calibration, substitutions = bundle_calibration(bundle, manifest, planned, data, levels, threads)
     p, index = build_problem(chain, calibration, profile, topology, constraints)
     placement = start_placement(manifest.plan, p.devices)
-    if placement is None:
-        raise DistreeError(f"{bundle / PLANNING / 'topology.json'} lacks a device the bundle runs on; the bundle's "
-                           "planning/ folder was edited: compile the bundle again")
     current = start_levels(manifest.plan, chain, calibration, index)
     with ctrl_c_ends("the search", "its best plan so far"):
         solved = solve_problem(heads_with_blocks(p, placement), index, chain, calibration, constraints, progress,

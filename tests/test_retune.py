@@ -237,3 +237,50 @@ def test_a_retuned_pipeline_served_its_new_data_takes_each_exit_exactly_as_often
     rows = [d for d in stats.drift if d.device == "host"]
     assert [d.exit for d in rows] == ["exit_1", "exit_2"]
     assert all(abs(d.z) < 1e-6 and d.verdict in ("ok", "too few requests") for d in rows), rows
+
+
+def test_a_stability_bundle_runs_as_its_model_and_retunes_with_its_entry_heads(tiny, tmp_path):
+    """The stability score reads a second head per exit (on the exit block's input): compiled into the segments, run
+    by `run` as ONNX Runtime runs the whole model, and read again by retune's scoring."""
+    import onnxruntime as ort
+
+    from distree.exits import calibrate, exit_scores, train_exits
+    from distree.graph import build_chain
+    from distree.profiler import merge_profiles, profile_model
+
+    exits_model, exits = train_exits(tiny.model, tiny.chain, tiny.data, declared=tiny.calibration.exits)
+    assert all(e.entry_output for e in exits)
+    chain = build_chain(exits_model)
+    calibration = calibrate(exits_model, chain, exits, tiny.data, score_kind="stability")
+    stable = dataclasses.replace(tiny, model=exits_model, chain=chain, calibration=calibration)
+    plan, topology = cf.two_stage_plan(stable)
+    assert plan.score_kind == "stability"
+    profile = merge_profiles([profile_model(exits_model, chain, exits, d, mode="estimate") for d in topology.devices])
+    bundle = build_bundle(exits_model, chain, plan, topology, calibration, tmp_path / "bundle", backend="ort",
+                          profile=profile)
+    assert all(seg.entry_output for st in read_manifest(bundle).stages for seg in st.segments if seg.exit)
+
+    data = cf.dataset(120, seed=21)
+    session = ort.InferenceSession(exits_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    thresholds = {e.name: e.threshold for e in read_thresholds(bundle).exits}
+    want_exits, want_predictions = [], []
+    for i in range(len(data.x)):
+        names = ["logits", *(n for e in exits for n in (e.name, e.entry_output))]
+        out = dict(zip(names, session.run(names, {"input": data.x[i:i + 1]})))
+        taken = next((e for e in exits if exit_scores(out[e.name], "stability", out[e.entry_output])[0]
+                      >= thresholds[e.name]), None)
+        want_exits.append(taken.name if taken else "final")
+        want_predictions.append(int(out[taken.name if taken else "logits"].argmax()))
+    run = run_bundle(bundle, data)
+    assert list(run.exits) == want_exits and list(run.predictions) == want_predictions
+    assert len(set(want_exits)) == 3                    # each exit and the final answer someone
+
+    np.savez(tmp_path / "new.npz", x=data.x, y=data.y)
+    r = _retune(str(bundle), "--data", str(tmp_path / "new.npz"), "-o", str(tmp_path / "out"), "--accuracy-drop",
+                "0.05", "--json", "-")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    for path, table in ((bundle, report["before"]), (tmp_path / "out", report["after"])):
+        measured = run_bundle(path, data)
+        assert measured.exit_rates == pytest.approx(table["exit_rates"], abs=1e-12)
+        assert measured.accuracy == pytest.approx(table["accuracy"], abs=1e-12)

@@ -107,11 +107,20 @@ def _sha(path) -> str:
 def test_a_retuned_bundle_runs_as_retune_reported_and_only_its_table_changes(compiled, tmp_path):
     bundle, data_path, data = compiled
     out = tmp_path / "retuned"
-    r = _retune(str(bundle), "--data", str(data_path), "-o", str(out), "--accuracy-drop", "0.02", "--json", "-")
+    other = cf.dataset(150, seed=6)
+    test = dataclasses.replace(other, x=(other.x * 0.4 + 0.8).astype(np.float32))     # drifted as the data was
+    np.savez(tmp_path / "test.npz", x=test.x, y=test.y)
+    r = _retune(str(bundle), "--data", str(data_path), "-o", str(out), "--accuracy-drop", "0.02", "--json", "-",
+                "--test", str(tmp_path / "test.npz"))
     assert r.exit_code == 0, r.output
     report = json.loads(r.output[r.output.index("{"):])
     before, after, plan = report["before"], report["after"], report["plan"]
     assert report["samples"] == 300 and plan["n_samples"] == 300
+    held = report["held_out"]           # both tables on --test, as `run` measures them there
+    assert held["samples"] == 150 and held["accuracy_drop"] == 0.02
+    for path, table in ((bundle, held["current"]), (out, held["retuned"])):
+        run = run_bundle(path, test)
+        assert {"accuracy": run.accuracy, **run.exit_rates} == pytest.approx(table, abs=1e-12), path
 
     # what `run` measures on the new data, old bundle and new, is what retune reported for each table
     for path, table in ((bundle, before), (out, after)):
@@ -189,6 +198,7 @@ def test_a_bundle_whose_devices_run_out_of_pipeline_order_is_retuned_on_that_ord
 @pytest.mark.parametrize("case, message", [
     ("shape", "expects (1, 16, 16)"),
     ("labels", "--data"),
+    ("test labels", "--test"),
     ("infeasible", "infeasible plan: accuracy"),
     ("profile lost", "planning/profile.json: listed in the manifest but missing"),
     ("built without a profile", "planning lacks profile.json: retune re-plans from what"),
@@ -203,6 +213,9 @@ def test_retune_refuses_bad_input_in_one_line_and_writes_nothing(compiled, tiny_
     elif case == "labels":
         np.savez(tmp_path / "bad.npz", x=data.x[:5], y=np.full(5, 99, np.int64))
         args["data"] = str(tmp_path / "bad.npz")
+    elif case == "test labels":
+        np.savez(tmp_path / "bad.npz", x=data.x[:5], y=np.full(5, -1, np.int64))
+        args["extra"] = ["--test", str(tmp_path / "bad.npz")]
     elif case == "infeasible":
         args["extra"] = ["--accuracy-drop", "0", "--confidence", "0.999"]
     elif case == "built without a profile":

@@ -130,6 +130,8 @@ def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, ou
               help="Labelled .npz (x, y) of what the devices see now, e.g. a labelled sample of recent requests.")
 @click.option("-o", "--output", required=True, type=OUTPUT_DIR,
               help="Bundle directory to write; BUNDLE itself to replace it (atomically).")
+@click.option("--test", "test", default=None, type=click.Path(dir_okay=False),
+              help="Labelled .npz to report both tables on, apart from --data (how well the choice carries over).")
 @click.option("--accuracy-drop", type=NUMBER, default=None,
               help="Allowed accuracy loss against the full model on --data [default: the bundle's].")
 @click.option("--confidence", type=NUMBER, default=None,
@@ -147,7 +149,8 @@ def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, ou
               help="Threads per segment runtime while scoring --data.")
 @click.option("--json", "json_path", type=OUTPUT_FILE_OR_STDOUT, default=None,
               help="Write the report (JSON) here; - for standard output.")
-def retune_cmd(bundle: str, data: str, output: Path, accuracy_drop: Optional[float], confidence: Optional[float],
+def retune_cmd(bundle: str, data: str, output: Path, test: Optional[str], accuracy_drop: Optional[float],
+               confidence: Optional[float],
                min_throughput: Optional[float], traffic: Optional[str], levels: int, time_limit: float,
                jobs: Optional[int], threads: int, json_path: Optional[Path]) -> None:
     """Choose BUNDLE's exit thresholds again on new labelled data: same placement, same compiled exits, no
@@ -161,10 +164,11 @@ def retune_cmd(bundle: str, data: str, output: Path, accuracy_drop: Optional[flo
     constraints = bundle_constraints(read_manifest(Path(bundle)).plan, accuracy_drop=accuracy_drop,
                                      confidence=confidence, min_throughput=min_throughput, traffic=traffic,
                                      time_limit_s=time_limit, jobs=jobs)
-    dataset = load_dataset(data)
+    dataset, held_out = load_dataset(data), load_dataset(test) if test else None
     console = _console()
     with console.status("retune ...") as status, _stdout_to_stderr():
-        result = retune(bundle, dataset, output, constraints, levels=levels, threads=threads, progress=status.update)
+        result = retune(bundle, dataset, output, constraints, levels=levels, threads=threads, progress=status.update,
+                        test=held_out)
     if json_path is not None and str(json_path) == "-":
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

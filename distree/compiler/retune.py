@@ -27,7 +27,7 @@ from distree.compiler.manifest import MANIFEST, PLANNING, THRESHOLDS, Manifest, 
     read_thresholds, sha256_file
 from distree.compiler.verify import check_files
 from distree.errors import DistreeError
-from distree.exits.calibrate import threshold_grid
+from distree.exits.calibrate import evaluate_arrays, threshold_grid
 from distree.exits.data import Dataset, check_labels
 from distree.exits.progress import progress_bar
 from distree.exits.scores import exit_scores, never_threshold, predictions
@@ -65,6 +65,17 @@ class TableOnData(JsonRecord):
 
 
 @dataclass(frozen=True)
+class HeldOut(JsonRecord):
+    """Both tables on labelled samples the retune did not choose on (``--test``)."""
+
+    samples: int
+    full_model_accuracy: float
+    accuracy_drop: float
+    current: dict[str, float]           # accuracy, then each exit's share and ``final``'s
+    retuned: dict[str, float]
+
+
+@dataclass(frozen=True)
 class Retuned(JsonRecord):
     bundle: str                         # the bundle written
     samples: int
@@ -76,13 +87,15 @@ class Retuned(JsonRecord):
     plan: Plan
     changed_files: tuple[str, ...]      # every other file is the bundle's, byte for byte
     substitutions: tuple[str, ...]      # artifacts that ran in another form here to score the data
+    held_out: Optional[HeldOut] = None
 
 
 def retune(bundle: str | Path, data: Dataset, out: str | Path, constraints: Constraints,
            levels: int = DEFAULT_LEVELS, threads: int = 1,
-           progress: Optional[Callable[[str], None]] = None) -> Retuned:
+           progress: Optional[Callable[[str], None]] = None, test: Optional[Dataset] = None) -> Retuned:
     """Write ``out``: ``bundle`` with the thresholds of minimal expected latency on ``data`` under ``constraints``
-    (its placement and compiled exits kept; ``out`` may be ``bundle`` itself, replaced atomically)."""
+    (its placement and compiled exits kept; ``out`` may be ``bundle`` itself, replaced atomically). ``test``:
+    labelled samples to report both tables on, out of the sample they were chosen on."""
     bundle, out = Path(bundle), Path(out)
     check_constraints(constraints)
     if not 1 <= levels <= MAX_RETUNE_LEVELS:
@@ -92,8 +105,10 @@ def retune(bundle: str | Path, data: Dataset, out: str | Path, constraints: Cons
     check_files(bundle, manifest.files)             # every file as compiled: they are copied as they are
     chain, planned, profile, topology = _planning(bundle)
     check_bundle_target(out)
-    check_input(manifest.input, data.x, "the bundle")
-    check_labels(data.y, chain.blocks[-1].output_shape[-1], "--data")
+    for given, flag in ((data, "--data"), (test, "--test")):
+        if given is not None:
+            check_input(manifest.input, given.x, "the bundle")
+            check_labels(given.y, chain.blocks[-1].output_shape[-1], flag)
     _check_one_exit_per_block(manifest.plan)
     names = [d.name for d in topology.devices]
     if any(stage.device not in names for stage in manifest.plan.stages):
@@ -112,12 +127,15 @@ def retune(bundle: str | Path, data: Dataset, out: str | Path, constraints: Cons
     chosen = start_levels(solved, chain, calibration, index)
     chosen[chosen == 0] = p.n_levels[chosen == 0]           # "off": the grid's last level, which nobody passes
     plan = _bundle_plan(solved, p, index, calibration, chosen, placement, manifest.plan)
+    before = _on_data(p, index, calibration, current, placement)
+    after = _on_data(p, index, calibration, chosen, placement)
+    held_out = None if test is None else _held_out(bundle, manifest, planned, test, threads, before, after,
+                                                   constraints.accuracy_drop)
     _write(bundle, out, manifest, plan, calibration, len(data))
     return Retuned(bundle=str(out), samples=len(data), full_model_accuracy=index.full_accuracy,
                    required_correct=p.required_correct, confidence=constraints.confidence,
-                   before=_on_data(p, index, calibration, current, placement),
-                   after=_on_data(p, index, calibration, chosen, placement), plan=plan, changed_files=CHANGED,
-                   substitutions=substitutions)
+                   before=before, after=after, plan=plan, changed_files=CHANGED, substitutions=substitutions,
+                   held_out=held_out)
 
 
 def bundle_constraints(plan: Plan, **given) -> Constraints:
@@ -232,6 +250,21 @@ def _on_data(p: Problem, index: ProblemIndex, calibration: Calibration, levels: 
         thresholds={n: float(index.thresholds[j][levels[j] - 1]) for j, n in enumerate(names)},
         exit_rates={**{n: float(o.exit_rate[j]) for j, n in enumerate(names)}, "final": float(o.final_rate)},
         expected_ms=ev.expected_ms, accuracy=ev.correct / p.n_samples, meets_bound=ev.correct >= p.required_correct)
+
+
+def _held_out(bundle: Path, manifest: Manifest, planned: Calibration, test: Dataset, threads: int,
+              before: TableOnData, after: TableOnData, accuracy_drop: float) -> HeldOut:
+    """Both tables on ``test``, scored by the bundle's own segments as the retune data was."""
+    scored, _ = bundle_calibration(bundle, manifest, planned, test, 1, threads)
+    names = scored.exit_names
+
+    def on_test(table: TableOnData) -> dict[str, float]:
+        found = evaluate_arrays(scored.scores_array(), scored.correct_array(), [table.thresholds[n] for n in names],
+                                names)
+        return {"accuracy": found.accuracy, **found.exit_rates}
+
+    return HeldOut(samples=len(test.y), full_model_accuracy=scored.final_accuracy(), accuracy_drop=accuracy_drop,
+                   current=on_test(before), retuned=on_test(after))
 
 
 def _write(bundle: Path, out: Path, manifest: Manifest, plan: Plan, calibration: Calibration, samples: int) -> None:

@@ -127,6 +127,13 @@ def print_retuned(result) -> None:
     if off:
         click.echo(f"off: {', '.join(off)} (a threshold above any score: it answers no one, but its head is "
                    "compiled into its segment and still runs; `distree compile` again drops it)")
+    held = result.held_out
+    if held is not None:
+        bound = held.full_model_accuracy - held.accuracy_drop
+        click.echo(f"on {held.samples} samples of --test: full model {held.full_model_accuracy:.4f}, so the bound is "
+                   f"{bound:.4f}; current table {held.current['accuracy']:.4f}, retuned {held.retuned['accuracy']:.4f}"
+                   + ("" if held.retuned["accuracy"] >= bound - 1e-12 else
+                      " (under the bound out of sample: more --data, or --confidence for a margin)"))
     for note in result.substitutions:
         click.echo(f"note: scored with {note}")
     click.echo(f"bundle: {result.bundle}; copy its {MANIFEST} and {THRESHOLDS} to every device and restart each "

@@ -24,8 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from distree.compiler.manifest import read_manifest  # noqa: E402
-from distree.compiler.retune import bundle_calibration, bundle_constraints, retune  # noqa: E402
-from distree.exits.types import Calibration  # noqa: E402
+from distree.compiler.retune import BundleScorer, bundle_constraints, retune  # noqa: E402
 from distree.exits.data import Dataset  # noqa: E402
 from distree.runtime.executor import run_bundle  # noqa: E402
 
@@ -48,10 +47,7 @@ DRIFTS = {
 
 def full_model_accuracy(bundle: Path, data: Dataset) -> float:
     """The final classifier's on ``data``, as the bundle's own segments compute it."""
-    manifest = read_manifest(bundle)
-    planned = Calibration.load(bundle / "planning" / "calibration.json")
-    calibration, _ = bundle_calibration(bundle, manifest, planned, data, levels=1)
-    return calibration.final_accuracy()
+    return float(BundleScorer(bundle, read_manifest(bundle)).behaviour(data).correct[:, -1].mean())
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from distree.compiler.manifest import MANIFEST, PLANNING, THRESHOLDS, Manifest, 
     read_thresholds, sha256_file
 from distree.compiler.verify import check_files
 from distree.errors import DistreeError
-from distree.exits.calibrate import evaluate_arrays, threshold_grid
+from distree.exits.calibrate import Behaviour, evaluate_arrays, threshold_grid
 from distree.exits.data import Dataset, check_labels
 from distree.exits.progress import progress_bar
 from distree.exits.scores import exit_scores, never_threshold, predictions
@@ -117,7 +117,8 @@ def retune(bundle: str | Path, data: Dataset, out: str | Path, constraints: Cons
     ranks = [names.index(stage.device) for stage in manifest.plan.stages]
     if ranks != sorted(ranks):          # compiled with --free-order into another order: that order is the pinned one
         constraints = dataclasses.replace(constraints, free_order=True)
-    calibration, substitutions = bundle_calibration(bundle, manifest, planned, data, levels, threads)
+    scorer = BundleScorer(bundle, manifest, threads)
+    calibration = bundle_calibration(scorer, planned, data, levels)
     p, index = build_problem(chain, calibration, profile, topology, constraints)
     placement = start_placement(manifest.plan, p.devices)
     current = start_levels(manifest.plan, chain, calibration, index)
@@ -129,12 +130,12 @@ def retune(bundle: str | Path, data: Dataset, out: str | Path, constraints: Cons
     plan = _bundle_plan(solved, p, index, calibration, chosen, placement, manifest.plan)
     before = _on_data(p, index, calibration, current, placement)
     after = _on_data(p, index, calibration, chosen, placement)
-    held_out = None if test is None else _held_out(bundle, manifest, planned, test, threads, before, after,
-                                                   constraints.accuracy_drop)
+    held_out = None if test is None else _held_out(scorer, test, before, after, constraints.accuracy_drop)
     _write(bundle, out, manifest, plan, calibration, len(data))
     return Retuned(bundle=str(out), samples=len(data), full_model_accuracy=index.full_accuracy,
                    required_correct=p.required_correct, confidence=constraints.confidence,
-                   before=before, after=after, plan=plan, changed_files=CHANGED, substitutions=substitutions,
+                   before=before, after=after, plan=plan, changed_files=CHANGED,
+                   substitutions=scorer.substitutions,
                    held_out=held_out)
 
 
@@ -148,45 +149,61 @@ def bundle_constraints(plan: Plan, **given) -> Constraints:
     return dataclasses.replace(planned, **{k: v for k, v in given.items() if v is not None})
 
 
-def bundle_calibration(bundle: Path, manifest: Manifest, planned: Calibration, data: Dataset, levels: int,
-                       threads: int = 1) -> tuple[Calibration, tuple[str, ...]]:
-    """The bundle's compiled exits measured on ``data`` by its own sub-segments (one sample at a time, as the
-    devices run them; artifacts that cannot run here run as their ONNX, named in the second value). Each exit's
-    grid: ``levels`` quantiles of its new scores, its current threshold, and a threshold no score reaches."""
-    set_tvm_threads(threads)
-    policy = ExitPolicy(read_thresholds(bundle))
-    stages = [StageExecutor(bundle, manifest, i, policy, threads) for i in range(len(manifest.stages))]
-    names = [e.name for e in policy.table.exits]
-    logits: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    entry: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    final = []
-    with progress_bar(f"scoring {len(names)} exit(s) + final on the bundle", len(data)) as advance:
-        for i in range(len(data)):
-            act = data.x[i:i + 1]
-            for stage in stages:
-                heads, act = stage.every_exit(act)
-                for name, out in heads.items():
-                    logits[name].append(np.array(out.logits).reshape(1, -1))
-                    if out.entry is not None:
-                        entry[name].append(np.array(out.entry).reshape(1, -1))
-            final.append(np.array(act).reshape(1, -1))
-            advance(1)
-    kind = manifest.score_kind
-    scores = np.stack([exit_scores(np.concatenate(logits[n]), kind,
-                                   np.concatenate(entry[n]) if entry[n] else None) for n in names], axis=1)
-    correct = np.stack([predictions(np.concatenate(logits[n])) == data.y for n in names]
-                       + [predictions(np.concatenate(final)) == data.y], axis=1)
+class BundleScorer:
+    """The bundle's stages loaded once (artifacts that cannot run here as their ONNX: ``substitutions``), to score
+    labelled samples through every sub-segment, one sample at a time, as the devices run them."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, threads: int = 1) -> None:
+        set_tvm_threads(threads)
+        self.table = read_thresholds(bundle)
+        policy = ExitPolicy(self.table)
+        self.stages = [StageExecutor(bundle, manifest, i, policy, threads) for i in range(len(manifest.stages))]
+        self.substitutions = tuple(s for stage in self.stages for s in stage.substitutions)
+
+    @property
+    def exit_names(self) -> list[str]:
+        return [e.name for e in self.table.exits]
+
+    def behaviour(self, data: Dataset) -> Behaviour:
+        """Every compiled exit's score and correctness on ``data``, and the final classifier's (last column)."""
+        names = self.exit_names
+        logits: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        entry: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        final = []
+        with progress_bar(f"scoring {len(names)} exit(s) + final on the bundle", len(data)) as advance:
+            for i in range(len(data)):
+                act = data.x[i:i + 1]
+                for stage in self.stages:
+                    heads, act = stage.every_exit(act)
+                    for name, out in heads.items():
+                        logits[name].append(np.array(out.logits).reshape(1, -1))
+                        if out.entry is not None:
+                            entry[name].append(np.array(out.entry).reshape(1, -1))
+                final.append(np.array(act).reshape(1, -1))
+                advance(1)
+        kind = self.table.score_kind
+        scores = np.stack([exit_scores(np.concatenate(logits[n]), kind,
+                                       np.concatenate(entry[n]) if entry[n] else None) for n in names], axis=1)
+        correct = np.stack([predictions(np.concatenate(logits[n])) == data.y for n in names]
+                           + [predictions(np.concatenate(final)) == data.y], axis=1)
+        return Behaviour(scores=scores, correct=correct)
+
+
+def bundle_calibration(scorer: BundleScorer, planned: Calibration, data: Dataset, levels: int) -> Calibration:
+    """The bundle's compiled exits measured on ``data`` by its own sub-segments. Each exit's grid: ``levels``
+    quantiles of its new scores, its current threshold, and a threshold no score reaches."""
+    b = scorer.behaviour(data)
+    names, kind = scorer.exit_names, scorer.table.score_kind
     exit_of = {e.name: e for e in planned.exits}
-    current = {e.name: e.threshold for e in policy.table.exits}
+    current = {e.name: e.threshold for e in scorer.table.exits}
     never = never_threshold(kind)
-    grids = tuple((*sorted({*threshold_grid(scores[:, j], levels), current[n]} - {never}), never)
+    grids = tuple((*sorted({*threshold_grid(b.scores[:, j], levels), current[n]} - {never}), never)
                   for j, n in enumerate(names))
-    calibration = Calibration(
+    return Calibration(
         model_sha256=planned.model_sha256, score_kind=kind, exits=tuple(exit_of[n] for n in names),
-        scores=tuple(tuple(float(s) for s in row) for row in scores),
-        correct=tuple(tuple(bool(c) for c in row) for row in correct), thresholds=grids,
+        scores=tuple(tuple(float(s) for s in row) for row in b.scores),
+        correct=tuple(tuple(bool(c) for c in row) for row in b.correct), thresholds=grids,
         split_sizes={"fit": 0, "threshold": len(data), "test": 0}, seed=planned.seed, fit_fraction=0.0)
-    return calibration, tuple(s for stage in stages for s in stage.substitutions)
 
 
 def heads_with_blocks(p: Problem, placement: np.ndarray) -> Problem:
@@ -252,19 +269,17 @@ def _on_data(p: Problem, index: ProblemIndex, calibration: Calibration, levels: 
         expected_ms=ev.expected_ms, accuracy=ev.correct / p.n_samples, meets_bound=ev.correct >= p.required_correct)
 
 
-def _held_out(bundle: Path, manifest: Manifest, planned: Calibration, test: Dataset, threads: int,
-              before: TableOnData, after: TableOnData, accuracy_drop: float) -> HeldOut:
+def _held_out(scorer: BundleScorer, test: Dataset, before: TableOnData, after: TableOnData,
+              accuracy_drop: float) -> HeldOut:
     """Both tables on ``test``, scored by the bundle's own segments as the retune data was."""
-    scored, _ = bundle_calibration(bundle, manifest, planned, test, 1, threads)
-    names = scored.exit_names
+    b, names = scorer.behaviour(test), scorer.exit_names
 
     def on_test(table: TableOnData) -> dict[str, float]:
-        found = evaluate_arrays(scored.scores_array(), scored.correct_array(), [table.thresholds[n] for n in names],
-                                names)
+        found = evaluate_arrays(b.scores, b.correct, [table.thresholds[n] for n in names], names)
         return {"accuracy": found.accuracy, **found.exit_rates}
 
-    return HeldOut(samples=len(test.y), full_model_accuracy=scored.final_accuracy(), accuracy_drop=accuracy_drop,
-                   current=on_test(before), retuned=on_test(after))
+    return HeldOut(samples=len(test.y), full_model_accuracy=float(b.correct[:, -1].mean()),
+                   accuracy_drop=accuracy_drop, current=on_test(before), retuned=on_test(after))
 
 
 def _write(bundle: Path, out: Path, manifest: Manifest, plan: Plan, calibration: Calibration, samples: int) -> None:

@@ -49,9 +49,9 @@ import onnx
 import tvm
 from tvm import relax
 from tvm.ir.utils import derived_object
-from tvm.relax import pipeline as relax_pipeline
 from tvm.s_tir import meta_schedule as ms
 
+from distree.targets.schedules import prepare, schedule_defaults
 from distree.targets.toolchain import host_arch, import_onnx
 from distree.errors import DistreeError
 from distree.interrupt import ctrl_c_ends, requested
@@ -123,22 +123,6 @@ def records_dir(db_dir: str | os.PathLike, target: tvm.target.Target | Mapping[s
 
 
 
-def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Legalize and fuse: the form whose fused TIR functions are the tuning tasks.
-
-    Tuning and applying both start here, so the database keys (structural hashes) match.
-    """
-    with target:
-        return tvm.transform.Sequential(
-            [
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.CanonicalizeBindings(),
-                *relax_pipeline.library_dispatch_passes(target),
-                *relax_pipeline.legalize_passes(target),
-            ]
-        )(mod)
-
-
 # --------------------------------------------------------------------------------------------------
 # Applying records
 
@@ -173,7 +157,18 @@ def apply_tuning(
     database = _open_database(records_dir(db_dir, t))
     prepared = prepare(mod, t)
     with t, database, tvm.transform.PassContext(opt_level=3):
-        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+    return _mark_scheduled(prepared, applied)
+
+
+def _mark_scheduled(prepared: tvm.IRModule, applied: tvm.IRModule) -> tvm.IRModule:
+    """``applied`` with every function a record changed marked scheduled, so that the default schedules
+    (``distree.targets.schedules``) leave it as tuned."""
+    out = applied.clone()
+    for gvar, func in applied.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and not tvm.ir.structural_equal(func, prepared[gvar.name_hint]):
+            out[gvar] = func.with_attr("tirx.is_scheduled", True)
+    return out
 
 
 def build_tvm(
@@ -182,10 +177,10 @@ def build_tvm(
     db_dir: str | os.PathLike | None = None,
 ) -> tvm.runtime.Executable:
     """Compile an ONNX model (or a Relax module) for ``target``, with tuned schedules when ``db_dir``
-    holds records for it."""
+    holds records for it and distree's default schedules for the kernels they do not cover."""
     t = as_target(target)
     mod = import_onnx(model) if isinstance(model, onnx.ModelProto) else model
-    return tvm.compile(apply_tuning(mod, t, db_dir), target=t)
+    return tvm.compile(schedule_defaults(apply_tuning(mod, t, db_dir), t).mod, target=t)
 
 
 # --------------------------------------------------------------------------------------------------

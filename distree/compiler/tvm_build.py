@@ -8,6 +8,7 @@ from typing import Optional
 
 import onnx
 
+from distree.targets.schedules import schedule_defaults
 from distree.targets.spec import DeviceSpec
 from distree.targets.toolchain import export_library, import_onnx, tvm_target
 
@@ -19,11 +20,13 @@ class TvmBuild:
     path: Path
     cuda: Optional[str]             # "fatbin sm_87 (nvcc, ahead of time)" or "CUDA source (NVRTC at load)"
     tuned: bool
+    default_scheduled: int = 0      # kernels laid out by distree's default CPU schedules (no record covered them)
 
 
 def compile_segment(model: onnx.ModelProto, device: DeviceSpec, out_path: Path,
                     tuning_db: Optional[Path] = None, require_aot_cuda: bool = False) -> TvmBuild:
-    """Build ``model`` for ``device`` into ``out_path`` (.so); apply tuning records from ``tuning_db``."""
+    """Build ``model`` for ``device`` into ``out_path`` (.so); apply tuning records from ``tuning_db``, and
+    distree's default CPU schedules to the kernels no record covers."""
     import tvm
 
     target = tvm_target(device)
@@ -35,6 +38,7 @@ def compile_segment(model: onnx.ModelProto, device: DeviceSpec, out_path: Path,
         tuned = has_records(tuning_db, target)
         if tuned:
             mod = apply_tuning(mod, target, tuning_db)
-    executable = tvm.compile(mod, target=target)
+    scheduled = schedule_defaults(mod, target)
+    executable = tvm.compile(scheduled.mod, target=target)
     cuda = export_library(executable, device, out_path, require_aot_cuda)
-    return TvmBuild(path=out_path, cuda=cuda, tuned=tuned)
+    return TvmBuild(path=out_path, cuda=cuda, tuned=tuned, default_scheduled=scheduled.scheduled)

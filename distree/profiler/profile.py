@@ -38,6 +38,7 @@ from distree.profiler import estimate as est
 from distree.profiler import tvm_backend
 from distree.profiler.dispatch import decide_entries, hop_entries
 from distree.profiler.ort_backend import time_ort
+from distree.targets.schedules import SCHEDULES
 from distree.profiler.timing import TimingSettings, summarize
 from distree.profiler.types import Measurement, Profile
 from distree.profiler.items import CALL_ITEM, HOP_ITEMS, RPC_ITEM, block_item, decide_item, entry_item, exit_item
@@ -126,7 +127,7 @@ def profile_model(model: onnx.ModelProto, chain: Chain, exits: Sequence[ExitPoin
     settings = {device.name: {"mode": mode, "provenance": provenance, "backends": list(backends),
                               **({"ort_only": gaps} if gaps else {}),
                               "timing": timing.to_dict(), "items": [u.item for u in units],
-                              "tvm_build": "tvm.compile, default pipeline, untuned", "cache_key": key,
+                              "tvm_build": f"tvm.compile, untuned, {SCHEDULES}", "cache_key": key,
                               **({"measured_on": _measured_on(device)} if mode == "local" else {}),
                               **({"resumed_units": resumed} if resumed else {}),
                               **({"estimate_calibration": _calibration_summary()} if mode == "estimate" else {})}}

@@ -11,6 +11,7 @@ from pathlib import Path
 from distree.profiler.timing import TimingSettings, time_callable
 from distree.profiler.units import Unit
 from distree.serde import write_json_atomic
+from distree.targets.schedules import SCHEDULES, schedule_defaults
 from distree.targets.spec import DeviceSpec
 from distree.targets.toolchain import cross_compiler, export_library, import_onnx, tvm_target
 
@@ -35,7 +36,7 @@ def compile_key(unit: Unit, device: DeviceSpec) -> str:
     import tvm
 
     doc = {"unit": unit.sha256, "target": device.target, "host": device.host, "tvm": tvm.__version__,
-           "cc": cross_compiler(device), "linked_by": "toolchain.export_library"}
+           "cc": cross_compiler(device), "linked_by": "toolchain.export_library", "schedules": SCHEDULES}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -55,7 +56,7 @@ def compile_unit(unit: Unit, device: DeviceSpec, cache_dir: Path) -> CompiledUni
     mod = import_onnx(unit.model)
     target = tvm_target(device)
     activation_bytes, memory_source = planned_memory(mod, target, unit)
-    ex = tvm.compile(mod, target=target)
+    ex = tvm.compile(schedule_defaults(mod, target).mod, target=target)
     so.parent.mkdir(parents=True, exist_ok=True)
     tmp = so.with_name(f".{so.name}.{os.getpid()}.tmp.so")
     export_library(ex, device, tmp)

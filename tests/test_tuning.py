@@ -12,12 +12,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tvm
+import tvm_ffi
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 from ctrl_c import ctrl_c_once_listening
 from distree.compiler import tuning
 from distree.errors import DistreeError
+from distree.targets.schedules import schedule_defaults
 
 HOST = {"kind": "llvm", "num-cores": 1}
 TRIALS_PER_ROUND = 8
@@ -132,7 +134,19 @@ def test_tuned_model_matches_onnxruntime(tuned):
     x = np.random.default_rng(1).standard_normal((1, 1, 12, 12)).astype(np.float32)
     applied = tuning.apply_tuning(tuning.import_onnx(model), HOST, db_dir)
     assert _scheduled_functions(applied) >= 2
+    _check_defaults_keep_tuned(applied)
     np.testing.assert_allclose(_tvm(tuning.build_tvm(model, HOST, db_dir), x), _ort(model, x), atol=1e-4, rtol=1e-4)
+
+
+def _check_defaults_keep_tuned(applied: tvm.IRModule) -> None:
+    """distree's default schedules lay out only the kernels no record covered; tuned ones stay as tuned."""
+    tuned = {gv.name_hint: f for gv, f in applied.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+             and bool(f.attrs.get("tirx.is_scheduled", False))}
+    kernels = sum(isinstance(f, tvm.tirx.PrimFunc) for _, f in applied.functions_items())
+    defaults = schedule_defaults(applied, tuning.as_target(HOST))
+    assert defaults.kernels == kernels - len(tuned)
+    for name, func in tuned.items():
+        assert tvm_ffi.structural_equal(defaults.mod[name].body, func.body)       # (re-preparing adds attributes)
 
 
 @pytest.mark.slow
@@ -141,6 +155,7 @@ def test_whole_model_records_apply_to_a_segment(tuned):
     segment = _second_conv_segment(model)
     applied = tuning.apply_tuning(tuning.import_onnx(segment), HOST, db_dir)
     assert _scheduled_functions(applied) >= 1
+    _check_defaults_keep_tuned(applied)
     x = np.random.default_rng(2).random((1, 8, 12, 12)).astype(np.float32)
     np.testing.assert_allclose(_tvm(tuning.build_tvm(segment, HOST, db_dir), x), _ort(segment, x), atol=1e-4, rtol=1e-4)
 

@@ -157,18 +157,8 @@ def apply_tuning(
     database = _open_database(records_dir(db_dir, t))
     prepared = prepare(mod, t)
     with t, database, tvm.transform.PassContext(opt_level=3):
-        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
-    return _mark_scheduled(prepared, applied)
-
-
-def _mark_scheduled(prepared: tvm.IRModule, applied: tvm.IRModule) -> tvm.IRModule:
-    """``applied`` with every function a record changed marked scheduled, so that the default schedules
-    (``distree.targets.schedules``) leave it as tuned."""
-    out = applied.clone()
-    for gvar, func in applied.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc) and not tvm.ir.structural_equal(func, prepared[gvar.name_hint]):
-            out[gvar] = func.with_attr("tirx.is_scheduled", True)
-    return out
+        # MetaScheduleApplyDatabase marks what it replaced "tirx.is_scheduled": the default schedules skip those
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
 
 
 def build_tvm(

@@ -34,6 +34,7 @@ class Scheduled:
     mod: object                     # tvm.IRModule
     kernels: int                    # kernels (PrimFuncs) not laid out by tuning records
     scheduled: int                  # of those, laid out by a rule here; the rest keep TVM's default loops
+    packed: int = 0                 # of those, reading their weights permuted channels-last
 
 
 def prepare(mod, target):
@@ -81,7 +82,7 @@ def schedule_defaults(mod, target) -> Scheduled:
             out[gvar] = func
         else:                           # its signature changed: a new function, called with permuted weights
             packed[gvar.name_hint] = (func, laid_out.packed_param)
-    return Scheduled(_pack_weights(out, packed) if packed else out, kernels, scheduled)
+    return Scheduled(_pack_weights(out, packed) if packed else out, kernels, scheduled, len(packed))
 
 
 @dataclass(frozen=True)

@@ -321,15 +321,15 @@ def _notes(stages: tuple[DeviceArtifact, ...], backend: str) -> tuple[str, ...]:
         worst = ", ".join(f"{s.ratio:.1f}x" for s in ort if s.ratio is not None)
         advice = ("their TVM builds used tuning records; more --tune-minutes may close the gap"
                   if all(s.tuned for s in ort) else
-                  "their TVM code is untuned: tune with --tune-minutes to close the gap (15 min brought the "
-                  "example model from 17x to 1.16x of ONNX Runtime on an x86 host)")
+                  "their TVM code is untuned (distree's default CPU schedules): --tune-minutes may close the gap")
         where = ("on the host proxy" if all("host proxy" in s.backend_reason for s in ort) else
                  "where timed (each segment's reason says where)")
         notes.append(f"{len(ort)} of {len(segs)} segment(s) ship as ONNX Runtime because TVM was slower {where} "
                      f"(TVM/ORT {worst}); {advice}")
     untuned = sorted({name for name, s in segs if s.backend == "tvm" and not s.tuned})
     if untuned:
-        notes.append(f"TVM segments on {', '.join(untuned)} are untuned (no MetaSchedule records for their target)")
+        notes.append(f"TVM segments on {', '.join(untuned)} are untuned (no MetaSchedule records for their target; "
+                     "CPU kernels use distree's default schedules)")
     for name, s in segs:
         if s.cuda and "NVRTC" in s.cuda:
             notes.append(f"{s.file}: {s.cuda}")

@@ -1,9 +1,12 @@
-"""TVM (untuned and MetaSchedule-tuned) vs ONNX Runtime on this machine (issue 7; a benchmark, not a test).
+"""TVM (as it comes, with distree's default schedules, MetaSchedule-tuned) vs ONNX Runtime on this machine
+(issue 7; a benchmark, not a test).
 
 For the whole model and for each block of its chain (distree.graph.build_chain / extract_segment), batch 1,
 one thread for both (TVM_NUM_THREADS=1; ORT graph optimization ALL, intra-op threads 1):
-  - TVM untuned, TVM tuned (``--minutes`` of tuning on the whole model; its records apply to the blocks),
-    ONNX Runtime, and the ratios TVM/ORT;
+  - TVM untuned as it comes (``tvm.compile`` alone), TVM with distree's default CPU schedules (what distree
+    builds without records: distree/targets/schedules.py), TVM tuned (``--minutes`` of tuning on the whole
+    model, its records applied to the blocks, default schedules for the rest), ONNX Runtime, and the ratios
+    TVM/ORT;
   - "auto": per block the faster backend (what ``--backend auto`` ships), summed over the blocks.
 Targets (issue 7): tuned whole model within 1.25x of ORT after <= 15 min of tuning; auto never slower than ORT.
 
@@ -47,11 +50,11 @@ from tvm import relax  # noqa: E402
 from distree.compiler import tuning  # noqa: E402
 from distree.graph import build_chain, extract_segment, load_model, model_sha256  # noqa: E402
 from distree.profiler.timing import TimingSettings, time_callable  # noqa: E402
+from distree.targets.schedules import schedule_defaults  # noqa: E402
 from distree.targets.toolchain import tvm_target  # noqa: E402
 from distree.serde import write_json_atomic  # noqa: E402
 from distree.targets import host_device  # noqa: E402
 
-BACKENDS = ("ort", "tvm_untuned", "tvm_tuned")
 
 
 @dataclass
@@ -112,9 +115,10 @@ def _cases(model: onnx.ModelProto, x: np.ndarray, target, db_dir: Path, tuned: b
         case.run["ort"] = _ort_runner(case.model, case.feed)
         mod = tuning.import_onnx(case.model)
         case.run["tvm_untuned"] = _tvm_runner(tvm.compile(mod, target=target), case.feed)
+        case.run["tvm_default"] = _tvm_runner(tvm.compile(schedule_defaults(mod, target).mod, target=target),
+                                              case.feed)
         if tuned:
-            case.run["tvm_tuned"] = _tvm_runner(tvm.compile(tuning.apply_tuning(mod, target, db_dir), target=target),
-                                                case.feed)
+            case.run["tvm_tuned"] = _tvm_runner(tuning.build_tvm(mod, target, db_dir), case.feed)
     return cases
 
 
@@ -148,10 +152,8 @@ def _ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
             "min": round(float(q[0]), 3), "max": round(float(q[4]), 3), "rounds": int(ratios.size)}
 
 
-def _max_error(case: Case) -> float | None:
-    if "tvm_tuned" not in case.run:
-        return None
-    return float(np.max(np.abs(case.run["tvm_tuned"]() - case.run["ort"]())))
+def _max_error(case: Case, backend: str) -> float:
+    return float(np.max(np.abs(case.run[backend]() - case.run["ort"]())))
 
 
 def main() -> None:
@@ -209,11 +211,14 @@ def main() -> None:
 
 def _row(case: Case, t: dict[str, list[float]], tuned: bool) -> dict:
     row = {"name": case.name, "ops": case.ops, **{f"{b}_ms": round(float(np.median(v)), 4) for b, v in t.items()},
-           "untuned_over_ort": _ratio_stats(t["tvm_untuned"], t["ort"])}
+           "untuned_over_ort": _ratio_stats(t["tvm_untuned"], t["ort"]),
+           "default_over_ort": _ratio_stats(t["tvm_default"], t["ort"]),
+           "default_max_abs_error": _max_error(case, "tvm_default")}
+    shipped = "tvm_tuned" if tuned else "tvm_default"
     if tuned:
         row["tuned_over_ort"] = _ratio_stats(t["tvm_tuned"], t["ort"])
-        row["tuned_max_abs_error"] = _max_error(case)
-        row["auto_backend"] = "tvm" if row["tuned_over_ort"]["median"] <= 1.0 else "ort"   # as the bundle decides
+        row["tuned_max_abs_error"] = _max_error(case, "tvm_tuned")
+    row["auto_backend"] = "tvm" if _ratio_stats(t[shipped], t["ort"])["median"] <= 1.0 else "ort"  # as the bundle
     return row
 
 
@@ -243,21 +248,25 @@ def _sample_input(model: onnx.ModelProto) -> np.ndarray:
 
 def _summary(rows: list[dict], times: dict[str, dict[str, list[float]]], tuned: bool) -> dict:
     whole, blocks = rows[0], rows[1:]
-    out = {"whole_untuned_over_ort": whole["untuned_over_ort"]}
+    shipped = "tvm_tuned" if tuned else "tvm_default"
+    ort = _summed(times, {r["name"]: "ort" for r in blocks})
+    out = {"whole_untuned_over_ort": whole["untuned_over_ort"], "whole_default_over_ort": whole["default_over_ort"],
+           "blocks_default_sum_over_ort": _ratio_stats(_summed(times, {r["name"]: "tvm_default" for r in blocks}), ort)}
     if tuned:
-        ort = _summed(times, {r["name"]: "ort" for r in blocks})
         out.update({
             "whole_tuned_over_ort": whole["tuned_over_ort"],
             "target_tuned_within_1.25x": whole["tuned_over_ort"]["median"] <= 1.25,
-            "whole_auto_backend": whole["auto_backend"],
-            "whole_auto_over_ort": (_ratio_stats(times[whole["name"]]["tvm_tuned"], times[whole["name"]]["ort"])
-                                    if whole["auto_backend"] == "tvm" else "1 (ORT ships)"),
-            "blocks_tvm_wins": [r["name"] for r in blocks if r["auto_backend"] == "tvm"],
             "blocks_tuned_sum_over_ort": _ratio_stats(_summed(times, {r["name"]: "tvm_tuned" for r in blocks}), ort),
-            "blocks_auto_sum_over_ort": _ratio_stats(
-                _summed(times, {r["name"]: "tvm_tuned" if r["auto_backend"] == "tvm" else "ort" for r in blocks}), ort),
-            "blocks_ort_sum_ms": round(float(np.median(ort)), 4),
         })
+    out.update({
+        "whole_auto_backend": whole["auto_backend"],
+        "whole_auto_over_ort": (_ratio_stats(times[whole["name"]][shipped], times[whole["name"]]["ort"])
+                                if whole["auto_backend"] == "tvm" else "1 (ORT ships)"),
+        "blocks_tvm_wins": [r["name"] for r in blocks if r["auto_backend"] == "tvm"],
+        "blocks_auto_sum_over_ort": _ratio_stats(
+            _summed(times, {r["name"]: shipped if r["auto_backend"] == "tvm" else "ort" for r in blocks}), ort),
+        "blocks_ort_sum_ms": round(float(np.median(ort)), 4),
+    })
     return out
 
 
@@ -271,14 +280,15 @@ def _print(rows: list[dict], summary: dict, doc: dict) -> None:
     print(f"load average (1 min): start {load['start']}, timing start {load['timing_start']}, end {load['end']}; "
           f"{doc['timing']['rounds']} interleaved rounds; ratios: median of per-round ratios [q25-q75]")
 
-    head = (f"{'':12} {'ops':30} {'ORT ms':>8} {'untuned':>9} {'tuned':>8} {'untuned/ORT':>19} "
-            f"{'tuned/ORT':>17} {'auto':>5}")
+    head = (f"{'':12} {'ops':30} {'ORT ms':>8} {'untuned':>9} {'default':>8} {'tuned':>8} {'untuned/ORT':>19} "
+            f"{'default/ORT':>17} {'tuned/ORT':>17} {'auto':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['name']:12} {r['ops'][:30]:30} {r['ort_ms']:8.4f} {r['tvm_untuned_ms']:9.4f} "
-              f"{r.get('tvm_tuned_ms', float('nan')):8.4f} {_ratio_text(r['untuned_over_ort']):>19} "
-              f"{_ratio_text(r.get('tuned_over_ort')):>17} {r.get('auto_backend', '-'):>5}")
+              f"{r['tvm_default_ms']:8.4f} {r.get('tvm_tuned_ms', float('nan')):8.4f} "
+              f"{_ratio_text(r['untuned_over_ort']):>19} {_ratio_text(r['default_over_ort']):>17} "
+              f"{_ratio_text(r.get('tuned_over_ort')):>17} {r['auto_backend']:>5}")
     for key, value in summary.items():
         print(f"{key}: {_ratio_text(value, spread=True) if isinstance(value, dict) else value}")
 

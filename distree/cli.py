@@ -102,6 +102,12 @@ TRAFFIC_OPTION = click.option(
          "gRPC's threads asleep at both ends, its profile's rpc:idle round trip); steady, requests back to back "
          "(its rpc round trip).")
 
+DEADLINE_OPTION = click.option("--deadline-ms", type=NUMBER, default=None,
+                               help="Latency bound for the path where no exit is taken.")
+MIN_THROUGHPUT_OPTION = click.option(
+    "--min-throughput", type=NUMBER, default=None,
+    help="Requests/s the pipeline must sustain (each stage's expected busy time <= 1/rate).")
+
 
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:

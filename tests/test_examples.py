@@ -118,9 +118,13 @@ def _walkthrough() -> list[str]:
     """The README walkthrough's command lines, $M expanded, without the optional ``[...]`` parts and comments."""
     text = (EXAMPLE.parent.parent / "README.md").read_text()
     block = text.split("    M=examples/fashion_mnist\n", 1)[1].split("\n\n", 1)[0]
-    lines = []
+    lines, pending = [], ""
     for raw in block.splitlines():
-        line = raw.strip().split("#", 1)[0]
+        line = pending + " " + raw.strip().split("#", 1)[0].strip()
+        if line.endswith("\\"):                   # continued on the next line
+            pending = line[:-1]
+            continue
+        pending = ""
         while "[" in line:
             line = line[:line.index("[")] + line[line.index("]") + 1:]
         line = line.replace("$M", str(EXAMPLE.relative_to(EXAMPLE.parent.parent))).strip().rstrip("&").strip()

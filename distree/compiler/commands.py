@@ -11,7 +11,8 @@ from typing import Optional
 
 import click
 
-from distree.cli import NON_NEGATIVE, NUMBER, OUTPUT_DIR, OUTPUT_FILE_OR_STDOUT, TRAFFIC_OPTION
+from distree.cli import (DEADLINE_OPTION, MIN_THROUGHPUT_OPTION, NON_NEGATIVE, NUMBER, OUTPUT_DIR, OUTPUT_FILE_OR_STDOUT,
+                         TRAFFIC_OPTION)
 from distree.errors import DistreeError
 
 
@@ -66,6 +67,8 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 @click.option("-o", "--output", required=True, type=OUTPUT_DIR, help="Bundle directory to write.")
 @click.option("--accuracy-drop", default=0.01, show_default=True, type=NUMBER, help="Allowed accuracy loss vs the full model.")
 @click.option("--confidence", default=None, type=NUMBER, help="Hold the accuracy bound at this one-sided confidence.")
+@DEADLINE_OPTION
+@MIN_THROUGHPUT_OPTION
 @TRAFFIC_OPTION
 @click.option("--score", "score_kind", default="max_softmax", show_default=True,
               type=click.Choice(["max_softmax", "entropy", "stability"]), help="Exit score.")
@@ -96,8 +99,8 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 @click.option("--cache-dir", default=".distree-cache", show_default=True, type=OUTPUT_DIR)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, output: str, accuracy_drop: float,
-                confidence: Optional[float], traffic: str, score_kind: str, backend: str, tune_minutes: float,
-                time_limit: float,
+                confidence: Optional[float], deadline_ms: Optional[float], min_throughput: Optional[float],
+                traffic: str, score_kind: str, backend: str, tune_minutes: float, time_limit: float,
                 gap: float, jobs: Optional[int], rpc: tuple[str, ...], profiles: tuple[str, ...],
                 input_shape: tuple[str, ...], threads: int,
                 require_aot_cuda: bool, start: Optional[str], cache_dir: Path, as_json: bool) -> None:
@@ -107,7 +110,8 @@ def compile_cmd(model: str, devices: str, topology: Optional[str], data: str, ou
 
     options = CompileOptions(
         devices=tuple(d.strip() for d in devices.split(",") if d.strip()), topology=Path(topology) if topology else None,
-        accuracy_drop=accuracy_drop, confidence=confidence, traffic=traffic, score_kind=score_kind, backend=backend,
+        accuracy_drop=accuracy_drop, confidence=confidence, deadline_ms=deadline_ms, min_throughput=min_throughput,
+        traffic=traffic, score_kind=score_kind, backend=backend,
         tune_minutes=tune_minutes, time_limit_s=time_limit, gap=gap, jobs=jobs, rpc=_parse_rpc(rpc),
         profiles=tuple(map(Path, profiles)), input_shapes=_parse_shapes(input_shape), threads=threads,
         require_aot_cuda=require_aot_cuda, start=Path(start) if start else None)

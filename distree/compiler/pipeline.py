@@ -44,6 +44,8 @@ class CompileOptions:
     topology: Optional[Path] = None
     accuracy_drop: float = 0.01
     confidence: Optional[float] = None
+    deadline_ms: Optional[float] = None         # Constraints.deadline_ms: the no-exit path's latency bound
+    min_throughput: Optional[float] = None      # Constraints.min_throughput: requests/s every stage sustains
     traffic: str = "sporadic"           # Constraints.traffic: what a hop costs in the plan
     score_kind: str = "max_softmax"
     backend: str = "auto"
@@ -83,6 +85,7 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
     started = time.perf_counter()
     cache = _Cache(Path(cache_dir), log)
     constraints = Constraints(accuracy_drop=options.accuracy_drop, confidence=options.confidence,
+                              deadline_ms=options.deadline_ms, min_throughput=options.min_throughput,
                               traffic=options.traffic, time_limit_s=options.time_limit_s, gap=options.gap,
                               jobs=options.jobs)
     check_constraints(constraints)         # these fail before any work: bad flags,
@@ -122,7 +125,8 @@ def compile_model(model_path: str | Path, data_path: str | Path, out_dir: str | 
 
     if start is not None:
         check_start(start, chain, calibration)     # of another model, or with exits these are not
-    plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.traffic, options.time_limit_s,
+    plan_key = _key("plan", prof_key, options.accuracy_drop, options.confidence, options.deadline_ms,
+                    options.min_throughput, options.traffic, options.time_limit_s,
                     options.gap, constraints.jobs, start.to_dict() if start is not None else None)
     plan = cache.get("plan", plan_key, lambda: solve(chain, calibration, profile, topology, constraints, progress,
                                                      start), record=Plan,

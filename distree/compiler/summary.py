@@ -66,7 +66,7 @@ def print_summary(result, console) -> None:
                       f"{size['shipped_bytes'] / 1024:.0f} / {size['stored_bytes'] / 1024:.0f} KiB")
     console.print(table)
     console.print(f"predicted latency: expected {plan.expected_latency_ms:.3f} ms, worst case "
-                  f"{plan.worst_case_latency_ms:.3f} ms (no exits: {plan.no_exit_latency_ms:.3f} ms)")
+                  f"{plan.worst_case_latency_ms:.3f} ms (no exits: {plan.no_exit_text()})")
     console.print(f"predicted accuracy: {plan.accuracy:.4f} (lower bound {plan.accuracy_lcb:.4f}; full model "
                   f"{plan.full_model_accuracy:.4f}, allowed drop {plan.accuracy_drop})")
     hops = plan.hops_line()

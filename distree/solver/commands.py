@@ -8,7 +8,7 @@ from typing import Optional
 import click
 from rich.console import Console
 
-from distree.cli import NUMBER, OUTPUT_FILE, TRAFFIC_OPTION
+from distree.cli import DEADLINE_OPTION, MIN_THROUGHPUT_OPTION, NUMBER, OUTPUT_FILE, TRAFFIC_OPTION
 from distree.errors import DistreeError
 from distree.exits.types import Calibration
 from distree.graph.chain import Chain
@@ -55,9 +55,8 @@ def _parse_sweep(spec: str) -> list[float]:
               help="Promise the accuracy at this one-sided confidence (Clopper-Pearson), e.g. 0.95. Even "
                    "the no-exit plan may then miss a very small --accuracy-drop; the error names the smallest "
                    "drop that works.")
-@click.option("--deadline-ms", type=NUMBER, default=None, help="Latency bound for the path where no exit is taken.")
-@click.option("--min-throughput", type=NUMBER, default=None,
-              help="Requests/s the pipeline must sustain (each stage's expected busy time <= 1/rate).")
+@DEADLINE_OPTION
+@MIN_THROUGHPUT_OPTION
 @click.option("--free-order", is_flag=True, help="Let the solver choose the order of the devices too.")
 @TRAFFIC_OPTION
 @click.option("--time-limit", type=NUMBER, default=60.0, show_default=True,

@@ -84,6 +84,11 @@ class Plan(JsonRecord):
         return (f"capacity ~{rps:,.0f} req/s (busiest: {device}, {self.busy_ms[device]:.3f} ms a request: "
                 f"{what})")
 
+    def no_exit_text(self) -> str:
+        """The best plan without exits, or that none meets the constraints (a rate or deadline only exits reach)."""
+        return ("none meets the constraints" if self.no_exit_latency_ms != self.no_exit_latency_ms
+                else f"{self.no_exit_latency_ms:.3f} ms")
+
     def hops_line(self) -> str:
         """How its hops were charged, for a plan with any ("" otherwise, and for plans made before it was said)."""
         if not self.traffic or all(s.device == self.source for s in self.stages):

@@ -149,10 +149,13 @@ def passed_levels(scores: np.ndarray, thresholds: tuple[float, ...]) -> np.ndarr
 
 
 def favourite_backend(profile: Profile, device: str, blocks: int) -> str:
-    """The backend with the least total time over the device's blocks: the compiler picks per segment by time,
-    so this is the one it will mostly ship, and its call cost is the one a sub-segment pays. (Counting the blocks
-    each backend wins instead let many tiny blocks outvote the few that take the time: on the Pi 4 estimate TVM won
-    12 ReLU blocks, ONNX Runtime every conv, ORT shipped, and each call was charged TVM's 0.02 ms, not 0.18.)
+    """The backend with the least time for the device's blocks run as one segment (one call, plus each block
+    without the call its standalone measurement paid): the compiler picks per segment by time, so this is the one
+    it will mostly ship, and the one whose blocks, heads and call the plan charges. (Counting the blocks each
+    backend wins instead let many tiny blocks outvote the few that take the time: on the Pi 4 estimate TVM won 12
+    ReLU blocks, ONNX Runtime every conv, ORT shipped, and each call was charged TVM's 0.02 ms, not 0.18. Summing
+    the blocks' times with their calls did the same once TVM's convolutions caught up: ONNX Runtime's 0.077 ms
+    call, paid 23 times over, made TVM look 2x faster on the Pi 4 where its segment estimate is 4% slower.)
     Backends are compared over the blocks every one of them times (ONNX Runtime alone times a block TVM cannot
     import); where no block is timed by all, the one that times most blocks ships most."""
     times: dict[str, dict[str, float]] = {}
@@ -164,7 +167,10 @@ def favourite_backend(profile: Profile, device: str, blocks: int) -> str:
     backends = sorted({backend for by_backend in times.values() for backend in by_backend})
     common = [t for t in times.values() if len(t) == len(backends)]
     if common:
-        return min(backends, key=lambda b: sum(t[b] for t in common))
+        def as_one_segment(backend: str) -> float:
+            call = profile.get(device, CALL_ITEM, backend).median_ms
+            return call + sum(max(0.0, t[backend] - call) for t in common)
+        return min(backends, key=as_one_segment)
     return max(backends, key=lambda b: sum(b in t for t in times.values()))
 
 
@@ -234,6 +240,13 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
                                "measured dispatch lack the call, decide and rpc entries: re-profile, or re-compile the "
                                "bundle)") from None
 
+    def shipped(dev: str, item: str, favourite: str):
+        """The item as the favourite backend runs it, where that backend times it (else the faster other)."""
+        try:
+            return profile.get(dev, item, favourite)
+        except KeyError:
+            return entry(dev, item)
+
     calls: dict[tuple[str, str], float] = {}
 
     def inside_segment(dev: str, m) -> float:
@@ -251,8 +264,8 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
     call_ms = np.zeros(len(names))
     rpc_ms = _rpc_by_gap_ms(profile, names, entry)
     for d, dev in enumerate(names):
-        blocks = [entry(dev, f"block:{b}") for b in range(B)]
         favourite = favourite_backend(profile, dev, B)
+        blocks = [shipped(dev, f"block:{b}", favourite) for b in range(B)]
         call_ms[d] = entry(dev, CALL_ITEM, favourite).median_ms
         decide_ms = entry(dev, decide_item(calibration.score_kind)).median_ms
         handovers = gpu_handovers(profile, topology.devices[d], B)
@@ -263,12 +276,12 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
             block_param[d, b] = m.param_bytes or blk.param_bytes
             block_act[d, b] = m.activation_bytes or max(blk.workspace_bytes, blk.out_bytes)
         for j, ex in enumerate(exits):
-            m = entry(dev, f"exit:{ex.name}")
+            m = shipped(dev, f"exit:{ex.name}", favourite)
             head_ms[d, j] = inside_segment(dev, m) + decide_ms + call_ms[d]
             head_param[d, j] = m.param_bytes or ex.param_bytes
             head_act[d, j] = m.activation_bytes
             if calibration.score_kind == "stability" and ex.entry_output:  # its score also needs the entry head
-                e = entry(dev, f"entry:{ex.name}")
+                e = shipped(dev, f"entry:{ex.name}", favourite)
                 head_ms[d, j] += inside_segment(dev, e)
                 head_param[d, j] += e.param_bytes or ex.entry_param_bytes
                 head_act[d, j] = max(head_act[d, j], e.activation_bytes)

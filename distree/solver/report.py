@@ -27,14 +27,14 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         table.add_row(str(k), s.device, f"{s.first_block}..{s.last_block}", f"{s.reach_rate:.1%}", exits or "-",
                       f"{s.compute_ms:.3f}", f"{s.transfer_in_ms:.3f}", _mib(s.memory_bytes))
     console.print(table)
-    ratio = plan.expected_latency_ms / plan.no_exit_latency_ms if plan.no_exit_latency_ms else float("nan")
     b = plan.breakdown_ms
     console.print(
         f"expected latency {plan.expected_latency_ms:.3f} ms (compute {b.get('compute', 0):.3f}, heads "
         f"{b.get('heads', 0):.3f}, transfers {b.get('transfers', 0):.3f}, return {b.get('return', 0):.3f}); "
         f"worst case (no exit) {plan.worst_case_latency_ms:.3f} ms")
-    console.print(f"best plan without exits {plan.no_exit_latency_ms:.3f} ms -> ratio {ratio:.3f}; "
-                  f"answered by the final classifier: {plan.final_rate:.1%}")
+    ratio = plan.expected_latency_ms / plan.no_exit_latency_ms        # nan where no plan without exits fits
+    console.print(f"best plan without exits {plan.no_exit_text()}" + ("" if ratio != ratio else f" -> ratio {ratio:.3f}")
+                  + f"; answered by the final classifier: {plan.final_rate:.1%}")
     for line in (plan.hops_line(), plan.capacity_line()):
         if line:
             console.print(line)

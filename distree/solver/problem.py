@@ -148,6 +148,20 @@ def passed_levels(scores: np.ndarray, thresholds: tuple[float, ...]) -> np.ndarr
     return np.searchsorted(np.asarray(thresholds, dtype=float), scores, side="right")
 
 
+def profile_entry(profile: Profile, device: str, item: str, backend: str | None = None):
+    """``profile.get``, a missing entry a user error that says how to make it."""
+    try:
+        return profile.get(device, item, backend)
+    except KeyError:
+        raise _missing_entry(device, item) from None
+
+
+def _missing_entry(device: str, item: str) -> DistreeError:
+    return DistreeError(f"the profile has no entry for {item} on {device}; run `distree profile` for device {device} "
+                        "with this model and its exits (profiles and bundles made before distree measured dispatch "
+                        "lack the call, decide and rpc entries: re-profile, or re-compile the bundle)")
+
+
 def favourite_backend(profile: Profile, device: str, blocks: int) -> str:
     """The backend with the least time for the device's blocks run as one segment (one call, plus each block
     without the call its standalone measurement paid): the compiler picks per segment by time, so this is the one
@@ -162,13 +176,14 @@ def favourite_backend(profile: Profile, device: str, blocks: int) -> str:
     for m in profile.entries:
         if m.device == device and m.item.startswith("block:"):
             times.setdefault(m.item, {})[m.backend] = m.median_ms
-    if len(times) < blocks:
-        raise DistreeError(f"the profile times no backend on every block of {device}; profile {device} again")
+    missing = [b for b in range(blocks) if f"block:{b}" not in times]
+    if missing:
+        raise _missing_entry(device, f"block:{missing[0]}")
     backends = sorted({backend for by_backend in times.values() for backend in by_backend})
     common = [t for t in times.values() if len(t) == len(backends)]
     if common:
         def as_one_segment(backend: str) -> float:
-            call = profile.get(device, CALL_ITEM, backend).median_ms
+            call = profile_entry(profile, device, CALL_ITEM, backend).median_ms
             return call + sum(max(0.0, t[backend] - call) for t in common)
         return min(backends, key=as_one_segment)
     return max(backends, key=lambda b: sum(b in t for t in times.values()))
@@ -232,13 +247,7 @@ def build_problem(chain: Chain, calibration: Calibration, profile: Profile, topo
     exits = [calibration.exits[j] for j in order]
 
     def entry(dev: str, item: str, backend: str | None = None):
-        try:
-            return profile.get(dev, item, backend)
-        except KeyError:
-            raise DistreeError(f"the profile has no entry for {item} on {dev}; run `distree profile` for "
-                               f"device {dev} with this model and its exits (profiles and bundles made before distree "
-                               "measured dispatch lack the call, decide and rpc entries: re-profile, or re-compile the "
-                               "bundle)") from None
+        return profile_entry(profile, dev, item, backend)
 
     def shipped(dev: str, item: str, favourite: str):
         """The item as the favourite backend runs it, where that backend times it (else the faster other)."""

@@ -37,7 +37,7 @@ from distree.solver.heuristic import Candidate, _MoveScorer, _penalised, iterate
 from distree.solver.milp import solve_milp
 from distree.solver.parallel import kicks_on_cores, run_tree
 from distree.solver.plan import WITHIN_GAP
-from distree.solver.problem import check_constraints, clopper_pearson_lower, required_correct
+from distree.solver.problem import check_constraints, clopper_pearson_lower, favourite_backend, required_correct
 from distree.solver.solve import sweep_accuracy_drop
 from distree.solver.start import start_levels, start_placement
 from distree.solver.synthetic import synthetic_case
@@ -1365,6 +1365,27 @@ def test_a_sub_segment_pays_the_call_of_the_backend_that_takes_least_time_over_t
     mixed, _ = build_problem(case.chain, case.calibration, both, case.topology, c)
     # heads are timed with TVM only, so they differ exactly by the call charged with each (0.25 vs ORT's 0.9)
     np.testing.assert_allclose(mixed.head_ms, tvm_only.head_ms)
+
+
+def test_the_favourite_backend_is_the_cheaper_segment_and_its_blocks_are_charged():
+    """ONNX Runtime's blocks are 20% faster inside a segment but its call costs 5 ms: on dev0 (30 ms of blocks) its
+    segment is cheaper, on dev1 (5.5 ms) TVM's is; summing each block's standalone time, call and all, would have
+    chosen TVM on both. The plan charges the favourite's own blocks."""
+    case = synthetic_case(6, 3, 3, 2, 60, seed=4, dispatch_ms=(0.25, 0.5, 1.0))
+    ort = []
+    for m in case.profile.entries:
+        if m.item.startswith("block:"):
+            ms = 0.8 * (m.median_ms - 0.25) + 5.0
+            ort.append(dataclasses.replace(m, backend="ort", median_ms=ms, p90_ms=ms))
+        elif m.item == "call":
+            ort.append(dataclasses.replace(m, backend="ort", median_ms=5.0, p90_ms=5.0))
+    both = dataclasses.replace(case.profile, entries=case.profile.entries + tuple(ort))
+    assert [favourite_backend(both, dev, 6) for dev in ("dev0", "dev1")] == ["ort", "tvm"]
+    c = Constraints(accuracy_drop=0.05)
+    tvm_only, _ = build_problem(case.chain, case.calibration, case.profile, case.topology, c)
+    mixed, _ = build_problem(case.chain, case.calibration, both, case.topology, c)
+    np.testing.assert_allclose(mixed.block_ms[0, :-1], 0.8 * tvm_only.block_ms[0, :-1])
+    np.testing.assert_allclose(mixed.block_ms[1], tvm_only.block_ms[1])
 
 
 def _first_stage(placement: np.ndarray) -> tuple[int, int]:

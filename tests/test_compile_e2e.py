@@ -64,6 +64,13 @@ def test_compile_verify_run(tmp_path):
     assert mended.stderr.count("is unreadable") == 2 and "computing it again" in mended.stderr
     assert json.loads(plan_value.read_text())["kind"] == "Plan"
 
+    # the plan's bounds reach compile: a deadline no plan meets is one line, nothing written; others are new plans
+    other = [str(tmp_path / "other") if a == str(tmp_path / "bundle") else a for a in args]
+    refused = _cli(*other, "--deadline-ms", "0.0001")
+    assert refused.returncode == 2 and "deadline" in refused.stderr and not (tmp_path / "other").exists()
+    bounded = _cli(*other, "--deadline-ms", "1000", "--min-throughput", "1")
+    assert bounded.returncode == 0, bounded.stderr[-3000:]
+    assert json.loads(bounded.stdout)["cached_stages"] == ["exits", "calibrate", "profile"]
     verify = _cli("verify", str(tmp_path / "bundle"))
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stderr
     run = _cli("run", str(tmp_path / "bundle"), "--input", str(tmp_path / "test.npz"), "--json")

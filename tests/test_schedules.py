@@ -141,14 +141,37 @@ def test_weights_a_caller_passes_at_run_time_are_not_packed(tmp_path):
     _check_close(got, want)
 
 
-def test_other_kernels_and_gpu_targets_are_left_alone():
+def _one_op(op: str, shape: list[int], out: list[int], inits=(), **attrs):
+    inputs = ["x", *(init.name for init in inits)]
+    return helper.make_model(helper.make_graph(
+        [helper.make_node(op, inputs, ["y"], **attrs)], op.lower(),
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], list(inits)),
+        opset_imports=[helper.make_opsetid("", 17)])
+
+
+OTHER_KERNELS = (      # reductions of other shapes: one read, spatial loops enough to pass for a convolution's
+    _one_op("MatMul", [1, 16], [1, 4], [numpy_helper.from_array(np.ones((16, 4), np.float32), "w")]),
+    _one_op("MaxPool", [1, 8, 14, 14], [1, 8, 7, 7], kernel_shape=[2, 2], strides=[2, 2]),
+    _one_op("AveragePool", [1, 8, 14, 14], [1, 8, 12, 12], kernel_shape=[3, 3]),
+    _one_op("GlobalAveragePool", [1, 32, 4, 4], [1, 32, 1, 1]),
+    _one_op("ReduceMax", [1, 8, 6, 14], [1, 8, 6, 1], axes=[3], keepdims=1),
+)
+
+
+@pytest.mark.parametrize("model", OTHER_KERNELS, ids=lambda m: m.graph.node[0].op_type)
+def test_other_kernels_keep_tvm_loops_and_their_answers(model, tmp_path):
+    scheduled = schedule_defaults(import_onnx(model), tvm_target(HOST))
+    assert scheduled.kernels >= 1 and scheduled.scheduled == 0
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    (want,) = ort_runner(model.SerializeToString())(x)
+    (got,) = tvm_runner(compile_segment(model, HOST, tmp_path / "op.so").path)(x)
+    _check_close(got, want)
+
+
+def test_gpu_targets_are_left_alone_and_a_kernel_is_laid_out_once():
     target = tvm_target(HOST)
-    matmul = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(np.ones((16, 4), np.float32), "w")]), opset_imports=[helper.make_opsetid("", 17)])
-    assert schedule_defaults(import_onnx(matmul), target).scheduled == 0
     mod = import_onnx(Conv(8, 16, 14, 14, stride=2).model())
     gpu = schedule_defaults(mod, tvm_target(get_device("jetson-orin-nano")))
     assert gpu.mod is mod and gpu.kernels == 0

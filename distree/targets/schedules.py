@@ -205,11 +205,12 @@ def direct_conv(func, target, weight_is_constant: Callable[[int], bool] = lambda
         kind = infos[at].dom_kind()
         spatial = len(kind) - len(kind.lstrip("S"))
         conv = infos[at].block_rv
+        block = sch.get(conv)
         if spatial < 3 or spatial == len(kind) or set(kind[spatial:]) != {"R"}:
             return None
-        data, weight_buffer = (region.source for region in sch.get(conv).reads[::len(sch.get(conv).reads) - 1])
-        if "conv2d" not in sch.get(conv).name_hint or len(weight_buffer.shape) != 4:
+        if "conv2d" not in block.name_hint or len(block.reads) != 2 or len(block.reads[1].source.shape) != 4:
             return None
+        data, weight_buffer = (region.source for region in block.reads)
         in_channels, per_group = int(data.shape[-3]), int(weight_buffer.shape[1])
         if per_group == 1 and in_channels > 1:          # depthwise
             return None
@@ -222,7 +223,7 @@ def direct_conv(func, target, weight_is_constant: Callable[[int], bool] = lambda
         across_channels = (weight is not None and
                            filled(largest_divisor(count, lanes), lanes) >= filled(column_tile(width, lanes), lanes))
         if across_channels:
-            sch.transform_layout(conv, ("read", len(sch.get(conv).reads) - 1), lambda *i: tuple(i[k] for k in PACKED))
+            sch.transform_layout(conv, ("read", 1), lambda *i: tuple(i[k] for k in PACKED))
             tile_channels, tile_columns = largest_divisor(count, lanes), largest_divisor(width, ACCUMULATORS)
         else:
             tile_columns = column_tile(width, lanes)

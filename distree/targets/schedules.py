@@ -278,7 +278,10 @@ def _inline_epilogue(sch, blocks: list) -> Optional[object]:
 
 
 def _vectorize_inner(sch, block, lanes: int) -> None:
-    inner = sch.get_loops(block)[-1]
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-1]
     if int(sch.get(inner).extent) > 2 * lanes:
         inner = sch.split(inner, [None, lanes])[1]
     sch.vectorize(inner)

@@ -1,7 +1,7 @@
 """Default CPU schedules (distree/targets/schedules.py): every convolution shape they take still computes what
 ONNX Runtime computes, on this machine and (slow) as the Pi 4's aarch64 library under qemu; they lay out the
-kernels they claim to, pack weights only where every caller passes constants, and leave depthwise and tuned
-kernels alone."""
+kernels they claim to, pack weights only where every caller passes constants, and leave pools, reductions and
+tuned kernels alone."""
 
 from __future__ import annotations
 
@@ -85,17 +85,23 @@ CONVS = (
     Conv(24, 6, 13, 7, kernel=5, pad=2),                    # counts that divide no vector
     Conv(16, 32, 20, 20, pad=2, dilation=2, relu=False),
     Conv(16, 32, 17, 13, kernel=5, pad=2, group=4),         # grouped: columns as the vector, never packed
-    Conv(16, 16, 15, 15, group=16),                         # depthwise: left to TVM
-    Conv(32, 32, 48, 48),                                   # 21 M multiply-adds: a parallel loop
+    Conv(16, 16, 15, 15, group=16),                         # depthwise: rows of one channel a tile
+    Conv(24, 24, 28, 28, stride=2, group=24),
+    Conv(16, 32, 32, 32, kernel=1, stride=2, pad=0),        # a tie in filled lanes, strided: channels
+    Conv(32, 32, 48, 48),                                   # a tie, not strided: columns; 21 M multiply-adds: parallel
+    Conv(32, 32, 96, 96, group=32),                         # depthwise, parallel over channels
 )
 HOST = host_device()
 
 
 def _expect_packed(conv: Conv, target) -> bool:
-    """What ``direct_conv`` should choose: channels as the vector where they fill it at least as well."""
+    """What ``direct_conv`` should choose: channels as the vector where they fill it better, or as well when the
+    input columns are not the output's shifted (stride or dilation)."""
     lanes = vector_lanes(target)
-    return (conv.group == 1 and filled(largest_divisor(conv.cout, lanes), lanes)
-            >= filled(column_tile(conv.out_hw[1], lanes), lanes))
+    by_channels = filled(largest_divisor(conv.cout, lanes), lanes)
+    by_columns = filled(column_tile(conv.out_hw[1], lanes), lanes)
+    strided = conv.stride > 1 or conv.dilation > 1
+    return conv.group == 1 and (by_channels > by_columns or by_channels == by_columns and strided)
 
 
 def _check_close(got: np.ndarray, want: np.ndarray) -> None:
@@ -108,10 +114,9 @@ def test_every_shape_computes_what_onnxruntime_computes(conv, tmp_path):
     model = conv.model()
     target = tvm_target(HOST)
     scheduled = schedule_defaults(import_onnx(model), target)
-    assert (scheduled.kernels, scheduled.scheduled) == (1, 0 if conv.depthwise else 1)
-    assert scheduled.packed == (not conv.depthwise and _expect_packed(conv, target))
+    assert (scheduled.kernels, scheduled.scheduled, scheduled.packed) == (1, 1, _expect_packed(conv, target))
     kernel = next(f for _, f in scheduled.mod.functions_items() if not isinstance(f, relax.Function))
-    assert ("parallel" in kernel.script()) == (not conv.depthwise and _macs(conv) >= PARALLEL_MIN_MACS)
+    assert ("parallel" in kernel.script()) == (_macs(conv) >= PARALLEL_MIN_MACS)
     x = np.random.default_rng(1).standard_normal((1, conv.cin, conv.height, conv.width)).astype(np.float32)
     (want,) = ort_runner(model.SerializeToString())(x)
     (got,) = tvm_runner(compile_segment(model, HOST, tmp_path / "conv.so").path)(x)
@@ -192,7 +197,7 @@ def test_pi4_libraries_compute_what_onnxruntime_computes_under_qemu(tmp_path):
     libraries = []
     for i, model in enumerate(models):
         build = compile_segment(model, pi4, tmp_path / f"conv{i}.so")
-        assert build.default_scheduled == (0 if convs[i].depthwise else 1)
+        assert build.default_scheduled == 1
         libraries.append(build.path)
     inputs = [np.random.default_rng(i).standard_normal((1, c.cin, c.height, c.width)).astype(np.float32)
               for i, c in enumerate(convs)]

@@ -16,8 +16,8 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-# Part of every cache key and manifest: code built under another version of these rules is another build.
-SCHEDULES = "distree-cpu-direct-conv-1"
+# In the profiler's compile cache key and its provenance: code built under other rules is another build.
+SCHEDULES = "distree-cpu-direct-conv-2"
 # Accumulator vectors a tile keeps in registers: 8-24 measured on AVX-512 (12 best or within 10% on every shape
 # tried; 24 spilled: 2x slower on a 7x7 stem); 16-register ISAs (AVX2, SSE) have room for 12 plus operands.
 ACCUMULATORS = 12
@@ -25,6 +25,10 @@ ACCUMULATORS = 12
 # 0.135 ms with their kernels' outer loops parallel against 0.043 without, their kernels 1-8 us each. Kernels of
 # at least this many multiply-adds (~50 us and up) get one.
 PARALLEL_MIN_MACS = 1 << 21
+# Rows of one channel a depthwise tile holds (1, 2 or 4 tried, 1 or 4 channels a tile, padding per channel or
+# whole, AVX-512): 4 rows, one channel, padding per channel was best or within 5% on four shapes, e.g. 96 channels
+# at 56x56 stride 2 0.101 ms against TVM's own loops' 0.246 (ORT 0.068), 144 at 28x28 0.049 against 0.209 (0.062).
+DEPTHWISE_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -182,13 +186,14 @@ def direct_conv(func, target, weight_is_constant: Callable[[int], bool] = lambda
     one kernel of that shape (its loops are then TVM's default).
 
     Recognised: one reduction block named conv2d..., spatial [outer..., channels, rows, columns] followed by
-    its reductions, with injective blocks before it (padding) and after it (epilogue); depthwise convolutions,
-    whose TVM default measured as fast, are left alone. A tile is one vector along the output channels (the
-    weight read channels-last, which ``weight_is_constant`` (its parameter index) must allow: callers permute
-    it; ungrouped convolutions only, since a group's input would be gathered) or along the output columns,
-    whichever fills its vectors better; the other axis is unrolled. Loop order: outer, channel tiles, rows, column tiles |
-    reductions | the unrolled axis, the vector; the epilogue runs per tile from the accumulators (registers);
-    the outer loops are parallel.
+    its reductions, with injective blocks before it (padding) and after it (epilogue). A tile is one vector
+    along the output channels (the weight read channels-last, which ``weight_is_constant`` (its parameter index)
+    must allow: callers permute it; ungrouped convolutions only, since a group's input would be gathered) or
+    along the output columns, whichever fills its vectors better (on a tie the columns, unless strided: 7 of 9
+    such shapes ran faster so, by up to 5x; the strided ones 1.25-1.4x slower), the other axis unrolled; a depthwise tile is
+    ``DEPTHWISE_ROWS`` rows of one channel, its input padded channel by channel. Loop order: outer, channel tiles,
+    rows (or row tiles), column tiles | reductions | (rows,) the unrolled axis, the vector; the epilogue runs per
+    tile from the accumulators (registers); large kernels' outer loops are parallel.
     """
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -212,27 +217,32 @@ def direct_conv(func, target, weight_is_constant: Callable[[int], bool] = lambda
             return None
         data, weight_buffer = (region.source for region in block.reads)
         in_channels, per_group = int(data.shape[-3]), int(weight_buffer.shape[1])
-        if per_group == 1 and in_channels > 1:          # depthwise
-            return None
+        depthwise = per_group == 1 and in_channels > 1
         lanes = vector_lanes(target)
         loops = sch.get_loops(conv)
         outer, (channels, rows, columns), reduce = loops[:spatial - 3], loops[spatial - 3:spatial], loops[spatial:]
-        width, count = (int(sch.get(loop).extent) for loop in (columns, channels))
+        width, height, count = (int(sch.get(loop).extent) for loop in (columns, rows, channels))
         parallel = _macs(sch, loops) >= PARALLEL_MIN_MACS
         weight = _packable_weight(func, weight_buffer, weight_is_constant) if per_group == in_channels else None
-        across_channels = (weight is not None and
-                           filled(largest_divisor(count, lanes), lanes) >= filled(column_tile(width, lanes), lanes))
+        # strided (or dilated): its input columns are not the output's shifted, so a vector of them is a gather
+        strided = int(data.shape[-1]) - (int(weight_buffer.shape[-1]) - 1) > width
+        by_channels, by_columns = filled(largest_divisor(count, lanes), lanes), filled(column_tile(width, lanes), lanes)
+        across_channels = weight is not None and (by_channels > by_columns or by_channels == by_columns and strided)
         if across_channels:
             sch.transform_layout(conv, ("read", 1), lambda *i: tuple(i[k] for k in PACKED))
             tile_channels, tile_columns = largest_divisor(count, lanes), largest_divisor(width, ACCUMULATORS)
         else:
             tile_columns = column_tile(width, lanes)
-            tile_channels = largest_divisor(count, max(1, ACCUMULATORS // -(-tile_columns // lanes)))
+            tile_channels = 1 if depthwise else largest_divisor(count, max(1, ACCUMULATORS // -(-tile_columns // lanes)))
         epilogue = _inline_epilogue(sch, [info.block_rv for info in infos[at + 1:]])
         channel_tiles, channel = sch.split(channels, [None, tile_channels])
         column_tiles, column = sch.split(columns, [None, tile_columns])
         unrolled, vector = (column, channel) if across_channels else (channel, column)
-        sch.reorder(*outer, channel_tiles, rows, column_tiles, *reduce, unrolled, vector)
+        # depthwise: each channel reads its own input, so a tile is rows of one channel instead of channels
+        row_tiles, tile_rows = sch.split(rows, [None, largest_divisor(height, DEPTHWISE_ROWS)]) if depthwise \
+            else (rows, None)
+        sch.reorder(*outer, channel_tiles, row_tiles, column_tiles, *reduce,
+                    *([tile_rows] if depthwise else []), unrolled, vector)
         accumulators = sch.cache_write(conv, 0, "local")
         if across_channels:             # accumulators channels-last: one register per column
             sch.transform_layout(conv, ("write", 0), lambda *i: (*i[:-3], i[-2], i[-1], i[-3]))
@@ -244,11 +254,17 @@ def direct_conv(func, target, weight_is_constant: Callable[[int], bool] = lambda
             sch.vectorize(sch.get_loops(tail)[-1])
         sch.unroll(unrolled)
         sch.vectorize(vector)
-        sch.unroll(reduce[-1])
+        for loop in (reduce if depthwise else reduce[-1:]):
+            sch.unroll(loop)
+        if depthwise:
+            sch.unroll(tile_rows)
         for info in infos[:at]:          # padding and other producers: their innermost loop vectorized
+            if depthwise:                # and a depthwise input padded channel by channel, while in cache
+                sch.compute_at(info.block_rv, channel_tiles, preserve_unit_loops=True)
             _vectorize_inner(sch, info.block_rv, lanes)
-        if parallel:
-            sch.parallel(sch.fuse(*outer, channel_tiles, rows))
+        if parallel:                     # (a depthwise channel's padding sits between its loop and the rows')
+            fused = (*outer, channel_tiles) if depthwise else (*outer, channel_tiles, row_tiles)
+            sch.parallel(sch.fuse(*fused) if len(fused) > 1 else fused[0])
         sch.decompose_reduction(conv, reduce[0])
         return ConvLayout(sch.mod["main"], weight if across_channels else None)
     except s_tir.ScheduleError:

@@ -59,16 +59,18 @@ def test_faster_baseline_fails_with_exit_1_naming_the_segment(measured, bundle, 
         for s in doc["segments"]:
             if s["key"] == "host:b0-3":
                 s["median_ms"] /= 50
-    # tolerance 100%: the other segments are unchanged, and on a loaded machine one re-measured +35% (flagged at
-    # the default 15%); the edited one is 50x off
-    r = _bench(bundle, "--baseline", str(_edited(measured, tmp_path, faster)), "--tolerance", "1.0")
+    # tolerance 300%: the other segments are unchanged, and on a loaded machine one re-measured +35% (flagged at
+    # the default 15%), and +103% once their TVM code took ~0.01 ms (a neighbour's burst on a 2-vCPU VM); the
+    # edited one is 50x off
+    r = _bench(bundle, "--baseline", str(_edited(measured, tmp_path, faster)), "--tolerance", "3.0")
     assert r.exit_code == 1, r.output + r.stderr
     assert "regression: host:b0-3" in r.stderr and "host:b4-5" not in r.stderr.split("regression:")[1]
 
 
 def test_matching_baseline_passes(measured, bundle):
-    # a generous tolerance: this is a shared, loaded machine; the noise rule itself is tested exactly below
-    r = _bench(bundle, "--baseline", str(measured), "--tolerance", "1.0")
+    # a generous tolerance: this is a shared, loaded machine and the segments take ~0.01-0.03 ms; the noise rule
+    # itself is tested exactly below
+    r = _bench(bundle, "--baseline", str(measured), "--tolerance", "3.0")
     assert r.exit_code == 0, r.output + r.stderr
     assert "regressed" not in r.output
 

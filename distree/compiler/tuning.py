@@ -1,7 +1,9 @@
 """MetaSchedule tuning under a wall-clock budget, with a reusable record cache (issue 7).
 
 Why a scheduler of our own: TVM's ``tune_relax`` has no time limit and its gradient scheduler starves
-small tasks; untuned TVM CPU code is 6-60x slower than ONNX Runtime (per block, measured here). :func:`tune` therefore drives
+small tasks; TVM's own untuned CPU code was 6-60x slower than ONNX Runtime (per block, measured here; distree's
+default schedules, :mod:`distree.targets.schedules`, now bring it to about par, and tuning goes on from there).
+:func:`tune` therefore drives
 MetaSchedule's ``tune_tasks`` with :class:`_BudgetScheduler`, which
 
 * stops at the deadline (it predicts whether one more round still fits), or at Ctrl-C once the round under way

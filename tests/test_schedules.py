@@ -17,8 +17,8 @@ from distree.compiler.emulated import run_on_aarch64
 from distree.compiler.tvm_build import compile_segment
 from distree.runtime.backends import ort_runner, tvm_runner
 from distree.targets import get_device, host_device
-from distree.targets.schedules import (PARALLEL_MIN_MACS, column_tile, filled, largest_divisor, schedule_defaults,
-                                      vector_lanes)
+from distree.targets.schedules import (BLOCK_PIXELS, INPUT_CHANNEL_BLOCK, PARALLEL_MIN_MACS, column_tile, filled,
+                                      largest_divisor, schedule_defaults, vector_lanes)
 from distree.targets.toolchain import import_onnx, tvm_target
 
 
@@ -90,6 +90,9 @@ CONVS = (
     Conv(16, 32, 32, 32, kernel=1, stride=2, pad=0),        # a tie in filled lanes, strided: channels
     Conv(32, 32, 48, 48),                                   # a tie, not strided: columns; 21 M multiply-adds: parallel
     Conv(32, 32, 96, 96, group=32),                         # depthwise, parallel over channels
+    Conv(192, 32, 9, 9, kernel=1, pad=0, residual=True),    # input channels in three blocks, summed across them
+    Conv(96, 16, 40, 40, kernel=1, pad=0),                  # two blocks of rows, two of input channels; parallel
+    Conv(64, 16, 6, 6, bias=False, relu=False),             # channels as the vector, no epilogue: one block
 )
 HOST = host_device()
 
@@ -121,6 +124,47 @@ def test_every_shape_computes_what_onnxruntime_computes(conv, tmp_path):
     (want,) = ort_runner(model.SerializeToString())(x)
     (got,) = tvm_runner(compile_segment(model, HOST, tmp_path / "conv.so").path)(x)
     _check_close(got, want)
+
+
+def test_a_channels_vector_tile_accumulates_input_channels_in_blocks():
+    """With an epilogue, the input channels are split into blocks of INPUT_CHANNEL_BLOCK (every tile of a block
+    of rows takes one block before the next), the rows into blocks of about BLOCK_PIXELS pixels; without one,
+    a tile accumulates every input channel at once in registers."""
+    target = tvm_target(HOST)
+    lanes = vector_lanes(target)
+    wide = _loops_around_update(Conv(192, 32, 9, 9, kernel=1, pad=0).model(), target)
+    assert wide[-1] == lanes and 192 // INPUT_CHANNEL_BLOCK in wide and INPUT_CHANNEL_BLOCK in wide
+    rows = _loops_around_update(Conv(96, 16, 40, 40, kernel=1, pad=0).model(), target)
+    assert (96 // largest_divisor(96, INPUT_CHANNEL_BLOCK), largest_divisor(40, BLOCK_PIXELS // 40)) == (2, 20)
+    assert 48 in rows and 20 in rows and 40 not in rows
+    plain = _loops_around_update(Conv(64, 16, 6, 6, bias=False, relu=False).model(), target)
+    assert plain[-5:] == [64, 3, 3, 6, lanes]        # all 64 input channels, the window, the columns, the vector
+
+
+def _loops_around_update(model, target) -> list[int]:
+    """Extents of the loops around the convolution's update block, outermost first."""
+    from tvm import s_tir, tirx
+
+    kernel = next(f for _, f in schedule_defaults(import_onnx(model), target).mod.functions_items()
+                  if not isinstance(f, relax.Function))
+    found: list[list[int]] = []
+
+    def walk(stmt, extents: list[int]) -> None:
+        if isinstance(stmt, tirx.For):
+            walk(stmt.body, extents + [int(stmt.extent)])
+        elif isinstance(stmt, s_tir.SBlockRealize):
+            if stmt.block.name_hint.endswith("_update"):
+                found.append(extents)
+            walk(stmt.block.body, extents)
+        elif isinstance(stmt, tirx.SeqStmt):
+            for child in stmt.seq:
+                walk(child, extents)
+        elif hasattr(stmt, "body"):
+            walk(stmt.body, extents)
+
+    walk(kernel.body, [])
+    assert len(found) == 1, found
+    return found[0]
 
 
 def _macs(conv: Conv) -> int:

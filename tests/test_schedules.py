@@ -17,8 +17,8 @@ from distree.compiler.emulated import run_on_aarch64
 from distree.compiler.tvm_build import compile_segment
 from distree.runtime.backends import ort_runner, tvm_runner
 from distree.targets import get_device, host_device
-from distree.targets.schedules import (BLOCK_PIXELS, INPUT_CHANNEL_BLOCK, PARALLEL_MIN_MACS, column_tile, filled,
-                                      largest_divisor, schedule_defaults, vector_lanes)
+from distree.targets.schedules import (BLOCK_PIXELS, INPUT_CHANNEL_BLOCK, PARALLEL_MIN_MACS, PHASE_MIN_BYTES,
+                                      column_tile, filled, largest_divisor, schedule_defaults, vector_lanes)
 from distree.targets.toolchain import import_onnx, tvm_target
 
 
@@ -93,6 +93,8 @@ CONVS = (
     Conv(192, 32, 9, 9, kernel=1, pad=0, residual=True),    # input channels in three blocks, summed across them
     Conv(96, 16, 40, 40, kernel=1, pad=0),                  # two blocks of rows, two of input channels; parallel
     Conv(64, 16, 6, 6, bias=False, relu=False),             # channels as the vector, no epilogue: one block
+    Conv(64, 8, 56, 56, kernel=1, stride=2, pad=0),         # strided, input 800 KB: read in phases
+    Conv(32, 32, 80, 80, stride=2, group=32),               # depthwise, strided, padded input 860 KB: phases
 )
 HOST = host_device()
 
@@ -141,12 +143,33 @@ def test_a_channels_vector_tile_accumulates_input_channels_in_blocks():
     assert plain[-5:] == [64, 3, 3, 6, lanes]        # all 64 input channels, the window, the columns, the vector
 
 
+def test_a_large_strided_input_is_read_in_phases():
+    """From PHASE_MIN_BYTES on, a strided convolution's padded input is laid out (row % s, column % s, channel,
+    row // s, column // s); smaller inputs, and stride 1, keep their layout."""
+    target = tvm_target(HOST)
+    assert 64 * 56 * 56 * 4 >= PHASE_MIN_BYTES > 16 * 32 * 32 * 4
+    assert _input_shapes(Conv(64, 8, 56, 56, kernel=1, stride=2, pad=0).model(), target) == [(1, 2, 2, 64, 28, 28)]
+    assert _input_shapes(Conv(32, 32, 80, 80, stride=2, group=32).model(), target) == [(1, 2, 2, 32, 41, 41)]
+    assert _input_shapes(Conv(16, 32, 32, 32, kernel=1, stride=2, pad=0).model(), target) == [(1, 16, 32, 32)]
+    assert _input_shapes(Conv(64, 8, 56, 56).model(), target) == [(1, 64, 58, 58)]
+
+
+def _kernel(model, target):
+    return next(f for _, f in schedule_defaults(import_onnx(model), target).mod.functions_items()
+                if not isinstance(f, relax.Function))
+
+
+def _input_shapes(model, target) -> list[tuple[int, ...]]:
+    """Shapes of the buffers the kernel's padding writes (the convolution's input as it reads it)."""
+    root = _kernel(model, target).body.block
+    return [tuple(int(n) for n in buf.shape) for buf in root.alloc_buffers if buf.name.startswith("pad")]
+
+
 def _loops_around_update(model, target) -> list[int]:
     """Extents of the loops around the convolution's update block, outermost first."""
     from tvm import s_tir, tirx
 
-    kernel = next(f for _, f in schedule_defaults(import_onnx(model), target).mod.functions_items()
-                  if not isinstance(f, relax.Function))
+    kernel = _kernel(model, target)
     found: list[list[int]] = []
 
     def walk(stmt, extents: list[int]) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 # In the profiler's compile cache key and its provenance: code built under other rules is another build.
-SCHEDULES = "distree-cpu-direct-conv-3"
+SCHEDULES = "distree-cpu-direct-conv-4"
 # Accumulator vectors a tile keeps in registers: 8-24 measured on AVX-512 (12 best or within 10% on every shape
 # tried; 24 spilled: 2x slower on a 7x7 stem); 16-register ISAs (AVX2, SSE) have room for 12 plus operands.
 ACCUMULATORS = 12
@@ -36,6 +36,11 @@ INPUT_CHANNEL_BLOCK = 64
 # Output pixels a block of rows holds while the input channel blocks pass over it (its partial sums, 16 channels
 # x these pixels, stay in cache): 256-1,024 measured alike.
 BLOCK_PIXELS = 1024
+# A strided convolution's input from this size on is laid out in phases (:func:`_split_phases`): 64->128 1x1
+# stride 2 at 56x56 (800 KB) 2.5x -> 1.2x ONNX Runtime's time, 512->1024 at 28x28 1.6x -> 1.2x, a depthwise 96 at
+# 112x112 3.0x -> 2.0x; under ~700 KB (in cache either way) the phases' scattered copy cost more than they saved
+# (128->256 at 28x28 1.25x -> 1.44x, a depthwise 192 at 28x28 1.7x -> 2.5x).
+PHASE_MIN_BYTES = 768 << 10
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,8 @@ def direct_conv(func, target, weight_is_constant: Callable[[int], bool] = lambda
         weight = _packable_weight(func, weight_buffer, weight_is_constant) if per_group == in_channels else None
         # strided (or dilated): its input columns are not the output's shifted, so a vector of them is a gather
         strided = int(data.shape[-1]) - (int(weight_buffer.shape[-1]) - 1) > width
+        if strided and any(w.source.same_as(data) for info in infos[:at] for w in sch.get(info.block_rv).writes):
+            _split_phases(sch, conv, block, spatial, data)
         by_channels, by_columns = filled(largest_divisor(count, lanes), lanes), filled(column_tile(width, lanes), lanes)
         across_channels = weight is not None and (by_channels > by_columns or by_channels == by_columns and strided)
         if across_channels:
@@ -309,6 +316,26 @@ def _channel_blocks(sch, conv, epilogue, outer, channel_tiles, rows, column_tile
         fused = (*outer, row_blocks, channel_tiles)
         sch.parallel(sch.fuse(*fused))
     sch.decompose_reduction(conv, channel_blocks)
+
+
+def _split_phases(sch, conv, block, spatial: int, data) -> None:
+    """Lay the convolution's padded input ``data`` (an intermediate: its padding writes it) out in stride x stride
+    phases, (row % s, column % s, channel, row // s, column // s), when it is at least ``PHASE_MIN_BYTES``: a
+    window position's consecutive outputs then read consecutive addresses, as in a stride-1 convolution, instead
+    of every s-th float of rows s apart (a 1x1 stride-2 convolution read 4x the lines it used)."""
+    from tvm.sym.pattern import detect_linear_equation
+
+    shape = [int(n) for n in data.shape]
+    strides = []
+    for axis, var in ((-1, block.iter_vars[spatial - 1].var), (-2, block.iter_vars[spatial - 2].var)):
+        coefficients = detect_linear_equation(block.reads[0].region[axis].min, [var])
+        strides.append(int(coefficients[0]) if len(coefficients) == 2 else 0)
+    stride = strides[0]
+    if stride < 2 or strides[1] != stride or shape[-1] % stride or shape[-2] % stride \
+            or functools.reduce(int.__mul__, shape) * data.dtype.bits // 8 < PHASE_MIN_BYTES:
+        return
+    sch.transform_layout(conv, ("read", 0), lambda *i: (*i[:-3], i[-2] % stride, i[-1] % stride, i[-3],
+                                                         i[-2] // stride, i[-1] // stride))
 
 
 def _vectorize_channels(sch, block) -> None:
